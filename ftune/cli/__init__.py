@@ -1,0 +1,54 @@
+"""The `ftune` command line: one Typer app, one module per command.
+
+Errors caused by input (FtuneError) print one paragraph and exit with their code; anything else
+is a bug and prints a short note, or the whole traceback with --debug.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+from ftune.errors import FtuneError
+
+from ftune.cli import presets, train, validate  # noqa: E402,F401  (register the commands)
+from ftune.cli.app import app, err_console, report_error
+
+
+def _quiet_libraries() -> None:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import datasets
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    datasets.utils.logging.set_verbosity_error()
+    datasets.disable_progress_bars()
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+
+
+def main() -> None:
+    debug = "--debug" in sys.argv[1:]
+    if debug:
+        sys.argv.remove("--debug")
+    _quiet_libraries()
+    try:
+        app()
+    except FtuneError as error:
+        if debug:
+            raise
+        report_error(error)
+        sys.exit(error.exit_code)
+    except KeyboardInterrupt:
+        err_console.print("[yellow]interrupted[/]")
+        sys.exit(130)
+    except Exception as error:  # a bug: keep the message short unless asked
+        if debug:
+            raise
+        err_console.print(
+            f"[bold red]ftune failed:[/] {type(error).__name__}: {error}\n"
+            "[dim]This looks like a bug in ftune. Run again with --debug for the traceback, and include it in a report.[/]",
+            highlight=False,
+        )
+        sys.exit(1)

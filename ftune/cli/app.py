@@ -1,0 +1,25 @@
+"""The Typer app that every command module registers on, and how errors are shown."""
+
+from __future__ import annotations
+
+import typer
+from rich.console import Console
+from rich.panel import Panel
+
+from ftune.errors import FtuneError
+
+app = typer.Typer(
+    name="ftune",
+    help="Fine-tune LLMs (QLoRA SFT) from YAML recipes in far less GPU memory.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode="rich",
+)
+err_console = Console(stderr=True)
+
+
+def report_error(error: FtuneError) -> None:
+    """One paragraph: what went wrong and where, then the fix in dim text."""
+    body = error.message + (f"\n[dim]{error.hint}[/]" if error.hint else "")
+    err_console.print(Panel(body, title=f"[bold red]{error.title}", border_style="red", expand=False), highlight=False)

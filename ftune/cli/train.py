@@ -1,0 +1,44 @@
+"""`ftune train [RECIPE]`: run a recipe end to end with a live VRAM panel."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from ftune.cli.app import app, err_console
+from ftune.errors import FtuneError
+from ftune.recipe import load_recipe
+
+# The embedded default: trains a tiny model on CPU in a few minutes, nothing downloaded.
+QUICKSTART = Path(__file__).resolve().parents[2] / "recipes" / "quickstart.yaml"
+
+
+@app.command()
+def train(
+    recipe_path: Annotated[
+        Path | None, typer.Argument(metavar="RECIPE", help="Recipe file (default: the shipped quickstart).")
+    ] = None,
+    overrides: Annotated[list[str], typer.Option("--set", help="Override a key: --set training.max_steps=20.")] = [],
+    overwrite: Annotated[bool, typer.Option(help="Delete what an earlier run left in the output directory.")] = False,
+) -> None:
+    """Fine-tune a model as a recipe says: QLoRA through bitsandbytes and peft, on TRL's trainer."""
+    from ftune.workflows import train as run_training
+
+    if recipe_path is None:
+        if not QUICKSTART.is_file():
+            raise FtuneError("No recipe given and the shipped quickstart is not here.",
+                             hint="Pass a recipe file: ftune train recipes/quickstart.yaml")
+        recipe_path = QUICKSTART
+    recipe = load_recipe(recipe_path, overrides)
+    summary = run_training(recipe, overwrite=overwrite, console=err_console)
+
+    table = Table(title="ftune · run finished", show_header=False, title_justify="left")
+    table.add_column(style="bold cyan")
+    table.add_column()
+    for key in ("steps", "first_loss", "final_loss", "runtime_s", "tokens_per_s", "peak_memory_gib", "output_dir"):
+        value = summary.get(key)
+        table.add_row(key.replace("_", " "), f"{value:.4f}" if isinstance(value, float) and "loss" in key else str(value))
+    err_console.print(table)

@@ -1,0 +1,32 @@
+"""`ftune validate FILE...`: check recipes without loading a model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from ftune.cli.app import app, err_console, report_error
+from ftune.errors import FtuneError
+from ftune.recipe import load_recipe
+
+
+@app.command()
+def validate(
+    files: Annotated[list[Path], typer.Argument(help="Recipe files to check.", show_default=False)],
+    overrides: Annotated[list[str], typer.Option("--set", help="Override a key: --set training.max_steps=20.")] = [],
+) -> None:
+    """Check recipes (keys, types, combinations, input paths) without loading a model."""
+    failed = 0
+    for path in files:
+        try:
+            recipe = load_recipe(path, overrides)
+        except FtuneError as error:
+            failed += 1
+            report_error(error)
+            continue
+        what = recipe.model.preset or recipe.model.name_or_path
+        err_console.print(f"[green]✓[/] {path}: {recipe.workflow} on {what}, checkpointing {recipe.checkpointing.mode}")
+    if failed:
+        raise typer.Exit(code=2)

@@ -1,0 +1,11 @@
+"""The checkpointing engine: how activations are kept between forward and backward."""
+
+from ftune.engine.checkpoint import (
+    MODE_POLICIES,
+    CheckpointingEngine,
+    Policy,
+    decoder_layers,
+    install_checkpointing,
+)
+
+__all__ = ["MODE_POLICIES", "CheckpointingEngine", "Policy", "decoder_layers", "install_checkpointing"]

@@ -1,0 +1,275 @@
+"""The checkpointing engine: one mechanism that wraps every decoder layer.
+
+Each decoder layer (a transformers `GradientCheckpointingLayer`) gets a policy:
+  keep       run as usual, every activation kept for backward;
+  recompute  run without keeping activations, recompute in backward; the layer input stays put;
+  offload    as recompute, but the layer input waits in host memory (see offload.py).
+
+Modes are lists of policies: none = all keep, true = all recompute, unsloth = all offload,
+smart = a plan per layer. The recompute is one autograd Function (`_RecomputedLayer`) whose
+backward reruns the layer under the forward's RNG and autocast state and backpropagates
+through it, so every policy gives the gradients of `keep`.
+"""
+
+from __future__ import annotations
+
+import logging
+import weakref
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any, Callable
+
+import torch
+from torch import nn
+from torch.utils._pytree import tree_flatten, tree_unflatten
+from transformers.modeling_layers import GradientCheckpointingLayer
+
+from ftune.engine.offload import HostCopier, HostStash
+
+logger = logging.getLogger(__name__)
+
+
+class Policy(str, Enum):
+    KEEP = "keep"
+    RECOMPUTE = "recompute"
+    OFFLOAD = "offload"
+
+
+MODE_POLICIES = {"none": Policy.KEEP, "true": Policy.RECOMPUTE, "unsloth": Policy.OFFLOAD}
+
+
+def decoder_layers(model: nn.Module) -> list[nn.Module]:
+    """The model's decoder layers in forward order (through peft wrappers too)."""
+    return [module for module in model.modules() if isinstance(module, GradientCheckpointingLayer)]
+
+
+@dataclass
+class CheckpointingEngine:
+    """The policies installed on a model, and the host memory its offload uses."""
+
+    mode: str
+    policies: list[Policy]
+    device: torch.device
+    copier: HostCopier | None
+    layers: list[nn.Module] = field(default_factory=list)
+    _originals: list[Callable] = field(default_factory=list)
+    # The unit of the last layer that ran forward, to chain prefetches within one forward pass.
+    _last_unit: "weakref.ref[_LayerUnit] | None" = None
+    _warned_cache: bool = False
+
+    def counts(self) -> dict[str, int]:
+        return {policy.value: self.policies.count(policy) for policy in Policy}
+
+    def host_bytes(self) -> int:
+        """Host memory held for offloaded layer inputs (pinned on CUDA)."""
+        return self.copier.pool.stats.bytes_total if self.copier else 0
+
+    def host_bytes_in_use(self) -> int:
+        return self.copier.pool.stats.bytes_in_use if self.copier else 0
+
+    def remove(self) -> None:
+        """Give every layer its own forward back."""
+        for layer, forward in zip(self.layers, self._originals):
+            layer.forward = forward
+        self.layers, self._originals = [], []
+
+    def describe(self) -> str:
+        counts = ", ".join(f"{n} {p}" for p, n in self.counts().items() if n)
+        return f"checkpointing {self.mode}: {counts}" if counts else f"checkpointing {self.mode}: no decoder layers"
+
+
+def install_checkpointing(
+    model: nn.Module, mode: str, policies: list[Policy] | None = None, device: torch.device | None = None
+) -> CheckpointingEngine:
+    """Wrap each decoder layer of `model` with its policy (from the mode, or given per layer)."""
+    layers = decoder_layers(model)
+    if policies is None:
+        if mode not in MODE_POLICIES:
+            raise ValueError(f"mode {mode!r} needs an explicit plan of policies")
+        policies = [MODE_POLICIES[mode]] * len(layers)
+    if len(policies) != len(layers):
+        raise ValueError(f"{len(policies)} policies for {len(layers)} decoder layers")
+    if hasattr(model, "gradient_checkpointing_disable") and any(l.gradient_checkpointing for l in layers):
+        # transformers' own checkpointing would wrap ours a second time
+        model.gradient_checkpointing_disable()
+    if device is None:
+        parameter = next(model.parameters(), None)
+        device = parameter.device if parameter is not None else torch.device("cpu")
+    copier = HostCopier(device) if Policy.OFFLOAD in policies else None
+    engine = CheckpointingEngine(mode=mode, policies=list(policies), device=device, copier=copier)
+    for index, (layer, policy) in enumerate(zip(layers, policies)):
+        engine.layers.append(layer)
+        engine._originals.append(layer.forward)
+        if policy is not Policy.KEEP:
+            layer.forward = _WrappedForward(engine, index, layer, layer.forward, policy)
+    model._ftune_engine = engine
+    return engine
+
+
+class _WrappedForward:
+    """A decoder layer's forward, run through `_RecomputedLayer` while a graph is being built."""
+
+    def __init__(self, engine: CheckpointingEngine, index: int, layer: nn.Module, forward: Callable, policy: Policy):
+        self.engine_ref = weakref.ref(engine)
+        self.index = index
+        self.layer = layer
+        self.forward = forward
+        self.policy = policy
+        self.uses_randomness = any(
+            isinstance(m, nn.Dropout) and m.p > 0 for m in layer.modules()
+        )
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        engine = self.engine_ref()
+        if engine is None or not torch.is_grad_enabled():
+            # Evaluation and generation (no graph): nothing to save, the KV cache works as usual.
+            return self.forward(*args, **kwargs)
+        kwargs = self._without_cache(engine, kwargs)
+        leaves, spec = tree_flatten((args, kwargs))
+        tensor_slots = [i for i, leaf in enumerate(leaves) if isinstance(leaf, torch.Tensor)]
+        tensors = [leaves[i] for i in tensor_slots]
+        trainable = any(p.requires_grad for p in self.layer.parameters())
+        if not trainable and not any(t.requires_grad for t in tensors):
+            return self.forward(*args, **kwargs)  # nothing below needs gradients: no graph at all
+
+        def run(*inputs: torch.Tensor) -> Any:
+            filled = list(leaves)
+            for slot, tensor in zip(tensor_slots, inputs):
+                filled[slot] = tensor
+            call_args, call_kwargs = tree_unflatten(filled, spec)
+            return self.forward(*call_args, **call_kwargs)
+
+        # The first tensor argument is the hidden state, the only per-layer input worth moving;
+        # masks and rotary tables are shared by all layers.
+        unit = _LayerUnit(engine, self.index, self.policy, run, self.uses_randomness, tensors[0].device)
+        # A tensor that requires grad makes autograd call our backward even when no input does
+        # (frozen embeddings): the layer's own LoRA weights still need their gradients.
+        anchor = _anchor(tensors[0].device)
+        outputs = _RecomputedLayer.apply(unit, anchor, *tensors)
+        return tree_unflatten(list(outputs), unit.output_spec) if unit.output_spec is not None else outputs
+
+    def _without_cache(self, engine: CheckpointingEngine, kwargs: dict[str, Any]) -> dict[str, Any]:
+        # A recomputed layer would write its keys and values into the cache a second time.
+        if kwargs.get("use_cache") or kwargs.get("past_key_values") is not None:
+            if not engine._warned_cache:
+                logger.warning("use_cache is off while training with checkpointing (the recompute would write the cache twice)")
+                engine._warned_cache = True
+            kwargs = dict(kwargs, use_cache=False, past_key_values=None)
+        return kwargs
+
+
+_ANCHORS: dict[torch.device, torch.Tensor] = {}
+
+
+def _anchor(device: torch.device) -> torch.Tensor:
+    if device not in _ANCHORS:
+        with torch.inference_mode(False):
+            _ANCHORS[device] = torch.zeros((), device=device, requires_grad=True)
+    return _ANCHORS[device]
+
+
+class _LayerUnit:
+    """What one layer's forward leaves for its backward: the input (or its host stash) and state."""
+
+    def __init__(self, engine: CheckpointingEngine, index: int, policy: Policy, run: Callable,
+                 uses_randomness: bool, device: torch.device):
+        self.index = index
+        self.policy = policy
+        self.run = run
+        self.device = device
+        self.output_spec = None
+        self.stash: HostStash | None = None
+        self.previous: weakref.ref[_LayerUnit] | None = None
+        self.autocast = {
+            kind: (torch.is_autocast_enabled(kind), torch.get_autocast_dtype(kind))
+            for kind in {device.type, "cpu"}
+        }
+        self.rng_cpu = torch.get_rng_state() if uses_randomness else None
+        self.rng_cuda = torch.cuda.get_rng_state(device) if uses_randomness and device.type == "cuda" else None
+        if policy is Policy.OFFLOAD:
+            last = engine._last_unit() if engine._last_unit is not None else None
+            if last is not None and last.index < index:
+                self.previous = weakref.ref(last)
+            engine._last_unit = weakref.ref(self)
+            self.copier = engine.copier
+
+    def prefetch_previous(self) -> None:
+        previous = self.previous() if self.previous is not None else None
+        if previous is not None and previous.stash is not None:
+            previous.stash.prefetch()
+
+    def replay_context(self):
+        return _Replay(self)
+
+
+class _Replay:
+    """Rerun under the forward's autocast and RNG state (LoRA dropout draws the same mask)."""
+
+    def __init__(self, unit: _LayerUnit):
+        self.unit = unit
+        self.fork = None
+
+    def __enter__(self):
+        unit = self.unit
+        if unit.rng_cpu is not None:
+            devices = [unit.device] if unit.rng_cuda is not None else []
+            self.fork = torch.random.fork_rng(devices=devices, device_type=unit.device.type)
+            self.fork.__enter__()
+            torch.set_rng_state(unit.rng_cpu)
+            if unit.rng_cuda is not None:
+                torch.cuda.set_rng_state(unit.rng_cuda, unit.device)
+        self.autocasts = [torch.autocast(kind, dtype=dtype, enabled=enabled)
+                          for kind, (enabled, dtype) in unit.autocast.items()]
+        for context in self.autocasts:
+            context.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        for context in reversed(self.autocasts):
+            context.__exit__(*exc)
+        if self.fork is not None:
+            self.fork.__exit__(*exc)
+        return False
+
+
+class _RecomputedLayer(torch.autograd.Function):
+    """Forward without a graph; backward recomputes the layer and backpropagates through it."""
+
+    @staticmethod
+    def forward(ctx, unit: _LayerUnit, anchor: torch.Tensor, *inputs: torch.Tensor):
+        output = unit.run(*inputs)
+        leaves, spec = tree_flatten(output)
+        if not all(isinstance(leaf, torch.Tensor) or leaf is None for leaf in leaves):
+            raise TypeError(f"decoder layer {unit.index} returned non-tensor outputs: {type(output).__name__}")
+        unit.output_spec = spec
+        hidden, rest = inputs[0], inputs[1:]
+        if unit.policy is Policy.OFFLOAD:
+            unit.stash = unit.copier.stash(hidden)
+            ctx.save_for_backward(*rest)
+        else:
+            ctx.save_for_backward(*inputs)
+        ctx.unit = unit
+        # Outputs that alias inputs would be marked as views; layers always return fresh tensors.
+        return tuple(leaves)
+
+    @staticmethod
+    def backward(ctx, *grad_outputs: torch.Tensor):
+        unit: _LayerUnit = ctx.unit
+        saved = ctx.saved_tensors
+        if unit.policy is Policy.OFFLOAD:
+            hidden = unit.stash.fetch()
+            unit.stash = None
+            # Bring the layer below back while this one recomputes.
+            unit.prefetch_previous()
+            saved = (hidden, *saved)
+        needs_grad = ctx.needs_input_grad[2:]
+        inputs = [t.detach().requires_grad_(needs) if needs else t.detach() for t, needs in zip(saved, needs_grad)]
+        with torch.enable_grad(), unit.replay_context():
+            output = unit.run(*inputs)
+        outputs, _ = tree_flatten(output)
+        pairs = [(o, g) for o, g in zip(outputs, grad_outputs)
+                 if isinstance(o, torch.Tensor) and o.requires_grad and g is not None]
+        if pairs:
+            torch.autograd.backward([o for o, _ in pairs], [g for _, g in pairs])
+        grads = tuple(t.grad if needs else None for t, needs in zip(inputs, needs_grad))
+        return (None, None, *grads)

@@ -1,0 +1,197 @@
+"""Parking layer inputs in host memory between forward and backward.
+
+A `HostStash` holds one tensor in host memory. On CUDA the copy out (forward) and the copy back
+(backward) run on a side stream, so the compute stream never waits for the host link: the
+forward enqueues the copy and moves on, and the backward asks for a stash one layer before it
+is needed (`prefetch`), so the copy overlaps the recompute of the layer after it.
+
+Host buffers come from a `HostBufferPool` and go back to it as soon as their copy back is
+enqueued: both copies of a buffer run on the same side stream, so the stream's order is what
+keeps a buffer from being overwritten before it is read. After the first step no buffer is
+allocated (pinned allocation costs milliseconds and can synchronize the device).
+
+Without CUDA the same code runs with plain CPU buffers and synchronous copies, so the CPU tests
+exercise the pool and the prefetch chain.
+"""
+
+from __future__ import annotations
+
+import logging
+import weakref
+from dataclasses import dataclass
+
+import psutil
+import torch
+
+logger = logging.getLogger(__name__)
+
+# Buffers are rounded up to this size so that slightly different sequence lengths share them.
+_GRANULE = 2 * 1024 * 1024
+# Host memory left free for the rest of the system when deciding whether an offload fits.
+_HOST_RESERVE_MIN = 2 * 1024**3
+_HOST_RESERVE_FRACTION = 0.05
+
+
+@dataclass
+class PoolStats:
+    buffers: int = 0
+    bytes_total: int = 0
+    bytes_in_use: int = 0
+    peak_in_use: int = 0
+    pinned: bool = True
+
+
+class HostBufferPool:
+    """Reusable host buffers (pinned when the device is CUDA), best fit by size.
+
+    The pool only grows when more bytes are parked at once than ever before; a run of fixed
+    shapes allocates during its first step and never again.
+    """
+
+    def __init__(self, pin_memory: bool):
+        self.pin_memory = pin_memory
+        self._free: list[torch.Tensor] = []
+        self.stats = PoolStats(pinned=pin_memory)
+        self._warned: set[str] = set()
+
+    def acquire(self, nbytes: int) -> torch.Tensor | None:
+        """A uint8 host buffer of at least nbytes, or None when host memory is too short."""
+        best = None
+        for index, buffer in enumerate(self._free):
+            if buffer.numel() >= nbytes and (best is None or buffer.numel() < self._free[best].numel()):
+                best = index
+        if best is not None:
+            buffer = self._free.pop(best)
+        else:
+            buffer = self._allocate(-(-nbytes // _GRANULE) * _GRANULE)
+            if buffer is None:
+                return None
+        self.stats.bytes_in_use += buffer.numel()
+        self.stats.peak_in_use = max(self.stats.peak_in_use, self.stats.bytes_in_use)
+        return buffer
+
+    def release(self, buffer: torch.Tensor) -> None:
+        self.stats.bytes_in_use -= buffer.numel()
+        self._free.append(buffer)
+
+    def _allocate(self, nbytes: int) -> torch.Tensor | None:
+        memory = psutil.virtual_memory()
+        reserve = max(_HOST_RESERVE_MIN, int(memory.total * _HOST_RESERVE_FRACTION))
+        if memory.available - nbytes < reserve:
+            self._warn_once(
+                "host-full",
+                f"host memory is short ({memory.available / 2**30:.1f} GiB available): layer inputs that do "
+                "not fit stay on the GPU. Free host memory or use checkpointing.mode: true.",
+            )
+            return None
+        # Allocated outside inference mode, so a buffer first used after a generate() under
+        # torch.inference_mode() can still be written by training steps.
+        with torch.inference_mode(False):
+            if self.pin_memory:
+                try:
+                    buffer = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+                except RuntimeError as error:
+                    self._warn_once(
+                        "pin-failed",
+                        f"could not pin host memory ({error}); using pageable memory, whose copies are "
+                        "slower and not overlapped with compute.",
+                    )
+                    self.pin_memory = self.stats.pinned = False
+                    buffer = torch.empty(nbytes, dtype=torch.uint8)
+            else:
+                buffer = torch.empty(nbytes, dtype=torch.uint8)
+        self.stats.buffers += 1
+        self.stats.bytes_total += nbytes
+        return buffer
+
+    def _warn_once(self, key: str, message: str) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            logger.warning(message)
+
+
+class HostCopier:
+    """Moves tensors between the device and the pool, on a side stream when the device is CUDA."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.cuda = device.type == "cuda"
+        self.pool = HostBufferPool(pin_memory=self.cuda)
+        self.stream = torch.cuda.Stream(device) if self.cuda else None
+
+    def stash(self, tensor: torch.Tensor) -> "HostStash":
+        return HostStash(self, tensor)
+
+
+class HostStash:
+    """One tensor parked in host memory: stash in forward, `prefetch` then `fetch` in backward.
+
+    If the pool has no room, the tensor simply stays where it is (on the device).
+    """
+
+    def __init__(self, copier: HostCopier, tensor: torch.Tensor):
+        self._copier = copier
+        self.shape, self.dtype, self.device = tensor.shape, tensor.dtype, tensor.device
+        self.nbytes = tensor.numel() * tensor.element_size()
+        self._device_tensor: torch.Tensor | None = None
+        self._ready: torch.cuda.Event | None = None
+        self._buffer = copier.pool.acquire(self.nbytes)
+        if self._buffer is None:
+            self._device_tensor = tensor  # no host room: keep it on the device
+            return
+        source = tensor.detach().contiguous().view(-1).view(torch.uint8)
+        host = self._buffer[: self.nbytes]
+        stream = copier.stream
+        if stream is None:
+            host.copy_(source)
+        else:
+            # The side stream starts after the compute that produced the tensor; the allocator is told
+            # the side stream still reads it, so its memory is not reused before the copy is done.
+            stream.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(stream):
+                host.copy_(source, non_blocking=True)
+            source.record_stream(stream)
+        # Return the buffer to the pool if the graph is dropped without a backward.
+        self._finalizer = weakref.finalize(self, copier.pool.release, self._buffer)
+
+    @property
+    def on_host(self) -> bool:
+        return self._buffer is not None
+
+    def prefetch(self) -> None:
+        """Start the copy back to the device (no wait); `fetch` later returns it."""
+        if self._device_tensor is not None or self._buffer is None:
+            return
+        copier = self._copier
+        target = torch.empty(self.nbytes, dtype=torch.uint8, device=self.device)
+        host = self._buffer[: self.nbytes]
+        stream = copier.stream
+        if stream is None:
+            target.copy_(host)
+        else:
+            # The target was allocated on the compute stream: the side stream writes it only after
+            # the compute work queued so far, which may still be using that memory's previous owner.
+            compute = torch.cuda.current_stream(self.device)
+            stream.wait_stream(compute)
+            with torch.cuda.stream(stream):
+                target.copy_(host, non_blocking=True)
+                self._ready = torch.cuda.Event()
+                self._ready.record(stream)
+        self._device_tensor = target.view(self.dtype).view(self.shape)
+        # The next copy into this buffer is queued on the same stream, after this one.
+        self._finalizer()
+        self._buffer = None
+
+    def fetch(self) -> torch.Tensor:
+        """The tensor on the device, waiting (on the compute stream only) for its copy."""
+        if self._device_tensor is None and self._buffer is None:
+            raise RuntimeError(
+                "this layer input was already consumed by a backward pass; ftune's offloaded "
+                "checkpointing does not support backward through the same graph twice (retain_graph=True)."
+            )
+        self.prefetch()
+        if self._ready is not None:
+            torch.cuda.current_stream(self.device).wait_event(self._ready)
+            self._ready = None
+        tensor, self._device_tensor = self._device_tensor, None
+        return tensor

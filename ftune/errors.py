@@ -1,0 +1,64 @@
+"""Errors a user can meet, each with what went wrong, where, and how to fix it.
+
+The CLI prints these as one paragraph and exits with the error's code; anything else is a bug
+and shows a traceback only under --debug.
+"""
+
+from __future__ import annotations
+
+
+class FtuneError(Exception):
+    """An error caused by the user's input or environment, with a hint for the fix."""
+
+    exit_code = 1
+    title = "Error"
+
+    def __init__(self, message: str, *, hint: str | None = None):
+        super().__init__(message)
+        self.message = message
+        self.hint = hint
+
+    def __str__(self) -> str:
+        return self.message if not self.hint else f"{self.message}\n{self.hint}"
+
+
+class RecipeError(FtuneError):
+    """The recipe (or its overrides) is invalid; lists every problem with its key path."""
+
+    exit_code = 2
+    title = "Invalid recipe"
+
+    def __init__(self, message: str, *, hint: str | None = None, problems: list[tuple[str, str]] | None = None):
+        super().__init__(message, hint=hint)
+        self.problems = problems or []
+
+    @classmethod
+    def from_problems(cls, source: str, problems: list[tuple[str, str]]) -> "RecipeError":
+        lines = [f"  {key}: {message}" for key, message in problems]
+        count = f"{len(problems)} problem{'s' if len(problems) != 1 else ''}"
+        return cls(
+            f"{source}: {count}\n" + "\n".join(lines),
+            hint="Fix these keys in the recipe (or with --set key=value); docs/recipes.md lists every key.",
+            problems=problems,
+        )
+
+
+class DataError(FtuneError):
+    """The dataset cannot be read or lacks what the workflow needs."""
+
+    exit_code = 3
+    title = "Data problem"
+
+
+class ModelError(FtuneError):
+    """The model or tokenizer cannot be built or loaded."""
+
+    exit_code = 3
+    title = "Model problem"
+
+
+class OutputDirError(FtuneError):
+    """The output directory holds an earlier run that would be overwritten."""
+
+    exit_code = 2
+    title = "Output directory in use"

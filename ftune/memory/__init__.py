@@ -1,0 +1,1 @@
+"""Memory: live readings while training, and (with estimate-vram) the analytical model."""

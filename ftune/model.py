@@ -1,0 +1,182 @@
+"""Build the model of a recipe: load (or build a preset), quantize, add LoRA, patch kernels,
+install the checkpointing engine. `train`, `compare` and `estimate-vram` all come through here:
+there is one way to build a model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, PreTrainedModel, PreTrainedTokenizerBase
+
+from ftune.engine import CheckpointingEngine, install_checkpointing
+from ftune.errors import ModelError
+from ftune.presets import PRESETS, preset_config
+from ftune.recipe import Recipe
+
+logger = logging.getLogger(__name__)
+
+_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+@dataclass
+class BuiltModel:
+    """A model ready to train, and what was decided while building it."""
+
+    model: PeftModel
+    tokenizer: PreTrainedTokenizerBase
+    device: torch.device
+    dtype: torch.dtype
+    engine: CheckpointingEngine
+    kernels: dict[str, bool] = field(default_factory=dict)
+    source: str = ""
+
+
+def pick_device() -> torch.device:
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """auto: bfloat16 where the GPU has it, else float16 on a GPU, float32 on CPU."""
+    if name != "auto":
+        return _DTYPES[name]
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("FTUNE_CACHE", Path.home() / ".cache" / "ftune"))
+
+
+def materialize_preset(name: str, *, seed: int, dtype: torch.dtype, device: torch.device) -> Path:
+    """Save a preset with random weights once, so it then loads like any local model.
+
+    Going through save_pretrained/from_pretrained means a preset takes the very path a user's
+    model takes (the 4-bit quantization happens while loading). The folder is keyed by the
+    preset's config, the seed and the dtype, and written aside then renamed, so a crash never
+    leaves a half-written model behind.
+    """
+    config = preset_config(name)
+    key = hashlib.sha256(json.dumps([PRESETS[name], seed, str(dtype)], sort_keys=True).encode()).hexdigest()[:12]
+    target = cache_dir() / "presets" / f"{name}-{key}"
+    if (target / "config.json").exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = target.with_name(target.name + f".tmp{os.getpid()}")
+    shutil.rmtree(staging, ignore_errors=True)
+    logger.info("building preset %s with random weights (seed %d) in %s", name, seed, target)
+    torch.manual_seed(seed)
+    # Initialize on the GPU when there is one: an 8B shape initializes in seconds there, minutes on CPU.
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    model.save_pretrained(staging)
+    del model
+    os.replace(staging, target)
+    return target
+
+
+def quantization_config(recipe: Recipe, compute_dtype: torch.dtype) -> BitsAndBytesConfig | None:
+    quant = recipe.quantization
+    if quant.method == "none":
+        return None
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=quant.method,
+        bnb_4bit_use_double_quant=quant.double_quant,
+        bnb_4bit_compute_dtype=compute_dtype,
+    )
+
+
+def load_base_model(recipe: Recipe, device: torch.device | None = None) -> tuple[PreTrainedModel, str, torch.dtype]:
+    """The frozen base model of a recipe, 4-bit where asked, on the device."""
+    device = device or pick_device()
+    dtype = resolve_dtype(recipe.model.dtype, device)
+    compute_dtype = dtype if recipe.quantization.compute_dtype == "auto" else _DTYPES[recipe.quantization.compute_dtype]
+    if recipe.model.preset is not None:
+        source = str(materialize_preset(recipe.model.preset, seed=recipe.training.seed, dtype=dtype, device=device))
+    else:
+        source = recipe.resolve_input(recipe.model.name_or_path)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            source,
+            revision=recipe.model.revision,
+            trust_remote_code=recipe.model.trust_remote_code,
+            dtype=dtype,
+            quantization_config=quantization_config(recipe, compute_dtype),
+            device_map={"": device},
+            attn_implementation=recipe.model.attn_implementation,
+        )
+    except (OSError, ValueError) as error:
+        raise ModelError(
+            f"model.name_or_path: could not load '{source}': {_first_line(error)}",
+            hint="Give a local directory with config.json and weights, or a hub id while online "
+            "(set HF_TOKEN for gated models); `model: {preset: ...}` builds a shape with random weights offline.",
+        ) from None
+    model.config.use_cache = False  # training; generation turns it back on per call
+    return model, source, dtype
+
+
+def load_tokenizer(recipe: Recipe, source: str) -> PreTrainedTokenizerBase:
+    name = recipe.resolve_input(recipe.model.tokenizer) if recipe.model.tokenizer else source
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name, revision=recipe.model.revision,
+                                                  trust_remote_code=recipe.model.trust_remote_code)
+    except (OSError, ValueError) as error:
+        raise ModelError(
+            f"model.tokenizer: could not load a tokenizer from '{name}': {_first_line(error)}",
+            hint="Point model.tokenizer at a folder with tokenizer.json / tokenizer_config.json, or a hub id while online.",
+        ) from None
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def add_lora(model: PreTrainedModel, recipe: Recipe) -> PeftModel:
+    lora = recipe.lora
+    config = LoraConfig(
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=lora.target_modules,
+        bias=lora.bias,
+        use_rslora=lora.use_rslora,
+        task_type="CAUSAL_LM",
+    )
+    try:
+        return get_peft_model(model, config)
+    except ValueError as error:
+        raise ModelError(
+            f"lora.target_modules: {_first_line(error)}",
+            hint="Name modules that exist in this model, e.g. q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, "
+            "down_proj for Llama-like models, or all-linear.",
+        ) from None
+
+
+def build_model(recipe: Recipe, device: torch.device | None = None) -> BuiltModel:
+    """The model of a recipe, ready for a trainer."""
+    device = device or pick_device()
+    base, source, dtype = load_base_model(recipe, device)
+    tokenizer = load_tokenizer(recipe, source)
+    if len(tokenizer) > base.get_input_embeddings().num_embeddings:
+        raise ModelError(
+            f"model.tokenizer has {len(tokenizer)} tokens but the model's embedding has only "
+            f"{base.get_input_embeddings().num_embeddings} rows.",
+            hint="Use the tokenizer that belongs to the model.",
+        )
+    model = add_lora(base, recipe)
+    engine = install_checkpointing(model, recipe.checkpointing.mode)
+    return BuiltModel(model=model, tokenizer=tokenizer, device=device, dtype=dtype, engine=engine, source=source)
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__

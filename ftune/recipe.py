@@ -1,0 +1,428 @@
+"""The recipe: a typed schema for one fine-tuning run, and its loading from YAML.
+
+Every key is a typed field with a description (docs/recipes.md is generated from them). Loading
+reports every problem at once, each with its key path and a hint: YAML syntax, unknown keys,
+wrong types, then the combinations that are invalid together. Nothing here loads a model.
+
+Paths to inputs (model, tokenizer, data) are resolved against the recipe file's folder, so a
+recipe works from any working directory; `training.output_dir` is relative to where you run.
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from ftune.errors import RecipeError
+from ftune.presets import PRESETS
+
+LORA_TARGETS_ALL_LINEAR = "all-linear"
+LLAMA_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+DATA_FILE_SUFFIXES = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
+
+
+class _Section(BaseModel):
+    # Unknown keys are errors, never silently ignored defaults (nanoGPT's configurator does the same).
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelSection(_Section):
+    """Which model to fine-tune."""
+
+    name_or_path: str | None = Field(
+        None,
+        description="A local model directory (config.json + weights) or a Hugging Face hub id. "
+        "Exactly one of name_or_path and preset.",
+    )
+    preset: str | None = Field(
+        None,
+        description="A built-in model shape (see `ftune presets`), built from its config with random "
+        "weights: for trying ftune and measuring memory without downloading weights.",
+    )
+    tokenizer: str | None = Field(
+        None, description="Tokenizer directory or hub id. Defaults to name_or_path; required with preset."
+    )
+    revision: str | None = Field(None, description="Hub revision (branch, tag or commit).")
+    trust_remote_code: bool = Field(False, description="Run model code shipped with a hub repository.")
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
+        "auto",
+        description="dtype of the modules kept in 16 bits (embeddings, LM head, norms) and of the "
+        "compute: auto is bfloat16 on a GPU that supports it, float32 on CPU.",
+    )
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = Field(
+        "sdpa", description="Attention implementation passed to transformers."
+    )
+
+    @field_validator("preset")
+    @classmethod
+    def _known_preset(cls, value: str | None) -> str | None:
+        if value is not None and value not in PRESETS:
+            close = difflib.get_close_matches(value, PRESETS, n=1)
+            hint = f" Did you mean '{close[0]}'?" if close else ""
+            raise ValueError(f"unknown preset '{value}'.{hint} Known presets: {', '.join(sorted(PRESETS))}")
+        return value
+
+
+class QuantizationSection(_Section):
+    """How the frozen base weights are stored (bitsandbytes)."""
+
+    method: Literal["nf4", "fp4", "none"] = Field(
+        "nf4", description="4-bit NF4 or FP4 through bitsandbytes (QLoRA), or none for 16-bit LoRA."
+    )
+    double_quant: bool = Field(
+        True, description="Quantize the quantization constants too (saves about 0.4 bit per weight)."
+    )
+    compute_dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
+        "auto", description="dtype the 4-bit weights are dequantized to for each matmul; auto follows model.dtype."
+    )
+
+
+class LoraSection(_Section):
+    """The LoRA adapter (peft)."""
+
+    r: int = Field(16, gt=0, description="Rank of the adapter matrices.")
+    alpha: float = Field(16, gt=0, description="Scaling numerator: the update is scaled by alpha / r.")
+    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout on the adapter's input.")
+    target_modules: list[str] | Literal["all-linear"] = Field(
+        default_factory=lambda: list(LLAMA_PROJECTIONS),
+        description="Module names to adapt, or all-linear for every linear layer but the LM head.",
+    )
+    bias: Literal["none", "all", "lora_only"] = Field("none", description="Which biases to train.")
+    use_rslora: bool = Field(False, description="Scale by alpha / sqrt(r) (rank-stabilized LoRA).")
+
+    @field_validator("target_modules")
+    @classmethod
+    def _not_empty(cls, value: list[str] | str) -> list[str] | str:
+        if isinstance(value, list) and not value:
+            raise ValueError("target_modules is empty: name at least one module, e.g. [q_proj, v_proj]")
+        return value
+
+
+class CheckpointingSection(_Section):
+    """How activations are kept between forward and backward (the ftune engine)."""
+
+    mode: Literal["none", "true", "unsloth", "smart"] = Field(
+        "true",
+        description="none keeps every activation (fastest, most memory); true recomputes each decoder "
+        "layer in backward, its input kept on the GPU; unsloth also moves each layer input to pinned "
+        "host memory on a side stream; smart plans keep/recompute/offload per layer to fit the budget.",
+    )
+    budget: str | None = Field(
+        None,
+        description="VRAM budget for smart, e.g. 24GiB or 20000MiB; default the card's free memory less a margin.",
+    )
+
+    @field_validator("mode", mode="before")
+    @classmethod
+    def _yaml_booleans(cls, value: Any) -> Any:
+        # YAML reads `mode: true` as a boolean and `mode: none` as a string; accept both spellings.
+        if value is True:
+            return "true"
+        if value is False or value is None:
+            return "none"
+        return value
+
+    @field_validator("budget", mode="before")
+    @classmethod
+    def _parse_budget(cls, value: Any) -> Any:
+        if value is None:
+            return None
+        parse_bytes(str(value))  # raises ValueError with the accepted forms
+        return str(value)
+
+
+class KernelsSection(_Section):
+    """Triton kernels patched into the model. auto: on with CUDA, off on CPU."""
+
+    rms_norm: bool | Literal["auto"] = Field("auto", description="Fused RMSNorm forward and backward.")
+    rope: bool | Literal["auto"] = Field("auto", description="Rotary embedding of query and key in one kernel.")
+    swiglu: bool | Literal["auto"] = Field("auto", description="Fused silu(gate) * up.")
+    fused_cross_entropy: bool | Literal["auto"] = Field(
+        "auto", description="LM head + cross-entropy in chunks: the full logits never exist."
+    )
+
+
+class SFTSection(_Section):
+    """Options of the sft workflow (TRL's SFTTrainer)."""
+
+    packing: bool = Field(False, description="Pack several examples into each max_length sequence.")
+    completion_only_loss: bool | None = Field(
+        None, description="Loss on the completion only (prompt/completion data); default: yes for such data."
+    )
+    assistant_only_loss: bool = Field(
+        False, description="Loss on the assistant turns only (messages data; needs generation markers in the template)."
+    )
+
+
+class DataSection(_Section):
+    """The training data (datasets)."""
+
+    source: str = Field(
+        ...,
+        description="A local .json/.jsonl/.parquet/.csv file, a folder of them, or a hub dataset id.",
+    )
+    split: str = Field("train", description="Split to train on.")
+    format: Literal["auto", "text", "prompt_completion", "messages"] = Field(
+        "auto",
+        description="TRL dataset format: text (a text column), prompt_completion, or messages (chat); "
+        "auto detects it from the columns.",
+    )
+    fields: dict[str, str] = Field(
+        default_factory=dict,
+        description="Rename columns to the format's names, e.g. {text: body} or {prompt: question, completion: answer}.",
+    )
+    max_length: int = Field(1024, gt=0, description="Longest tokenized example; longer ones are truncated.")
+    limit: int | None = Field(None, gt=0, description="Use only the first N rows (for quick tries).")
+
+    @field_validator("fields")
+    @classmethod
+    def _known_fields(cls, value: dict[str, str]) -> dict[str, str]:
+        known = {"text", "prompt", "completion", "messages"}
+        unknown = sorted(set(value) - known)
+        if unknown:
+            raise ValueError(f"unknown field name(s) {unknown}; the names a format uses are {sorted(known)}")
+        return value
+
+
+class TrainingSection(_Section):
+    """The optimization loop (transformers TrainingArguments underneath)."""
+
+    max_steps: int | None = Field(None, gt=0, description="Optimizer steps to run; overrides epochs.")
+    epochs: float | None = Field(None, gt=0, description="Passes over the data (default 1 when max_steps is unset).")
+    batch_size: int = Field(1, gt=0, description="Examples per device per forward.")
+    grad_accum: int = Field(1, gt=0, description="Forwards accumulated into one optimizer step.")
+    learning_rate: float = Field(2e-4, gt=0, description="Peak learning rate.")
+    lr_scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"] = Field(
+        "linear", description="Learning-rate schedule after warmup."
+    )
+    warmup_steps: int = Field(0, ge=0, description="Steps of linear warmup.")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    optimizer: Literal["adamw_torch", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit"] = Field(
+        "adamw_torch", description="Optimizer (the 8-bit ones through bitsandbytes, CUDA only)."
+    )
+    max_grad_norm: float = Field(1.0, ge=0, description="Gradient clipping norm (0 disables).")
+    seed: int = Field(42, description="Seed for weights of presets, LoRA init, data order and dropout.")
+    output_dir: str = Field("runs/ftune", description="Where the adapter, metrics and checkpoints go.")
+    logging_steps: int = Field(1, gt=0, description="Log metrics every N optimizer steps.")
+    save_steps: int | None = Field(None, gt=0, description="Save a checkpoint every N steps (default: only at the end).")
+    save_total_limit: int | None = Field(2, gt=0, description="Keep only the newest N checkpoints.")
+
+
+class Recipe(_Section):
+    """One fine-tuning run."""
+
+    name: str | None = Field(None, description="A name for the run, shown in reports.")
+    model: ModelSection = Field(..., description="Which model to fine-tune.")
+    quantization: QuantizationSection = Field(default_factory=QuantizationSection)
+    lora: LoraSection = Field(default_factory=LoraSection)
+    checkpointing: CheckpointingSection = Field(default_factory=CheckpointingSection)
+    kernels: KernelsSection = Field(default_factory=KernelsSection)
+    workflow: Literal["sft"] = Field("sft", description="The training workflow.")
+    sft: SFTSection = Field(default_factory=SFTSection)
+    data: DataSection = Field(..., description="The training data.")
+    training: TrainingSection = Field(default_factory=TrainingSection)
+
+    # Where relative input paths are resolved; not a recipe key.
+    _base_dir: Path = Path(".")
+
+    @property
+    def base_dir(self) -> Path:
+        return self._base_dir
+
+    def resolve_input(self, value: str) -> str:
+        """A local path relative to the recipe's folder, or the value itself (a hub id)."""
+        path = Path(value).expanduser()
+        if path.is_absolute():
+            return str(path)
+        candidate = self._base_dir / path
+        if candidate.exists() or looks_like_local_path(value):
+            return str(candidate.resolve())
+        return value
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+def looks_like_local_path(value: str) -> bool:
+    """True for values that can only mean a file system path (a hub id is `org/name`)."""
+    return (
+        value.startswith(("/", "./", "../", "~"))
+        or value.count("/") > 1
+        or Path(value).suffix.lower() in DATA_FILE_SUFFIXES
+    )
+
+
+_BYTES = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*(B|KB|MB|GB|TB|KiB|MiB|GiB|TiB)?\s*$", re.IGNORECASE)
+_UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+def parse_bytes(text: str) -> int:
+    """'24GiB' -> bytes. A bare number is GiB, the unit users think in for VRAM."""
+    match = _BYTES.match(text)
+    if not match:
+        raise ValueError(f"'{text}' is not a memory size; write it like 24GiB, 16GB or 20000MiB")
+    number, unit = float(match.group(1)), (match.group(2) or "GiB").lower()
+    return int(number * _UNITS[unit])
+
+
+# --------------------------------------------------------------------------------------------
+# Loading
+
+
+def load_recipe(path: str | Path, overrides: list[str] | None = None, *, check_paths: bool = True) -> Recipe:
+    """Read, override and validate a recipe file; raise RecipeError listing every problem."""
+    path = Path(path)
+    if not path.is_file():
+        raise RecipeError(
+            f"Recipe file not found: {path}",
+            hint="Pass the path of a YAML recipe, e.g. recipes/quickstart.yaml.",
+        )
+    raw = _read_yaml(path)
+    raw = apply_overrides(raw, overrides or [], source=str(path))
+    return validate_recipe(raw, base_dir=path.parent.resolve(), source=str(path), check_paths=check_paths)
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(error, "problem", None) or str(error)
+        raise RecipeError(
+            f"{path} is not valid YAML{where}: {problem}.",
+            hint="Check the indentation and that every 'key: value' has a space after the colon.",
+        ) from None
+    except UnicodeDecodeError:
+        raise RecipeError(f"{path} is not a text file.", hint="A recipe is a UTF-8 YAML file.") from None
+    if raw is None:
+        raise RecipeError(f"{path} is empty.", hint="Start from recipes/quickstart.yaml.")
+    if not isinstance(raw, dict):
+        raise RecipeError(
+            f"{path} must hold a mapping of sections (model:, data:, ...), not a {type(raw).__name__}.",
+            hint="Start from recipes/quickstart.yaml.",
+        )
+    return raw
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str], *, source: str) -> dict[str, Any]:
+    """Apply `--set key.path=value` overrides; values are parsed as YAML (numbers, booleans, lists)."""
+    result = copy.deepcopy(raw)
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise RecipeError(
+                f"--set {item!r} is not of the form key.path=value.",
+                hint="For example: --set training.max_steps=20 --set lora.r=8",
+            )
+        try:
+            value = yaml.safe_load(text) if text.strip() else None
+        except yaml.YAMLError:
+            value = text
+        node = result
+        parts = key.split(".")
+        for depth, part in enumerate(parts[:-1]):
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                where = ".".join(parts[: depth + 1])
+                raise RecipeError(
+                    f"--set {key}: '{where}' in {source} is a value, not a section.",
+                    hint=f"Set '{where}' itself, e.g. --set {where}=...",
+                )
+            node = child
+        node[parts[-1]] = value
+    return result
+
+
+def validate_recipe(
+    raw: dict[str, Any], *, base_dir: Path, source: str = "recipe", check_paths: bool = True
+) -> Recipe:
+    try:
+        recipe = Recipe.model_validate(raw)
+    except ValidationError as error:
+        raise RecipeError.from_problems(source, [_describe(e, raw) for e in error.errors()]) from None
+    recipe._base_dir = base_dir
+    problems = combination_problems(recipe, check_paths=check_paths)
+    if problems:
+        raise RecipeError.from_problems(source, problems)
+    return recipe
+
+
+def _describe(error: dict[str, Any], raw: dict[str, Any]) -> tuple[str, str]:
+    """One pydantic error as (key path, message with a hint)."""
+    loc = [str(part) for part in error["loc"]]
+    key = ".".join(loc) or "(top level)"
+    kind = error["type"]
+    if kind == "extra_forbidden":
+        parent = loc[:-1]
+        known = _known_keys(parent)
+        close = difflib.get_close_matches(loc[-1], known, n=1)
+        hint = f"did you mean '{close[0]}'?" if close else f"known keys here: {', '.join(known)}"
+        return key, f"unknown key; {hint}"
+    if kind == "missing":
+        return key, "required key is missing"
+    if kind == "literal_error":
+        expected = error.get("ctx", {}).get("expected", "")
+        return key, f"got {error.get('input')!r}; expected one of {expected}"
+    message = error["msg"].removeprefix("Value error, ")
+    if "input" in error and kind not in ("value_error",) and not isinstance(error["input"], dict):
+        message = f"{message} (got {error['input']!r})"
+    return key, message
+
+
+def _known_keys(loc: list[str]) -> list[str]:
+    model: type[BaseModel] = Recipe
+    for part in loc:
+        field = model.model_fields.get(part)
+        annotation = getattr(field, "annotation", None)
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            return []
+        model = annotation
+    return list(model.model_fields)
+
+
+def combination_problems(recipe: Recipe, *, check_paths: bool = True) -> list[tuple[str, str]]:
+    """Keys that are valid alone but not together, and local paths that do not exist."""
+    problems: list[tuple[str, str]] = []
+    model = recipe.model
+    if (model.name_or_path is None) == (model.preset is None):
+        problems.append(("model", "set exactly one of name_or_path (a directory or hub id) and preset"))
+    if model.preset is not None and model.tokenizer is None:
+        problems.append(("model.tokenizer", "a preset has no tokenizer of its own; name a tokenizer directory or hub id"))
+    if recipe.checkpointing.budget is not None and recipe.checkpointing.mode != "smart":
+        problems.append(("checkpointing.budget", f"only the smart mode uses a budget (mode is {recipe.checkpointing.mode})"))
+    training = recipe.training
+    if training.max_steps is not None and training.epochs is not None:
+        problems.append(("training.epochs", "set max_steps or epochs, not both"))
+    if recipe.sft.assistant_only_loss and recipe.data.format in ("text", "prompt_completion"):
+        problems.append(("sft.assistant_only_loss", f"needs messages data, but data.format is {recipe.data.format}"))
+    if recipe.sft.completion_only_loss and recipe.data.format in ("text", "messages"):
+        problems.append(("sft.completion_only_loss", f"needs prompt_completion data, but data.format is {recipe.data.format}"))
+    if recipe.quantization.method == "none" and recipe.training.optimizer.startswith("paged"):
+        pass  # paged optimizers work without quantization too
+    if check_paths:
+        for key, value in _input_paths(recipe):
+            resolved = recipe.resolve_input(value)
+            if looks_like_local_path(value) or Path(resolved).is_absolute():
+                if not Path(resolved).exists():
+                    problems.append((key, f"path does not exist: {resolved} (relative paths are resolved against the recipe's folder)"))
+    return problems
+
+
+def _input_paths(recipe: Recipe) -> list[tuple[str, str]]:
+    paths = [("data.source", recipe.data.source)]
+    if recipe.model.name_or_path:
+        paths.append(("model.name_or_path", recipe.model.name_or_path))
+    if recipe.model.tokenizer:
+        paths.append(("model.tokenizer", recipe.model.tokenizer))
+    return paths

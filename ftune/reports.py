@@ -1,0 +1,144 @@
+"""What a run shows and writes while it trains: a live panel (or a plain line per log when the
+output is not a terminal), and the same numbers per logging step in metrics.jsonl."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console, Group
+from rich.live import Live
+from rich.panel import Panel
+from rich.progress_bar import ProgressBar
+from rich.table import Table
+from transformers import TrainerCallback
+
+from ftune.engine import CheckpointingEngine
+from ftune.memory.monitor import MemorySnapshot, snapshot
+
+METRICS_FILE = "metrics.jsonl"
+
+
+class LiveReporter(TrainerCallback):
+    """Step, loss, learning rate, tokens/s, ETA and memory, live; one JSON line per log."""
+
+    def __init__(self, output_dir: Path, engine: CheckpointingEngine, *, title: str, console: Console | None = None):
+        self.metrics_path = Path(output_dir) / METRICS_FILE
+        self.engine = engine
+        self.title = title
+        self.console = console or Console(stderr=True)
+        self.live: Live | None = None
+        self.started = 0.0
+        self.last: dict[str, Any] = {}
+        self.history: list[dict[str, Any]] = []
+        self._last_log = (0.0, 0)  # (time, tokens) at the previous log, for tokens/s
+        self._memory: MemorySnapshot | None = None
+
+    # -- trainer events ----------------------------------------------------------------------
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.started = time.perf_counter()
+        self._last_log = (self.started, 0)
+        self.metrics_path.parent.mkdir(parents=True, exist_ok=True)
+        self._file = open(self.metrics_path, "a", buffering=1)
+        if self.console.is_terminal:
+            self.live = Live(self._render(state), console=self.console, refresh_per_second=4, transient=False)
+            self.live.start()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.live is not None:
+            self.live.update(self._render(state))
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        logs = dict(logs or {})
+        if "loss" not in logs:
+            return  # the end-of-training log (train_loss, runtime) goes to summary.json
+        now = time.perf_counter()
+        tokens = state.num_input_tokens_seen or 0
+        last_time, last_tokens = self._last_log
+        self._last_log = (now, tokens)
+        self._memory = snapshot(self.engine.device, self.engine.host_bytes())
+        record = {
+            "step": state.global_step,
+            "epoch": round(state.epoch or 0.0, 4),
+            "loss": logs.get("loss"),
+            "learning_rate": logs.get("learning_rate"),
+            "grad_norm": logs.get("grad_norm"),
+            "tokens": tokens,
+            "tokens_per_s": round((tokens - last_tokens) / (now - last_time), 1) if now > last_time else None,
+            "elapsed_s": round(now - self.started, 3),
+            **{k: v for k, v in logs.items() if k in ("entropy", "mean_token_accuracy")},
+            **self._memory.as_metrics(),
+        }
+        self.last = record
+        self.history.append(record)
+        self._file.write(json.dumps(record) + "\n")
+        if self.live is not None:
+            self.live.update(self._render(state))
+        else:
+            self.console.print(self._plain_line(state), highlight=False, soft_wrap=True)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self.close(state)
+
+    def close(self, state=None) -> None:
+        if self.live is not None:
+            if state is not None:
+                self.live.update(self._render(state))
+            self.live.stop()
+            self.live = None
+        if getattr(self, "_file", None) is not None:
+            self._file.close()
+            self._file = None
+
+    # -- rendering ---------------------------------------------------------------------------
+    def _eta(self, state) -> str:
+        if not state.global_step or not state.max_steps:
+            return "-"
+        elapsed = time.perf_counter() - self.started
+        remaining = elapsed / state.global_step * (state.max_steps - state.global_step)
+        return _duration(remaining)
+
+    def _plain_line(self, state) -> str:
+        record = self.last
+        parts = [f"step {record['step']}/{state.max_steps}"]
+        if record.get("loss") is not None:
+            parts.append(f"loss {record['loss']:.4f}")
+        if record.get("learning_rate") is not None:
+            parts.append(f"lr {record['learning_rate']:.2e}")
+        if record.get("tokens_per_s"):
+            parts.append(f"{record['tokens_per_s']:.0f} tok/s")
+        parts.append(f"eta {self._eta(state)}")
+        if self._memory is not None:
+            parts.append(self._memory.headline())
+        return " | ".join(parts)
+
+    def _render(self, state) -> Panel:
+        record = self.last
+        table = Table.grid(padding=(0, 2))
+        table.add_column(style="bold cyan", justify="right")
+        table.add_column()
+        total = state.max_steps or 0
+        table.add_row("step", f"{state.global_step}/{total}")
+        table.add_row("loss", _fmt(record.get("loss"), ".4f"))
+        table.add_row("learning rate", _fmt(record.get("learning_rate"), ".2e"))
+        table.add_row("tokens/s", _fmt(record.get("tokens_per_s"), ",.0f"))
+        elapsed = time.perf_counter() - self.started if self.started else 0.0
+        table.add_row("elapsed · eta", f"{_duration(elapsed)} · {self._eta(state)}")
+        memory = self._memory or snapshot(self.engine.device, self.engine.host_bytes())
+        table.add_row("memory", memory.headline())
+        table.add_row("engine", self.engine.describe())
+        bar = ProgressBar(total=max(total, 1), completed=state.global_step, width=50)
+        return Panel(Group(bar, table), title=f"[bold]ftune · {self.title}", border_style="cyan", expand=False)
+
+
+def _fmt(value: Any, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(seconds)
+    hours, rest = divmod(seconds, 3600)
+    minutes, secs = divmod(rest, 60)
+    return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"

@@ -1,0 +1,69 @@
+"""What every workflow's trainer shares: TrainingArguments from the recipe, dtype rules."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from transformers import Trainer
+from transformers.trainer_callback import PrinterCallback
+
+from ftune.model import BuiltModel
+from ftune.recipe import Recipe
+
+
+def trainer_arguments(recipe: Recipe, built: BuiltModel) -> dict[str, Any]:
+    """Keyword arguments of transformers.TrainingArguments (and TRL's configs) for a recipe."""
+    training = recipe.training
+    on_cuda = built.device.type == "cuda"
+    if training.max_steps is not None:
+        length = {"max_steps": training.max_steps}
+    else:
+        length = {"max_steps": -1, "num_train_epochs": training.epochs or 1.0}
+    return dict(
+        output_dir=training.output_dir,
+        **length,
+        per_device_train_batch_size=training.batch_size,
+        gradient_accumulation_steps=training.grad_accum,
+        learning_rate=training.learning_rate,
+        lr_scheduler_type=training.lr_scheduler,
+        warmup_steps=training.warmup_steps,
+        weight_decay=training.weight_decay,
+        optim=training.optimizer,
+        max_grad_norm=training.max_grad_norm,
+        seed=training.seed,
+        logging_steps=training.logging_steps,
+        save_strategy="steps" if training.save_steps else "no",
+        save_steps=training.save_steps or 500,
+        save_total_limit=training.save_total_limit,
+        # Mixed precision only on a GPU; the CPU path computes in float32.
+        bf16=on_cuda and built.dtype == torch.bfloat16,
+        fp16=on_cuda and built.dtype == torch.float16,
+        use_cpu=not on_cuda,
+        # ftune's engine does the checkpointing; transformers' own would wrap the layers twice.
+        gradient_checkpointing=False,
+        include_num_input_tokens_seen="all",
+        report_to="none",
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+        logging_first_step=False,
+    )
+
+
+def keep_adapter_in_fp32(model: torch.nn.Module) -> None:
+    """Trainable parameters in float32, as mixed precision expects.
+
+    TRL casts a quantized model's adapter to bfloat16; AdamW updates smaller than bfloat16's
+    resolution (about 0.4% of the weight) would then be lost. Autocast still runs the adapter's
+    matmuls in the compute dtype, so this costs no speed, and the adapter is a few MiB.
+    """
+    for parameter in model.parameters():
+        if parameter.requires_grad and parameter.dtype != torch.float32:
+            parameter.data = parameter.data.float()
+
+
+def finish_trainer(trainer: Trainer) -> Trainer:
+    """What ftune changes on every trainer after TRL built it."""
+    keep_adapter_in_fp32(trainer.model)
+    trainer.remove_callback(PrinterCallback)  # the live panel shows the logs
+    return trainer
