@@ -92,18 +92,14 @@ def _load(recipe: Recipe) -> Dataset:
             f"data.source '{data.source}' could not be loaded: {_first_line(error)}",
             hint="Give a local .json/.jsonl/.parquet/.csv file or folder, or a hub dataset id while online.",
         ) from None
-    except ValueError as error:
+    except Exception as error:
+        # datasets and pyarrow raise many types for malformed or empty files (even StopIteration):
+        # whatever the reader raised, the file is what the user must look at.
         raise DataError(
-            f"data.source '{data.source}' (split '{data.split}') could not be read: {_first_line(error)}",
-            hint="Check the file's format and data.split.",
+            f"data.source '{data.source}' (split '{data.split}') could not be read: "
+            f"{type(error).__name__}: {_first_line(error)}",
+            hint="Check that the file is well-formed (one JSON object per line for .jsonl) and has rows.",
         ) from None
-    except Exception as error:  # datasets raises its own errors for malformed files
-        if type(error).__module__.startswith(("datasets", "pyarrow", "json")):
-            raise DataError(
-                f"data.source '{data.source}' could not be parsed: {_first_line(error)}",
-                hint="Check that the file is well-formed (one JSON object per line for .jsonl).",
-            ) from None
-        raise
     if isinstance(loaded, DatasetDict):  # pragma: no cover - split= always gives a Dataset
         loaded = loaded[data.split]
     return loaded

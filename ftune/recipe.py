@@ -358,6 +358,18 @@ def validate_recipe(
     return recipe
 
 
+# Names from transformers, peft, TRL and other tools, mapped to ftune's key of the same meaning.
+_ALIASES = {
+    "rank": "r", "lora_r": "r", "lora_alpha": "alpha", "lora_dropout": "dropout",
+    "lr": "learning_rate", "gradient_accumulation_steps": "grad_accum", "per_device_train_batch_size": "batch_size",
+    "micro_batch_size": "batch_size", "num_train_epochs": "epochs", "num_epochs": "epochs",
+    "lr_scheduler_type": "lr_scheduler", "optim": "optimizer", "max_seq_length": "max_length",
+    "sequence_len": "max_length", "dataset": "source", "path": "source", "base_model": "name_or_path",
+    "model_name_or_path": "name_or_path", "gradient_checkpointing": "mode", "bnb_4bit_quant_type": "method",
+    "bnb_4bit_use_double_quant": "double_quant", "bnb_4bit_compute_dtype": "compute_dtype", "torch_dtype": "dtype",
+}
+
+
 def _describe(error: dict[str, Any], raw: dict[str, Any]) -> tuple[str, str]:
     """One pydantic error as (key path, message with a hint)."""
     loc = [str(part) for part in error["loc"]]
@@ -366,7 +378,8 @@ def _describe(error: dict[str, Any], raw: dict[str, Any]) -> tuple[str, str]:
     if kind == "extra_forbidden":
         parent = loc[:-1]
         known = _known_keys(parent)
-        close = difflib.get_close_matches(loc[-1], known, n=1)
+        alias = _ALIASES.get(loc[-1])
+        close = [alias] if alias in known else difflib.get_close_matches(loc[-1], known, n=1)
         hint = f"did you mean '{close[0]}'?" if close else f"known keys here: {', '.join(known)}"
         return key, f"unknown key; {hint}"
     if kind == "missing":

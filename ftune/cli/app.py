@@ -16,10 +16,13 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     rich_markup_mode="rich",
 )
-err_console = Console(stderr=True)
+err_console = Console(stderr=True, soft_wrap=True)
 
 
 def report_error(error: FtuneError) -> None:
     """One paragraph: what went wrong and where, then the fix in dim text."""
     body = error.message + (f"\n[dim]{error.hint}[/]" if error.hint else "")
-    err_console.print(Panel(body, title=f"[bold red]{error.title}", border_style="red", expand=False), highlight=False)
+    if err_console.is_terminal:
+        err_console.print(Panel(body, title=f"[bold red]{error.title}", border_style="red", expand=False), highlight=False)
+    else:  # logs and pipes: unwrapped lines that grep finds whole
+        err_console.print(f"[bold red]{error.title}:[/] {body}", highlight=False, markup=True)

@@ -14,7 +14,7 @@ def presets() -> None:
     """List the built-in model shapes (usable as `model: {preset: NAME}`)."""
     table = Table(title="ftune presets (random weights, the shape of a public model)")
     for column in ("preset", "family", "layers", "hidden", "intermediate", "heads / kv", "vocab", "tied"):
-        table.add_column(column)
+        table.add_column(column, no_wrap=column == "preset")
     for name, shape in PRESETS.items():
         table.add_row(
             name, shape["model_type"], str(shape["num_hidden_layers"]), str(shape["hidden_size"]),

@@ -33,12 +33,13 @@ def train(
                              hint="Pass a recipe file: ftune train recipes/quickstart.yaml")
         recipe_path = QUICKSTART
     recipe = load_recipe(recipe_path, overrides)
-    summary = run_training(recipe, overwrite=overwrite, console=err_console)
+    summary = run_training(recipe, overwrite=overwrite, console=err_console).summary
 
     table = Table(title="ftune · run finished", show_header=False, title_justify="left")
     table.add_column(style="bold cyan")
     table.add_column()
     for key in ("steps", "first_loss", "final_loss", "runtime_s", "tokens_per_s", "peak_memory_gib", "output_dir"):
         value = summary.get(key)
-        table.add_row(key.replace("_", " "), f"{value:.4f}" if isinstance(value, float) and "loss" in key else str(value))
+        text = "-" if value is None else f"{value:.4f}" if isinstance(value, float) and "loss" in key else str(value)
+        table.add_row(key.replace("_", " "), text)
     err_console.print(table)

@@ -52,7 +52,8 @@ class CheckpointingEngine:
     device: torch.device
     copier: HostCopier | None
     layers: list[nn.Module] = field(default_factory=list)
-    _originals: list[Callable] = field(default_factory=list)
+    # Each layer's own instance-level forward before ours (None: the class's forward).
+    _originals: list[Callable | None] = field(default_factory=list)
     # The unit of the last layer that ran forward, to chain prefetches within one forward pass.
     _last_unit: "weakref.ref[_LayerUnit] | None" = None
     _warned_cache: bool = False
@@ -70,7 +71,10 @@ class CheckpointingEngine:
     def remove(self) -> None:
         """Give every layer its own forward back."""
         for layer, forward in zip(self.layers, self._originals):
-            layer.forward = forward
+            if forward is None:
+                layer.__dict__.pop("forward", None)
+            else:
+                layer.forward = forward
         self.layers, self._originals = [], []
 
     def describe(self) -> str:
@@ -99,7 +103,7 @@ def install_checkpointing(
     engine = CheckpointingEngine(mode=mode, policies=list(policies), device=device, copier=copier)
     for index, (layer, policy) in enumerate(zip(layers, policies)):
         engine.layers.append(layer)
-        engine._originals.append(layer.forward)
+        engine._originals.append(layer.__dict__.get("forward"))
         if policy is not Policy.KEEP:
             layer.forward = _WrappedForward(engine, index, layer, layer.forward, policy)
     model._ftune_engine = engine
@@ -257,8 +261,7 @@ class _RecomputedLayer(torch.autograd.Function):
         unit: _LayerUnit = ctx.unit
         saved = ctx.saved_tensors
         if unit.policy is Policy.OFFLOAD:
-            hidden = unit.stash.fetch()
-            unit.stash = None
+            hidden = unit.stash.fetch()  # a second backward through this graph raises here
             # Bring the layer below back while this one recomputes.
             unit.prefetch_previous()
             saved = (hidden, *saved)

@@ -8,14 +8,17 @@ from __future__ import annotations
 
 import importlib
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import transformers
 from rich.console import Console
+from transformers import Trainer
 
 from ftune.data import load_training_data
-from ftune.model import build_model
+from ftune.memory.monitor import GiB, snapshot
+from ftune.model import BuiltModel, build_model
 from ftune.outputs import (
     RECIPE_FILE,
     SUMMARY_FILE,
@@ -29,8 +32,17 @@ from ftune.recipe import Recipe
 from ftune.reports import METRICS_FILE, LiveReporter
 
 
-def train(recipe: Recipe, *, overwrite: bool = False, console: Console | None = None) -> dict[str, Any]:
-    """Train a recipe; return the summary that is also written to summary.json."""
+@dataclass
+class TrainingRun:
+    """A finished run: its summary (also in summary.json) and the trained model, still in memory."""
+
+    summary: dict[str, Any]
+    built: BuiltModel
+    trainer: Trainer
+
+
+def train(recipe: Recipe, *, overwrite: bool = False, console: Console | None = None) -> TrainingRun:
+    """Train a recipe end to end and write its outputs."""
     console = console or Console(stderr=True)
     output_dir = Path(recipe.training.output_dir)
     check_output_dir(output_dir, overwrite=overwrite)  # before any slow work
@@ -72,9 +84,17 @@ def train(recipe: Recipe, *, overwrite: bool = False, console: Console | None = 
         "tokens_per_s": round(tokens / runtime, 1) if runtime > 0 else None,
         "checkpointing": {"mode": built.engine.mode, **built.engine.counts()},
         "host_offload_bytes": built.engine.host_bytes(),
-        "peak_memory_gib": max((r.get("mem_peak_gib") or r.get("mem_rss_gib") or 0) for r in history) if history else None,
+        "peak_memory_gib": _peak_gib(built, history),
         "output_dir": str(output_dir),
         "files": {"adapter": "adapter_model.safetensors", "recipe": RECIPE_FILE, "metrics": METRICS_FILE},
     }
     write_json_atomic(output_dir / SUMMARY_FILE, summary)
-    return summary
+    return TrainingRun(summary=summary, built=built, trainer=trainer)
+
+
+def _peak_gib(built: BuiltModel, history: list[dict[str, Any]]) -> float:
+    """Peak allocated VRAM on a GPU; on CPU the largest RSS seen."""
+    now = snapshot(built.device, built.engine.host_bytes())
+    if now.peak is not None:
+        return round(now.peak / GiB, 3)
+    return round(max([now.rss / GiB] + [r.get("mem_rss_gib", 0) for r in history]), 3)

@@ -1,0 +1,87 @@
+"""Data loading: local json/jsonl/parquet/csv, column renames, format detection, clear errors."""
+
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+import pytest
+
+from ftune.data import load_training_data
+from ftune.errors import DataError
+from ftune.recipe import validate_recipe
+from tests.test_recipe import quickstart_dict
+
+
+def recipe_for(tmp_path, source, **data):
+    raw = quickstart_dict()
+    raw["data"] = {"source": str(source), **data}
+    return validate_recipe(raw, base_dir=tmp_path)
+
+
+ROWS = [{"question": f"q{i}", "answer": f"a{i}", "extra": i} for i in range(5)]
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".json", ".csv", ".parquet"])
+def test_local_files_with_renamed_fields(tmp_path, suffix):
+    path = tmp_path / f"rows{suffix}"
+    frame = pd.DataFrame(ROWS)
+    if suffix == ".jsonl":
+        frame.to_json(path, orient="records", lines=True)
+    elif suffix == ".json":
+        path.write_text(json.dumps(ROWS))
+    elif suffix == ".csv":
+        frame.to_csv(path, index=False)
+    else:
+        frame.to_parquet(path)
+    recipe = recipe_for(tmp_path, path, fields={"prompt": "question", "completion": "answer"})
+    dataset, data_format = load_training_data(recipe)
+    assert data_format == "prompt_completion"
+    assert dataset.column_names == ["prompt", "completion"]  # unused columns dropped
+    assert dataset[3] == {"prompt": "q3", "completion": "a3"}
+
+
+def test_formats_are_detected(tmp_path):
+    cases = {
+        "text": [{"text": "hello"}],
+        "messages": [{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}],
+        "prompt_completion": [{"prompt": "p", "completion": "c"}],
+    }
+    for expected, rows in cases.items():
+        path = tmp_path / f"{expected}.jsonl"
+        path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+        assert load_training_data(recipe_for(tmp_path, path))[1] == expected
+
+
+def test_limit(tmp_path):
+    path = tmp_path / "t.jsonl"
+    path.write_text("\n".join(json.dumps({"text": str(i)}) for i in range(10)) + "\n")
+    dataset, _ = load_training_data(recipe_for(tmp_path, path, limit=3))
+    assert len(dataset) == 3
+
+
+def test_unmatched_columns_name_the_columns(tmp_path):
+    path = tmp_path / "rows.jsonl"
+    pd.DataFrame(ROWS).to_json(path, orient="records", lines=True)
+    with pytest.raises(DataError, match="question"):
+        load_training_data(recipe_for(tmp_path, path))
+    with pytest.raises(DataError, match="'completion'"):
+        load_training_data(recipe_for(tmp_path, path, format="prompt_completion", fields={"prompt": "question"}))
+    with pytest.raises(DataError, match="nope"):
+        load_training_data(recipe_for(tmp_path, path, fields={"text": "nope"}))
+
+
+def test_malformed_and_unsupported_files(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "ok"}\n{not json\n')
+    with pytest.raises(DataError, match="bad.jsonl"):
+        load_training_data(recipe_for(tmp_path, bad))
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    with pytest.raises(DataError):
+        load_training_data(recipe_for(tmp_path, empty))
+
+
+def test_hub_id_offline_is_a_clear_error(tmp_path):
+    with pytest.raises(DataError, match="could not be loaded"):
+        load_training_data(recipe_for(tmp_path, "some-org/some-dataset-that-is-not-cached"))

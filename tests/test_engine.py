@@ -1,0 +1,230 @@
+"""Every checkpointing mode gives the gradients of `none`: with accumulation, several forwards
+before one backward, generation between steps, dropout, frozen layers, changing shapes."""
+
+from __future__ import annotations
+
+import gc
+
+import pytest
+import torch
+
+from ftune.engine import Policy, decoder_layers, install_checkpointing
+from tests.helpers import lora_grads, tiny_lora_model
+
+MODES = ["true", "unsloth"]
+VOCAB = 512
+
+
+def _batch(seed: int, batch: int, seq: int) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(3, VOCAB, (batch, seq), generator=generator)
+
+
+def run_scenario(model) -> list:
+    """Two optimizer-free 'steps' touching every case; returns losses, grads and generations."""
+    record = []
+    model.train()
+    torch.manual_seed(123)  # LoRA dropout draws from this
+    # Step 1: gradient accumulation over micro-batches of different shapes.
+    for seed, (batch, seq) in enumerate([(2, 17), (3, 9)]):
+        ids = _batch(seed, batch, seq)
+        loss = model(input_ids=ids, labels=ids).loss / 2
+        loss.backward()
+        record.append(loss.detach())
+    record.append(lora_grads(model))
+    model.zero_grad(set_to_none=True)
+
+    # Generation between steps, with the cache on and inference-mode tensors.
+    model.eval()
+    with torch.inference_mode():
+        generated = model.generate(input_ids=_batch(7, 1, 5), max_new_tokens=4, do_sample=False, use_cache=True,
+                                   pad_token_id=0)
+    record.append(generated)
+    model.train()
+
+    # Step 2: two forwards before one backward, attention mask with padding.
+    first, second = _batch(10, 2, 12), _batch(11, 2, 12)
+    mask = torch.ones_like(second)
+    mask[0, :3] = 0
+    loss = model(input_ids=first, labels=first).loss + model(input_ids=second, attention_mask=mask, labels=second).loss
+    loss.backward()
+    record.append(loss.detach())
+    record.append(lora_grads(model))
+    return record
+
+
+def assert_same(reference: list, other: list, atol: float) -> None:
+    assert len(reference) == len(other)
+    for expected, got in zip(reference, other):
+        if isinstance(expected, dict):
+            assert expected.keys() == got.keys()
+            assert len(expected) > 0
+            for name in expected:
+                torch.testing.assert_close(got[name], expected[name], atol=atol, rtol=0, msg=name)
+        elif expected.dtype == torch.long:
+            assert torch.equal(expected, got)
+        else:
+            torch.testing.assert_close(got, expected, atol=atol, rtol=0)
+
+
+@pytest.mark.parametrize("preset", ["tiny-llama", "tiny-qwen2"])
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_gradients_equal_none(preset, mode, dropout):
+    reference_model, _ = tiny_lora_model(preset, "none", dropout=dropout)
+    model, engine = tiny_lora_model(preset, mode, dropout=dropout)
+    assert engine.counts()[{"true": "recompute", "unsloth": "offload"}[mode]] == 3
+    # fp32 on CPU is deterministic: the recompute reproduces the forward bit for bit.
+    assert_same(run_scenario(reference_model), run_scenario(model), atol=1e-6)
+
+
+def test_gradients_differ_when_they_should():
+    """The comparison can fail: a different dropout draw changes the gradients."""
+    reference, _ = tiny_lora_model("tiny-llama", "none", dropout=0.1)
+    model, _ = tiny_lora_model("tiny-llama", "unsloth", dropout=0.1)
+    ids = _batch(0, 2, 9)
+    torch.manual_seed(1)
+    reference(input_ids=ids, labels=ids).loss.backward()
+    torch.manual_seed(2)
+    model(input_ids=ids, labels=ids).loss.backward()
+    a, b = lora_grads(reference), lora_grads(model)
+    assert max((a[n] - b[n]).abs().max().item() for n in a) > 1e-4
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_frozen_layers_still_train_the_adapted_ones(mode):
+    """LoRA on the last layer only: the frozen layers below need no backward, the last one does."""
+    kwargs = dict(layers_to_transform=[2])
+    reference, _ = tiny_lora_model("tiny-llama", "none", **kwargs)
+    model, _ = tiny_lora_model("tiny-llama", mode, **kwargs)
+    ids = _batch(3, 2, 10)
+    for m in (reference, model):
+        m(input_ids=ids, labels=ids).loss.backward()
+    expected, got = lora_grads(reference), lora_grads(model)
+    assert expected and all("layers.2." in n for n in expected)
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], atol=1e-6, rtol=0)
+
+
+def test_mixed_policies_per_layer():
+    reference, _ = tiny_lora_model("tiny-llama", "none")
+    model, engine = tiny_lora_model("tiny-llama", "none")
+    engine.remove()
+    engine = install_checkpointing(model, "smart", policies=[Policy.OFFLOAD, Policy.KEEP, Policy.RECOMPUTE])
+    assert engine.counts() == {"keep": 1, "recompute": 1, "offload": 1}
+    assert_same(run_scenario(reference), run_scenario(model), atol=1e-6)
+
+
+def test_pinned_pool_does_not_grow_over_steps():
+    model, engine = tiny_lora_model("tiny-llama", "unsloth")
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    stats = engine.copier.pool.stats
+    after_first = None
+    for step in range(20):
+        ids = _batch(step, 2, 16)
+        model(input_ids=ids, labels=ids).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        assert stats.bytes_in_use == 0, "every host buffer goes back to the pool after backward"
+        if step == 0:
+            after_first = (stats.buffers, stats.bytes_total)
+    assert stats.buffers == 3  # one buffer per layer input, allocated in the first step
+    assert (stats.buffers, stats.bytes_total) == after_first
+    assert stats.peak_in_use == 3 * stats.bytes_total // 3
+
+
+def test_pool_reuses_buffers_when_shapes_change():
+    model, engine = tiny_lora_model("tiny-llama", "unsloth")
+    stats = engine.copier.pool.stats
+    for seq in [32, 8, 20, 32, 5, 31]:
+        ids = _batch(seq, 2, seq)
+        model(input_ids=ids, labels=ids).loss.backward()
+    # Sizes are rounded up to 2 MiB, so every one of these shapes shares the first step's buffers.
+    assert stats.buffers == 3
+
+
+def test_dropped_graph_returns_its_buffers():
+    model, engine = tiny_lora_model("tiny-llama", "unsloth")
+    ids = _batch(0, 2, 8)
+    loss = model(input_ids=ids, labels=ids).loss
+    assert engine.copier.pool.stats.bytes_in_use > 0
+    del loss
+    gc.collect()
+    assert engine.copier.pool.stats.bytes_in_use == 0
+
+
+def test_backward_twice_through_offloaded_graph_is_a_clear_error():
+    model, _ = tiny_lora_model("tiny-llama", "unsloth")
+    ids = _batch(0, 1, 6)
+    loss = model(input_ids=ids, labels=ids).loss
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="retain_graph"):
+        loss.backward()
+
+
+def test_no_graph_means_no_checkpointing():
+    """Under no_grad the layers run as they are (generation keeps its cache)."""
+    model, engine = tiny_lora_model("tiny-llama", "unsloth")
+    with torch.no_grad():
+        model(input_ids=_batch(0, 1, 6))
+    assert engine.copier.pool.stats.buffers == 0
+
+
+def test_remove_restores_the_layers():
+    model, engine = tiny_lora_model("tiny-llama", "unsloth")
+    layers = decoder_layers(model)
+    assert all("forward" in layer.__dict__ for layer in layers)
+    engine.remove()
+    assert all("forward" not in layer.__dict__ for layer in layers)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("mode", MODES)
+def test_gpu_bf16_gradients_match_none(mode):
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    torch.backends.cuda.matmul.allow_tf32 = False
+    results = {}
+    for name in ("none", mode):
+        model, _ = tiny_lora_model("tiny-llama", name, dropout=0.1)
+        model.to("cuda")
+        model.train()
+        torch.manual_seed(5)
+        ids = _batch(0, 2, 64).cuda()
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        results[name] = (loss.detach(), lora_grads(model))
+    (loss_a, grads_a), (loss_b, grads_b) = results["none"], results[mode]
+    # The recompute runs the same bf16 kernels on the same inputs: equal to rounding.
+    torch.testing.assert_close(loss_b, loss_a, atol=1e-3, rtol=0)
+    for name in grads_a:
+        scale = grads_a[name].abs().max().item()
+        torch.testing.assert_close(grads_b[name], grads_a[name], atol=1e-2 * scale + 1e-6, rtol=0, msg=name)
+
+
+@pytest.mark.gpu
+def test_gpu_offload_really_leaves_the_gpu():
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    batch, seq, layers = 2, 4096, 3
+    held = {}
+    for mode in ("true", "unsloth"):
+        model, engine = tiny_lora_model("tiny-llama", mode, layers=layers)
+        model.to("cuda")
+        ids = _batch(0, batch, seq).cuda()
+        torch.cuda.synchronize()
+        gc.collect()
+        torch.cuda.empty_cache()
+        before = torch.cuda.memory_allocated()
+        loss = model(input_ids=ids, labels=ids).loss
+        torch.cuda.synchronize()
+        held[mode] = torch.cuda.memory_allocated() - before
+        if mode == "unsloth":
+            stats = engine.copier.pool.stats
+            assert stats.pinned
+            assert stats.bytes_in_use >= layers * batch * seq * 128 * 4  # fp32 hidden states, in host memory
+        loss.backward()
+        del loss, model
+    layer_inputs = layers * batch * seq * 128 * 4
+    assert held["true"] - held["unsloth"] >= 0.9 * layer_inputs

@@ -1,0 +1,180 @@
+"""The recipe schema: shipped recipes validate; every broken recipe names its keys, all at once."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from ftune.errors import RecipeError
+from ftune.recipe import Recipe, apply_overrides, load_recipe, parse_bytes
+from tests.conftest import QUICKSTART, REPO
+
+SHIPPED = sorted((REPO / "recipes").glob("*.yaml"))
+
+
+def test_there_are_shipped_recipes():
+    assert QUICKSTART in SHIPPED and len(SHIPPED) >= 2
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.name)
+def test_every_shipped_recipe_validates(path):
+    recipe = load_recipe(path)
+    assert recipe.data.source
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.name)
+def test_every_shipped_recipe_opens_with_a_header(path):
+    header = path.read_text().splitlines()[0]
+    assert header.startswith("# ") and len(header) > 20
+
+
+def write(tmp_path: Path, data: dict, name: str = "recipe.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def quickstart_dict() -> dict:
+    data = yaml.safe_load(QUICKSTART.read_text())
+    # absolute paths, so that copies in tmp_path resolve the same files
+    data["model"]["tokenizer"] = str(REPO / "data" / "quickstart" / "tokenizer")
+    data["data"]["source"] = str(REPO / "data" / "quickstart" / "sft.jsonl")
+    return data
+
+
+def problems_of(tmp_path: Path, data: dict) -> dict[str, str]:
+    with pytest.raises(RecipeError) as caught:
+        load_recipe(write(tmp_path, data))
+    return dict(caught.value.problems)
+
+
+def test_unknown_key_is_named_with_a_suggestion(tmp_path):
+    data = quickstart_dict()
+    data["lora"]["rank"] = 8
+    problems = problems_of(tmp_path, data)
+    assert "lora.rank" in problems
+    assert "did you mean 'r'" in problems["lora.rank"]
+
+
+def test_unknown_section(tmp_path):
+    data = quickstart_dict()
+    data["optimiser"] = {"lr": 1}
+    assert "optimiser" in problems_of(tmp_path, data)
+
+
+def test_wrong_type_names_key_and_value(tmp_path):
+    data = quickstart_dict()
+    data["training"]["batch_size"] = "four"
+    problems = problems_of(tmp_path, data)
+    assert "'four'" in problems["training.batch_size"]
+
+
+def test_bad_mode_lists_the_modes(tmp_path):
+    data = quickstart_dict()
+    data["checkpointing"]["mode"] = "offload"
+    message = problems_of(tmp_path, data)["checkpointing.mode"]
+    for mode in ("none", "true", "unsloth", "smart"):
+        assert mode in message
+
+
+def test_yaml_booleans_are_modes(tmp_path):
+    for value, mode in ((True, "true"), (False, "none"), (None, "none")):
+        data = quickstart_dict()
+        data["checkpointing"]["mode"] = value
+        assert load_recipe(write(tmp_path, data)).checkpointing.mode == mode
+
+
+def test_missing_model_path(tmp_path):
+    data = quickstart_dict()
+    del data["model"]["preset"]
+    data["model"]["name_or_path"] = "./models/not-here"
+    message = problems_of(tmp_path, data)["model.name_or_path"]
+    assert "does not exist" in message and "not-here" in message
+
+
+def test_all_problems_at_once(tmp_path):
+    data = quickstart_dict()
+    data["lora"]["rank"] = 8
+    data["training"]["learning_rate"] = -1
+    data["checkpointing"]["mode"] = "sometimes"
+    data["data"].pop("source")
+    problems = problems_of(tmp_path, data)
+    assert {"lora.rank", "training.learning_rate", "checkpointing.mode", "data.source"} <= set(problems)
+
+
+def test_combinations(tmp_path):
+    data = quickstart_dict()
+    data["model"]["name_or_path"] = "meta-llama/Llama-3.1-8B"  # and a preset: exactly one is allowed
+    data["checkpointing"]["budget"] = "24GiB"  # budget without smart
+    data["training"]["epochs"] = 2  # with max_steps
+    problems = problems_of(tmp_path, data)
+    assert {"model", "checkpointing.budget", "training.epochs"} <= set(problems)
+
+
+def test_unknown_preset_suggests_the_close_one(tmp_path):
+    data = quickstart_dict()
+    data["model"]["preset"] = "llama-3.1-8"
+    assert "llama-3.1-8b" in problems_of(tmp_path, data)["model.preset"]
+
+
+def test_malformed_yaml_gives_the_line(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("model:\n  preset: tiny-llama\n data: [\n")
+    with pytest.raises(RecipeError, match="line"):
+        load_recipe(path)
+
+
+@pytest.mark.parametrize("text", ["", "- a\n- b\n", "just a string\n"])
+def test_not_a_mapping(tmp_path, text):
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    with pytest.raises(RecipeError):
+        load_recipe(path)
+
+
+def test_overrides_are_typed_and_validated(tmp_path):
+    path = write(tmp_path, quickstart_dict())
+    recipe = load_recipe(path, ["training.max_steps=7", "lora.target_modules=[q_proj, v_proj]", "checkpointing.mode=none"])
+    assert recipe.training.max_steps == 7
+    assert recipe.lora.target_modules == ["q_proj", "v_proj"]
+    assert recipe.checkpointing.mode == "none"
+    with pytest.raises(RecipeError) as caught:
+        load_recipe(path, ["training.max_stepz=7"])
+    assert "training.max_stepz" in dict(caught.value.problems)
+    with pytest.raises(RecipeError, match="key.path=value"):
+        load_recipe(path, ["training.max_steps"])
+    with pytest.raises(RecipeError, match="not a section"):
+        apply_overrides({"name": "x"}, ["name.first=1"], source="r")
+
+
+def test_relative_inputs_resolve_against_the_recipe_folder(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    recipe = load_recipe(QUICKSTART)
+    assert Path(recipe.resolve_input(recipe.data.source)) == REPO / "data" / "quickstart" / "sft.jsonl"
+    assert recipe.resolve_input("meta-llama/Llama-3.1-8B") == "meta-llama/Llama-3.1-8B"
+
+
+def test_parse_bytes():
+    assert parse_bytes("24GiB") == 24 * 2**30
+    assert parse_bytes("16 GB") == 16 * 10**9
+    assert parse_bytes("20000MiB") == 20000 * 2**20
+    assert parse_bytes("12") == 12 * 2**30
+    with pytest.raises(ValueError, match="24GiB"):
+        parse_bytes("lots")
+
+
+def test_docs_list_every_recipe_key():
+    """docs/recipes.md is generated from the schema; regenerate it when a key changes."""
+    from ftune.docgen import recipe_reference
+
+    assert (REPO / "docs" / "recipes.md").read_text() == recipe_reference(), (
+        "docs/recipes.md is out of date: run `python -m ftune.docgen > docs/recipes.md`"
+    )
+
+
+def test_resolved_recipe_round_trips(tmp_path):
+    recipe = load_recipe(QUICKSTART)
+    again = Recipe.model_validate(yaml.safe_load(recipe.to_yaml()))
+    assert again.model_dump() == recipe.model_dump()

@@ -1,0 +1,96 @@
+"""End to end on CPU: a 4-bit QLoRA run of the quickstart trains, the loss falls, and what it
+writes loads with plain PEFT and gives the logits of the model in memory."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from peft import PeftModel
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+from ftune.cli import main
+from ftune.model import quantization_config
+from ftune.recipe import load_recipe
+from ftune.workflows import train
+from tests.conftest import QUICKSTART
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def quickstart_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs") / "quickstart"
+    recipe = load_recipe(QUICKSTART, [f"training.output_dir={out}", "training.max_steps=40", "training.logging_steps=5"])
+    return recipe, train(recipe)
+
+
+def test_loss_falls(quickstart_run):
+    _, run = quickstart_run
+    summary = run.summary
+    assert summary["steps"] == 40
+    assert summary["final_loss"] < summary["first_loss"] - 1.0, summary
+
+
+def test_base_is_4bit_and_adapter_fp32(quickstart_run):
+    _, run = quickstart_run
+    model = run.built.model
+    projection = model.base_model.model.model.layers[0].self_attn.q_proj.base_layer
+    assert type(projection).__name__ == "Linear4bit"
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    assert trainable and all(p.dtype == torch.float32 for p in trainable)
+
+
+def test_output_dir_holds_the_run(quickstart_run):
+    recipe, run = quickstart_run
+    out = Path(run.summary["output_dir"])
+    for name in ("adapter_config.json", "adapter_model.safetensors", "tokenizer.json", "recipe.yaml",
+                 "metrics.jsonl", "summary.json"):
+        assert (out / name).is_file(), name
+    assert not [p for p in out.iterdir() if p.name.startswith(".")], "no staging leftovers"
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [line["step"] for line in lines] == [5, 10, 15, 20, 25, 30, 35, 40]
+    for line in lines:
+        assert line["loss"] > 0 and line["mem_rss_gib"] > 0 and line["tokens_per_s"] > 0
+    assert load_recipe(out / "recipe.yaml", check_paths=False).training.max_steps == 40
+    assert json.loads((out / "summary.json").read_text())["checkpointing"]["offload"] == 4
+
+
+def test_adapter_loads_with_plain_peft_and_gives_the_same_logits(quickstart_run):
+    recipe, run = quickstart_run
+    built = run.built
+    out = run.summary["output_dir"]
+    base = AutoModelForCausalLM.from_pretrained(
+        built.source, dtype=torch.float32, device_map={"": "cpu"},
+        quantization_config=quantization_config(recipe, torch.float32),
+    )
+    loaded = PeftModel.from_pretrained(base, out).eval()
+    trained = built.model.eval()
+    saved = load_file(f"{out}/adapter_model.safetensors")
+    assert any("lora_B" in key and value.abs().max() > 0 for key, value in saved.items())
+    ids = built.tokenizer(["What is 12 + 7?", "Spell the word maple."], return_tensors="pt", padding=True)
+    with torch.no_grad():
+        expected = trained(**ids).logits
+        got = loaded(**ids).logits
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_cli_train_then_refuse_to_overwrite(tmp_path, monkeypatch, capsys):
+    out = tmp_path / "cli-run"
+    args = ["ftune", "train", str(QUICKSTART), "--set", f"training.output_dir={out}", "--set", "training.max_steps=3",
+            "--set", "checkpointing.mode=true"]
+    monkeypatch.setattr(sys, "argv", args)
+    with pytest.raises(SystemExit) as caught:
+        main()
+    assert caught.value.code in (0, None)
+    assert (out / "adapter_model.safetensors").is_file()
+    before = (out / "adapter_model.safetensors").read_bytes()
+    monkeypatch.setattr(sys, "argv", args)
+    with pytest.raises(SystemExit) as caught:
+        main()
+    assert caught.value.code == 2
+    assert (out / "adapter_model.safetensors").read_bytes() == before
