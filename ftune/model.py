@@ -32,7 +32,7 @@ class BuiltModel:
     """A model ready to train, and what was decided while building it."""
 
     model: PeftModel
-    tokenizer: PreTrainedTokenizerBase
+    tokenizer: PreTrainedTokenizerBase | None
     device: torch.device
     dtype: torch.dtype
     engine: CheckpointingEngine
@@ -161,12 +161,12 @@ def add_lora(model: PreTrainedModel, recipe: Recipe) -> PeftModel:
         ) from None
 
 
-def build_model(recipe: Recipe, device: torch.device | None = None) -> BuiltModel:
-    """The model of a recipe, ready for a trainer."""
+def build_model(recipe: Recipe, device: torch.device | None = None, *, with_tokenizer: bool = True) -> BuiltModel:
+    """The model of a recipe, ready for a trainer (benchmarks on random ids need no tokenizer)."""
     device = device or pick_device()
     base, source, dtype = load_base_model(recipe, device)
-    tokenizer = load_tokenizer(recipe, source)
-    if len(tokenizer) > base.get_input_embeddings().num_embeddings:
+    tokenizer = load_tokenizer(recipe, source) if with_tokenizer else None
+    if tokenizer is not None and len(tokenizer) > base.get_input_embeddings().num_embeddings:
         raise ModelError(
             f"model.tokenizer has {len(tokenizer)} tokens but the model's embedding has only "
             f"{base.get_input_embeddings().num_embeddings} rows.",
