@@ -25,7 +25,7 @@ def _base(preset: str, layers: int) -> torch.nn.Module:
 
 
 def tiny_lora_model(preset: str = "tiny-llama", mode: str = "none", *, layers: int = 3, dropout: float = 0.0,
-                    target_modules=PROJECTIONS, layers_to_transform=None):
+                    target_modules=PROJECTIONS, layers_to_transform=None, mlp_chunk_bytes=None):
     """The same weights every call (base and LoRA, B non-zero so every gradient is exercised)."""
     model = copy.deepcopy(_base(preset, layers))
     torch.manual_seed(1)
@@ -34,7 +34,7 @@ def tiny_lora_model(preset: str = "tiny-llama", mode: str = "none", *, layers: i
     for name, parameter in model.named_parameters():
         if "lora_B" in name:
             torch.nn.init.normal_(parameter, std=0.05)
-    engine = install_checkpointing(model, mode)
+    engine = install_checkpointing(model, mode, **({"mlp_chunk_bytes": mlp_chunk_bytes} if mlp_chunk_bytes else {}))
     return model, engine
 
 

@@ -78,6 +78,22 @@ def test_gradients_equal_none(preset, mode, dropout):
     assert_same(run_scenario(reference_model), run_scenario(model), atol=1e-6)
 
 
+@pytest.mark.parametrize("preset", ["tiny-llama", "tiny-qwen3", "tiny-mistral"])
+@pytest.mark.parametrize("mode", MODES)
+def test_mlp_chunked_recompute_equals_none(preset, mode):
+    """The MLP half recomputed 5 tokens at a time (34-row batches: 7 uneven chunks)."""
+    reference_model, _ = tiny_lora_model(preset, "none")
+    model, engine = tiny_lora_model(preset, mode, mlp_chunk_bytes=352 * 4 * 5)
+    halves = [layer.forward.halves for layer in decoder_layers(model)]
+    assert all(h is not None and h.chunk_tokens(4) == 5 for h in halves)
+    assert_same(run_scenario(reference_model), run_scenario(model), atol=1e-5)
+
+
+def test_dropout_layers_are_not_chunked():
+    model, _ = tiny_lora_model("tiny-llama", "true", dropout=0.1)
+    assert all(layer.forward.halves is None for layer in decoder_layers(model))
+
+
 def test_gradients_differ_when_they_should():
     """The comparison can fail: a different dropout draw changes the gradients."""
     reference, _ = tiny_lora_model("tiny-llama", "none", dropout=0.1)

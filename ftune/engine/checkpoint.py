@@ -8,7 +8,9 @@ Each decoder layer (a transformers `GradientCheckpointingLayer`) gets a policy:
 Modes are lists of policies: none = all keep, true = all recompute, unsloth = all offload,
 smart = a plan per layer. The recompute is one autograd Function (`_RecomputedLayer`) whose
 backward reruns the layer under the forward's RNG and autocast state and backpropagates
-through it, so every policy gives the gradients of `keep`.
+through it, so every policy gives the gradients of `keep`. Pre-norm layers (Llama, Mistral,
+Qwen) run as two residual halves with the MLP chunked over tokens (halves.py), which bounds
+the working set of a recomputed layer at long context.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from torch import nn
 from torch.utils._pytree import tree_flatten, tree_unflatten
 from transformers.modeling_layers import GradientCheckpointingLayer
 
+from ftune.engine.halves import DEFAULT_CHUNK_BYTES, ResidualHalves
 from ftune.engine.offload import HostCopier, HostStash
 
 logger = logging.getLogger(__name__)
@@ -57,6 +60,8 @@ class CheckpointingEngine:
     # The unit of the last layer that ran forward, to chain prefetches within one forward pass.
     _last_unit: "weakref.ref[_LayerUnit] | None" = None
     _warned_cache: bool = False
+    # Largest MLP intermediate a recomputed layer creates at once (see halves.py).
+    mlp_chunk_bytes: int = DEFAULT_CHUNK_BYTES
 
     def counts(self) -> dict[str, int]:
         return {policy.value: self.policies.count(policy) for policy in Policy}
@@ -83,7 +88,11 @@ class CheckpointingEngine:
 
 
 def install_checkpointing(
-    model: nn.Module, mode: str, policies: list[Policy] | None = None, device: torch.device | None = None
+    model: nn.Module,
+    mode: str,
+    policies: list[Policy] | None = None,
+    device: torch.device | None = None,
+    mlp_chunk_bytes: int = DEFAULT_CHUNK_BYTES,
 ) -> CheckpointingEngine:
     """Wrap each decoder layer of `model` with its policy (from the mode, or given per layer)."""
     layers = decoder_layers(model)
@@ -100,7 +109,8 @@ def install_checkpointing(
         parameter = next(model.parameters(), None)
         device = parameter.device if parameter is not None else torch.device("cpu")
     copier = HostCopier(device) if Policy.OFFLOAD in policies else None
-    engine = CheckpointingEngine(mode=mode, policies=list(policies), device=device, copier=copier)
+    engine = CheckpointingEngine(mode=mode, policies=list(policies), device=device, copier=copier,
+                                 mlp_chunk_bytes=mlp_chunk_bytes)
     for index, (layer, policy) in enumerate(zip(layers, policies)):
         engine.layers.append(layer)
         engine._originals.append(layer.__dict__.get("forward"))
@@ -119,9 +129,9 @@ class _WrappedForward:
         self.layer = layer
         self.forward = forward
         self.policy = policy
-        self.uses_randomness = any(
-            isinstance(m, nn.Dropout) and m.p > 0 for m in layer.modules()
-        )
+        self.uses_randomness = any(isinstance(m, nn.Dropout) and m.p > 0 for m in layer.modules())
+        self.halves = (ResidualHalves(layer, engine.mlp_chunk_bytes)
+                       if ResidualHalves.supports(layer, self.uses_randomness) else None)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         engine = self.engine_ref()
@@ -136,21 +146,23 @@ class _WrappedForward:
         if not trainable and not any(t.requires_grad for t in tensors):
             return self.forward(*args, **kwargs)  # nothing below needs gradients: no graph at all
 
-        def run(*inputs: torch.Tensor) -> Any:
+        def unflatten(inputs: tuple[torch.Tensor, ...]) -> tuple[tuple, dict]:
             filled = list(leaves)
             for slot, tensor in zip(tensor_slots, inputs):
                 filled[slot] = tensor
-            call_args, call_kwargs = tree_unflatten(filled, spec)
-            return self.forward(*call_args, **call_kwargs)
+            return tree_unflatten(filled, spec)
 
+        # The halves need the hidden state as the only positional argument, as transformers passes it.
+        halves = self.halves if len(args) == 1 and isinstance(args[0], torch.Tensor) else None
         # The first tensor argument is the hidden state, the only per-layer input worth moving;
         # masks and rotary tables are shared by all layers.
-        unit = _LayerUnit(engine, self.index, self.policy, run, self.uses_randomness, tensors[0].device)
+        unit = _LayerUnit(engine, self.index, self.policy, self.forward, halves, unflatten,
+                          self.uses_randomness, tensors[0].device)
         # A tensor that requires grad makes autograd call our backward even when no input does
         # (frozen embeddings): the layer's own LoRA weights still need their gradients.
         anchor = _anchor(tensors[0].device)
         outputs = _RecomputedLayer.apply(unit, anchor, *tensors)
-        return tree_unflatten(list(outputs), unit.output_spec) if unit.output_spec is not None else outputs
+        return tree_unflatten(list(outputs), unit.output_spec)
 
     def _without_cache(self, engine: CheckpointingEngine, kwargs: dict[str, Any]) -> dict[str, Any]:
         # A recomputed layer would write its keys and values into the cache a second time.
@@ -175,11 +187,13 @@ def _anchor(device: torch.device) -> torch.Tensor:
 class _LayerUnit:
     """What one layer's forward leaves for its backward: the input (or its host stash) and state."""
 
-    def __init__(self, engine: CheckpointingEngine, index: int, policy: Policy, run: Callable,
-                 uses_randomness: bool, device: torch.device):
+    def __init__(self, engine: CheckpointingEngine, index: int, policy: Policy, forward: Callable,
+                 halves: ResidualHalves | None, unflatten: Callable, uses_randomness: bool, device: torch.device):
         self.index = index
         self.policy = policy
-        self.run = run
+        self.forward = forward
+        self.halves = halves
+        self.unflatten = unflatten
         self.device = device
         self.output_spec = None
         self.stash: HostStash | None = None
@@ -196,6 +210,27 @@ class _LayerUnit:
                 self.previous = weakref.ref(last)
             engine._last_unit = weakref.ref(self)
             self.copier = engine.copier
+
+    def run(self, inputs: tuple[torch.Tensor, ...]) -> Any:
+        """The layer's output from these inputs (the graph, if any, is the caller's business)."""
+        args, kwargs = self.unflatten(inputs)
+        if self.halves is not None:
+            return self.halves.forward(args[0], kwargs)
+        return self.forward(*args, **kwargs)
+
+    def backward(self, inputs: list[torch.Tensor], grad_outputs: tuple[torch.Tensor, ...]) -> None:
+        """Recompute from inputs and backpropagate grad_outputs into them and the parameters."""
+        if self.halves is not None:
+            args, kwargs = self.unflatten(tuple(inputs))
+            self.halves.backward(args[0], kwargs, grad_outputs[0])
+            return
+        with torch.enable_grad():
+            output = self.run(tuple(inputs))
+        outputs, _ = tree_flatten(output)
+        pairs = [(o, g) for o, g in zip(outputs, grad_outputs)
+                 if isinstance(o, torch.Tensor) and o.requires_grad and g is not None]
+        if pairs:
+            torch.autograd.backward([o for o, _ in pairs], [g for _, g in pairs])
 
     def prefetch_previous(self) -> None:
         previous = self.previous() if self.previous is not None else None
@@ -241,7 +276,7 @@ class _RecomputedLayer(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, unit: _LayerUnit, anchor: torch.Tensor, *inputs: torch.Tensor):
-        output = unit.run(*inputs)
+        output = unit.run(inputs)
         leaves, spec = tree_flatten(output)
         if not all(isinstance(leaf, torch.Tensor) or leaf is None for leaf in leaves):
             raise TypeError(f"decoder layer {unit.index} returned non-tensor outputs: {type(output).__name__}")
@@ -267,12 +302,7 @@ class _RecomputedLayer(torch.autograd.Function):
             saved = (hidden, *saved)
         needs_grad = ctx.needs_input_grad[2:]
         inputs = [t.detach().requires_grad_(needs) if needs else t.detach() for t, needs in zip(saved, needs_grad)]
-        with torch.enable_grad(), unit.replay_context():
-            output = unit.run(*inputs)
-        outputs, _ = tree_flatten(output)
-        pairs = [(o, g) for o, g in zip(outputs, grad_outputs)
-                 if isinstance(o, torch.Tensor) and o.requires_grad and g is not None]
-        if pairs:
-            torch.autograd.backward([o for o, _ in pairs], [g for _, g in pairs])
+        with unit.replay_context():
+            unit.backward(inputs, grad_outputs)
         grads = tuple(t.grad if needs else None for t, needs in zip(inputs, needs_grad))
         return (None, None, *grads)

@@ -1,0 +1,94 @@
+"""Pre-norm decoder layers as two residual halves, the MLP half run in chunks of tokens.
+
+Llama, Mistral, Qwen2 and Qwen3 decoder layers compute
+
+    h = x + attn(input_layernorm(x))          attention half
+    y = h + mlp(post_attention_layernorm(h))  MLP half (per token)
+
+The MLP's intermediates are `tokens x intermediate` wide (14336 for an 8B Llama: 224 MiB per
+tensor at 8192 tokens, 4 GiB at 150k), so they set the longest context a recomputed layer can
+train. Because the MLP half works token by token, its recompute can run a chunk of tokens at a
+time, each chunk's backward right after its forward: the gradient of the MLP's output is the
+layer's output gradient (the residual passes it through unchanged), known before the chunk
+runs. Only one chunk's intermediates exist at once, at no extra compute. The forward without a
+graph chunks the MLP the same way and adds into `h` in place.
+
+Layers whose forward differs (Gemma's extra norms), or that draw random numbers (LoRA dropout:
+chunking would change the order of the draws), run whole through the generic recompute.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+PRE_NORM_LAYERS = {"LlamaDecoderLayer", "MistralDecoderLayer", "Qwen2DecoderLayer", "Qwen3DecoderLayer"}
+# Largest MLP intermediate (one tensor) that a chunk may create; 128 MiB is 4096 tokens of an
+# 8B Llama's 14336-wide MLP in bf16, large enough that the chunk's matmuls run at full speed.
+DEFAULT_CHUNK_BYTES = 128 * 1024**2
+
+
+class ResidualHalves:
+    """Runs one pre-norm decoder layer half by half, the MLP chunked over tokens."""
+
+    def __init__(self, layer: nn.Module, chunk_bytes: int = DEFAULT_CHUNK_BYTES):
+        self.layer = layer
+        self.chunk_bytes = chunk_bytes
+        self.intermediate = int(getattr(layer.mlp, "intermediate_size"))
+
+    @staticmethod
+    def supports(layer: nn.Module, uses_randomness: bool) -> bool:
+        return (
+            type(layer).__name__ in PRE_NORM_LAYERS
+            and not uses_randomness
+            and hasattr(layer, "mlp") and hasattr(getattr(layer, "mlp"), "intermediate_size")
+        )
+
+    def chunk_tokens(self, element_size: int) -> int:
+        tokens = max(1, self.chunk_bytes // (self.intermediate * element_size))
+        return tokens // 256 * 256 if tokens >= 512 else tokens  # whole GEMM tiles when large
+
+    def attention(self, x: torch.Tensor, kwargs: dict[str, Any]) -> torch.Tensor:
+        layer = self.layer
+        attended, _ = layer.self_attn(hidden_states=layer.input_layernorm(x), **kwargs)
+        return x + attended
+
+    def mlp(self, h: torch.Tensor) -> torch.Tensor:
+        layer = self.layer
+        return layer.mlp(layer.post_attention_layernorm(h))
+
+    def _chunks(self, h: torch.Tensor):
+        # autocast runs the MLP in its dtype; size the chunks by what the intermediates will be
+        dtype = torch.get_autocast_dtype(h.device.type) if torch.is_autocast_enabled(h.device.type) else h.dtype
+        size = self.chunk_tokens(torch.empty((), dtype=dtype).element_size())
+        rows = h.numel() // h.shape[-1]
+        return [(start, min(start + size, rows)) for start in range(0, rows, size)]
+
+    def forward(self, x: torch.Tensor, kwargs: dict[str, Any]) -> torch.Tensor:
+        """The layer's output, without a graph."""
+        h = self.attention(x, kwargs)
+        flat = h.view(-1, h.shape[-1])
+        for start, end in self._chunks(h):
+            # Each chunk reads only its own rows before they are updated.
+            flat[start:end] += self.mlp(flat[start:end])
+        return h
+
+    def backward(self, x: torch.Tensor, kwargs: dict[str, Any], grad_output: torch.Tensor) -> None:
+        """Recompute and backpropagate; gradients land in x.grad and the layer's parameters."""
+        with torch.enable_grad():
+            h = self.attention(x, kwargs)
+        detached = h.detach()
+        flat_h = detached.view(-1, h.shape[-1])
+        flat_grad_out = grad_output.reshape(-1, h.shape[-1])
+        grad_h = grad_output.clone()  # the residual passes the output gradient straight to h
+        flat_grad_h = grad_h.view(-1, h.shape[-1])
+        for start, end in self._chunks(h):
+            chunk = flat_h[start:end].detach().requires_grad_()
+            with torch.enable_grad():
+                out = self.mlp(chunk)
+            torch.autograd.backward(out, flat_grad_out[start:end])
+            flat_grad_h[start:end] += chunk.grad
+            del out, chunk
+        torch.autograd.backward(h, grad_h)
