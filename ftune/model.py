@@ -18,6 +18,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 from ftune.engine import CheckpointingEngine, install_checkpointing
+from ftune.engine.embedding import move_embeddings_to_host
 from ftune.errors import ModelError
 from ftune.presets import PRESETS, preset_config
 from ftune.recipe import Recipe
@@ -174,7 +175,16 @@ def build_model(recipe: Recipe, device: torch.device | None = None, *, with_toke
         )
     model = add_lora(base, recipe)
     engine = install_checkpointing(model, recipe.checkpointing.mode)
+    if wants_host_embeddings(recipe, device):
+        engine.host_embedding_bytes = move_embeddings_to_host(model, device)
     return BuiltModel(model=model, tokenizer=tokenizer, device=device, dtype=dtype, engine=engine, source=source)
+
+
+def wants_host_embeddings(recipe: Recipe, device: torch.device) -> bool:
+    setting = recipe.checkpointing.host_embeddings
+    if setting == "auto":
+        return device.type == "cuda" and recipe.checkpointing.mode in ("unsloth", "smart")
+    return setting
 
 
 def _first_line(error: BaseException) -> str:

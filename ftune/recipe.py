@@ -117,6 +117,11 @@ class CheckpointingSection(_Section):
         None,
         description="VRAM budget for smart, e.g. 24GiB or 20000MiB; default the card's free memory less a margin.",
     )
+    host_embeddings: bool | Literal["auto"] = Field(
+        "auto",
+        description="Keep a frozen, untied input embedding table in host memory (1 GiB for an 8B Llama) and "
+        "copy the batch's rows to the GPU; auto: on with CUDA in modes unsloth and smart.",
+    )
 
     @field_validator("mode", mode="before")
     @classmethod

@@ -244,3 +244,48 @@ def test_gpu_offload_really_leaves_the_gpu():
         del loss, model
     layer_inputs = layers * batch * seq * 128 * 4
     assert held["true"] - held["unsloth"] >= 0.9 * layer_inputs
+
+
+def test_host_embedding_gives_the_same_loss_and_gradients():
+    from ftune.engine.embedding import HostEmbedding, move_embeddings_to_host
+
+    reference, _ = tiny_lora_model("tiny-llama", "none")
+    model, _ = tiny_lora_model("tiny-llama", "unsloth")
+    freed = move_embeddings_to_host(model, torch.device("cpu"))
+    assert freed == VOCAB * 128 * 4
+    assert isinstance(model.get_input_embeddings(), HostEmbedding)
+    assert all(p.device.type == "cpu" for p in model.parameters())
+    assert_same(run_scenario(reference), run_scenario(model), atol=1e-6)
+
+
+def test_tied_or_trainable_embeddings_stay():
+    from ftune.engine.embedding import move_embeddings_to_host
+
+    model, _ = tiny_lora_model("tiny-llama", "none")
+    model.get_input_embeddings().weight.requires_grad_(True)
+    assert move_embeddings_to_host(model, torch.device("cpu")) == 0
+    model.get_input_embeddings().weight.requires_grad_(False)
+    base = model.get_base_model()
+    base.lm_head.weight = base.get_input_embeddings().weight
+    assert move_embeddings_to_host(model, torch.device("cpu")) == 0
+
+
+@pytest.mark.gpu
+def test_gpu_host_embedding_matches_device_embedding():
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    from ftune.engine.embedding import move_embeddings_to_host
+
+    losses = []
+    for host in (False, True):
+        model, _ = tiny_lora_model("tiny-llama", "unsloth")
+        model.to("cuda")
+        if host:
+            assert move_embeddings_to_host(model, torch.device("cuda")) > 0
+            assert model.get_input_embeddings().weight.is_pinned()
+        for seq in (64, 16, 64):  # the staging buffer is reused and regrown
+            ids = _batch(seq, 2, seq).cuda()
+            loss = model(input_ids=ids, labels=ids).loss
+            loss.backward()
+        losses.append(loss.item())
+    assert losses[0] == losses[1]
