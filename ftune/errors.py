@@ -62,3 +62,27 @@ class OutputDirError(FtuneError):
 
     exit_code = 2
     title = "Output directory in use"
+
+
+class OutOfMemory(FtuneError):
+    """The GPU ran out of memory during training."""
+
+    exit_code = 4
+    title = "Out of GPU memory"
+
+
+class NonFiniteLoss(FtuneError):
+    """The loss became NaN or infinite and stayed so for the configured patience."""
+
+    exit_code = 5
+    title = "Loss is not finite"
+
+
+class Interrupted(FtuneError):
+    """Training was stopped by a signal after saving a checkpoint."""
+
+    title = "Stopped"
+
+    def __init__(self, message: str, *, hint: str | None = None, signal_number: int = 2):
+        super().__init__(message, hint=hint)
+        self.exit_code = 128 + signal_number  # the shell's convention: 130 for Ctrl-C, 143 for SIGTERM

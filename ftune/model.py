@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+import transformers
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, PreTrainedModel, PreTrainedTokenizerBase
 
@@ -75,9 +76,11 @@ def materialize_preset(name: str, *, seed: int, dtype: torch.dtype, device: torc
     staging = target.with_name(target.name + f".tmp{os.getpid()}")
     shutil.rmtree(staging, ignore_errors=True)
     logger.info("building preset %s with random weights (seed %d) in %s", name, seed, target)
-    torch.manual_seed(seed)
     # Initialize on the GPU when there is one: an 8B shape initializes in seconds there, minutes on CPU.
-    with torch.device(device):
+    # The RNG is forked so that a first run (which builds the preset) and a later one (which finds
+    # it cached) leave the global RNG in the same state: LoRA's initialization must not differ.
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), torch.device(device):
+        torch.manual_seed(seed)
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     model.save_pretrained(staging)
     del model
@@ -173,6 +176,7 @@ def build_model(recipe: Recipe, device: torch.device | None = None, *, with_toke
             f"{base.get_input_embeddings().num_embeddings} rows.",
             hint="Use the tokenizer that belongs to the model.",
         )
+    transformers.set_seed(recipe.training.seed)  # the adapter's initialization depends on the seed alone
     model = add_lora(base, recipe)
     engine = install_checkpointing(model, recipe.checkpointing.mode)
     if wants_host_embeddings(recipe, device):

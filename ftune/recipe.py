@@ -217,6 +217,9 @@ class TrainingSection(_Section):
     logging_steps: int = Field(1, gt=0, description="Log metrics every N optimizer steps.")
     save_steps: int | None = Field(None, gt=0, description="Save a checkpoint every N steps (default: only at the end).")
     save_total_limit: int | None = Field(2, gt=0, description="Keep only the newest N checkpoints.")
+    nan_patience: int = Field(
+        3, ge=0, description="Stop after this many logged losses in a row are NaN or infinite (0: never stop)."
+    )
 
 
 class Recipe(_Section):

@@ -7,16 +7,20 @@ callbacks)`; everything around it is shared here.
 from __future__ import annotations
 
 import importlib
+import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import transformers
+import torch
 from rich.console import Console
 from transformers import Trainer
 
+from ftune.checkpoints import checkpoint_step, checkpoints, find_resume_checkpoint
 from ftune.data import load_training_data
+from ftune.errors import Interrupted, NonFiniteLoss
+from ftune.guards import GracefulStop, NonFiniteLossGuard, out_of_memory
 from ftune.memory.monitor import GiB, snapshot
 from ftune.model import BuiltModel, build_model
 from ftune.outputs import (
@@ -29,7 +33,7 @@ from ftune.outputs import (
     write_text_atomic,
 )
 from ftune.recipe import Recipe
-from ftune.reports import METRICS_FILE, LiveReporter
+from ftune.reports import METRICS_FILE, LiveReporter, truncate_metrics
 
 
 @dataclass
@@ -42,29 +46,56 @@ class TrainingRun:
 
 
 def train(recipe: Recipe, *, overwrite: bool = False, console: Console | None = None) -> TrainingRun:
-    """Train a recipe end to end and write its outputs."""
+    """Train a recipe end to end and write its outputs; resume if its output holds a checkpoint."""
     console = console or Console(stderr=True)
     output_dir = Path(recipe.training.output_dir)
-    check_output_dir(output_dir, overwrite=overwrite)  # before any slow work
+    # Before any slow work: resume, refuse, or start fresh.
+    resume_from = find_resume_checkpoint(recipe, output_dir, overwrite=overwrite)
+    if resume_from is None:
+        check_output_dir(output_dir, overwrite=overwrite)
     workflow = importlib.import_module(f"ftune.workflows.{recipe.workflow}")
 
     console.print(f"[bold]ftune[/] {recipe.workflow} · loading data from {recipe.data.source}")
     dataset, data_format = load_training_data(recipe)
     console.print(f"[bold]ftune[/] {len(dataset)} examples ({data_format}) · building the model")
-    transformers.set_seed(recipe.training.seed)
     built = build_model(recipe)
     console.print(f"[bold]ftune[/] {built.source} on {built.device} · {built.engine.describe()}")
 
-    output_dir = prepare_output_dir(output_dir, overwrite=overwrite)
-    write_text_atomic(output_dir / RECIPE_FILE, recipe.to_yaml())
+    if resume_from is None:
+        output_dir = prepare_output_dir(output_dir, overwrite=overwrite)
+        write_text_atomic(output_dir / RECIPE_FILE, recipe.to_yaml())
+    else:
+        step = checkpoint_step(resume_from)
+        console.print(f"[bold]ftune[/] resuming from {resume_from} (step {step})")
+        truncate_metrics(output_dir / METRICS_FILE, after_step=step)
     reporter = LiveReporter(output_dir, built.engine, title=recipe.name or output_dir.name, console=console)
-    trainer = workflow.make_trainer(recipe, built, dataset, [reporter])
+    stop, nan_guard = GracefulStop(), NonFiniteLossGuard(recipe.training.nan_patience)
+    trainer = workflow.make_trainer(recipe, built, dataset, [reporter, stop, nan_guard])
     started = time.perf_counter()
     try:
-        result = trainer.train()
+        result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    except torch.OutOfMemoryError:
+        raise out_of_memory(recipe, trainer.state.global_step, built.device, output_dir) from None
     finally:
         reporter.close()
+        stop.restore()
     runtime = time.perf_counter() - started
+    if stop.signal_number is not None:
+        raise Interrupted(
+            f"Stopped by {signal.Signals(stop.signal_number).name} at step {trainer.state.global_step}; "
+            f"a checkpoint of that step is in {output_dir}.",
+            hint="Run the same command again to resume from it.",
+            signal_number=stop.signal_number,
+        )
+    if nan_guard.stopped_at is not None:
+        last = checkpoints(output_dir)
+        raise NonFiniteLoss(
+            f"The loss was NaN or infinite for {nan_guard.patience} logged step(s) in a row, up to step "
+            f"{nan_guard.stopped_at}; training stopped. "
+            + (f"The last good checkpoint is {last[-1]}." if last else "No checkpoint was saved."),
+            hint="Lower training.learning_rate, keep training.max_grad_norm on, or check the data for empty "
+            "or broken rows; rerun to resume from the last good checkpoint.",
+        )
 
     save_adapter(trainer.model, built.tokenizer, output_dir)
     history = reporter.history
@@ -79,6 +110,7 @@ def train(recipe: Recipe, *, overwrite: bool = False, console: Console | None = 
         "first_loss": losses[0] if losses else None,
         "final_loss": losses[-1] if losses else None,
         "train_loss": result.training_loss,
+        "resumed_from": str(resume_from) if resume_from else None,
         "runtime_s": round(runtime, 2),
         "tokens": tokens,
         "tokens_per_s": round(tokens / runtime, 1) if runtime > 0 else None,

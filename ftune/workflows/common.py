@@ -47,6 +47,8 @@ def trainer_arguments(recipe: Recipe, built: BuiltModel) -> dict[str, Any]:
         disable_tqdm=True,
         dataloader_num_workers=0,
         logging_first_step=False,
+        # transformers hides NaN/inf losses from the logs by default; the NaN guard must see them.
+        logging_nan_inf_filter=False,
     )
 
 

@@ -6,9 +6,14 @@ from datasets import Dataset
 from transformers import TrainerCallback
 from trl import SFTConfig, SFTTrainer
 
+from ftune.checkpoints import AtomicCheckpoints
 from ftune.model import BuiltModel
 from ftune.recipe import Recipe
 from ftune.workflows.common import finish_trainer, trainer_arguments
+
+
+class FtuneSFTTrainer(AtomicCheckpoints, SFTTrainer):
+    """TRL's SFTTrainer whose checkpoints are written aside and renamed into place."""
 
 
 def make_trainer(recipe: Recipe, built: BuiltModel, dataset: Dataset, callbacks: list[TrainerCallback]) -> SFTTrainer:
@@ -20,7 +25,7 @@ def make_trainer(recipe: Recipe, built: BuiltModel, dataset: Dataset, callbacks:
         completion_only_loss=options.completion_only_loss,
         assistant_only_loss=options.assistant_only_loss,
     )
-    trainer = SFTTrainer(
+    trainer = FtuneSFTTrainer(
         model=built.model,
         args=config,
         train_dataset=dataset,

@@ -1,0 +1,101 @@
+"""Guards that keep a long run from being lost: stop cleanly on a signal, stop on a loss that
+stays NaN/inf, and turn an out-of-memory into a message that says what would fit."""
+
+from __future__ import annotations
+
+import math
+import signal
+import threading
+
+import torch
+from transformers import TrainerCallback
+
+from ftune.errors import OutOfMemory
+from ftune.memory.monitor import format_bytes
+
+
+class GracefulStop(TrainerCallback):
+    """On SIGINT or SIGTERM: finish the current step, save a checkpoint, stop.
+
+    A second Ctrl-C while the step finishes interrupts at once (the last checkpoint stays).
+    """
+
+    def __init__(self):
+        self.signal_number: int | None = None
+        self._previous: dict[int, object] = {}
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if threading.current_thread() is not threading.main_thread():
+            return  # signal handlers can only be installed from the main thread
+        for number in (signal.SIGINT, signal.SIGTERM):
+            self._previous[number] = signal.signal(number, self._handle)
+
+    def _handle(self, number, frame):
+        if self.signal_number is not None:
+            self.restore()
+            raise KeyboardInterrupt
+        self.signal_number = number
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.signal_number is not None:
+            control.should_save = True
+            control.should_training_stop = True
+        return control
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self.restore()
+
+    def restore(self) -> None:
+        for number, handler in self._previous.items():
+            signal.signal(number, handler)
+        self._previous.clear()
+
+
+class NonFiniteLossGuard(TrainerCallback):
+    """Stop after `patience` consecutive logged losses that are NaN or infinite.
+
+    A checkpoint is never saved at such a step, so the last checkpoint is the last good one.
+    """
+
+    def __init__(self, patience: int):
+        self.patience = patience
+        self.bad_in_a_row = 0
+        self.stopped_at: int | None = None
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        loss = (logs or {}).get("loss")
+        if loss is None or self.patience <= 0:
+            return control
+        if math.isfinite(loss):
+            self.bad_in_a_row = 0
+            return control
+        self.bad_in_a_row += 1
+        control.should_save = False
+        if self.bad_in_a_row >= self.patience:
+            self.stopped_at = state.global_step
+            control.should_training_stop = True
+        return control
+
+
+def out_of_memory(recipe, step: int, device: torch.device, output_dir) -> OutOfMemory:
+    """The message for a CUDA out-of-memory: where, how much, and the change most likely to fit."""
+    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+    total = torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else None
+    mode = recipe.checkpointing.mode
+    if mode == "none":
+        change = "checkpointing.mode: unsloth (recompute layers, their inputs in host memory)"
+    elif mode == "true":
+        change = "checkpointing.mode: unsloth (layer inputs in host memory instead of VRAM)"
+    elif recipe.training.batch_size > 1:
+        change = (f"training.batch_size: {recipe.training.batch_size // 2} with training.grad_accum: "
+                  f"{recipe.training.grad_accum * 2} (the same effective batch)")
+    else:
+        change = f"data.max_length: {recipe.data.max_length // 2}"
+    where = f" (peak {format_bytes(peak)} of {format_bytes(total)})" if peak is not None else ""
+    return OutOfMemory(
+        f"The GPU ran out of memory at step {step}{where}, with checkpointing.mode {mode}, batch "
+        f"{recipe.training.batch_size} and max_length {recipe.data.max_length}. Checkpoints already saved in "
+        f"{output_dir} are intact.",
+        hint=f"Most likely to fit: {change}. `ftune estimate-vram` shows what each setting needs. "
+        "Rerunning the same command resumes from the last checkpoint.",
+    )

@@ -1,0 +1,270 @@
+"""Patch one loaded model with ftune's kernels: `apply_kernels(model, rms_norm=..., ...)`.
+
+Patches are per instance: each module gets its own `forward` attribute, which `nn.Module.__call__`
+finds before the class's. Nothing in transformers is changed globally, so two models in one
+process, one patched and one not, compute side by side (that is how the tests compare them). The
+patches are bound methods, so `copy.deepcopy` of a patched model gives a patched copy that uses
+its own weights.
+
+A PEFT model (LoRA layers around the projections, bitsandbytes 4-bit base layers) is patched
+through its underlying transformers model: only norms, the rotary embedding, the MLP's
+activation and the LM head's loss are replaced, so the projections keep their wrappers.
+
+Devices: the kernels are Triton, so the model must be on CUDA (or on CPU under
+TRITON_INTERPRET=1, which is for tests); `apply_kernels` refuses other devices rather than fall
+back silently to slower code. Patch after the model is placed on its device.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import types
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers.activations import SiLUActivation
+from transformers.modeling_outputs import CausalLMOutputWithPast
+from transformers.utils.generic import can_return_tuple
+
+from ftune.kernels.fused_linear_cross_entropy import fused_linear_cross_entropy
+from ftune.kernels.rms_norm import rms_norm
+from ftune.kernels.rope import apply_rotary_pos_emb
+from ftune.kernels.swiglu import swiglu
+from ftune.kernels.utils import runs_triton
+
+KERNELS = ("rms_norm", "rope", "swiglu", "fused_cross_entropy")
+
+
+@dataclass(frozen=True)
+class _Family:
+    rms_norm_offset: float  # Gemma scales by (1 + weight)
+    rms_norm_casting: str  # see rms_norm.CASTING_MODES
+    rms_norm_eps: str  # the attribute holding epsilon
+
+
+_LLAMA_LIKE = _Family(rms_norm_offset=0.0, rms_norm_casting="llama", rms_norm_eps="variance_epsilon")
+_GEMMA_LIKE = _Family(rms_norm_offset=1.0, rms_norm_casting="gemma", rms_norm_eps="eps")
+FAMILIES = {
+    "llama": _LLAMA_LIKE,
+    "mistral": _LLAMA_LIKE,
+    "qwen2": _LLAMA_LIKE,
+    "qwen3": _LLAMA_LIKE,
+    "gemma": _GEMMA_LIKE,
+    "gemma2": _GEMMA_LIKE,
+}
+
+
+@dataclass
+class CausalLMOutputWithStats(CausalLMOutputWithPast):
+    """The patched forward's output when labels are given: `logits` is None, and the fused loss's
+    per-batch statistics (no gradient) are there for the trainer to log."""
+
+    entropy_sum: torch.FloatTensor | None = None
+    num_correct: torch.FloatTensor | None = None
+    num_tokens: torch.FloatTensor | None = None
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The transformers model under a PEFT wrapper (or the model itself)."""
+    get_base_model = getattr(model, "get_base_model", None)
+    return get_base_model() if callable(get_base_model) else model
+
+
+def _family_modules(model: nn.Module, suffix: str) -> list[nn.Module]:
+    """Modules of `model` whose class is defined in its modeling file and named `*{suffix}`."""
+    module_name = type(model).__module__
+    return [
+        m for m in model.modules() if type(m).__module__ == module_name and type(m).__name__.endswith(suffix)
+    ]
+
+
+def _rope_attention_classes(model: nn.Module) -> list[type]:
+    """Attention classes whose forward calls the modeling file's `apply_rotary_pos_emb`."""
+    module_name = type(model).__module__
+    classes = {type(m) for m in model.modules() if type(m).__module__ == module_name}
+    return [c for c in classes if "apply_rotary_pos_emb" in c.forward.__code__.co_names]
+
+
+def _gated_mlps(model: nn.Module) -> list[nn.Module]:
+    """MLPs computing `down_proj(act_fn(gate_proj(x)) * up_proj(x))`."""
+    parts = ("gate_proj", "up_proj", "down_proj", "act_fn")
+    return [m for m in _family_modules(model, "MLP") if all(hasattr(m, part) for part in parts)]
+
+
+def kernel_support(model: nn.Module) -> dict[str, str | None]:
+    """For each kernel: None if it applies to `model`, else the reason it does not."""
+    base = unwrap_model(model)
+    model_type = getattr(getattr(base, "config", None), "model_type", None)
+    if model_type not in FAMILIES:
+        reason = f"model type {model_type!r} is not supported (supported: {', '.join(FAMILIES)})"
+        return dict.fromkeys(KERNELS, reason)
+    support: dict[str, str | None] = dict.fromkeys(KERNELS)
+    if not _family_modules(base, "RMSNorm"):
+        support["rms_norm"] = f"{model_type}: no RMSNorm module found"
+    if not _rope_attention_classes(base):
+        support["rope"] = f"{model_type}: no attention module calls apply_rotary_pos_emb"
+    mlps = _gated_mlps(base)
+    if not mlps:
+        support["swiglu"] = f"{model_type}: no gated MLP found"
+    elif not all(isinstance(m.act_fn, (SiLUActivation, nn.SiLU)) for m in mlps):
+        act = getattr(base.config, "hidden_activation", None) or getattr(base.config, "hidden_act", None)
+        support["swiglu"] = f"{model_type}'s MLP activation is {act}, not SiLU"
+    lm_head = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
+    if lm_head is None or not hasattr(base, base.base_model_prefix):
+        support["fused_cross_entropy"] = f"{type(base).__name__} has no LM head (load it as a ForCausalLM)"
+    elif type(lm_head) is not nn.Linear:
+        # A LoRA- or 4-bit-wrapped head: its `weight` alone would silently drop the adapter or the
+        # quantization state
+        support["fused_cross_entropy"] = f"the LM head is a {type(lm_head).__name__}, not a plain nn.Linear"
+    return support
+
+
+def apply_kernels(
+    model: nn.Module,
+    *,
+    rms_norm: bool = True,
+    rope: bool = True,
+    swiglu: bool = True,
+    fused_cross_entropy: bool = True,
+) -> dict[str, int]:
+    """Patch `model` (a transformers causal LM, bare or PEFT-wrapped) in place, per instance.
+
+    Returns how many modules each requested kernel replaced. Raises ValueError, before patching
+    anything, when a requested kernel does not apply to the model (see `kernel_support`), was
+    already applied to it, or the model sits on a device the kernels can't run on.
+    """
+    requested = [
+        name
+        for name, on in zip(KERNELS, (rms_norm, rope, swiglu, fused_cross_entropy), strict=True)
+        if on
+    ]
+    base = unwrap_model(model)
+    support = kernel_support(base)
+    problems = [f"{name}: {support[name]}" for name in requested if support[name] is not None]
+    applied = getattr(base, "_ftune_kernels", frozenset())
+    problems += [f"{name}: already applied to this model" for name in requested if name in applied]
+    if problems:
+        raise ValueError("cannot apply ftune's kernels:\n  " + "\n  ".join(problems))
+    if requested:
+        devices = {p.device for p in base.parameters()}
+        if not all(runs_triton(d) for d in devices):
+            raise ValueError(
+                f"ftune's Triton kernels need the model on CUDA (or on CPU under TRITON_INTERPRET=1, for tests); "
+                f"its parameters are on {', '.join(sorted(map(str, devices)))}. Place the model first, "
+                f"or turn the kernels off."
+            )
+
+    family = FAMILIES[base.config.model_type]
+    report: dict[str, int] = {}
+    if "rms_norm" in requested:
+        forward = functools.partial(
+            _rms_norm_forward,
+            eps_attr=family.rms_norm_eps,
+            offset=family.rms_norm_offset,
+            casting_mode=family.rms_norm_casting,
+        )
+        norms = _family_modules(base, "RMSNorm")
+        for norm in norms:
+            norm.forward = types.MethodType(forward, norm)
+        report["rms_norm"] = len(norms)
+    if "rope" in requested:
+        count = 0
+        for cls in _rope_attention_classes(base):
+            forward = _forward_with_kernel_rope(cls)
+            for attention in (m for m in base.modules() if type(m) is cls):
+                attention.forward = types.MethodType(forward, attention)
+                count += 1
+        report["rope"] = count
+    if "swiglu" in requested:
+        mlps = _gated_mlps(base)
+        for mlp in mlps:
+            mlp.forward = types.MethodType(_swiglu_mlp_forward, mlp)
+        report["swiglu"] = len(mlps)
+    if "fused_cross_entropy" in requested:
+        # Whatever forward the instance has now (the class's, or another wrapper such as TRL's fused
+        # LM head) stays in charge of every call without labels. As a bound method it follows the
+        # model through deepcopy.
+        base._ftune_original_forward = base.forward
+        base.forward = types.MethodType(_causal_lm_forward(type(base)), base)
+        report["fused_cross_entropy"] = 1
+    base._ftune_kernels = applied | set(requested)
+    return report
+
+
+def _rms_norm_forward(self, hidden_states, *, eps_attr, offset, casting_mode):
+    return rms_norm(hidden_states, self.weight, getattr(self, eps_attr), offset=offset, casting_mode=casting_mode)
+
+
+def _swiglu_mlp_forward(self, x):
+    return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))
+
+
+@functools.cache
+def _forward_with_kernel_rope(attention_class: type) -> types.FunctionType:
+    """The class's forward, same code, reading `apply_rotary_pos_emb` from globals where it is ours.
+
+    Rebinding the globals reuses transformers' attention code as it is, instead of a copy of it
+    per family that would drift. The globals are a snapshot of the modeling file's namespace,
+    taken once per class; attention backends are looked up through a registry that it shares.
+    """
+    forward = attention_class.forward
+    namespace = {**forward.__globals__, "apply_rotary_pos_emb": apply_rotary_pos_emb}
+    patched = types.FunctionType(
+        forward.__code__, namespace, forward.__name__, forward.__defaults__, forward.__closure__
+    )
+    patched.__kwdefaults__ = forward.__kwdefaults__
+    return functools.update_wrapper(patched, forward)
+
+
+@functools.cache
+def _causal_lm_forward(model_class: type) -> types.FunctionType:
+    """A forward for instances of `model_class`: with labels, the fused loss and no logits."""
+    signature = inspect.signature(model_class.forward)
+    var_keyword = next(p.name for p in signature.parameters.values() if p.kind is p.VAR_KEYWORD)
+
+    # `generate` validates its kwargs against the forward's signature: keep the class's
+    @functools.wraps(model_class.forward)
+    @can_return_tuple
+    def forward(self, *args, **kwargs):
+        arguments = signature.bind(self, *args, **kwargs).arguments
+        extra = arguments.pop(var_keyword, {})
+        labels = arguments.pop("labels", None)
+        # Without labels (generation, evaluation of logits) and for TRL's trainers, which call
+        # `model(..., fused_lm_head=True)` for their own chunked head, the original forward runs
+        if labels is None or extra.get("fused_lm_head"):
+            return self._ftune_original_forward(*args, **kwargs)
+        extra.pop("fused_lm_head", None)
+        del arguments["self"]
+        logits_to_keep = arguments.pop("logits_to_keep", 0)
+        # The backbone gets what the original forward gives it, loss kwargs included
+        outputs = getattr(self, self.base_model_prefix)(**arguments, **extra)
+        hidden_states = outputs.last_hidden_state
+        slice_indices = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+        lm_head = self.get_output_embeddings()
+        if type(lm_head) is not nn.Linear:
+            raise RuntimeError(f"the fused cross-entropy needs an nn.Linear LM head, not a {type(lm_head).__name__}")
+        loss, stats = fused_linear_cross_entropy(
+            hidden_states[:, slice_indices, :],
+            lm_head.weight,
+            labels,
+            bias=lm_head.bias,
+            shift_labels=extra.get("shift_labels"),
+            ignore_index=extra.get("ignore_index", -100),
+            num_items_in_batch=extra.get("num_items_in_batch"),
+            final_logit_softcapping=getattr(self.config, "final_logit_softcapping", None),
+            return_stats=True,
+        )
+        return CausalLMOutputWithStats(
+            loss=loss,
+            logits=None,
+            past_key_values=outputs.past_key_values,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+            entropy_sum=stats.entropy_sum,
+            num_correct=stats.num_correct,
+            num_tokens=stats.num_tokens,
+        )
+
+    return forward
