@@ -8,6 +8,7 @@ any model is loaded, naming the field and the columns the data has.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 from datasets import Dataset, DatasetDict, load_dataset
@@ -43,6 +44,85 @@ def load_training_data(recipe: Recipe) -> tuple[Dataset, str]:
                         hint="Check the file and data.split.")
     extra = [c for c in dataset.column_names if c not in FORMAT_COLUMNS[data_format]]
     return dataset.remove_columns(extra), data_format
+
+
+@dataclass
+class RowReport:
+    """What checking the rows found: rows kept, empty rows dropped, rows over max_length."""
+
+    rows: int
+    empty_dropped: int
+    too_long: int
+    too_long_policy: str
+    longest: int
+
+    def describe(self, max_length: int) -> str:
+        parts = [f"{self.rows} rows"]
+        if self.empty_dropped:
+            parts.append(f"{self.empty_dropped} empty dropped")
+        if self.too_long:
+            action = {"truncate": "truncated", "drop": "dropped"}[self.too_long_policy]
+            parts.append(f"{self.too_long} longer than max_length {max_length} {action} (longest {self.longest})")
+        return ", ".join(parts)
+
+
+def _is_empty(row: dict, data_format: str, index: int, source: str) -> bool:
+    if data_format == "messages":
+        messages = row["messages"]
+        if messages is None or len(messages) == 0:
+            return True
+        for turn in messages:
+            if not isinstance(turn, dict) or "role" not in turn or not isinstance(turn.get("content"), str):
+                raise DataError(
+                    f"data.source {source}, row {index}: 'messages' must be a list of {{role, content}} with text "
+                    f"content; found {str(turn)[:80]!r}.",
+                    hint="Each row looks like {\"messages\": [{\"role\": \"user\", \"content\": \"...\"}, ...]}.",
+                )
+        return all(not turn["content"].strip() for turn in messages)
+    values = [row[column] for column in FORMAT_COLUMNS[data_format]]
+    for column, value in zip(FORMAT_COLUMNS[data_format], values):
+        if value is not None and not isinstance(value, str):
+            raise DataError(
+                f"data.source {source}, row {index}: column '{column}' must hold text, found {type(value).__name__} "
+                f"{str(value)[:60]!r}.",
+                hint="Convert that column to strings, or map another column with data.fields.",
+            )
+    return any(value is None or not value.strip() for value in values)
+
+
+def _token_length(row: dict, data_format: str, tokenizer) -> int:
+    if data_format == "messages":
+        return len(tokenizer.apply_chat_template(row["messages"], tokenize=True, return_dict=False))
+    if data_format == "prompt_completion":
+        return len(tokenizer(row["prompt"] + row["completion"])["input_ids"]) + 1
+    return len(tokenizer(row["text"])["input_ids"]) + 1  # TRL appends the end-of-sequence token
+
+
+def check_rows(dataset: Dataset, data_format: str, tokenizer, recipe: Recipe) -> tuple[Dataset, RowReport]:
+    """Drop empty rows, reject malformed ones, and apply data.too_long to rows over max_length."""
+    data = recipe.data
+    empty = [i for i, row in enumerate(dataset) if _is_empty(row, data_format, i, data.source)]
+    if empty:
+        keep = sorted(set(range(len(dataset))) - set(empty))
+        dataset = dataset.select(keep)
+    if len(dataset) == 0:
+        raise DataError(f"data.source {data.source}: every row is empty.", hint="Check the file's columns and rows.")
+    lengths = [_token_length(row, data_format, tokenizer) for row in dataset]
+    over = [i for i, length in enumerate(lengths) if length > data.max_length]
+    if over and data.too_long == "error":
+        raise DataError(
+            f"data.source {data.source}: {len(over)} of {len(dataset)} rows are longer than data.max_length "
+            f"{data.max_length} tokens (the longest has {max(lengths)}; rows {over[:5]}...).",
+            hint="Raise data.max_length, or set data.too_long to truncate or drop.",
+        )
+    if over and data.too_long == "drop":
+        dataset = dataset.select(sorted(set(range(len(dataset))) - set(over)))
+        if len(dataset) == 0:
+            raise DataError(f"data.source {data.source}: every row is longer than data.max_length {data.max_length}.",
+                            hint="Raise data.max_length.")
+    report = RowReport(rows=len(dataset), empty_dropped=len(empty), too_long=len(over),
+                       too_long_policy=data.too_long, longest=max(lengths))
+    return dataset, report
 
 
 def detect_format(columns: list[str], requested: str, *, source: str) -> str:

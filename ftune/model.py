@@ -129,8 +129,9 @@ def load_base_model(recipe: Recipe, device: torch.device | None = None) -> tuple
     return model, source, dtype
 
 
-def load_tokenizer(recipe: Recipe, source: str) -> PreTrainedTokenizerBase:
-    name = recipe.resolve_input(recipe.model.tokenizer) if recipe.model.tokenizer else source
+def load_tokenizer(recipe: Recipe) -> PreTrainedTokenizerBase:
+    """The recipe's tokenizer (model.tokenizer, else the model's own), loaded before the model."""
+    name = recipe.resolve_input(recipe.model.tokenizer or recipe.model.name_or_path)
     try:
         tokenizer = AutoTokenizer.from_pretrained(name, revision=recipe.model.revision,
                                                   trust_remote_code=recipe.model.trust_remote_code)
@@ -165,11 +166,13 @@ def add_lora(model: PreTrainedModel, recipe: Recipe) -> PeftModel:
         ) from None
 
 
-def build_model(recipe: Recipe, device: torch.device | None = None, *, with_tokenizer: bool = True) -> BuiltModel:
+def build_model(recipe: Recipe, device: torch.device | None = None, *, tokenizer: PreTrainedTokenizerBase | None = None,
+                with_tokenizer: bool = True) -> BuiltModel:
     """The model of a recipe, ready for a trainer (benchmarks on random ids need no tokenizer)."""
     device = device or pick_device()
+    if tokenizer is None and with_tokenizer:
+        tokenizer = load_tokenizer(recipe)
     base, source, dtype = load_base_model(recipe, device)
-    tokenizer = load_tokenizer(recipe, source) if with_tokenizer else None
     if tokenizer is not None and len(tokenizer) > base.get_input_embeddings().num_embeddings:
         raise ModelError(
             f"model.tokenizer has {len(tokenizer)} tokens but the model's embedding has only "

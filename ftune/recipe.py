@@ -182,7 +182,10 @@ class DataSection(_Section):
         default_factory=dict,
         description="Rename columns to the format's names, e.g. {text: body} or {prompt: question, completion: answer}.",
     )
-    max_length: int = Field(1024, gt=0, description="Longest tokenized example; longer ones are truncated.")
+    max_length: int = Field(1024, gt=0, description="Longest tokenized example, in tokens.")
+    too_long: Literal["truncate", "drop", "error"] = Field(
+        "truncate", description="What happens to examples longer than max_length (each is counted and reported)."
+    )
     limit: int | None = Field(None, gt=0, description="Use only the first N rows (for quick tries).")
 
     @field_validator("fields")

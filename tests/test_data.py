@@ -85,3 +85,40 @@ def test_malformed_and_unsupported_files(tmp_path):
 def test_hub_id_offline_is_a_clear_error(tmp_path):
     with pytest.raises(DataError, match="could not be loaded"):
         load_training_data(recipe_for(tmp_path, "some-org/some-dataset-that-is-not-cached"))
+
+
+def _tokenizer():
+    from ftune.model import load_tokenizer
+    from ftune.recipe import load_recipe
+    from tests.conftest import QUICKSTART
+
+    return load_tokenizer(load_recipe(QUICKSTART))
+
+
+def test_empty_rows_are_dropped_and_long_rows_counted(tmp_path):
+    from ftune.data import check_rows
+
+    path = tmp_path / "t.jsonl"
+    rows = [{"text": "short"}, {"text": "   "}, {"text": "word " * 50}, {"text": None}, {"text": "fine too"}]
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    tokenizer = _tokenizer()
+    for policy, kept in (("truncate", 3), ("drop", 2)):
+        recipe = recipe_for(tmp_path, path, max_length=16, too_long=policy)
+        dataset, data_format = load_training_data(recipe)
+        checked, report = check_rows(dataset, data_format, tokenizer, recipe)
+        assert (report.empty_dropped, report.too_long, len(checked)) == (2, 1, kept)
+        assert report.longest > 16
+    recipe = recipe_for(tmp_path, path, max_length=16, too_long="error")
+    with pytest.raises(DataError, match="longer than data.max_length 16"):
+        check_rows(*load_training_data(recipe), tokenizer, recipe)
+
+
+def test_malformed_messages_name_the_row(tmp_path):
+    from ftune.data import check_rows
+
+    path = tmp_path / "m.jsonl"
+    rows = [{"messages": [{"role": "user", "content": "hi"}]}, {"messages": [{"role": "user", "content": 5}]}]
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    recipe = recipe_for(tmp_path, path)
+    with pytest.raises(DataError, match="row 1"):
+        check_rows(*load_training_data(recipe), _tokenizer(), recipe)

@@ -289,3 +289,22 @@ def test_gpu_host_embedding_matches_device_embedding():
             loss.backward()
         losses.append(loss.item())
     assert losses[0] == losses[1]
+
+
+def test_unknown_architecture_falls_back_with_a_warning(monkeypatch, caplog):
+    """Layers the engine does not recognise: transformers' own checkpointing, mode true."""
+    import ftune.engine.checkpoint as checkpoint
+
+    reference, _ = tiny_lora_model("tiny-llama", "none")
+    model, _ = tiny_lora_model("tiny-llama", "none")
+    monkeypatch.setattr(checkpoint, "decoder_layers", lambda m: [])
+    engine = checkpoint.install_checkpointing(model, "unsloth")
+    assert engine.mode == "true (transformers)" and "falls back" in caplog.text
+    assert all(layer.gradient_checkpointing for layer in decoder_layers(model))
+    ids = _batch(0, 2, 9)
+    for m in (reference, model):
+        m.train()
+        m(input_ids=ids, labels=ids).loss.backward()
+    a, b = lora_grads(reference), lora_grads(model)
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], atol=1e-6, rtol=0)

@@ -98,6 +98,8 @@ def install_checkpointing(
 ) -> CheckpointingEngine:
     """Wrap each decoder layer of `model` with its policy (from the mode, or given per layer)."""
     layers = decoder_layers(model)
+    if not layers and mode != "none":
+        return _fall_back_to_transformers(model, mode, device)
     if policies is None:
         if mode not in MODE_POLICIES:
             raise ValueError(f"mode {mode!r} needs an explicit plan of policies")
@@ -120,6 +122,23 @@ def install_checkpointing(
             layer.forward = _WrappedForward(engine, index, layer, layer.forward, policy)
     model._ftune_engine = engine
     return engine
+
+
+def _fall_back_to_transformers(model: nn.Module, mode: str, device: torch.device | None) -> CheckpointingEngine:
+    """A model whose layers the engine does not know: transformers' own recompute (mode true)."""
+    name = type(model.get_base_model() if hasattr(model, "get_base_model") else model).__name__
+    device = device or next(model.parameters()).device
+    if getattr(model, "supports_gradient_checkpointing", False) or hasattr(model, "gradient_checkpointing_enable"):
+        try:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        except ValueError:
+            pass
+        else:
+            logger.warning("ftune's engine does not know the layers of %s: checkpointing.mode %s falls back to "
+                           "transformers' own recompute (mode true)", name, mode)
+            return CheckpointingEngine(mode="true (transformers)", policies=[], device=device, copier=None)
+    logger.warning("%s supports no activation checkpointing: checkpointing.mode %s falls back to none", name, mode)
+    return CheckpointingEngine(mode="none (unsupported model)", policies=[], device=device, copier=None)
 
 
 class _WrappedForward:

@@ -28,11 +28,9 @@ TILE_ELEMENTS = 2048
 @triton.jit
 def _rotate_heads(
     X_ptr,
-    x_stride_h,
-    x_stride_t,
     Y_ptr,
-    y_stride_h,
-    y_stride_t,
+    stride_h,
+    stride_t,
     positions,
     seq_len,
     n_heads,
@@ -49,8 +47,9 @@ def _rotate_heads(
     heads = tl.arange(0, BLOCK_HEADS)[None, :, None]
     dims = tl.arange(0, BLOCK_HALF)[None, None, :]
     mask = (positions < seq_len) & (heads < n_heads) & (dims < half_dim)
-    x_first = X_ptr + positions * x_stride_t + heads * x_stride_h + dims
-    y_first = Y_ptr + positions * y_stride_t + heads * y_stride_h + dims
+    offsets = positions * stride_t + heads * stride_h + dims
+    x_first = X_ptr + offsets
+    y_first = Y_ptr + offsets
     x1 = tl.load(x_first, mask=mask, other=0.0).to(tl.float32)
     x2 = tl.load(x_first + half_dim, mask=mask, other=0.0).to(tl.float32)
     if IS_BACKWARD:
@@ -68,27 +67,19 @@ def _rotate_heads(
 @triton.jit
 def _rope_kernel(
     Q_ptr,
+    QO_ptr,
     q_stride_b,
     q_stride_h,
     q_stride_t,
-    QO_ptr,
-    qo_stride_b,
-    qo_stride_h,
-    qo_stride_t,
     K_ptr,
+    KO_ptr,
     k_stride_b,
     k_stride_h,
     k_stride_t,
-    KO_ptr,
-    ko_stride_b,
-    ko_stride_h,
-    ko_stride_t,
     COS_ptr,
+    SIN_ptr,
     cos_stride_b,
     cos_stride_t,
-    SIN_ptr,
-    sin_stride_b,
-    sin_stride_t,
     seq_len,
     n_q_heads,
     n_k_heads,
@@ -103,11 +94,11 @@ def _rope_kernel(
     positions = tl.program_id(1) * BLOCK_POSITIONS + tl.arange(0, BLOCK_POSITIONS).to(tl.int64)[:, None, None]
 
     # Both halves of cos and sin are read: rotary modules repeat the frequencies, but nothing here
-    # relies on it. A cos of batch 1 comes with a batch stride of 0.
+    # relies on it. cos and sin share their strides.
     dims = tl.arange(0, BLOCK_HALF)[None, None, :]
     mask = (positions < seq_len) & (dims < half_dim)
     cos_row = COS_ptr + b * cos_stride_b + positions * cos_stride_t + dims
-    sin_row = SIN_ptr + b * sin_stride_b + positions * sin_stride_t + dims
+    sin_row = SIN_ptr + b * cos_stride_b + positions * cos_stride_t + dims
     cos1 = tl.load(cos_row, mask=mask, other=0.0).to(tl.float32)
     cos2 = tl.load(cos_row + half_dim, mask=mask, other=0.0).to(tl.float32)
     sin1 = tl.load(sin_row, mask=mask, other=0.0).to(tl.float32)
@@ -115,11 +106,9 @@ def _rope_kernel(
 
     _rotate_heads(
         Q_ptr + b * q_stride_b,
+        QO_ptr + b * q_stride_b,
         q_stride_h,
         q_stride_t,
-        QO_ptr + b * qo_stride_b,
-        qo_stride_h,
-        qo_stride_t,
         positions,
         seq_len,
         n_q_heads,
@@ -134,11 +123,9 @@ def _rope_kernel(
     )
     _rotate_heads(
         K_ptr + b * k_stride_b,
+        KO_ptr + b * k_stride_b,
         k_stride_h,
         k_stride_t,
-        KO_ptr + b * ko_stride_b,
-        ko_stride_h,
-        ko_stride_t,
         positions,
         seq_len,
         n_k_heads,
@@ -153,8 +140,17 @@ def _rope_kernel(
     )
 
 
-def _last_dim_contiguous(x: torch.Tensor) -> torch.Tensor:
-    return x if x.stride(-1) == 1 else x.contiguous()
+def _with_output(x: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """x with unit stride on head_dim, and an output of the same strides (one set of strides
+    serves both in the kernel). A dense input keeps its layout, as eager elementwise ops keep it;
+    anything else is made contiguous first."""
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    out = torch.empty_like(x, dtype=dtype)
+    if out.stride() != x.stride():
+        x = x.contiguous()
+        out = torch.empty_like(x, dtype=dtype)
+    return x, out
 
 
 def rope_launch(
@@ -166,41 +162,31 @@ def rope_launch(
     is_backward: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Rotate q [B, Hq, T, D] and k [B, Hk, T, D] (or their gradients) into new tensors."""
-    q, k, cos, sin = (_last_dim_contiguous(x) for x in (q, k, cos, sin))
+    q, q_out = _with_output(q, out_dtype)
+    k, k_out = _with_output(k, out_dtype)
+    if cos.stride() != sin.stride() or cos.stride(-1) != 1:
+        cos, sin = cos.contiguous(), sin.contiguous()
     batch, n_q_heads, seq_len, head_dim = q.shape
     n_k_heads = k.shape[1]
-    # empty_like keeps a dense input's strides: the outputs get the inputs' memory layout
-    q_out = torch.empty_like(q, dtype=out_dtype)
-    k_out = torch.empty_like(k, dtype=out_dtype)
-    cos_stride_b = 0 if cos.shape[0] == 1 else cos.stride(0)
-    sin_stride_b = 0 if sin.shape[0] == 1 else sin.stride(0)
     block_half = triton.next_power_of_2(head_dim // 2)
     block_q_heads = triton.next_power_of_2(n_q_heads)
     block_k_heads = triton.next_power_of_2(n_k_heads)
     block_positions = min(max(TILE_ELEMENTS // (block_q_heads * block_half), 1), triton.next_power_of_2(seq_len))
     _rope_kernel[(batch, triton.cdiv(seq_len, block_positions))](
         q,
+        q_out,
         q.stride(0),
         q.stride(1),
         q.stride(2),
-        q_out,
-        q_out.stride(0),
-        q_out.stride(1),
-        q_out.stride(2),
         k,
+        k_out,
         k.stride(0),
         k.stride(1),
         k.stride(2),
-        k_out,
-        k_out.stride(0),
-        k_out.stride(1),
-        k_out.stride(2),
         cos,
-        cos_stride_b,
-        cos.stride(1),
         sin,
-        sin_stride_b,
-        sin.stride(1),
+        0 if cos.shape[0] == 1 else cos.stride(0),  # a cos of batch 1 serves every sequence
+        cos.stride(1),
         seq_len,
         n_q_heads,
         n_k_heads,

@@ -9,7 +9,7 @@ from __future__ import annotations
 import importlib
 import signal
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -18,11 +18,11 @@ from rich.console import Console
 from transformers import Trainer
 
 from ftune.checkpoints import checkpoint_step, checkpoints, find_resume_checkpoint
-from ftune.data import load_training_data
+from ftune.data import check_rows, load_training_data
 from ftune.errors import Interrupted, NonFiniteLoss
 from ftune.guards import GracefulStop, NonFiniteLossGuard, out_of_memory
 from ftune.memory.monitor import GiB, snapshot
-from ftune.model import BuiltModel, build_model
+from ftune.model import BuiltModel, build_model, load_tokenizer
 from ftune.outputs import (
     RECIPE_FILE,
     SUMMARY_FILE,
@@ -57,8 +57,10 @@ def train(recipe: Recipe, *, overwrite: bool = False, console: Console | None = 
 
     console.print(f"[bold]ftune[/] {recipe.workflow} · loading data from {recipe.data.source}")
     dataset, data_format = load_training_data(recipe)
-    console.print(f"[bold]ftune[/] {len(dataset)} examples ({data_format}) · building the model")
-    built = build_model(recipe)
+    tokenizer = load_tokenizer(recipe)
+    dataset, rows = check_rows(dataset, data_format, tokenizer, recipe)
+    console.print(f"[bold]ftune[/] {data_format} data: {rows.describe(recipe.data.max_length)} · building the model")
+    built = build_model(recipe, tokenizer=tokenizer)
     console.print(f"[bold]ftune[/] {built.source} on {built.device} · {built.engine.describe()}")
 
     if resume_from is None:
@@ -111,6 +113,7 @@ def train(recipe: Recipe, *, overwrite: bool = False, console: Console | None = 
         "final_loss": losses[-1] if losses else None,
         "train_loss": result.training_loss,
         "resumed_from": str(resume_from) if resume_from else None,
+        "data": {"format": data_format, **asdict(rows)},
         "runtime_s": round(runtime, 2),
         "tokens": tokens,
         "tokens_per_s": round(tokens / runtime, 1) if runtime > 0 else None,
