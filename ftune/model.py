@@ -21,6 +21,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 from ftune.engine import CheckpointingEngine, install_checkpointing
 from ftune.engine.embedding import move_embeddings_to_host
 from ftune.errors import ModelError
+from ftune.kernels import KERNELS, apply_kernels, kernel_support
 from ftune.presets import PRESETS, preset_config
 from ftune.recipe import Recipe
 
@@ -181,10 +182,31 @@ def build_model(recipe: Recipe, device: torch.device | None = None, *, tokenizer
         )
     transformers.set_seed(recipe.training.seed)  # the adapter's initialization depends on the seed alone
     model = add_lora(base, recipe)
+    kernels = patch_kernels(model, recipe, device)
     engine = install_checkpointing(model, recipe.checkpointing.mode)
     if wants_host_embeddings(recipe, device):
         engine.host_embedding_bytes = move_embeddings_to_host(model, device)
-    return BuiltModel(model=model, tokenizer=tokenizer, device=device, dtype=dtype, engine=engine, source=source)
+    return BuiltModel(model=model, tokenizer=tokenizer, device=device, dtype=dtype, engine=engine, kernels=kernels,
+                      source=source)
+
+
+def patch_kernels(model: PeftModel, recipe: Recipe, device: torch.device) -> dict[str, bool]:
+    """Apply the recipe's kernels; auto means on where they run (CUDA) and apply to the model."""
+    support = kernel_support(model)
+    wanted: dict[str, bool] = {}
+    for name in KERNELS:
+        setting = getattr(recipe.kernels, name)
+        if setting == "auto":
+            wanted[name] = device.type == "cuda" and support[name] is None
+        elif setting and support[name] is not None:
+            raise ModelError(f"kernels.{name}: {support[name]}.", hint=f"Set kernels.{name}: auto or false.")
+        else:
+            wanted[name] = bool(setting)
+    try:
+        apply_kernels(model, **wanted)
+    except ValueError as error:  # e.g. asked for on CPU without Triton's interpreter
+        raise ModelError(f"kernels: {error}", hint="Set the kernels to auto (on with CUDA) or false.") from None
+    return wanted
 
 
 def wants_host_embeddings(recipe: Recipe, device: torch.device) -> bool:

@@ -12,6 +12,13 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("FTUNE_CACHE", tempfile.mkdtemp(prefix="ftune-test-cache-"))
 
+import torch  # noqa: E402
+
+# Triton decides between compiling and interpreting when ftune.kernels is first imported (which
+# ftune.model does): without a GPU, every test runs the kernels in Triton's interpreter.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 import pytest  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]

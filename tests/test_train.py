@@ -94,3 +94,20 @@ def test_cli_train_then_refuse_to_overwrite(tmp_path, monkeypatch, capsys):
         main()
     assert caught.value.code == 2
     assert (out / "adapter_model.safetensors").read_bytes() == before
+
+
+def test_kernels_in_the_training_path_give_the_same_losses(tmp_path):
+    """The recipe's kernels (Triton's interpreter on CPU) through SFTTrainer: same losses as without."""
+    results = []
+    for on in (False, True):
+        overrides = [f"training.output_dir={tmp_path / str(on)}", "training.max_steps=3", "training.batch_size=2",
+                     "data.max_length=24", "training.logging_steps=1"]
+        overrides += [f"kernels.{name}={str(on).lower()}" for name in ("rms_norm", "rope", "swiglu", "fused_cross_entropy")]
+        run = train(load_recipe(QUICKSTART, overrides))
+        assert run.built.kernels == dict.fromkeys(("rms_norm", "rope", "swiglu", "fused_cross_entropy"), on)
+        assert run.trainer.use_ftune_loss is on
+        lines = (tmp_path / str(on) / "metrics.jsonl").read_text().splitlines()
+        results.append([json.loads(line)["loss"] for line in lines])
+    assert len(results[0]) == 3
+    for a, b in zip(*results):
+        assert abs(a - b) < 1e-4

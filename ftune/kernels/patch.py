@@ -72,6 +72,10 @@ def unwrap_model(model: nn.Module) -> nn.Module:
     return get_base_model() if callable(get_base_model) else model
 
 
+def _model_type(model: nn.Module) -> str | None:
+    return getattr(getattr(model, "config", None), "model_type", None)
+
+
 def _family_modules(model: nn.Module, suffix: str) -> list[nn.Module]:
     """Modules of `model` whose class is defined in its modeling file and named `*{suffix}`."""
     module_name = type(model).__module__
@@ -96,7 +100,7 @@ def _gated_mlps(model: nn.Module) -> list[nn.Module]:
 def kernel_support(model: nn.Module) -> dict[str, str | None]:
     """For each kernel: None if it applies to `model`, else the reason it does not."""
     base = unwrap_model(model)
-    model_type = getattr(getattr(base, "config", None), "model_type", None)
+    model_type = _model_type(base)
     if model_type not in FAMILIES:
         reason = f"model type {model_type!r} is not supported (supported: {', '.join(FAMILIES)})"
         return dict.fromkeys(KERNELS, reason)
@@ -135,13 +139,12 @@ def apply_kernels(
     anything, when a requested kernel does not apply to the model (see `kernel_support`), was
     already applied to it, or the model sits on a device the kernels can't run on.
     """
-    requested = [
-        name
-        for name, on in zip(KERNELS, (rms_norm, rope, swiglu, fused_cross_entropy), strict=True)
-        if on
-    ]
+    flags = (rms_norm, rope, swiglu, fused_cross_entropy)
+    requested = [name for name, on in zip(KERNELS, flags, strict=True) if on]
     base = unwrap_model(model)
     support = kernel_support(base)
+    if requested and _model_type(base) not in FAMILIES:
+        raise ValueError(f"cannot apply ftune's kernels: {support[requested[0]]}")
     problems = [f"{name}: {support[name]}" for name in requested if support[name] is not None]
     applied = getattr(base, "_ftune_kernels", frozenset())
     problems += [f"{name}: already applied to this model" for name in requested if name in applied]

@@ -20,7 +20,6 @@ from ftune.kernels.utils import block_settings, check_device, num_programs, num_
 
 CASTING_MODES = ("llama", "gemma")
 
-
 # Rows are processed in tiles of about this many elements: one 4096-wide row of Llama's hidden
 # states, or 32 rows of Qwen3's 128-wide per-head norms, where one short row per program would
 # leave most of each program's threads idle.

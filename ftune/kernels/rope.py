@@ -19,7 +19,6 @@ import triton.language as tl
 
 from ftune.kernels.utils import check_device, num_warps_for
 
-
 # Positions are taken a few at a time so that a program holds about this many elements of q per
 # half: one position of Llama-3-8B's 32 heads of 128, several of a small model's heads.
 TILE_ELEMENTS = 2048
@@ -209,7 +208,6 @@ class RoPEFunction(torch.autograd.Function):
         q_out, k_out = rope_launch(q, k, cos, sin, out_dtype, is_backward=False)
         ctx.save_for_backward(cos, sin)
         ctx.q_dtype = q.dtype
-        ctx.k_dtype = k.dtype
         return q_out, k_out
 
     @staticmethod
