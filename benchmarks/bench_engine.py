@@ -83,22 +83,18 @@ class HFStack:
 
 
 class FtuneStack:
-    """ftune's own model building (model.py), engine modes switched on the loaded model."""
+    """ftune's own model building (model.py) for one mode, as `ftune train` builds it."""
 
-    def __init__(self, preset: str, kernels: bool):
+    def __init__(self, preset: str, kernels: bool, mode: str):
         from ftune.model import build_model
 
-        self.preset, self.kernels = preset, kernels
-        self.built = build_model(ftune_recipe(preset, "none", kernels), with_tokenizer=False)
+        self.built = build_model(ftune_recipe(preset, mode, kernels), with_tokenizer=False)
         self.model = self.built.model
         self.engine = self.built.engine
         self.host_bytes = lambda: self.engine.host_bytes()
 
     def set_mode(self, mode: str) -> None:
-        from ftune.engine import install_checkpointing
-
-        self.engine.remove()
-        self.engine = install_checkpointing(self.model, mode)
+        assert mode == self.built.engine.mode
 
 
 def measure(stack, seq: int, steps: int, vocab: int, hidden: int, layers: int) -> dict:
@@ -150,7 +146,7 @@ def worker(args) -> None:
         torch.cuda.set_per_process_memory_fraction(args.cap_gib * GiB / total)
     config = preset_config(args.preset)
     name, _, mode = args.worker.partition(":")
-    stack = HFStack(args.preset) if name == "hf" else FtuneStack(args.preset, kernels=name == "ftune+k")
+    stack = HFStack(args.preset) if name == "hf" else FtuneStack(args.preset, kernels=name == "ftune+k", mode=mode)
     stack.set_mode(mode)
     seqs = [int(s) for s in args.seqs.split(",")]
     if args.longest:

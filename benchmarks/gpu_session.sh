@@ -16,14 +16,14 @@ for phase in "$@"; do
       python3 -c "import torch, triton, transformers, peft, trl, bitsandbytes as b; print(torch.__version__, triton.__version__, transformers.__version__, peft.__version__, trl.__version__, b.__version__)"
       free -g | head -2 ;;
     tests)
-      python3 -m pytest -m gpu -q -p no:cacheprovider tests 2>&1 | tee "$OUT/gpu-tests.log" | tail -25 ;;
+      python3 -m pytest -m gpu -q -p no:cacheprovider ${TESTS:-tests} 2>&1 | tee "$OUT/gpu-tests.log" | tail -25 ;;
     kernels)
       for script in benchmarks/kernels/*.py; do
         python3 "$script" --out "$OUT/kernels.json" 2>&1 | tail -12
       done ;;
     engine)
       python3 benchmarks/bench_engine.py --seqs "$SEQS" --out "$OUT/engine.json" \
-        --runs "${RUNS:-hf:none,hf:true,ftune:true,ftune:unsloth,ftune+k:unsloth}" 2>&1 | tee "$OUT/engine.log" ;;
+        --runs "${RUNS:-ftune+k:unsloth,hf:true,ftune:unsloth,ftune:true,hf:none}" 2>&1 | tee "$OUT/engine.log" ;;
     longest)
       python3 benchmarks/bench_engine.py --longest --seqs "${START:-32768}" --cap-gib "${CAP:-24}" \
         --out "$OUT/longest.json" --runs "${RUNS:-ftune+k:unsloth}" 2>&1 | tee "$OUT/longest.log" ;;
