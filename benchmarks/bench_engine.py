@@ -105,6 +105,7 @@ def measure(stack, seq: int, steps: int, vocab: int, hidden: int, layers: int) -
     gc.collect()
     torch.cuda.empty_cache()
     times, held, loss_value = [], 0, None
+    torch.cuda.reset_peak_memory_stats()
     for step in range(1 + steps):
         if step == 1:
             torch.cuda.reset_peak_memory_stats()
@@ -121,7 +122,7 @@ def measure(stack, seq: int, steps: int, vocab: int, hidden: int, layers: int) -
         times.append(time.perf_counter() - start)
         loss_value = loss.item()
         del loss
-    timed = sorted(times[1:])
+    timed = sorted(times[1:] or times)  # --longest runs one step: it only asks whether one fits
     median = timed[len(timed) // 2]
     return {
         "seq": seq,
@@ -154,7 +155,7 @@ def worker(args) -> None:
     last_ok = None
     for seq in seqs:
         try:
-            row = measure(stack, seq, args.steps if not args.longest else 1, config.vocab_size,
+            row = measure(stack, seq, args.steps if not args.longest else 0, config.vocab_size,
                           config.hidden_size, config.num_hidden_layers)
             last_ok = seq
         except torch.OutOfMemoryError:

@@ -167,8 +167,12 @@ class _WrappedForward:
         if not trainable and not any(t.requires_grad for t in tensors):
             return self.forward(*args, **kwargs)  # nothing below needs gradients: no graph at all
 
+        # The closure keeps only the non-tensor leaves: holding the tensors here would keep every
+        # layer input alive on the GPU for as long as the graph lives, offloaded or not.
+        skeleton = [None if isinstance(leaf, torch.Tensor) else leaf for leaf in leaves]
+
         def unflatten(inputs: tuple[torch.Tensor, ...]) -> tuple[tuple, dict]:
-            filled = list(leaves)
+            filled = list(skeleton)
             for slot, tensor in zip(tensor_slots, inputs):
                 filled[slot] = tensor
             return tree_unflatten(filled, spec)

@@ -114,10 +114,18 @@ class HostCopier:
     """Moves tensors between the device and the pool, on a side stream when the device is CUDA."""
 
     def __init__(self, device: torch.device):
-        self.device = device
-        self.cuda = device.type == "cuda"
-        self.pool = HostBufferPool(pin_memory=self.cuda)
-        self.stream = torch.cuda.Stream(device) if self.cuda else None
+        self.pool = HostBufferPool(pin_memory=device.type == "cuda")
+        self._streams: dict[torch.device, torch.cuda.Stream] = {}
+
+    def stream_for(self, device: torch.device) -> torch.cuda.Stream | None:
+        """The side stream of a CUDA device (None on CPU), made on first use, so a model moved to
+        the GPU after the engine was installed still copies on a side stream."""
+        if device.type != "cuda":
+            return None
+        if device not in self._streams:
+            self.pool.pin_memory = self.pool.stats.pinned = True
+            self._streams[device] = torch.cuda.Stream(device)
+        return self._streams[device]
 
     def stash(self, tensor: torch.Tensor) -> "HostStash":
         return HostStash(self, tensor)
@@ -135,13 +143,13 @@ class HostStash:
         self.nbytes = tensor.numel() * tensor.element_size()
         self._device_tensor: torch.Tensor | None = None
         self._ready: torch.cuda.Event | None = None
+        self._stream = stream = copier.stream_for(tensor.device)  # before acquire: it decides pinning
         self._buffer = copier.pool.acquire(self.nbytes)
         if self._buffer is None:
             self._device_tensor = tensor  # no host room: keep it on the device
             return
         source = tensor.detach().contiguous().view(-1).view(torch.uint8)
         host = self._buffer[: self.nbytes]
-        stream = copier.stream
         if stream is None:
             host.copy_(source)
         else:
@@ -162,10 +170,9 @@ class HostStash:
         """Start the copy back to the device (no wait); `fetch` later returns it."""
         if self._device_tensor is not None or self._buffer is None:
             return
-        copier = self._copier
         target = torch.empty(self.nbytes, dtype=torch.uint8, device=self.device)
         host = self._buffer[: self.nbytes]
-        stream = copier.stream
+        stream = self._stream
         if stream is None:
             target.copy_(host)
         else:
