@@ -89,8 +89,10 @@ def _rope_kernel(
     BLOCK_K_HEADS: tl.constexpr,
     BLOCK_HALF: tl.constexpr,
 ):
-    b = tl.program_id(0).to(tl.int64)
-    positions = tl.program_id(1) * BLOCK_POSITIONS + tl.arange(0, BLOCK_POSITIONS).to(tl.int64)[:, None, None]
+    # Position blocks on grid axis 0 (up to 2**31 - 1 programs): axis 1 stops at 65535, which 150k
+    # tokens in blocks of 2 positions exceed.
+    b = tl.program_id(1).to(tl.int64)
+    positions = tl.program_id(0).to(tl.int64) * BLOCK_POSITIONS + tl.arange(0, BLOCK_POSITIONS).to(tl.int64)[:, None, None]
 
     # Both halves of cos and sin are read: rotary modules repeat the frequencies, but nothing here
     # relies on it. cos and sin share their strides.
@@ -171,7 +173,7 @@ def rope_launch(
     block_q_heads = triton.next_power_of_2(n_q_heads)
     block_k_heads = triton.next_power_of_2(n_k_heads)
     block_positions = min(max(TILE_ELEMENTS // (block_q_heads * block_half), 1), triton.next_power_of_2(seq_len))
-    _rope_kernel[(batch, triton.cdiv(seq_len, block_positions))](
+    _rope_kernel[(triton.cdiv(seq_len, block_positions), batch)](
         q,
         q_out,
         q.stride(0),
