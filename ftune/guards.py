@@ -7,10 +7,13 @@ import math
 import signal
 import threading
 
+import psutil
+
 import torch
 from transformers import TrainerCallback
 
 from ftune.errors import OutOfMemory
+from ftune.memory.estimate import Setting, estimate, model_shape
 from ftune.memory.monitor import format_bytes
 
 
@@ -78,24 +81,56 @@ class NonFiniteLossGuard(TrainerCallback):
 
 
 def out_of_memory(recipe, step: int, device: torch.device, output_dir) -> OutOfMemory:
-    """The message for a CUDA out-of-memory: where, how much, and the change most likely to fit."""
+    """The message for a CUDA out-of-memory: where, how much, what the memory model predicts, and
+    the change that the memory model says fits the card (in the order that costs least speed)."""
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
     total = torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else None
-    mode = recipe.checkpointing.mode
-    if mode == "none":
-        change = "checkpointing.mode: unsloth (recompute layers, their inputs in host memory)"
-    elif mode == "true":
-        change = "checkpointing.mode: unsloth (layer inputs in host memory instead of VRAM)"
-    elif recipe.training.batch_size > 1:
-        change = (f"training.batch_size: {recipe.training.batch_size // 2} with training.grad_accum: "
-                  f"{recipe.training.grad_accum * 2} (the same effective batch)")
-    else:
-        change = f"data.max_length: {recipe.data.max_length // 2}"
+    training, mode = recipe.training, recipe.checkpointing.mode
+    candidates = []
+    if mode in ("none", "true"):
+        candidates.append(("checkpointing.mode: unsloth (layer inputs in host memory)", {"mode": "unsloth"}))
+    if training.batch_size > 1:
+        candidates.append((f"training.batch_size: {training.batch_size // 2} with training.grad_accum: "
+                           f"{training.grad_accum * 2} (the same effective batch)", {"batch": training.batch_size // 2}))
+    candidates.append((f"data.max_length: {recipe.data.max_length // 2}", {"seq": recipe.data.max_length // 2}))
+    predicted, change = None, candidates[0][0]
+    try:
+        shape = model_shape(recipe)
+        predicted = estimate(shape, Setting.from_recipe(recipe, mode="unsloth" if mode == "smart" else mode)).peak
+        if total is not None:
+            for text, overrides in candidates:
+                setting = Setting.from_recipe(recipe, **{"mode": "unsloth" if mode == "smart" else mode, **overrides})
+                if estimate(shape, setting).peak <= total * 0.95:
+                    change = text
+                    break
+    except Exception:  # the advice must not fail where the estimate cannot be made (no config offline)
+        pass
     where = f" (peak {format_bytes(peak)} of {format_bytes(total)})" if peak is not None else ""
+    estimated = f" estimate-vram predicts {format_bytes(predicted)} for this recipe." if predicted else ""
     return OutOfMemory(
         f"The GPU ran out of memory at step {step}{where}, with checkpointing.mode {mode}, batch "
-        f"{recipe.training.batch_size} and max_length {recipe.data.max_length}. Checkpoints already saved in "
-        f"{output_dir} are intact.",
-        hint=f"Most likely to fit: {change}. `ftune estimate-vram` shows what each setting needs. "
-        "Rerunning the same command resumes from the last checkpoint.",
+        f"{training.batch_size} and max_length {recipe.data.max_length};{estimated} Checkpoints already saved "
+        f"in {output_dir} are intact.",
+        hint=f"Change most likely to fit: {change}. `ftune estimate-vram RECIPE --vram SIZE` shows what each "
+        "setting needs. Rerunning the same command resumes from the last checkpoint.",
     )
+
+
+def host_memory_shortfall(recipe, cuda: bool) -> str | None:
+    """Before training: a warning if the offloaded layer inputs would not fit in host RAM.
+
+    The engine falls back by itself (inputs that find no host room stay on the GPU), so this is
+    a warning, not an error: it says so before the first step instead of during it.
+    """
+    if recipe.checkpointing.mode not in ("unsloth", "smart"):
+        return None
+    try:
+        needed = estimate(model_shape(recipe), Setting.from_recipe(recipe, mode="unsloth", cuda=cuda)).host
+    except Exception:
+        return None
+    available = psutil.virtual_memory().available
+    if needed <= available * 0.9:
+        return None
+    return (f"host memory is short for offload: the layer inputs need about {format_bytes(needed)} of host RAM, "
+            f"{format_bytes(available)} is available. Inputs that do not fit stay on the GPU (as mode true); "
+            "free host memory, lower data.max_length, or set checkpointing.mode: true.")

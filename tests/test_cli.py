@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
+from pathlib import Path
 import sys
 
 import pytest
@@ -104,3 +106,42 @@ def test_presets_lists_the_8b_shape(monkeypatch, capsys):
     code, output = run_cli(monkeypatch, capsys, "presets")
     assert code in (0, None)
     assert "llama-3.1-8b" in output and "14336" in output
+
+
+def test_hub_model_without_network_is_a_clear_error(tmp_path, monkeypatch, capsys):
+    data = quickstart_dict()
+    data["model"].pop("preset")
+    data["model"]["name_or_path"] = "some-org/a-model-that-is-not-cached"
+    data["training"]["output_dir"] = str(tmp_path / "out")
+    code, output = run_cli(monkeypatch, capsys, "train", str(write(tmp_path, data)))
+    assert code == 3
+    assert "model.name_or_path" in output and "could not load" in output and "Traceback" not in output
+
+
+def test_live_panel_renders_step_loss_and_memory():
+    """On a terminal the reporter draws a rich panel; its content is what metrics.jsonl holds."""
+    import io
+
+    import torch
+    from rich.console import Console
+    from transformers import TrainerControl, TrainerState
+
+    from ftune.engine.checkpoint import CheckpointingEngine
+    from ftune.reports import LiveReporter
+
+    stream = io.StringIO()
+    console = Console(file=stream, force_terminal=True, width=120)
+    engine = CheckpointingEngine(mode="unsloth", policies=[], device=torch.device("cpu"), copier=None)
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as folder:
+        reporter = LiveReporter(folder, engine, title="panel", console=console)
+        state = TrainerState(max_steps=10, global_step=0)
+        reporter.on_train_begin(None, state, TrainerControl())
+        state.global_step, state.num_input_tokens_seen = 4, 4096
+        reporter.on_log(None, state, TrainerControl(), logs={"loss": 1.2345, "learning_rate": 1e-4})
+        reporter.close(state)
+        line = (Path(folder) / "metrics.jsonl").read_text()
+    text = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", stream.getvalue())  # without the terminal's colour codes
+    assert "ftune · panel" in text and "4/10" in text and "1.2345" in text and "RSS" in text
+    assert '"loss": 1.2345' in line and "mem_rss_gib" in line

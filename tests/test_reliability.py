@@ -150,6 +150,7 @@ def test_out_of_memory_gives_advice_and_keeps_the_checkpoint(tmp_path, monkeypat
     code, err = _run_in_process(monkeypatch, capsys, out)
     assert code == 4
     assert "out of memory at step 7" in err and "training.batch_size: 2" in err and "Traceback" not in err
+    assert "estimate-vram predicts" in err
     assert [p.name for p in checkpoints(out)] == ["checkpoint-3", "checkpoint-6"]
     assert (out / "checkpoint-6" / "adapter_model.safetensors").is_file()
 
@@ -187,3 +188,18 @@ def test_a_crash_while_saving_leaves_no_partial_checkpoint(tmp_path, monkeypatch
     code, _ = _run_in_process(monkeypatch, capsys, out)
     assert code == 1
     assert [p.name for p in checkpoints(out)] == ["checkpoint-3"]  # checkpoint-6 never appeared half-written
+
+
+def test_host_memory_shortfall_is_reported_before_training(monkeypatch):
+    from collections import namedtuple
+
+    import ftune.guards as guards
+    from ftune.recipe import load_recipe
+
+    recipe = load_recipe(QUICKSTART)
+    assert guards.host_memory_shortfall(recipe, cuda=True) is None  # the quickstart needs a few MiB
+    memory = namedtuple("memory", "available total")
+    monkeypatch.setattr(guards.psutil, "virtual_memory", lambda: memory(available=1024, total=2048))
+    message = guards.host_memory_shortfall(recipe, cuda=True)
+    assert "host memory is short" in message and "checkpointing.mode: true" in message
+    assert guards.host_memory_shortfall(load_recipe(QUICKSTART, ["checkpointing.mode=true"]), cuda=True) is None

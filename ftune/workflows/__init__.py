@@ -20,7 +20,7 @@ from transformers import Trainer
 from ftune.checkpoints import checkpoint_step, checkpoints, find_resume_checkpoint
 from ftune.data import check_rows, load_training_data
 from ftune.errors import Interrupted, NonFiniteLoss
-from ftune.guards import GracefulStop, NonFiniteLossGuard, out_of_memory
+from ftune.guards import GracefulStop, NonFiniteLossGuard, host_memory_shortfall, out_of_memory
 from ftune.memory.monitor import GiB, snapshot
 from ftune.model import BuiltModel, build_model, load_tokenizer
 from ftune.outputs import (
@@ -60,6 +60,9 @@ def train(recipe: Recipe, *, overwrite: bool = False, console: Console | None = 
     tokenizer = load_tokenizer(recipe)
     dataset, rows = check_rows(dataset, data_format, tokenizer, recipe)
     console.print(f"[bold]ftune[/] {data_format} data: {rows.describe(recipe.data.max_length)} · building the model")
+    shortfall = host_memory_shortfall(recipe, cuda=torch.cuda.is_available())
+    if shortfall:
+        console.print(f"[yellow]warning:[/] {shortfall}")
     built = build_model(recipe, tokenizer=tokenizer)
     console.print(f"[bold]ftune[/] {built.source} on {built.device} · {built.engine.describe()}")
 

@@ -1,0 +1,104 @@
+"""`ftune estimate-vram RECIPE`: will it fit? The memory model's answer, without a GPU or weights."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from ftune.cli.app import app
+from ftune.errors import RecipeError
+from ftune.memory.estimate import Estimate, GiB, Setting, estimate, largest_batch, longest_sequence, model_shape
+from ftune.memory.monitor import format_bytes
+from ftune.recipe import load_recipe, parse_bytes
+
+FIXED_MODES = ("none", "true", "unsloth")
+ROWS = [
+    ("4-bit weights", "quantized_weights"), ("quantization constants", "quant_constants"),
+    ("16-bit modules", "weights_16bit"), ("LoRA parameters", "lora_parameters"), ("LoRA gradients", "lora_gradients"),
+    ("optimizer states", "optimizer_states"), ("checkpoints on the GPU", "checkpoints_gpu"),
+    ("busiest layer / loss working set", "working_set"), ("unfused loss (logits)", "loss"),
+]
+
+
+@app.command("estimate-vram")
+def estimate_vram(
+    recipe_path: Annotated[Path, typer.Argument(metavar="RECIPE", help="Recipe file.")],
+    seq: Annotated[int | None, typer.Option(help="Sequence length (default: data.max_length).")] = None,
+    batch: Annotated[int | None, typer.Option(help="Batch size (default: training.batch_size).")] = None,
+    vram: Annotated[str | None, typer.Option(help="A card's memory, e.g. 24GiB: report what fits in it.")] = None,
+    modes: Annotated[list[str], typer.Option("--mode", help="Checkpointing mode(s) to show (default: all).")] = [],
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")] = False,
+    overrides: Annotated[list[str], typer.Option("--set", help="Override a recipe key.")] = [],
+) -> None:
+    """Predict peak VRAM per checkpointing mode, and the longest sequence that fits a card."""
+    recipe = load_recipe(recipe_path, overrides, check_paths=False)
+    budget = _parse_vram(vram)
+    wanted = [m for item in modes for m in item.split(",") if m] or list(FIXED_MODES)
+    unknown = sorted(set(wanted) - set(FIXED_MODES))
+    if unknown:
+        raise RecipeError(f"--mode {', '.join(unknown)}: estimate-vram shows the fixed modes {', '.join(FIXED_MODES)}.",
+                          hint="smart plans to a budget: see its plan at the start of `ftune train`.")
+    shape = model_shape(recipe)
+    results = []
+    for mode in wanted:
+        setting = Setting.from_recipe(recipe, mode=mode)
+        setting = replace(setting, seq=seq or setting.seq, batch=batch or setting.batch)
+        parts = estimate(shape, setting)
+        row = {"mode": mode, **parts.as_dict()}
+        if budget is not None:
+            row["fits"] = parts.peak <= budget
+            row["longest_seq"] = longest_sequence(shape, setting, budget)
+            row["largest_batch"] = largest_batch(shape, setting, budget)
+        results.append((row, parts))
+    report = {"model": recipe.model.preset or recipe.model.name_or_path, "shape": shape.__dict__,
+              "seq": seq or recipe.data.max_length, "batch": batch or recipe.training.batch_size,
+              "vram": budget, "modes": [row for row, _ in results]}
+    if as_json:
+        typer.echo(json.dumps(report, indent=2))
+        return
+    _print_table(report, results, budget)
+
+
+def _parse_vram(text: str | None) -> int | None:
+    if text is None:
+        return None
+    try:
+        return parse_bytes(text)
+    except ValueError as error:
+        raise RecipeError(f"--vram: {error}.", hint="For example --vram 24GiB.") from None
+
+
+def _print_table(report: dict, results: list[tuple[dict, Estimate]], budget: int | None) -> None:
+    console = Console()
+    title = f"{report['model']} · batch {report['batch']} × {report['seq']} tokens"
+    table = Table(title=f"Estimated VRAM: {title}", title_justify="left")
+    table.add_column("")
+    for row, _ in results:
+        table.add_column(row["mode"], justify="right")
+    for label, key in ROWS:
+        values = [parts.as_dict()[key] for _, parts in results]
+        if any(values):
+            table.add_row(label, *[format_bytes(v) for v in values])
+    table.add_row("[bold]peak", *[f"[bold]{format_bytes(parts.peak)}" for _, parts in results])
+    table.add_row("host memory (offload)", *[format_bytes(parts.host) for _, parts in results])
+    if budget is not None:
+        table.add_row(f"fits {format_bytes(budget)}", *["[green]yes" if r["fits"] else "[red]no" for r, _ in results])
+        table.add_row("longest sequence that fits", *[f"{r['longest_seq']:,}" if r["longest_seq"] else "[red]none"
+                                                      for r, _ in results])
+        table.add_row(f"largest batch at {report['seq']} tokens", *[str(r["largest_batch"]) for r, _ in results])
+    console.print(table)
+    if budget is not None and not any(r["longest_seq"] for r, _ in results):
+        static = min(p.peak - p.working_set - p.checkpoints_gpu - p.loss for _, p in results)
+        console.print(f"[red]Even the weights and optimizer states ({format_bytes(static)}) exceed "
+                      f"{format_bytes(budget)}:[/] a smaller model or a larger card is needed.")
+    notes = sorted({note for _, parts in results for note in parts.notes})
+    for note in notes:
+        console.print(f"[dim]note: {note}[/]")
+    console.print("[dim]GiB = 2^30 bytes; peak is allocated memory (the allocator reserves "
+                  "5-15% more); CUDA's context (~0.5 GiB) comes on top.[/]")

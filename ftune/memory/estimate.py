@@ -1,0 +1,253 @@
+"""The analytical memory model: peak VRAM (and host memory) of a training step, from the model's
+shape and the recipe alone — no weights, no GPU.
+
+Peak = weights (4-bit blocks + quantization constants + the modules kept in 16 bits)
+     + LoRA parameters, gradients and optimizer states
+     + the checkpoints kept on the GPU (every layer's activations for `none`, its input for `true`)
+     + the working set of the step's busiest moment (a layer's recompute and backward, or the loss)
+
+The first three are counted exactly from the shape. The working set is measured: it is a number
+of hidden-state-sized tensors (batch x tokens x hidden, 2 bytes) plus a constant, fitted per mode
+on the GPU runs in tests/fixtures/memory_grid.json (tests/test_estimate.py keeps every estimate
+within 5% of those measurements). Shapes and settings outside that grid (other families, batch
+sizes, mode `none` with kernels) are first-principles estimates, and `calibrated` says so.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ftune.errors import ModelError
+from ftune.presets import PRESETS
+from ftune.recipe import LLAMA_PROJECTIONS, Recipe
+
+GiB = 1024**3
+BF16 = 2
+# bitsandbytes NF4/FP4: two weights per byte, one absmax per 64 weights (fp32, or uint8 plus an
+# fp32 per 256 absmax with double quantization).
+QUANT_BLOCK = 64
+DOUBLE_QUANT_BLOCK = 256
+# Optimizer bytes per trainable fp32 parameter: the parameter, its gradient, and AdamW's two
+# moments (fp32), or one byte per moment for the 8-bit optimizers.
+OPTIMIZER_STATE_BYTES = {"adamw_torch": 8, "paged_adamw_32bit": 8, "adamw_8bit": 2, "paged_adamw_8bit": 2}
+
+# Working set in hidden-state tensors (batch * tokens * hidden * 2 bytes) and a constant, fitted on
+# an H100 (docs/benchmarks.md, 2026-11-25; Llama-3.1-8B shape, batch 1, kernels on):
+#   true:    6.81 / 8.95 / 11.49 GiB at 2048 / 8192 / 16384 tokens
+#   unsloth: 5.51 / 6.24 / 6.91 GiB at 2048 / 8192 / 16384, 22.17 GiB at 151552 (the prefetched
+#            layer input and flash attention's fp32 accumulators at long context raise its count)
+WORKING_SET = {"true": (10.66, 0.266 * GiB), "unsloth": (14.64, 0.279 * GiB)}
+# Without the fused loss, transformers' loss holds the logits in bf16, their fp32 copy and the fp32
+# gradient: 11.2 bytes per logit (ftune true with and without kernels: +2.5 / 10.8 / 22.1 GiB at
+# 2048 / 8192 / 16384 tokens of a 128256 vocabulary).
+UNFUSED_LOSS_BYTES_PER_LOGIT = 11.2
+
+
+@dataclass(frozen=True)
+class Shape:
+    """What memory depends on: the sizes of a decoder-only transformer."""
+
+    model_type: str
+    vocab: int
+    hidden: int
+    intermediate: int
+    layers: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    tied: bool
+    qkv_bias: bool = False
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> "Shape":
+        text = config.get("text_config", config)
+        heads = text["num_attention_heads"]
+        head_dim = text.get("head_dim") or text["hidden_size"] // heads
+        return cls(
+            model_type=text.get("model_type", config.get("model_type", "?")),
+            vocab=text["vocab_size"], hidden=text["hidden_size"], intermediate=text["intermediate_size"],
+            layers=text["num_hidden_layers"], heads=heads, kv_heads=text.get("num_key_value_heads", heads),
+            head_dim=head_dim, tied=bool(text.get("tie_word_embeddings", False)),
+            qkv_bias=text.get("model_type") == "qwen2" or bool(text.get("attention_bias", False)),
+        )
+
+    def projections(self) -> dict[str, tuple[int, int]]:
+        """(in, out) features of each linear layer of one decoder layer."""
+        q, kv = self.heads * self.head_dim, self.kv_heads * self.head_dim
+        return {
+            "q_proj": (self.hidden, q), "k_proj": (self.hidden, kv), "v_proj": (self.hidden, kv),
+            "o_proj": (q, self.hidden), "gate_proj": (self.hidden, self.intermediate),
+            "up_proj": (self.hidden, self.intermediate), "down_proj": (self.intermediate, self.hidden),
+        }
+
+
+@dataclass
+class Setting:
+    """The recipe's choices that memory depends on."""
+
+    mode: str = "unsloth"
+    seq: int = 2048
+    batch: int = 1
+    quantized: bool = True
+    double_quant: bool = True
+    lora_r: int = 16
+    lora_targets: tuple[str, ...] = tuple(LLAMA_PROJECTIONS)
+    fused_loss: bool = True
+    host_embeddings: bool = True
+    optimizer: str = "adamw_torch"
+
+    @classmethod
+    def from_recipe(cls, recipe: Recipe, *, cuda: bool = True, **overrides: Any) -> "Setting":
+        mode = overrides.pop("mode", recipe.checkpointing.mode)
+        fused = recipe.kernels.fused_cross_entropy
+        host = recipe.checkpointing.host_embeddings
+        targets = recipe.lora.target_modules
+        setting = cls(
+            mode=mode, seq=recipe.data.max_length, batch=recipe.training.batch_size,
+            quantized=recipe.quantization.method != "none", double_quant=recipe.quantization.double_quant,
+            lora_r=recipe.lora.r,
+            lora_targets=tuple(LLAMA_PROJECTIONS if targets == "all-linear" else targets),
+            fused_loss=cuda if fused == "auto" else bool(fused),
+            host_embeddings=(cuda and mode in ("unsloth", "smart")) if host == "auto" else bool(host),
+            optimizer=recipe.training.optimizer,
+        )
+        for key, value in overrides.items():
+            setattr(setting, key, value)
+        return setting
+
+
+@dataclass
+class Estimate:
+    """Bytes per part of a training step's peak, and whether the model was fitted for this case."""
+
+    quantized_weights: int = 0
+    quant_constants: int = 0
+    weights_16bit: int = 0
+    lora_parameters: int = 0
+    lora_gradients: int = 0
+    optimizer_states: int = 0
+    checkpoints_gpu: int = 0
+    working_set: int = 0
+    loss: int = 0
+    checkpoints_host: int = 0
+    embedding_host: int = 0
+    calibrated: bool = True
+    notes: list[str] = field(default_factory=list)
+
+    GPU_PARTS = ("quantized_weights", "quant_constants", "weights_16bit", "lora_parameters", "lora_gradients",
+                 "optimizer_states", "checkpoints_gpu", "working_set", "loss")
+
+    @property
+    def peak(self) -> int:
+        return sum(getattr(self, part) for part in self.GPU_PARTS)
+
+    @property
+    def host(self) -> int:
+        return self.checkpoints_host + self.embedding_host
+
+    def as_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data.update(peak=self.peak, host=self.host)
+        return data
+
+
+def estimate(shape: Shape, setting: Setting) -> Estimate:
+    """Predicted peak allocated VRAM of one training step (and the host memory it uses)."""
+    result = Estimate()
+    tokens = setting.batch * setting.seq
+    hidden_tensor = tokens * shape.hidden * BF16
+    linear = sum(i * o for i, o in shape.projections().values()) * shape.layers
+    if setting.quantized:
+        result.quantized_weights = linear // 2
+        absmax = linear // QUANT_BLOCK
+        result.quant_constants = absmax + absmax // DOUBLE_QUANT_BLOCK * 4 if setting.double_quant else absmax * 4
+    else:
+        result.weights_16bit += linear * BF16
+    embedding = shape.vocab * shape.hidden * BF16
+    norms = (2 * shape.layers + 1) * shape.hidden * BF16
+    biases = (shape.heads + 2 * shape.kv_heads) * shape.head_dim * BF16 * shape.layers if shape.qkv_bias else 0
+    host_embedding = setting.host_embeddings and not shape.tied
+    result.weights_16bit += norms + biases + (0 if shape.tied else embedding) + (0 if host_embedding else embedding)
+    result.embedding_host = embedding if host_embedding else 0
+
+    projections = shape.projections()
+    lora = sum(setting.lora_r * sum(projections[t]) for t in setting.lora_targets if t in projections) * shape.layers
+    result.lora_parameters = lora * 4
+    result.lora_gradients = lora * 4
+    result.optimizer_states = lora * OPTIMIZER_STATE_BYTES.get(setting.optimizer, 8)
+
+    mode = setting.mode
+    if mode == "smart":
+        raise ValueError("estimate a smart plan through plan_smart(), which picks the policies")
+    count, constant = WORKING_SET["true" if mode == "none" else mode]
+    result.working_set = int(count * hidden_tensor + constant)
+    if mode == "true":
+        result.checkpoints_gpu = shape.layers * hidden_tensor
+    elif mode == "unsloth":
+        result.checkpoints_host = shape.layers * hidden_tensor
+    else:  # none: every activation of every layer stays
+        result.checkpoints_gpu = shape.layers * keep_bytes_per_layer(shape, tokens)
+        result.calibrated = False
+        result.notes.append("mode none is a first-principles estimate (not yet fitted on the GPU)")
+    if not setting.fused_loss:
+        result.loss = int(UNFUSED_LOSS_BYTES_PER_LOGIT * tokens * shape.vocab)
+    if setting.batch != 1 or (shape.model_type, shape.hidden, shape.layers) != ("llama", 4096, 32):
+        result.calibrated = False
+        result.notes.append("fitted on the Llama-3.1-8B shape at batch 1; other shapes scale by their sizes")
+    return result
+
+
+def keep_bytes_per_layer(shape: Shape, tokens: int) -> int:
+    """Activations one decoder layer keeps for backward when nothing is recomputed (bf16, kernels on).
+
+    Per token: the layer input, both norm outputs and the residual sum (4 x hidden), the rotated
+    query and its attention output (2 x q), key and value (2 x kv), and the MLP's gate, up and
+    product (3 x intermediate).
+    """
+    q, kv = shape.heads * shape.head_dim, shape.kv_heads * shape.head_dim
+    return tokens * BF16 * (4 * shape.hidden + 2 * q + 2 * kv + 3 * shape.intermediate)
+
+
+def longest_sequence(shape: Shape, setting: Setting, budget: int, *, step: int = 256, limit: int = 1 << 21) -> int:
+    """The longest sequence (a multiple of `step`) whose estimated peak fits the budget; 0 if none."""
+    low, high = 0, limit // step
+    while low < high:
+        middle = (low + high + 1) // 2
+        trial = Setting(**{**asdict(setting), "seq": middle * step})
+        if estimate(shape, trial).peak <= budget:
+            low = middle
+        else:
+            high = middle - 1
+    return low * step
+
+
+def largest_batch(shape: Shape, setting: Setting, budget: int, *, limit: int = 1024) -> int:
+    batch = 0
+    while batch < limit and estimate(shape, Setting(**{**asdict(setting), "batch": batch + 1})).peak <= budget:
+        batch += 1
+    return batch
+
+
+def model_shape(recipe: Recipe) -> Shape:
+    """The recipe's model shape from a preset, a local config.json, or the hub (online); no weights."""
+    model = recipe.model
+    if model.preset is not None:
+        return Shape.from_config(PRESETS[model.preset])
+    source = recipe.resolve_input(model.name_or_path)
+    local = Path(source) / "config.json"
+    if local.is_file():
+        return Shape.from_config(json.loads(local.read_text()))
+    try:
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(source, revision=model.revision, trust_remote_code=model.trust_remote_code)
+    except (OSError, ValueError) as error:
+        raise ModelError(
+            f"model.name_or_path: no config reachable for '{source}' ({str(error).splitlines()[0]}).",
+            hint="Estimate offline with a preset of the same shape (--set model.preset=llama-3.1-8b "
+            "--set model.name_or_path=null), or a local folder with config.json; `ftune presets` lists them.",
+        ) from None
+    return Shape.from_config(config.to_dict())

@@ -1,0 +1,92 @@
+"""The memory model against the GPU's measurements, and estimate-vram on the command line."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+from ftune.cli import main
+from ftune.memory.estimate import GiB, Setting, Shape, estimate, longest_sequence, model_shape
+from ftune.presets import PRESETS
+from tests.conftest import QUICKSTART, REPO
+
+GRID = json.loads((Path(__file__).parent / "fixtures" / "memory_grid.json").read_text())["cells"]
+
+
+@pytest.mark.parametrize("cell", GRID, ids=lambda c: f"{c['preset']}-{c['mode']}-{c['seq']}")
+def test_estimate_within_5_percent_of_measured(cell):
+    shape = Shape.from_config(PRESETS[cell["preset"]])
+    setting = Setting(mode=cell["mode"], seq=cell["seq"], batch=cell["batch"], fused_loss=cell["kernels"],
+                      host_embeddings=cell["host_embeddings"])
+    predicted = estimate(shape, setting).peak / GiB
+    assert abs(predicted / cell["measured_peak_gib"] - 1) <= 0.05, (predicted, cell)
+
+
+def test_grid_holds_both_offloading_and_recompute_cells():
+    assert {c["mode"] for c in GRID} >= {"true", "unsloth"} and len(GRID) >= 7
+
+
+def test_exact_parts_of_the_8b_shape():
+    shape = Shape.from_config(PRESETS["llama-3.1-8b"])
+    parts = estimate(shape, Setting(mode="unsloth", seq=8192))
+    assert parts.quantized_weights == 6_979_321_856 // 2  # 4-bit blocks of the 224 projections
+    assert parts.embedding_host == 128256 * 4096 * 2
+    assert parts.checkpoints_host == 32 * 8192 * 4096 * 2
+    assert parts.lora_parameters == 41_943_040 * 4
+
+
+def test_modes_order_and_longest_sequence():
+    shape = Shape.from_config(PRESETS["llama-3.1-8b"])
+    peaks = {mode: estimate(shape, Setting(mode=mode, seq=8192, host_embeddings=mode == "unsloth")).peak
+             for mode in ("none", "true", "unsloth")}
+    assert peaks["none"] > peaks["true"] > peaks["unsloth"]
+    longest = longest_sequence(shape, Setting(mode="unsloth"), 24 * GiB)
+    assert 151552 <= longest < 189440  # measured: 151552 trains in a 24 GiB cap, 189440 does not
+    assert estimate(shape, Setting(mode="unsloth", seq=longest)).peak <= 24 * GiB
+
+
+def test_shape_from_a_local_config(tmp_path):
+    from ftune.recipe import load_recipe
+
+    (tmp_path / "config.json").write_text(json.dumps(PRESETS["qwen2.5-7b"]))
+    recipe = load_recipe(QUICKSTART, ["model.preset=null", f"model.name_or_path={tmp_path}"])
+    shape = model_shape(recipe)
+    assert (shape.hidden, shape.layers, shape.kv_heads, shape.qkv_bias) == (3584, 28, 4, True)
+
+
+def run_cli(monkeypatch, capsys, *args):
+    monkeypatch.setattr(sys, "argv", ["ftune", *args])
+    with pytest.raises(SystemExit) as caught:
+        main()
+    out = capsys.readouterr()
+    return caught.value.code, out.out, out.err
+
+
+def test_estimate_vram_json(monkeypatch, capsys):
+    recipe = REPO / "recipes" / "qlora-llama3-8b.yaml"
+    code, out, _ = run_cli(monkeypatch, capsys, "estimate-vram", str(recipe), "--set", "model.preset=llama-3.1-8b",
+                           "--set", "model.name_or_path=null", "--set", "model.tokenizer=x", "--seq", "8192",
+                           "--vram", "24GiB", "--json")
+    assert code in (0, None)
+    data = json.loads(out)
+    modes = {m["mode"]: m for m in data["modes"]}
+    assert set(modes) == {"none", "true", "unsloth"}
+    assert abs(modes["unsloth"]["peak"] / GiB - 6.15) < 0.3
+    assert modes["unsloth"]["longest_seq"] > modes["true"]["longest_seq"] > modes["none"]["longest_seq"]
+
+
+def test_estimate_vram_table_and_bad_budget(monkeypatch, capsys):
+    code, _, err = run_cli(monkeypatch, capsys, "estimate-vram", str(QUICKSTART), "--vram", "lots")
+    assert code == 2 and "--vram" in err and "24GiB" in err
+    code, out, _ = run_cli(monkeypatch, capsys, "estimate-vram", str(QUICKSTART), "--vram", "1GiB")
+    assert code in (0, None)
+    assert "unsloth" in out and "peak" in out
+
+
+def test_no_config_reachable_is_a_clear_error(monkeypatch, capsys):
+    code, _, err = run_cli(monkeypatch, capsys, "estimate-vram", str(QUICKSTART), "--set", "model.preset=null",
+                           "--set", "model.name_or_path=some-org/not-a-cached-model")
+    assert code == 3 and "no config reachable" in err and "Traceback" not in err
