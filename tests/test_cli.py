@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 import subprocess
 from pathlib import Path
 import sys
@@ -118,8 +117,8 @@ def test_hub_model_without_network_is_a_clear_error(tmp_path, monkeypatch, capsy
     assert "model.name_or_path" in output and "could not load" in output and "Traceback" not in output
 
 
-def test_live_panel_renders_step_loss_and_memory():
-    """On a terminal the reporter draws a rich panel; its content is what metrics.jsonl holds."""
+def test_live_panel_renders_step_loss_and_memory(tmp_path):
+    """On a terminal the reporter runs a rich Live panel; its content is what metrics.jsonl holds."""
     import io
 
     import torch
@@ -129,19 +128,19 @@ def test_live_panel_renders_step_loss_and_memory():
     from ftune.engine.checkpoint import CheckpointingEngine
     from ftune.reports import LiveReporter
 
-    stream = io.StringIO()
-    console = Console(file=stream, force_terminal=True, width=120)
+    console = Console(file=io.StringIO(), force_terminal=True, width=120)
     engine = CheckpointingEngine(mode="unsloth", policies=[], device=torch.device("cpu"), copier=None)
-    import tempfile
-
-    with tempfile.TemporaryDirectory() as folder:
-        reporter = LiveReporter(folder, engine, title="panel", console=console)
-        state = TrainerState(max_steps=10, global_step=0)
-        reporter.on_train_begin(None, state, TrainerControl())
-        state.global_step, state.num_input_tokens_seen = 4, 4096
-        reporter.on_log(None, state, TrainerControl(), logs={"loss": 1.2345, "learning_rate": 1e-4})
-        reporter.close(state)
-        line = (Path(folder) / "metrics.jsonl").read_text()
-    text = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", stream.getvalue())  # without the terminal's colour codes
-    assert "ftune · panel" in text and "4/10" in text and "1.2345" in text and "RSS" in text
+    reporter = LiveReporter(tmp_path, engine, title="panel", console=console)
+    state = TrainerState(max_steps=10, global_step=0)
+    reporter.on_train_begin(None, state, TrainerControl())
+    assert reporter.live is not None
+    state.global_step, state.num_input_tokens_seen = 4, 4096
+    reporter.on_log(None, state, TrainerControl(), logs={"loss": 1.2345, "learning_rate": 1e-4})
+    frame = Console(file=io.StringIO(), width=120, color_system=None)
+    frame.print(reporter._render(state))
+    reporter.close(state)
+    text = frame.file.getvalue()
+    for expected in ("ftune · panel", "step", "4/10", "loss", "1.2345", "1.00e-04", "tokens/s", "RSS"):
+        assert expected in text, expected
+    line = (tmp_path / "metrics.jsonl").read_text()
     assert '"loss": 1.2345' in line and "mem_rss_gib" in line
