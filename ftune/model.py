@@ -13,6 +13,7 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import psutil
 import torch
 import transformers
 from peft import LoraConfig, PeftModel, get_peft_model
@@ -20,10 +21,12 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
 from ftune.engine import CheckpointingEngine, install_checkpointing
 from ftune.engine.embedding import move_embeddings_to_host
+from ftune.engine.planner import NoPlanFits, Plan, measure_host_link, plan_smart
 from ftune.errors import ModelError
 from ftune.kernels import KERNELS, apply_kernels, kernel_support
+from ftune.memory.estimate import GiB, Setting, model_shape
 from ftune.presets import PRESETS, preset_config
-from ftune.recipe import Recipe
+from ftune.recipe import Recipe, parse_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -41,6 +44,7 @@ class BuiltModel:
     engine: CheckpointingEngine
     kernels: dict[str, bool] = field(default_factory=dict)
     source: str = ""
+    plan: Plan | None = None
 
 
 def pick_device() -> torch.device:
@@ -168,7 +172,7 @@ def add_lora(model: PreTrainedModel, recipe: Recipe) -> PeftModel:
 
 
 def build_model(recipe: Recipe, device: torch.device | None = None, *, tokenizer: PreTrainedTokenizerBase | None = None,
-                with_tokenizer: bool = True) -> BuiltModel:
+                with_tokenizer: bool = True, plan: Plan | None = None) -> BuiltModel:
     """The model of a recipe, ready for a trainer (benchmarks on random ids need no tokenizer)."""
     device = device or pick_device()
     if tokenizer is None and with_tokenizer:
@@ -183,11 +187,40 @@ def build_model(recipe: Recipe, device: torch.device | None = None, *, tokenizer
     transformers.set_seed(recipe.training.seed)  # the adapter's initialization depends on the seed alone
     model = add_lora(base, recipe)
     kernels = patch_kernels(model, recipe, device)
-    engine = install_checkpointing(model, recipe.checkpointing.mode)
+    if recipe.checkpointing.mode == "smart":
+        plan = plan or smart_plan(recipe, device)
+        engine = install_checkpointing(model, "smart", plan.policies)
+    else:
+        engine = install_checkpointing(model, recipe.checkpointing.mode)
     if wants_host_embeddings(recipe, device):
         engine.host_embedding_bytes = move_embeddings_to_host(model, device)
     return BuiltModel(model=model, tokenizer=tokenizer, device=device, dtype=dtype, engine=engine, kernels=kernels,
-                      source=source)
+                      source=source, plan=plan if recipe.checkpointing.mode == "smart" else None)
+
+
+def smart_plan(recipe: Recipe, device: torch.device | None = None) -> Plan:
+    """Mode smart's per-layer plan for this recipe and card, before any weights are loaded."""
+    device = device or pick_device()
+    shape = model_shape(recipe)
+    setting = Setting.from_recipe(recipe, cuda=device.type == "cuda")
+    if recipe.checkpointing.budget is not None:
+        budget = parse_bytes(recipe.checkpointing.budget)
+    elif device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        budget = free - max(GiB, free // 12)  # the CUDA context, the allocator's slack and other processes
+    else:
+        budget = psutil.virtual_memory().available // 2
+    try:
+        return plan_smart(shape, setting, budget, host_available=int(psutil.virtual_memory().available * 0.8),
+                          link_gbps=measure_host_link(device))
+    except NoPlanFits as error:
+        longest = f"the longest sequence that would fit is about {error.longest:,} tokens" if error.longest else \
+            "not even the weights and optimizer states fit"
+        raise ModelError(
+            f"checkpointing.budget: {error}; {longest}.",
+            hint="Lower data.max_length or training.batch_size, raise checkpointing.budget, or use a larger card. "
+            "`ftune estimate-vram RECIPE --vram SIZE` shows the breakdown.",
+        ) from None
 
 
 def patch_kernels(model: PeftModel, recipe: Recipe, device: torch.device) -> dict[str, bool]:

@@ -76,6 +76,7 @@ def test_estimate_vram_json(monkeypatch, capsys):
     assert set(modes) == {"none", "true", "unsloth"}
     assert abs(modes["unsloth"]["peak"] / GiB - 6.15) < 0.3
     assert modes["unsloth"]["longest_seq"] > modes["true"]["longest_seq"] > modes["none"]["longest_seq"]
+    assert data["smart"]["peak"] <= 24 * GiB and sum(data["smart"]["plan"].values()) == 32
 
 
 def test_estimate_vram_table_and_bad_budget(monkeypatch, capsys):

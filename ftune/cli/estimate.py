@@ -12,6 +12,7 @@ from rich.console import Console
 from rich.table import Table
 
 from ftune.cli.app import app
+from ftune.engine.planner import NoPlanFits, plan_smart
 from ftune.errors import RecipeError
 from ftune.memory.estimate import Estimate, GiB, Setting, estimate, largest_batch, longest_sequence, model_shape
 from ftune.memory.monitor import format_bytes
@@ -58,11 +59,21 @@ def estimate_vram(
         results.append((row, parts))
     report = {"model": recipe.model.preset or recipe.model.name_or_path, "shape": shape.__dict__,
               "seq": seq or recipe.data.max_length, "batch": batch or recipe.training.batch_size,
-              "vram": budget, "modes": [row for row, _ in results]}
+              "vram": budget, "modes": [row for row, _ in results], "smart": None}
+    if budget is not None:
+        setting = Setting.from_recipe(recipe, mode="smart")
+        setting = replace(setting, seq=seq or setting.seq, batch=batch or setting.batch)
+        try:
+            plan = plan_smart(shape, setting, budget)
+            report["smart"] = {"plan": plan.counts(), "peak": plan.peak, "host": plan.host, "text": plan.describe()}
+        except NoPlanFits as error:
+            report["smart"] = {"plan": None, "text": f"smart: {error}"}
     if as_json:
         typer.echo(json.dumps(report, indent=2))
         return
     _print_table(report, results, budget)
+    if report["smart"] is not None:
+        Console().print(report["smart"]["text"])
 
 
 def _parse_vram(text: str | None) -> int | None:

@@ -22,7 +22,7 @@ from ftune.data import check_rows, load_training_data
 from ftune.errors import Interrupted, NonFiniteLoss
 from ftune.guards import GracefulStop, NonFiniteLossGuard, host_memory_shortfall, out_of_memory
 from ftune.memory.monitor import GiB, snapshot
-from ftune.model import BuiltModel, build_model, load_tokenizer
+from ftune.model import BuiltModel, build_model, load_tokenizer, smart_plan
 from ftune.outputs import (
     RECIPE_FILE,
     SUMMARY_FILE,
@@ -63,7 +63,10 @@ def train(recipe: Recipe, *, overwrite: bool = False, console: Console | None = 
     shortfall = host_memory_shortfall(recipe, cuda=torch.cuda.is_available())
     if shortfall:
         console.print(f"[yellow]warning:[/] {shortfall}")
-    built = build_model(recipe, tokenizer=tokenizer)
+    plan = smart_plan(recipe) if recipe.checkpointing.mode == "smart" else None  # fails before loading
+    if plan is not None:
+        console.print(f"[bold]ftune[/] {plan.describe()}")
+    built = build_model(recipe, tokenizer=tokenizer, plan=plan)
     console.print(f"[bold]ftune[/] {built.source} on {built.device} · {built.engine.describe()}")
 
     if resume_from is None:
