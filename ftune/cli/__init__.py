@@ -12,7 +12,7 @@ import sys
 
 from ftune.errors import FtuneError
 
-from ftune.cli import estimate, presets, train, validate  # noqa: E402,F401  (register the commands)
+from ftune.cli import compare, estimate, presets, train, validate  # noqa: E402,F401  (register the commands)
 from ftune.cli.app import app, err_console, report_error
 
 
