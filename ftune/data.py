@@ -69,7 +69,15 @@ class RowReport:
 def _is_empty(row: dict, data_format: str, index: int, source: str) -> bool:
     if data_format == "messages":
         messages = row["messages"]
-        if messages is None or len(messages) == 0:
+        if messages is None:
+            return True
+        if not isinstance(messages, list):
+            raise DataError(
+                f"data.source {source}, row {index}: 'messages' must be a list of {{role, content}}, found "
+                f"{type(messages).__name__} {str(messages)[:60]!r}.",
+                hint="Each row looks like {\"messages\": [{\"role\": \"user\", \"content\": \"...\"}, ...]}.",
+            )
+        if not messages:
             return True
         for turn in messages:
             if not isinstance(turn, dict) or "role" not in turn or not isinstance(turn.get("content"), str):
