@@ -83,7 +83,7 @@ def _flatten(data: Any, prefix: str = "") -> dict[str, Any]:
 
 def recipe_differences(saved: dict[str, Any], current: Recipe) -> list[str]:
     """Keys whose values differ between a run's saved recipe and this one (resumable keys aside)."""
-    before, after = _flatten(saved), _flatten(current.model_dump(mode="json"))
+    before, after = _flatten(saved), _flatten(current.resolved())
     keys = sorted(set(before) | set(after))
     return [k for k in keys if before.get(k) != after.get(k) and k not in RESUMABLE_CHANGES]
 

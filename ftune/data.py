@@ -17,11 +17,15 @@ from datasets.exceptions import DatasetNotFoundError
 from ftune.errors import DataError
 from ftune.recipe import DATA_FILE_SUFFIXES, Recipe, looks_like_local_path
 
+# The columns each format needs (TRL's names); a preference row may also carry a prompt.
 FORMAT_COLUMNS = {
     "messages": ("messages",),
     "prompt_completion": ("prompt", "completion"),
     "text": ("text",),
+    "preference": ("chosen", "rejected"),
+    "prompt": ("prompt",),
 }
+WORKFLOW_FORMATS = {"sft": ("messages", "prompt_completion", "text"), "dpo": ("preference",), "grpo": ("prompt",)}
 
 
 def load_training_data(recipe: Recipe) -> tuple[Dataset, str]:
@@ -36,14 +40,16 @@ def load_training_data(recipe: Recipe) -> tuple[Dataset, str]:
             hint=f"Its columns are {dataset.column_names}.",
         )
     dataset = dataset.rename_columns(renames)
-    data_format = detect_format(dataset.column_names, data.format, source=data.source)
+    data_format = detect_format(dataset.column_names, data.format, source=data.source, workflow=recipe.workflow)
     if data.limit is not None:
         dataset = dataset.select(range(min(data.limit, len(dataset))))
     if len(dataset) == 0:
         raise DataError(f"data.source {data.source} has no rows in split '{data.split}'.",
                         hint="Check the file and data.split.")
-    extra = [c for c in dataset.column_names if c not in FORMAT_COLUMNS[data_format]]
-    return dataset.remove_columns(extra), data_format
+    if data_format == "prompt":
+        return dataset, data_format  # GRPO hands every column to the reward functions (e.g. `answer`)
+    keep = FORMAT_COLUMNS[data_format] + (("prompt",) if data_format == "preference" else ())
+    return dataset.remove_columns([c for c in dataset.column_names if c not in keep]), data_format
 
 
 @dataclass
@@ -66,43 +72,55 @@ class RowReport:
         return ", ".join(parts)
 
 
-def _is_empty(row: dict, data_format: str, index: int, source: str) -> bool:
-    if data_format == "messages":
-        messages = row["messages"]
-        if messages is None:
-            return True
-        if not isinstance(messages, list):
-            raise DataError(
-                f"data.source {source}, row {index}: 'messages' must be a list of {{role, content}}, found "
-                f"{type(messages).__name__} {str(messages)[:60]!r}.",
-                hint="Each row looks like {\"messages\": [{\"role\": \"user\", \"content\": \"...\"}, ...]}.",
-            )
-        if not messages:
-            return True
-        for turn in messages:
+_MESSAGES_HINT = 'A chat value looks like [{"role": "user", "content": "..."}, ...].'
+
+
+def _is_empty_value(value, column: str, index: int, source: str) -> bool:
+    """Whether a text or chat value is empty; a value of any other type is a DataError."""
+    if value is None:
+        return True
+    if isinstance(value, str):
+        return not value.strip()
+    if isinstance(value, list):
+        for turn in value:
             if not isinstance(turn, dict) or "role" not in turn or not isinstance(turn.get("content"), str):
                 raise DataError(
-                    f"data.source {source}, row {index}: 'messages' must be a list of {{role, content}} with text "
-                    f"content; found {str(turn)[:80]!r}.",
-                    hint="Each row looks like {\"messages\": [{\"role\": \"user\", \"content\": \"...\"}, ...]}.",
-                )
-        return all(not turn["content"].strip() for turn in messages)
-    values = [row[column] for column in FORMAT_COLUMNS[data_format]]
-    for column, value in zip(FORMAT_COLUMNS[data_format], values):
-        if value is not None and not isinstance(value, str):
-            raise DataError(
-                f"data.source {source}, row {index}: column '{column}' must hold text, found {type(value).__name__} "
-                f"{str(value)[:60]!r}.",
-                hint="Convert that column to strings, or map another column with data.fields.",
-            )
-    return any(value is None or not value.strip() for value in values)
+                    f"data.source {source}, row {index}: '{column}' must be text or a list of {{role, content}} "
+                    f"with text content; found {str(turn)[:80]!r}.", hint=_MESSAGES_HINT)
+        return all(not turn["content"].strip() for turn in value)
+    raise DataError(
+        f"data.source {source}, row {index}: '{column}' must be text or a list of {{role, content}}, found "
+        f"{type(value).__name__} {str(value)[:60]!r}.",
+        hint=f"Convert that column, or map another column with data.fields. {_MESSAGES_HINT}")
+
+
+def _is_empty(row: dict, data_format: str, index: int, source: str) -> bool:
+    if data_format == "messages" and row["messages"] is not None and not isinstance(row["messages"], list):
+        _is_empty_value(row["messages"], "messages", index, source)  # raises: a chat must be a list
+    if data_format == "text" and row["text"] is not None and not isinstance(row["text"], str):
+        raise DataError(f"data.source {source}, row {index}: column 'text' must hold text, found "
+                        f"{type(row['text']).__name__} {str(row['text'])[:60]!r}.",
+                        hint="Convert that column to strings, or map another column with data.fields.")
+    columns = FORMAT_COLUMNS[data_format]
+    return any(_is_empty_value(row[column], column, index, source) for column in columns)
+
+
+def _length(value, tokenizer) -> int:
+    if isinstance(value, list):
+        return len(tokenizer.apply_chat_template(value, tokenize=True, return_dict=False))
+    return len(tokenizer(value)["input_ids"])
 
 
 def _token_length(row: dict, data_format: str, tokenizer) -> int:
     if data_format == "messages":
-        return len(tokenizer.apply_chat_template(row["messages"], tokenize=True, return_dict=False))
+        return _length(row["messages"], tokenizer)
     if data_format == "prompt_completion":
         return len(tokenizer(row["prompt"] + row["completion"])["input_ids"]) + 1
+    if data_format == "preference":
+        prompt = _length(row["prompt"], tokenizer) if row.get("prompt") else 0
+        return prompt + max(_length(row["chosen"], tokenizer), _length(row["rejected"], tokenizer))
+    if data_format == "prompt":
+        return _length(row["prompt"], tokenizer)
     return len(tokenizer(row["text"])["input_ids"]) + 1  # TRL appends the end-of-sequence token
 
 
@@ -133,7 +151,8 @@ def check_rows(dataset: Dataset, data_format: str, tokenizer, recipe: Recipe) ->
     return dataset, report
 
 
-def detect_format(columns: list[str], requested: str, *, source: str) -> str:
+def detect_format(columns: list[str], requested: str, *, source: str, workflow: str = "sft") -> str:
+    """The data's format: the requested one (checked), or the first of the workflow's that matches."""
     if requested != "auto":
         needed = [c for c in FORMAT_COLUMNS[requested] if c not in columns]
         if needed:
@@ -143,13 +162,14 @@ def detect_format(columns: list[str], requested: str, *, source: str) -> str:
                 hint="Map your columns with data.fields, e.g. fields: {" + f"{needed[0]}: your_column" + "}.",
             )
         return requested
-    for name, needed in FORMAT_COLUMNS.items():
-        if all(c in columns for c in needed):
+    for name in WORKFLOW_FORMATS[workflow]:
+        if all(c in columns for c in FORMAT_COLUMNS[name]):
             return name
+    wanted = {"sft": "a 'text' column, 'prompt' and 'completion', or 'messages'",
+              "dpo": "'chosen' and 'rejected' (and optionally 'prompt')", "grpo": "a 'prompt' column"}[workflow]
     raise DataError(
-        f"data.source {source} has columns {columns}, which match no format: a 'text' column, "
-        "'prompt' and 'completion', or 'messages'.",
-        hint="Map your columns with data.fields, e.g. fields: {text: body}, or set data.format.",
+        f"data.source {source} has columns {columns}; the {workflow} workflow needs {wanted}.",
+        hint="Map your columns with data.fields, e.g. fields: {chosen: good, rejected: bad}, or set data.format.",
     )
 
 
@@ -172,7 +192,7 @@ def _load(recipe: Recipe) -> Dataset:
             raise DataError(f"data.source: path does not exist: {path}",
                             hint="Relative paths are resolved against the recipe's folder.")
         else:
-            loaded = load_dataset(source, split=data.split)
+            loaded = load_dataset(source, data.subset, split=data.split)
     except DataError:
         raise
     except (DatasetNotFoundError, FileNotFoundError, ConnectionError) as error:

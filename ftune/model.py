@@ -151,6 +151,15 @@ def load_tokenizer(recipe: Recipe) -> PreTrainedTokenizerBase:
 
 
 def add_lora(model: PreTrainedModel, recipe: Recipe) -> PeftModel:
+    """A new LoRA adapter from the recipe, or the existing one that model.adapter names (trainable)."""
+    if recipe.model.adapter is not None:
+        path = recipe.resolve_input(recipe.model.adapter)
+        try:
+            return PeftModel.from_pretrained(model, path, is_trainable=True)
+        except (OSError, ValueError) as error:
+            raise ModelError(f"model.adapter: could not load a PEFT adapter from {path}: {_first_line(error)}",
+                             hint="Point it at a folder with adapter_config.json, such as an earlier run's output_dir "
+                             "(the DPO and GRPO quickstarts continue `ftune train recipes/quickstart.yaml`).") from None
     lora = recipe.lora
     config = LoraConfig(
         r=lora.r,

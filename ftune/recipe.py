@@ -48,6 +48,9 @@ class ModelSection(_Section):
     tokenizer: str | None = Field(
         None, description="Tokenizer directory or hub id. Defaults to name_or_path; required with preset."
     )
+    adapter: str | None = Field(
+        None, description="A PEFT adapter folder to continue training (e.g. an earlier run's output_dir)."
+    )
     revision: str | None = Field(None, description="Hub revision (branch, tag or commit).")
     trust_remote_code: bool = Field(False, description="Run model code shipped with a hub repository.")
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
@@ -165,6 +168,46 @@ class SFTSection(_Section):
     )
 
 
+class DPOSection(_Section):
+    """Options of the dpo workflow (TRL's DPOTrainer). The reference model is the base model with
+    the adapter disabled: no second copy of the weights."""
+
+    beta: float = Field(0.1, gt=0, description="Strength of the pull towards the reference model.")
+    loss_type: str = Field("sigmoid", description="TRL's DPO loss: sigmoid, ipo, hinge, robust, apo_zero, ...")
+    label_smoothing: float = Field(0.0, ge=0, lt=0.5, description="Conservative DPO's assumed label noise.")
+
+
+BUILTIN_REWARDS = ("exact_answer", "format", "length_penalty")
+
+
+class GRPOSection(_Section):
+    """Options of the grpo workflow (TRL's GRPOTrainer)."""
+
+    rewards: list[str] = Field(
+        default_factory=lambda: ["exact_answer"],
+        description="Reward functions: built-in exact_answer (the completion's last number or word equals the "
+        "data's `answer` column), format (the completion matches format_pattern), length_penalty; or your "
+        "own as module:function (this imports and runs your code).",
+    )
+    reward_weights: list[float] | None = Field(None, description="One weight per reward (default: all 1).")
+    format_pattern: str = Field(r"\S", description="Regular expression the format reward looks for.")
+    num_generations: int = Field(4, ge=2, description="Completions sampled per prompt (the group).")
+    max_completion_length: int = Field(64, gt=0, description="Longest completion, in tokens.")
+    temperature: float = Field(1.0, gt=0, description="Sampling temperature of the generations.")
+    beta: float = Field(0.0, ge=0, description="KL penalty towards the reference model (0: none, no reference pass).")
+
+    @field_validator("rewards")
+    @classmethod
+    def _known_rewards(cls, value: list[str]) -> list[str]:
+        if not value:
+            raise ValueError("name at least one reward")
+        for name in value:
+            if name not in BUILTIN_REWARDS and not re.fullmatch(r"[\w.]+:\w+", name):
+                raise ValueError(f"reward {name!r} is neither built in ({', '.join(BUILTIN_REWARDS)}) "
+                                 "nor module:function")
+        return value
+
+
 class DataSection(_Section):
     """The training data (datasets)."""
 
@@ -172,11 +215,12 @@ class DataSection(_Section):
         ...,
         description="A local .json/.jsonl/.parquet/.csv file, a folder of them, or a hub dataset id.",
     )
+    subset: str | None = Field(None, description="A hub dataset's configuration (subset), e.g. main for openai/gsm8k.")
     split: str = Field("train", description="Split to train on.")
-    format: Literal["auto", "text", "prompt_completion", "messages"] = Field(
+    format: Literal["auto", "text", "prompt_completion", "messages", "preference", "prompt"] = Field(
         "auto",
-        description="TRL dataset format: text (a text column), prompt_completion, or messages (chat); "
-        "auto detects it from the columns.",
+        description="TRL dataset format: text, prompt_completion or messages (chat) for sft; preference "
+        "(chosen/rejected, with or without a prompt) for dpo; prompt for grpo; auto detects it.",
     )
     fields: dict[str, str] = Field(
         default_factory=dict,
@@ -191,7 +235,7 @@ class DataSection(_Section):
     @field_validator("fields")
     @classmethod
     def _known_fields(cls, value: dict[str, str]) -> dict[str, str]:
-        known = {"text", "prompt", "completion", "messages"}
+        known = {"text", "prompt", "completion", "messages", "chosen", "rejected", "answer"}
         unknown = sorted(set(value) - known)
         if unknown:
             raise ValueError(f"unknown field name(s) {unknown}; the names a format uses are {sorted(known)}")
@@ -234,8 +278,10 @@ class Recipe(_Section):
     lora: LoraSection = Field(default_factory=LoraSection)
     checkpointing: CheckpointingSection = Field(default_factory=CheckpointingSection)
     kernels: KernelsSection = Field(default_factory=KernelsSection)
-    workflow: Literal["sft"] = Field("sft", description="The training workflow.")
+    workflow: Literal["sft", "dpo", "grpo"] = Field("sft", description="The training workflow.")
     sft: SFTSection = Field(default_factory=SFTSection)
+    dpo: DPOSection = Field(default_factory=DPOSection)
+    grpo: GRPOSection = Field(default_factory=GRPOSection)
     data: DataSection = Field(..., description="The training data.")
     training: TrainingSection = Field(default_factory=TrainingSection)
 
@@ -256,8 +302,13 @@ class Recipe(_Section):
             return str(candidate.resolve())
         return value
 
+    def resolved(self) -> dict[str, Any]:
+        """Every key with its value (defaults filled in), without the other workflows' sections."""
+        others = {"sft", "dpo", "grpo"} - {self.workflow}
+        return self.model_dump(mode="json", exclude=others)
+
     def to_yaml(self) -> str:
-        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+        return yaml.safe_dump(self.resolved(), sort_keys=False)
 
 
 def looks_like_local_path(value: str) -> bool:
@@ -428,6 +479,18 @@ def combination_problems(recipe: Recipe, *, check_paths: bool = True) -> list[tu
     training = recipe.training
     if training.max_steps is not None and training.epochs is not None:
         problems.append(("training.epochs", "set max_steps or epochs, not both"))
+    for section in ("sft", "dpo", "grpo"):
+        if section != recipe.workflow and getattr(recipe, section).model_fields_set:
+            problems.append((section, f"options of the {section} workflow, but workflow is {recipe.workflow}"))
+    expected_formats = {"sft": ("text", "prompt_completion", "messages"), "dpo": ("preference",), "grpo": ("prompt",)}
+    if recipe.data.format != "auto" and recipe.data.format not in expected_formats[recipe.workflow]:
+        problems.append(("data.format", f"the {recipe.workflow} workflow takes "
+                         f"{' or '.join(expected_formats[recipe.workflow])} data, not {recipe.data.format}"))
+    weights = recipe.grpo.reward_weights
+    if weights is not None and len(weights) != len(recipe.grpo.rewards):
+        problems.append(("grpo.reward_weights", f"{len(weights)} weights for {len(recipe.grpo.rewards)} rewards"))
+    if recipe.model.adapter is not None and "lora" in recipe.model_fields_set:
+        problems.append(("lora", "model.adapter continues an existing adapter, whose own LoRA settings apply"))
     if recipe.sft.assistant_only_loss and recipe.data.format in ("text", "prompt_completion"):
         problems.append(("sft.assistant_only_loss", f"needs messages data, but data.format is {recipe.data.format}"))
     if recipe.sft.completion_only_loss and recipe.data.format in ("text", "messages"):
@@ -449,4 +512,6 @@ def _input_paths(recipe: Recipe) -> list[tuple[str, str]]:
         paths.append(("model.name_or_path", recipe.model.name_or_path))
     if recipe.model.tokenizer:
         paths.append(("model.tokenizer", recipe.model.tokenizer))
+    # model.adapter is not checked here: it is often the output of a run that comes first (the DPO
+    # and GRPO quickstarts continue the SFT quickstart); loading it reports a missing folder.
     return paths

@@ -19,6 +19,10 @@ from ftune.engine import CheckpointingEngine
 from ftune.memory.monitor import MemorySnapshot, snapshot
 
 METRICS_FILE = "metrics.jsonl"
+_RECORDED = {"loss", "learning_rate", "grad_norm", "epoch", "num_input_tokens_seen", "num_tokens"}
+# Workflow numbers worth a line on the panel, when the trainer logs them.
+PANEL_METRICS = {"mean_token_accuracy": "token accuracy", "rewards/margins": "reward margin",
+                 "rewards/accuracies": "reward accuracy", "reward": "mean reward"}
 
 
 class LiveReporter(TrainerCallback):
@@ -68,7 +72,8 @@ class LiveReporter(TrainerCallback):
             "tokens": tokens,
             "tokens_per_s": round((tokens - last_tokens) / (now - last_time), 1) if now > last_time else None,
             "elapsed_s": round(now - self.started, 3),
-            **{k: v for k, v in logs.items() if k in ("entropy", "mean_token_accuracy")},
+            # the workflow's own numbers: token accuracy (sft), reward margins (dpo), mean reward (grpo)
+            **{k: v for k, v in logs.items() if k not in _RECORDED and isinstance(v, (int, float))},
             **self._memory.as_metrics(),
         }
         self.last = record
@@ -109,6 +114,9 @@ class LiveReporter(TrainerCallback):
             parts.append(f"lr {record['learning_rate']:.2e}")
         if record.get("tokens_per_s"):
             parts.append(f"{record['tokens_per_s']:.0f} tok/s")
+        for key, label in PANEL_METRICS.items():
+            if record.get(key) is not None:
+                parts.append(f"{label} {record[key]:.4f}")
         parts.append(f"eta {self._eta(state)}")
         if self._memory is not None:
             parts.append(self._memory.headline())
@@ -124,6 +132,9 @@ class LiveReporter(TrainerCallback):
         table.add_row("loss", _fmt(record.get("loss"), ".4f"))
         table.add_row("learning rate", _fmt(record.get("learning_rate"), ".2e"))
         table.add_row("tokens/s", _fmt(record.get("tokens_per_s"), ",.0f"))
+        for key, label in PANEL_METRICS.items():
+            if record.get(key) is not None:
+                table.add_row(label, _fmt(record[key], ".4f"))
         elapsed = time.perf_counter() - self.started if self.started else 0.0
         table.add_row("elapsed · eta", f"{_duration(elapsed)} · {self._eta(state)}")
         memory = self._memory or snapshot(self.engine.device, self.engine.host_bytes())

@@ -2,6 +2,9 @@
 
 Writes data/quickstart/:
   sft.jsonl      chat examples ("messages") of small arithmetic and word tasks
+  dpo.jsonl      arithmetic preferences: the right sum (chosen) against a wrong one (rejected), wrong
+                 in ways a small model can learn to avoid (off by ten, or ten times too large)
+  grpo.jsonl     arithmetic prompts with their `answer`, for the exact-answer reward
   tokenizer/     a byte-level BPE tokenizer of 512 tokens trained on that text, with a ChatML
                  chat template (assistant turns in generation markers, for assistant-only loss)
 
@@ -67,6 +70,33 @@ def make_examples(count: int, seed: int) -> list[dict]:
     return examples
 
 
+def preference_examples(count: int, seed: int) -> list[dict]:
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(count):
+        a, b = rng.randint(0, 99), rng.randint(0, 99)
+        wrong = rng.choice([(a + b) * 10, a + b + 10, abs(a - b)])
+        rows.append({"prompt": [{"role": "user", "content": f"What is {a} + {b}?"}],
+                     "chosen": [{"role": "assistant", "content": f"{a} + {b} = {a + b}"}],
+                     "rejected": [{"role": "assistant", "content": f"{a} + {b} = {wrong}"}]})
+    return rows
+
+
+def prompt_examples(count: int, seed: int) -> list[dict]:
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(count):
+        a, b = rng.randint(0, 99), rng.randint(0, 99)
+        rows.append({"prompt": [{"role": "user", "content": f"What is {a} + {b}?"}], "answer": str(a + b)})
+    return rows
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> None:
+    with open(path, "w") as handle:
+        for row in rows:
+            handle.write(json.dumps(row) + "\n")
+
+
 def train_tokenizer(texts: list[str]) -> PreTrainedTokenizerFast:
     tokenizer = Tokenizer(models.BPE())
     # Digits one by one, so numbers share tokens (arithmetic is learnable); byte-level for the rest.
@@ -94,9 +124,10 @@ def main() -> None:
 
     examples = make_examples(args.count, args.seed)
     args.out.mkdir(parents=True, exist_ok=True)
-    with open(args.out / "sft.jsonl", "w") as handle:
-        for example in examples:
-            handle.write(json.dumps(example) + "\n")
+    write_jsonl(args.out / "sft.jsonl", examples)
+    # Their own seeds, so that sft.jsonl (and the tokenizer trained on it) stay as they were.
+    write_jsonl(args.out / "dpo.jsonl", preference_examples(500, args.seed + 1))
+    write_jsonl(args.out / "grpo.jsonl", prompt_examples(500, args.seed + 2))
 
     texts = [message["content"] for example in examples for message in example["messages"]]
     texts += ["user", "assistant", "system"]

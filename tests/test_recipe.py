@@ -178,3 +178,4 @@ def test_resolved_recipe_round_trips(tmp_path):
     recipe = load_recipe(QUICKSTART)
     again = Recipe.model_validate(yaml.safe_load(recipe.to_yaml()))
     assert again.model_dump() == recipe.model_dump()
+    assert "dpo" not in yaml.safe_load(recipe.to_yaml())

@@ -1,0 +1,31 @@
+"""Direct preference optimization on TRL's DPOTrainer. The reference is the base model with the
+adapter disabled (TRL does this for a PEFT model given no ref_model): no second copy of weights."""
+
+from __future__ import annotations
+
+from datasets import Dataset
+from transformers import TrainerCallback
+from trl import DPOConfig, DPOTrainer
+
+from ftune.checkpoints import AtomicCheckpoints
+from ftune.model import BuiltModel
+from ftune.recipe import Recipe
+from ftune.workflows.common import finish_trainer, trainer_arguments
+
+
+class FtuneDPOTrainer(AtomicCheckpoints, DPOTrainer):
+    """TRL's DPOTrainer whose checkpoints are written aside and renamed into place."""
+
+
+def make_trainer(recipe: Recipe, built: BuiltModel, dataset: Dataset, callbacks: list[TrainerCallback]) -> DPOTrainer:
+    options = recipe.dpo
+    config = DPOConfig(
+        **trainer_arguments(recipe, built),
+        max_length=recipe.data.max_length,
+        beta=options.beta,
+        loss_type=[options.loss_type],
+        label_smoothing=options.label_smoothing,
+    )
+    trainer = FtuneDPOTrainer(model=built.model, ref_model=None, args=config, train_dataset=dataset,
+                              processing_class=built.tokenizer, callbacks=callbacks)
+    return finish_trainer(trainer)

@@ -1,0 +1,48 @@
+"""Group relative policy optimization on TRL's GRPOTrainer.
+
+Generation runs under no_grad, so the checkpointing engine stands aside and the KV cache works;
+the policy's training forward goes through the engine as in SFT.
+"""
+
+from __future__ import annotations
+
+from datasets import Dataset
+from transformers import TrainerCallback
+from trl import GRPOConfig, GRPOTrainer
+
+from ftune.checkpoints import AtomicCheckpoints
+from ftune.errors import RecipeError
+from ftune.model import BuiltModel
+from ftune.recipe import Recipe
+from ftune.workflows.common import finish_trainer, trainer_arguments
+from ftune.workflows.rewards import reward_functions
+
+
+class FtuneGRPOTrainer(AtomicCheckpoints, GRPOTrainer):
+    """TRL's GRPOTrainer whose checkpoints are written aside and renamed into place."""
+
+
+def make_trainer(recipe: Recipe, built: BuiltModel, dataset: Dataset, callbacks: list[TrainerCallback]) -> GRPOTrainer:
+    options, training = recipe.grpo, recipe.training
+    if (training.batch_size * training.grad_accum) % options.num_generations:
+        raise RecipeError(
+            f"grpo.num_generations {options.num_generations} must divide training.batch_size x grad_accum "
+            f"({training.batch_size} x {training.grad_accum}): each prompt's group of completions is one unit.",
+            hint=f"For example training.batch_size: {options.num_generations * 2}.",
+        )
+    if "exact_answer" in options.rewards and "answer" not in dataset.column_names:
+        raise RecipeError("grpo.rewards: exact_answer needs an 'answer' column in the data.",
+                          hint=f"Its columns are {dataset.column_names}; map yours with data.fields: {{answer: ...}}.")
+    config = GRPOConfig(
+        **trainer_arguments(recipe, built),
+        num_generations=options.num_generations,
+        max_completion_length=options.max_completion_length,
+        temperature=options.temperature,
+        beta=options.beta,
+        reward_weights=options.reward_weights,
+    )
+    rewards = reward_functions(options.rewards, format_pattern=options.format_pattern,
+                               max_length=options.max_completion_length)
+    trainer = FtuneGRPOTrainer(model=built.model, reward_funcs=rewards, args=config, train_dataset=dataset,
+                               processing_class=built.tokenizer, callbacks=callbacks)
+    return finish_trainer(trainer)
