@@ -183,10 +183,13 @@ class _WrappedForward:
         # masks and rotary tables are shared by all layers.
         unit = _LayerUnit(engine, self.index, self.policy, self.forward, halves, unflatten,
                           self.uses_randomness, tensors[0].device)
-        # A tensor that requires grad makes autograd call our backward even when no input does
-        # (frozen embeddings): the layer's own LoRA weights still need their gradients.
-        anchor = _anchor(tensors[0].device)
-        outputs = _RecomputedLayer.apply(unit, anchor, *tensors)
+        # The layer's trainable parameters are inputs of the Function too: their gradients leave
+        # its backward as return values and accumulate in the outer graph, where DDP's hooks see
+        # them, instead of in a nested backward (which DDP does not expect). They also make
+        # autograd call the backward when no input requires grad (frozen embeddings below).
+        unit.n_inputs = len(tensors)
+        params = [p for p in self.layer.parameters() if p.requires_grad]
+        outputs = _RecomputedLayer.apply(unit, *tensors, *params)
         return tree_unflatten(list(outputs), unit.output_spec)
 
     def _without_cache(self, engine: CheckpointingEngine, kwargs: dict[str, Any]) -> dict[str, Any]:
@@ -197,16 +200,6 @@ class _WrappedForward:
                 engine._warned_cache = True
             kwargs = dict(kwargs, use_cache=False, past_key_values=None)
         return kwargs
-
-
-_ANCHORS: dict[torch.device, torch.Tensor] = {}
-
-
-def _anchor(device: torch.device) -> torch.Tensor:
-    if device not in _ANCHORS:
-        with torch.inference_mode(False):
-            _ANCHORS[device] = torch.zeros((), device=device, requires_grad=True)
-    return _ANCHORS[device]
 
 
 class _LayerUnit:
@@ -243,19 +236,20 @@ class _LayerUnit:
             return self.halves.forward(args[0], kwargs)
         return self.forward(*args, **kwargs)
 
-    def backward(self, inputs: list[torch.Tensor], grad_outputs: tuple[torch.Tensor, ...]) -> None:
-        """Recompute from inputs and backpropagate grad_outputs into them and the parameters."""
+    def backward(self, inputs: list[torch.Tensor], wrt: list[torch.Tensor],
+                 grad_outputs: tuple[torch.Tensor, ...]) -> list[torch.Tensor | None]:
+        """Recompute from inputs; the gradients of `wrt` (inputs needing them, then parameters)."""
         if self.halves is not None:
             args, kwargs = self.unflatten(tuple(inputs))
-            self.halves.backward(args[0], kwargs, grad_outputs[0])
-            return
+            return self.halves.backward(args[0], kwargs, grad_outputs[0], wrt)
         with torch.enable_grad():
             output = self.run(tuple(inputs))
         outputs, _ = tree_flatten(output)
         pairs = [(o, g) for o, g in zip(outputs, grad_outputs)
                  if isinstance(o, torch.Tensor) and o.requires_grad and g is not None]
-        if pairs:
-            torch.autograd.backward([o for o, _ in pairs], [g for _, g in pairs])
+        if not pairs:
+            return [None] * len(wrt)
+        return list(torch.autograd.grad([o for o, _ in pairs], wrt, [g for _, g in pairs], allow_unused=True))
 
     def prefetch_previous(self) -> None:
         previous = self.previous() if self.previous is not None else None
@@ -300,7 +294,9 @@ class _RecomputedLayer(torch.autograd.Function):
     """Forward without a graph; backward recomputes the layer and backpropagates through it."""
 
     @staticmethod
-    def forward(ctx, unit: _LayerUnit, anchor: torch.Tensor, *inputs: torch.Tensor):
+    def forward(ctx, unit: _LayerUnit, *inputs_and_params: torch.Tensor):
+        inputs = inputs_and_params[: unit.n_inputs]
+        ctx.params = inputs_and_params[unit.n_inputs:]  # the module's own parameters, alive anyway
         output = unit.run(inputs)
         leaves, spec = tree_flatten(output)
         if not all(isinstance(leaf, torch.Tensor) or leaf is None for leaf in leaves):
@@ -325,9 +321,10 @@ class _RecomputedLayer(torch.autograd.Function):
             # Bring the layer below back while this one recomputes.
             unit.prefetch_previous()
             saved = (hidden, *saved)
-        needs_grad = ctx.needs_input_grad[2:]
+        needs_grad = ctx.needs_input_grad[1: 1 + unit.n_inputs]
         inputs = [t.detach().requires_grad_(needs) if needs else t.detach() for t, needs in zip(saved, needs_grad)]
+        wanted = [t for t, needs in zip(inputs, needs_grad) if needs]
         with unit.replay_context():
-            unit.backward(inputs, grad_outputs)
-        grads = tuple(t.grad if needs else None for t, needs in zip(inputs, needs_grad))
-        return (None, None, *grads)
+            grads = iter(unit.backward(inputs, wanted + list(ctx.params), grad_outputs))
+        input_grads = [next(grads) if needs else None for needs in needs_grad]
+        return (None, *input_grads, *grads)

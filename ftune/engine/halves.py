@@ -75,8 +75,9 @@ class ResidualHalves:
             flat[start:end] += self.mlp(flat[start:end])
         return h
 
-    def backward(self, x: torch.Tensor, kwargs: dict[str, Any], grad_output: torch.Tensor) -> None:
-        """Recompute and backpropagate; gradients land in x.grad and the layer's parameters."""
+    def backward(self, x: torch.Tensor, kwargs: dict[str, Any], grad_output: torch.Tensor,
+                 wrt: list[torch.Tensor]) -> list[torch.Tensor | None]:
+        """Recompute and backpropagate; the gradients of `wrt` (x if it needs one, then parameters)."""
         with torch.enable_grad():
             h = self.attention(x, kwargs)
         detached = h.detach()
@@ -84,11 +85,25 @@ class ResidualHalves:
         flat_grad_out = grad_output.reshape(-1, h.shape[-1])
         grad_h = grad_output.clone()  # the residual passes the output gradient straight to h
         flat_grad_h = grad_h.view(-1, h.shape[-1])
+        params = [t for t in wrt if t is not x]
+        totals: list[torch.Tensor | None] = [None] * len(params)
         for start, end in self._chunks(h):
             chunk = flat_h[start:end].detach().requires_grad_()
             with torch.enable_grad():
                 out = self.mlp(chunk)
-            torch.autograd.backward(out, flat_grad_out[start:end])
-            flat_grad_h[start:end] += chunk.grad
-            del out, chunk
-        torch.autograd.backward(h, grad_h)
+            grad_chunk, *grad_params = torch.autograd.grad(out, [chunk, *params], flat_grad_out[start:end],
+                                                           allow_unused=True)
+            flat_grad_h[start:end] += grad_chunk
+            totals = [_add(total, grad) for total, grad in zip(totals, grad_params)]
+            del out, chunk, grad_chunk, grad_params
+        attention_grads = torch.autograd.grad(h, wrt, grad_h, allow_unused=True)
+        # wrt = [x?] + params: x's gradient comes from the attention half alone
+        offset = len(wrt) - len(params)
+        return list(attention_grads[:offset]) + [_add(total, grad) for total, grad in
+                                                 zip(totals, attention_grads[offset:])]
+
+
+def _add(total: torch.Tensor | None, grad: torch.Tensor | None) -> torch.Tensor | None:
+    if grad is None:
+        return total
+    return grad if total is None else total + grad
