@@ -48,7 +48,12 @@ class BuiltModel:
 
 
 def pick_device() -> torch.device:
-    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    """This process's device: under torchrun/accelerate each rank takes the GPU of its LOCAL_RANK."""
+    if not torch.cuda.is_available():
+        return torch.device("cpu")
+    if "LOCAL_RANK" in os.environ:
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+    return torch.device("cuda", torch.cuda.current_device())
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
@@ -89,7 +94,12 @@ def materialize_preset(name: str, *, seed: int, dtype: torch.dtype, device: torc
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     model.save_pretrained(staging)
     del model
-    os.replace(staging, target)
+    try:
+        os.replace(staging, target)
+    except OSError:  # another rank of a distributed run finished it first
+        if not (target / "config.json").exists():
+            raise
+        shutil.rmtree(staging, ignore_errors=True)
     return target
 
 

@@ -28,7 +28,8 @@ PANEL_METRICS = {"mean_token_accuracy": "token accuracy", "rewards/margins": "re
 class LiveReporter(TrainerCallback):
     """Step, loss, learning rate, tokens/s, ETA and memory, live; one JSON line per log."""
 
-    def __init__(self, output_dir: Path, engine: CheckpointingEngine, *, title: str, console: Console | None = None):
+    def __init__(self, output_dir: Path, engine: CheckpointingEngine, *, title: str, console: Console | None = None,
+                 main_process: bool = True):
         self.metrics_path = Path(output_dir) / METRICS_FILE
         self.engine = engine
         self.title = title
@@ -39,11 +40,15 @@ class LiveReporter(TrainerCallback):
         self.history: list[dict[str, Any]] = []
         self._last_log = (0.0, 0)  # (time, tokens) at the previous log, for tokens/s
         self._memory: MemorySnapshot | None = None
+        self.main_process = main_process  # other ranks only lend their memory readings
+        self._ranks: list[dict[str, Any]] = []
 
     # -- trainer events ----------------------------------------------------------------------
     def on_train_begin(self, args, state, control, **kwargs):
         self.started = time.perf_counter()
         self._last_log = (self.started, 0)
+        if not self.main_process:
+            return
         self.metrics_path.parent.mkdir(parents=True, exist_ok=True)
         self._file = open(self.metrics_path, "a", buffering=1)
         if self.console.is_terminal:
@@ -63,6 +68,9 @@ class LiveReporter(TrainerCallback):
         last_time, last_tokens = self._last_log
         self._last_log = (now, tokens)
         self._memory = snapshot(self.engine.device, self.engine.host_bytes())
+        self._ranks = _gather_ranks(self._memory)  # a collective: every rank calls on_log
+        if not self.main_process:
+            return
         record = {
             "step": state.global_step,
             "epoch": round(state.epoch or 0.0, 4),
@@ -76,6 +84,8 @@ class LiveReporter(TrainerCallback):
             **{k: v for k, v in logs.items() if k not in _RECORDED and isinstance(v, (int, float))},
             **self._memory.as_metrics(),
         }
+        if len(self._ranks) > 1:
+            record["ranks"] = self._ranks
         self.last = record
         self.history.append(record)
         self._file.write(json.dumps(record) + "\n")
@@ -139,6 +149,8 @@ class LiveReporter(TrainerCallback):
         table.add_row("elapsed · eta", f"{_duration(elapsed)} · {self._eta(state)}")
         memory = self._memory or snapshot(self.engine.device, self.engine.host_bytes())
         table.add_row("memory", memory.headline())
+        for entry in self._ranks[1:]:
+            table.add_row(f"rank {entry['rank']}", entry["headline"])
         table.add_row("engine", self.engine.describe())
         bar = ProgressBar(total=max(total, 1), completed=state.global_step, width=50)
         return Panel(Group(bar, table), title=f"[bold]ftune · {self.title}", border_style="cyan", expand=False)
@@ -161,3 +173,15 @@ def truncate_metrics(path: Path, *, after_step: int) -> None:
         return
     kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= after_step]
     path.write_text("".join(line + "\n" for line in kept))
+
+
+def _gather_ranks(memory: MemorySnapshot) -> list[dict[str, Any]]:
+    """Every rank's memory reading, on every rank (empty when not distributed)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return []
+    mine = {"rank": dist.get_rank(), "headline": memory.headline(), **memory.as_metrics()}
+    everyone: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, mine)
+    return everyone

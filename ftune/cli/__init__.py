@@ -28,13 +28,32 @@ def _quiet_libraries() -> None:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
 
 
+def _leave_process_group(code) -> None:
+    """Under torchrun: wait for every rank, then exit without gloo's teardown, which now and then
+    hangs a CPU run after its work is done (NCCL runs leave the usual way)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    dist.barrier()
+    if dist.get_backend() == "gloo":
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code if isinstance(code, int) else 0)
+    dist.destroy_process_group()
+
+
 def main() -> None:
     debug = "--debug" in sys.argv[1:]
     if debug:
         sys.argv.remove("--debug")
     _quiet_libraries()
     try:
-        app()
+        try:
+            app()
+        except SystemExit as finished:
+            _leave_process_group(finished.code)
+            raise
     except FtuneError as error:
         if debug:
             raise

@@ -7,6 +7,7 @@ callbacks)`; everything around it is shared here.
 from __future__ import annotations
 
 import importlib
+import os
 import signal
 import time
 from dataclasses import asdict, dataclass
@@ -69,14 +70,17 @@ def train(recipe: Recipe, *, overwrite: bool = False, console: Console | None = 
     built = build_model(recipe, tokenizer=tokenizer, plan=plan)
     console.print(f"[bold]ftune[/] {built.source} on {built.device} · {built.engine.describe()}")
 
-    if resume_from is None:
+    main_process = is_main_process()  # under torchrun/accelerate only rank 0 writes and prints
+    if resume_from is None and main_process:
         output_dir = prepare_output_dir(output_dir, overwrite=overwrite)
         write_text_atomic(output_dir / RECIPE_FILE, recipe.to_yaml())
-    else:
+    elif resume_from is not None:
         step = checkpoint_step(resume_from)
         console.print(f"[bold]ftune[/] resuming from {resume_from} (step {step})")
-        truncate_metrics(output_dir / METRICS_FILE, after_step=step)
-    reporter = LiveReporter(output_dir, built.engine, title=recipe.name or output_dir.name, console=console)
+        if main_process:
+            truncate_metrics(output_dir / METRICS_FILE, after_step=step)
+    reporter = LiveReporter(output_dir, built.engine, title=recipe.name or output_dir.name, console=console,
+                            main_process=main_process)
     stop, nan_guard = GracefulStop(), NonFiniteLossGuard(recipe.training.nan_patience)
     trainer = workflow.make_trainer(recipe, built, dataset, [reporter, stop, nan_guard])
     started = time.perf_counter()
@@ -105,6 +109,8 @@ def train(recipe: Recipe, *, overwrite: bool = False, console: Console | None = 
             "or broken rows; rerun to resume from the last good checkpoint.",
         )
 
+    if not main_process:
+        return TrainingRun(summary={"steps": trainer.state.global_step, "rank": _rank()}, built=built, trainer=trainer)
     save_adapter(trainer.model, built.tokenizer, output_dir)
     history = reporter.history
     losses = [r["loss"] for r in history if r.get("loss") is not None]
@@ -131,6 +137,14 @@ def train(recipe: Recipe, *, overwrite: bool = False, console: Console | None = 
     }
     write_json_atomic(output_dir / SUMMARY_FILE, summary)
     return TrainingRun(summary=summary, built=built, trainer=trainer)
+
+
+def _rank() -> int:
+    return int(os.environ.get("RANK", "0"))
+
+
+def is_main_process() -> bool:
+    return _rank() == 0
 
 
 def _peak_gib(built: BuiltModel, history: list[dict[str, Any]]) -> float:
