@@ -124,7 +124,7 @@ def main() -> None:
     args = parser.parse_args()
 
     from ftune.cli import _quiet_libraries
-    from ftune.errors import FtuneError
+    from ftune.errors import FtuneError, first_line
     from ftune.recipe import load_recipe
 
     _quiet_libraries()
@@ -137,22 +137,15 @@ def main() -> None:
         batch = args.batch or recipe.training.batch_size
         result = run_mode(recipe, steps=args.steps, seq=args.seq, batch=batch)
     except (torch.OutOfMemoryError, MemoryError) as error:
-        result = {"status": "oom", "error": f"out of memory: {_first_line(error)}"}
+        result = {"status": "oom", "error": f"out of memory: {first_line(error)}"}
     except RuntimeError as error:  # torch's CPU allocator reports running out as a RuntimeError
         if "allocate" not in str(error) and "out of memory" not in str(error):
             raise
-        result = {"status": "oom", "error": f"out of memory: {_first_line(error)}"}
+        result = {"status": "oom", "error": f"out of memory: {first_line(error)}"}
     except FtuneError as error:
         result = {"status": "error", "error": error.message}
     _emit("result", mode=args.mode, **result)
     gc.collect()
-
-
-def _first_line(error: BaseException) -> str:
-    lines = str(error).strip().splitlines()
-    return lines[0][:200] if lines else type(error).__name__
-
-
 def _cap_memory(gib: float) -> None:
     """A memory cap for this process: a fraction of the GPU, or the address space on CPU."""
     if torch.cuda.is_available():

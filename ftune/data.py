@@ -14,7 +14,7 @@ from pathlib import Path
 from datasets import Dataset, DatasetDict, load_dataset
 from datasets.exceptions import DatasetNotFoundError
 
-from ftune.errors import DataError
+from ftune.errors import DataError, first_line
 from ftune.recipe import DATA_FILE_SUFFIXES, Recipe, looks_like_local_path
 
 # The columns each format needs (TRL's names); a preference row may also carry a prompt.
@@ -197,7 +197,7 @@ def _load(recipe: Recipe) -> Dataset:
         raise
     except (DatasetNotFoundError, FileNotFoundError, ConnectionError) as error:
         raise DataError(
-            f"data.source '{data.source}' could not be loaded: {_first_line(error)}",
+            f"data.source '{data.source}' could not be loaded: {first_line(error)}",
             hint="Give a local .json/.jsonl/.parquet/.csv file or folder, or a hub dataset id while online.",
         ) from None
     except Exception as error:
@@ -205,14 +205,9 @@ def _load(recipe: Recipe) -> Dataset:
         # whatever the reader raised, the file is what the user must look at.
         raise DataError(
             f"data.source '{data.source}' (split '{data.split}') could not be read: "
-            f"{type(error).__name__}: {_first_line(error)}",
+            f"{type(error).__name__}: {first_line(error)}",
             hint="Check that the file is well-formed (one JSON object per line for .jsonl) and has rows.",
         ) from None
     if isinstance(loaded, DatasetDict):  # pragma: no cover - split= always gives a Dataset
         loaded = loaded[data.split]
     return loaded
-
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__

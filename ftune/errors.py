@@ -7,6 +7,12 @@ and shows a traceback only under --debug.
 from __future__ import annotations
 
 
+def first_line(error: BaseException, limit: int = 300) -> str:
+    """The first line of a library's error message (its type when the message is empty)."""
+    lines = str(error).strip().splitlines()
+    return lines[0][:limit] if lines else type(error).__name__
+
+
 class FtuneError(Exception):
     """An error caused by the user's input or environment, with a hint for the fix."""
 

@@ -22,7 +22,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 from ftune.engine import CheckpointingEngine, install_checkpointing
 from ftune.engine.embedding import move_embeddings_to_host
 from ftune.engine.planner import NoPlanFits, Plan, measure_host_link, plan_smart
-from ftune.errors import ModelError
+from ftune.errors import ModelError, first_line
 from ftune.kernels import KERNELS, apply_kernels, kernel_support
 from ftune.memory.estimate import GiB, Setting, model_shape
 from ftune.presets import PRESETS, preset_config
@@ -136,7 +136,7 @@ def load_base_model(recipe: Recipe, device: torch.device | None = None) -> tuple
         )
     except (OSError, ValueError) as error:
         raise ModelError(
-            f"model.name_or_path: could not load '{source}': {_first_line(error)}",
+            f"model.name_or_path: could not load '{source}': {first_line(error)}",
             hint="Give a local directory with config.json and weights, or a hub id while online "
             "(set HF_TOKEN for gated models); `model: {preset: ...}` builds a shape with random weights offline.",
         ) from None
@@ -152,7 +152,7 @@ def load_tokenizer(recipe: Recipe) -> PreTrainedTokenizerBase:
                                                   trust_remote_code=recipe.model.trust_remote_code)
     except (OSError, ValueError) as error:
         raise ModelError(
-            f"model.tokenizer: could not load a tokenizer from '{name}': {_first_line(error)}",
+            f"model.tokenizer: could not load a tokenizer from '{name}': {first_line(error)}",
             hint="Point model.tokenizer at a folder with tokenizer.json / tokenizer_config.json, or a hub id while online.",
         ) from None
     if tokenizer.pad_token is None:
@@ -167,7 +167,7 @@ def add_lora(model: PreTrainedModel, recipe: Recipe) -> PeftModel:
         try:
             return PeftModel.from_pretrained(model, path, is_trainable=True)
         except (OSError, ValueError) as error:
-            raise ModelError(f"model.adapter: could not load a PEFT adapter from {path}: {_first_line(error)}",
+            raise ModelError(f"model.adapter: could not load a PEFT adapter from {path}: {first_line(error)}",
                              hint="Point it at a folder with adapter_config.json, such as an earlier run's output_dir "
                              "(the DPO and GRPO quickstarts continue `ftune train recipes/quickstart.yaml`).") from None
     lora = recipe.lora
@@ -184,7 +184,7 @@ def add_lora(model: PreTrainedModel, recipe: Recipe) -> PeftModel:
         return get_peft_model(model, config)
     except ValueError as error:
         raise ModelError(
-            f"lora.target_modules: {_first_line(error)}",
+            f"lora.target_modules: {first_line(error)}",
             hint="Name modules that exist in this model, e.g. q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, "
             "down_proj for Llama-like models, or all-linear.",
         ) from None
@@ -266,8 +266,3 @@ def wants_host_embeddings(recipe: Recipe, device: torch.device) -> bool:
     if setting == "auto":
         return device.type == "cuda" and recipe.checkpointing.mode in ("unsloth", "smart")
     return setting
-
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
