@@ -15,6 +15,10 @@ the median of the timed steps. "held" is what the forward leaves allocated for t
 
   python benchmarks/bench_engine.py --preset llama-3.1-8b --seqs 2048,8192,16384 \
       --runs hf:none,hf:true,ftune:none,ftune:true,ftune:unsloth --out results.json
+
+A run is stack:mode, or ftune[+k]:smart@GIB for the smart mode planning to a budget of GIB GiB.
+--batches 1,4 measures each sequence at each batch size (the memory-model grid of issue 5); a
+cell that runs out of memory skips the longer sequences of its batch size.
 """
 
 from __future__ import annotations
@@ -37,14 +41,17 @@ GiB = 1024**3
 PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
-def ftune_recipe(preset: str, mode: str, kernels: bool):
+def ftune_recipe(preset: str, mode: str, kernels: bool, budget_gib: float | None = None):
     from ftune.recipe import validate_recipe
 
+    checkpointing = {"mode": mode}
+    if budget_gib is not None:
+        checkpointing["budget"] = f"{budget_gib}GiB"
     raw = {
         "model": {"preset": preset, "tokenizer": "(none: random token ids)", "dtype": "bfloat16"},
         "quantization": {"method": "nf4", "double_quant": True, "compute_dtype": "bfloat16"},
         "lora": {"r": 16, "alpha": 16, "dropout": 0.0, "target_modules": PROJECTIONS},
-        "checkpointing": {"mode": mode},
+        "checkpointing": checkpointing,
         "kernels": {k: kernels for k in ("rms_norm", "rope", "swiglu", "fused_cross_entropy")},
         "data": {"source": "(none: random token ids)"},
         "training": {"seed": 0},
@@ -85,10 +92,15 @@ class HFStack:
 class FtuneStack:
     """ftune's own model building (model.py) for one mode, as `ftune train` builds it."""
 
-    def __init__(self, preset: str, kernels: bool, mode: str):
+    def __init__(self, preset: str, kernels: bool, mode: str, budget_gib: float | None, seq: int, batch: int):
         from ftune.model import build_model
 
-        self.built = build_model(ftune_recipe(preset, mode, kernels), with_tokenizer=False)
+        recipe = ftune_recipe(preset, mode, kernels, budget_gib)
+        # smart plans for the recipe's sequence and batch, as `ftune train` does for its data
+        recipe.data.max_length, recipe.training.batch_size = seq, batch
+        self.built = build_model(recipe, with_tokenizer=False)
+        if self.built.plan is not None:
+            print(self.built.plan.describe(), flush=True)
         self.model = self.built.model
         self.engine = self.built.engine
         self.host_bytes = lambda: self.engine.host_bytes()
@@ -97,11 +109,11 @@ class FtuneStack:
         assert mode == self.built.engine.mode
 
 
-def measure(stack, seq: int, steps: int, vocab: int, hidden: int, layers: int) -> dict:
+def measure(stack, seq: int, batch: int, steps: int, vocab: int, hidden: int, layers: int) -> dict:
     model = stack.model
     model.train()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
-    ids = torch.randint(0, vocab, (1, seq), device="cuda")
+    ids = torch.randint(0, vocab, (batch, seq), device=next(model.parameters()).device)
     gc.collect()
     torch.cuda.empty_cache()
     times, held, loss_value = [], 0, None
@@ -126,15 +138,16 @@ def measure(stack, seq: int, steps: int, vocab: int, hidden: int, layers: int) -
     median = timed[len(timed) // 2]
     return {
         "seq": seq,
+        "batch": batch,
         "status": "ok",
         "peak_gib": round(torch.cuda.max_memory_allocated() / GiB, 3),
         "reserved_gib": round(torch.cuda.max_memory_reserved() / GiB, 3),
         "held_after_forward_gib": round(held / GiB, 3),
-        "layer_inputs_gib": round(layers * seq * hidden * 2 / GiB, 3),
+        "layer_inputs_gib": round(layers * batch * seq * hidden * 2 / GiB, 3),
         "host_pinned_gib": round(stack.host_bytes() / GiB, 3),
         "step_s": round(median, 4),
         "step_times_s": [round(t, 4) for t in times],
-        "tokens_per_s": round(seq / median, 1),
+        "tokens_per_s": round(batch * seq / median, 1),
         "loss": round(loss_value, 4),
     }
 
@@ -147,29 +160,41 @@ def worker(args) -> None:
         torch.cuda.set_per_process_memory_fraction(args.cap_gib * GiB / total)
     config = preset_config(args.preset)
     name, _, mode = args.worker.partition(":")
-    stack = HFStack(args.preset) if name == "hf" else FtuneStack(args.preset, kernels=name == "ftune+k", mode=mode)
-    stack.set_mode(mode)
+    mode, _, budget = mode.partition("@")
+    budget_gib = float(budget) if budget else None
     seqs = [int(s) for s in args.seqs.split(",")]
+    batches = [int(b) for b in args.batches.split(",")]
     if args.longest:
         seqs = _growing(seqs[0], args.longest_limit)
-    last_ok = None
-    for seq in seqs:
-        try:
-            row = measure(stack, seq, args.steps if not args.longest else 0, config.vocab_size,
-                          config.hidden_size, config.num_hidden_layers)
-            last_ok = seq
-        except torch.OutOfMemoryError:
-            row = {"seq": seq, "status": "oom"}
-        row.update(stack=name, mode=mode, preset=args.preset, cap_gib=args.cap_gib)
-        print("RESULT " + json.dumps(row), flush=True)
-        if row["status"] == "oom":
-            if args.longest and last_ok is not None:
-                print("RESULT " + json.dumps({"stack": name, "mode": mode, "preset": args.preset,
-                                              "cap_gib": args.cap_gib, "longest_ok": last_ok,
-                                              "first_oom": seq, "status": "longest"}), flush=True)
-            break
-        gc.collect()
-        torch.cuda.empty_cache()
+    if name == "hf":
+        stack = HFStack(args.preset)
+    else:
+        stack = FtuneStack(args.preset, kernels=name == "ftune+k", mode=mode, budget_gib=budget_gib,
+                           seq=seqs[0], batch=batches[0])
+    stack.set_mode(mode)
+    label = f"{mode}@{budget}" if budget else mode
+    for batch in batches:
+        last_ok = None
+        for seq in seqs:
+            try:
+                row = measure(stack, seq, batch, args.steps if not args.longest else 0, config.vocab_size,
+                              config.hidden_size, config.num_hidden_layers)
+                last_ok = seq
+            except torch.OutOfMemoryError:
+                row = {"seq": seq, "batch": batch, "status": "oom"}
+            row.update(stack=name, mode=label, preset=args.preset, cap_gib=args.cap_gib, budget_gib=budget_gib)
+            if budget_gib is not None and row["status"] == "ok":
+                row["plan"] = stack.built.plan.counts()
+                row["plan_peak_gib"] = round(stack.built.plan.peak / GiB, 3)
+            print("RESULT " + json.dumps(row), flush=True)
+            gc.collect()
+            torch.cuda.empty_cache()
+            if row["status"] == "oom":
+                if args.longest and last_ok is not None:
+                    print("RESULT " + json.dumps({"stack": name, "mode": label, "preset": args.preset,
+                                                  "cap_gib": args.cap_gib, "longest_ok": last_ok,
+                                                  "first_oom": seq, "status": "longest"}), flush=True)
+                break  # the longer sequences of this batch size would not fit either
 
 
 def _growing(start: int, limit: int) -> list[int]:
@@ -187,6 +212,7 @@ def main() -> None:
     parser.add_argument("--seqs", default="2048,8192,16384")
     parser.add_argument("--runs", default="hf:none,hf:true,ftune:none,ftune:true,ftune:unsloth",
                         help="stack:mode pairs; stacks hf, ftune, ftune+k")
+    parser.add_argument("--batches", default="1", help="batch sizes, each measured at every sequence length")
     parser.add_argument("--steps", type=int, default=3, help="timed steps after one warm-up")
     parser.add_argument("--longest", action="store_true", help="grow the sequence from --seqs' first until OOM")
     parser.add_argument("--longest-limit", type=int, default=262144)
@@ -201,37 +227,40 @@ def main() -> None:
 
     meta = {"gpu": torch.cuda.get_device_name(0), "torch": torch.__version__, "preset": args.preset,
             "date": time.strftime("%Y-%m-%d")}
-    results = []
     for run in args.runs.split(","):
         command = [sys.executable, __file__, "--worker", run, "--preset", args.preset, "--seqs", args.seqs,
-                   "--steps", str(args.steps), "--longest-limit", str(args.longest_limit)]
+                   "--batches", args.batches, "--steps", str(args.steps), "--longest-limit", str(args.longest_limit)]
         if args.longest:
             command.append("--longest")
         if args.cap_gib:
             command += ["--cap-gib", str(args.cap_gib)]
+        started = time.perf_counter()
         process = subprocess.run(command, capture_output=True, text=True, env=os.environ)
         rows = [json.loads(line[7:]) for line in process.stdout.splitlines() if line.startswith("RESULT ")]
         if process.returncode != 0:
             rows.append({"stack": run.split(":")[0], "mode": run.split(":")[1], "status": "error",
                          "error": process.stderr.strip().splitlines()[-1:] })
             print(process.stderr[-3000:], file=sys.stderr)
+        for line in process.stdout.splitlines():
+            if line.startswith("smart plan"):
+                print(line, flush=True)
         for row in rows:
             row.update(meta)
-            results.append(row)
             print(_line(row), flush=True)
-    if args.out:
-        existing = json.loads(args.out.read_text()) if args.out.exists() else []
-        args.out.write_text(json.dumps(existing + results, indent=1))
+        print(f"  ({run}: {time.perf_counter() - started:.0f} s)", flush=True)
+        if args.out:  # after every run, so that a call cut short keeps what it measured
+            existing = json.loads(args.out.read_text()) if args.out.exists() else []
+            args.out.write_text(json.dumps(existing + rows, indent=1))
 
 
 def _line(row: dict) -> str:
     if row["status"] == "ok":
-        return (f"{row['stack']:8s} {row['mode']:8s} seq {row['seq']:6d}: peak {row['peak_gib']:6.2f} GiB "
+        return (f"{row['stack']:8s} {row['mode']:10s} b{row['batch']} seq {row['seq']:6d}: peak {row['peak_gib']:6.2f} GiB "
                 f"(reserved {row['reserved_gib']:6.2f}, held {row['held_after_forward_gib']:6.2f}, "
                 f"host {row['host_pinned_gib']:5.2f})  {row['tokens_per_s']:8.0f} tok/s  loss {row['loss']}")
     if row["status"] == "longest":
         return f"{row['stack']:8s} {row['mode']:8s} longest that trains: {row['longest_ok']} (OOM at {row['first_oom']})"
-    return f"{row.get('stack')} {row.get('mode')} seq {row.get('seq')}: {row['status']} {row.get('error', '')}"
+    return f"{row.get('stack')} {row.get('mode')} b{row.get('batch')} seq {row.get('seq')}: {row['status']} {row.get('error', '')}"
 
 
 if __name__ == "__main__":

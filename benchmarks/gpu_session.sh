@@ -1,13 +1,19 @@
 #!/usr/bin/env bash
 # One device call: install the carried wheels, then run the phases named as arguments, writing
-# logs and JSON under $OUT (or ./gpu-out). Phases: env, tests, kernels, engine, longest.
+# logs and JSON under $OUT (or ./gpu-out). Phases: env, tests, kernels, engine, longest, grid, speed,
+# ddp, compare, workflows. Phases on different GPUs can run side by side:
 #   bash benchmarks/gpu_session.sh env tests kernels engine
+#   CUDA_VISIBLE_DEVICES=0 bash benchmarks/gpu_session.sh speed & CUDA_VISIBLE_DEVICES=1 bash benchmarks/gpu_session.sh grid
 set -uo pipefail
 OUT=${OUT:-$PWD/gpu-out}
 mkdir -p "$OUT"
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+if [ ! -e /tmp/site/.installed ]; then  # once per machine: side-by-side phases share it
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+  touch /tmp/site/.installed
+fi
 export PYTHONPATH=$PWD:/tmp/site PYTHONUNBUFFERED=1 FTUNE_CACHE=/tmp/ftune-cache HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 SEQS=${SEQS:-2048,8192,16384}
+GRID_PRESETS=${GRID_PRESETS:-llama-3.1-8b,qwen2.5-7b}
 for phase in "$@"; do
   echo "=== $phase $(date +%T)"
   case $phase in
@@ -27,6 +33,22 @@ for phase in "$@"; do
     longest)
       python3 benchmarks/bench_engine.py --longest --seqs "${START:-32768}" --cap-gib "${CAP:-24}" \
         --out "$OUT/longest.json" --runs "${RUNS:-ftune+k:unsloth}" 2>&1 | tee "$OUT/longest.log" ;;
+    grid)  # the memory model's grid (issue 5): modes x sequences x batch 1 and 4, per preset
+      for preset in ${GRID_PRESETS//,/ }; do
+        python3 benchmarks/bench_engine.py --preset "$preset" --seqs "${GRID_SEQS:-2048,8192,16384,32768}" \
+          --batches 1,4 --steps 1 --out "$OUT/grid.json" --runs "${GRID_RUNS:-ftune+k:none,ftune+k:true,ftune+k:unsloth}"
+      done ;;
+    speed)  # smart at each budget against the fixed modes and the baseline, one card, one sequence length
+      python3 benchmarks/bench_engine.py --seqs "${SPEED_SEQ:-8192}" --steps 3 --out "$OUT/speed.json" \
+        --runs "${RUNS:-hf:true,ftune+k:none,ftune+k:true,ftune+k:unsloth,ftune+k:smart@16,ftune+k:smart@24,ftune+k:smart@40,ftune+k:smart@80}" ;;
+    ddp)
+      python3 benchmarks/bench_ddp.py --seq "${DDP_SEQ:-8192}" --steps 20 --out "$OUT/ddp.json" ;;
+    compare)
+      python3 -m ftune compare recipes/qlora-llama3-8b.yaml --ckpt none,true,unsloth --steps 4 --seq 8192 \
+        --set model.preset=llama-3.1-8b --set model.name_or_path=null --set model.tokenizer=../data/quickstart/tokenizer \
+        --out "$OUT/compare" ;;
+    workflows)
+      python3 benchmarks/bench_workflows.py --preset llama-3.1-8b --workflows dpo,grpo --steps 6 --out "$OUT/workflows.json" ;;
   esac
 done
 echo "=== done $(date +%T)"
