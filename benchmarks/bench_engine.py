@@ -38,10 +38,13 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 GiB = 1024**3
+# the recipes' default seed: every benchmark (and `ftune train` on a preset) then shares one cached preset
+PRESET_SEED = 42
 PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
 def ftune_recipe(preset: str, mode: str, kernels: bool, budget_gib: float | None = None):
+    from ftune.kernels import KERNELS
     from ftune.recipe import validate_recipe
 
     checkpointing = {"mode": mode}
@@ -52,9 +55,9 @@ def ftune_recipe(preset: str, mode: str, kernels: bool, budget_gib: float | None
         "quantization": {"method": "nf4", "double_quant": True, "compute_dtype": "bfloat16"},
         "lora": {"r": 16, "alpha": 16, "dropout": 0.0, "target_modules": PROJECTIONS},
         "checkpointing": checkpointing,
-        "kernels": {k: kernels for k in ("rms_norm", "rope", "swiglu", "fused_cross_entropy")},
+        "kernels": dict.fromkeys(KERNELS, kernels),
         "data": {"source": "(none: random token ids)"},
-        "training": {"seed": 0},
+        "training": {"seed": PRESET_SEED},
     }
     return validate_recipe(raw, base_dir=REPO, check_paths=False)
 
@@ -68,7 +71,7 @@ class HFStack:
 
         from ftune.model import materialize_preset
 
-        path = materialize_preset(preset, seed=0, dtype=torch.bfloat16, device=torch.device("cuda"))
+        path = materialize_preset(preset, seed=PRESET_SEED, dtype=torch.bfloat16, device=torch.device("cuda"))
         quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                                    bnb_4bit_compute_dtype=torch.bfloat16)
         model = AutoModelForCausalLM.from_pretrained(path, quantization_config=quant, dtype=torch.bfloat16,

@@ -48,7 +48,8 @@ for phase in "$@"; do
         --set model.preset=llama-3.1-8b --set model.name_or_path=null --set model.tokenizer=../data/quickstart/tokenizer \
         --out "$OUT/compare" ;;
     workflows)
-      python3 benchmarks/bench_workflows.py --preset llama-3.1-8b --workflows dpo,grpo --steps 6 --out "$OUT/workflows.json" ;;
+      python3 benchmarks/bench_workflows.py --preset llama-3.1-8b --workflows dpo,grpo --steps 6 --dpo-repeat 30 \
+        --workdir /tmp/wf --timeout 240 --out "$OUT/workflows.json" ;;
   esac
 done
 echo "=== done $(date +%T)"

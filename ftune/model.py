@@ -86,9 +86,12 @@ def materialize_preset(name: str, *, seed: int, dtype: torch.dtype, device: torc
     staging = target.with_name(target.name + f".tmp{os.getpid()}")
     shutil.rmtree(staging, ignore_errors=True)
     logger.info("building preset %s with random weights (seed %d) in %s", name, seed, target)
-    # Initialize on the GPU when there is one: an 8B shape initializes in seconds there, minutes on CPU.
-    # The RNG is forked so that a first run (which builds the preset) and a later one (which finds
-    # it cached) leave the global RNG in the same state: LoRA's initialization must not differ.
+    # Initialize on the GPU when it has room for the 16-bit weights (an 8B shape: seconds there,
+    # minutes on CPU; 15 GiB, more than a 16 GB card has free). The RNG is forked so that a first
+    # run (which builds the preset) and a later one (which finds it cached) leave the global RNG in
+    # the same state: LoRA's initialization must not differ.
+    if device.type == "cuda" and torch.cuda.mem_get_info(device)[0] < 1.2 * _parameter_bytes(config, dtype):
+        device = torch.device("cpu")
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), torch.device(device):
         torch.manual_seed(seed)
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
@@ -101,6 +104,12 @@ def materialize_preset(name: str, *, seed: int, dtype: torch.dtype, device: torc
             raise
         shutil.rmtree(staging, ignore_errors=True)
     return target
+
+
+def _parameter_bytes(config, dtype: torch.dtype) -> int:
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    return sum(p.numel() * p.element_size() for p in model.parameters())
 
 
 def quantization_config(recipe: Recipe, compute_dtype: torch.dtype) -> BitsAndBytesConfig | None:
@@ -211,7 +220,7 @@ def build_model(recipe: Recipe, device: torch.device | None = None, *, tokenizer
         engine = install_checkpointing(model, "smart", plan.policies)
     else:
         engine = install_checkpointing(model, recipe.checkpointing.mode)
-    if wants_host_embeddings(recipe, device):
+    if plan.host_embeddings if recipe.checkpointing.mode == "smart" else wants_host_embeddings(recipe, device):
         engine.host_embedding_bytes = move_embeddings_to_host(model, device)
     return BuiltModel(model=model, tokenizer=tokenizer, device=device, dtype=dtype, engine=engine, kernels=kernels,
                       source=source, plan=plan if recipe.checkpointing.mode == "smart" else None)
@@ -231,7 +240,8 @@ def smart_plan(recipe: Recipe, device: torch.device | None = None) -> Plan:
         budget = psutil.virtual_memory().available // 2
     try:
         return plan_smart(shape, setting, budget, host_available=int(psutil.virtual_memory().available * 0.8),
-                          link_gbps=measure_host_link(device))
+                          link_gbps=measure_host_link(device),
+                          embeddings_movable=recipe.checkpointing.host_embeddings == "auto")
     except NoPlanFits as error:
         longest = f"the longest sequence that would fit is about {error.longest:,} tokens" if error.longest else \
             "not even the weights and optimizer states fit"

@@ -154,6 +154,9 @@ class KernelsSection(_Section):
     fused_cross_entropy: bool | Literal["auto"] = Field(
         "auto", description="LM head + cross-entropy in chunks: the full logits never exist."
     )
+    fused_lora: bool | Literal["auto"] = Field(
+        "auto", description="Each LoRA projection's update added inside one GEMM (no clone, scale and add passes)."
+    )
 
 
 class SFTSection(_Section):

@@ -13,10 +13,11 @@ from ftune.memory.estimate import GiB, Setting, Shape, estimate, longest_sequenc
 from ftune.presets import PRESETS
 from tests.conftest import QUICKSTART, REPO
 
-GRID = json.loads((Path(__file__).parent / "fixtures" / "memory_grid.json").read_text())["cells"]
+FIXTURE = json.loads((Path(__file__).parent / "fixtures" / "memory_grid.json").read_text())
+GRID = FIXTURE["cells"]
 
 
-@pytest.mark.parametrize("cell", GRID, ids=lambda c: f"{c['preset']}-{c['mode']}-{c['seq']}")
+@pytest.mark.parametrize("cell", GRID, ids=lambda c: f"{c['preset']}-{c['mode']}-b{c['batch']}-{c['seq']}")
 def test_estimate_within_5_percent_of_measured(cell):
     shape = Shape.from_config(PRESETS[cell["preset"]])
     setting = Setting(mode=cell["mode"], seq=cell["seq"], batch=cell["batch"], fused_loss=cell["kernels"],
@@ -25,8 +26,9 @@ def test_estimate_within_5_percent_of_measured(cell):
     assert abs(predicted / cell["measured_peak_gib"] - 1) <= 0.05, (predicted, cell)
 
 
-def test_grid_holds_both_offloading_and_recompute_cells():
-    assert {c["mode"] for c in GRID} >= {"true", "unsloth"} and len(GRID) >= 7
+def test_grid_covers_the_modes_two_architectures_and_two_batch_sizes():
+    assert {c["mode"] for c in GRID} == {"none", "true", "unsloth"}
+    assert {c["preset"] for c in GRID} == {"llama-3.1-8b", "qwen2.5-7b"} and {c["batch"] for c in GRID} == {1, 4}
 
 
 def test_exact_parts_of_the_8b_shape():

@@ -12,6 +12,7 @@ from ftune.model import build_model, smart_plan
 from ftune.presets import PRESETS
 from ftune.recipe import load_recipe
 from tests.conftest import QUICKSTART
+from tests.test_estimate import FIXTURE
 
 SHAPE = Shape.from_config(PRESETS["llama-3.1-8b"])
 SETTING = Setting(mode="smart", seq=8192)
@@ -69,3 +70,26 @@ def test_smart_recipe_installs_its_plan():
     assert built.plan is not None
     assert built.engine.policies == built.plan.policies
     assert built.engine.mode == "smart"
+
+
+@pytest.mark.parametrize("cell", FIXTURE["smart_cells"], ids=lambda c: f"{c['budget_gib']:g}GiB")
+def test_measured_smart_plans_stayed_under_budget_and_their_prediction(cell):
+    """The plans run on the GPU (benchmarks/results/speed-h100.json): each measured peak is under
+    its budget, and the planner's prediction for it is within 5% above the measurement (the
+    planner never predicts low, so a plan that fits on paper fits on the card)."""
+    setting = Setting(mode="smart", seq=cell["seq"], batch=cell["batch"], host_embeddings=cell["host_embeddings"])
+    plan = cell["plan"]
+    predicted = plan_peak(Shape.from_config(PRESETS[cell["preset"]]), setting, plan["keep"], plan["recompute"]).peak
+    assert cell["measured_peak_gib"] <= cell["budget_gib"]
+    assert 1.0 <= predicted / GiB / cell["measured_peak_gib"] <= 1.06, (predicted / GiB, cell)
+
+
+def test_the_table_stays_on_the_gpu_when_every_layer_is_kept():
+    setting = Setting(mode="smart", seq=8192, host_embeddings=True)
+    roomy = plan_smart(SHAPE, setting, 80 * GiB, embeddings_movable=True)
+    assert roomy.counts()["keep"] == 32 and not roomy.host_embeddings
+    tight = plan_smart(SHAPE, setting, 16 * GiB, embeddings_movable=True)
+    assert tight.host_embeddings and tight.counts()["keep"] < 32
+    assert "embeddings in host RAM" in tight.describe()
+    # asked for explicitly (not auto), the table moves whatever the budget
+    assert plan_smart(SHAPE, setting, 80 * GiB).host_embeddings

@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from ftune.cli import main
+from ftune.kernels import KERNELS
 from ftune.model import quantization_config
 from ftune.recipe import load_recipe
 from ftune.workflows import train
@@ -102,9 +103,9 @@ def test_kernels_in_the_training_path_give_the_same_losses(tmp_path):
     for on in (False, True):
         overrides = [f"training.output_dir={tmp_path / str(on)}", "training.max_steps=3", "training.batch_size=2",
                      "data.max_length=24", "training.logging_steps=1"]
-        overrides += [f"kernels.{name}={str(on).lower()}" for name in ("rms_norm", "rope", "swiglu", "fused_cross_entropy")]
+        overrides += [f"kernels.{name}={str(on).lower()}" for name in KERNELS]
         run = train(load_recipe(QUICKSTART, overrides))
-        assert run.built.kernels == dict.fromkeys(("rms_norm", "rope", "swiglu", "fused_cross_entropy"), on)
+        assert run.built.kernels == dict.fromkeys(KERNELS, on)
         assert run.trainer.use_ftune_loss is on
         lines = (tmp_path / str(on) / "metrics.jsonl").read_text().splitlines()
         results.append([json.loads(line)["loss"] for line in lines])

@@ -64,7 +64,7 @@ def estimate_vram(
         setting = Setting.from_recipe(recipe, mode="smart")
         setting = replace(setting, seq=seq or setting.seq, batch=batch or setting.batch)
         try:
-            plan = plan_smart(shape, setting, budget)
+            plan = plan_smart(shape, setting, budget, embeddings_movable=recipe.checkpointing.host_embeddings == "auto")
             report["smart"] = {"plan": plan.counts(), "peak": plan.peak, "host": plan.host, "text": plan.describe()}
         except NoPlanFits as error:
             report["smart"] = {"plan": None, "text": f"smart: {error}"}

@@ -8,11 +8,12 @@ its own weights.
 
 A PEFT model (LoRA layers around the projections, bitsandbytes 4-bit base layers) is patched
 through its underlying transformers model: only norms, the rotary embedding, the MLP's
-activation and the LM head's loss are replaced, so the projections keep their wrappers.
+activation and the LM head's loss are replaced, so the projections keep their wrappers; `fused_lora`
+gives those wrappers (peft's LoRA layers) a forward that adds the adapter inside one GEMM.
 
 Devices: the kernels are Triton, so the model must be on CUDA (or on CPU under
 TRITON_INTERPRET=1, which is for tests); `apply_kernels` refuses other devices rather than fall
-back silently to slower code. Patch after the model is placed on its device.
+back silently to slower code (`fused_lora` is plain PyTorch and runs anywhere). Patch after the model is placed on its device.
 """
 
 from __future__ import annotations
@@ -29,12 +30,14 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.utils.generic import can_return_tuple
 
 from ftune.kernels.fused_linear_cross_entropy import fused_linear_cross_entropy
+from ftune.kernels.lora import lora_layers, patch_lora
 from ftune.kernels.rms_norm import rms_norm
 from ftune.kernels.rope import apply_rotary_pos_emb
 from ftune.kernels.swiglu import swiglu
 from ftune.kernels.utils import runs_triton
 
-KERNELS = ("rms_norm", "rope", "swiglu", "fused_cross_entropy")
+KERNELS = ("rms_norm", "rope", "swiglu", "fused_cross_entropy", "fused_lora")
+TRITON_KERNELS = KERNELS[:4]
 
 
 @dataclass(frozen=True)
@@ -122,6 +125,8 @@ def kernel_support(model: nn.Module) -> dict[str, str | None]:
         # A LoRA- or 4-bit-wrapped head: its `weight` alone would silently drop the adapter or the
         # quantization state
         support["fused_cross_entropy"] = f"the LM head is a {type(lm_head).__name__}, not a plain nn.Linear"
+    if not lora_layers(base):
+        support["fused_lora"] = "the model has no LoRA layers"
     return support
 
 
@@ -132,14 +137,16 @@ def apply_kernels(
     rope: bool = True,
     swiglu: bool = True,
     fused_cross_entropy: bool = True,
+    fused_lora: bool = False,
 ) -> dict[str, int]:
     """Patch `model` (a transformers causal LM, bare or PEFT-wrapped) in place, per instance.
 
     Returns how many modules each requested kernel replaced. Raises ValueError, before patching
     anything, when a requested kernel does not apply to the model (see `kernel_support`), was
-    already applied to it, or the model sits on a device the kernels can't run on.
+    already applied to it, or the model sits on a device the kernels can't run on. `fused_lora` is
+    off by default here, since a bare transformers model has no LoRA layers to patch.
     """
-    flags = (rms_norm, rope, swiglu, fused_cross_entropy)
+    flags = (rms_norm, rope, swiglu, fused_cross_entropy, fused_lora)
     requested = [name for name, on in zip(KERNELS, flags, strict=True) if on]
     base = unwrap_model(model)
     support = kernel_support(base)
@@ -150,7 +157,7 @@ def apply_kernels(
     problems += [f"{name}: already applied to this model" for name in requested if name in applied]
     if problems:
         raise ValueError("cannot apply ftune's kernels:\n  " + "\n  ".join(problems))
-    if requested:
+    if any(name in TRITON_KERNELS for name in requested):
         devices = {p.device for p in base.parameters()}
         if not all(runs_triton(d) for d in devices):
             raise ValueError(
@@ -192,6 +199,8 @@ def apply_kernels(
         base._ftune_original_forward = base.forward
         base.forward = types.MethodType(_causal_lm_forward(type(base)), base)
         report["fused_cross_entropy"] = 1
+    if "fused_lora" in requested:
+        report["fused_lora"] = patch_lora(base)
     base._ftune_kernels = applied | set(requested)
     return report
 

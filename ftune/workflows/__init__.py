@@ -69,6 +69,10 @@ def train(recipe: Recipe, *, overwrite: bool = False, console: Console | None = 
         console.print(f"[bold]ftune[/] {plan.describe()}")
     built = build_model(recipe, tokenizer=tokenizer, plan=plan)
     console.print(f"[bold]ftune[/] {built.source} on {built.device} · {built.engine.describe()}")
+    if built.device.type == "cuda":
+        # The panel's peak is the training's: loading (or building a preset's random weights, 15 GiB
+        # for the 8B shape) passes through the GPU once, before the first step
+        torch.cuda.reset_peak_memory_stats(built.device)
 
     main_process = is_main_process()  # under torchrun/accelerate only rank 0 writes and prints
     if resume_from is None and main_process:

@@ -1,0 +1,133 @@
+"""The fused LoRA forward (addmm) against peft's own: outputs and every gradient, with a 16-bit base,
+a bitsandbytes 4-bit base, under autocast, and the cases that must fall back to peft."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+from ftune.kernels import apply_kernels, kernel_support
+from ftune.kernels.lora import lora_layers, patch_lora
+from ftune.model import materialize_preset
+from tests.helpers import PROJECTIONS, lora_grads, tiny_lora_model
+from tests.kernels.common import DEVICE, gpu
+
+
+def _step(model, ids):
+    model.zero_grad(set_to_none=True)
+    loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    return loss.detach(), lora_grads(model)
+
+
+def _assert_same(reference, patched, ids, **tolerance):
+    loss_ref, grads_ref = _step(reference, ids)
+    loss_new, grads_new = _step(patched, ids)
+    torch.testing.assert_close(loss_new, loss_ref, **tolerance)
+    assert grads_new.keys() == grads_ref.keys() and len(grads_ref) == 3 * 7 * 2
+    for name in grads_ref:
+        torch.testing.assert_close(grads_new[name], grads_ref[name], msg=name, **tolerance)
+
+
+@pytest.mark.parametrize("preset", ["tiny-llama", "tiny-qwen2"])
+def test_fused_lora_equals_peft_fp32(preset):
+    reference, _ = tiny_lora_model(preset)
+    patched = copy.deepcopy(reference)
+    assert patch_lora(patched) == 3 * 7
+    for layer in lora_layers(patched):  # every call must take the fused path here
+        layer._ftune_peft_forward = None
+    ids = torch.randint(0, 200, (2, 24), generator=torch.Generator().manual_seed(0))
+    _assert_same(reference, patched, ids, atol=1e-5, rtol=1e-5)
+
+
+def test_fused_lora_under_bf16_autocast():
+    reference, _ = tiny_lora_model("tiny-llama")
+    patched = copy.deepcopy(reference)
+    patch_lora(patched)
+    ids = torch.randint(0, 200, (2, 24), generator=torch.Generator().manual_seed(1))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        # peft rounds the adapter's product, its scaled copy and the sum to bf16; addmm rounds once
+        _assert_same(reference, patched, ids, atol=2e-2, rtol=2e-2)
+
+
+def test_fused_lora_on_a_4bit_base(tmp_path, monkeypatch):
+    monkeypatch.setenv("FTUNE_CACHE", str(tmp_path))
+    path = materialize_preset("tiny-llama", seed=0, dtype=torch.float32, device=torch.device("cpu"))
+    quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32)
+    base = AutoModelForCausalLM.from_pretrained(path, quantization_config=quant, dtype=torch.float32,
+                                                device_map={"": "cpu"})
+    torch.manual_seed(0)
+    reference = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=PROJECTIONS, task_type="CAUSAL_LM"))
+    for name, parameter in reference.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(parameter, std=0.05)
+    patched = copy.deepcopy(reference)
+    assert patch_lora(patched) == len(lora_layers(reference)) > 0
+    ids = torch.randint(0, 200, (1, 16), generator=torch.Generator().manual_seed(2))
+    loss_ref, grads_ref = _step(reference, ids)
+    loss_new, grads_new = _step(patched, ids)
+    torch.testing.assert_close(loss_new, loss_ref, atol=1e-5, rtol=1e-5)
+    for name in grads_ref:
+        torch.testing.assert_close(grads_new[name], grads_ref[name], atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_disabled_adapter_and_merged_layers_take_pefts_path():
+    reference, _ = tiny_lora_model("tiny-llama")
+    patched = copy.deepcopy(reference)
+    patch_lora(patched)
+    ids = torch.randint(0, 200, (1, 12), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        with reference.disable_adapter(), patched.disable_adapter():  # DPO's reference model
+            torch.testing.assert_close(patched(input_ids=ids).logits, reference(input_ids=ids).logits)
+        adapted = patched(input_ids=ids).logits
+        patched.merge_adapter()
+        torch.testing.assert_close(patched(input_ids=ids).logits, adapted, atol=1e-5, rtol=1e-5)
+        patched.unmerge_adapter()
+
+
+def test_bf16_input_with_fp32_adapter_and_no_autocast_falls_back():
+    """peft casts such an input to the adapter's dtype; the fused path would not, so it defers."""
+    reference, _ = tiny_lora_model("tiny-llama")
+    layer = lora_layers(reference)[0]
+    calls = []
+    layer._ftune_peft_forward = lambda x, *a, **k: calls.append(x.dtype) or torch.zeros(1)
+    from ftune.kernels.lora import fused_lora_forward
+
+    fused_lora_forward(layer, torch.randn(2, layer.in_features, dtype=torch.bfloat16))
+    assert calls == [torch.bfloat16]
+
+
+def test_kernel_support_and_apply_kernels_flag():
+    model, _ = tiny_lora_model("tiny-llama")
+    assert kernel_support(model)["fused_lora"] is None
+    report = apply_kernels(model, rms_norm=False, rope=False, swiglu=False, fused_cross_entropy=False, fused_lora=True)
+    assert report == {"fused_lora": 21}
+    bare = AutoModelForCausalLM.from_config(model.get_base_model().config)
+    assert "no LoRA layers" in kernel_support(bare)["fused_lora"]
+
+
+@gpu
+def test_fused_lora_on_the_gpu_4bit_bf16(tmp_path, monkeypatch):
+    monkeypatch.setenv("FTUNE_CACHE", str(tmp_path))
+    path = materialize_preset("tiny-llama", seed=0, dtype=torch.bfloat16, device=torch.device(DEVICE))
+    quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16)
+    base = AutoModelForCausalLM.from_pretrained(path, quantization_config=quant, dtype=torch.bfloat16,
+                                                device_map={"": DEVICE})
+    torch.manual_seed(0)
+    reference = get_peft_model(base, LoraConfig(r=8, lora_alpha=16, target_modules=PROJECTIONS, task_type="CAUSAL_LM"))
+    for name, parameter in reference.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(parameter, std=0.05)
+    patched = copy.deepcopy(reference)
+    patch_lora(patched)
+    ids = torch.randint(0, 200, (2, 64), device=DEVICE, generator=torch.Generator(DEVICE).manual_seed(0))
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        loss_ref, grads_ref = _step(reference, ids)
+        loss_new, grads_new = _step(patched, ids)
+    torch.testing.assert_close(loss_new, loss_ref, atol=2e-2, rtol=2e-2)
+    for name in grads_ref:
+        torch.testing.assert_close(grads_new[name], grads_ref[name], atol=2e-2, rtol=5e-2, msg=name)
