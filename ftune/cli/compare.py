@@ -114,7 +114,9 @@ def _report(recipe, modes, rows, seq, batch) -> dict[str, Any]:
     reference = next((r for r in rows if r["status"] == "ok"), None)
     for row in rows:
         if shape is not None and row["mode"] != "smart":
-            setting = Setting.from_recipe(recipe, mode=row["mode"])
+            # the workers train with torch's AdamW whatever the recipe names (fp32 moments), so the
+            # estimate does too
+            setting = Setting.from_recipe(recipe, mode=row["mode"], optimizer="adamw_torch")
             setting.seq, setting.batch = seq or setting.seq, batch or setting.batch
             row["estimated_peak_bytes"] = estimate(shape, setting).peak
         if row["status"] == "ok" and reference is not None:
