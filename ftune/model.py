@@ -89,7 +89,8 @@ def materialize_preset(name: str, *, seed: int, dtype: torch.dtype, device: torc
     # Initialize on the GPU when it has room for the 16-bit weights (an 8B shape: seconds there,
     # minutes on CPU; 15 GiB, more than a 16 GB card has free). The RNG is forked so that a first
     # run (which builds the preset) and a later one (which finds it cached) leave the global RNG in
-    # the same state: LoRA's initialization must not differ.
+    # the same state: LoRA's initialization must not differ. (CPU and CUDA draw different numbers
+    # from one seed; memory and speed, what presets are for, do not depend on them.)
     if device.type == "cuda" and torch.cuda.mem_get_info(device)[0] < 1.2 * _parameter_bytes(config, dtype):
         device = torch.device("cpu")
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), torch.device(device):
@@ -220,7 +221,10 @@ def build_model(recipe: Recipe, device: torch.device | None = None, *, tokenizer
         engine = install_checkpointing(model, "smart", plan.policies)
     else:
         engine = install_checkpointing(model, recipe.checkpointing.mode)
-    if plan.host_embeddings if recipe.checkpointing.mode == "smart" else wants_host_embeddings(recipe, device):
+    # smart's plan decides where the table goes (host RAM only when the budget needs it)
+    host_embeddings = plan.host_embeddings if recipe.checkpointing.mode == "smart" else \
+        wants_host_embeddings(recipe, device)
+    if host_embeddings:
         engine.host_embedding_bytes = move_embeddings_to_host(model, device)
     return BuiltModel(model=model, tokenizer=tokenizer, device=device, dtype=dtype, engine=engine, kernels=kernels,
                       source=source, plan=plan if recipe.checkpointing.mode == "smart" else None)

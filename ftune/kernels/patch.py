@@ -13,7 +13,8 @@ gives those wrappers (peft's LoRA layers) a forward that adds the adapter inside
 
 Devices: the kernels are Triton, so the model must be on CUDA (or on CPU under
 TRITON_INTERPRET=1, which is for tests); `apply_kernels` refuses other devices rather than fall
-back silently to slower code (`fused_lora` is plain PyTorch and runs anywhere). Patch after the model is placed on its device.
+back silently to slower code (`fused_lora` is plain PyTorch and runs anywhere). Patch after the
+model is placed on its device.
 """
 
 from __future__ import annotations

@@ -54,19 +54,24 @@ def test_fused_lora_under_bf16_autocast():
         _assert_same(reference, patched, ids, atol=2e-2, rtol=2e-2)
 
 
-def test_fused_lora_on_a_4bit_base(tmp_path, monkeypatch):
-    monkeypatch.setenv("FTUNE_CACHE", str(tmp_path))
-    path = materialize_preset("tiny-llama", seed=0, dtype=torch.float32, device=torch.device("cpu"))
-    quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32)
-    base = AutoModelForCausalLM.from_pretrained(path, quantization_config=quant, dtype=torch.float32,
-                                                device_map={"": "cpu"})
+def _quantized_pair(device: str, dtype: torch.dtype, r: int):
+    """A tiny Llama in NF4 with LoRA (B non-zero), and a copy of it with the fused forward."""
+    path = materialize_preset("tiny-llama", seed=0, dtype=dtype, device=torch.device(device))
+    quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype)
+    base = AutoModelForCausalLM.from_pretrained(path, quantization_config=quant, dtype=dtype, device_map={"": device})
     torch.manual_seed(0)
-    reference = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=PROJECTIONS, task_type="CAUSAL_LM"))
+    reference = get_peft_model(base, LoraConfig(r=r, lora_alpha=2 * r, target_modules=PROJECTIONS, task_type="CAUSAL_LM"))
     for name, parameter in reference.named_parameters():
         if "lora_B" in name:
             torch.nn.init.normal_(parameter, std=0.05)
     patched = copy.deepcopy(reference)
     assert patch_lora(patched) == len(lora_layers(reference)) > 0
+    return reference, patched
+
+
+def test_fused_lora_on_a_4bit_base(tmp_path, monkeypatch):
+    monkeypatch.setenv("FTUNE_CACHE", str(tmp_path))
+    reference, patched = _quantized_pair("cpu", torch.float32, r=4)
     ids = torch.randint(0, 200, (1, 16), generator=torch.Generator().manual_seed(2))
     loss_ref, grads_ref = _step(reference, ids)
     loss_new, grads_new = _step(patched, ids)
@@ -113,17 +118,7 @@ def test_kernel_support_and_apply_kernels_flag():
 @gpu
 def test_fused_lora_on_the_gpu_4bit_bf16(tmp_path, monkeypatch):
     monkeypatch.setenv("FTUNE_CACHE", str(tmp_path))
-    path = materialize_preset("tiny-llama", seed=0, dtype=torch.bfloat16, device=torch.device(DEVICE))
-    quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16)
-    base = AutoModelForCausalLM.from_pretrained(path, quantization_config=quant, dtype=torch.bfloat16,
-                                                device_map={"": DEVICE})
-    torch.manual_seed(0)
-    reference = get_peft_model(base, LoraConfig(r=8, lora_alpha=16, target_modules=PROJECTIONS, task_type="CAUSAL_LM"))
-    for name, parameter in reference.named_parameters():
-        if "lora_B" in name:
-            torch.nn.init.normal_(parameter, std=0.05)
-    patched = copy.deepcopy(reference)
-    patch_lora(patched)
+    reference, patched = _quantized_pair(DEVICE, torch.bfloat16, r=8)
     ids = torch.randint(0, 200, (2, 64), device=DEVICE, generator=torch.Generator(DEVICE).manual_seed(0))
     with torch.autocast("cuda", dtype=torch.bfloat16):
         loss_ref, grads_ref = _step(reference, ids)
