@@ -52,7 +52,10 @@ def train(recipe: Recipe, *, overwrite: bool = False, console: Console | None = 
     output_dir = Path(recipe.training.output_dir)
     # Before any slow work: resume, refuse, or start fresh.
     resume_from = find_resume_checkpoint(recipe, output_dir, overwrite=overwrite)
-    if resume_from is None:
+    if resume_from is None and is_main_process():
+        # Rank 0 alone decides (it alone writes): under torchrun a rank that starts late would
+        # otherwise find the directory rank 0 has just begun, and refuse it as an earlier run's.
+        # When rank 0 refuses, torchrun stops the other ranks.
         check_output_dir(output_dir, overwrite=overwrite)
     workflow = importlib.import_module(f"ftune.workflows.{recipe.workflow}")
 
