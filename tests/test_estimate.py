@@ -93,3 +93,13 @@ def test_no_config_reachable_is_a_clear_error(monkeypatch, capsys):
     code, _, err = run_cli(monkeypatch, capsys, "estimate-vram", str(QUICKSTART), "--set", "model.preset=null",
                            "--set", "model.name_or_path=some-org/not-a-cached-model")
     assert code == 3 and "no config reachable" in err and "Traceback" not in err
+
+
+def test_calibrated_inside_the_measured_grid_only():
+    llama, qwen3 = (Shape.from_config(PRESETS[name]) for name in ("llama-3.1-8b", "qwen3-8b"))
+    for mode in ("none", "true", "unsloth"):
+        assert estimate(llama, Setting(mode=mode, seq=32768, batch=4)).calibrated
+    outside = [estimate(llama, Setting(mode="true", seq=8192, batch=8)), estimate(qwen3, Setting(mode="true", seq=8192)),
+               estimate(llama, Setting(mode="true", seq=8192, fused_loss=False))]
+    for parts in outside:
+        assert not parts.calibrated and "extrapolated" in parts.notes[0]
