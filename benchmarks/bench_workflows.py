@@ -177,19 +177,19 @@ def worker_trl(workflow: str, overrides: list[str]) -> dict:
 
     import psutil
     import torch
-    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
-    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, TrainerCallback
+    from peft import get_peft_model, prepare_model_for_kbit_training
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 
     from ftune.data import load_training_data
-    from ftune.model import materialize_preset, pick_device, resolve_dtype
+    from ftune.model import (lora_config, materialize_preset, pick_device, quantization_compute_dtype,
+                             quantization_config, resolve_dtype)
     from ftune.workflows.common import trainer_arguments
 
     recipe = load(workflow, overrides)
     device = pick_device()
     cuda = device.type == "cuda"
     dtype = resolve_dtype(recipe.model.dtype, device)
-    quant = recipe.quantization
-    compute_dtype = dtype if quant.compute_dtype == "auto" else getattr(torch, quant.compute_dtype)
+    compute_dtype = quantization_compute_dtype(recipe, dtype)
     path = materialize_preset(recipe.model.preset, seed=recipe.training.seed, dtype=dtype, device=device)
 
     tokenizer = AutoTokenizer.from_pretrained(recipe.resolve_input(recipe.model.tokenizer))
@@ -197,20 +197,13 @@ def worker_trl(workflow: str, overrides: list[str]) -> dict:
         tokenizer.pad_token = tokenizer.eos_token
     dataset, _ = load_training_data(recipe)  # the same rows and columns ftune trains on
 
-    quantization_config = None
-    if quant.method != "none":
-        quantization_config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=quant.method,
-                                                 bnb_4bit_use_double_quant=quant.double_quant,
-                                                 bnb_4bit_compute_dtype=compute_dtype)
-    model = AutoModelForCausalLM.from_pretrained(path, quantization_config=quantization_config, dtype=dtype,
+    quantization = quantization_config(recipe, compute_dtype)  # the recipe's bitsandbytes settings, as ftune's
+    model = AutoModelForCausalLM.from_pretrained(path, quantization_config=quantization, dtype=dtype,
                                                  device_map={"": device},
                                                  attn_implementation=recipe.model.attn_implementation)
-    if quantization_config is not None:
+    if quantization is not None:
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True)
-    lora = recipe.lora
-    model = get_peft_model(model, LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-                                             target_modules=lora.target_modules, bias=lora.bias,
-                                             use_rslora=lora.use_rslora, task_type="CAUSAL_LM"))
+    model = get_peft_model(model, lora_config(recipe))
 
     # ftune's TrainingArguments for this recipe (same batch, lr, optimizer, schedule, seed, precision),
     # with transformers' own checkpointing on, as the baseline.
@@ -240,26 +233,22 @@ def worker_trl(workflow: str, overrides: list[str]) -> dict:
             self.records.append(record)
 
     log = StepLog()
+    # TRL's own trainers, with the configs ftune's workflows build from the same recipe
     if workflow == "dpo":
-        from trl import DPOConfig, DPOTrainer
+        from trl import DPOTrainer
 
-        options = recipe.dpo
-        config = DPOConfig(**arguments, max_length=recipe.data.max_length, beta=options.beta,
-                           loss_type=[options.loss_type], label_smoothing=options.label_smoothing)
+        from ftune.workflows.dpo import dpo_config
+
+        config = dpo_config(recipe, arguments)
         # No ref_model: TRL uses the PEFT model with its adapter off as the reference, as ftune does.
         trainer = DPOTrainer(model=model, ref_model=None, args=config, train_dataset=dataset,
                              processing_class=tokenizer, callbacks=[log])
     else:
-        from trl import GRPOConfig, GRPOTrainer
+        from trl import GRPOTrainer
 
-        from ftune.workflows.rewards import reward_functions
+        from ftune.workflows.grpo import grpo_config
 
-        options = recipe.grpo
-        config = GRPOConfig(**arguments, num_generations=options.num_generations,
-                            max_completion_length=options.max_completion_length, temperature=options.temperature,
-                            beta=options.beta, reward_weights=options.reward_weights)
-        rewards = reward_functions(options.rewards, format_pattern=options.format_pattern,
-                                   max_length=options.max_completion_length)
+        config, rewards = grpo_config(recipe, arguments)
         trainer = GRPOTrainer(model=model, reward_funcs=rewards, args=config, train_dataset=dataset,
                               processing_class=tokenizer, callbacks=[log])
     trainer.train()

@@ -113,6 +113,11 @@ def _parameter_bytes(config, dtype: torch.dtype) -> int:
     return sum(p.numel() * p.element_size() for p in model.parameters())
 
 
+def quantization_compute_dtype(recipe: Recipe, dtype: torch.dtype) -> torch.dtype:
+    """The dtype 4-bit matmuls compute in: the recipe's, or the model's under auto."""
+    return dtype if recipe.quantization.compute_dtype == "auto" else _DTYPES[recipe.quantization.compute_dtype]
+
+
 def quantization_config(recipe: Recipe, compute_dtype: torch.dtype) -> BitsAndBytesConfig | None:
     quant = recipe.quantization
     if quant.method == "none":
@@ -129,7 +134,7 @@ def load_base_model(recipe: Recipe, device: torch.device | None = None) -> tuple
     """The frozen base model of a recipe, 4-bit where asked, on the device."""
     device = device or pick_device()
     dtype = resolve_dtype(recipe.model.dtype, device)
-    compute_dtype = dtype if recipe.quantization.compute_dtype == "auto" else _DTYPES[recipe.quantization.compute_dtype]
+    compute_dtype = quantization_compute_dtype(recipe, dtype)
     if recipe.model.preset is not None:
         source = str(materialize_preset(recipe.model.preset, seed=recipe.training.seed, dtype=dtype, device=device))
     else:
@@ -170,6 +175,13 @@ def load_tokenizer(recipe: Recipe) -> PreTrainedTokenizerBase:
     return tokenizer
 
 
+def lora_config(recipe: Recipe) -> LoraConfig:
+    """peft's LoraConfig of the recipe's lora section."""
+    lora = recipe.lora
+    return LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=lora.target_modules,
+                      bias=lora.bias, use_rslora=lora.use_rslora, task_type="CAUSAL_LM")
+
+
 def add_lora(model: PreTrainedModel, recipe: Recipe) -> PeftModel:
     """A new LoRA adapter from the recipe, or the existing one that model.adapter names (trainable)."""
     if recipe.model.adapter is not None:
@@ -180,18 +192,8 @@ def add_lora(model: PreTrainedModel, recipe: Recipe) -> PeftModel:
             raise ModelError(f"model.adapter: could not load a PEFT adapter from {path}: {first_line(error)}",
                              hint="Point it at a folder with adapter_config.json, such as an earlier run's output_dir "
                              "(the DPO and GRPO quickstarts continue `ftune train recipes/quickstart.yaml`).") from None
-    lora = recipe.lora
-    config = LoraConfig(
-        r=lora.r,
-        lora_alpha=lora.alpha,
-        lora_dropout=lora.dropout,
-        target_modules=lora.target_modules,
-        bias=lora.bias,
-        use_rslora=lora.use_rslora,
-        task_type="CAUSAL_LM",
-    )
     try:
-        return get_peft_model(model, config)
+        return get_peft_model(model, lora_config(recipe))
     except ValueError as error:
         raise ModelError(
             f"lora.target_modules: {first_line(error)}",

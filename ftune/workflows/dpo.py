@@ -3,6 +3,8 @@ adapter disabled (TRL does this for a PEFT model given no ref_model): no second 
 
 from __future__ import annotations
 
+from typing import Any
+
 from datasets import Dataset
 from transformers import TrainerCallback
 from trl import DPOConfig, DPOTrainer
@@ -17,15 +19,15 @@ class FtuneDPOTrainer(AtomicCheckpoints, DPOTrainer):
     """TRL's DPOTrainer whose checkpoints are written aside and renamed into place."""
 
 
-def make_trainer(recipe: Recipe, built: BuiltModel, dataset: Dataset, callbacks: list[TrainerCallback]) -> DPOTrainer:
+def dpo_config(recipe: Recipe, arguments: dict[str, Any]) -> DPOConfig:
+    """TRL's DPOConfig: the TrainingArguments `arguments` and the recipe's dpo options."""
     options = recipe.dpo
-    config = DPOConfig(
-        **trainer_arguments(recipe, built),
-        max_length=recipe.data.max_length,
-        beta=options.beta,
-        loss_type=[options.loss_type],
-        label_smoothing=options.label_smoothing,
-    )
+    return DPOConfig(**arguments, max_length=recipe.data.max_length, beta=options.beta,
+                     loss_type=[options.loss_type], label_smoothing=options.label_smoothing)
+
+
+def make_trainer(recipe: Recipe, built: BuiltModel, dataset: Dataset, callbacks: list[TrainerCallback]) -> DPOTrainer:
+    config = dpo_config(recipe, trainer_arguments(recipe, built))
     trainer = FtuneDPOTrainer(model=built.model, ref_model=None, args=config, train_dataset=dataset,
                               processing_class=built.tokenizer, callbacks=callbacks)
     return finish_trainer(trainer)

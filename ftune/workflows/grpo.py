@@ -6,6 +6,9 @@ the policy's training forward goes through the engine as in SFT.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 from datasets import Dataset
 from transformers import TrainerCallback
 from trl import GRPOConfig, GRPOTrainer
@@ -22,6 +25,18 @@ class FtuneGRPOTrainer(AtomicCheckpoints, GRPOTrainer):
     """TRL's GRPOTrainer whose checkpoints are written aside and renamed into place."""
 
 
+def grpo_config(recipe: Recipe, arguments: dict[str, Any]) -> tuple[GRPOConfig, list[Callable]]:
+    """TRL's GRPOConfig (the TrainingArguments `arguments` and the recipe's grpo options) and the
+    recipe's reward functions."""
+    options = recipe.grpo
+    config = GRPOConfig(**arguments, num_generations=options.num_generations,
+                        max_completion_length=options.max_completion_length, temperature=options.temperature,
+                        beta=options.beta, reward_weights=options.reward_weights)
+    rewards = reward_functions(options.rewards, format_pattern=options.format_pattern,
+                               max_length=options.max_completion_length)
+    return config, rewards
+
+
 def make_trainer(recipe: Recipe, built: BuiltModel, dataset: Dataset, callbacks: list[TrainerCallback]) -> GRPOTrainer:
     options, training = recipe.grpo, recipe.training
     if (training.batch_size * training.grad_accum) % options.num_generations:
@@ -33,16 +48,7 @@ def make_trainer(recipe: Recipe, built: BuiltModel, dataset: Dataset, callbacks:
     if "exact_answer" in options.rewards and "answer" not in dataset.column_names:
         raise RecipeError("grpo.rewards: exact_answer needs an 'answer' column in the data.",
                           hint=f"Its columns are {dataset.column_names}; map yours with data.fields: {{answer: ...}}.")
-    config = GRPOConfig(
-        **trainer_arguments(recipe, built),
-        num_generations=options.num_generations,
-        max_completion_length=options.max_completion_length,
-        temperature=options.temperature,
-        beta=options.beta,
-        reward_weights=options.reward_weights,
-    )
-    rewards = reward_functions(options.rewards, format_pattern=options.format_pattern,
-                               max_length=options.max_completion_length)
+    config, rewards = grpo_config(recipe, trainer_arguments(recipe, built))
     trainer = FtuneGRPOTrainer(model=built.model, reward_funcs=rewards, args=config, train_dataset=dataset,
                                processing_class=built.tokenizer, callbacks=callbacks)
     return finish_trainer(trainer)
