@@ -40,14 +40,15 @@ sys.path.insert(0, str(REPO))
 GiB = 1024**3
 # the recipes' default seed: every benchmark (and `ftune train` on a preset) then shares one cached preset
 PRESET_SEED = 42
+HOST_EMBEDDINGS = {"auto": "auto", "on": True, "off": False}
 PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
-def ftune_recipe(preset: str, mode: str, kernels: bool, budget_gib: float | None = None):
+def ftune_recipe(preset: str, mode: str, kernels: bool, budget_gib: float | None = None, host_embeddings="auto"):
     from ftune.kernels import KERNELS
     from ftune.recipe import validate_recipe
 
-    checkpointing = {"mode": mode}
+    checkpointing = {"mode": mode, "host_embeddings": host_embeddings}
     if budget_gib is not None:
         checkpointing["budget"] = f"{budget_gib}GiB"
     raw = {
@@ -95,10 +96,11 @@ class HFStack:
 class FtuneStack:
     """ftune's own model building (model.py) for one mode, as `ftune train` builds it."""
 
-    def __init__(self, preset: str, kernels: bool, mode: str, budget_gib: float | None, seq: int, batch: int):
+    def __init__(self, preset: str, kernels: bool, mode: str, budget_gib: float | None, seq: int, batch: int,
+                 host_embeddings="auto"):
         from ftune.model import build_model
 
-        recipe = ftune_recipe(preset, mode, kernels, budget_gib)
+        recipe = ftune_recipe(preset, mode, kernels, budget_gib, host_embeddings)
         # smart plans for the recipe's sequence and batch, as `ftune train` does for its data
         recipe.data.max_length, recipe.training.batch_size = seq, batch
         self.built = build_model(recipe, with_tokenizer=False)
@@ -173,7 +175,7 @@ def worker(args) -> None:
         stack = HFStack(args.preset)
     else:
         stack = FtuneStack(args.preset, kernels=name == "ftune+k", mode=mode, budget_gib=budget_gib,
-                           seq=seqs[0], batch=batches[0])
+                           seq=seqs[0], batch=batches[0], host_embeddings=HOST_EMBEDDINGS[args.host_embeddings])
     stack.set_mode(mode)
     label = f"{mode}@{budget}" if budget else mode
     for batch in batches:
@@ -185,7 +187,8 @@ def worker(args) -> None:
                 last_ok = seq
             except torch.OutOfMemoryError:
                 row = {"seq": seq, "batch": batch, "status": "oom"}
-            row.update(stack=name, mode=label, preset=args.preset, cap_gib=args.cap_gib, budget_gib=budget_gib)
+            row.update(stack=name, mode=label, preset=args.preset, cap_gib=args.cap_gib, budget_gib=budget_gib,
+                       host_embeddings=args.host_embeddings)
             if budget_gib is not None and row["status"] == "ok":
                 row["plan"] = stack.built.plan.counts()
                 row["plan_peak_gib"] = round(stack.built.plan.peak / GiB, 3)
@@ -227,6 +230,8 @@ def main() -> None:
     parser.add_argument("--longest-limit", type=int, default=262144)
     parser.add_argument("--cap-gib", type=float, default=None, help="cap this process's GPU memory (a smaller card)")
     parser.add_argument("--out", type=Path, default=None, help="append JSON results here")
+    parser.add_argument("--host-embeddings", choices=sorted(HOST_EMBEDDINGS), default="auto",
+                        help="ftune stacks: the input embedding table in host RAM (auto: as the mode decides)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -238,7 +243,8 @@ def main() -> None:
             "date": time.strftime("%Y-%m-%d")}
     for run in args.runs.split(","):
         command = [sys.executable, __file__, "--worker", run, "--preset", args.preset, "--seqs", args.seqs,
-                   "--batches", args.batches, "--steps", str(args.steps), "--longest-limit", str(args.longest_limit)]
+                   "--batches", args.batches, "--steps", str(args.steps), "--longest-limit", str(args.longest_limit),
+                   "--host-embeddings", args.host_embeddings]
         if args.longest:
             command.append("--longest")
         if args.cap_gib:

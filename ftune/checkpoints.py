@@ -18,6 +18,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+import torch
 import yaml
 from transformers.trainer_utils import rotate_checkpoints
 
@@ -27,6 +28,15 @@ from ftune.recipe import Recipe
 
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 STAGING = ".staging"
+
+
+def _restore_indexed_cpu(storage, location: str):
+    # Under torchrun on CPU, transformers loads a checkpoint's optimizer state with
+    # map_location=args.device, which is cpu:RANK there: a location torch.load does not know.
+    return storage if location.startswith("cpu:") else None
+
+
+torch.serialization.register_package(9, lambda storage: None, _restore_indexed_cpu)
 # Keys that may change between a run and its resumption: how long it runs and how it reports.
 RESUMABLE_CHANGES = {
     "training.max_steps", "training.epochs", "training.save_steps", "training.save_total_limit",
@@ -35,12 +45,20 @@ RESUMABLE_CHANGES = {
 
 
 class AtomicCheckpoints:
-    """Trainer mixin: `checkpoint-N` is written aside and renamed into place."""
+    """Trainer mixin: `checkpoint-N` is written aside and renamed into place.
+
+    Under several processes every rank writes its part (its RNG state; under FSDP its optimizer
+    shard) into the one staging folder: rank 0 clears it first and renames it only once every
+    rank is done.
+    """
 
     def _save_checkpoint(self, model, trial) -> None:
         run_dir = self.args.output_dir
         staging = os.path.join(run_dir, STAGING)
-        shutil.rmtree(staging, ignore_errors=True)
+        is_writer = self.args.should_save  # rank 0
+        if is_writer:
+            shutil.rmtree(staging, ignore_errors=True)
+        self.accelerator.wait_for_everyone()  # no rank writes into a folder rank 0 is still clearing
         limit = self.args.save_total_limit
         # transformers writes into args.output_dir/checkpoint-N and rotates there: point it at the
         # staging folder for the write, rotate the real folder after the rename.
@@ -49,13 +67,16 @@ class AtomicCheckpoints:
             super()._save_checkpoint(model, trial)
         finally:
             self.args.output_dir, self.args.save_total_limit = run_dir, limit
+        self.accelerator.wait_for_everyone()  # every rank's part is written
+        if not is_writer:
+            return
         name = f"checkpoint-{self.state.global_step}"
         target = os.path.join(run_dir, name)
         if os.path.exists(target):  # saved again at the same step (a signal right after a save)
             shutil.rmtree(target)
         os.replace(os.path.join(staging, name), target)
         shutil.rmtree(staging, ignore_errors=True)
-        if self.args.should_save and limit:
+        if limit:
             rotate_checkpoints(output_dir=run_dir, save_total_limit=limit, use_mtime=False)
 
 

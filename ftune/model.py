@@ -127,6 +127,9 @@ def quantization_config(recipe: Recipe, compute_dtype: torch.dtype) -> BitsAndBy
         bnb_4bit_quant_type=quant.method,
         bnb_4bit_use_double_quant=quant.double_quant,
         bnb_4bit_compute_dtype=compute_dtype,
+        # FSDP shards only floating-point parameters, and needs one dtype per layer: the packed
+        # 4-bit values are stored in the compute dtype's elements instead of bytes (same size).
+        bnb_4bit_quant_storage=compute_dtype if recipe.distributed.strategy == "fsdp" else torch.uint8,
     )
 
 

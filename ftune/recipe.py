@@ -272,6 +272,17 @@ class TrainingSection(_Section):
     )
 
 
+class DistributedSection(_Section):
+    """How several GPUs share a run launched with --gpus N, torchrun or accelerate launch."""
+
+    strategy: Literal["ddp", "fsdp"] = Field(
+        "ddp",
+        description="ddp: each GPU holds the whole 4-bit model and trains on its share of the batch; "
+        "fsdp: FSDP2 shards the model (4-bit weights included) across the GPUs, each holding 1/N of it "
+        "between the layers it runs (for a model that leaves too little room on one card).",
+    )
+
+
 class Recipe(_Section):
     """One fine-tuning run."""
 
@@ -287,6 +298,7 @@ class Recipe(_Section):
     grpo: GRPOSection = Field(default_factory=GRPOSection)
     data: DataSection = Field(..., description="The training data.")
     training: TrainingSection = Field(default_factory=TrainingSection)
+    distributed: DistributedSection = Field(default_factory=DistributedSection)
 
     # Where relative input paths are resolved; not a recipe key.
     _base_dir: Path = Path(".")
@@ -489,6 +501,13 @@ def combination_problems(recipe: Recipe, *, check_paths: bool = True) -> list[tu
     if recipe.data.format != "auto" and recipe.data.format not in expected_formats[recipe.workflow]:
         problems.append(("data.format", f"the {recipe.workflow} workflow takes "
                          f"{' or '.join(expected_formats[recipe.workflow])} data, not {recipe.data.format}"))
+    if recipe.distributed.strategy == "fsdp":
+        if recipe.workflow != "sft":
+            problems.append(("distributed.strategy", f"fsdp is tested with the sft workflow only, not {recipe.workflow}; "
+                             "use ddp (each GPU holds the whole 4-bit model)"))
+        if recipe.checkpointing.mode == "smart":
+            problems.append(("distributed.strategy", "the smart planner plans for a whole model on each GPU; "
+                             "under fsdp use checkpointing.mode none, true or unsloth"))
     weights = recipe.grpo.reward_weights
     if weights is not None and len(weights) != len(recipe.grpo.rewards):
         problems.append(("grpo.reward_weights", f"{len(weights)} weights for {len(recipe.grpo.rewards)} rewards"))

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -53,3 +55,111 @@ def test_ftune_train_under_torchrun_matches_one_process(tmp_path):
     assert [r["loss"] for r in records["two"]] == pytest.approx([r["loss"] for r in records["one"]], abs=1e-5)
     assert all(len(r["ranks"]) == 2 for r in records["two"])
     assert two.stderr.count("run finished") == 1  # rank 0 reports; rank 1 only trains
+
+
+def test_killed_run_under_torchrun_resumes_to_the_same_result(tmp_path):
+    """Both ranks write into one checkpoint (each its RNG state) and only complete checkpoints
+    appear; a run killed after one resumes to the losses and adapter of an uninterrupted run."""
+    import psutil
+    from safetensors.torch import load_file
+
+    from ftune.checkpoints import checkpoints
+
+    quickstart = os.path.join(os.path.dirname(__file__), "..", "recipes", "quickstart.yaml")
+
+    def command(out):
+        args = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                "-m", "ftune", "train", quickstart]
+        for item in (f"training.output_dir={out}", "training.max_steps=30", "training.save_steps=3",
+                     "training.save_total_limit=10", "training.logging_steps=1", "training.batch_size=2",
+                     "training.lr_scheduler=constant", "data.limit=64", "checkpointing.mode=unsloth"):
+            args += ["--set", item]
+        return args
+
+    full = subprocess.run(command(tmp_path / "full"), capture_output=True, text=True, timeout=300)
+    assert full.returncode == 0, full.stderr[-3000:]
+    for checkpoint in checkpoints(tmp_path / "full"):
+        assert {"rng_state_0.pth", "rng_state_1.pth", "adapter_model.safetensors"} <= set(os.listdir(checkpoint))
+
+    out = tmp_path / "killed"
+    process = subprocess.Popen(command(out), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while not checkpoints(out) and process.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    # torchrun and both ranks (which it starts in sessions of their own)
+    for victim in [psutil.Process(process.pid), *psutil.Process(process.pid).children(recursive=True)]:
+        victim.send_signal(signal.SIGKILL)
+    process.wait()
+    if (out / "checkpoint-30").exists():
+        pytest.skip("the run finished before it was killed")
+    resumed = subprocess.run(command(out), capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, "\n".join(l for l in resumed.stderr.splitlines() if not l.startswith("[rank"))[-3000:]
+    assert "resuming from" in resumed.stderr
+
+    def losses(run):
+        records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        return [r["step"] for r in records], [r["loss"] for r in records]
+
+    (steps, got), (expected_steps, expected) = losses(out), losses(tmp_path / "full")
+    assert steps == expected_steps
+    assert got == pytest.approx(expected, abs=1e-6)
+    expected, got = load_file(tmp_path / "full" / "adapter_model.safetensors"), load_file(out / "adapter_model.safetensors")
+    assert expected.keys() == got.keys()
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], atol=1e-6, rtol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("mode", ["none", "true", "unsloth"])
+def test_fsdp2_sharded_4bit_model_gives_the_gradients_of_one_process(mode, tmp_path):
+    """distributed.strategy fsdp: the 4-bit weights (in their float storage) sharded over two
+    processes, every checkpointing mode recomputing through the gathered layers, give the LoRA
+    gradients of the whole model in one process over the same batch."""
+    from tests.fsdp_grads import fsdp_model
+
+    out = tmp_path / "grads.pt"
+    worker = os.path.join(os.path.dirname(__file__), "fsdp_grads.py")
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                             worker, mode, str(out)], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    sharded = torch.load(out)
+    single = fsdp_model(mode)
+    single(input_ids=BATCH, labels=BATCH).loss.backward()
+    expected = lora_grads(single)
+    assert sharded.keys() == expected.keys() and expected
+    for name in expected:
+        torch.testing.assert_close(sharded[name], expected[name], atol=1e-6, rtol=1e-5, msg=name)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_fsdp_train_on_two_gpus_matches_ddp_and_resumes(tmp_path):
+    """`ftune train --gpus 2` with distributed.strategy fsdp (accelerate's FSDP2, 4-bit weights in
+    bf16 storage, offloaded checkpointing, the kernels) logs the loss curve of the ddp run, writes
+    an adapter PEFT loads, and resumes from its sharded checkpoint."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    quickstart = os.path.join(os.path.dirname(__file__), "..", "recipes", "quickstart.yaml")
+
+    def train(out, strategy, steps):
+        args = [sys.executable, "-m", "ftune", "train", quickstart, "--gpus", "2"]
+        for item in (f"training.output_dir={out}", f"training.max_steps={steps}", "training.save_steps=4",
+                     "training.logging_steps=1", "training.batch_size=2", "training.lr_scheduler=constant",
+                     "data.limit=64", "checkpointing.mode=unsloth", f"distributed.strategy={strategy}"):
+            args += ["--set", item]
+        result = subprocess.run(args, capture_output=True, text=True, timeout=400)
+        assert result.returncode == 0, result.stderr[-4000:]
+        return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+    fsdp = train(tmp_path / "fsdp", "fsdp", 8)
+    ddp = train(tmp_path / "ddp", "ddp", 8)
+    # bf16 compute, and FSDP reduces its gradients in bf16: the curves agree to bf16 rounding
+    assert [r["loss"] for r in fsdp] == pytest.approx([r["loss"] for r in ddp], abs=0.02)
+    assert all(len(r["ranks"]) == 2 for r in fsdp)
+
+    base = AutoModelForCausalLM.from_pretrained(json.loads((tmp_path / "fsdp" / "summary.json").read_text())["model"])
+    adapted = PeftModel.from_pretrained(base, tmp_path / "fsdp")
+    assert any("lora_B" in name and parameter.abs().sum() > 0 for name, parameter in adapted.named_parameters())
+
+    resumed = train(tmp_path / "fsdp", "fsdp", 12)  # continues from checkpoint-8
+    assert [r["step"] for r in resumed] == list(range(1, 13))

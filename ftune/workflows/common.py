@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import torch
 from transformers import Trainer
 from transformers.trainer_callback import PrinterCallback
 
+from ftune.engine.checkpoint import decoder_layers
 from ftune.model import BuiltModel
 from ftune.recipe import Recipe
 
@@ -49,7 +51,31 @@ def trainer_arguments(recipe: Recipe, built: BuiltModel) -> dict[str, Any]:
         logging_first_step=False,
         # transformers hides NaN/inf losses from the logs by default; the NaN guard must see them.
         logging_nan_inf_filter=False,
+        **fsdp_arguments(recipe, built),
     )
+
+
+def fsdp_arguments(recipe: Recipe, built: BuiltModel) -> dict[str, Any]:
+    """FSDP2 through accelerate, under several processes with distributed.strategy fsdp.
+
+    Each decoder layer is one FSDP unit: its weights (the 4-bit ones in their bf16 storage, see
+    model.quantization_config) are gathered just before it runs, forward and recompute alike,
+    and freed after; its LoRA gradients are reduce-scattered as its backward ends. ftune's engine
+    does the checkpointing, so FSDP's own stays off. The adapter is saved whole (gathered to rank 0),
+    as a PEFT folder like any other run's.
+    """
+    if recipe.distributed.strategy != "fsdp" or int(os.environ.get("WORLD_SIZE", "1")) < 2:
+        return {}
+    layer_classes = sorted({type(layer).__name__ for layer in decoder_layers(built.model)})
+    return dict(fsdp=True, fsdp_config={
+        "version": 2,
+        "auto_wrap_policy": "TRANSFORMER_BASED_WRAP",
+        "transformer_layer_cls_to_wrap": layer_classes,
+        "reshard_after_forward": True,
+        "state_dict_type": "FULL_STATE_DICT",
+        "activation_checkpointing": False,
+        "cpu_ram_efficient_loading": False,
+    })
 
 
 def keep_adapter_in_fp32(model: torch.nn.Module) -> None:

@@ -1,0 +1,74 @@
+"""Run by tests/test_distributed.py under torchrun: the 4-bit LoRA model that ftune builds for
+distributed.strategy fsdp, sharded with FSDP2 (gloo, CPU) as accelerate shards it (each decoder
+layer its own unit, then the LM head's group, then the root), each rank training on its half of a
+fixed batch; rank 0 saves the LoRA gradients, gathered whole.
+
+    python -m torch.distributed.run --nproc_per_node 2 tests/fsdp_grads.py MODE OUT
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import fully_shard
+from torch.distributed.tensor import DTensor
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from ftune.engine.checkpoint import decoder_layers  # noqa: E402
+from ftune.model import build_model  # noqa: E402
+from ftune.recipe import validate_recipe  # noqa: E402
+from tests.ddp_grads import BATCH  # noqa: E402
+
+
+def fsdp_model(mode: str):
+    """ftune's 4-bit tiny Llama for fsdp, LoRA B drawn non-zero so that every gradient is exercised."""
+    recipe = validate_recipe({
+        "model": {"preset": "tiny-llama", "tokenizer": "(none)", "dtype": "float32"},
+        "quantization": {"method": "nf4"},
+        "lora": {"r": 4, "alpha": 8},
+        "checkpointing": {"mode": mode},
+        "data": {"source": "(none)"},
+        "distributed": {"strategy": "fsdp"},
+    }, base_dir=Path(__file__).parent, check_paths=False)
+    built = build_model(recipe, with_tokenizer=False)
+    torch.manual_seed(1)
+    for name, parameter in built.model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(parameter, std=0.05)
+    return built.model
+
+
+def main(mode: str, out: str) -> None:
+    torch.set_num_threads(1)
+    # Before the process group: with one initialized, transformers' save_pretrained (building the
+    # preset) writes its config from rank 0 only, and rank 1 could publish a folder without one.
+    model = fsdp_model(mode)
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+    for layer in decoder_layers(model):
+        fully_shard(layer, mesh=mesh)
+    base = model.get_base_model()
+    fully_shard([base.model.norm, base.lm_head], mesh=mesh, reshard_after_forward=False)
+    fully_shard(model, mesh=mesh)
+    half = BATCH[rank * 2:(rank + 1) * 2]
+    model(input_ids=half, labels=half).loss.backward()
+    grads = {}
+    for name, parameter in model.named_parameters():
+        if parameter.requires_grad and parameter.grad is not None:
+            grad = parameter.grad
+            grads[name] = (grad.full_tensor() if isinstance(grad, DTensor) else grad).detach().clone()
+    if rank == 0:
+        torch.save(grads, out)
+    dist.barrier()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2])
+    os._exit(0)  # as tests/ddp_grads.py: gloo's teardown may hang on a 2-core machine
