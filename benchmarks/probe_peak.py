@@ -94,6 +94,7 @@ def main() -> None:
     for source, size in list(sources.items())[:25]:
         print(f"  {size / MiB:9.1f} MiB  {source}")
 
+    optimizer.state.clear()  # measure() makes its own: these states would count against every variant
     rows = []
     for ce in [int(v) for v in args.ce_mib.split(",")]:
         for mlp in [int(v) for v in args.mlp_mib.split(",")]:

@@ -27,12 +27,14 @@ from tests.ddp_grads import BATCH  # noqa: E402
 
 
 def fsdp_model(mode: str):
-    """ftune's 4-bit tiny Llama for fsdp, LoRA B drawn non-zero so that every gradient is exercised."""
+    """ftune's 4-bit tiny Llama for fsdp (the fused loss on: Triton's interpreter on CPU), LoRA B drawn non-zero so that every gradient is exercised."""
     recipe = validate_recipe({
         "model": {"preset": "tiny-llama", "tokenizer": "(none)", "dtype": "float32"},
         "quantization": {"method": "nf4"},
         "lora": {"r": 4, "alpha": 8},
         "checkpointing": {"mode": mode},
+        # the fused loss reads the LM head's weight without calling the head (FSDP's hooks)
+        "kernels": {"fused_cross_entropy": True},
         "data": {"source": "(none)"},
         "distributed": {"strategy": "fsdp"},
     }, base_dir=Path(__file__).parent, check_paths=False)

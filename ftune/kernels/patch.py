@@ -268,6 +268,10 @@ def _causal_lm_forward(model_class: type) -> types.FunctionType:
         lm_head = self.get_output_embeddings()
         if _own_class(lm_head) is not nn.Linear:
             raise RuntimeError(f"the fused cross-entropy needs an nn.Linear LM head, not a {type(lm_head).__name__}")
+        if isinstance(lm_head, FSDPModule):
+            # FSDP2 gathers a unit's weights when the unit's forward runs; this path reads the
+            # head's weight without calling it (the gathered head stays until FSDP reshards it)
+            lm_head.unshard()
         loss, stats = fused_linear_cross_entropy(
             hidden_states[:, slice_indices, :],
             lm_head.weight,
