@@ -7,11 +7,11 @@ kept. The tensors are walked as flat arrays: elementwise work needs no notion of
 
 Where gate and up are a projection's fresh outputs (the patched MLP), the backward writes their
 gradients over them instead of into new buffers: each element is read before it is written, by
-the same thread. In the recomputed MLP of an 8B Llama that is 2 x 126 MiB less at the peak of
-the step (measured on an H200 at 8192 tokens: the two gradient buffers were 252 of the 1,406 MiB
-the step had allocated at its peak). The overwrite bumps the tensors' version counters, so a
-second backward through the same graph (retain_graph) raises instead of reading gradients as
-activations.
+the same thread. In the recomputed MLP chunk of an 8B Llama at 8192 tokens that removes 2 x 126
+MiB from the moment of the SwiGLU backward, which was the step's peak; the down projection's
+backward just before it is now the peak, 14 MiB lower (6.237 to 6.223 GiB on an H200, see
+docs/benchmarks.md). The overwrite bumps the tensors' version counters, so a second backward
+through the same graph (retain_graph) raises instead of reading gradients as activations.
 """
 
 from __future__ import annotations
