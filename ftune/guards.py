@@ -10,6 +10,7 @@ import threading
 import psutil
 
 import torch
+import torch.distributed as dist
 from transformers import TrainerCallback
 
 from ftune.errors import OutOfMemory
@@ -40,6 +41,7 @@ class GracefulStop(TrainerCallback):
         self.signal_number = number
 
     def on_step_end(self, args, state, control, **kwargs):
+        self.signal_number = _agreed_signal(self.signal_number)
         if self.signal_number is not None:
             control.should_save = True
             control.should_training_stop = True
@@ -52,6 +54,21 @@ class GracefulStop(TrainerCallback):
         for number, handler in self._previous.items():
             signal.signal(number, handler)
         self._previous.clear()
+
+
+def _agreed_signal(received: int | None) -> int | None:
+    """Under several processes, the signal any rank received, so that all stop after the same step.
+
+    The checkpoint is written by all ranks together (checkpoints.py): a rank that stopped to save
+    alone would wait for the others, which went on to the next step's gradient all-reduce. One
+    all-reduce of one number per optimizer step.
+    """
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
+        return received
+    on_gpu = dist.get_backend() == "nccl"
+    flag = torch.tensor([received or 0], device=torch.device("cuda", torch.cuda.current_device()) if on_gpu else "cpu")
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return int(flag.item()) or None
 
 
 class NonFiniteLossGuard(TrainerCallback):

@@ -57,42 +57,61 @@ def test_ftune_train_under_torchrun_matches_one_process(tmp_path):
     assert two.stderr.count("run finished") == 1  # rank 0 reports; rank 1 only trains
 
 
-def test_killed_run_under_torchrun_resumes_to_the_same_result(tmp_path):
-    """Both ranks write into one checkpoint (each its RNG state) and only complete checkpoints
-    appear; a run killed after one resumes to the losses and adapter of an uninterrupted run."""
+QUICKSTART = os.path.join(os.path.dirname(__file__), "..", "recipes", "quickstart.yaml")
+
+
+def torchrun_command(out) -> list[str]:
+    """A 30-step quickstart on two gloo ranks, a checkpoint every 3 steps."""
+    args = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+            "-m", "ftune", "train", QUICKSTART]
+    for item in (f"training.output_dir={out}", "training.max_steps=30", "training.save_steps=3",
+                 "training.save_total_limit=10", "training.logging_steps=1", "training.batch_size=2",
+                 "training.lr_scheduler=constant", "data.limit=64", "checkpointing.mode=unsloth"):
+        args += ["--set", item]
+    return args
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    out = tmp_path_factory.mktemp("torchrun") / "full"
+    full = subprocess.run(torchrun_command(out), capture_output=True, text=True, timeout=300)
+    assert full.returncode == 0, full.stderr[-3000:]
+    return out
+
+
+def _start_and_wait_for_a_checkpoint(out):
+    from ftune.checkpoints import checkpoints
+
+    process = subprocess.Popen(torchrun_command(out), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 240
+    while not checkpoints(out) and process.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    return process
+
+
+def _rank_processes(torchrun: subprocess.Popen) -> dict[int, "psutil.Process"]:
     import psutil
+
+    ranks = {}
+    for child in psutil.Process(torchrun.pid).children(recursive=True):
+        try:
+            rank = child.environ().get("RANK")
+        except psutil.Error:
+            continue
+        if rank is not None:
+            ranks[int(rank)] = child
+    return ranks
+
+
+def _assert_resumes_to(out, uninterrupted):
     from safetensors.torch import load_file
 
     from ftune.checkpoints import checkpoints
 
-    quickstart = os.path.join(os.path.dirname(__file__), "..", "recipes", "quickstart.yaml")
-
-    def command(out):
-        args = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                "-m", "ftune", "train", quickstart]
-        for item in (f"training.output_dir={out}", "training.max_steps=30", "training.save_steps=3",
-                     "training.save_total_limit=10", "training.logging_steps=1", "training.batch_size=2",
-                     "training.lr_scheduler=constant", "data.limit=64", "checkpointing.mode=unsloth"):
-            args += ["--set", item]
-        return args
-
-    full = subprocess.run(command(tmp_path / "full"), capture_output=True, text=True, timeout=300)
-    assert full.returncode == 0, full.stderr[-3000:]
-    for checkpoint in checkpoints(tmp_path / "full"):
+    for checkpoint in checkpoints(out):  # only complete checkpoints, each with every rank's part
         assert {"rng_state_0.pth", "rng_state_1.pth", "adapter_model.safetensors"} <= set(os.listdir(checkpoint))
-
-    out = tmp_path / "killed"
-    process = subprocess.Popen(command(out), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 240
-    while not checkpoints(out) and process.poll() is None and time.time() < deadline:
-        time.sleep(0.05)
-    # torchrun and both ranks (which it starts in sessions of their own)
-    for victim in [psutil.Process(process.pid), *psutil.Process(process.pid).children(recursive=True)]:
-        victim.send_signal(signal.SIGKILL)
-    process.wait()
-    if (out / "checkpoint-30").exists():
-        pytest.skip("the run finished before it was killed")
-    resumed = subprocess.run(command(out), capture_output=True, text=True, timeout=300)
+    assert not (out / ".staging").exists()
+    resumed = subprocess.run(torchrun_command(out), capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, "\n".join(l for l in resumed.stderr.splitlines() if not l.startswith("[rank"))[-3000:]
     assert "resuming from" in resumed.stderr
 
@@ -100,13 +119,52 @@ def test_killed_run_under_torchrun_resumes_to_the_same_result(tmp_path):
         records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
         return [r["step"] for r in records], [r["loss"] for r in records]
 
-    (steps, got), (expected_steps, expected) = losses(out), losses(tmp_path / "full")
+    (steps, got), (expected_steps, expected) = losses(out), losses(uninterrupted)
     assert steps == expected_steps
     assert got == pytest.approx(expected, abs=1e-6)
-    expected, got = load_file(tmp_path / "full" / "adapter_model.safetensors"), load_file(out / "adapter_model.safetensors")
+    expected, got = load_file(uninterrupted / "adapter_model.safetensors"), load_file(out / "adapter_model.safetensors")
     assert expected.keys() == got.keys()
     for name in expected:
         torch.testing.assert_close(got[name], expected[name], atol=1e-6, rtol=1e-5, msg=name)
+
+
+def test_killed_run_under_torchrun_resumes_to_the_same_result(tmp_path, uninterrupted):
+    """Both ranks write into one checkpoint (each its RNG state) and only complete checkpoints
+    appear; a run killed after one resumes to the losses and adapter of an uninterrupted run."""
+    import psutil
+
+    out = tmp_path / "killed"
+    process = _start_and_wait_for_a_checkpoint(out)
+    # torchrun and both ranks (which it starts in sessions of their own)
+    for victim in [psutil.Process(process.pid), *psutil.Process(process.pid).children(recursive=True)]:
+        victim.send_signal(signal.SIGKILL)
+    process.wait()
+    if (out / "checkpoint-30").exists():
+        pytest.skip("the run finished before it was killed")
+    _assert_resumes_to(out, uninterrupted)
+
+
+def test_sigterm_to_one_rank_stops_every_rank_at_one_checkpoint(tmp_path, uninterrupted):
+    """A signal that reaches one rank only (a scheduler preempting one process) stops all ranks
+    after the same step with one complete checkpoint, instead of one rank waiting forever in the
+    checkpoint while the other waits in the next all-reduce; the run then resumes."""
+    out = tmp_path / "stopped"
+    process = _start_and_wait_for_a_checkpoint(out)
+    ranks = _rank_processes(process)
+    assert set(ranks) == {0, 1}
+    ranks[1].send_signal(signal.SIGTERM)
+    try:
+        _, stderr = process.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        for victim in ranks.values():
+            victim.kill()
+        process.kill()
+        pytest.fail("the ranks hung after one of them was stopped")
+    if (out / "summary.json").exists():
+        pytest.skip("the run finished before the signal arrived")
+    assert "Run the same command again" in stderr
+    assert not (out / "summary.json").exists()
+    _assert_resumes_to(out, uninterrupted)
 
 
 @pytest.mark.parametrize("mode", ["none", "true", "unsloth"])
