@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from ftune.errors import RecipeError
@@ -179,3 +180,43 @@ def test_resolved_recipe_round_trips(tmp_path):
     again = Recipe.model_validate(yaml.safe_load(recipe.to_yaml()))
     assert again.model_dump() == recipe.model_dump()
     assert "dpo" not in yaml.safe_load(recipe.to_yaml())
+
+
+def test_fsdp_combinations_that_are_not_supported_name_the_key(tmp_path):
+    data = quickstart_dict()
+    data["distributed"] = {"strategy": "fsdp"}
+    data["checkpointing"]["mode"] = "smart"
+    assert "smart planner" in problems_of(tmp_path, data)["distributed.strategy"]
+    data["checkpointing"]["mode"] = "unsloth"
+    data["workflow"] = "dpo"
+    data["data"]["format"] = "preference"
+    assert "sft workflow only" in problems_of(tmp_path, data)["distributed.strategy"]
+
+
+def test_fsdp_recipe_gives_accelerates_fsdp2_plugin_under_several_processes(tmp_path, monkeypatch):
+    """The recipe's strategy reaches TrainingArguments as accelerate's FSDP2 plugin: one unit per
+    decoder layer, the adapter saved whole, ftune's engine (not FSDP's) checkpointing."""
+    from transformers import TrainingArguments
+
+    from ftune.model import build_model
+    from ftune.workflows.common import trainer_arguments
+
+    data = quickstart_dict()
+    data["distributed"] = {"strategy": "fsdp"}
+    data["training"]["output_dir"] = str(tmp_path / "out")
+    recipe = load_recipe(write(tmp_path, data))
+    built = build_model(recipe)
+    # FSDP shards float parameters only: the packed 4-bit values sit in compute-dtype elements (uint8 otherwise)
+    assert {p.dtype for p in built.model.parameters() if type(p).__name__ == "Params4bit"} == {torch.float32}
+    assert trainer_arguments(recipe, built).get("fsdp") is None  # one process: nothing to shard
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    arguments = trainer_arguments(recipe, built)
+    monkeypatch.delenv("WORLD_SIZE")  # TrainingArguments itself would then set up a process group
+    for name in ("FSDP_CPU_RAM_EFFICIENT_LOADING",):
+        monkeypatch.setenv(name, "false")  # TrainingArguments sets it; restored after the test
+    plugin = TrainingArguments(**arguments).fsdp_plugin_args
+    assert plugin["fsdp_version"] == 2
+    assert plugin["transformer_cls_names_to_wrap"] == "LlamaDecoderLayer"
+    assert plugin["state_dict_type"] == "FULL_STATE_DICT"
+    assert plugin["activation_checkpointing"] is False and plugin["reshard_after_forward"] is True
