@@ -213,8 +213,7 @@ def test_fsdp_recipe_gives_accelerates_fsdp2_plugin_under_several_processes(tmp_
     monkeypatch.setenv("WORLD_SIZE", "2")
     arguments = trainer_arguments(recipe, built)
     monkeypatch.delenv("WORLD_SIZE")  # TrainingArguments itself would then set up a process group
-    for name in ("FSDP_CPU_RAM_EFFICIENT_LOADING",):
-        monkeypatch.setenv(name, "false")  # TrainingArguments sets it; restored after the test
+    monkeypatch.setenv("FSDP_CPU_RAM_EFFICIENT_LOADING", "false")  # TrainingArguments sets it; restored after
     plugin = TrainingArguments(**arguments).fsdp_plugin_args
     assert plugin["fsdp_version"] == 2
     assert plugin["transformer_cls_names_to_wrap"] == "LlamaDecoderLayer"
