@@ -64,10 +64,13 @@ def main() -> None:
     parser.add_argument("--seq", type=int, default=8192)
     parser.add_argument("--ce-mib", default="256", help="fused loss: largest chunk of logits, MiB (variants)")
     parser.add_argument("--mlp-mib", default="128", help="recomputed MLP: largest intermediate, MiB (variants)")
+    parser.add_argument("--fold-lora", action="store_true",
+                        help="also measure each variant with ftune.kernels.lora.FOLD_ADAPTER_INPUT_GRADIENT on")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
 
     import ftune.kernels.fused_linear_cross_entropy as fused_loss
+    import ftune.kernels.lora as lora
     from ftune.presets import preset_config
 
     config = preset_config(args.preset)
@@ -96,17 +99,20 @@ def main() -> None:
 
     optimizer.state.clear()  # measure() makes its own: these states would count against every variant
     rows = []
-    for ce in [int(v) for v in args.ce_mib.split(",")]:
-        for mlp in [int(v) for v in args.mlp_mib.split(",")]:
-            fused_loss.MAX_CHUNK_LOGITS_BYTES = ce * MiB
-            for wrapped in stack.engine.layers:
-                halves = getattr(wrapped.forward, "halves", None)
-                if halves is not None:
-                    halves.chunk_bytes = mlp * MiB
-            row = measure(stack, args.seq, 1, 3, **shape)
-            row.update(ce_mib=ce, mlp_mib=mlp)
-            rows.append(row)
-            print(f"ce {ce} MiB, mlp {mlp} MiB: peak {row['peak_gib']} GiB, {row['tokens_per_s']} tok/s", flush=True)
+    folds = [False, True] if args.fold_lora else [False]
+    variants = [(int(ce), int(mlp), fold) for ce in args.ce_mib.split(",") for mlp in args.mlp_mib.split(",")
+                for fold in folds]
+    for ce, mlp, fold in variants:
+        lora.FOLD_ADAPTER_INPUT_GRADIENT = fold
+        fused_loss.MAX_CHUNK_LOGITS_BYTES = ce * MiB
+        for wrapped in stack.engine.layers:
+            halves = getattr(wrapped.forward, "halves", None)
+            if halves is not None:
+                halves.chunk_bytes = mlp * MiB
+        row = measure(stack, args.seq, 1, 3, **shape)
+        row.update(ce_mib=ce, mlp_mib=mlp, fold_lora=fold)
+        rows.append(row)
+        print(f"ce {ce} MiB, mlp {mlp} MiB, fold {fold}: peak {row['peak_gib']} GiB, {row['tokens_per_s']} tok/s", flush=True)
     if args.out:
         args.out.write_text(json.dumps({"device": torch.cuda.get_device_name(), "at_rest_gib": at_rest / GiB,
                                         "peak_sources_mib": {k: v / MiB for k, v in sources.items()},

@@ -11,6 +11,14 @@ own (the incoming gradient passes through to the base output unchanged).
 Numerically it rounds once where peft rounds three times (product, scaled product, sum); in fp32
 the two agree to the last bits (tests/kernels/test_lora.py).
 
+Over a bitsandbytes 4-bit base with one adapter and no dropout, training can go through
+`_LoRAOver4bit` (FOLD_ADAPTER_INPUT_GRADIENT), whose backward also folds the adapter's input gradient into the base's: autograd
+would compute the two as separate tokens x in_features tensors and then sum them, both alive at
+once; in the recomputed MLP chunk of the 8B shape (4608 tokens, down projection 14336 wide) that
+is 127 MiB alive at the step's peak beside the base's own 126 MiB (docs/benchmarks.md). It is
+tested against peft on CPU (fp32 and bf16) but not yet run on a GPU, so it stays off until its
+memory and speed are measured there (`benchmarks/probe_peak.py --fold-lora` compares both).
+
 The fast path covers what training uses: one or more plain LoRA adapters, active, unmerged, without
 DoRA-style variants or per-row adapter names, with the input already in the adapter's dtype or
 autocast on (so that peft would not cast). Anything else calls peft's own forward, unchanged.
@@ -24,11 +32,17 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+FOLD_ADAPTER_INPUT_GRADIENT = False
+
 
 def fused_lora_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     """A bound `forward` for a peft LoRA layer; `self._ftune_peft_forward` is peft's."""
     if not _fast_path_applies(self, x, kwargs):
         return self._ftune_peft_forward(x, *args, **kwargs)
+    single = _single_plain_adapter(self) if FOLD_ADAPTER_INPUT_GRADIENT else None
+    if single is not None and torch.is_grad_enabled() and not args and not kwargs and _is_4bit(self.base_layer):
+        return _LoRAOver4bit.apply(x, self.lora_A[single].weight, self.lora_B[single].weight, self.base_layer,
+                                   self.scaling[single])
     result = self.base_layer(x, *args, **kwargs)
     out_shape = result.shape
     result = result.reshape(-1, out_shape[-1])
@@ -39,6 +53,60 @@ def fused_lora_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         down = F.linear(self.lora_dropout[name](x), lora_a.weight).reshape(-1, lora_a.weight.shape[0])
         result = torch.addmm(result, down, lora_b.weight.t(), alpha=self.scaling[name])
     return result.reshape(out_shape)
+
+
+class _LoRAOver4bit(torch.autograd.Function):
+    """`base(x) + s (x A^T) B^T` over a frozen 4-bit base; the backward adds the adapter's input
+    gradient into the base's in place, and drops the dequantized weight before it does."""
+
+    @staticmethod
+    def forward(ctx, x, lora_a, lora_b, base_layer, scaling):
+        result = base_layer(x)
+        out_shape = result.shape
+        down = F.linear(x, lora_a)
+        result = torch.addmm(result.reshape(-1, out_shape[-1]), down.reshape(-1, down.shape[-1]), lora_b.t(),
+                             alpha=scaling)
+        ctx.save_for_backward(x, down, lora_a, lora_b)
+        ctx.base_layer, ctx.scaling = base_layer, scaling
+        return result.reshape(out_shape)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        import bitsandbytes.functional as bnb_functional
+        from bitsandbytes.nn.modules import fix_4bit_weight_quant_state_from_module
+
+        x, down, lora_a, lora_b = ctx.saved_tensors
+        scaling = ctx.scaling
+        grad = grad_output.reshape(-1, grad_output.shape[-1])
+        dtype = grad.dtype
+        down = down.reshape(-1, down.shape[-1]).to(dtype)
+        grad_down = torch.mm(grad, lora_b.to(dtype)).mul_(scaling)
+        grad_x = grad_a = grad_b = None
+        if ctx.needs_input_grad[0]:
+            layer = ctx.base_layer
+            fix_4bit_weight_quant_state_from_module(layer)  # FSDP's gathered weight lacks it
+            weight = layer.weight
+            # as bitsandbytes' own backward: [out, in] in the gradient's dtype, grad_x = grad @ W
+            grad_x = torch.mm(grad, bnb_functional.dequantize_4bit(weight.view(-1, 1), weight.quant_state).to(dtype))
+            grad_x.addmm_(grad_down, lora_a.to(dtype))
+            grad_x = grad_x.view(*x.shape[:-1], grad_x.shape[-1]).to(x.dtype)
+        if ctx.needs_input_grad[1]:
+            grad_a = torch.mm(grad_down.t(), x.reshape(-1, x.shape[-1]).to(dtype)).to(lora_a.dtype)
+        if ctx.needs_input_grad[2]:
+            grad_b = torch.mm(grad.t(), down).mul_(scaling).to(lora_b.dtype)
+        return grad_x, grad_a, grad_b, None, None
+
+
+def _single_plain_adapter(layer) -> str | None:
+    """The name of the layer's one active adapter when it has no dropout, else None."""
+    active = [name for name in layer.active_adapters if name in layer.lora_A]
+    if len(active) != 1 or not isinstance(layer.lora_dropout[active[0]], nn.Identity):
+        return None
+    return active[0]
+
+
+def _is_4bit(module: nn.Module) -> bool:
+    return type(getattr(module, "weight", None)).__name__ == "Params4bit"
 
 
 def _fast_path_applies(layer, x: torch.Tensor, kwargs: dict) -> bool:

@@ -11,6 +11,7 @@ from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
 from ftune.kernels import apply_kernels, kernel_support
+from ftune.kernels import lora
 from ftune.kernels.lora import lora_layers, patch_lora
 from ftune.model import materialize_preset
 from tests.helpers import PROJECTIONS, lora_grads, tiny_lora_model
@@ -69,8 +70,10 @@ def _quantized_pair(device: str, dtype: torch.dtype, r: int):
     return reference, patched
 
 
-def test_fused_lora_on_a_4bit_base(tmp_path, monkeypatch):
+@pytest.mark.parametrize("fold", [False, True])
+def test_fused_lora_on_a_4bit_base(fold, tmp_path, monkeypatch):
     monkeypatch.setenv("FTUNE_CACHE", str(tmp_path))
+    monkeypatch.setattr(lora, "FOLD_ADAPTER_INPUT_GRADIENT", fold)
     reference, patched = _quantized_pair("cpu", torch.float32, r=4)
     ids = torch.randint(0, 200, (1, 16), generator=torch.Generator().manual_seed(2))
     loss_ref, grads_ref = _step(reference, ids)
@@ -78,6 +81,29 @@ def test_fused_lora_on_a_4bit_base(tmp_path, monkeypatch):
     torch.testing.assert_close(loss_new, loss_ref, atol=1e-5, rtol=1e-5)
     for name in grads_ref:
         torch.testing.assert_close(grads_new[name], grads_ref[name], atol=1e-5, rtol=1e-4, msg=name)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_4bit_training_path_folds_the_adapters_input_gradient(dtype, tmp_path, monkeypatch):
+    """Over a 4-bit base the training forward is one autograd Function whose backward adds the
+    adapter's input gradient into the base's: output, input gradient and A, B gradients as peft's."""
+    monkeypatch.setenv("FTUNE_CACHE", str(tmp_path))
+    monkeypatch.setattr(lora, "FOLD_ADAPTER_INPUT_GRADIENT", True)
+    reference, patched = _quantized_pair("cpu", dtype, r=4)
+    results = []
+    for model in (reference, patched):
+        layer = [m for m in lora_layers(model) if m.in_features > m.out_features][0]  # a down projection
+        x = torch.randn(2, 5, layer.in_features, generator=torch.Generator().manual_seed(5), dtype=dtype)
+        x.requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):  # as training runs
+            y = layer(x)
+        y.backward(torch.randn(y.shape, generator=torch.Generator().manual_seed(6), dtype=dtype))
+        results.append((y, x.grad, layer.lora_A["default"].weight.grad, layer.lora_B["default"].weight.grad))
+        if model is patched:
+            assert type(y.grad_fn).__name__ == "_LoRAOver4bitBackward"
+    tolerance = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=3e-2, rtol=3e-2)
+    for expected, actual, name in zip(*results, ("output", "input grad", "A grad", "B grad")):
+        torch.testing.assert_close(actual, expected, msg=name, **tolerance)
 
 
 def test_disabled_adapter_and_merged_layers_take_pefts_path():
@@ -116,8 +142,10 @@ def test_kernel_support_and_apply_kernels_flag():
 
 
 @gpu
-def test_fused_lora_on_the_gpu_4bit_bf16(tmp_path, monkeypatch):
+@pytest.mark.parametrize("fold", [False, True])
+def test_fused_lora_on_the_gpu_4bit_bf16(fold, tmp_path, monkeypatch):
     monkeypatch.setenv("FTUNE_CACHE", str(tmp_path))
+    monkeypatch.setattr(lora, "FOLD_ADAPTER_INPUT_GRADIENT", fold)
     reference, patched = _quantized_pair(DEVICE, torch.bfloat16, r=8)
     ids = torch.randint(0, 200, (2, 64), device=DEVICE, generator=torch.Generator(DEVICE).manual_seed(0))
     with torch.autocast("cuda", dtype=torch.bfloat16):
