@@ -12,12 +12,13 @@ Numerically it rounds once where peft rounds three times (product, scaled produc
 the two agree to the last bits (tests/kernels/test_lora.py).
 
 Over a bitsandbytes 4-bit base with one adapter and no dropout, training can go through
-`_LoRAOver4bit` (FOLD_ADAPTER_INPUT_GRADIENT), whose backward also folds the adapter's input gradient into the base's: autograd
-would compute the two as separate tokens x in_features tensors and then sum them, both alive at
-once; in the recomputed MLP chunk of the 8B shape (4608 tokens, down projection 14336 wide) that
-is 127 MiB alive at the step's peak beside the base's own 126 MiB (docs/benchmarks.md). It is
-tested against peft on CPU (fp32 and bf16) but not yet run on a GPU, so it stays off until its
-memory and speed are measured there (`benchmarks/probe_peak.py --fold-lora` compares both).
+`_LoRAOver4bit`, whose backward also folds the adapter's input gradient into the base's. Autograd
+computes the two as separate tokens x in_features tensors and then sums them, both alive at once:
+in the recomputed MLP chunk of the 8B shape (4608 tokens, down projection 14336 wide) a 127 MiB
+gradient sits at the step's peak beside the base's own 126 MiB (docs/benchmarks.md). The fold is
+tested against peft on CPU (fp32 and bf16) but has not run on a GPU yet, so it stays off
+(FOLD_ADAPTER_INPUT_GRADIENT) until its memory and speed are measured there
+(`benchmarks/probe_peak.py --fold-lora` measures both settings in one process).
 
 The fast path covers what training uses: one or more plain LoRA adapters, active, unmerged, without
 DoRA-style variants or per-row adapter names, with the input already in the adapter's dtype or
@@ -32,6 +33,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+# Route training over 4-bit bases through _LoRAOver4bit (see the module docstring): off until measured.
 FOLD_ADAPTER_INPUT_GRADIENT = False
 
 
