@@ -114,6 +114,16 @@ class FtuneStack:
         assert mode == self.built.engine.mode
 
 
+def train_step(model, optimizer, ids: torch.Tensor) -> torch.Tensor:
+    """One step as every benchmark here runs it: bf16 autocast, labels = inputs; returns the loss."""
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss
+
+
 def measure(stack, seq: int, batch: int, steps: int, vocab: int, hidden: int, layers: int) -> dict:
     model = stack.model
     model.train()

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_engine import GiB, FtuneStack, measure  # noqa: E402
+from bench_engine import GiB, FtuneStack, measure, train_step  # noqa: E402
 
 MiB = 2**20
 OURS = ("ftune/", "transformers/", "peft/", "bitsandbytes/", "torch/optim/")
@@ -83,11 +83,7 @@ def main() -> None:
     ids = torch.randint(0, config.vocab_size, (1, args.seq), device="cuda")
 
     def step():
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        train_step(model, optimizer, ids)
         torch.cuda.synchronize()
 
     step()

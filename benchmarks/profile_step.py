@@ -15,7 +15,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_engine import FtuneStack  # noqa: E402
+from bench_engine import FtuneStack, train_step  # noqa: E402
 
 
 def main() -> None:
@@ -36,11 +36,7 @@ def main() -> None:
         ids = torch.randint(0, vocab, (1, args.seq), device="cuda")
 
         def step():
-            with torch.autocast("cuda", dtype=torch.bfloat16):
-                loss = model(input_ids=ids, labels=ids).loss
-            loss.backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            train_step(model, optimizer, ids)
 
         for _ in range(3):
             step()
