@@ -27,7 +27,8 @@ from tests.ddp_grads import BATCH  # noqa: E402
 
 
 def fsdp_model(mode: str):
-    """ftune's 4-bit tiny Llama for fsdp (the fused loss on: Triton's interpreter on CPU), LoRA B drawn non-zero so that every gradient is exercised."""
+    """ftune's 4-bit tiny Llama for fsdp, the fused loss on (Triton's interpreter on CPU), LoRA B
+    drawn non-zero so that every gradient is exercised."""
     recipe = validate_recipe({
         "model": {"preset": "tiny-llama", "tokenizer": "(none)", "dtype": "float32"},
         "quantization": {"method": "nf4"},

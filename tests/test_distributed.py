@@ -18,6 +18,7 @@ from tests.helpers import lora_grads, tiny_lora_model
 
 pytestmark = pytest.mark.slow
 WORKER = os.path.join(os.path.dirname(__file__), "ddp_grads.py")
+QUICKSTART = os.path.join(os.path.dirname(__file__), "..", "recipes", "quickstart.yaml")
 
 
 @pytest.mark.parametrize("mode", ["none", "true", "unsloth"])
@@ -41,12 +42,11 @@ def test_ftune_train_under_torchrun_matches_one_process(tmp_path):
     """ftune train on 2 gloo processes (batch 2 each) logs the losses of 1 process with batch 4;
     only rank 0 writes the outputs, and metrics.jsonl holds every rank's memory."""
     common = ["--set", "training.max_steps=4", "--set", "training.logging_steps=1", "--set", "data.limit=64"]
-    quickstart = os.path.join(os.path.dirname(__file__), "..", "recipes", "quickstart.yaml")
     two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                          "-m", "ftune", "train", quickstart, "--set", f"training.output_dir={tmp_path / 'two'}",
+                          "-m", "ftune", "train", QUICKSTART, "--set", f"training.output_dir={tmp_path / 'two'}",
                           "--set", "training.batch_size=2", *common], capture_output=True, text=True, timeout=300)
     assert two.returncode == 0, two.stderr[-3000:]
-    one = subprocess.run([sys.executable, "-m", "ftune", "train", quickstart, "--set",
+    one = subprocess.run([sys.executable, "-m", "ftune", "train", QUICKSTART, "--set",
                           f"training.output_dir={tmp_path / 'one'}", "--set", "training.batch_size=4", *common],
                          capture_output=True, text=True, timeout=300)
     assert one.returncode == 0, one.stderr[-3000:]
@@ -55,9 +55,6 @@ def test_ftune_train_under_torchrun_matches_one_process(tmp_path):
     assert [r["loss"] for r in records["two"]] == pytest.approx([r["loss"] for r in records["one"]], abs=1e-5)
     assert all(len(r["ranks"]) == 2 for r in records["two"])
     assert two.stderr.count("run finished") == 1  # rank 0 reports; rank 1 only trains
-
-
-QUICKSTART = os.path.join(os.path.dirname(__file__), "..", "recipes", "quickstart.yaml")
 
 
 def torchrun_command(out) -> list[str]:
@@ -163,7 +160,6 @@ def test_sigterm_to_one_rank_stops_every_rank_at_one_checkpoint(tmp_path, uninte
     if (out / "summary.json").exists():
         pytest.skip("the run finished before the signal arrived")
     assert "Run the same command again" in stderr
-    assert not (out / "summary.json").exists()
     _assert_resumes_to(out, uninterrupted)
 
 
@@ -197,10 +193,8 @@ def test_fsdp_train_on_two_gpus_matches_ddp_and_resumes(tmp_path):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    quickstart = os.path.join(os.path.dirname(__file__), "..", "recipes", "quickstart.yaml")
-
     def train(out, strategy, steps):
-        args = [sys.executable, "-m", "ftune", "train", quickstart, "--gpus", "2"]
+        args = [sys.executable, "-m", "ftune", "train", QUICKSTART, "--gpus", "2"]
         for item in (f"training.output_dir={out}", f"training.max_steps={steps}", "training.save_steps=4",
                      "training.logging_steps=1", "training.batch_size=2", "training.lr_scheduler=constant",
                      "data.limit=64", "checkpointing.mode=unsloth", f"distributed.strategy={strategy}"):
