@@ -6,6 +6,8 @@ Stacks (each in its own process, so memory numbers are clean and an OOM ends onl
             checkpointing for mode `true`; the baseline of ../shared/GPU.md
   ftune     ftune's model building and engine, kernels off
   ftune+k   ftune with its Triton kernels on
+  ftune+k+fold  and the LoRA backward that folds the adapter's input gradient into the 4-bit
+            base's (ftune/kernels/lora.py, FOLD_ADAPTER_INPUT_GRADIENT)
 
 Setup as GPU.md: a preset shape with random weights, NF4 double-quant 4-bit, bf16 compute, LoRA
 r=16 alpha=16 on the seven projections, batch 1, AdamW, labels = inputs, random token ids, bf16
@@ -175,6 +177,10 @@ def worker(args) -> None:
         torch.cuda.set_per_process_memory_fraction(args.cap_gib * GiB / total)
     config = preset_config(args.preset)
     name, _, mode = args.worker.partition(":")
+    if name.endswith("+fold"):  # ftune's LoRA backward that folds the adapter's input gradient (kernels/lora.py)
+        from ftune.kernels import lora
+
+        lora.FOLD_ADAPTER_INPUT_GRADIENT = True
     mode, _, budget = mode.partition("@")
     budget_gib = float(budget) if budget else None
     seqs = [int(s) for s in args.seqs.split(",")]
@@ -184,7 +190,7 @@ def worker(args) -> None:
     if name == "hf":
         stack = HFStack(args.preset)
     else:
-        stack = FtuneStack(args.preset, kernels=name == "ftune+k", mode=mode, budget_gib=budget_gib,
+        stack = FtuneStack(args.preset, kernels=name.startswith("ftune+k"), mode=mode, budget_gib=budget_gib,
                            seq=seqs[0], batch=batches[0], host_embeddings=HOST_EMBEDDINGS[args.host_embeddings])
     stack.set_mode(mode)
     label = f"{mode}@{budget}" if budget else mode
@@ -233,7 +239,8 @@ def main() -> None:
     parser.add_argument("--preset", default="llama-3.1-8b")
     parser.add_argument("--seqs", default="2048,8192,16384")
     parser.add_argument("--runs", default="hf:none,hf:true,ftune:none,ftune:true,ftune:unsloth",
-                        help="stack:mode pairs; stacks hf, ftune, ftune+k")
+                        help="stack:mode pairs; stacks hf, ftune, ftune+k (kernels), ftune+k+fold (and the folded "
+                             "LoRA backward)")
     parser.add_argument("--batches", default="1", help="batch sizes, each measured at every sequence length")
     parser.add_argument("--steps", type=int, default=3, help="timed steps after one warm-up")
     parser.add_argument("--longest", action="store_true", help="grow the sequence from --seqs' first until OOM")

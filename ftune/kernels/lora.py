@@ -35,6 +35,8 @@ from torch.nn import functional as F
 
 # Route training over 4-bit bases through _LoRAOver4bit (see the module docstring): off until measured.
 FOLD_ADAPTER_INPUT_GRADIENT = False
+# Largest piece of a 4-bit weight that _LoRAOver4bit's backward dequantizes at once (grad_through_4bit).
+DEQUANTIZED_BLOCK_BYTES = 32 * 1024**2
 
 
 def fused_lora_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
@@ -74,7 +76,6 @@ class _LoRAOver4bit(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_output):
-        import bitsandbytes.functional as bnb_functional
         from bitsandbytes.nn.modules import fix_4bit_weight_quant_state_from_module
 
         x, down, lora_a, lora_b = ctx.saved_tensors
@@ -87,9 +88,7 @@ class _LoRAOver4bit(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             layer = ctx.base_layer
             fix_4bit_weight_quant_state_from_module(layer)  # FSDP's gathered weight lacks it
-            weight = layer.weight
-            # as bitsandbytes' own backward: [out, in] in the gradient's dtype, grad_x = grad @ W
-            grad_x = torch.mm(grad, bnb_functional.dequantize_4bit(weight.view(-1, 1), weight.quant_state).to(dtype))
+            grad_x = grad_through_4bit(grad, layer.weight)
             grad_x.addmm_(grad_down, lora_a.to(dtype))
             grad_x = grad_x.view(*x.shape[:-1], grad_x.shape[-1]).to(x.dtype)
         if ctx.needs_input_grad[1]:
@@ -97,6 +96,44 @@ class _LoRAOver4bit(torch.autograd.Function):
         if ctx.needs_input_grad[2]:
             grad_b = torch.mm(grad.t(), down).mul_(scaling).to(lora_b.dtype)
         return grad_x, grad_a, grad_b, None, None
+
+
+def grad_through_4bit(grad: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """`grad @ W` for a bitsandbytes 4-bit weight W [out, in], in the gradient's dtype.
+
+    bitsandbytes' own backward dequantizes all of W to 16 bits first: 112 MiB for the 8B shape's
+    MLP projections, alive at the step's peak beside the gradient it produces (docs/benchmarks.md).
+    Here W is dequantized a block of input columns at a time (at most DEQUANTIZED_BLOCK_BYTES),
+    and each block's GEMM writes its own columns of the result. Every output element is still one
+    full-length dot product rounded once, so the result is the one-shot product's; splitting over
+    output rows instead would round partial sums to bf16 once per block.
+    """
+    import bitsandbytes.functional as bnb_functional
+
+    state = weight.quant_state
+    dtype = grad.dtype
+    out_features, in_features = state.shape
+    blocksize = state.blocksize
+    columns = DEQUANTIZED_BLOCK_BYTES // (out_features * grad.element_size()) // blocksize * blocksize
+    # Column blocks must be whole quantization blocks of every row: bitsandbytes' CPU kernels
+    # restart the blocks at each row and its CUDA kernels do not, which agree only then.
+    if not 0 < columns < in_features or in_features % blocksize:
+        return torch.mm(grad, bnb_functional.dequantize_4bit(weight.view(-1, 1), state).to(dtype))
+    absmax = state.absmax
+    if state.nested:
+        absmax = bnb_functional.dequantize_blockwise(state.absmax, state.state2) + state.offset
+    absmax = absmax.float().view(out_features, in_features // blocksize)
+    packed = weight.data.reshape(-1).view(torch.uint8).view(out_features, in_features // 2)
+    result = torch.empty(grad.shape[0], in_features, dtype=dtype, device=grad.device)
+    for start in range(0, in_features, columns):
+        stop = min(start + columns, in_features)
+        block_state = bnb_functional.QuantState(
+            absmax=absmax[:, start // blocksize: stop // blocksize].contiguous(), shape=(out_features, stop - start),
+            blocksize=blocksize, quant_type=state.quant_type, dtype=dtype)
+        block = bnb_functional.dequantize_4bit(packed[:, start // 2: stop // 2].contiguous(), block_state)
+        torch.mm(grad, block, out=result[:, start:stop])
+        del block  # freed before the next block is made: the allocator hands the same memory back
+    return result
 
 
 def _single_plain_adapter(layer) -> str | None:

@@ -106,6 +106,27 @@ def test_4bit_training_path_folds_the_adapters_input_gradient(dtype, tmp_path, m
         torch.testing.assert_close(actual, expected, msg=name, **tolerance)
 
 
+@pytest.mark.parametrize("nested", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("out_features,in_features", [(98, 128), (70, 192), (70, 100)])
+def test_grad_through_4bit_dequantizes_in_blocks(out_features, in_features, dtype, nested, monkeypatch):
+    """The blockwise `grad @ W` equals the product with the whole weight dequantized: blocks of 64
+    columns and a short last one, and rows that are not whole quantization blocks (taken whole)."""
+    import bitsandbytes.functional as bnb_functional
+
+    weight = torch.randn(out_features, in_features, generator=torch.Generator().manual_seed(0)).to(dtype)
+    packed, state = bnb_functional.quantize_4bit(weight, blocksize=64, compress_statistics=nested, quant_type="nf4")
+    packed.quant_state = state
+    whole = bnb_functional.dequantize_4bit(packed, state).to(dtype)
+    monkeypatch.setattr(lora, "DEQUANTIZED_BLOCK_BYTES", 64 * out_features * 4)
+    # the identity picks out W itself: every block's values must be bitsandbytes' own, bit for bit
+    eye = torch.eye(out_features, dtype=dtype)
+    torch.testing.assert_close(lora.grad_through_4bit(eye, packed), whole, atol=0, rtol=0)
+    grad = torch.randn(7, out_features, generator=torch.Generator().manual_seed(1)).to(dtype)
+    # each output element is one whole dot product, as in the one-shot product: equal, not close
+    torch.testing.assert_close(lora.grad_through_4bit(grad, packed), grad @ whole, atol=0, rtol=0)
+
+
 def test_disabled_adapter_and_merged_layers_take_pefts_path():
     reference, _ = tiny_lora_model("tiny-llama")
     patched = copy.deepcopy(reference)
