@@ -11,6 +11,11 @@ ones build the pinned pool and compile the kernels), from metrics.jsonl's elapse
 
   python benchmarks/bench_ddp.py --preset llama-3.1-8b --seq 8192 --steps 20 --out ddp.json
   python benchmarks/bench_ddp.py --preset tiny-llama --seq 256 --steps 4 --gpus 2   # CPU (gloo) smoke run
+
+--strategies ddp,fsdp runs the several-GPU case once per distributed.strategy. Under fsdp each GPU
+holds 1/N of the weights (loaded in host memory, moved to the GPUs layer by layer as they are
+sharded), so its peak should come out below the one-GPU run's. All runs use adamw_torch, the
+optimizer fsdp requires.
 """
 
 from __future__ import annotations
@@ -53,6 +58,7 @@ def train(args, name: str, gpus: int, grad_accum: int, data: Path, out: Path) ->
         "data.too_long": "truncate", "training.max_steps": str(args.steps), "training.batch_size": "1",
         "training.grad_accum": str(grad_accum), "training.logging_steps": "1", "training.save_steps": "100000",
         "training.output_dir": str(out / name), "checkpointing.mode": args.mode,
+        "training.optimizer": "adamw_torch", "distributed.strategy": getattr(args, "strategy", "ddp"),
     }
     command = [sys.executable, "-m", "ftune", "train", str(REPO / "recipes/qlora-llama3-8b.yaml")]
     for key, value in overrides.items():
@@ -78,6 +84,7 @@ def train(args, name: str, gpus: int, grad_accum: int, data: Path, out: Path) ->
     return {
         "run": name, "gpus": gpus, "grad_accum": grad_accum, "status": "ok", "seq": args.seq,
         "mode": args.mode, "preset": args.preset, "steps": args.steps, "wall_s": round(wall, 1),
+        "strategy": getattr(args, "strategy", "ddp") if gpus > 1 else None,
         "step_s": round(step_s, 4), "tokens_per_s": round(tokens_per_step / step_s, 1),
         "losses": [r["loss"] for r in records],
         "peak_gib_per_rank": [r.get("mem_peak_gib") for r in ranks],
@@ -92,6 +99,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--mode", default="unsloth")
     parser.add_argument("--gpus", type=int, default=2)
+    parser.add_argument("--strategies", default="ddp", help="distributed.strategy of the several-GPU runs: ddp, fsdp "
+                        "or both (ddp,fsdp); every run uses adamw_torch, which fsdp requires")
     parser.add_argument("--work", type=Path, default=Path("/tmp/ftune-ddp"))
     parser.add_argument("--out", type=Path, default=None, help="append the JSON results here")
     args = parser.parse_args()
@@ -102,19 +111,22 @@ def main() -> None:
     write_data(data, rows=args.steps * 2 + 8, seq=args.seq)
     one = train(args, "one-gpu", 1, 2, data, run_dir)
     print(json.dumps(one), flush=True)
-    many = train(args, f"{args.gpus}-gpus", args.gpus, 1, data, run_dir)
-    print(json.dumps(many), flush=True)
-    rows = [one, many]
-    if one["status"] == many["status"] == "ok":
-        gaps = [abs(a - b) for a, b in zip(one["losses"], many["losses"])]
-        peak_one = one["peak_gib_per_rank"][0]
-        summary = {
-            "run": "summary", "speedup": round(many["tokens_per_s"] / one["tokens_per_s"], 3),
-            "peak_ratio_per_rank": [round(p / peak_one, 4) for p in many["peak_gib_per_rank"]] if peak_one else None,
-            "largest_loss_gap": round(max(gaps), 5), "loss_steps_compared": len(gaps),
-        }
-        print(json.dumps(summary), flush=True)
-        rows.append(summary)
+    rows = [one]
+    for strategy in args.strategies.split(","):
+        args.strategy = strategy
+        many = train(args, f"{args.gpus}-gpus-{strategy}", args.gpus, 1, data, run_dir)
+        print(json.dumps(many), flush=True)
+        rows.append(many)
+        if one["status"] == many["status"] == "ok":
+            gaps = [abs(a - b) for a, b in zip(one["losses"], many["losses"])]
+            peak_one = one["peak_gib_per_rank"][0]
+            summary = {
+                "run": f"summary-{strategy}", "speedup": round(many["tokens_per_s"] / one["tokens_per_s"], 3),
+                "peak_ratio_per_rank": [round(p / peak_one, 4) for p in many["peak_gib_per_rank"]] if peak_one else None,
+                "largest_loss_gap": round(max(gaps), 5), "loss_steps_compared": len(gaps),
+            }
+            print(json.dumps(summary), flush=True)
+            rows.append(summary)
     if args.out:
         existing = json.loads(args.out.read_text()) if args.out.exists() else []
         args.out.write_text(json.dumps(existing + rows, indent=1))

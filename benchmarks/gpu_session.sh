@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One device call: install the carried wheels, then run the phases named as arguments, writing
 # logs and JSON under $OUT (or ./gpu-out). Phases: env, tests, kernels, engine, longest, grid, speed,
-# ddp, compare, workflows. Phases on different GPUs can run side by side:
+# ddp, peak, compare, workflows. Phases on different GPUs can run side by side:
 #   bash benchmarks/gpu_session.sh env tests kernels engine
 #   CUDA_VISIBLE_DEVICES=0 bash benchmarks/gpu_session.sh speed & CUDA_VISIBLE_DEVICES=1 bash benchmarks/gpu_session.sh grid
 set -uo pipefail
@@ -42,7 +42,10 @@ for phase in "$@"; do
       python3 benchmarks/bench_engine.py --seqs "${SPEED_SEQ:-8192}" --steps 3 --out "$OUT/speed.json" \
         --runs "${RUNS:-hf:true,ftune+k:none,ftune+k:true,ftune+k:unsloth,ftune+k:smart@16,ftune+k:smart@24,ftune+k:smart@40,ftune+k:smart@80}" ;;
     ddp)
-      python3 benchmarks/bench_ddp.py --seq "${DDP_SEQ:-8192}" --steps 20 --out "$OUT/ddp.json" ;;
+      python3 benchmarks/bench_ddp.py --seq "${DDP_SEQ:-8192}" --steps "${DDP_STEPS:-20}" \
+        --strategies "${STRATEGIES:-ddp}" --out "$OUT/ddp.json" ;;
+    peak)  # what is alive at the step's peak, with and without the folded LoRA backward
+      python3 benchmarks/probe_peak.py --seq "${PEAK_SEQ:-8192}" --fold-lora --out "$OUT/peak.json" 2>&1 | tee "$OUT/peak.log" ;;
     compare)
       python3 -m ftune compare recipes/qlora-llama3-8b.yaml --ckpt none,true,unsloth --steps 4 --seq 8192 \
         --set model.preset=llama-3.1-8b --set model.name_or_path=null --set model.tokenizer=../data/quickstart/tokenizer \

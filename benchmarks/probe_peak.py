@@ -88,14 +88,20 @@ def main() -> None:
 
     step()
     at_rest = torch.cuda.memory_allocated()
-    peak, sources = live_at_peak(step)
-    print(f"at rest {at_rest / GiB:.3f} GiB, peak {peak / GiB:.3f} GiB; allocated during the step, alive at the peak:")
-    for source, size in list(sources.items())[:25]:
-        print(f"  {size / MiB:9.1f} MiB  {source}")
+    folds = [False, True] if args.fold_lora else [False]
+    breakdowns = {}
+    for fold in folds:
+        lora.FOLD_ADAPTER_INPUT_GRADIENT = fold
+        step()  # the optimizer states exist before the recorded step, whichever path made them
+        peak, sources = live_at_peak(step)
+        breakdowns[f"fold_{fold}".lower()] = {k: v / MiB for k, v in sources.items()}
+        print(f"fold {fold}: at rest {at_rest / GiB:.3f} GiB, peak {peak / GiB:.3f} GiB; allocated during the step, "
+              "alive at the peak:")
+        for source, size in list(sources.items())[:25]:
+            print(f"  {size / MiB:9.1f} MiB  {source}")
 
     optimizer.state.clear()  # measure() makes its own: these states would count against every variant
     rows = []
-    folds = [False, True] if args.fold_lora else [False]
     variants = [(int(ce), int(mlp), fold) for ce in args.ce_mib.split(",") for mlp in args.mlp_mib.split(",")
                 for fold in folds]
     for ce, mlp, fold in variants:
@@ -111,7 +117,7 @@ def main() -> None:
         print(f"ce {ce} MiB, mlp {mlp} MiB, fold {fold}: peak {row['peak_gib']} GiB, {row['tokens_per_s']} tok/s", flush=True)
     if args.out:
         args.out.write_text(json.dumps({"device": torch.cuda.get_device_name(), "at_rest_gib": at_rest / GiB,
-                                        "peak_sources_mib": {k: v / MiB for k, v in sources.items()},
+                                        "peak_sources_mib": breakdowns,
                                         "rows": rows}, indent=1))
 
 

@@ -133,8 +133,27 @@ def quantization_config(recipe: Recipe, compute_dtype: torch.dtype) -> BitsAndBy
     )
 
 
+def shards_with_fsdp(recipe: Recipe) -> bool:
+    """Whether this process is one rank of several that shard the model with FSDP."""
+    return recipe.distributed.strategy == "fsdp" and int(os.environ.get("WORLD_SIZE", "1")) >= 2
+
+
+def loads_in_host_memory(recipe: Recipe, device: torch.device) -> bool:
+    """Whether the base model is loaded (and quantized) in host memory instead of on the GPU.
+
+    Under FSDP on GPUs the model is sharded because it may not fit one card: loaded onto the
+    rank's GPU it would have to fit there whole before sharding. Loaded in host memory, it is
+    moved to the GPU one FSDP unit (decoder layer) at a time as `fully_shard` wraps it, each rank
+    keeping its shard; a GPU never holds more than one layer beyond its shards. The price is
+    bitsandbytes' CPU quantization at load and the 4-bit model in each rank's host RAM until
+    it is sharded.
+    """
+    return device.type == "cuda" and shards_with_fsdp(recipe)
+
+
 def load_base_model(recipe: Recipe, device: torch.device | None = None) -> tuple[PreTrainedModel, str, torch.dtype]:
-    """The frozen base model of a recipe, 4-bit where asked, on the device."""
+    """The frozen base model of a recipe, 4-bit where asked, on the device (or in host memory,
+    see loads_in_host_memory)."""
     device = device or pick_device()
     dtype = resolve_dtype(recipe.model.dtype, device)
     compute_dtype = quantization_compute_dtype(recipe, dtype)
@@ -149,7 +168,7 @@ def load_base_model(recipe: Recipe, device: torch.device | None = None) -> tuple
             trust_remote_code=recipe.model.trust_remote_code,
             dtype=dtype,
             quantization_config=quantization_config(recipe, compute_dtype),
-            device_map={"": device},
+            device_map={"": "cpu" if loads_in_host_memory(recipe, device) else device},
             attn_implementation=recipe.model.attn_implementation,
         )
     except (OSError, ValueError) as error:

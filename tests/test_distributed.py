@@ -188,7 +188,8 @@ def test_fsdp2_sharded_4bit_model_gives_the_gradients_of_one_process(mode, tmp_p
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
 def test_fsdp_train_on_two_gpus_matches_ddp_and_resumes(tmp_path):
     """`ftune train --gpus 2` with distributed.strategy fsdp (accelerate's FSDP2, 4-bit weights in
-    bf16 storage, offloaded checkpointing, the kernels) logs the loss curve of the ddp run, writes
+    bf16 storage loaded in host memory and sharded onto the GPUs, offloaded checkpointing, the
+    kernels) logs the loss curve of the ddp run, writes
     an adapter PEFT loads, and resumes from its sharded checkpoint."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
@@ -201,6 +202,8 @@ def test_fsdp_train_on_two_gpus_matches_ddp_and_resumes(tmp_path):
             args += ["--set", item]
         result = subprocess.run(args, capture_output=True, text=True, timeout=400)
         assert result.returncode == 0, result.stderr[-4000:]
+        # fsdp loads the model in host memory, so that no GPU ever holds all of it
+        assert ("loaded in host memory" in result.stdout + result.stderr) == (strategy == "fsdp")
         return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
     fsdp = train(tmp_path / "fsdp", "fsdp", 8)

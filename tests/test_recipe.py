@@ -191,6 +191,11 @@ def test_fsdp_combinations_that_are_not_supported_name_the_key(tmp_path):
     data["workflow"] = "dpo"
     data["data"]["format"] = "preference"
     assert "sft workflow only" in problems_of(tmp_path, data)["distributed.strategy"]
+    data["workflow"], data["data"]["format"] = "sft", "text"
+    data["training"]["optimizer"] = "adamw_8bit"
+    assert "sharded parameters" in problems_of(tmp_path, data)["training.optimizer"]
+    data["training"]["optimizer"] = "adamw_torch"
+    assert load_recipe(write(tmp_path, data)).distributed.strategy == "fsdp"
 
 
 def test_fsdp_recipe_gives_accelerates_fsdp2_plugin_under_several_processes(tmp_path, monkeypatch):

@@ -23,7 +23,7 @@ from ftune.data import check_rows, load_training_data
 from ftune.errors import Interrupted, NonFiniteLoss
 from ftune.guards import GracefulStop, NonFiniteLossGuard, host_memory_shortfall, out_of_memory
 from ftune.memory.monitor import GiB, snapshot
-from ftune.model import BuiltModel, build_model, load_tokenizer, smart_plan
+from ftune.model import BuiltModel, build_model, load_tokenizer, loads_in_host_memory, shards_with_fsdp, smart_plan
 from ftune.outputs import (
     RECIPE_FILE,
     SUMMARY_FILE,
@@ -73,6 +73,12 @@ def train(recipe: Recipe, *, overwrite: bool = False, console: Console | None = 
         console.print(f"[bold]ftune[/] {plan.describe()}")
     built = build_model(recipe, tokenizer=tokenizer, plan=plan)
     console.print(f"[bold]ftune[/] {built.source} on {built.device} · {built.engine.describe()}")
+    if loads_in_host_memory(recipe, built.device):
+        console.print("[bold]ftune[/] fsdp: the model was loaded in host memory; each decoder layer moves to the "
+                      "GPUs as it is sharded")
+    elif shards_with_fsdp(recipe) and is_main_process():
+        console.print("[yellow]warning:[/] distributed.strategy: fsdp shards only on GPUs (accelerate has no FSDP on "
+                      "CPU); these CPU processes each hold the whole model and train as ddp.")
     if built.device.type == "cuda":
         # The panel's peak is the training's: loading (or building a preset's random weights, 15 GiB
         # for the 8B shape) passes through the GPU once, before the first step

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import torch
@@ -10,7 +9,7 @@ from transformers import Trainer
 from transformers.trainer_callback import PrinterCallback
 
 from ftune.engine.checkpoint import decoder_layers
-from ftune.model import BuiltModel
+from ftune.model import BuiltModel, shards_with_fsdp
 from ftune.recipe import Recipe
 
 
@@ -64,7 +63,7 @@ def fsdp_arguments(recipe: Recipe, built: BuiltModel) -> dict[str, Any]:
     does the checkpointing, so FSDP's own stays off. The adapter is saved whole (gathered to rank 0),
     as a PEFT folder like any other run's.
     """
-    if recipe.distributed.strategy != "fsdp" or int(os.environ.get("WORLD_SIZE", "1")) < 2:
+    if not shards_with_fsdp(recipe):
         return {}
     layer_classes = sorted({type(layer).__name__ for layer in decoder_layers(built.model)})
     return dict(fsdp=True, fsdp_config={
