@@ -39,6 +39,13 @@ FOLD_ADAPTER_INPUT_GRADIENT = False
 DEQUANTIZED_BLOCK_BYTES = 32 * 1024**2
 
 
+def overwritable(x: torch.Tensor) -> torch.Tensor:
+    """Mark `x` as read by nothing but the LoRA projection it is passed to (an MLP's SwiGLU
+    product into down_proj): that projection's backward may then write x's gradient over x."""
+    x._ftune_overwritable = True
+    return x
+
+
 def fused_lora_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     """A bound `forward` for a peft LoRA layer; `self._ftune_peft_forward` is peft's."""
     if not _fast_path_applies(self, x, kwargs):
@@ -46,7 +53,7 @@ def fused_lora_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     single = _single_plain_adapter(self) if FOLD_ADAPTER_INPUT_GRADIENT else None
     if single is not None and torch.is_grad_enabled() and not args and not kwargs and _is_4bit(self.base_layer):
         return _LoRAOver4bit.apply(x, self.lora_A[single].weight, self.lora_B[single].weight, self.base_layer,
-                                   self.scaling[single])
+                                   self.scaling[single], getattr(x, "_ftune_overwritable", False))
     result = self.base_layer(x, *args, **kwargs)
     out_shape = result.shape
     result = result.reshape(-1, out_shape[-1])
@@ -61,17 +68,24 @@ def fused_lora_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
 
 class _LoRAOver4bit(torch.autograd.Function):
     """`base(x) + s (x A^T) B^T` over a frozen 4-bit base; the backward adds the adapter's input
-    gradient into the base's in place, and drops the dequantized weight before it does."""
+    gradient into the base's in place, dequantizing the base weight a block at a time.
+
+    With `overwrite_input` (see `overwritable`) the input gradient is written over x itself once
+    the adapter's gradients have read it: in the 8B shape's recomputed MLP that is the 112 MiB
+    SwiGLU product of a 4096-token chunk, alive at the step's peak beside its gradient. Writing
+    bumps x's version counter, so a second backward through the graph raises instead of reading
+    the gradient as x.
+    """
 
     @staticmethod
-    def forward(ctx, x, lora_a, lora_b, base_layer, scaling):
+    def forward(ctx, x, lora_a, lora_b, base_layer, scaling, overwrite_input=False):
         result = base_layer(x)
         out_shape = result.shape
         down = F.linear(x, lora_a)
         result = torch.addmm(result.reshape(-1, out_shape[-1]), down.reshape(-1, down.shape[-1]), lora_b.t(),
                              alpha=scaling)
         ctx.save_for_backward(x, down, lora_a, lora_b)
-        ctx.base_layer, ctx.scaling = base_layer, scaling
+        ctx.base_layer, ctx.scaling, ctx.overwrite_input = base_layer, scaling, overwrite_input
         return result.reshape(out_shape)
 
     @staticmethod
@@ -85,21 +99,24 @@ class _LoRAOver4bit(torch.autograd.Function):
         down = down.reshape(-1, down.shape[-1]).to(dtype)
         grad_down = torch.mm(grad, lora_b.to(dtype)).mul_(scaling)
         grad_x = grad_a = grad_b = None
-        if ctx.needs_input_grad[0]:
-            layer = ctx.base_layer
-            fix_4bit_weight_quant_state_from_module(layer)  # FSDP's gathered weight lacks it
-            grad_x = grad_through_4bit(grad, layer.weight)
-            grad_x.addmm_(grad_down, lora_a.to(dtype))
-            grad_x = grad_x.view(*x.shape[:-1], grad_x.shape[-1]).to(x.dtype)
+        # the adapter's gradients first: they read x, which the input gradient may overwrite
         if ctx.needs_input_grad[1]:
             grad_a = torch.mm(grad_down.t(), x.reshape(-1, x.shape[-1]).to(dtype)).to(lora_a.dtype)
         if ctx.needs_input_grad[2]:
             grad_b = torch.mm(grad.t(), down).mul_(scaling).to(lora_b.dtype)
-        return grad_x, grad_a, grad_b, None, None
+        if ctx.needs_input_grad[0]:
+            layer = ctx.base_layer
+            fix_4bit_weight_quant_state_from_module(layer)  # FSDP's gathered weight lacks it
+            in_place = ctx.overwrite_input and x.dtype == dtype and x.is_contiguous()
+            grad_x = grad_through_4bit(grad, layer.weight, out=x.view(-1, x.shape[-1]) if in_place else None)
+            grad_x.addmm_(grad_down, lora_a.to(dtype))
+            grad_x = grad_x.view(*x.shape[:-1], grad_x.shape[-1]).to(x.dtype)
+        return grad_x, grad_a, grad_b, None, None, None
 
 
-def grad_through_4bit(grad: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """`grad @ W` for a bitsandbytes 4-bit weight W [out, in], in the gradient's dtype.
+def grad_through_4bit(grad: torch.Tensor, weight: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """`grad @ W` for a bitsandbytes 4-bit weight W [out, in], in the gradient's dtype (into `out`
+    when given, which grad must not overlap).
 
     bitsandbytes' own backward dequantizes all of W to 16 bits first: 112 MiB for the 8B shape's
     MLP projections, alive at the step's peak beside the gradient it produces (docs/benchmarks.md).
@@ -118,13 +135,13 @@ def grad_through_4bit(grad: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     # Column blocks must be whole quantization blocks of every row: bitsandbytes' CPU kernels
     # restart the blocks at each row and its CUDA kernels do not, which agree only then.
     if not 0 < columns < in_features or in_features % blocksize:
-        return torch.mm(grad, bnb_functional.dequantize_4bit(weight.view(-1, 1), state).to(dtype))
+        return torch.mm(grad, bnb_functional.dequantize_4bit(weight.view(-1, 1), state).to(dtype), out=out)
     absmax = state.absmax
     if state.nested:
         absmax = bnb_functional.dequantize_blockwise(state.absmax, state.state2) + state.offset
     absmax = absmax.float().view(out_features, in_features // blocksize)
     packed = weight.data.reshape(-1).view(torch.uint8).view(out_features, in_features // 2)
-    result = torch.empty(grad.shape[0], in_features, dtype=dtype, device=grad.device)
+    result = torch.empty(grad.shape[0], in_features, dtype=dtype, device=grad.device) if out is None else out
     for start in range(0, in_features, columns):
         stop = min(start + columns, in_features)
         block_state = bnb_functional.QuantState(

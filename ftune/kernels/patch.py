@@ -32,7 +32,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.utils.generic import can_return_tuple
 
 from ftune.kernels.fused_linear_cross_entropy import fused_linear_cross_entropy
-from ftune.kernels.lora import lora_layers, patch_lora
+from ftune.kernels.lora import lora_layers, overwritable, patch_lora
 from ftune.kernels.rms_norm import rms_norm
 from ftune.kernels.rope import apply_rotary_pos_emb
 from ftune.kernels.swiglu import swiglu
@@ -220,8 +220,9 @@ def _own_class(module: nn.Module) -> type:
 
 
 def _swiglu_mlp_forward(self, x):
-    # the projections' outputs are read by nothing but the SwiGLU: its backward may overwrite them
-    return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x), overwrite_inputs=True))
+    # the projections' outputs are read by nothing but the SwiGLU, and its product by nothing but
+    # down_proj: their backwards may write the gradients over them
+    return self.down_proj(overwritable(swiglu(self.gate_proj(x), self.up_proj(x), overwrite_inputs=True)))
 
 
 @functools.cache

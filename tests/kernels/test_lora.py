@@ -12,7 +12,7 @@ from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
 from ftune.kernels import apply_kernels, kernel_support
 from ftune.kernels import lora
-from ftune.kernels.lora import lora_layers, patch_lora
+from ftune.kernels.lora import lora_layers, overwritable, patch_lora
 from ftune.model import materialize_preset
 from tests.helpers import PROJECTIONS, lora_grads, tiny_lora_model
 from tests.kernels.common import DEVICE, gpu
@@ -104,6 +104,46 @@ def test_4bit_training_path_folds_the_adapters_input_gradient(dtype, tmp_path, m
     tolerance = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=3e-2, rtol=3e-2)
     for expected, actual, name in zip(*results, ("output", "input grad", "A grad", "B grad")):
         torch.testing.assert_close(actual, expected, msg=name, **tolerance)
+
+
+def test_folded_backward_writes_the_input_gradient_over_an_overwritable_input(tmp_path, monkeypatch):
+    """A down projection's input marked overwritable (the SwiGLU product in the patched MLP) gets
+    its gradient written over it: the gradients stay peft's, x's storage holds the gradient, and
+    a second backward through the graph raises instead of reading it as x."""
+    monkeypatch.setenv("FTUNE_CACHE", str(tmp_path))
+    monkeypatch.setattr(lora, "FOLD_ADAPTER_INPUT_GRADIENT", True)
+    reference, patched = _quantized_pair("cpu", torch.float32, r=4)
+    results = []
+    for model in (reference, patched):
+        layer = [m for m in lora_layers(model) if m.in_features > m.out_features][0]  # a down projection
+        leaf = torch.randn(2, 5, layer.in_features, generator=torch.Generator().manual_seed(5), requires_grad=True)
+        x = overwritable(leaf * 1.0)  # a non-leaf, as the SwiGLU's product is
+        y = layer(x)
+        y.backward(torch.randn(y.shape, generator=torch.Generator().manual_seed(6)), retain_graph=True)
+        results.append((y, leaf.grad, layer.lora_A["default"].weight.grad, layer.lora_B["default"].weight.grad))
+    for expected, actual, name in zip(*results, ("output", "input grad", "A grad", "B grad")):
+        torch.testing.assert_close(actual, expected, atol=1e-5, rtol=1e-5, msg=name)
+    torch.testing.assert_close(x, leaf.grad, atol=0, rtol=0)  # x's storage now holds its gradient
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        y.backward(torch.ones_like(y))
+
+
+def test_every_kernel_with_the_folded_backward_over_4bit_gives_pefts_gradients(tmp_path, monkeypatch):
+    """The patched model end to end (RMSNorm, RoPE, SwiGLU writing over gate and up, the fused
+    loss, and the folded LoRA backward writing over the SwiGLU product, its weights dequantized
+    a block at a time): loss and every LoRA gradient as the unpatched peft model's, fp32."""
+    monkeypatch.setenv("FTUNE_CACHE", str(tmp_path))
+    monkeypatch.setattr(lora, "FOLD_ADAPTER_INPUT_GRADIENT", True)
+    monkeypatch.setattr(lora, "DEQUANTIZED_BLOCK_BYTES", 32 * 1024)  # q_proj and o_proj in two blocks
+    reference, patched = _quantized_pair("cpu", torch.float32, r=4)
+    apply_kernels(patched)  # the LoRA forward is already patched
+    ids = torch.randint(0, 200, (2, 24), generator=torch.Generator().manual_seed(3))
+    loss_ref, grads_ref = _step(reference, ids)
+    loss_new, grads_new = _step(patched, ids)
+    torch.testing.assert_close(loss_new, loss_ref, atol=1e-5, rtol=1e-5)
+    assert grads_new.keys() == grads_ref.keys() and grads_ref
+    for name in grads_ref:
+        torch.testing.assert_close(grads_new[name], grads_ref[name], atol=1e-5, rtol=1e-4, msg=name)
 
 
 @pytest.mark.parametrize("nested", [False, True])
