@@ -200,11 +200,18 @@ def test_lora_on_the_head_is_refused():
 
 
 @gpu
+@pytest.mark.parametrize("fold", [False, True])
 @pytest.mark.parametrize("family", list(FAMILIES))
-def test_qlora_bf16_gpu(family, tmp_path):
+def test_qlora_bf16_gpu(family, fold, tmp_path, monkeypatch):
     """The user's path: bf16 weights saved, loaded in 4-bit NF4 with bitsandbytes, LoRA on all
-    projections; patched and unpatched copies agree on the loss and LoRA gradients in bf16."""
+    projections; patched and unpatched copies agree on the loss and LoRA gradients in bf16, with
+    and without the folded LoRA backward (fused_lora on, its 4-bit weights dequantized in blocks)."""
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    from ftune.kernels import lora as fused_lora
+
+    monkeypatch.setattr(fused_lora, "FOLD_ADAPTER_INPUT_GRADIENT", fold)
+    monkeypatch.setattr(fused_lora, "DEQUANTIZED_BLOCK_BYTES", 128 * 1024)
 
     config_class, model_class = FAMILIES[family]
     torch.manual_seed(0)
@@ -222,7 +229,7 @@ def test_qlora_bf16_gpu(family, tmp_path):
         lora = LoraConfig(r=8, target_modules=PROJECTIONS, init_lora_weights=False, task_type="CAUSAL_LM")
         models.append(get_peft_model(base, lora))
     reference, patched = models
-    apply_kernels(patched)
+    apply_kernels(patched, fused_lora=fold)
     input_ids = torch.randint(0, 1000, (2, 256), device="cuda")
     labels = input_ids.clone()
     labels[:, :50] = -100
