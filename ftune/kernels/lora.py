@@ -35,8 +35,12 @@ from torch.nn import functional as F
 
 # Route training over 4-bit bases through _LoRAOver4bit (see the module docstring): off until measured.
 FOLD_ADAPTER_INPUT_GRADIENT = False
-# Largest piece of a 4-bit weight that _LoRAOver4bit's backward dequantizes at once (grad_through_4bit).
+# Largest piece of a 4-bit weight that _LoRAOver4bit dequantizes at once (linear_through_4bit,
+# grad_through_4bit).
 DEQUANTIZED_BLOCK_BYTES = 32 * 1024**2
+# Up to this many tokens bitsandbytes multiplies by the 4-bit weight in its own kernels, without
+# a 16-bit copy of it (its CUDA backend's _gemm_4bit_custom_max_m); above, it dequantizes all of it.
+BITSANDBYTES_FUSED_MAX_TOKENS = 1536
 
 
 def overwritable(x: torch.Tensor) -> torch.Tensor:
@@ -79,7 +83,7 @@ class _LoRAOver4bit(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, lora_a, lora_b, base_layer, scaling, overwrite_input=False):
-        result = base_layer(x)
+        result = linear_through_4bit(x, base_layer)
         out_shape = result.shape
         down = F.linear(x, lora_a)
         result = torch.addmm(result.reshape(-1, out_shape[-1]), down.reshape(-1, down.shape[-1]), lora_b.t(),
@@ -114,6 +118,56 @@ class _LoRAOver4bit(torch.autograd.Function):
         return grad_x, grad_a, grad_b, None, None, None
 
 
+def linear_through_4bit(x: torch.Tensor, layer: nn.Module) -> torch.Tensor:
+    """A bitsandbytes Linear4bit's forward, `x W^T (+ bias)`, with W dequantized a block of output
+    rows at a time (at most DEQUANTIZED_BLOCK_BYTES), each block's GEMM writing its own output
+    columns. bitsandbytes dequantizes all of W for long inputs: 112 MiB beside the recomputed
+    MLP chunk's gate, up and product at the 8B shape's peak. Every output element is still one
+    full dot product in the compute dtype, as bitsandbytes computes it. Short inputs (which
+    bitsandbytes multiplies without a 16-bit W), biases and CPU-repacked weights take the layer's
+    own forward.
+    """
+    import bitsandbytes.functional as bnb_functional
+    from bitsandbytes.nn.modules import fix_4bit_weight_quant_state_from_module
+
+    fix_4bit_weight_quant_state_from_module(layer)
+    weight, state = layer.weight, layer.weight.quant_state
+    out_features, in_features = state.shape
+    tokens = x.numel() // in_features
+    dtype = layer.compute_dtype or x.dtype
+    rows = DEQUANTIZED_BLOCK_BYTES // (in_features * torch.empty((), dtype=dtype).element_size())
+    autocast = torch.is_autocast_enabled(x.device.type)
+    if (tokens <= BITSANDBYTES_FUSED_MAX_TOKENS or not 0 < rows < out_features or in_features % state.blocksize
+            or layer.bias is not None or getattr(state, "packing_format_for_cpu", False)
+            or (autocast and torch.get_autocast_dtype(x.device.type) != dtype)):
+        return layer(x)
+    absmax = _absmax(state)
+    packed = weight.data.reshape(-1).view(torch.uint8)
+    flat = x.reshape(tokens, in_features).to(dtype)
+    result = torch.empty(tokens, out_features, dtype=dtype, device=x.device)
+    for start in range(0, out_features, rows):
+        stop = min(start + rows, out_features)
+        # whole rows are whole quantization blocks: the block's packed bytes and scales are contiguous
+        first, last = start * in_features, stop * in_features
+        block_state = bnb_functional.QuantState(
+            absmax=absmax[first // state.blocksize: last // state.blocksize], shape=(stop - start, in_features),
+            blocksize=state.blocksize, quant_type=state.quant_type, dtype=dtype)
+        block = bnb_functional.dequantize_4bit(packed[first // 2: last // 2], block_state)
+        torch.mm(flat, block.t(), out=result[:, start:stop])
+        del block
+    return result.view(*x.shape[:-1], out_features).to(x.dtype)
+
+
+def _absmax(state) -> torch.Tensor:
+    """The quantization blocks' scales in fp32, expanded from their own 8-bit form under double quantization."""
+    import bitsandbytes.functional as bnb_functional
+
+    absmax = state.absmax
+    if state.nested:
+        absmax = bnb_functional.dequantize_blockwise(state.absmax, state.state2) + state.offset
+    return absmax.float()
+
+
 def grad_through_4bit(grad: torch.Tensor, weight: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     """`grad @ W` for a bitsandbytes 4-bit weight W [out, in], in the gradient's dtype (into `out`
     when given, which grad must not overlap).
@@ -134,12 +188,9 @@ def grad_through_4bit(grad: torch.Tensor, weight: torch.Tensor, out: torch.Tenso
     columns = DEQUANTIZED_BLOCK_BYTES // (out_features * grad.element_size()) // blocksize * blocksize
     # Column blocks must be whole quantization blocks of every row: bitsandbytes' CPU kernels
     # restart the blocks at each row and its CUDA kernels do not, which agree only then.
-    if not 0 < columns < in_features or in_features % blocksize:
+    if not 0 < columns < in_features or in_features % blocksize or getattr(state, "packing_format_for_cpu", False):
         return torch.mm(grad, bnb_functional.dequantize_4bit(weight.view(-1, 1), state).to(dtype), out=out)
-    absmax = state.absmax
-    if state.nested:
-        absmax = bnb_functional.dequantize_blockwise(state.absmax, state.state2) + state.offset
-    absmax = absmax.float().view(out_features, in_features // blocksize)
+    absmax = _absmax(state).view(out_features, in_features // blocksize)
     packed = weight.data.reshape(-1).view(torch.uint8).view(out_features, in_features // 2)
     result = torch.empty(grad.shape[0], in_features, dtype=dtype, device=grad.device) if out is None else out
     for start in range(0, in_features, columns):

@@ -130,11 +130,13 @@ def test_folded_backward_writes_the_input_gradient_over_an_overwritable_input(tm
 
 def test_every_kernel_with_the_folded_backward_over_4bit_gives_pefts_gradients(tmp_path, monkeypatch):
     """The patched model end to end (RMSNorm, RoPE, SwiGLU writing over gate and up, the fused
-    loss, and the folded LoRA backward writing over the SwiGLU product, its weights dequantized
-    a block at a time): loss and every LoRA gradient as the unpatched peft model's, fp32."""
+    loss, and the folded LoRA path: forward and backward dequantizing its weights a block at a time,
+    the input gradient written over the SwiGLU product): loss and every LoRA gradient as the
+    unpatched peft model's, fp32."""
     monkeypatch.setenv("FTUNE_CACHE", str(tmp_path))
     monkeypatch.setattr(lora, "FOLD_ADAPTER_INPUT_GRADIENT", True)
     monkeypatch.setattr(lora, "DEQUANTIZED_BLOCK_BYTES", 32 * 1024)  # q_proj and o_proj in two blocks
+    monkeypatch.setattr(lora, "BITSANDBYTES_FUSED_MAX_TOKENS", 0)  # the blockwise forward for any length
     reference, patched = _quantized_pair("cpu", torch.float32, r=4)
     apply_kernels(patched)  # the LoRA forward is already patched
     ids = torch.randint(0, 200, (2, 24), generator=torch.Generator().manual_seed(3))
@@ -144,6 +146,32 @@ def test_every_kernel_with_the_folded_backward_over_4bit_gives_pefts_gradients(t
     assert grads_new.keys() == grads_ref.keys() and grads_ref
     for name in grads_ref:
         torch.testing.assert_close(grads_new[name], grads_ref[name], atol=1e-5, rtol=1e-4, msg=name)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_linear_through_4bit_equals_the_layers_own_forward(dtype, tmp_path, monkeypatch):
+    """The blockwise 4-bit forward (weight dequantized a block of output rows at a time) gives the
+    bitsandbytes layer's own output, for every projection shape of the tiny model."""
+    monkeypatch.setenv("FTUNE_CACHE", str(tmp_path))
+    monkeypatch.setattr(lora, "BITSANDBYTES_FUSED_MAX_TOKENS", 0)
+    monkeypatch.setattr(lora, "DEQUANTIZED_BLOCK_BYTES", 24 * 128 * 4)  # 24 rows of 128 fp32 inputs
+    reference, _ = _quantized_pair("cpu", dtype, r=4)
+    layers = [m.base_layer for m in lora_layers(reference)][:7]
+    assert {layer.in_features for layer in layers} == {128, 352}
+    import bitsandbytes.functional as bnb_functional
+
+    blocks = []
+    dequantize = bnb_functional.dequantize_4bit
+    monkeypatch.setattr(bnb_functional, "dequantize_4bit", lambda *a, **k: blocks.append(a) or dequantize(*a, **k))
+    for layer in layers:
+        x = torch.randn(2, 9, layer.in_features, generator=torch.Generator().manual_seed(4)).to(dtype)
+        with torch.no_grad():
+            actual = lora.linear_through_4bit(x, layer)
+            expected = layer(x)
+        tolerance = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=1e-2, rtol=1e-2)
+        torch.testing.assert_close(actual, expected, msg=str(layer), **tolerance)
+    # q, o, gate and up (128 inputs, 128 or 352 outputs) went in blocks; down (352 inputs) whole
+    assert len(blocks) > 2 * len(layers)
 
 
 @pytest.mark.parametrize("nested", [False, True])
