@@ -135,7 +135,7 @@ def test_every_kernel_with_the_folded_backward_over_4bit_gives_pefts_gradients(t
     unpatched peft model's, fp32."""
     monkeypatch.setenv("FTUNE_CACHE", str(tmp_path))
     monkeypatch.setattr(lora, "FOLD_ADAPTER_INPUT_GRADIENT", True)
-    monkeypatch.setattr(lora, "DEQUANTIZED_BLOCK_BYTES", 32 * 1024)  # q_proj and o_proj in two blocks
+    monkeypatch.setattr(lora, "DEQUANTIZED_BLOCK_BYTES", 32 * 1024)  # q_proj, o_proj: two forward blocks
     monkeypatch.setattr(lora, "BITSANDBYTES_FUSED_MAX_TOKENS", 0)  # the blockwise forward for any length
     reference, patched = _quantized_pair("cpu", torch.float32, r=4)
     apply_kernels(patched)  # the LoRA forward is already patched
@@ -176,20 +176,25 @@ def test_linear_through_4bit_equals_the_layers_own_forward(dtype, tmp_path, monk
 
 @pytest.mark.parametrize("nested", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("out_features,in_features", [(98, 128), (70, 192), (70, 100)])
+@pytest.mark.parametrize("out_features,in_features", [(98, 256), (70, 384), (70, 100)])
 def test_grad_through_4bit_dequantizes_in_blocks(out_features, in_features, dtype, nested, monkeypatch):
-    """The blockwise `grad @ W` equals the product with the whole weight dequantized: blocks of 64
-    columns and a short last one, and rows that are not whole quantization blocks (taken whole)."""
+    """The blockwise `grad @ W` equals the product with the whole weight dequantized: blocks of 128
+    or 256 columns and a short last one, and rows that are not whole quantization blocks (taken whole)."""
     import bitsandbytes.functional as bnb_functional
 
     weight = torch.randn(out_features, in_features, generator=torch.Generator().manual_seed(0)).to(dtype)
     packed, state = bnb_functional.quantize_4bit(weight, blocksize=64, compress_statistics=nested, quant_type="nf4")
     packed.quant_state = state
     whole = bnb_functional.dequantize_4bit(packed, state).to(dtype)
-    monkeypatch.setattr(lora, "DEQUANTIZED_BLOCK_BYTES", 64 * out_features * 4)
+    monkeypatch.setattr(lora, "DEQUANTIZED_BLOCK_BYTES", 128 * out_features * 4)
+    blocks = []
+    monkeypatch.setattr(bnb_functional, "dequantize_4bit",
+                        lambda *a, dequantize=bnb_functional.dequantize_4bit, **k: blocks.append(a) or dequantize(*a, **k))
     # the identity picks out W itself: every block's values must be bitsandbytes' own, bit for bit
     eye = torch.eye(out_features, dtype=dtype)
     torch.testing.assert_close(lora.grad_through_4bit(eye, packed), whole, atol=0, rtol=0)
+    columns = 128 * 4 // torch.empty((), dtype=dtype).element_size()
+    assert len(blocks) == (1 if in_features % 64 else -(-in_features // columns))
     grad = torch.randn(7, out_features, generator=torch.Generator().manual_seed(1)).to(dtype)
     # each output element is one whole dot product, as in the one-shot product: equal, not close
     torch.testing.assert_close(lora.grad_through_4bit(grad, packed), grad @ whole, atol=0, rtol=0)
