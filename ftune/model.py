@@ -161,6 +161,12 @@ def load_base_model(recipe: Recipe, device: torch.device | None = None) -> tuple
         source = str(materialize_preset(recipe.model.preset, seed=recipe.training.seed, dtype=dtype, device=device))
     else:
         source = recipe.resolve_input(recipe.model.name_or_path)
+    on_host = loads_in_host_memory(recipe, device)
+    threads = torch.get_num_threads()
+    if on_host:
+        # bitsandbytes quantizes on the CPU with torch's own ops, and torchrun starts every rank
+        # with one thread (OMP_NUM_THREADS=1): the host's cores are shared out among the ranks
+        torch.set_num_threads(max(threads, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
     try:
         model = AutoModelForCausalLM.from_pretrained(
             source,
@@ -168,7 +174,7 @@ def load_base_model(recipe: Recipe, device: torch.device | None = None) -> tuple
             trust_remote_code=recipe.model.trust_remote_code,
             dtype=dtype,
             quantization_config=quantization_config(recipe, compute_dtype),
-            device_map={"": "cpu" if loads_in_host_memory(recipe, device) else device},
+            device_map={"": "cpu" if on_host else device},
             attn_implementation=recipe.model.attn_implementation,
         )
     except (OSError, ValueError) as error:
@@ -177,6 +183,8 @@ def load_base_model(recipe: Recipe, device: torch.device | None = None) -> tuple
             hint="Give a local directory with config.json and weights, or a hub id while online "
             "(set HF_TOKEN for gated models); `model: {preset: ...}` builds a shape with random weights offline.",
         ) from None
+    finally:
+        torch.set_num_threads(threads)
     model.config.use_cache = False  # training; generation turns it back on per call
     return model, source, dtype
 
@@ -293,7 +301,7 @@ def patch_kernels(model: PeftModel, recipe: Recipe, device: torch.device) -> dic
         else:
             wanted[name] = bool(setting)
     try:
-        apply_kernels(model, **wanted)
+        apply_kernels(model, **wanted, device=device)  # under fsdp the model is still in host memory here
     except ValueError as error:  # e.g. asked for on CPU without Triton's interpreter
         raise ModelError(f"kernels: {error}", hint="Set the kernels to auto (on with CUDA) or false.") from None
     return wanted

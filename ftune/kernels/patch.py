@@ -140,13 +140,16 @@ def apply_kernels(
     swiglu: bool = True,
     fused_cross_entropy: bool = True,
     fused_lora: bool = False,
+    device: torch.device | None = None,
 ) -> dict[str, int]:
     """Patch `model` (a transformers causal LM, bare or PEFT-wrapped) in place, per instance.
 
     Returns how many modules each requested kernel replaced. Raises ValueError, before patching
     anything, when a requested kernel does not apply to the model (see `kernel_support`), was
-    already applied to it, or the model sits on a device the kernels can't run on. `fused_lora` is
-    off by default here, since a bare transformers model has no LoRA layers to patch.
+    already applied to it, or the model runs on a device the kernels can't run on: `device`, or
+    where its parameters are when not given (under FSDP the model waits in host memory until it is
+    sharded onto the GPUs). `fused_lora` is off by default here, since a bare transformers model
+    has no LoRA layers to patch.
     """
     flags = (rms_norm, rope, swiglu, fused_cross_entropy, fused_lora)
     requested = [name for name, on in zip(KERNELS, flags, strict=True) if on]
@@ -160,11 +163,11 @@ def apply_kernels(
     if problems:
         raise ValueError("cannot apply ftune's kernels:\n  " + "\n  ".join(problems))
     if any(name in TRITON_KERNELS for name in requested):
-        devices = {p.device for p in base.parameters()}
+        devices = {device} if device is not None else {p.device for p in base.parameters()}
         if not all(runs_triton(d) for d in devices):
             raise ValueError(
                 f"ftune's Triton kernels need the model on CUDA (or on CPU under TRITON_INTERPRET=1, for tests); "
-                f"its parameters are on {', '.join(sorted(map(str, devices)))}. Place the model first, "
+                f"it runs on {', '.join(sorted(map(str, devices)))}. Place the model first, "
                 f"or turn the kernels off."
             )
 

@@ -191,6 +191,10 @@ def test_refusals(monkeypatch):
     with pytest.raises(ValueError, match="need the model on CUDA"):
         apply_kernels(fresh)
     assert not any("forward" in vars(m) for m in fresh.modules())
+    # ... unless it is told the GPU it will run on: fsdp loads the model in host memory and shards
+    # it onto the GPUs after the kernels are applied
+    monkeypatch.setattr(patch, "runs_triton", lambda device: device.type == "cuda")
+    assert apply_kernels(fresh, device=torch.device("cuda", 0))["rms_norm"] > 0
 
 
 def test_lora_on_the_head_is_refused():
