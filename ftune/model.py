@@ -250,9 +250,10 @@ def build_model(recipe: Recipe, device: torch.device | None = None, *, tokenizer
     kernels = patch_kernels(model, recipe, device)
     if recipe.checkpointing.mode == "smart":
         plan = plan or smart_plan(recipe, device)
-        engine = install_checkpointing(model, "smart", plan.policies)
+        engine = install_checkpointing(model, "smart", plan.policies, device=device)
     else:
-        engine = install_checkpointing(model, recipe.checkpointing.mode)
+        # the device it will train on: under fsdp the model is still in host memory here
+        engine = install_checkpointing(model, recipe.checkpointing.mode, device=device)
     # smart's plan decides where the table goes (host RAM only when the budget needs it)
     host_embeddings = plan.host_embeddings if recipe.checkpointing.mode == "smart" else \
         wants_host_embeddings(recipe, device)

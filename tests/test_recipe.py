@@ -224,3 +224,25 @@ def test_fsdp_recipe_gives_accelerates_fsdp2_plugin_under_several_processes(tmp_
     assert plugin["transformer_cls_names_to_wrap"] == "LlamaDecoderLayer"
     assert plugin["state_dict_type"] == "FULL_STATE_DICT"
     assert plugin["activation_checkpointing"] is False and plugin["reshard_after_forward"] is True
+
+
+def test_fsdp_on_gpus_loads_the_model_in_host_memory(tmp_path, monkeypatch):
+    """Under fsdp with several GPU ranks the 4-bit model is loaded in host memory (FSDP moves it to
+    the GPUs a layer at a time as it shards it), while the kernels and the engine are set up for the
+    GPU it will train on. Runs without a GPU: nothing touches CUDA before the trainer shards."""
+    from ftune.model import build_model
+
+    data = quickstart_dict()
+    data["model"]["dtype"] = "float32"
+    data["distributed"] = {"strategy": "fsdp"}
+    data["checkpointing"] = {"mode": "unsloth", "host_embeddings": False}  # pinning needs CUDA
+    recipe = load_recipe(write(tmp_path, data))
+    build_model(recipe, torch.device("cpu"))  # the preset's weights, built once on this machine
+    threads = torch.get_num_threads()
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    built = build_model(recipe, torch.device("cuda", 0))
+    assert {p.device.type for p in built.model.parameters()} == {"cpu"}
+    assert any(type(p).__name__ == "Params4bit" for p in built.model.parameters())
+    assert built.engine.device == torch.device("cuda", 0) and built.engine.counts()["offload"] > 0
+    assert built.kernels["rms_norm"] and built.kernels["swiglu"]
+    assert torch.get_num_threads() == threads  # the loading's extra threads are given back
