@@ -121,7 +121,7 @@ class _LoRAOver4bit(torch.autograd.Function):
 
 
 def linear_through_4bit(x: torch.Tensor, layer: nn.Module) -> torch.Tensor:
-    """A bitsandbytes Linear4bit's forward, `x W^T (+ bias)`, with W dequantized a block of output
+    """A bitsandbytes Linear4bit's forward, `x W^T`, with W dequantized a block of output
     rows at a time (at most DEQUANTIZED_BLOCK_BYTES), each block's GEMM writing its own output
     columns. bitsandbytes dequantizes all of W for long inputs: 112 MiB beside the recomputed
     MLP chunk's gate, up and product at the 8B shape's peak. Every output element is still one
