@@ -38,13 +38,16 @@ def test_two_processes_equal_one(mode, tmp_path):
         torch.testing.assert_close(distributed[name], expected[name], atol=1e-6, rtol=1e-5, msg=name)
 
 
-def test_ftune_train_under_torchrun_matches_one_process(tmp_path):
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_ftune_train_under_torchrun_matches_one_process(strategy, tmp_path):
     """ftune train on 2 gloo processes (batch 2 each) logs the losses of 1 process with batch 4;
-    only rank 0 writes the outputs, and metrics.jsonl holds every rank's memory."""
+    only rank 0 writes the outputs, and metrics.jsonl holds every rank's memory. fsdp on CPU
+    (accelerate shards on GPUs only) says that it trains as ddp, and does."""
     common = ["--set", "training.max_steps=4", "--set", "training.logging_steps=1", "--set", "data.limit=64"]
     two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                           "-m", "ftune", "train", QUICKSTART, "--set", f"training.output_dir={tmp_path / 'two'}",
-                          "--set", "training.batch_size=2", *common], capture_output=True, text=True, timeout=300)
+                          "--set", "training.batch_size=2", "--set", f"distributed.strategy={strategy}", *common],
+                         capture_output=True, text=True, timeout=300)
     assert two.returncode == 0, two.stderr[-3000:]
     one = subprocess.run([sys.executable, "-m", "ftune", "train", QUICKSTART, "--set",
                           f"training.output_dir={tmp_path / 'one'}", "--set", "training.batch_size=4", *common],
@@ -55,6 +58,7 @@ def test_ftune_train_under_torchrun_matches_one_process(tmp_path):
     assert [r["loss"] for r in records["two"]] == pytest.approx([r["loss"] for r in records["one"]], abs=1e-5)
     assert all(len(r["ranks"]) == 2 for r in records["two"])
     assert two.stderr.count("run finished") == 1  # rank 0 reports; rank 1 only trains
+    assert ("train as ddp" in two.stdout + two.stderr) == (strategy == "fsdp")
 
 
 def torchrun_command(out) -> list[str]:
