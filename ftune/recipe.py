@@ -279,7 +279,8 @@ class DistributedSection(_Section):
         "ddp",
         description="ddp: each GPU holds the whole 4-bit model and trains on its share of the batch; "
         "fsdp: FSDP2 shards the model (4-bit weights included) across the GPUs, each holding 1/N of it "
-        "between the layers it runs (for a model that leaves too little room on one card).",
+        "between the layers it runs (for a model that leaves too little room on one card); it loads the "
+        "model in host memory and needs training.optimizer adamw_torch.",
     )
 
 
