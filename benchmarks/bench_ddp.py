@@ -58,7 +58,7 @@ def train(args, name: str, gpus: int, grad_accum: int, data: Path, out: Path) ->
         "data.too_long": "truncate", "training.max_steps": str(args.steps), "training.batch_size": "1",
         "training.grad_accum": str(grad_accum), "training.logging_steps": "1", "training.save_steps": "100000",
         "training.output_dir": str(out / name), "checkpointing.mode": args.mode,
-        "training.optimizer": "adamw_torch", "distributed.strategy": getattr(args, "strategy", "ddp"),
+        "training.optimizer": "adamw_torch", "distributed.strategy": args.strategy,
     }
     command = [sys.executable, "-m", "ftune", "train", str(REPO / "recipes/qlora-llama3-8b.yaml")]
     for key, value in overrides.items():
@@ -84,7 +84,7 @@ def train(args, name: str, gpus: int, grad_accum: int, data: Path, out: Path) ->
     return {
         "run": name, "gpus": gpus, "grad_accum": grad_accum, "status": "ok", "seq": args.seq,
         "mode": args.mode, "preset": args.preset, "steps": args.steps, "wall_s": round(wall, 1),
-        "strategy": getattr(args, "strategy", "ddp") if gpus > 1 else None,
+        "strategy": args.strategy if gpus > 1 else None,
         "step_s": round(step_s, 4), "tokens_per_s": round(tokens_per_step / step_s, 1),
         "losses": [r["loss"] for r in records],
         "peak_gib_per_rank": [r.get("mem_peak_gib") for r in ranks],
@@ -109,6 +109,7 @@ def main() -> None:
     run_dir.mkdir()
     data = run_dir / "long.jsonl"
     write_data(data, rows=args.steps * 2 + 8, seq=args.seq)
+    args.strategy = "ddp"  # one GPU: nothing to shard
     one = train(args, "one-gpu", 1, 2, data, run_dir)
     print(json.dumps(one), flush=True)
     rows = [one]

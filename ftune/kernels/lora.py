@@ -129,7 +129,6 @@ def linear_through_4bit(x: torch.Tensor, layer: nn.Module) -> torch.Tensor:
     bitsandbytes multiplies without a 16-bit W), biases and CPU-repacked weights take the layer's
     own forward.
     """
-    import bitsandbytes.functional as bnb_functional
     from bitsandbytes.nn.modules import fix_4bit_weight_quant_state_from_module
 
     fix_4bit_weight_quant_state_from_module(layer)
@@ -138,8 +137,8 @@ def linear_through_4bit(x: torch.Tensor, layer: nn.Module) -> torch.Tensor:
     tokens = x.numel() // in_features
     dtype = layer.compute_dtype or x.dtype
     rows = DEQUANTIZED_BLOCK_BYTES // (in_features * torch.empty((), dtype=dtype).element_size())
-    # whole 128-wide GEMM tiles, and 16-byte aligned output columns: the down projection's 1170
-    # rows per 32 MiB made its GEMMs misaligned, and the step 10% slower (H200, 8192 tokens)
+    # whole 128-wide GEMM tiles and 16-byte aligned output columns (32 MiB of the down projection
+    # is 1170 rows, which would misalign them; aligning did not change the step's speed on an H200)
     rows = rows // GEMM_TILE * GEMM_TILE if rows >= GEMM_TILE else rows
     autocast = torch.is_autocast_enabled(x.device.type)
     if (tokens <= BITSANDBYTES_FUSED_MAX_TOKENS or not 0 < rows < out_features or in_features % state.blocksize
@@ -154,13 +153,21 @@ def linear_through_4bit(x: torch.Tensor, layer: nn.Module) -> torch.Tensor:
         stop = min(start + rows, out_features)
         # whole rows are whole quantization blocks: the block's packed bytes and scales are contiguous
         first, last = start * in_features, stop * in_features
-        block_state = bnb_functional.QuantState(
-            absmax=absmax[first // state.blocksize: last // state.blocksize], shape=(stop - start, in_features),
-            blocksize=state.blocksize, quant_type=state.quant_type, dtype=dtype)
-        block = bnb_functional.dequantize_4bit(packed[first // 2: last // 2], block_state)
+        block = _dequantize_piece(packed[first // 2: last // 2], absmax[first // state.blocksize: last // state.blocksize],
+                                  state, (stop - start, in_features), dtype)
         torch.mm(flat, block.t(), out=result[:, start:stop])
         del block
     return result.view(*x.shape[:-1], out_features).to(x.dtype)
+
+
+def _dequantize_piece(packed: torch.Tensor, absmax: torch.Tensor, state, shape: tuple[int, int],
+                      dtype: torch.dtype) -> torch.Tensor:
+    """A piece of a 4-bit weight (its packed bytes and fp32 scales, whole quantization blocks) in `dtype`."""
+    import bitsandbytes.functional as bnb_functional
+
+    piece_state = bnb_functional.QuantState(absmax=absmax, shape=shape, blocksize=state.blocksize,
+                                            quant_type=state.quant_type, dtype=dtype)
+    return bnb_functional.dequantize_4bit(packed, piece_state)
 
 
 def _absmax(state) -> torch.Tensor:
@@ -201,10 +208,9 @@ def grad_through_4bit(grad: torch.Tensor, weight: torch.Tensor, out: torch.Tenso
     result = torch.empty(grad.shape[0], in_features, dtype=dtype, device=grad.device) if out is None else out
     for start in range(0, in_features, columns):
         stop = min(start + columns, in_features)
-        block_state = bnb_functional.QuantState(
-            absmax=absmax[:, start // blocksize: stop // blocksize].contiguous(), shape=(out_features, stop - start),
-            blocksize=blocksize, quant_type=state.quant_type, dtype=dtype)
-        block = bnb_functional.dequantize_4bit(packed[:, start // 2: stop // 2].contiguous(), block_state)
+        block = _dequantize_piece(packed[:, start // 2: stop // 2].contiguous(),
+                                  absmax[:, start // blocksize: stop // blocksize].contiguous(), state,
+                                  (out_features, stop - start), dtype)
         torch.mm(grad, block, out=result[:, start:stop])
         del block  # freed before the next block is made: the allocator hands the same memory back
     return result
