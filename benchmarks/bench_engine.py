@@ -126,6 +126,20 @@ def train_step(model, optimizer, ids: torch.Tensor) -> torch.Tensor:
     return loss
 
 
+class CollectorClock:
+    """The time Python's garbage collector takes during the timed steps, per generation."""
+
+    def __init__(self):
+        self.seconds, self.passes, self._started = [0.0, 0.0, 0.0], [0, 0, 0], 0.0
+
+    def __call__(self, phase: str, info: dict) -> None:
+        if phase == "start":
+            self._started = time.perf_counter()
+        else:
+            self.seconds[info["generation"]] += time.perf_counter() - self._started
+            self.passes[info["generation"]] += 1
+
+
 def measure(stack, seq: int, batch: int, steps: int, vocab: int, hidden: int, layers: int) -> dict:
     model = stack.model
     model.train()
@@ -135,9 +149,12 @@ def measure(stack, seq: int, batch: int, steps: int, vocab: int, hidden: int, la
     torch.cuda.empty_cache()
     times, held, loss_value = [], 0, None
     torch.cuda.reset_peak_memory_stats()
+    clock = CollectorClock()
     for step in range(1 + steps):
         if step == 1:
             torch.cuda.reset_peak_memory_stats()
+            gc.callbacks.append(clock)
+            mallocs = torch.cuda.memory_stats().get("segment.all.allocated", 0)
         torch.cuda.synchronize()
         start = time.perf_counter()
         before = torch.cuda.memory_allocated()
@@ -151,6 +168,8 @@ def measure(stack, seq: int, batch: int, steps: int, vocab: int, hidden: int, la
         times.append(time.perf_counter() - start)
         loss_value = loss.item()
         del loss
+    if clock in gc.callbacks:
+        gc.callbacks.remove(clock)
     timed = sorted(times[1:] or times)  # --longest runs one step: it only asks whether one fits
     median = timed[len(timed) // 2]
     return {
@@ -166,6 +185,10 @@ def measure(stack, seq: int, batch: int, steps: int, vocab: int, hidden: int, la
         "step_times_s": [round(t, 4) for t in times],
         "tokens_per_s": round(batch * seq / median, 1),
         "loss": round(loss_value, 4),
+        # where step times spread: collector pauses and cudaMalloc calls over the timed steps
+        "collector_s_per_generation": [round(s, 4) for s in clock.seconds],
+        "collector_passes_per_generation": clock.passes,
+        "cuda_mallocs": torch.cuda.memory_stats().get("segment.all.allocated", 0) - mallocs if steps else None,
     }
 
 
