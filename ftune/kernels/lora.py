@@ -15,10 +15,11 @@ Over a bitsandbytes 4-bit base with one adapter and no dropout, training can go 
 `_LoRAOver4bit`, whose backward also folds the adapter's input gradient into the base's. Autograd
 computes the two as separate tokens x in_features tensors and then sums them, both alive at once:
 in the recomputed MLP chunk of the 8B shape (4608 tokens, down projection 14336 wide) a 127 MiB
-gradient sits at the step's peak beside the base's own 126 MiB (docs/benchmarks.md). The fold is
-tested against peft on CPU (fp32 and bf16) but has not run on a GPU yet, so it stays off
-(FOLD_ADAPTER_INPUT_GRADIENT) until its memory and speed are measured there
-(`benchmarks/probe_peak.py --fold-lora` measures both settings in one process).
+gradient sits at the step's peak beside the base's own 126 MiB (docs/benchmarks.md). With it the
+8B shape's peak at 8192 tokens is 5.99 GiB instead of 6.17 on an H200, and the gradients are
+peft's (tests/kernels/test_lora.py), but it stays off (FOLD_ADAPTER_INPUT_GRADIENT): its blocks
+cost 1-22% of the step's speed there, depending on the host (docs/benchmarks.md). Its blocks now
+dequantize in one launch each (`ftune/kernels/nf4.py`), which has not been timed on a GPU yet.
 
 The fast path covers what training uses: one or more plain LoRA adapters, active, unmerged, without
 DoRA-style variants or per-row adapter names, with the input already in the adapter's dtype or
@@ -33,7 +34,10 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-# Route training over 4-bit bases through _LoRAOver4bit (see the module docstring): off until measured.
+from ftune.kernels.nf4 import dequantize_nf4, dequantizes
+
+# Route training over 4-bit bases through _LoRAOver4bit (see the module docstring): off, for its
+# price in speed.
 FOLD_ADAPTER_INPUT_GRADIENT = False
 # Largest piece of a 4-bit weight that _LoRAOver4bit dequantizes at once (linear_through_4bit,
 # grad_through_4bit).
@@ -141,43 +145,25 @@ def linear_through_4bit(x: torch.Tensor, layer: nn.Module) -> torch.Tensor:
     # is 1170 rows, which would misalign them; aligning did not change the step's speed on an H200)
     rows = rows // GEMM_TILE * GEMM_TILE if rows >= GEMM_TILE else rows
     autocast = torch.is_autocast_enabled(x.device.type)
-    if (tokens <= BITSANDBYTES_FUSED_MAX_TOKENS or not 0 < rows < out_features or in_features % state.blocksize
-            or layer.bias is not None or getattr(state, "packing_format_for_cpu", False)
-            or (autocast and torch.get_autocast_dtype(x.device.type) != dtype)):
+    if (tokens <= BITSANDBYTES_FUSED_MAX_TOKENS or not 0 < rows < out_features or not _blocks_apply(state)
+            or layer.bias is not None or (autocast and torch.get_autocast_dtype(x.device.type) != dtype)):
         return layer(x)
-    absmax = _absmax(state)
-    packed = weight.data.reshape(-1).view(torch.uint8)
     flat = x.reshape(tokens, in_features).to(dtype)
     result = torch.empty(tokens, out_features, dtype=dtype, device=x.device)
     for start in range(0, out_features, rows):
         stop = min(start + rows, out_features)
-        # whole rows are whole quantization blocks: the block's packed bytes and scales are contiguous
-        first, last = start * in_features, stop * in_features
-        block = _dequantize_piece(packed[first // 2: last // 2], absmax[first // state.blocksize: last // state.blocksize],
-                                  state, (stop - start, in_features), dtype)
+        block = dequantize_nf4(weight, dtype, rows=(start, stop))
         torch.mm(flat, block.t(), out=result[:, start:stop])
         del block
     return result.view(*x.shape[:-1], out_features).to(x.dtype)
 
 
-def _dequantize_piece(packed: torch.Tensor, absmax: torch.Tensor, state, shape: tuple[int, int],
-                      dtype: torch.dtype) -> torch.Tensor:
-    """A piece of a 4-bit weight (its packed bytes and fp32 scales, whole quantization blocks) in `dtype`."""
-    import bitsandbytes.functional as bnb_functional
-
-    piece_state = bnb_functional.QuantState(absmax=absmax, shape=shape, blocksize=state.blocksize,
-                                            quant_type=state.quant_type, dtype=dtype)
-    return bnb_functional.dequantize_4bit(packed, piece_state)
-
-
-def _absmax(state) -> torch.Tensor:
-    """The quantization blocks' scales in fp32, expanded from their own 8-bit form under double quantization."""
-    import bitsandbytes.functional as bnb_functional
-
-    absmax = state.absmax
-    if state.nested:
-        absmax = bnb_functional.dequantize_blockwise(state.absmax, state.state2) + state.offset
-    return absmax.float()
+def _blocks_apply(state) -> bool:
+    """Whether a weight can be dequantized a block at a time here: NF4 in bitsandbytes' flat
+    layout (`dequantize_nf4`), its rows whole quantization blocks. bitsandbytes' CPU kernels
+    restart the blocks at each row and its CUDA kernels do not, which agree only then; the
+    layer's own path keeps the tests on CPU comparable with it."""
+    return dequantizes(state) and state.shape[1] % state.blocksize == 0
 
 
 def grad_through_4bit(grad: torch.Tensor, weight: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -196,21 +182,14 @@ def grad_through_4bit(grad: torch.Tensor, weight: torch.Tensor, out: torch.Tenso
     state = weight.quant_state
     dtype = grad.dtype
     out_features, in_features = state.shape
-    blocksize = state.blocksize
-    step = max(GEMM_TILE, blocksize)  # both powers of two: a multiple of each
+    step = max(GEMM_TILE, state.blocksize)  # both powers of two: a multiple of each
     columns = DEQUANTIZED_BLOCK_BYTES // (out_features * grad.element_size()) // step * step
-    # Column blocks must be whole quantization blocks of every row: bitsandbytes' CPU kernels
-    # restart the blocks at each row and its CUDA kernels do not, which agree only then.
-    if not 0 < columns < in_features or in_features % blocksize or getattr(state, "packing_format_for_cpu", False):
+    if not 0 < columns < in_features or not _blocks_apply(state):
         return torch.mm(grad, bnb_functional.dequantize_4bit(weight.view(-1, 1), state).to(dtype), out=out)
-    absmax = _absmax(state).view(out_features, in_features // blocksize)
-    packed = weight.data.reshape(-1).view(torch.uint8).view(out_features, in_features // 2)
     result = torch.empty(grad.shape[0], in_features, dtype=dtype, device=grad.device) if out is None else out
     for start in range(0, in_features, columns):
         stop = min(start + columns, in_features)
-        block = _dequantize_piece(packed[:, start // 2: stop // 2].contiguous(),
-                                  absmax[:, start // blocksize: stop // blocksize].contiguous(), state,
-                                  (out_features, stop - start), dtype)
+        block = dequantize_nf4(weight, dtype, columns=(start, stop))
         torch.mm(grad, block, out=result[:, start:stop])
         del block  # freed before the next block is made: the allocator hands the same memory back
     return result
