@@ -92,6 +92,9 @@ def dequantize_nf4(weight: torch.Tensor, dtype: torch.dtype, rows: tuple[int, in
         out = torch.empty(n_rows, n_cols, dtype=dtype, device=weight.device)
     packed = weight.data.reshape(-1).view(torch.uint8)
     check_device(packed, out)
+    if state.absmax.device != packed.device:  # a Triton kernel would read the wrong memory
+        raise RuntimeError(f"a 4-bit weight on {packed.device} has its quantization scales on {state.absmax.device}; "
+                           f"move the layer with .to() (bitsandbytes moves its quant_state with it)")
     if state.nested:
         absmax, code, absmax2, blocksize2 = state.absmax, state.state2.code, state.state2.absmax, state.state2.blocksize
         offset = state.offset.to(device=weight.device, dtype=torch.float32).reshape(1)

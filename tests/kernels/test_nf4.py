@@ -130,3 +130,11 @@ def test_dequantize_nf4_on_the_gpu_is_bitsandbytes_bit_for_bit(dtype, nested):
     torch.testing.assert_close(dequantize_nf4(packed, dtype, columns=(1152, 2304)), whole[:, 1152:2304],
                                atol=0, rtol=0)
     torch.testing.assert_close(dequantize_nf4(packed, dtype, rows=(2304, 3456)), whole[2304:3456], atol=0, rtol=0)
+
+
+@gpu
+def test_scales_left_on_another_device_are_refused():
+    packed, state = _quantized(16, 128, nested=True, device="cuda")
+    state.absmax = state.absmax.cpu()
+    with pytest.raises(RuntimeError, match="quantization scales on cpu"):
+        dequantize_nf4(packed, torch.bfloat16)
