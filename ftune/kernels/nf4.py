@@ -92,8 +92,10 @@ def dequantize_nf4(weight: torch.Tensor, dtype: torch.dtype, rows: tuple[int, in
         out = torch.empty(n_rows, n_cols, dtype=dtype, device=weight.device)
     packed = weight.data.reshape(-1).view(torch.uint8)
     check_device(packed, out)
-    if state.absmax.device != packed.device:  # a Triton kernel would read the wrong memory
-        raise RuntimeError(f"a 4-bit weight on {packed.device} has its quantization scales on {state.absmax.device}; "
+    scales = [state.absmax] + ([state.state2.absmax, state.state2.code] if state.nested else [])
+    stray = next((t.device for t in scales if t.device != packed.device), None)
+    if stray is not None:  # a Triton kernel would read the wrong memory
+        raise RuntimeError(f"a 4-bit weight on {packed.device} has its quantization scales on {stray}; "
                            f"move the layer with .to() (bitsandbytes moves its quant_state with it)")
     if state.nested:
         absmax, code, absmax2, blocksize2 = state.absmax, state.state2.code, state.state2.absmax, state.state2.blocksize
