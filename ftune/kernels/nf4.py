@@ -77,19 +77,19 @@ def dequantizes(state) -> bool:
 
 
 def dequantize_nf4(weight: torch.Tensor, dtype: torch.dtype, rows: tuple[int, int] | None = None,
-                   columns: tuple[int, int] | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+                   columns: tuple[int, int] | None = None) -> torch.Tensor:
     """Rows `rows` and columns `columns` (start, stop; all when None) of a bitsandbytes 4-bit
-    weight `[out_features, in_features]` (its packed bytes, with `quant_state`), in `dtype`
-    (into `out` when given, contiguous)."""
+    weight `[out_features, in_features]` (its packed bytes, with `quant_state`), in `dtype`."""
     state = weight.quant_state
     if not dequantizes(state):
         raise ValueError(f"dequantize_nf4 reads NF4 weights in bitsandbytes' flat layout, not {state.quant_type}")
     out_features, in_features = state.shape
     row_start, row_stop = rows or (0, out_features)
     col_start, col_stop = columns or (0, in_features)
+    if not (0 <= row_start <= row_stop <= out_features and 0 <= col_start <= col_stop <= in_features):
+        raise ValueError(f"rows {rows} and columns {columns} are not within a {out_features} x {in_features} weight")
     n_rows, n_cols = row_stop - row_start, col_stop - col_start
-    if out is None:
-        out = torch.empty(n_rows, n_cols, dtype=dtype, device=weight.device)
+    out = torch.empty(n_rows, n_cols, dtype=dtype, device=weight.device)
     packed = weight.data.reshape(-1).view(torch.uint8)
     check_device(packed, out)
     scales = [state.absmax] + ([state.state2.absmax, state.state2.code] if state.nested else [])

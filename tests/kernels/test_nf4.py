@@ -13,9 +13,9 @@ from ftune.kernels.utils import INTERPRET
 from tests.kernels.common import DEVICE, gpu
 
 
-def _quantized(out_features, in_features, nested, device=DEVICE, seed=0):
+def _quantized(out_features, in_features, nested, device=DEVICE, seed=0, blocksize=64):
     weight = torch.randn(out_features, in_features, generator=torch.Generator().manual_seed(seed)) * 0.05
-    packed, state = bnb_functional.quantize_4bit(weight.to(device), blocksize=64, compress_statistics=nested,
+    packed, state = bnb_functional.quantize_4bit(weight.to(device), blocksize=blocksize, compress_statistics=nested,
                                                  quant_type="nf4")
     packed.quant_state = state
     return packed, state
@@ -92,23 +92,22 @@ def _flat_reference(packed: torch.Tensor, state) -> torch.Tensor:
     return (values * scales).view(out_features, in_features)
 
 
+@pytest.mark.parametrize("blocksize", [32, 64, 128])
 @pytest.mark.parametrize("nested", [False, True], ids=["absmax", "double-quant"])
-def test_blocks_run_flat_across_rows_as_on_cuda(nested):
-    """Rows of 100 values: the quantization blocks straddle the rows. A block of columns is read
-    out of the middle of them."""
-    packed, state = _quantized(9, 100, nested)
+def test_blocks_run_flat_across_rows_as_on_cuda(nested, blocksize):
+    """Rows of 101 values: the quantization blocks straddle the rows, and half the elements start
+    in the low nibble of a byte. Pieces start at odd rows and columns."""
+    packed, state = _quantized(9, 101, nested, blocksize=blocksize)
     reference = _flat_reference(packed, state)
     torch.testing.assert_close(dequantize_nf4(packed, torch.float32), reference, atol=0, rtol=0)
-    torch.testing.assert_close(dequantize_nf4(packed, torch.float32, columns=(30, 70)), reference[:, 30:70],
-                               atol=0, rtol=0)
+    torch.testing.assert_close(dequantize_nf4(packed, torch.float32, rows=(3, 8), columns=(33, 70)),
+                               reference[3:8, 33:70], atol=0, rtol=0)
 
 
-def test_writes_into_a_given_buffer_and_refuses_fp4():
+def test_refuses_fp4_and_pieces_outside_the_weight():
     packed, state = _quantized(16, 128, nested=True)
-    out = torch.full((16, 64), float("nan"), device=DEVICE)
-    assert dequantize_nf4(packed, torch.float32, columns=(64, 128), out=out) is out
-    torch.testing.assert_close(out, bnb_functional.dequantize_4bit(packed, state)[:, 64:], atol=0, rtol=0)
-
+    with pytest.raises(ValueError, match="not within a 16 x 128 weight"):
+        dequantize_nf4(packed, torch.float32, columns=(64, 192))
     fp4, fp4_state = bnb_functional.quantize_4bit(torch.randn(16, 128, device=DEVICE), quant_type="fp4")
     fp4.quant_state = fp4_state
     assert not dequantizes(fp4_state)
