@@ -69,6 +69,7 @@ def main() -> None:
     from ftune.kernels import lora
 
     for mode in args.modes.split(","):
+        label = mode
         mode, _, variant = mode.partition("+")
         lora.FOLD_ADAPTER_INPUT_GRADIENT = variant == "fold"
         stack = FtuneStack(args.preset, kernels=True, mode=mode, budget_gib=None, seq=args.seq, batch=1)
@@ -87,14 +88,14 @@ def main() -> None:
         for _ in range(args.steps):
             step()
         torch.cuda.synchronize()
-        print(f"=== mode {mode}{'+' + variant if variant else ''}: {(time.perf_counter() - start) / args.steps * 1000:.1f} ms per step (not profiled)")
+        print(f"=== mode {label}: {(time.perf_counter() - start) / args.steps * 1000:.1f} ms per step (not profiled)")
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
             start = time.perf_counter()
             for _ in range(args.steps):
                 step()
             torch.cuda.synchronize()
             elapsed = (time.perf_counter() - start) / args.steps
-        print(f"=== mode {mode}{'+' + variant if variant else ''}: {elapsed * 1000:.1f} ms per step (profiled)", flush=True)
+        print(f"=== mode {label}: {elapsed * 1000:.1f} ms per step (profiled)", flush=True)
         events = prof.key_averages()
         runtime = [e for e in events if e.key.startswith("cuda") or "Synchronize" in e.key or "HostAlloc" in e.key]
         for e in sorted(runtime, key=lambda e: -e.cpu_time_total)[:10]:

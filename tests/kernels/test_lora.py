@@ -148,6 +148,14 @@ def test_every_kernel_with_the_folded_backward_over_4bit_gives_pefts_gradients(t
         torch.testing.assert_close(grads_new[name], grads_ref[name], atol=1e-5, rtol=1e-4, msg=name)
 
 
+def _record_blocks(monkeypatch) -> list[dict]:
+    """The keyword arguments (rows=, columns=) of every block the blockwise paths dequantize."""
+    blocks = []
+    dequantize = lora.dequantize_nf4
+    monkeypatch.setattr(lora, "dequantize_nf4", lambda *args, **kwargs: blocks.append(kwargs) or dequantize(*args, **kwargs))
+    return blocks
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_linear_through_4bit_equals_the_layers_own_forward(dtype, tmp_path, monkeypatch):
     """The blockwise 4-bit forward (weight dequantized a block of output rows at a time) gives the
@@ -158,8 +166,7 @@ def test_linear_through_4bit_equals_the_layers_own_forward(dtype, tmp_path, monk
     reference, _ = _quantized_pair("cpu", dtype, r=4)
     layers = [m.base_layer for m in lora_layers(reference)][:7]
     assert {layer.in_features for layer in layers} == {128, 352}
-    blocks = []
-    monkeypatch.setattr(lora, "dequantize_nf4", lambda *a, dequantize=lora.dequantize_nf4, **k: blocks.append(k) or dequantize(*a, **k))
+    blocks = _record_blocks(monkeypatch)
     for layer in layers:
         x = torch.randn(2, 9, layer.in_features, generator=torch.Generator().manual_seed(4)).to(dtype)
         with torch.no_grad():
@@ -194,8 +201,7 @@ def test_grad_through_4bit_dequantizes_in_blocks(out_features, in_features, dtyp
     # the weight as the blocks' kernel makes it (tests/kernels/test_nf4.py holds it to bitsandbytes'),
     # or bitsandbytes' own where the weight goes whole: rows not whole quantization blocks, or one block
     whole = lora.dequantize_nf4(packed, dtype) if in_blocks else bnb_functional.dequantize_4bit(packed, state).to(dtype)
-    blocks = []
-    monkeypatch.setattr(lora, "dequantize_nf4", lambda *a, dequantize=lora.dequantize_nf4, **k: blocks.append(k) or dequantize(*a, **k))
+    blocks = _record_blocks(monkeypatch)
     # the identity picks out W itself: every block's values must be the whole weight's, bit for bit
     eye = torch.eye(out_features, dtype=dtype)
     torch.testing.assert_close(lora.grad_through_4bit(eye, packed), whole, atol=0, rtol=0)
