@@ -8,6 +8,8 @@ Stacks (each in its own process, so memory numbers are clean and an OOM ends onl
   ftune+k   ftune with its Triton kernels on
   ftune+k+fold  and the LoRA backward that folds the adapter's input gradient into the 4-bit
             base's (ftune/kernels/lora.py, FOLD_ADAPTER_INPUT_GRADIENT)
+  ftune+k+gpuhead  with the LM head kept on the GPU where the mode moves the embedding tables
+            to host memory (as before ftune/engine/embedding.py's HostLMHead)
 
 Setup as GPU.md: a preset shape with random weights, NF4 double-quant 4-bit, bf16 compute, LoRA
 r=16 alpha=16 on the seven projections, batch 1, AdamW, labels = inputs, random token ids, bf16
@@ -204,6 +206,10 @@ def worker(args) -> None:
         from ftune.kernels import lora
 
         lora.FOLD_ADAPTER_INPUT_GRADIENT = True
+    if name.endswith("+gpuhead"):
+        import ftune.model
+
+        ftune.model.move_lm_head_to_host = lambda model, device: 0
     mode, _, budget = mode.partition("@")
     budget_gib = float(budget) if budget else None
     seqs = [int(s) for s in args.seqs.split(",")]

@@ -20,7 +20,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 from ftune.engine import CheckpointingEngine, install_checkpointing
-from ftune.engine.embedding import move_embeddings_to_host
+from ftune.engine.embedding import move_embeddings_to_host, move_lm_head_to_host
 from ftune.engine.planner import NoPlanFits, Plan, measure_host_link, plan_smart
 from ftune.errors import ModelError, first_line
 from ftune.kernels import KERNELS, apply_kernels, kernel_support
@@ -259,6 +259,9 @@ def build_model(recipe: Recipe, device: torch.device | None = None, *, tokenizer
         wants_host_embeddings(recipe, device)
     if host_embeddings:
         engine.host_embedding_bytes = move_embeddings_to_host(model, device)
+        # Only the fused loss frees the head before the backward; under fsdp the head is sharded instead
+        if kernels["fused_cross_entropy"] and not shards_with_fsdp(recipe):
+            engine.host_embedding_bytes += move_lm_head_to_host(model, device)
     return BuiltModel(model=model, tokenizer=tokenizer, device=device, dtype=dtype, engine=engine, kernels=kernels,
                       source=source, plan=plan if recipe.checkpointing.mode == "smart" else None)
 

@@ -122,8 +122,10 @@ class CheckpointingSection(_Section):
     )
     host_embeddings: bool | Literal["auto"] = Field(
         "auto",
-        description="Keep a frozen, untied input embedding table in host memory (1 GiB for an 8B Llama) and "
-        "copy the batch's rows to the GPU; auto: on with CUDA in modes unsloth and smart.",
+        description="Keep the frozen, untied embedding tables in host memory (1 GiB each for an 8B Llama): the "
+        "input embedding (the batch's rows are copied to the GPU) and, with the fused cross-entropy kernel, the "
+        "LM head (copied to the GPU for each forward, dropped before the backward); auto: on with CUDA in modes "
+        "unsloth and smart.",
     )
 
     @field_validator("mode", mode="before")

@@ -258,37 +258,107 @@ def test_host_embedding_gives_the_same_loss_and_gradients():
     assert_same(run_scenario(reference), run_scenario(model), atol=1e-6)
 
 
+def _with_fused_loss(model):
+    from ftune.kernels import apply_kernels
+
+    apply_kernels(model, rms_norm=False, rope=False, swiglu=False, fused_cross_entropy=True)
+    return model
+
+
+def test_host_lm_head_gives_the_same_loss_and_gradients():
+    """Both tables in host memory under the fused loss: the same losses, gradients and generations."""
+    from ftune.engine.embedding import HostLMHead, move_embeddings_to_host, move_lm_head_to_host
+
+    reference = _with_fused_loss(tiny_lora_model("tiny-llama", "none")[0])
+    model = _with_fused_loss(tiny_lora_model("tiny-llama", "unsloth")[0])
+    assert move_lm_head_to_host(model, torch.device("cpu")) == VOCAB * 128 * 4
+    assert move_embeddings_to_host(model, torch.device("cpu")) == VOCAB * 128 * 4
+    head = model.get_output_embeddings()
+    assert isinstance(head, HostLMHead)
+    assert all(p.device.type == "cpu" for p in model.parameters())
+    assert_same(run_scenario(reference), run_scenario(model), atol=1e-6)
+
+
+def test_host_lm_head_is_dropped_before_the_backward_and_kept_for_decoding():
+    from ftune.engine.embedding import move_lm_head_to_host
+
+    model = _with_fused_loss(tiny_lora_model("tiny-llama", "unsloth")[0])
+    move_lm_head_to_host(model, torch.device("cpu"))
+    head = model.get_output_embeddings()
+    seen_in_backward = []
+    layer = decoder_layers(model)[-1]  # its input requires grad: the hook fires
+    layer.register_full_backward_hook(lambda *args: seen_in_backward.append(head._on_device))
+    ids = _batch(0, 2, 9)
+    loss = model(input_ids=ids, labels=ids).loss
+    assert head._on_device is None  # the fused loss released it
+    loss.backward()
+    assert seen_in_backward == [None]
+    model.eval()
+    with torch.inference_mode():
+        model.generate(input_ids=ids[:1, :4], max_new_tokens=3, do_sample=False, pad_token_id=0)
+    assert head._on_device is not None  # decoding keeps it rather than fetching it per token
+    model.train()
+    model(input_ids=ids, labels=ids).loss.backward()
+    assert head._on_device is None
+
+
 def test_tied_or_trainable_embeddings_stay():
-    from ftune.engine.embedding import move_embeddings_to_host
+    from ftune.engine.embedding import move_embeddings_to_host, move_lm_head_to_host
 
     model, _ = tiny_lora_model("tiny-llama", "none")
     model.get_input_embeddings().weight.requires_grad_(True)
+    model.get_output_embeddings().weight.requires_grad_(True)
     assert move_embeddings_to_host(model, torch.device("cpu")) == 0
+    assert move_lm_head_to_host(model, torch.device("cpu")) == 0
     model.get_input_embeddings().weight.requires_grad_(False)
+    model.get_output_embeddings().weight.requires_grad_(False)
     base = model.get_base_model()
     base.lm_head.weight = base.get_input_embeddings().weight
     assert move_embeddings_to_host(model, torch.device("cpu")) == 0
+    assert move_lm_head_to_host(model, torch.device("cpu")) == 0
 
 
 @pytest.mark.gpu
-def test_gpu_host_embedding_matches_device_embedding():
+def test_gpu_host_tables_match_device_tables():
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")
-    from ftune.engine.embedding import move_embeddings_to_host
+    from ftune.engine.embedding import move_embeddings_to_host, move_lm_head_to_host
 
-    losses = []
+    table = VOCAB * 128 * 4
+    losses, grads, held = [], [], []
     for host in (False, True):
         model, _ = tiny_lora_model("tiny-llama", "unsloth")
         model.to("cuda")
+        _with_fused_loss(model)
         if host:
-            assert move_embeddings_to_host(model, torch.device("cuda")) > 0
+            assert move_embeddings_to_host(model, torch.device("cuda")) == table
+            assert move_lm_head_to_host(model, torch.device("cuda")) == table
             assert model.get_input_embeddings().weight.is_pinned()
+            assert model.get_output_embeddings().host_weight.is_pinned()
+        at_rest = torch.cuda.memory_allocated()
         for seq in (64, 16, 64):  # the staging buffer is reused and regrown
             ids = _batch(seq, 2, seq).cuda()
+            if seq == 16:  # decoding between steps leaves the head on the GPU, made under inference mode
+                model.eval()
+                with torch.inference_mode():
+                    model.generate(input_ids=ids[:1, :4], max_new_tokens=3, do_sample=False, pad_token_id=0)
+                model.train()
+                # the logits path, as DPO takes it: the head's matmul saves that copy for backward
+                model(input_ids=ids).logits.float().logsumexp(-1).mean().backward()
             loss = model(input_ids=ids, labels=ids).loss
+            torch.cuda.synchronize()
+            held.append(torch.cuda.memory_allocated() - at_rest)  # what the backward starts with
             loss.backward()
         losses.append(loss.item())
+        grads.append(lora_grads(model))
+        del model, _
+        gc.collect()  # the engine's hooks make cycles: the next run's measurement must not see this model
     assert losses[0] == losses[1]
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], atol=1e-6, rtol=0, msg=name)
+    # The backward starts with the same activations and without the head's copy: had the fused
+    # loss kept it, the host run would hold one table more
+    assert abs(held[5] - held[2]) < table // 2, held
 
 
 def test_unknown_architecture_falls_back_with_a_warning(monkeypatch, caplog):

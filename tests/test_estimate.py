@@ -21,7 +21,7 @@ GRID = FIXTURE["cells"]
 def test_estimate_within_5_percent_of_measured(cell):
     shape = Shape.from_config(PRESETS[cell["preset"]])
     setting = Setting(mode=cell["mode"], seq=cell["seq"], batch=cell["batch"], fused_loss=cell["kernels"],
-                      host_embeddings=cell["host_embeddings"])
+                      host_embeddings=cell["host_embeddings"], host_lm_head=cell["host_lm_head"])
     predicted = estimate(shape, setting).peak / GiB
     assert abs(predicted / cell["measured_peak_gib"] - 1) <= 0.05, (predicted, cell)
 
@@ -35,7 +35,8 @@ def test_exact_parts_of_the_8b_shape():
     shape = Shape.from_config(PRESETS["llama-3.1-8b"])
     parts = estimate(shape, Setting(mode="unsloth", seq=8192))
     assert parts.quantized_weights == 6_979_321_856 // 2  # 4-bit blocks of the 224 projections
-    assert parts.embedding_host == 128256 * 4096 * 2
+    assert parts.embedding_host == 2 * 128256 * 4096 * 2  # the input embedding and the LM head
+    assert parts.weights_16bit == 65 * 4096 * 2  # only the norms stay on the GPU
     assert parts.checkpoints_host == 32 * 8192 * 4096 * 2
     assert parts.lora_parameters == 41_943_040 * 4
 
@@ -45,9 +46,10 @@ def test_modes_order_and_longest_sequence():
     peaks = {mode: estimate(shape, Setting(mode=mode, seq=8192, host_embeddings=mode == "unsloth")).peak
              for mode in ("none", "true", "unsloth")}
     assert peaks["none"] > peaks["true"] > peaks["unsloth"]
-    longest = longest_sequence(shape, Setting(mode="unsloth"), 24 * GiB)
+    measured_then = Setting(mode="unsloth", host_lm_head=False)  # before the LM head could leave the GPU
+    longest = longest_sequence(shape, measured_then, 24 * GiB)
     assert 151552 <= longest < 189440  # measured: 151552 trains in a 24 GiB cap, 189440 does not
-    assert estimate(shape, Setting(mode="unsloth", seq=longest)).peak <= 24 * GiB
+    assert estimate(shape, Setting(mode="unsloth", seq=longest, host_lm_head=False)).peak <= 24 * GiB
 
 
 def test_shape_from_a_local_config(tmp_path):
@@ -76,7 +78,9 @@ def test_estimate_vram_json(monkeypatch, capsys):
     data = json.loads(out)
     modes = {m["mode"]: m for m in data["modes"]}
     assert set(modes) == {"none", "true", "unsloth"}
-    assert abs(modes["unsloth"]["peak"] / GiB - 6.15) < 0.3
+    # measured 5.46 GiB with AdamW's fp32 states (H200, engine-h200-lm-head.json); the recipe's
+    # 8-bit AdamW keeps 0.23 GiB less
+    assert abs(modes["unsloth"]["peak"] / GiB - (5.46 - 0.23)) < 0.3
     assert modes["unsloth"]["longest_seq"] > modes["true"]["longest_seq"] > modes["none"]["longest_seq"]
     assert data["smart"]["peak"] <= 24 * GiB and sum(data["smart"]["plan"].values()) == 32
 

@@ -246,3 +246,23 @@ def test_fsdp_on_gpus_loads_the_model_in_host_memory(tmp_path, monkeypatch):
     assert built.engine.device == torch.device("cuda", 0) and built.engine.counts()["offload"] > 0
     assert built.kernels["rms_norm"] and built.kernels["swiglu"]
     assert torch.get_num_threads() == threads  # the loading's extra threads are given back
+
+
+@pytest.mark.parametrize("fused_loss", [True, False])
+def test_host_embeddings_move_the_lm_head_only_under_the_fused_loss(tmp_path, fused_loss):
+    """The LM head leaves the GPU only where the fused loss frees it before the backward."""
+    from torch import nn
+
+    from ftune.engine.embedding import HostEmbedding, HostLMHead
+    from ftune.model import build_model
+
+    data = quickstart_dict()
+    data["model"]["dtype"] = "float32"
+    data["checkpointing"] = {"mode": "unsloth", "host_embeddings": True}
+    data["kernels"] = {"fused_cross_entropy": fused_loss}
+    built = build_model(load_recipe(write(tmp_path, data)), torch.device("cpu"))
+    embedding, head = built.model.get_input_embeddings(), built.model.get_output_embeddings()
+    assert isinstance(embedding, HostEmbedding)
+    assert type(head) is (HostLMHead if fused_loss else nn.Linear)
+    table = embedding.host_weight.numel() * 4
+    assert built.engine.host_embedding_bytes == (2 if fused_loss else 1) * table

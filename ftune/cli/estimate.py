@@ -23,7 +23,7 @@ ROWS = [
     ("4-bit weights", "quantized_weights"), ("quantization constants", "quant_constants"),
     ("16-bit modules", "weights_16bit"), ("LoRA parameters", "lora_parameters"), ("LoRA gradients", "lora_gradients"),
     ("optimizer states", "optimizer_states"), ("checkpoints on the GPU", "checkpoints_gpu"),
-    ("busiest layer / loss working set", "working_set"), ("unfused loss (logits)", "loss"),
+    ("busiest layer / loss working set", "working_set"), ("beyond it: logits, or fetched LM head", "loss"),
 ]
 
 

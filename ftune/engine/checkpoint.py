@@ -62,14 +62,15 @@ class CheckpointingEngine:
     _warned_cache: bool = False
     # Largest MLP intermediate a recomputed layer creates at once (see halves.py).
     mlp_chunk_bytes: int = DEFAULT_CHUNK_BYTES
-    # The input embedding table moved to host memory (embedding.py), 0 when it stays on the device.
+    # The embedding tables (input, and the LM head under the fused loss) moved to host memory
+    # (embedding.py), 0 when they stay on the device.
     host_embedding_bytes: int = 0
 
     def counts(self) -> dict[str, int]:
         return {policy.value: self.policies.count(policy) for policy in Policy}
 
     def host_bytes(self) -> int:
-        """Host memory held for the GPU: offloaded layer inputs and the embedding table (pinned on CUDA)."""
+        """Host memory held for the GPU: offloaded layer inputs and the embedding tables (pinned on CUDA)."""
         return (self.copier.pool.stats.bytes_total if self.copier else 0) + self.host_embedding_bytes
 
     def host_bytes_in_use(self) -> int:

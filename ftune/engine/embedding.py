@@ -1,9 +1,17 @@
-"""The frozen input embedding kept in host memory.
+"""The frozen embedding tables kept in host memory: the input embedding and the LM head.
 
 An 8B Llama's input embedding is 128256 x 4096 bf16: 1 GiB of VRAM for what is, in a LoRA run,
 a frozen row lookup. `HostEmbedding` keeps the table in pinned host memory, gathers the batch's
 rows on the CPU and copies them to the GPU (64 MiB at 8192 tokens: about 1 ms on a 55 GB/s
-link). Only for an untied, frozen table: a tied one is also the LM head, which needs the GPU.
+link).
+
+The LM head is the same size and, with the fused cross-entropy, needed only once per training
+step: the loss computes the hidden states' gradient in the forward pass, so the backward never
+reads the head. `HostLMHead` keeps it in pinned host memory, copies it to the GPU on a side stream
+when the decoder's forward starts (1 GiB, about 20 ms, beside the layers' compute) and drops the
+copy once the loss is computed: the backward, where the step's peak is, runs without it.
+
+Only for untied, frozen tables: a tied table is both, and the LM head keeps it on the GPU.
 """
 
 from __future__ import annotations
@@ -59,6 +67,75 @@ class HostEmbedding(nn.Module):
         return f"{self.num_embeddings}, {self.embedding_dim}, in host memory"
 
 
+class HostLMHead(nn.Module):
+    """Drop-in for a frozen nn.Linear LM head whose weight lives in host memory.
+
+    `weight` is a copy on the device, made on demand (or ahead, by `prefetch`) and dropped by
+    `release`. A forward with gradients releases it at once: autograd keeps what the backward
+    needs. A forward without (evaluation, generation) keeps it, so decoding does not copy the
+    head for every token; the next training forward drops it.
+    """
+
+    def __init__(self, head: nn.Linear, device: torch.device):
+        super().__init__()
+        if head.weight.requires_grad:
+            raise ValueError("HostLMHead is for a frozen LM head; this one is trainable")
+        self.out_features, self.in_features = head.weight.shape
+        self.device = device
+        self.host_weight = head.weight.detach().to("cpu").contiguous()
+        self.bias = head.bias  # small: it stays with the model, wherever the model goes
+        self._stream = None
+        if device.type == "cuda":
+            self.host_weight = self.host_weight.pin_memory()
+            self._stream = torch.cuda.Stream(device)
+        self._on_device: torch.Tensor | None = None
+        self._ready: torch.cuda.Event | None = None
+
+    def prefetch(self) -> None:
+        """Start copying the weight to the device on the side stream (no wait)."""
+        if self._on_device is not None:
+            return
+        if self._stream is None:
+            self._on_device = self.host_weight
+            return
+        # Allocated on the compute stream, which frees it: the side stream writes it only after the
+        # compute work queued so far, which may still use that memory's previous owner. A normal
+        # tensor even when fetched under inference mode (generation): the training forward that
+        # reuses it may save it for backward.
+        with torch.inference_mode(False):
+            target = torch.empty_like(self.host_weight, device=self.device)
+            self._stream.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(self._stream):
+                target.copy_(self.host_weight, non_blocking=True)
+                self._ready = torch.cuda.Event()
+                self._ready.record(self._stream)
+        self._on_device = target
+
+    @property
+    def weight(self) -> torch.Tensor:
+        self.prefetch()
+        if self._ready is not None:
+            torch.cuda.current_stream(self.device).wait_event(self._ready)
+            self._ready = None
+        return self._on_device
+
+    def release(self) -> None:
+        """Drop the device copy (its memory returns to the allocator once no one else holds it)."""
+        if self._ready is not None:  # fetched but never read: its copy must end before the memory is reused
+            torch.cuda.current_stream(self.device).wait_event(self._ready)
+            self._ready = None
+        self._on_device = None
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        logits = F.linear(hidden, self.weight, self.bias)
+        if torch.is_grad_enabled():
+            self.release()
+        return logits
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, in host memory"
+
+
 def move_embeddings_to_host(model: nn.Module, device: torch.device) -> int:
     """Replace a frozen, untied input embedding by a HostEmbedding; returns the bytes freed on the device."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
@@ -70,4 +147,24 @@ def move_embeddings_to_host(model: nn.Module, device: torch.device) -> int:
         return 0  # tied: the same table is the LM head
     freed = embedding.weight.numel() * embedding.weight.element_size()
     base.set_input_embeddings(HostEmbedding(embedding, device))
+    return freed
+
+
+def move_lm_head_to_host(model: nn.Module, device: torch.device) -> int:
+    """Replace a frozen, untied nn.Linear LM head by a HostLMHead that the decoder's forward
+    prefetches; returns the bytes freed on the device. Worth it only where the loss does not
+    need the head in backward (ftune's fused cross-entropy): elsewhere autograd keeps the copy."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    head = base.get_output_embeddings()
+    embedding = base.get_input_embeddings()
+    if type(head) is not nn.Linear or head.weight.requires_grad:
+        return 0
+    if embedding is not None and getattr(embedding, "weight", None) is not None and \
+            embedding.weight.data_ptr() == head.weight.data_ptr():
+        return 0  # tied: the same table is the input embedding
+    freed = head.weight.numel() * head.weight.element_size()
+    host_head = HostLMHead(head, device)
+    base.set_output_embeddings(host_head)
+    # The copy starts with the decoder's forward and runs beside its layers
+    getattr(base, base.base_model_prefix).register_forward_pre_hook(lambda module, args: host_head.prefetch())
     return freed

@@ -31,6 +31,7 @@ from transformers.activations import SiLUActivation
 from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.utils.generic import can_return_tuple
 
+from ftune.engine.embedding import HostLMHead
 from ftune.kernels.fused_linear_cross_entropy import fused_linear_cross_entropy
 from ftune.kernels.lora import lora_layers, overwritable, patch_lora
 from ftune.kernels.rms_norm import rms_norm
@@ -270,7 +271,7 @@ def _causal_lm_forward(model_class: type) -> types.FunctionType:
         hidden_states = outputs.last_hidden_state
         slice_indices = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
         lm_head = self.get_output_embeddings()
-        if _own_class(lm_head) is not nn.Linear:
+        if _own_class(lm_head) not in (nn.Linear, HostLMHead):
             raise RuntimeError(f"the fused cross-entropy needs an nn.Linear LM head, not a {type(lm_head).__name__}")
         if isinstance(lm_head, FSDPModule):
             # FSDP2 gathers a unit's weights when the unit's forward runs; this path reads the
@@ -287,6 +288,8 @@ def _causal_lm_forward(model_class: type) -> types.FunctionType:
             final_logit_softcapping=getattr(self.config, "final_logit_softcapping", None),
             return_stats=True,
         )
+        if isinstance(lm_head, HostLMHead) and torch.is_grad_enabled():
+            lm_head.release()  # the loss's backward does not read the head: the layers' backward runs without it
         return CausalLMOutputWithStats(
             loss=loss,
             logits=None,

@@ -6,12 +6,16 @@ Peak = weights (4-bit blocks + quantization constants + the modules kept in 16 b
      + the checkpoints kept on the GPU (every layer's activations for `none`, its input for `true`)
      + the working set of the step's busiest moment (a layer's recompute and backward, or the loss)
 
+The busiest moment is usually a layer's backward. With the embedding tables in host memory and the
+fused loss, the LM head is on the GPU only for the forward and the loss; that phase is counted on
+its own (`loss`: what it needs beyond the layers' working set, zero when less).
+
 The first three are counted exactly from the shape. The working set is measured: it is a number
 of hidden-state-sized tensors (batch x tokens x hidden, 2 bytes) plus a constant, fitted per mode
 on the GPU; mode `none`'s kept activations are counted from the shape (keep_bytes_per_layer). The
 grid in tests/fixtures/memory_grid.json (modes none/true/unsloth, the Llama-3.1-8B and Qwen2.5-7B
-shapes, batch 1 and 4, 2048-32768 tokens, kernels on) holds every estimate within 5% of its
-measurement (worst 4.0%; tests/test_estimate.py). Shapes and settings outside that grid are
+shapes, batch 1 and 4, 2048-32768 tokens, kernels on; unsloth with the LM head on the GPU and in
+host memory) holds every estimate within 5% of its measurement (worst 4.0%; tests/test_estimate.py). Shapes and settings outside that grid are
 extrapolated by their sizes, and `calibrated` says so.
 """
 
@@ -42,6 +46,13 @@ OPTIMIZER_STATE_BYTES = {"adamw_torch": 8, "paged_adamw_32bit": 8, "adamw_8bit":
 #   unsloth: 5.51 / 6.24 / 6.91 GiB at 2048 / 8192 / 16384, 22.17 GiB at 151552 (the prefetched
 #            layer input and flash attention's fp32 accumulators at long context raise its count)
 WORKING_SET = {"true": (10.66, 0.266 * GiB), "unsloth": (14.64, 0.279 * GiB)}
+# With the tables in host memory and the fused loss, the LM head is fetched when the forward starts
+# and dropped after the loss: it sits beside every layer's forward, not beside any backward. That
+# moment's working set besides the head, in hidden-state tensors and a constant, fitted on an H200
+# (docs/benchmarks.md, 2026-11-26; Llama-3.1-8B shape, batch 1, unsloth, kernels on): peak 5.22 /
+# 5.46 GiB at 2048 / 8192 tokens, where it is the step's peak; at 16384 (5.93 GiB) the layers'
+# backward is, as before.
+FORWARD_WITH_HEAD = (5.1, 0.184 * GiB)
 # Without the fused loss, transformers' loss holds the logits in bf16, their fp32 copy and the fp32
 # gradient: 11.2 bytes per logit (ftune true with and without kernels: +2.5 / 10.8 / 22.1 GiB at
 # 2048 / 8192 / 16384 tokens of a 128256 vocabulary).
@@ -101,6 +112,9 @@ class Setting:
     lora_targets: tuple[str, ...] = tuple(LLAMA_PROJECTIONS)
     fused_loss: bool = True
     host_embeddings: bool = True
+    # With the tables in host memory and the fused loss, the LM head too: on the GPU only for the
+    # loss, not in the backward (ftune.engine.embedding.HostLMHead)
+    host_lm_head: bool = True
     optimizer: str = "adamw_torch"
 
     @classmethod
@@ -174,8 +188,10 @@ def estimate(shape: Shape, setting: Setting) -> Estimate:
     norms = (2 * shape.layers + 1) * shape.hidden * BF16
     biases = (shape.heads + 2 * shape.kv_heads) * shape.head_dim * BF16 * shape.layers if shape.qkv_bias else 0
     host_embedding = setting.host_embeddings and not shape.tied
-    result.weights_16bit += norms + biases + (0 if shape.tied else embedding) + (0 if host_embedding else embedding)
-    result.embedding_host = embedding if host_embedding else 0
+    host_head = host_embedding and setting.host_lm_head and setting.fused_loss
+    result.weights_16bit += norms + biases + (0 if host_head or shape.tied else embedding) + \
+        (0 if host_embedding else embedding)
+    result.embedding_host = (2 if host_head else 1) * embedding if host_embedding else 0
 
     projections = shape.projections()
     lora = sum(setting.lora_r * sum(projections[t]) for t in setting.lora_targets if t in projections) * shape.layers
@@ -196,6 +212,12 @@ def estimate(shape: Shape, setting: Setting) -> Estimate:
         result.checkpoints_gpu = shape.layers * keep_bytes_per_layer(shape, tokens)
     if not setting.fused_loss:
         result.loss = int(UNFUSED_LOSS_BYTES_PER_LOGIT * tokens * shape.vocab)
+    elif host_head:
+        # The head is on the GPU for the forward and the loss only: the step peaks there when the
+        # head outweighs what the busiest layer's backward adds over its forward (shorter sequences)
+        count, constant = FORWARD_WITH_HEAD
+        forward_with_head = embedding + int(count * hidden_tensor + constant)
+        result.loss = max(0, forward_with_head - result.working_set)
     measured_shape = (shape.model_type, shape.hidden, shape.layers) in MEASURED_SHAPES
     if not measured_shape or setting.batch > 4 or tokens > 4 * 32768 or not setting.fused_loss:
         result.calibrated = False
