@@ -285,11 +285,13 @@ def test_host_lm_head_is_dropped_before_the_backward_and_kept_for_decoding():
     model = _with_fused_loss(tiny_lora_model("tiny-llama", "unsloth")[0])
     move_lm_head_to_host(model, torch.device("cpu"))
     head = model.get_output_embeddings()
-    seen_in_backward = []
+    seen_in_backward, fetched_ahead = [], []
     layer = decoder_layers(model)[-1]  # its input requires grad: the hook fires
     layer.register_full_backward_hook(lambda *args: seen_in_backward.append(head._on_device))
+    layer.register_forward_pre_hook(lambda *args: fetched_ahead.append(head._on_device is not None))
     ids = _batch(0, 2, 9)
     loss = model(input_ids=ids, labels=ids).loss
+    assert fetched_ahead == [True]  # the first layer started the copy
     assert head._on_device is None  # the fused loss released it
     loss.backward()
     assert seen_in_backward == [None]

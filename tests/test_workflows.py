@@ -69,6 +69,22 @@ def test_each_mode_trains_and_the_adapter_loads_with_peft(recipe, mode, tmp_path
         torch.testing.assert_close(loaded(input_ids=ids).logits, trained(input_ids=ids).logits, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("recipe", [QUICKSTART, DPO, GRPO], ids=["sft", "dpo", "grpo"])
+def test_tables_in_host_memory_under_the_fused_loss(recipe, tmp_path):
+    """The input embedding and the LM head in host memory, the fused loss on: SFT's loss releases
+    the head, DPO's logits path and GRPO's own chunked head (TRL reads `lm_head.weight`) use it."""
+    from ftune.engine.embedding import HostEmbedding, HostLMHead
+
+    out = tmp_path / "run"
+    overrides = ["model.adapter=null", "checkpointing.mode=unsloth", "checkpointing.host_embeddings=true",
+                 "kernels.fused_cross_entropy=true", "training.max_steps=2", f"training.output_dir={out}"]
+    run = train(load_recipe(recipe, overrides))
+    model = run.built.model
+    assert isinstance(model.get_input_embeddings(), HostEmbedding)
+    assert isinstance(model.get_output_embeddings(), HostLMHead)
+    assert run.summary["steps"] == 2 and (out / "adapter_model.safetensors").is_file()
+
+
 def test_missing_preference_field_is_named_before_the_model_loads(tmp_path):
     rows = tmp_path / "pairs.jsonl"
     rows.write_text('{"prompt": "a", "chosen": "b"}\n')

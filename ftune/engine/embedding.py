@@ -8,7 +8,7 @@ link).
 The LM head is the same size and, with the fused cross-entropy, needed only once per training
 step: the loss computes the hidden states' gradient in the forward pass, so the backward never
 reads the head. `HostLMHead` keeps it in pinned host memory, copies it to the GPU on a side stream
-when the decoder's forward starts (1 GiB, about 20 ms, beside the layers' compute) and drops the
+when the first decoder layer starts (1 GiB, about 20 ms, beside the layers' compute) and drops the
 copy once the loss is computed: the backward, where the step's peak is, runs without it.
 
 Only for untied, frozen tables: a tied table is both, and the LM head keeps it on the GPU.
@@ -19,6 +19,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers.modeling_layers import GradientCheckpointingLayer
 
 
 class HostEmbedding(nn.Module):
@@ -165,6 +166,9 @@ def move_lm_head_to_host(model: nn.Module, device: torch.device) -> int:
     freed = head.weight.numel() * head.weight.element_size()
     host_head = HostLMHead(head, device)
     base.set_output_embeddings(host_head)
-    # The copy starts with the decoder's forward and runs beside its layers
-    getattr(base, base.base_model_prefix).register_forward_pre_hook(lambda module, args: host_head.prefetch())
+    # The copy starts with the first decoder layer and runs beside the layers. Not earlier: queued
+    # ahead of the input embedding's rows (a host-to-device copy too), the rows would wait for it.
+    layers = [m for m in base.modules() if isinstance(m, GradientCheckpointingLayer)]
+    first = layers[0] if layers else getattr(base, base.base_model_prefix)
+    first.register_forward_pre_hook(lambda module, args: host_head.prefetch())
     return freed
