@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One device call: install the carried wheels, then run the phases named as arguments, writing
-# logs and JSON under $OUT (or ./gpu-out). Phases: env, tests, kernels, engine, longest, grid, speed,
+# logs and JSON under $OUT (or ./gpu-out). Phases: env, tests, kernels, engine, interleaved, longest, grid, speed,
 # ddp, peak, compare, workflows. Phases on different GPUs can run side by side:
 #   bash benchmarks/gpu_session.sh env tests kernels engine
 #   CUDA_VISIBLE_DEVICES=0 bash benchmarks/gpu_session.sh speed & CUDA_VISIBLE_DEVICES=1 bash benchmarks/gpu_session.sh grid
@@ -30,6 +30,9 @@ for phase in "$@"; do
     engine)
       python3 benchmarks/bench_engine.py --seqs "$SEQS" --out "$OUT/engine.json" \
         --runs "${RUNS:-ftune+k:unsloth,hf:true,ftune:unsloth,ftune:true,hf:none}" 2>&1 | tee "$OUT/engine.log" ;;
+    interleaved)  # the modes' speed, a step of each in turn in one process (host noise falls on both)
+      python3 benchmarks/bench_interleaved.py --seqs "$SEQS" --modes "${MODES:-true,unsloth}" \
+        --rounds "${ROUNDS:-30}" --out "$OUT/interleaved.json" 2>&1 | tee "$OUT/interleaved.log" ;;
     longest)
       python3 benchmarks/bench_engine.py --longest --seqs "${START:-32768}" --cap-gib "${CAP:-24}" \
         --out "$OUT/longest.json" --runs "${RUNS:-ftune+k:unsloth}" 2>&1 | tee "$OUT/longest.log" ;;
