@@ -14,7 +14,8 @@ from rich.table import Table
 from ftune.cli.app import app
 from ftune.engine.planner import NoPlanFits, plan_smart
 from ftune.errors import RecipeError
-from ftune.memory.estimate import Estimate, GiB, Setting, estimate, largest_batch, longest_sequence, model_shape
+from ftune.memory.estimate import (Estimate, GiB, Setting, allocatable, estimate, largest_batch, longest_sequence,
+                                   model_shape)
 from ftune.memory.monitor import format_bytes
 from ftune.recipe import load_recipe, parse_bytes
 
@@ -53,9 +54,10 @@ def estimate_vram(
         parts = estimate(shape, setting)
         row = {"mode": mode, **parts.as_dict()}
         if budget is not None:
-            row["fits"] = parts.peak <= budget
-            row["longest_seq"] = longest_sequence(shape, setting, budget)
-            row["largest_batch"] = largest_batch(shape, setting, budget)
+            usable = allocatable(budget)  # the card's size less what the allocator reserves beyond the peak
+            row["fits"] = parts.peak <= usable
+            row["longest_seq"] = longest_sequence(shape, setting, usable)
+            row["largest_batch"] = largest_batch(shape, setting, usable)
         results.append((row, parts))
     report = {"model": recipe.model.preset or recipe.model.name_or_path, "shape": shape.__dict__,
               "seq": seq or recipe.data.max_length, "batch": batch or recipe.training.batch_size,
@@ -64,7 +66,8 @@ def estimate_vram(
         setting = Setting.from_recipe(recipe, mode="smart")
         setting = replace(setting, seq=seq or setting.seq, batch=batch or setting.batch)
         try:
-            plan = plan_smart(shape, setting, budget, embeddings_movable=recipe.checkpointing.host_embeddings == "auto")
+            plan = plan_smart(shape, setting, allocatable(budget),
+                              embeddings_movable=recipe.checkpointing.host_embeddings == "auto")
             report["smart"] = {"plan": plan.counts(), "peak": plan.peak, "host": plan.host, "text": plan.describe()}
         except NoPlanFits as error:
             report["smart"] = {"plan": None, "text": f"smart: {error}"}
@@ -111,5 +114,6 @@ def _print_table(report: dict, results: list[tuple[dict, Estimate]], budget: int
     notes = sorted({note for _, parts in results for note in parts.notes})
     for note in notes:
         console.print(f"[dim]note: {note}[/]")
+    fit = " What fits --vram leaves 8% of it to the allocator's reserve." if budget is not None else ""
     console.print("[dim]GiB = 2^30 bytes; peak is allocated memory (the allocator reserves "
-                  "5-15% more); CUDA's context (~0.5 GiB) comes on top.[/]")
+                  f"5-15% more); CUDA's context (~0.5 GiB) comes on top.{fit}[/]")

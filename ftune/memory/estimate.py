@@ -57,6 +57,10 @@ FORWARD_WITH_HEAD = (5.1, 0.184 * GiB)
 # gradient: 11.2 bytes per logit (ftune true with and without kernels: +2.5 / 10.8 / 22.1 GiB at
 # 2048 / 8192 / 16384 tokens of a 128256 vocabulary).
 UNFUSED_LOSS_BYTES_PER_LOGIT = 11.2
+# What the caching allocator reserves over the allocated peak, which is what runs out on a card:
+# 24.00 GiB reserved for a 22.17 GiB peak at 151,552 tokens in a 24 GiB cap, where 172,032 tokens
+# (estimated 23.47 GiB allocated) ran out (docs/benchmarks.md).
+RESERVED_OVER_ALLOCATED = 1.08
 # (model_type, hidden, layers) of the shapes the grid measured: Llama-3.1-8B and Qwen2.5-7B
 MEASURED_SHAPES = {("llama", 4096, 32), ("qwen2", 3584, 28)}
 
@@ -235,6 +239,11 @@ def keep_bytes_per_layer(shape: Shape, tokens: int) -> int:
     """
     q, kv = shape.heads * shape.head_dim, shape.kv_heads * shape.head_dim
     return tokens * BF16 * (4 * shape.hidden + 2 * q + 2 * kv + 3 * shape.intermediate)
+
+
+def allocatable(card_bytes: int) -> int:
+    """The allocated peak that a card (or a memory cap) of this size holds, the allocator's reserve aside."""
+    return int(card_bytes / RESERVED_OVER_ALLOCATED)
 
 
 def longest_sequence(shape: Shape, setting: Setting, budget: int, *, step: int = 256, limit: int = 1 << 21) -> int:
