@@ -10,6 +10,8 @@ Stacks (each in its own process, so memory numbers are clean and an OOM ends onl
             base's (ftune/kernels/lora.py, FOLD_ADAPTER_INPUT_GRADIENT)
   ftune+k+gpuhead  with the LM head kept on the GPU where the mode moves the embedding tables
             to host memory (as before ftune/engine/embedding.py's HostLMHead)
+  ftune+k+wholemlp  with the recomputed MLP's down projection run forward too (as before
+            ftune/kernels/lora.py's output_unread)
 
 Setup as GPU.md: a preset shape with random weights, NF4 double-quant 4-bit, bf16 compute, LoRA
 r=16 alpha=16 on the seven projections, batch 1, AdamW, labels = inputs, random token ids, bf16
@@ -206,6 +208,12 @@ def worker(args) -> None:
         from ftune.kernels import lora
 
         lora.FOLD_ADAPTER_INPUT_GRADIENT = True
+    if name.endswith("+wholemlp"):
+        import contextlib
+
+        from ftune.kernels import lora
+
+        lora.output_unread = lambda layer: contextlib.nullcontext()
     if name.endswith("+gpuhead"):
         import ftune.model
 

@@ -93,9 +93,14 @@ class ResidualHalves:
         flat_grad_h = grad_h.view(-1, h.shape[-1])
         params = [t for t in wrt if t is not x]
         totals: list[torch.Tensor | None] = [None] * len(params)
+        from ftune.kernels.lora import output_unread  # here: ftune.kernels imports from ftune.engine
+
+        # The MLP's output goes to the residual stream, whose gradient is already known: only its
+        # graph is needed, so the down projection's 4-bit GEMM is left to the backward
+        down_proj = getattr(self.layer.mlp, "down_proj", None)
         for start, end in self._chunks(h):
             chunk = flat_h[start:end].detach().requires_grad_()
-            with torch.enable_grad():
+            with torch.enable_grad(), output_unread(down_proj):
                 out = self.mlp(chunk)
             grad_chunk, *grad_params = torch.autograd.grad(out, [chunk, *params], flat_grad_out[start:end],
                                                            allow_unused=True)

@@ -28,6 +28,7 @@ autocast on (so that peft would not cast). Anything else calls peft's own forwar
 
 from __future__ import annotations
 
+import contextlib
 import types
 
 import torch
@@ -64,7 +65,11 @@ def fused_lora_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     if single is not None and torch.is_grad_enabled() and not args and not kwargs and _is_4bit(self.base_layer):
         return _LoRAOver4bit.apply(x, self.lora_A[single].weight, self.lora_B[single].weight, self.base_layer,
                                    self.scaling[single], getattr(x, "_ftune_overwritable", False))
-    result = self.base_layer(x, *args, **kwargs)
+    if (getattr(self, "_ftune_output_unread", False) and torch.is_grad_enabled() and not args and not kwargs
+            and _is_4bit(self.base_layer) and self.base_layer.bias is None):
+        result = _Base4bitGradientOnly.apply(x, self.base_layer)
+    else:
+        result = self.base_layer(x, *args, **kwargs)
     out_shape = result.shape
     result = result.reshape(-1, out_shape[-1])
     for name in self.active_adapters:
@@ -74,6 +79,49 @@ def fused_lora_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         down = F.linear(self.lora_dropout[name](x), lora_a.weight).reshape(-1, lora_a.weight.shape[0])
         result = torch.addmm(result, down, lora_b.weight.t(), alpha=self.scaling[name])
     return result.reshape(out_shape)
+
+
+@contextlib.contextmanager
+def output_unread(layer: nn.Module | None):
+    """Within this block, `layer`'s output is only differentiated, never read: the recomputed MLP's
+    down projection (ftune/engine/halves.py), whose output the layer adds to the residual stream,
+    which the backward already has. Its 4-bit base GEMM then runs only in the backward, for the
+    input gradient; the forward's (a third of the recomputed MLP's GEMM work, and a dequantization
+    of the weight) is skipped."""
+    if layer is None:
+        yield
+        return
+    layer._ftune_output_unread = True
+    try:
+        yield
+    finally:
+        layer._ftune_output_unread = False
+
+
+class _Base4bitGradientOnly(torch.autograd.Function):
+    """A bitsandbytes Linear4bit (no bias) whose output is never read: the forward returns an
+    uninitialized tensor of the output's shape and dtype, the backward the input gradient exactly
+    as bitsandbytes' own (the weight dequantized, then one matmul in the gradient's compute dtype)."""
+
+    @staticmethod
+    def forward(ctx, x, layer):
+        from bitsandbytes.nn.modules import fix_4bit_weight_quant_state_from_module
+
+        fix_4bit_weight_quant_state_from_module(layer)
+        ctx.layer, ctx.input_dtype = layer, x.dtype
+        ctx.compute_dtype = layer.compute_dtype or x.dtype
+        return x.new_empty(*x.shape[:-1], layer.weight.quant_state.shape[0])
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        import bitsandbytes.functional as bnb_functional
+
+        weight = ctx.layer.weight
+        # Linear4bit casts x to its compute dtype and the product back: the casts' backwards and
+        # MatMul4Bit's, in that order
+        grad = grad_output.to(ctx.compute_dtype)
+        grad_x = torch.matmul(grad, bnb_functional.dequantize_4bit(weight.view(-1, 1), weight.quant_state).to(grad.dtype))
+        return grad_x.to(ctx.input_dtype), None
 
 
 class _LoRAOver4bit(torch.autograd.Function):

@@ -3,6 +3,7 @@ a bitsandbytes 4-bit base, under autocast, and the cases that must fall back to 
 
 from __future__ import annotations
 
+import contextlib
 import copy
 
 import pytest
@@ -244,6 +245,62 @@ def test_kernel_support_and_apply_kernels_flag():
     assert report == {"fused_lora": 21}
     bare = AutoModelForCausalLM.from_config(model.get_base_model().config)
     assert "no LoRA layers" in kernel_support(bare)["fused_lora"]
+
+
+def _count_down_projection_forwards(model) -> list:
+    calls = []
+    for name, module in model.named_modules():
+        if name.endswith("down_proj.base_layer"):
+            module.register_forward_hook(lambda *args: calls.append(1))
+    return calls
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_recomputed_mlp_leaves_the_down_projections_gemm_to_the_backward(dtype, tmp_path, monkeypatch):
+    """In a recomputed layer the MLP's output is only differentiated (the residual's gradient is
+    known), so the down projection's 4-bit GEMM runs once per step, in the first forward; its
+    input gradient comes from the backward alone. Loss and every LoRA gradient stay peft's."""
+    from ftune.engine import decoder_layers, install_checkpointing
+
+    monkeypatch.setenv("FTUNE_CACHE", str(tmp_path))
+    reference, patched = _quantized_pair("cpu", dtype, r=4)
+    install_checkpointing(patched, "true")
+    forwards = _count_down_projection_forwards(patched)
+    ids = torch.randint(0, 200, (2, 24), generator=torch.Generator().manual_seed(4))
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+        loss_ref, grads_ref = _step(reference, ids)
+        loss_new, grads_new = _step(patched, ids)
+    assert len(forwards) == len(decoder_layers(patched))  # not again in the recompute
+    tolerance = dict(atol=1e-5, rtol=1e-4) if dtype == torch.float32 else dict(atol=3e-2, rtol=3e-2)
+    torch.testing.assert_close(loss_new, loss_ref, **tolerance)
+    assert grads_new.keys() == grads_ref.keys() and grads_ref
+    for name in grads_ref:
+        torch.testing.assert_close(grads_new[name], grads_ref[name], msg=name, **tolerance)
+
+
+@gpu
+def test_recomputed_mlp_without_the_down_projections_forward_on_the_gpu(tmp_path, monkeypatch):
+    """As above in bf16 on the GPU, against the same patched model recomputing the whole MLP:
+    the same kernels on the same inputs, so equal to rounding."""
+    from ftune.engine import decoder_layers, install_checkpointing
+
+    monkeypatch.setenv("FTUNE_CACHE", str(tmp_path))
+    _, whole = _quantized_pair(DEVICE, torch.bfloat16, r=8)
+    skipping = copy.deepcopy(whole)
+    for model in (whole, skipping):
+        install_checkpointing(model, "true")
+    forwards = _count_down_projection_forwards(skipping)
+    monkeypatch.setattr(lora, "output_unread", lambda layer: contextlib.nullcontext())
+    ids = torch.randint(0, 200, (2, 64), device=DEVICE, generator=torch.Generator(DEVICE).manual_seed(0))
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        loss_ref, grads_ref = _step(whole, ids)
+        monkeypatch.undo()
+        loss_new, grads_new = _step(skipping, ids)
+    assert len(forwards) == len(decoder_layers(skipping))  # the first forward of each layer only
+    torch.testing.assert_close(loss_new, loss_ref, atol=0, rtol=0)
+    for name in grads_ref:
+        scale = grads_ref[name].abs().max().item()
+        torch.testing.assert_close(grads_new[name], grads_ref[name], atol=1e-2 * scale + 1e-6, rtol=0, msg=name)
 
 
 @gpu
