@@ -24,7 +24,7 @@ from ftune.engine.embedding import move_embeddings_to_host, move_lm_head_to_host
 from ftune.engine.planner import NoPlanFits, Plan, measure_host_link, plan_smart
 from ftune.errors import ModelError, first_line
 from ftune.kernels import KERNELS, apply_kernels, kernel_support
-from ftune.memory.estimate import GiB, Setting, model_shape
+from ftune.memory.estimate import GiB, Setting, allocatable, model_shape
 from ftune.presets import PRESETS, preset_config
 from ftune.recipe import Recipe, parse_bytes
 
@@ -272,7 +272,7 @@ def smart_plan(recipe: Recipe, device: torch.device | None = None) -> Plan:
     shape = model_shape(recipe)
     setting = Setting.from_recipe(recipe, cuda=device.type == "cuda")
     if recipe.checkpointing.budget is not None:
-        budget = parse_bytes(recipe.checkpointing.budget)
+        budget = allocatable(parse_bytes(recipe.checkpointing.budget))  # a card's size, as estimate-vram --vram
     elif device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
         budget = free - max(GiB, free // 12)  # the CUDA context, the allocator's slack and other processes

@@ -304,6 +304,45 @@ def test_host_lm_head_is_dropped_before_the_backward_and_kept_for_decoding():
     assert head._on_device is None
 
 
+@pytest.mark.parametrize("order", ["trl-first", "ftune-first"])
+def test_host_lm_head_is_dropped_before_the_layers_backward_under_trls_chunked_head(order):
+    """DPO and GRPO call `model(..., fused_lm_head=True)`: TRL's chunked head reads the head's
+    weight itself and keeps it for its own backward. The copy is dropped once the backward has
+    the decoder's output gradient, before any layer's backward; losses and gradients unchanged."""
+    from trl.trainer.utils import add_fused_lm_head
+
+    from ftune.engine.embedding import move_lm_head_to_host
+
+    results = []
+    for host in (False, True):
+        model = tiny_lora_model("tiny-llama", "unsloth")[0]
+        if order == "trl-first":
+            add_fused_lm_head(model.get_base_model())
+            _with_fused_loss(model)
+        else:
+            _with_fused_loss(model)
+            add_fused_lm_head(model.get_base_model())
+        seen_in_backward = []
+        if host:
+            move_lm_head_to_host(model, torch.device("cpu"))
+            head = model.get_output_embeddings()
+            decoder_layers(model)[-1].register_full_backward_hook(
+                lambda *args: seen_in_backward.append(head._on_device))
+        model.zero_grad(set_to_none=True)
+        ids = _batch(3, 2, 11)
+        loss = model(input_ids=ids, labels=ids, fused_lm_head=True).loss
+        if host:
+            assert head._on_device is not None  # read by TRL's head, kept for its backward
+        loss.backward()
+        if host:
+            assert seen_in_backward == [None] and head._on_device is None
+        results.append((loss.detach(), lora_grads(model)))
+    (loss_a, grads_a), (loss_b, grads_b) = results
+    torch.testing.assert_close(loss_b, loss_a, atol=1e-6, rtol=0)
+    for name in grads_a:
+        torch.testing.assert_close(grads_b[name], grads_a[name], atol=1e-6, rtol=0, msg=name)
+
+
 def test_tied_or_trainable_embeddings_stay():
     from ftune.engine.embedding import move_embeddings_to_host, move_lm_head_to_host
 
@@ -345,7 +384,7 @@ def test_gpu_host_tables_match_device_tables():
                 with torch.inference_mode():
                     model.generate(input_ids=ids[:1, :4], max_new_tokens=3, do_sample=False, pad_token_id=0)
                 model.train()
-                # the logits path, as DPO takes it: the head's matmul saves that copy for backward
+                # a loss from the logits: the head's own matmul saves that copy for its backward
                 model(input_ids=ids).logits.float().logsumexp(-1).mean().backward()
             loss = model(input_ids=ids, labels=ids).loss
             torch.cuda.synchronize()

@@ -71,8 +71,8 @@ def test_each_mode_trains_and_the_adapter_loads_with_peft(recipe, mode, tmp_path
 
 @pytest.mark.parametrize("recipe", [QUICKSTART, DPO, GRPO], ids=["sft", "dpo", "grpo"])
 def test_tables_in_host_memory_under_the_fused_loss(recipe, tmp_path):
-    """The input embedding and the LM head in host memory, the fused loss on: SFT's loss releases
-    the head, DPO's logits path and GRPO's own chunked head (TRL reads `lm_head.weight`) use it."""
+    """The input embedding and the LM head in host memory, the fused loss on: SFT's loss is ftune's,
+    DPO's and GRPO's are TRL's own chunked heads, which read `lm_head.weight` themselves."""
     from ftune.engine.embedding import HostEmbedding, HostLMHead
 
     out = tmp_path / "run"

@@ -72,9 +72,11 @@ class HostLMHead(nn.Module):
     """Drop-in for a frozen nn.Linear LM head whose weight lives in host memory.
 
     `weight` is a copy on the device, made on demand (or ahead, by `prefetch`) and dropped by
-    `release`. A forward with gradients releases it at once: autograd keeps what the backward
-    needs. A forward without (evaluation, generation) keeps it, so decoding does not copy the
-    head for every token; the next training forward drops it.
+    `release`: by a forward of this module with gradients (autograd keeps what the backward
+    needs), by ftune's fused loss once it has its gradient, and otherwise when the backward
+    reaches the decoder's output, past whatever loss read the head (TRL's own chunked heads for
+    DPO and GRPO read `weight` directly). A forward without gradients (evaluation, generation)
+    keeps it, so decoding does not copy the head for every token.
     """
 
     def __init__(self, head: nn.Linear, device: torch.device):
@@ -110,6 +112,7 @@ class HostLMHead(nn.Module):
                 target.copy_(self.host_weight, non_blocking=True)
                 self._ready = torch.cuda.Event()
                 self._ready.record(self._stream)
+            target.record_stream(self._stream)  # dropped mid-copy, its memory waits for the copy
         self._on_device = target
 
     @property
@@ -168,7 +171,15 @@ def move_lm_head_to_host(model: nn.Module, device: torch.device) -> int:
     base.set_output_embeddings(host_head)
     # The copy starts with the first decoder layer and runs beside the layers. Not earlier: queued
     # ahead of the input embedding's rows (a host-to-device copy too), the rows would wait for it.
-    layers = [m for m in base.modules() if isinstance(m, GradientCheckpointingLayer)]
-    first = layers[0] if layers else getattr(base, base.base_model_prefix)
-    first.register_forward_pre_hook(lambda module, args: host_head.prefetch())
+    backbone = getattr(base, base.base_model_prefix)
+    layers = [m for m in backbone.modules() if isinstance(m, GradientCheckpointingLayer)]
+    (layers[0] if layers else backbone).register_forward_pre_hook(lambda module, args: host_head.prefetch())
+
+    def release_when_the_layers_backward_starts(module, args, output):
+        hidden = output[0] if isinstance(output, tuple) else output.last_hidden_state
+        if torch.is_grad_enabled() and hidden.requires_grad:
+            # the gradient of the decoder's output is complete: every loss that read the head is done
+            hidden.register_hook(lambda grad: host_head.release())
+
+    backbone.register_forward_hook(release_when_the_layers_backward_starts)
     return freed

@@ -134,6 +134,7 @@ class Setting:
             lora_targets=tuple(LLAMA_PROJECTIONS if targets == "all-linear" else targets),
             fused_loss=cuda if fused == "auto" else bool(fused),
             host_embeddings=(cuda and mode in ("unsloth", "smart")) if host == "auto" else bool(host),
+            host_lm_head=recipe.distributed.strategy != "fsdp",  # sharded instead (ftune.model.build_model)
             optimizer=recipe.training.optimizer,
         )
         for key, value in overrides.items():
