@@ -102,7 +102,14 @@ def _is_empty(row: dict, data_format: str, index: int, source: str) -> bool:
                         f"{type(row['text']).__name__} {str(row['text'])[:60]!r}.",
                         hint="Convert that column to strings, or map another column with data.fields.")
     columns = FORMAT_COLUMNS[data_format]
-    return any(_is_empty_value(row[column], column, index, source) for column in columns)
+    empty = any(_is_empty_value(row[column], column, index, source) for column in columns)
+    # TRL reads a row as text or as a chat, not both: a text prompt with a chat completion is neither
+    parts = {c: row[c] for c in columns + (("prompt",) if data_format == "preference" else ()) if row.get(c)}
+    if len({isinstance(value, list) for value in parts.values()}) > 1:
+        kinds = ", ".join(f"'{c}' is {'a chat' if isinstance(v, list) else 'text'}" for c, v in parts.items())
+        raise DataError(f"data.source {source}, row {index}: {kinds}; a row's columns must all be text or all "
+                        "be chats.", hint=f"Convert the row's columns to one kind. {_MESSAGES_HINT}")
+    return empty
 
 
 def _length(value, tokenizer) -> int:
@@ -115,6 +122,8 @@ def _token_length(row: dict, data_format: str, tokenizer) -> int:
     if data_format == "messages":
         return _length(row["messages"], tokenizer)
     if data_format == "prompt_completion":
+        if isinstance(row["prompt"], list):  # a chat: the template, as TRL applies it
+            return _length(row["prompt"] + row["completion"], tokenizer)
         return len(tokenizer(row["prompt"] + row["completion"])["input_ids"]) + 1
     if data_format == "preference":
         prompt = _length(row["prompt"], tokenizer) if row.get("prompt") else 0

@@ -122,3 +122,23 @@ def test_malformed_messages_name_the_row(tmp_path):
     recipe = recipe_for(tmp_path, path)
     with pytest.raises(DataError, match="row 1"):
         check_rows(*load_training_data(recipe), _tokenizer(), recipe)
+
+
+def test_prompt_completion_rows_are_text_or_chats_not_both(tmp_path):
+    """A chat prompt-completion row is measured with the chat template; a row mixing a text prompt
+    with a chat completion is a DataError naming the row and its columns (hypothesis found it as a
+    TypeError traceback)."""
+    from ftune.data import check_rows
+
+    chat = {"prompt": [{"role": "user", "content": "hi"}], "completion": [{"role": "assistant", "content": "hello"}]}
+    path = tmp_path / "chats.jsonl"
+    path.write_text(json.dumps(chat) + "\n")
+    recipe = recipe_for(tmp_path, path)
+    checked, report = check_rows(*load_training_data(recipe), _tokenizer(), recipe)
+    assert report.rows == 1 and report.longest > 0
+
+    mixed = tmp_path / "mixed.jsonl"
+    mixed.write_text(json.dumps({"prompt": "say hi", "completion": chat["completion"]}) + "\n")
+    recipe = recipe_for(tmp_path, mixed)
+    with pytest.raises(DataError, match=r"row 0: 'prompt' is text, 'completion' is a chat"):
+        check_rows(*load_training_data(recipe), _tokenizer(), recipe)
