@@ -259,7 +259,8 @@ def build_model(recipe: Recipe, device: torch.device | None = None, *, tokenizer
         wants_host_embeddings(recipe, device)
     if host_embeddings:
         engine.host_embedding_bytes = move_embeddings_to_host(model, device)
-        # Only the fused loss frees the head before the backward; under fsdp the head is sharded instead
+        # With the fused loss the head's copy is what the layers' backward would hold (without it, the
+        # logits are); under fsdp the head is sharded instead
         if kernels["fused_cross_entropy"] and not shards_with_fsdp(recipe):
             engine.host_embedding_bytes += move_lm_head_to_host(model, device)
     return BuiltModel(model=model, tokenizer=tokenizer, device=device, dtype=dtype, engine=engine, kernels=kernels,

@@ -9,7 +9,8 @@ The LM head is the same size and, with the fused cross-entropy, needed only once
 step: the loss computes the hidden states' gradient in the forward pass, so the backward never
 reads the head. `HostLMHead` keeps it in pinned host memory, copies it to the GPU on a side stream
 when the first decoder layer starts (1 GiB, about 20 ms, beside the layers' compute) and drops the
-copy once the loss is computed: the backward, where the step's peak is, runs without it.
+copy once the loss is done with it (after ftune's fused loss, or after the loss's own backward for
+TRL's chunked heads): the layers' backward, where the step's peak is, runs without it.
 
 Only for untied, frozen tables: a tied table is both, and the LM head keeps it on the GPU.
 """
@@ -155,9 +156,8 @@ def move_embeddings_to_host(model: nn.Module, device: torch.device) -> int:
 
 
 def move_lm_head_to_host(model: nn.Module, device: torch.device) -> int:
-    """Replace a frozen, untied nn.Linear LM head by a HostLMHead that the decoder's forward
-    prefetches; returns the bytes freed on the device. Worth it only where the loss does not
-    need the head in backward (ftune's fused cross-entropy): elsewhere autograd keeps the copy."""
+    """Replace a frozen, untied nn.Linear LM head by a HostLMHead, fetched as the first decoder
+    layer starts and dropped before the layers' backward; returns the bytes freed on the device."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     head = base.get_output_embeddings()
     embedding = base.get_input_embeddings()
