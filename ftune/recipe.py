@@ -118,8 +118,8 @@ class CheckpointingSection(_Section):
     )
     budget: str | None = Field(
         None,
-        description="VRAM budget for smart, e.g. 24GiB or 20000MiB, the memory of the card to plan for (8% of it "
-        "stays for the allocator's reserve); default the card's free memory less a margin.",
+        description="VRAM budget for smart, e.g. 24GiB or 20000MiB: the memory of the card to plan for (the "
+        "allocator reserves 8% above the planned peak); default the card's free memory less a margin.",
     )
     host_embeddings: bool | Literal["auto"] = Field(
         "auto",

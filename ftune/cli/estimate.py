@@ -14,8 +14,8 @@ from rich.table import Table
 from ftune.cli.app import app
 from ftune.engine.planner import NoPlanFits, plan_smart
 from ftune.errors import RecipeError
-from ftune.memory.estimate import (Estimate, GiB, Setting, allocatable, estimate, largest_batch, longest_sequence,
-                                   model_shape)
+from ftune.memory.estimate import (RESERVED_OVER_ALLOCATED, Estimate, GiB, Setting, allocatable, estimate,
+                                   largest_batch, longest_sequence, model_shape)
 from ftune.memory.monitor import format_bytes
 from ftune.recipe import load_recipe, parse_bytes
 
@@ -47,14 +47,15 @@ def estimate_vram(
         raise RecipeError(f"--mode {', '.join(unknown)}: estimate-vram shows the fixed modes {', '.join(FIXED_MODES)}.",
                           hint="smart plans to a budget: see its plan at the start of `ftune train`.")
     shape = model_shape(recipe)
+    # what a card of --vram holds at the peak, less what the allocator reserves beyond it
+    usable = allocatable(budget) if budget is not None else None
     results = []
     for mode in wanted:
         setting = Setting.from_recipe(recipe, mode=mode)
         setting = replace(setting, seq=seq or setting.seq, batch=batch or setting.batch)
         parts = estimate(shape, setting)
         row = {"mode": mode, **parts.as_dict()}
-        if budget is not None:
-            usable = allocatable(budget)  # the card's size less what the allocator reserves beyond the peak
+        if usable is not None:
             row["fits"] = parts.peak <= usable
             row["longest_seq"] = longest_sequence(shape, setting, usable)
             row["largest_batch"] = largest_batch(shape, setting, usable)
@@ -66,8 +67,7 @@ def estimate_vram(
         setting = Setting.from_recipe(recipe, mode="smart")
         setting = replace(setting, seq=seq or setting.seq, batch=batch or setting.batch)
         try:
-            plan = plan_smart(shape, setting, allocatable(budget),
-                              embeddings_movable=recipe.checkpointing.host_embeddings == "auto")
+            plan = plan_smart(shape, setting, usable, embeddings_movable=recipe.checkpointing.host_embeddings == "auto")
             report["smart"] = {"plan": plan.counts(), "peak": plan.peak, "host": plan.host, "text": plan.describe()}
         except NoPlanFits as error:
             report["smart"] = {"plan": None, "text": f"smart: {error}"}
@@ -114,6 +114,7 @@ def _print_table(report: dict, results: list[tuple[dict, Estimate]], budget: int
     notes = sorted({note for _, parts in results for note in parts.notes})
     for note in notes:
         console.print(f"[dim]note: {note}[/]")
-    fit = " What fits --vram leaves 8% of it to the allocator's reserve." if budget is not None else ""
+    reserve = 1 - 1 / RESERVED_OVER_ALLOCATED
+    fit = f" What fits --vram leaves {reserve:.0%} of it to the allocator's reserve." if budget is not None else ""
     console.print("[dim]GiB = 2^30 bytes; peak is allocated memory (the allocator reserves "
                   f"5-15% more); CUDA's context (~0.5 GiB) comes on top.{fit}[/]")

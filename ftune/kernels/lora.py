@@ -19,7 +19,8 @@ gradient sits at the step's peak beside the base's own 126 MiB (docs/benchmarks.
 8B shape's peak at 8192 tokens is 5.99 GiB instead of 6.17 on an H200, and the gradients are
 peft's (tests/kernels/test_lora.py), but it stays off (FOLD_ADAPTER_INPUT_GRADIENT): its blocks
 cost 1-22% of the step's speed there, depending on the host (docs/benchmarks.md). Its blocks now
-dequantize in one launch each (`ftune/kernels/nf4.py`), which has not been timed on a GPU yet.
+dequantize in one launch each (`ftune/kernels/nf4.py`, 1.7x bitsandbytes' four launches on an H200);
+the folded step has not been timed again since.
 
 The fast path covers what training uses: one or more plain LoRA adapters, active, unmerged, without
 DoRA-style variants or per-row adapter names, with the input already in the adapter's dtype or
@@ -114,14 +115,10 @@ class _Base4bitGradientOnly(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_output):
-        import bitsandbytes.functional as bnb_functional
-
-        weight = ctx.layer.weight
         # Linear4bit casts x to its compute dtype and the product back: the casts' backwards and
         # MatMul4Bit's, in that order
         grad = grad_output.to(ctx.compute_dtype)
-        grad_x = torch.matmul(grad, bnb_functional.dequantize_4bit(weight.view(-1, 1), weight.quant_state).to(grad.dtype))
-        return grad_x.to(ctx.input_dtype), None
+        return torch.matmul(grad, _whole_weight(ctx.layer.weight, grad.dtype)).to(ctx.input_dtype), None
 
 
 class _LoRAOver4bit(torch.autograd.Function):
@@ -206,6 +203,13 @@ def linear_through_4bit(x: torch.Tensor, layer: nn.Module) -> torch.Tensor:
     return result.view(*x.shape[:-1], out_features).to(x.dtype)
 
 
+def _whole_weight(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A bitsandbytes 4-bit weight dequantized whole, in `dtype`, as its own backward makes it."""
+    import bitsandbytes.functional as bnb_functional
+
+    return bnb_functional.dequantize_4bit(weight.view(-1, 1), weight.quant_state).to(dtype)
+
+
 def _blocks_apply(state) -> bool:
     """Whether a weight can be dequantized a block at a time here: NF4 in bitsandbytes' flat
     layout (`dequantize_nf4`), its rows whole quantization blocks. bitsandbytes' CPU kernels
@@ -225,15 +229,13 @@ def grad_through_4bit(grad: torch.Tensor, weight: torch.Tensor, out: torch.Tenso
     full-length dot product rounded once, so the result is the one-shot product's; splitting over
     output rows instead would round partial sums to bf16 once per block.
     """
-    import bitsandbytes.functional as bnb_functional
-
     state = weight.quant_state
     dtype = grad.dtype
     out_features, in_features = state.shape
     step = max(GEMM_TILE, state.blocksize)  # both powers of two: a multiple of each
     columns = DEQUANTIZED_BLOCK_BYTES // (out_features * grad.element_size()) // step * step
     if not 0 < columns < in_features or not _blocks_apply(state):
-        return torch.mm(grad, bnb_functional.dequantize_4bit(weight.view(-1, 1), state).to(dtype), out=out)
+        return torch.mm(grad, _whole_weight(weight, dtype), out=out)
     result = torch.empty(grad.shape[0], in_features, dtype=dtype, device=grad.device) if out is None else out
     for start in range(0, in_features, columns):
         stop = min(start + columns, in_features)

@@ -15,8 +15,8 @@ of hidden-state-sized tensors (batch x tokens x hidden, 2 bytes) plus a constant
 on the GPU; mode `none`'s kept activations are counted from the shape (keep_bytes_per_layer). The
 grid in tests/fixtures/memory_grid.json (modes none/true/unsloth, the Llama-3.1-8B and Qwen2.5-7B
 shapes, batch 1 and 4, 2048-32768 tokens, kernels on; unsloth with the LM head on the GPU and in
-host memory) holds every estimate within 5% of its measurement (worst 4.0%; tests/test_estimate.py). Shapes and settings outside that grid are
-extrapolated by their sizes, and `calibrated` says so.
+host memory) holds every estimate within 5% of its measurement (worst 4.0%; tests/test_estimate.py).
+Shapes and settings outside that grid are extrapolated by their sizes, and `calibrated` says so.
 """
 
 from __future__ import annotations
@@ -46,8 +46,9 @@ OPTIMIZER_STATE_BYTES = {"adamw_torch": 8, "paged_adamw_32bit": 8, "adamw_8bit":
 #   unsloth: 5.51 / 6.24 / 6.91 GiB at 2048 / 8192 / 16384, 22.17 GiB at 151552 (the prefetched
 #            layer input and flash attention's fp32 accumulators at long context raise its count)
 WORKING_SET = {"true": (10.66, 0.266 * GiB), "unsloth": (14.64, 0.279 * GiB)}
-# With the tables in host memory and the fused loss, the LM head is fetched when the forward starts
-# and dropped after the loss: it sits beside every layer's forward, not beside any backward. That
+# With the tables in host memory and the fused loss, the LM head is fetched when the first layer
+# starts and dropped once the loss is done with it: it sits beside every layer's forward, not
+# beside any layer's backward. That
 # moment's working set besides the head, in hidden-state tensors and a constant, fitted on an H200
 # (docs/benchmarks.md, 2026-11-26; Llama-3.1-8B shape, batch 1, unsloth, kernels on): peak 5.22 /
 # 5.46 GiB at 2048 / 8192 tokens, where it is the step's peak; at 16384 (5.93 GiB) the layers'
@@ -116,8 +117,8 @@ class Setting:
     lora_targets: tuple[str, ...] = tuple(LLAMA_PROJECTIONS)
     fused_loss: bool = True
     host_embeddings: bool = True
-    # With the tables in host memory and the fused loss, the LM head too: on the GPU only for the
-    # loss, not in the backward (ftune.engine.embedding.HostLMHead)
+    # With the tables in host memory and the fused loss, the LM head too: on the GPU for the forward
+    # and the loss, not for the layers' backward (ftune.engine.embedding.HostLMHead)
     host_lm_head: bool = True
     optimizer: str = "adamw_torch"
 
