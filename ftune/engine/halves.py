@@ -74,11 +74,14 @@ class ResidualHalves:
 
     def forward(self, x: torch.Tensor, kwargs: dict[str, Any]) -> torch.Tensor:
         """The layer's output, without a graph."""
+        from ftune.kernels.lora import dequantized_once  # here: ftune.kernels imports from ftune.engine
+
         h = self.attention(x, kwargs)
         flat = h.view(-1, h.shape[-1])
-        for start, end in self._chunks(h):
-            # Each chunk reads only its own rows before they are updated.
-            flat[start:end] += self.mlp(flat[start:end])
+        with dequantized_once():  # the MLP's 4-bit weights serve every chunk
+            for start, end in self._chunks(h):
+                # Each chunk reads only its own rows before they are updated.
+                flat[start:end] += self.mlp(flat[start:end])
         return h
 
     def backward(self, x: torch.Tensor, kwargs: dict[str, Any], grad_output: torch.Tensor,
@@ -93,20 +96,22 @@ class ResidualHalves:
         flat_grad_h = grad_h.view(-1, h.shape[-1])
         params = [t for t in wrt if t is not x]
         totals: list[torch.Tensor | None] = [None] * len(params)
-        from ftune.kernels.lora import output_unread  # here: ftune.kernels imports from ftune.engine
+        from ftune.kernels.lora import dequantized_once, output_unread  # here: ftune.kernels imports from ftune.engine
 
         # The MLP's output goes to the residual stream, whose gradient is already known: only its
         # graph is needed, so the down projection's 4-bit GEMM is left to the backward
         down_proj = getattr(self.layer.mlp, "down_proj", None)
-        for start, end in self._chunks(h):
-            chunk = flat_h[start:end].detach().requires_grad_()
-            with torch.enable_grad(), output_unread(down_proj):
-                out = self.mlp(chunk)
-            grad_chunk, *grad_params = torch.autograd.grad(out, [chunk, *params], flat_grad_out[start:end],
-                                                           allow_unused=True)
-            flat_grad_h[start:end] += grad_chunk
-            totals = [_add(total, grad) for total, grad in zip(totals, grad_params)]
-            del out, chunk, grad_chunk, grad_params
+        # the MLP's 4-bit weights dequantized once for every chunk's recompute and backward
+        with dequantized_once():
+            for start, end in self._chunks(h):
+                chunk = flat_h[start:end].detach().requires_grad_()
+                with torch.enable_grad(), output_unread(down_proj):
+                    out = self.mlp(chunk)
+                grad_chunk, *grad_params = torch.autograd.grad(out, [chunk, *params], flat_grad_out[start:end],
+                                                               allow_unused=True)
+                flat_grad_h[start:end] += grad_chunk
+                totals = [_add(total, grad) for total, grad in zip(totals, grad_params)]
+                del out, chunk, grad_chunk, grad_params
         attention_grads = torch.autograd.grad(h, wrt, grad_h, allow_unused=True)
         # wrt = [x?] + params: x's gradient comes from the attention half alone
         offset = len(wrt) - len(params)

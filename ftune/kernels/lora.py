@@ -49,6 +49,8 @@ DEQUANTIZED_BLOCK_BYTES = 32 * 1024**2
 BITSANDBYTES_FUSED_MAX_TOKENS = 1536
 # Blocks of a weight span whole GEMM tiles (and quantization blocks, 64 values).
 GEMM_TILE = 128
+# The 16-bit copies of 4-bit base weights made inside `dequantized_once`, by (weight, dtype).
+_REUSED_WEIGHTS: dict[tuple[int, torch.dtype], torch.Tensor] | None = None
 
 
 def overwritable(x: torch.Tensor) -> torch.Tensor:
@@ -69,6 +71,8 @@ def fused_lora_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     if (getattr(self, "_ftune_output_unread", False) and torch.is_grad_enabled() and not args and not kwargs
             and _is_4bit(self.base_layer) and self.base_layer.bias is None):
         result = _Base4bitGradientOnly.apply(x, self.base_layer)
+    elif _REUSED_WEIGHTS is not None and not args and not kwargs and _reads_whole_weight(self.base_layer, x):
+        result = _Base4bitReused.apply(x, self.base_layer)
     else:
         result = self.base_layer(x, *args, **kwargs)
     out_shape = result.shape
@@ -99,6 +103,74 @@ def output_unread(layer: nn.Module | None):
         layer._ftune_output_unread = False
 
 
+@contextlib.contextmanager
+def dequantized_once():
+    """Within this block each 4-bit base weight is dequantized once, and that 16-bit copy serves
+    every GEMM that reads the weight, forward and backward, until the block ends.
+
+    A recomputed layer's MLP runs in chunks of tokens (ftune/engine/halves.py), and each chunk went
+    through bitsandbytes, which dequantizes the whole weight for every GEMM past its fused kernels'
+    range: at 8192 tokens of the 8B shape (two chunks), 16 dequantizations of the MLP's three
+    weights per layer and step, 36 at 16384 (four chunks); 6 in these blocks, whatever the length.
+    The price is the three copies alive together for the block (336 MiB for the 8B MLP) where one
+    was alive at a time.
+    """
+    global _REUSED_WEIGHTS
+    outer, _REUSED_WEIGHTS = _REUSED_WEIGHTS, {}
+    try:
+        yield
+    finally:
+        _REUSED_WEIGHTS = outer
+
+
+def _dequantized(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The whole weight in `dtype`: `dequantized_once`'s copy inside its block, a new one outside."""
+    if _REUSED_WEIGHTS is None:
+        return _whole_weight(weight, dtype)
+    key = (id(weight), dtype)
+    if key not in _REUSED_WEIGHTS:
+        _REUSED_WEIGHTS[key] = _whole_weight(weight, dtype)
+    return _REUSED_WEIGHTS[key]
+
+
+def _reads_whole_weight(layer: nn.Module, x: torch.Tensor) -> bool:
+    """Whether bitsandbytes would multiply x by this layer's whole dequantized weight (so a reused
+    copy computes exactly what it computes): a 4-bit NF4/FP4 layer in the flat layout, frozen bias,
+    autocast off or in the compute dtype, and on CUDA more tokens than its fused kernels take."""
+    if not _is_4bit(layer) or getattr(layer.weight, "quant_state", None) is None:
+        return False
+    state = layer.weight.quant_state
+    if getattr(state, "packing_format_for_cpu", False) or (layer.bias is not None and layer.bias.requires_grad):
+        return False
+    tokens = x.numel() // max(1, x.shape[-1])
+    if x.device.type == "cuda" and tokens <= BITSANDBYTES_FUSED_MAX_TOKENS:
+        return False
+    dtype = layer.compute_dtype or x.dtype
+    autocast = torch.is_autocast_enabled(x.device.type)
+    return not autocast or torch.get_autocast_dtype(x.device.type) == dtype
+
+
+class _Base4bitReused(torch.autograd.Function):
+    """A bitsandbytes Linear4bit as bitsandbytes computes it for long inputs (x cast to the compute
+    dtype, one GEMM with the whole dequantized weight, the bias added, the product cast back; the
+    input gradient one GEMM with the weight again), the weight taken from `dequantized_once`."""
+
+    @staticmethod
+    def forward(ctx, x, layer):
+        from bitsandbytes.nn.modules import fix_4bit_weight_quant_state_from_module
+
+        fix_4bit_weight_quant_state_from_module(layer)
+        dtype = layer.compute_dtype or x.dtype
+        ctx.layer, ctx.input_dtype, ctx.compute_dtype = layer, x.dtype, dtype
+        bias = None if layer.bias is None else layer.bias.to(dtype)
+        return F.linear(x.to(dtype), _dequantized(layer.weight, dtype), bias).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        grad = grad_output.to(ctx.compute_dtype)
+        return torch.matmul(grad, _dequantized(ctx.layer.weight, grad.dtype)).to(ctx.input_dtype), None
+
+
 class _Base4bitGradientOnly(torch.autograd.Function):
     """A bitsandbytes Linear4bit (no bias) whose output is never read: the forward returns an
     uninitialized tensor of the output's shape and dtype, the backward the input gradient exactly
@@ -118,7 +190,7 @@ class _Base4bitGradientOnly(torch.autograd.Function):
         # Linear4bit casts x to its compute dtype and the product back: the casts' backwards and
         # MatMul4Bit's, in that order
         grad = grad_output.to(ctx.compute_dtype)
-        return torch.matmul(grad, _whole_weight(ctx.layer.weight, grad.dtype)).to(ctx.input_dtype), None
+        return torch.matmul(grad, _dequantized(ctx.layer.weight, grad.dtype)).to(ctx.input_dtype), None
 
 
 class _LoRAOver4bit(torch.autograd.Function):

@@ -247,11 +247,21 @@ def test_kernel_support_and_apply_kernels_flag():
     assert "no LoRA layers" in kernel_support(bare)["fused_lora"]
 
 
-def _count_down_projection_forwards(model) -> list:
-    calls = []
+def _count_down_projection_forwards(model, monkeypatch) -> list:
+    """The GEMMs of the down projections' 4-bit bases: through the layer, or a reused 16-bit weight."""
+    calls, bases = [], set()
     for name, module in model.named_modules():
         if name.endswith("down_proj.base_layer"):
             module.register_forward_hook(lambda *args: calls.append(1))
+            bases.add(id(module))
+    reused = lora._Base4bitReused.forward
+
+    def counted(ctx, x, layer):
+        if id(layer) in bases:
+            calls.append(1)
+        return reused(ctx, x, layer)
+
+    monkeypatch.setattr(lora._Base4bitReused, "forward", staticmethod(counted))
     return calls
 
 
@@ -265,7 +275,7 @@ def test_recomputed_mlp_leaves_the_down_projections_gemm_to_the_backward(dtype, 
     monkeypatch.setenv("FTUNE_CACHE", str(tmp_path))
     reference, patched = _quantized_pair("cpu", dtype, r=4)
     install_checkpointing(patched, "true")
-    forwards = _count_down_projection_forwards(patched)
+    forwards = _count_down_projection_forwards(patched, monkeypatch)
     ids = torch.randint(0, 200, (2, 24), generator=torch.Generator().manual_seed(4))
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
         loss_ref, grads_ref = _step(reference, ids)
@@ -289,12 +299,12 @@ def test_recomputed_mlp_without_the_down_projections_forward_on_the_gpu(tmp_path
     skipping = copy.deepcopy(whole)
     for model in (whole, skipping):
         install_checkpointing(model, "true")
-    forwards = _count_down_projection_forwards(skipping)
-    monkeypatch.setattr(lora, "output_unread", lambda layer: contextlib.nullcontext())
+    forwards = _count_down_projection_forwards(skipping, monkeypatch)
     ids = torch.randint(0, 200, (2, 64), device=DEVICE, generator=torch.Generator(DEVICE).manual_seed(0))
     with torch.autocast("cuda", dtype=torch.bfloat16):
-        loss_ref, grads_ref = _step(whole, ids)
-        monkeypatch.undo()
+        with monkeypatch.context() as patch:
+            patch.setattr(lora, "output_unread", lambda layer: contextlib.nullcontext())
+            loss_ref, grads_ref = _step(whole, ids)
         loss_new, grads_new = _step(skipping, ids)
     assert len(forwards) == len(decoder_layers(skipping))  # the first forward of each layer only
     torch.testing.assert_close(loss_new, loss_ref, atol=0, rtol=0)
@@ -316,3 +326,33 @@ def test_fused_lora_on_the_gpu_4bit_bf16(fold, tmp_path, monkeypatch):
     torch.testing.assert_close(loss_new, loss_ref, atol=2e-2, rtol=2e-2)
     for name in grads_ref:
         torch.testing.assert_close(grads_new[name], grads_ref[name], atol=2e-2, rtol=5e-2, msg=name)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_recomputed_mlp_dequantizes_each_weight_once_for_all_its_chunks(dtype, tmp_path, monkeypatch):
+    """A recomputed layer's MLP runs in chunks of tokens; its three 4-bit weights are dequantized
+    once in the forward and once in the backward, however many chunks, and loss and every LoRA
+    gradient stay peft's."""
+    from ftune.engine import decoder_layers, install_checkpointing
+
+    monkeypatch.setenv("FTUNE_CACHE", str(tmp_path))
+    reference, patched = _quantized_pair("cpu", dtype, r=4)
+    intermediate = patched.config.intermediate_size
+    engine = install_checkpointing(patched, "unsloth", mlp_chunk_bytes=intermediate * dtype.itemsize * 8)
+    assert all(len(layer.forward.halves._chunks(torch.empty(2, 24, 1, dtype=dtype))) == 6 for layer in engine.layers)
+    made = []
+    whole_weight = lora._whole_weight
+    monkeypatch.setattr(lora, "_whole_weight", lambda weight, dtype: made.append(1) or whole_weight(weight, dtype))
+    ids = torch.randint(0, 200, (2, 24), generator=torch.Generator().manual_seed(5))
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+        loss_ref, grads_ref = _step(reference, ids)
+        assert not made  # outside the engine bitsandbytes dequantizes as always
+        loss_new, grads_new = _step(patched, ids)
+    # gate, up and down in the forward; gate and up for the recompute, down for its input gradient
+    assert len(made) == 6 * len(decoder_layers(patched))
+    assert lora._REUSED_WEIGHTS is None  # nothing outlives the layer
+    tolerance = dict(atol=1e-5, rtol=1e-4) if dtype == torch.float32 else dict(atol=3e-2, rtol=3e-2)
+    torch.testing.assert_close(loss_new, loss_ref, **tolerance)
+    assert grads_new.keys() == grads_ref.keys() and grads_ref
+    for name in grads_ref:
+        torch.testing.assert_close(grads_new[name], grads_ref[name], msg=name, **tolerance)
