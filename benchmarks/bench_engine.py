@@ -12,6 +12,10 @@ Stacks (each in its own process, so memory numbers are clean and an OOM ends onl
             to host memory (as before ftune/engine/embedding.py's HostLMHead)
   ftune+k+wholemlp  with the recomputed MLP's down projection run forward too (as before
             ftune/kernels/lora.py's output_unread)
+  ftune+k+perchunk  with the recomputed MLP's 4-bit weights dequantized for every chunk (as
+            before ftune/kernels/lora.py's dequantized_once)
+  ftune+k+attnrecompute  with offloaded layers recomputing attention's forward rather than
+            parking its output (as before ftune/engine/attention.py)
 
 Setup as GPU.md: a preset shape with random weights, NF4 double-quant 4-bit, bf16 compute, LoRA
 r=16 alpha=16 on the seven projections, batch 1, AdamW, labels = inputs, random token ids, bf16
@@ -214,6 +218,16 @@ def worker(args) -> None:
         from ftune.kernels import lora
 
         lora.output_unread = lambda layer: contextlib.nullcontext()
+    if name.endswith("+perchunk"):
+        import contextlib
+
+        from ftune.kernels import lora
+
+        lora.dequantized_once = contextlib.nullcontext
+    if name.endswith("+attnrecompute"):
+        from ftune.engine import checkpoint
+
+        checkpoint._LayerUnit.park = lambda unit, residual, attended: False
     if name.endswith("+gpuhead"):
         import ftune.model
 

@@ -26,6 +26,8 @@ from torch import nn
 from torch.utils._pytree import tree_flatten, tree_unflatten
 from transformers.modeling_layers import GradientCheckpointingLayer
 
+from ftune.engine import attention
+from ftune.engine.attention import AttentionOutput
 from ftune.engine.halves import DEFAULT_CHUNK_BYTES, ResidualHalves
 from ftune.engine.offload import HostCopier, HostStash
 
@@ -71,10 +73,11 @@ class CheckpointingEngine:
 
     def host_bytes(self) -> int:
         """Host memory held for the GPU: offloaded layer inputs and the embedding tables (pinned on CUDA)."""
-        return (self.copier.pool.stats.bytes_total if self.copier else 0) + self.host_embedding_bytes
+        pools = self.copier.pools if self.copier else ()
+        return sum(pool.stats.bytes_total for pool in pools) + self.host_embedding_bytes
 
     def host_bytes_in_use(self) -> int:
-        return self.copier.pool.stats.bytes_in_use if self.copier else 0
+        return sum(pool.stats.bytes_in_use for pool in self.copier.pools) if self.copier else 0
 
     def remove(self) -> None:
         """Give every layer its own forward back."""
@@ -114,6 +117,8 @@ def install_checkpointing(
         parameter = next(model.parameters(), None)
         device = parameter.device if parameter is not None else torch.device("cpu")
     copier = HostCopier(device) if Policy.OFFLOAD in policies else None
+    if copier is not None:
+        attention.install()
     engine = CheckpointingEngine(mode=mode, policies=list(policies), device=device, copier=copier,
                                  mlp_chunk_bytes=mlp_chunk_bytes)
     for index, (layer, policy) in enumerate(zip(layers, policies)):
@@ -216,6 +221,7 @@ class _LayerUnit:
         self.device = device
         self.output_spec = None
         self.stash: HostStash | None = None
+        self.parked: _ParkedHalf | None = None
         self.previous: weakref.ref[_LayerUnit] | None = None
         self.autocast = {
             kind: (torch.is_autocast_enabled(kind), torch.get_autocast_dtype(kind))
@@ -229,13 +235,30 @@ class _LayerUnit:
                 self.previous = weakref.ref(last)
             engine._last_unit = weakref.ref(self)
             self.copier = engine.copier
+            self.layers_after = len(engine.policies) - index - 1
 
     def run(self, inputs: tuple[torch.Tensor, ...]) -> Any:
         """The layer's output from these inputs (the graph, if any, is the caller's business)."""
         args, kwargs = self.unflatten(inputs)
         if self.halves is not None:
-            return self.halves.forward(args[0], kwargs)
+            # An offloaded layer parks its attention's output too, unless another input needs a
+            # gradient (the parked backward returns the hidden state's alone)
+            parks = self.policy is Policy.OFFLOAD and not any(t.requires_grad for t in inputs[1:])
+            return self.halves.forward(args[0], kwargs, park=self.park if parks else None)
         return self.forward(*args, **kwargs)
+
+    def park(self, residual: torch.Tensor, attended: AttentionOutput) -> bool:
+        """Park the residual after attention and the attention's output in host memory, if that
+        leaves room for the input of every layer after this one (attention.py); whether it did."""
+        keep_free = self.layers_after * residual.numel() * residual.element_size()
+        stashes = []
+        for tensor in (residual, attended.output, attended.logsumexp):
+            stash = self.copier.stash_if_room(tensor, keep_free)
+            if stash is None:
+                return False  # the stashes made so far give their buffers back as they go
+            stashes.append(stash)
+        self.parked = _ParkedHalf(*stashes, extras=attended.extras, scale=attended.scale)
+        return True
 
     def backward(self, inputs: list[torch.Tensor], wrt: list[torch.Tensor],
                  grad_outputs: tuple[torch.Tensor, ...]) -> list[torch.Tensor | None]:
@@ -252,13 +275,52 @@ class _LayerUnit:
             return [None] * len(wrt)
         return list(torch.autograd.grad([o for o, _ in pairs], wrt, [g for _, g in pairs], allow_unused=True))
 
+    def backward_parked(self, saved: tuple[torch.Tensor, ...], needs_grad: tuple[bool, ...], params: list,
+                        grad_outputs: tuple[torch.Tensor, ...]) -> list[torch.Tensor | None]:
+        """The backward of a layer that parked its attention half (halves.backward_parked): the
+        gradients of the inputs (the hidden state's only), then of the parameters."""
+        parked, self.parked = self.parked, None
+        residual = parked.residual.fetch()  # a second backward through this graph raises here
+        # In the order the backward reads them, while the MLP half runs; then the layer below's first.
+        for stash in (self.stash, parked.output, parked.logsumexp):
+            stash.prefetch()
+        self.prefetch_previous()
+        _, kwargs = self.unflatten((residual, *saved))  # the residual only fills the hidden state's slot
+
+        def fetch_input() -> torch.Tensor:
+            hidden = self.stash.fetch().detach()
+            return hidden.requires_grad_() if needs_grad[0] else hidden
+
+        def fetch_attention() -> AttentionOutput:
+            return AttentionOutput(parked.output.fetch(), parked.logsumexp.fetch(), parked.extras, parked.scale)
+
+        grad_input, *param_grads = self.halves.backward_parked(residual, fetch_input, fetch_attention, kwargs,
+                                                               grad_outputs[0], params)
+        return [grad_input] + [None] * (len(needs_grad) - 1) + param_grads
+
     def prefetch_previous(self) -> None:
+        """Start bringing back what the layer below reads first: its parked residual, else its input."""
         previous = self.previous() if self.previous is not None else None
-        if previous is not None and previous.stash is not None:
-            previous.stash.prefetch()
+        if previous is None:
+            return
+        first = previous.parked.residual if previous.parked is not None else previous.stash
+        if first is not None:
+            first.prefetch()
 
     def replay_context(self):
         return _Replay(self)
+
+
+@dataclass
+class _ParkedHalf:
+    """What an offloaded layer parked besides its input (attention.py): the residual after attention,
+    attention's output and log-sum-exp in host memory, and the kernel's small extras on the device."""
+
+    residual: HostStash
+    output: HostStash
+    logsumexp: HostStash
+    extras: tuple
+    scale: float
 
 
 class _Replay:
@@ -317,12 +379,17 @@ class _RecomputedLayer(torch.autograd.Function):
     def backward(ctx, *grad_outputs: torch.Tensor):
         unit: _LayerUnit = ctx.unit
         saved = ctx.saved_tensors
+        needs_grad = ctx.needs_input_grad[1: 1 + unit.n_inputs]
+        if unit.parked is not None:
+            with unit.replay_context():
+                grads = unit.backward_parked(tuple(t.detach() for t in saved), needs_grad, list(ctx.params),
+                                             grad_outputs)
+            return (None, *grads)
         if unit.policy is Policy.OFFLOAD:
             hidden = unit.stash.fetch()  # a second backward through this graph raises here
             # Bring the layer below back while this one recomputes.
             unit.prefetch_previous()
             saved = (hidden, *saved)
-        needs_grad = ctx.needs_input_grad[1: 1 + unit.n_inputs]
         inputs = [t.detach().requires_grad_(needs) if needs else t.detach() for t, needs in zip(saved, needs_grad)]
         wanted = [t for t, needs in zip(inputs, needs_grad) if needs]
         with unit.replay_context():

@@ -19,10 +19,13 @@ chunking would change the order of the draws), run whole through the generic rec
 
 from __future__ import annotations
 
-from typing import Any
+import contextlib
+from typing import Any, Callable
 
 import torch
 from torch import nn
+
+from ftune.engine.attention import AttentionOutput, recording_attention, replaying_attention
 
 PRE_NORM_LAYERS = {"LlamaDecoderLayer", "MistralDecoderLayer", "Qwen2DecoderLayer", "Qwen3DecoderLayer"}
 # Largest MLP intermediate (one tensor) that a chunk may create; 128 MiB is 4608 tokens of an
@@ -72,32 +75,91 @@ class ResidualHalves:
             size = -(-size // 256) * 256  # whole GEMM tiles; never above the cap, itself a multiple of 256
         return [(start, min(start + size, rows)) for start in range(0, rows, size)]
 
-    def forward(self, x: torch.Tensor, kwargs: dict[str, Any]) -> torch.Tensor:
-        """The layer's output, without a graph."""
-        from ftune.kernels.lora import dequantized_once  # here: ftune.kernels imports from ftune.engine
-
-        h = self.attention(x, kwargs)
+    def forward(self, x: torch.Tensor, kwargs: dict[str, Any],
+                park: Callable[[torch.Tensor, AttentionOutput], bool] | None = None) -> torch.Tensor:
+        """The layer's output, without a graph. With `park`, the attention's output and the residual
+        after attention are offered to it (ftune/engine/attention.py); once it has taken them, the
+        residual is left as it is for its copy to host memory, and the output is a new tensor."""
+        if park is None:
+            h = self.attention(x, kwargs)
+        else:
+            with recording_attention() as recording:
+                h = self.attention(x, kwargs)
+            if recording.result is not None and park(h, recording.result):
+                output = torch.empty_like(h)
+                flat_h, flat_out = h.view(-1, h.shape[-1]), output.view(-1, h.shape[-1])
+                chunks = self._chunks(h)
+                with self._reusing_weights(len(chunks)):
+                    for start, end in chunks:
+                        torch.add(flat_h[start:end], self.mlp(flat_h[start:end]), out=flat_out[start:end])
+                return output
         flat = h.view(-1, h.shape[-1])
-        with dequantized_once():  # the MLP's 4-bit weights serve every chunk
-            for start, end in self._chunks(h):
+        chunks = self._chunks(h)
+        with self._reusing_weights(len(chunks)):
+            for start, end in chunks:
                 # Each chunk reads only its own rows before they are updated.
                 flat[start:end] += self.mlp(flat[start:end])
         return h
+
+    @staticmethod
+    def _reusing_weights(chunks: int):
+        """The forward's MLP reuses its dequantized 4-bit weights (lora.dequantized_once) over more
+        than two chunks. Keeping the three 16-bit copies costs the same at any length, and the
+        forward holds the fetched LM head: at 8192 tokens of the 8B shape (two chunks) the copies
+        raised the step's peak by 0.32 GiB, to 5.91, for 0.7% of speed; at 16384 (four chunks) the
+        backward sets the peak, and the reuse in both passes made the step 4% faster (H200,
+        docs/benchmarks.md). The backward reuses them at any length."""
+        from ftune.kernels.lora import dequantized_once  # here: ftune.kernels imports from ftune.engine
+
+        return dequantized_once() if chunks > 2 else contextlib.nullcontext()
 
     def backward(self, x: torch.Tensor, kwargs: dict[str, Any], grad_output: torch.Tensor,
                  wrt: list[torch.Tensor]) -> list[torch.Tensor | None]:
         """Recompute and backpropagate; the gradients of `wrt` (x if it needs one, then parameters)."""
         with torch.enable_grad():
             h = self.attention(x, kwargs)
-        detached = h.detach()
-        flat_h = detached.view(-1, h.shape[-1])
+        params = [t for t in wrt if t is not x]
+        grad_h, totals = self._mlp_backward(h.detach(), grad_output, params)
+        attention_grads = torch.autograd.grad(h, wrt, grad_h, allow_unused=True)
+        # wrt = [x?] + params: x's gradient comes from the attention half alone
+        offset = len(wrt) - len(params)
+        return list(attention_grads[:offset]) + [_add(total, grad) for total, grad in
+                                                 zip(totals, attention_grads[offset:])]
+
+    def backward_parked(self, residual: torch.Tensor, fetch_input: Callable[[], torch.Tensor],
+                        fetch_attention: Callable[[], AttentionOutput], kwargs: dict[str, Any],
+                        grad_output: torch.Tensor, params: list[torch.Tensor]) -> list[torch.Tensor | None]:
+        """Backpropagate a layer whose forward parked the residual after attention and the attention's
+        output: the MLP half from the residual first, then the attention half rerun for its graph
+        only, with the parked output in place of the attention forward and the output projection's
+        GEMM skipped. `fetch_input` and `fetch_attention` wait for their copies back, which run
+        meanwhile. The gradients of the input (None when it needs none), then of `params`."""
+        from ftune.kernels.lora import output_unread  # here: ftune.kernels imports from ftune.engine
+
+        grad_h, totals = self._mlp_backward(residual, grad_output, params)
+        del residual
+        x = fetch_input()
+        layer = self.layer
+        with torch.enable_grad(), replaying_attention(fetch_attention()), output_unread(layer.self_attn.o_proj):
+            attended, _ = layer.self_attn(hidden_states=layer.input_layernorm(x), **kwargs)
+        wrt = ([x] if x.requires_grad else []) + params
+        grads = list(torch.autograd.grad(attended, wrt, grad_h, allow_unused=True))
+        grad_x = None
+        if x.requires_grad:  # the residual passes grad_h to x unchanged, beside the attention's part
+            branch = grads.pop(0)
+            grad_x = grad_h if branch is None else grad_h.add_(branch)
+        return [grad_x] + [_add(total, grad) for total, grad in zip(totals, grads)]
+
+    def _mlp_backward(self, h: torch.Tensor, grad_output: torch.Tensor, params: list[torch.Tensor]):
+        """The MLP half recomputed chunk by chunk from its input h (no graph): the gradient reaching h
+        (through the residual and the MLP) and the parameters' gradients (None where unused)."""
+        from ftune.kernels.lora import dequantized_once, output_unread  # here: ftune.kernels imports from ftune.engine
+
+        flat_h = h.view(-1, h.shape[-1])
         flat_grad_out = grad_output.reshape(-1, h.shape[-1])
         grad_h = grad_output.clone()  # the residual passes the output gradient straight to h
         flat_grad_h = grad_h.view(-1, h.shape[-1])
-        params = [t for t in wrt if t is not x]
         totals: list[torch.Tensor | None] = [None] * len(params)
-        from ftune.kernels.lora import dequantized_once, output_unread  # here: ftune.kernels imports from ftune.engine
-
         # The MLP's output goes to the residual stream, whose gradient is already known: only its
         # graph is needed, so the down projection's 4-bit GEMM is left to the backward
         down_proj = getattr(self.layer.mlp, "down_proj", None)
@@ -112,11 +174,7 @@ class ResidualHalves:
                 flat_grad_h[start:end] += grad_chunk
                 totals = [_add(total, grad) for total, grad in zip(totals, grad_params)]
                 del out, chunk, grad_chunk, grad_params
-        attention_grads = torch.autograd.grad(h, wrt, grad_h, allow_unused=True)
-        # wrt = [x?] + params: x's gradient comes from the attention half alone
-        offset = len(wrt) - len(params)
-        return list(attention_grads[:offset]) + [_add(total, grad) for total, grad in
-                                                 zip(totals, attention_grads[offset:])]
+        return grad_h, totals
 
 
 def _add(total: torch.Tensor | None, grad: torch.Tensor | None) -> torch.Tensor | None:

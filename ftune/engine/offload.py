@@ -54,8 +54,10 @@ class HostBufferPool:
         self.stats = PoolStats(pinned=pin_memory)
         self._warned: set[str] = set()
 
-    def acquire(self, nbytes: int) -> torch.Tensor | None:
-        """A uint8 host buffer of at least nbytes, or None when host memory is too short."""
+    def acquire(self, nbytes: int, keep_free: int = 0, optional: bool = False) -> torch.Tensor | None:
+        """A uint8 host buffer of at least nbytes, or None when host memory is too short (with
+        `keep_free` bytes more left available, when a new buffer is needed); an optional buffer
+        that does not fit is refused without a warning."""
         best = None
         for index, buffer in enumerate(self._free):
             if buffer.numel() >= nbytes and (best is None or buffer.numel() < self._free[best].numel()):
@@ -63,7 +65,7 @@ class HostBufferPool:
         if best is not None:
             buffer = self._free.pop(best)
         else:
-            buffer = self._allocate(-(-nbytes // _GRANULE) * _GRANULE)
+            buffer = self._allocate(-(-nbytes // _GRANULE) * _GRANULE, keep_free, optional)
             if buffer is None:
                 return None
         self.stats.bytes_in_use += buffer.numel()
@@ -74,10 +76,12 @@ class HostBufferPool:
         self.stats.bytes_in_use -= buffer.numel()
         self._free.append(buffer)
 
-    def _allocate(self, nbytes: int) -> torch.Tensor | None:
+    def _allocate(self, nbytes: int, keep_free: int = 0, optional: bool = False) -> torch.Tensor | None:
         memory = psutil.virtual_memory()
         reserve = max(_HOST_RESERVE_MIN, int(memory.total * _HOST_RESERVE_FRACTION))
-        if memory.available - nbytes < reserve:
+        if memory.available - nbytes - keep_free < reserve:
+            if optional:
+                return None
             self._warn_once(
                 "host-full",
                 f"host memory is short ({memory.available / 2**30:.1f} GiB available): layer inputs that do "
@@ -115,7 +119,15 @@ class HostCopier:
 
     def __init__(self, device: torch.device):
         self.pool = HostBufferPool(pin_memory=device.type == "cuda")
+        # Buffers for what a layer parks besides its input (ftune/engine/attention.py). They are
+        # optional, so they have a pool of their own: a layer input never waits for one of
+        # theirs, and from the second step each kind reuses its own buffers.
+        self.parking_pool = HostBufferPool(pin_memory=device.type == "cuda")
         self._streams: dict[torch.device, torch.cuda.Stream] = {}
+
+    @property
+    def pools(self) -> tuple[HostBufferPool, HostBufferPool]:
+        return self.pool, self.parking_pool
 
     def stream_for(self, device: torch.device) -> torch.cuda.Stream | None:
         """The side stream of a CUDA device (None on CPU), made on first use, so a model moved to
@@ -123,30 +135,41 @@ class HostCopier:
         if device.type != "cuda":
             return None
         if device not in self._streams:
-            self.pool.pin_memory = self.pool.stats.pinned = True
+            for pool in self.pools:
+                pool.pin_memory = pool.stats.pinned = True
             self._streams[device] = torch.cuda.Stream(device)
         return self._streams[device]
 
     def stash(self, tensor: torch.Tensor) -> "HostStash":
         return HostStash(self, tensor)
 
+    def stash_if_room(self, tensor: torch.Tensor, keep_free: int) -> "HostStash | None":
+        """The tensor in a parking-pool buffer, or None when that would leave less than `keep_free`
+        bytes of host memory available (beyond the usual reserve)."""
+        stash = HostStash(self, tensor, pool=self.parking_pool, keep_free=keep_free, optional=True)
+        return stash if stash.on_host else None
+
 
 class HostStash:
     """One tensor parked in host memory: stash in forward, `prefetch` then `fetch` in backward.
 
-    If the pool has no room, the tensor simply stays where it is (on the device).
+    If the pool has no room, the tensor simply stays where it is (on the device), unless the
+    stash is optional: then it holds nothing and `on_host` is False.
     """
 
-    def __init__(self, copier: HostCopier, tensor: torch.Tensor):
+    def __init__(self, copier: HostCopier, tensor: torch.Tensor, pool: HostBufferPool | None = None,
+                 keep_free: int = 0, optional: bool = False):
         self._copier = copier
         self.shape, self.dtype, self.device = tensor.shape, tensor.dtype, tensor.device
         self.nbytes = tensor.numel() * tensor.element_size()
         self._device_tensor: torch.Tensor | None = None
         self._ready: torch.cuda.Event | None = None
         self._stream = stream = copier.stream_for(tensor.device)  # before acquire: it decides pinning
-        self._buffer = copier.pool.acquire(self.nbytes)
+        pool = pool or copier.pool
+        self._buffer = pool.acquire(self.nbytes, keep_free, optional)
         if self._buffer is None:
-            self._device_tensor = tensor  # no host room: keep it on the device
+            if not optional:
+                self._device_tensor = tensor  # no host room: keep it on the device
             return
         source = tensor.detach().contiguous().view(-1).view(torch.uint8)
         host = self._buffer[: self.nbytes]
@@ -160,7 +183,7 @@ class HostStash:
                 host.copy_(source, non_blocking=True)
             source.record_stream(stream)
         # Return the buffer to the pool if the graph is dropped without a backward.
-        self._finalizer = weakref.finalize(self, copier.pool.release, self._buffer)
+        self._finalizer = weakref.finalize(self, pool.release, self._buffer)
 
     @property
     def on_host(self) -> bool:

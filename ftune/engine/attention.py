@@ -1,0 +1,177 @@
+"""Attention's output parked beside the layer input, so a recomputed layer skips attention's forward.
+
+A recomputed layer reruns its attention half to rebuild what the backward reads: the rotated
+query, key and value, and attention's output with its log-sum-exp. The flash kernels' backward
+needs exactly those. Recomputing q, k and v costs three projections. Recomputing the output costs
+a whole attention forward, quadratic in the sequence: on an H200 it was 4% of an 8192-token step
+of the 8B shape and 7% at 16384 (docs/benchmarks.md).
+
+So an offloaded layer's forward keeps the output and the log-sum-exp its kernel made. They go to
+host memory beside the layer input, with the residual after attention (the MLP's input). The
+backward then runs the MLP straight from the parked residual, while the input, output and
+log-sum-exp come back over the host link. The attention half is rerun last, for its graph only:
+the projections and RoPE are recomputed, the parked output stands in for the attention forward,
+and the output projection's forward is skipped (lora.output_unread).
+
+transformers calls attention through a registry (`AttentionInterface`); ftune wraps its `sdpa`
+entry. Outside a recording or a replay, and for any call the parked path does not cover (a mask,
+dropout, cached keys), the wrapper calls transformers' own function unchanged.
+
+The kernels: on CUDA, cuDNN's fused attention, the one PyTorch's SDPA picks on Hopper for these
+shapes, forward and backward; on CPU, PyTorch's flash kernel for CPU (which SDPA runs there). The
+backward is the kernel's own, on the very output and log-sum-exp of the forward, so the gradients
+are those of a layer that kept its activations.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+_original_sdpa = None
+# What the wrapper does now: record the next attention's output, or replay a parked one.
+_recording: "Recording | None" = None
+_replaying: "AttentionOutput | None" = None
+# Devices whose attention kernel refused the parked path (then SDPA runs as usual there).
+_refused: set[str] = set()
+
+
+@dataclass
+class AttentionOutput:
+    """One attention call's output (batch, tokens, heads, head_dim), its log-sum-exp and the
+    kernel's other outputs that its backward takes."""
+
+    output: torch.Tensor
+    logsumexp: torch.Tensor
+    extras: tuple
+    scale: float
+
+
+class Recording:
+    """Receives the output of the attention run inside `recording_attention`, if the parked path took it."""
+
+    result: AttentionOutput | None = None
+
+
+def install() -> None:
+    """Wrap transformers' `sdpa` attention (once per process)."""
+    global _original_sdpa
+    if _original_sdpa is not None:
+        return
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface
+
+    _original_sdpa = ALL_ATTENTION_FUNCTIONS["sdpa"]
+    AttentionInterface.register("sdpa", _parked_sdpa)
+
+
+@contextlib.contextmanager
+def recording_attention():
+    """Within this block the attention's output and log-sum-exp are kept (`Recording.result`)."""
+    global _recording
+    outer, _recording = _recording, Recording()
+    try:
+        yield _recording
+    finally:
+        _recording = outer
+
+
+@contextlib.contextmanager
+def replaying_attention(parked: AttentionOutput):
+    """Within this block the attention returns `parked` and differentiates through it."""
+    global _replaying
+    outer, _replaying = _replaying, parked
+    try:
+        yield
+    finally:
+        _replaying = outer
+
+
+def _parked_sdpa(module, query, key, value, attention_mask, dropout: float = 0.0, scaling: float | None = None,
+                 is_causal: bool | None = None, **kwargs: Any):
+    global _replaying
+    if (_recording is None and _replaying is None) or not _takes(module, query, key, attention_mask, dropout,
+                                                                    is_causal, kwargs):
+        return _original_sdpa(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                              is_causal=is_causal, **kwargs)
+    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    if query.dtype == torch.float32 and query.device.type == "cuda":
+        # autocast runs SDPA in its 16-bit dtype (_takes checked it is on)
+        dtype = torch.get_autocast_dtype("cuda")
+        query, key, value = query.to(dtype), key.to(dtype), value.to(dtype)
+    if _replaying is not None:
+        parked, _replaying = _replaying, None  # one attention per layer: the next call computes
+        return _ReplayedAttention.apply(query, key, value, parked), None
+    try:
+        output, logsumexp, extras = _forward(query, key, value, scale)
+    except RuntimeError as error:  # a kernel that does not take these shapes: SDPA picks another
+        _refused.add(query.device.type)
+        logger.warning("attention outputs are recomputed, not parked: %s", str(error).splitlines()[0])
+        return _original_sdpa(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                              is_causal=is_causal, **kwargs)
+    output = output.transpose(1, 2)  # (batch, tokens, heads, head_dim), as transformers' sdpa returns it
+    if not output.is_contiguous():
+        output = output.contiguous()
+    _recording.result = AttentionOutput(output, logsumexp, extras, scale)
+    return output, None
+
+
+def _takes(module, query, key, attention_mask, dropout, is_causal, kwargs) -> bool:
+    """Whether the parked path computes what transformers' sdpa would: causal self-attention over
+    the whole sequence, no mask (so no padding), no dropout, no extra bias."""
+    causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+    return (
+        causal and attention_mask is None and dropout == 0.0 and kwargs.get("position_bias") is None
+        and query.shape[2] == key.shape[2] > 1 and query.shape[-1] == key.shape[-1]
+        and query.device.type not in _refused
+        and (query.device.type == "cpu" or query.dtype in (torch.float16, torch.bfloat16) or _autocast_16bit())
+    )
+
+
+def _autocast_16bit() -> bool:
+    return torch.is_autocast_enabled("cuda") and torch.get_autocast_dtype("cuda") in (torch.float16, torch.bfloat16)
+
+
+def _forward(query, key, value, scale):
+    """Attention's output (batch, heads, tokens, head_dim), log-sum-exp and the backward's extras."""
+    if query.device.type == "cuda":
+        (output, logsumexp, cum_seq_q, cum_seq_k, max_q, max_k, seed, offset,
+         _) = torch.ops.aten._scaled_dot_product_cudnn_attention(query, key, value, None, True, 0.0, True, False,
+                                                                 scale=scale)
+        return output, logsumexp, (cum_seq_q, cum_seq_k, max_q, max_k, seed, offset)
+    output, logsumexp = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(query, key, value, 0.0, True,
+                                                                                   scale=scale)
+    return output, logsumexp, ()
+
+
+def _backward(grad, query, key, value, parked: AttentionOutput):
+    output = parked.output.transpose(1, 2)
+    if query.device.type == "cuda":
+        cum_seq_q, cum_seq_k, max_q, max_k, seed, offset = parked.extras
+        return torch.ops.aten._scaled_dot_product_cudnn_attention_backward(
+            grad, query, key, value, output, parked.logsumexp, seed, offset, None, cum_seq_q, cum_seq_k,
+            max_q, max_k, 0.0, True, scale=parked.scale)
+    return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+        grad, query, key, value, output, parked.logsumexp, 0.0, True, scale=parked.scale)
+
+
+class _ReplayedAttention(torch.autograd.Function):
+    """The parked output in place of attention's forward; the kernel's own backward."""
+
+    @staticmethod
+    def forward(ctx, query, key, value, parked: AttentionOutput):
+        ctx.save_for_backward(query, key, value)
+        ctx.parked = parked
+        return parked.output
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        query, key, value = ctx.saved_tensors
+        parked, ctx.parked = ctx.parked, None
+        grad_query, grad_key, grad_value = _backward(grad_output.transpose(1, 2), query, key, value, parked)
+        return grad_query, grad_key, grad_value, None

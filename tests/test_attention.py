@@ -1,0 +1,169 @@
+"""The parked attention path (ftune/engine/attention.py): its kernels against PyTorch's SDPA, and an
+offloaded layer's backward that skips attention's forward, against a layer that kept everything."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.nn import functional as F
+
+from ftune.engine import attention
+from ftune.engine.attention import AttentionOutput
+from tests.helpers import lora_grads, tiny_lora_model
+
+VOCAB = 512
+
+
+def _qkv(device, dtype, heads, kv_heads, tokens, head_dim, seed=0):
+    generator = torch.Generator(device).manual_seed(seed)
+    # (batch, tokens, heads, head_dim) transposed, as transformers' projections lay them out
+    def make(h):
+        return torch.randn(2, tokens, h, head_dim, device=device, dtype=dtype, generator=generator).transpose(1, 2)
+    return make(heads), make(kv_heads), make(kv_heads)
+
+
+def _replayed_against_sdpa(device, dtype, heads, kv_heads, tokens, head_dim):
+    q, k, v = _qkv(device, dtype, heads, kv_heads, tokens, head_dim)
+    scale = head_dim ** -0.5
+    grad = torch.randn(2, tokens, heads, head_dim, device=device, dtype=dtype)
+    ref_inputs = [t.detach().requires_grad_() for t in (q, k, v)]
+    expected = F.scaled_dot_product_attention(*ref_inputs, is_causal=True, scale=scale, enable_gqa=heads != kv_heads)
+    expected.transpose(1, 2).backward(grad)
+
+    output, logsumexp, extras = attention._forward(q, k, v, scale)
+    parked = AttentionOutput(output.transpose(1, 2).contiguous(), logsumexp, extras, scale)
+    inputs = [t.detach().requires_grad_() for t in (q, k, v)]
+    replayed = attention._ReplayedAttention.apply(*inputs, parked)
+    replayed.backward(grad)
+    torch.testing.assert_close(replayed, expected.transpose(1, 2), atol=0, rtol=0)
+    for got, want in zip(inputs, ref_inputs):
+        scale_of = want.grad.abs().max().item()
+        tolerance = 1e-5 if dtype == torch.float32 else 2e-2 * scale_of
+        torch.testing.assert_close(got.grad, want.grad, atol=tolerance, rtol=0)
+
+
+@pytest.mark.parametrize("heads,kv_heads,tokens", [(4, 4, 17), (4, 2, 33), (6, 2, 5)])
+def test_replayed_attention_has_sdpas_output_and_gradients(heads, kv_heads, tokens):
+    _replayed_against_sdpa("cpu", torch.float32, heads, kv_heads, tokens, 16)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("heads,kv_heads,tokens,head_dim", [(4, 2, 100, 32), (32, 8, 1000, 128), (28, 4, 257, 128)])
+def test_gpu_replayed_attention_has_sdpas_output_and_gradients(heads, kv_heads, tokens, head_dim):
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    _replayed_against_sdpa("cuda", torch.bfloat16, heads, kv_heads, tokens, head_dim)
+
+
+def _count_attention_calls(monkeypatch) -> dict[str, int]:
+    counts = {"parked forward": 0, "sdpa": 0}
+    forward, sdpa = attention._forward, attention._original_sdpa
+
+    def counted_forward(*args, **kwargs):
+        counts["parked forward"] += 1
+        return forward(*args, **kwargs)
+
+    def counted_sdpa(*args, **kwargs):
+        counts["sdpa"] += 1
+        return sdpa(*args, **kwargs)
+
+    monkeypatch.setattr(attention, "_forward", counted_forward)
+    monkeypatch.setattr(attention, "_original_sdpa", counted_sdpa)
+    return counts
+
+
+def _step(model, ids, **kwargs):
+    model.zero_grad(set_to_none=True)
+    loss = model(input_ids=ids, labels=ids, **kwargs).loss
+    loss.backward()
+    return loss.detach(), lora_grads(model)
+
+
+def _assert_same(expected, got, atol=1e-5):
+    (loss_a, grads_a), (loss_b, grads_b) = expected, got
+    torch.testing.assert_close(loss_b, loss_a, atol=atol, rtol=0)
+    assert grads_a.keys() == grads_b.keys() and grads_a
+    for name in grads_a:
+        torch.testing.assert_close(grads_b[name], grads_a[name], atol=atol, rtol=0, msg=name)
+
+
+@pytest.mark.parametrize("preset", ["tiny-llama", "tiny-qwen2", "tiny-qwen3"])
+def test_offloaded_layers_skip_attentions_forward_in_the_backward(preset, monkeypatch):
+    reference, _ = tiny_lora_model(preset, "none")
+    model, engine = tiny_lora_model(preset, "unsloth")
+    counts = _count_attention_calls(monkeypatch)
+    ids = torch.randint(3, VOCAB, (2, 24), generator=torch.Generator().manual_seed(0))
+    expected = _step(reference, ids)
+    counts.update({"parked forward": 0, "sdpa": 0})  # the reference's attention went through the wrapper
+    got = _step(model, ids)
+    layers = len(engine.layers)
+    # one attention forward per layer, in the forward; the backward replays the parked output
+    assert counts == {"parked forward": layers, "sdpa": 0}
+    assert engine.copier.parking_pool.stats.buffers == 3 * layers  # residual, output, log-sum-exp
+    assert engine.copier.parking_pool.stats.bytes_in_use == 0
+    _assert_same(expected, got)
+
+
+def test_a_padded_batch_recomputes_attention_as_before(monkeypatch):
+    reference, _ = tiny_lora_model("tiny-llama", "none")
+    model, engine = tiny_lora_model("tiny-llama", "unsloth")
+    counts = _count_attention_calls(monkeypatch)
+    ids = torch.randint(3, VOCAB, (2, 16), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones_like(ids)
+    mask[0, :5] = 0
+    expected = _step(reference, ids, attention_mask=mask)
+    counts.update({"parked forward": 0, "sdpa": 0})
+    got = _step(model, ids, attention_mask=mask)
+    layers = len(engine.layers)
+    assert counts["parked forward"] == 0 and counts["sdpa"] == 2 * layers  # forward and recompute
+    assert engine.copier.parking_pool.stats.buffers == 0
+    _assert_same(expected, got)
+
+
+def test_layers_recompute_attention_where_parking_would_crowd_out_later_inputs(monkeypatch):
+    """Parking is optional: a layer parks only if host memory keeps room for every later layer's
+    input. Short of that the first layers (which would need the most room) recompute."""
+    from collections import namedtuple
+
+    from ftune.engine import offload
+
+    reference, _ = tiny_lora_model("tiny-llama", "none")
+    model, engine = tiny_lora_model("tiny-llama", "unsloth")
+    counts = _count_attention_calls(monkeypatch)
+    ids = torch.randint(3, VOCAB, (2, 24), generator=torch.Generator().manual_seed(2))
+    residual_bytes = ids.numel() * model.config.hidden_size * 4
+    Memory = namedtuple("Memory", "total available")
+    total = 16 * 1024**3
+    reserve = max(offload._HOST_RESERVE_MIN, int(total * offload._HOST_RESERVE_FRACTION))
+    # room for a 2 MiB buffer and one more layer input besides: the last two of three layers park
+    available = reserve + offload._GRANULE + residual_bytes
+    monkeypatch.setattr(offload.psutil, "virtual_memory", lambda: Memory(total, available))
+    expected = _step(reference, ids)
+    counts.update({"parked forward": 0, "sdpa": 0})
+    got = _step(model, ids)
+    assert engine.copier.pool.stats.buffers == 3  # every layer input still in host memory
+    assert engine.copier.parking_pool.stats.buffers == 3 * 2
+    # every forward offers its output; the first layer, which could not park it, recomputes it
+    assert counts == {"parked forward": 3, "sdpa": 1}
+    _assert_same(expected, got)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("preset", ["tiny-llama", "tiny-qwen2"])
+def test_gpu_parked_attention_matches_a_layer_that_kept_everything(preset, monkeypatch):
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    results = []
+    for mode in ("none", "unsloth"):
+        model, engine = tiny_lora_model(preset, mode)
+        model.to("cuda")
+        ids = torch.randint(3, VOCAB, (2, 256), generator=torch.Generator().manual_seed(3)).cuda()
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            results.append(_step(model, ids))
+        if mode == "unsloth":
+            assert engine.copier.parking_pool.stats.buffers == 3 * len(engine.layers)
+    (loss_a, grads_a), (loss_b, grads_b) = results
+    torch.testing.assert_close(loss_b, loss_a, atol=1e-3, rtol=0)
+    for name in grads_a:
+        scale = grads_a[name].abs().max().item()
+        torch.testing.assert_close(grads_b[name], grads_a[name], atol=1e-2 * scale + 1e-6, rtol=0, msg=name)
