@@ -167,3 +167,29 @@ def test_gpu_parked_attention_matches_a_layer_that_kept_everything(preset, monke
     for name in grads_a:
         scale = grads_a[name].abs().max().item()
         torch.testing.assert_close(grads_b[name], grads_a[name], atol=1e-2 * scale + 1e-6, rtol=0, msg=name)
+
+
+def test_a_longer_batch_frees_idle_parked_buffers_before_leaving_an_input_on_the_gpu(monkeypatch, caplog):
+    """Parked buffers sized for a shorter batch are idle in the pool; when a longer batch's layer
+    input does not fit beside them, they are freed, and the input goes to host memory."""
+    from collections import namedtuple
+
+    from ftune.engine import offload
+
+    model, engine = tiny_lora_model("tiny-llama", "unsloth")
+    Memory = namedtuple("Memory", "total available")
+    total = 16 * 1024**3
+    reserve = max(offload._HOST_RESERVE_MIN, int(total * offload._HOST_RESERVE_FRACTION))
+    limit = 30 * 1024**2  # host memory this run may take, less what the pools hold
+    monkeypatch.setattr(offload.psutil, "virtual_memory",
+                        lambda: Memory(total, reserve + limit - engine.host_bytes()))
+    short = torch.randint(3, VOCAB, (2, 24), generator=torch.Generator().manual_seed(4))
+    _step(model, short)
+    assert engine.copier.parking_pool.stats.buffers == 9  # 2 MiB each: 24 MiB with the inputs' 6
+    long = torch.randint(3, VOCAB, (8, 1000), generator=torch.Generator().manual_seed(5))  # 4 MiB inputs
+    loss = model(input_ids=long, labels=long).loss
+    pool = engine.copier.pool.stats
+    assert pool.bytes_in_use == 3 * 4 * 1024**2  # every layer input in host memory
+    assert "host memory is short" not in caplog.text
+    loss.backward()
+    assert engine.host_bytes() <= limit

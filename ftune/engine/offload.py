@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 import weakref
 from dataclasses import dataclass
+from typing import Callable
 
 import psutil
 import torch
@@ -53,6 +54,8 @@ class HostBufferPool:
         self._free: list[torch.Tensor] = []
         self.stats = PoolStats(pinned=pin_memory)
         self._warned: set[str] = set()
+        # Called when a required buffer does not fit: frees host memory elsewhere, True if it did.
+        self.make_room: Callable[[], bool] | None = None
 
     def acquire(self, nbytes: int, keep_free: int = 0, optional: bool = False) -> torch.Tensor | None:
         """A uint8 host buffer of at least nbytes, or None when host memory is too short (with
@@ -65,8 +68,18 @@ class HostBufferPool:
         if best is not None:
             buffer = self._free.pop(best)
         else:
-            buffer = self._allocate(-(-nbytes // _GRANULE) * _GRANULE, keep_free, optional)
+            size = -(-nbytes // _GRANULE) * _GRANULE
+            buffer = self._allocate(size, keep_free)
+            if buffer is None and not optional and self.make_room is not None and self.make_room():
+                buffer = self._allocate(size, keep_free)
             if buffer is None:
+                if not optional:
+                    self._warn_once(
+                        "host-full",
+                        f"host memory is short ({psutil.virtual_memory().available / 2**30:.1f} GiB available): "
+                        "layer inputs that do not fit stay on the GPU. Free host memory or use "
+                        "checkpointing.mode: true.",
+                    )
                 return None
         self.stats.bytes_in_use += buffer.numel()
         self.stats.peak_in_use = max(self.stats.peak_in_use, self.stats.bytes_in_use)
@@ -76,17 +89,18 @@ class HostBufferPool:
         self.stats.bytes_in_use -= buffer.numel()
         self._free.append(buffer)
 
-    def _allocate(self, nbytes: int, keep_free: int = 0, optional: bool = False) -> torch.Tensor | None:
+    def trim(self) -> int:
+        """Free the buffers no stash holds; the bytes freed."""
+        freed = sum(buffer.numel() for buffer in self._free)
+        self.stats.buffers -= len(self._free)
+        self.stats.bytes_total -= freed
+        self._free.clear()
+        return freed
+
+    def _allocate(self, nbytes: int, keep_free: int) -> torch.Tensor | None:
         memory = psutil.virtual_memory()
         reserve = max(_HOST_RESERVE_MIN, int(memory.total * _HOST_RESERVE_FRACTION))
         if memory.available - nbytes - keep_free < reserve:
-            if optional:
-                return None
-            self._warn_once(
-                "host-full",
-                f"host memory is short ({memory.available / 2**30:.1f} GiB available): layer inputs that do "
-                "not fit stay on the GPU. Free host memory or use checkpointing.mode: true.",
-            )
             return None
         # Allocated outside inference mode, so a buffer first used after a generate() under
         # torch.inference_mode() can still be written by training steps.
@@ -123,7 +137,17 @@ class HostCopier:
         # optional, so they have a pool of their own: a layer input never waits for one of
         # theirs, and from the second step each kind reuses its own buffers.
         self.parking_pool = HostBufferPool(pin_memory=device.type == "cuda")
+        # Parked buffers sized for earlier, shorter batches must not keep a longer batch's layer
+        # inputs on the GPU: a layer input that does not fit frees the idle ones first
+        self.pool.make_room = self._trim_parking
         self._streams: dict[torch.device, torch.cuda.Stream] = {}
+
+    def _trim_parking(self) -> bool:
+        if not self.parking_pool.trim():
+            return False
+        if self.parking_pool.pin_memory and hasattr(torch._C, "_host_emptyCache"):
+            torch._C._host_emptyCache()  # PyTorch caches freed pinned memory; give it back to the system
+        return True
 
     @property
     def pools(self) -> tuple[HostBufferPool, HostBufferPool]:
