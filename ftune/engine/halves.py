@@ -19,7 +19,6 @@ chunking would change the order of the draws), run whole through the generic rec
 
 from __future__ import annotations
 
-import contextlib
 from typing import Any, Callable
 
 import torch
@@ -88,30 +87,17 @@ class ResidualHalves:
             if recording.result is not None and park(h, recording.result):
                 output = torch.empty_like(h)
                 flat_h, flat_out = h.view(-1, h.shape[-1]), output.view(-1, h.shape[-1])
-                chunks = self._chunks(h)
-                with self._reusing_weights(len(chunks)):
-                    for start, end in chunks:
-                        torch.add(flat_h[start:end], self.mlp(flat_h[start:end]), out=flat_out[start:end])
+                for start, end in self._chunks(h):
+                    torch.add(flat_h[start:end], self.mlp(flat_h[start:end]), out=flat_out[start:end])
                 return output
+        # The forward dequantizes the MLP's weights per chunk (lora.dequantized_once is the
+        # backward's): it holds the fetched LM head, and the three 16-bit copies at once raised the
+        # 8B shape's peak at 8192 tokens by 0.32 GiB, to 5.91, for 0.7% of speed (H200).
         flat = h.view(-1, h.shape[-1])
-        chunks = self._chunks(h)
-        with self._reusing_weights(len(chunks)):
-            for start, end in chunks:
-                # Each chunk reads only its own rows before they are updated.
-                flat[start:end] += self.mlp(flat[start:end])
+        for start, end in self._chunks(h):
+            # Each chunk reads only its own rows before they are updated.
+            flat[start:end] += self.mlp(flat[start:end])
         return h
-
-    @staticmethod
-    def _reusing_weights(chunks: int):
-        """The forward's MLP reuses its dequantized 4-bit weights (lora.dequantized_once) over more
-        than two chunks. Keeping the three 16-bit copies costs the same at any length, and the
-        forward holds the fetched LM head: at 8192 tokens of the 8B shape (two chunks) the copies
-        raised the step's peak by 0.32 GiB, to 5.91, for 0.7% of speed; at 16384 (four chunks) the
-        backward sets the peak, and the reuse in both passes made the step 4% faster (H200,
-        docs/benchmarks.md). The backward reuses them at any length."""
-        from ftune.kernels.lora import dequantized_once  # here: ftune.kernels imports from ftune.engine
-
-        return dequantized_once() if chunks > 2 else contextlib.nullcontext()
 
     def backward(self, x: torch.Tensor, kwargs: dict[str, Any], grad_output: torch.Tensor,
                  wrt: list[torch.Tensor]) -> list[torch.Tensor | None]:

@@ -110,10 +110,10 @@ def dequantized_once():
 
     A recomputed layer's MLP runs in chunks of tokens (ftune/engine/halves.py), and each chunk went
     through bitsandbytes, which dequantizes the whole weight for every GEMM past its fused kernels'
-    range: at 8192 tokens of the 8B shape (two chunks), 16 dequantizations of the MLP's three
-    weights per layer and step, 36 at 16384 (four chunks); 6 in these blocks, whatever the length.
-    The price is the three copies alive together for the block (336 MiB for the 8B MLP) where one
-    was alive at a time.
+    range: in the backward of one layer at 8192 tokens of the 8B shape (two chunks), 10
+    dequantizations of the MLP's three weights, 20 at 16384 (four chunks); 3 in this block,
+    whatever the length. The price is the three copies alive together for the block (336 MiB for
+    the 8B MLP) where one was alive at a time.
     """
     global _REUSED_WEIGHTS
     outer, _REUSED_WEIGHTS = _REUSED_WEIGHTS, {}
