@@ -142,7 +142,8 @@ def host_memory_shortfall(recipe, cuda: bool) -> str | None:
     if recipe.checkpointing.mode not in ("unsloth", "smart"):
         return None
     try:
-        needed = estimate(model_shape(recipe), Setting.from_recipe(recipe, mode="unsloth", cuda=cuda)).host
+        # what must fit; the attention halves that layers park beside their inputs are optional
+        needed = estimate(model_shape(recipe), Setting.from_recipe(recipe, mode="unsloth", cuda=cuda)).required_host
     except Exception:
         return None
     available = psutil.virtual_memory().available

@@ -193,3 +193,31 @@ def test_a_longer_batch_frees_idle_parked_buffers_before_leaving_an_input_on_the
     assert "host memory is short" not in caplog.text
     loss.backward()
     assert engine.host_bytes() <= limit
+
+
+def test_the_parked_residual_is_freed_before_the_attention_half_runs(monkeypatch):
+    """At long context a layer's backward peaks in attention's backward: the residual the MLP half
+    read must be gone when the attention half fetches the layer input."""
+    import weakref
+
+    from ftune.engine import offload
+    from ftune.engine.halves import ResidualHalves
+
+    model, _ = tiny_lora_model("tiny-llama", "unsloth")
+    residual, alive_at_next_fetch = [], []
+    mlp_backward, fetch = ResidualHalves._mlp_backward, offload.HostStash.fetch
+
+    def recorded_mlp_backward(self, h, *args):
+        residual[:] = [weakref.ref(h)]
+        return mlp_backward(self, h, *args)
+
+    def checked_fetch(stash):
+        if residual:  # the first fetch after an MLP half: the attention half's input
+            alive_at_next_fetch.append(residual.pop()() is not None)
+        return fetch(stash)
+
+    monkeypatch.setattr(ResidualHalves, "_mlp_backward", recorded_mlp_backward)
+    monkeypatch.setattr(offload.HostStash, "fetch", checked_fetch)
+    ids = torch.randint(3, VOCAB, (2, 24), generator=torch.Generator().manual_seed(6))
+    _step(model, ids)
+    assert alive_at_next_fetch == [False] * 3

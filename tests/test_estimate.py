@@ -21,7 +21,8 @@ GRID = FIXTURE["cells"]
 def test_estimate_within_5_percent_of_measured(cell):
     shape = Shape.from_config(PRESETS[cell["preset"]])
     setting = Setting(mode=cell["mode"], seq=cell["seq"], batch=cell["batch"], fused_loss=cell["kernels"],
-                      host_embeddings=cell["host_embeddings"], host_lm_head=cell["host_lm_head"])
+                      host_embeddings=cell["host_embeddings"], host_lm_head=cell["host_lm_head"],
+                      parked_attention=cell.get("parked_attention", False))
     predicted = estimate(shape, setting).peak / GiB
     assert abs(predicted / cell["measured_peak_gib"] - 1) <= 0.05, (predicted, cell)
 
@@ -38,6 +39,11 @@ def test_exact_parts_of_the_8b_shape():
     assert parts.embedding_host == 2 * 128256 * 4096 * 2  # the input embedding and the LM head
     assert parts.weights_16bit == 65 * 4096 * 2  # only the norms stay on the GPU
     assert parts.checkpoints_host == 32 * 8192 * 4096 * 2
+    # parked beside each input: the residual after attention, attention's output, its log-sum-exp
+    assert parts.parked_host == 32 * 8192 * (2 * 4096 * 2 + 32 * 4)
+    assert parts.required_host == parts.checkpoints_host + parts.embedding_host
+    # an H200 process at 8192 tokens pinned 8.02 GiB (benchmarks/results/engine-h200-parked.json)
+    assert abs(parts.host / GiB / 8.02 - 1) < 0.01
     assert parts.lora_parameters == 41_943_040 * 4
 
 

@@ -100,7 +100,9 @@ def _print_table(report: dict, results: list[tuple[dict, Estimate]], budget: int
         if any(values):
             table.add_row(label, *[format_bytes(v) for v in values])
     table.add_row("[bold]peak", *[f"[bold]{format_bytes(parts.peak)}" for _, parts in results])
-    table.add_row("host memory (offload)", *[format_bytes(parts.host) for _, parts in results])
+    table.add_row("host memory (offload)", *[format_bytes(parts.required_host) for _, parts in results])
+    if any(parts.parked_host for _, parts in results):
+        table.add_row("  + parked attention, if room", *[format_bytes(parts.parked_host) for _, parts in results])
     if budget is not None:
         table.add_row(f"fits {format_bytes(budget)}", *["[green]yes" if r["fits"] else "[red]no" for r, _ in results])
         table.add_row("longest sequence that fits", *[f"{r['longest_seq']:,}" if r["longest_seq"] else "[red]none"

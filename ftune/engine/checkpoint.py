@@ -280,12 +280,12 @@ class _LayerUnit:
         """The backward of a layer that parked its attention half (halves.backward_parked): the
         gradients of the inputs (the hidden state's only), then of the parameters."""
         parked, self.parked = self.parked, None
-        residual = parked.residual.fetch()  # a second backward through this graph raises here
-        # In the order the backward reads them, while the MLP half runs; then the layer below's first.
+        # The residual came back while the layer above ran; the rest comes back in the order the
+        # backward reads it, while the MLP half runs; then the layer below's first.
         for stash in (self.stash, parked.output, parked.logsumexp):
             stash.prefetch()
         self.prefetch_previous()
-        _, kwargs = self.unflatten((residual, *saved))  # the residual only fills the hidden state's slot
+        _, kwargs = self.unflatten((None, *saved))  # the hidden state's slot is not read
 
         def fetch_input() -> torch.Tensor:
             hidden = self.stash.fetch().detach()
@@ -294,8 +294,10 @@ class _LayerUnit:
         def fetch_attention() -> AttentionOutput:
             return AttentionOutput(parked.output.fetch(), parked.logsumexp.fetch(), parked.extras, parked.scale)
 
-        grad_input, *param_grads = self.halves.backward_parked(residual, fetch_input, fetch_attention, kwargs,
-                                                               grad_outputs[0], params)
+        # The residual is passed on, not kept: the MLP half frees it before the attention half runs
+        # (one hidden-state tensor less at attention's backward, where long contexts peak)
+        grad_input, *param_grads = self.halves.backward_parked(parked.residual.fetch(), fetch_input, fetch_attention,
+                                                               kwargs, grad_outputs[0], params)
         return [grad_input] + [None] * (len(needs_grad) - 1) + param_grads
 
     def prefetch_previous(self) -> None:

@@ -54,6 +54,12 @@ WORKING_SET = {"true": (10.66, 0.266 * GiB), "unsloth": (14.64, 0.279 * GiB)}
 # 5.46 GiB at 2048 / 8192 tokens, where it is the step's peak; at 16384 (5.93 GiB) the layers'
 # backward is, as before.
 FORWARD_WITH_HEAD = (5.1, 0.184 * GiB)
+# Offloaded layers that park their attention half (ftune/engine/attention.py) add hidden-state
+# tensors: one to the backward's busiest moment, two to the forward (the layer output is a new
+# tensor beside the parked residual, and attention's output waits for its copy to host memory).
+# Fitted on an H200 (2026-11-26, grid-parked-h200.json; the 8B and Qwen2.5-7B shapes, batch 1 and 4,
+# 2048-32768 tokens): every cell within 2.6%.
+PARKED_EXTRA_HIDDEN = {"working_set": 1.0, "forward_with_head": 2.0}
 # Without the fused loss, transformers' loss holds the logits in bf16, their fp32 copy and the fp32
 # gradient: 11.2 bytes per logit (ftune true with and without kernels: +2.5 / 10.8 / 22.1 GiB at
 # 2048 / 8192 / 16384 tokens of a 128256 vocabulary).
@@ -120,6 +126,8 @@ class Setting:
     # With the tables in host memory and the fused loss, the LM head too: on the GPU for the forward
     # and the loss, not for the layers' backward (ftune.engine.embedding.HostLMHead)
     host_lm_head: bool = True
+    # Offloaded layers park their attention half beside their input (where host memory has room)
+    parked_attention: bool = True
     optimizer: str = "adamw_torch"
 
     @classmethod
@@ -158,6 +166,9 @@ class Estimate:
     loss: int = 0
     checkpoints_host: int = 0
     embedding_host: int = 0
+    # What offloaded layers park beside their input when host memory has room for it (the residual
+    # after attention, attention's output and log-sum-exp: ftune/engine/attention.py); optional
+    parked_host: int = 0
     calibrated: bool = True
     notes: list[str] = field(default_factory=list)
 
@@ -170,6 +181,12 @@ class Estimate:
 
     @property
     def host(self) -> int:
+        """Host memory the step uses where there is room for everything it parks."""
+        return self.required_host + self.parked_host
+
+    @property
+    def required_host(self) -> int:
+        """Host memory without which layer inputs or embedding tables stay on the GPU."""
         return self.checkpoints_host + self.embedding_host
 
     def as_dict(self) -> dict[str, Any]:
@@ -209,11 +226,15 @@ def estimate(shape: Shape, setting: Setting) -> Estimate:
     if mode == "smart":
         raise ValueError("estimate a smart plan through plan_smart(), which picks the policies")
     count, constant = WORKING_SET["true" if mode == "none" else mode]
+    parked = mode == "unsloth" and setting.parked_attention
+    if parked:
+        count += PARKED_EXTRA_HIDDEN["working_set"]
     result.working_set = int(count * hidden_tensor + constant)
     if mode == "true":
         result.checkpoints_gpu = shape.layers * hidden_tensor
     elif mode == "unsloth":
         result.checkpoints_host = shape.layers * hidden_tensor
+        result.parked_host = shape.layers * parked_bytes_per_layer(shape, tokens) if parked else 0
     else:  # none: every activation of every layer stays
         result.checkpoints_gpu = shape.layers * keep_bytes_per_layer(shape, tokens)
     if not setting.fused_loss:
@@ -222,6 +243,8 @@ def estimate(shape: Shape, setting: Setting) -> Estimate:
         # The head is on the GPU for the forward and the loss only: the step peaks there when the
         # head outweighs what the busiest layer's backward adds over its forward (shorter sequences)
         count, constant = FORWARD_WITH_HEAD
+        if parked:
+            count += PARKED_EXTRA_HIDDEN["forward_with_head"]
         forward_with_head = embedding + int(count * hidden_tensor + constant)
         result.loss = max(0, forward_with_head - result.working_set)
     measured_shape = (shape.model_type, shape.hidden, shape.layers) in MEASURED_SHAPES
@@ -230,6 +253,12 @@ def estimate(shape: Shape, setting: Setting) -> Estimate:
         result.notes.append("measured on the Llama-3.1-8B and Qwen2.5-7B shapes (batch 1-4, up to 32768 tokens, "
                             "kernels on); this setting is extrapolated by its sizes")
     return result
+
+
+def parked_bytes_per_layer(shape: Shape, tokens: int) -> int:
+    """What an offloaded layer parks besides its input: the residual after attention and attention's
+    output (bf16), and its log-sum-exp (fp32, one per token and head)."""
+    return tokens * (BF16 * (shape.hidden + shape.heads * shape.head_dim) + 4 * shape.heads)
 
 
 def keep_bytes_per_layer(shape: Shape, tokens: int) -> int:
