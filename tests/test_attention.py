@@ -221,3 +221,26 @@ def test_the_parked_residual_is_freed_before_the_attention_half_runs(monkeypatch
     ids = torch.randint(3, VOCAB, (2, 24), generator=torch.Generator().manual_seed(6))
     _step(model, ids)
     assert alive_at_next_fetch == [False] * 3
+
+
+def test_a_step_parks_only_within_its_share_of_host_memory(monkeypatch):
+    """Parking takes twice the inputs' host memory; a step whose inputs and parked halves would take
+    more than offload.PARKING_HOST_SHARE of the host's memory recomputes attention instead."""
+    from collections import namedtuple
+
+    from ftune.engine import offload
+
+    reference, _ = tiny_lora_model("tiny-llama", "none")
+    model, engine = tiny_lora_model("tiny-llama", "unsloth")
+    counts = _count_attention_calls(monkeypatch)
+    ids = torch.randint(3, VOCAB, (2, 24), generator=torch.Generator().manual_seed(7))
+    hidden = ids.numel() * model.config.hidden_size * 4  # fp32 hidden states
+    lse = ids.numel() * model.config.num_attention_heads * 4
+    step = 3 * (hidden + 2 * hidden + lse)  # three layers: input, residual, attention output, log-sum-exp
+    Memory = namedtuple("Memory", "total available")
+    expected = _step(reference, ids)
+    for total, parks in ((int(step / offload.PARKING_HOST_SHARE), True), (int(step / offload.PARKING_HOST_SHARE) - 1, False)):
+        monkeypatch.setattr(offload.psutil, "virtual_memory", lambda: Memory(total, 8 * 1024**3))
+        counts.update({"parked forward": 0, "sdpa": 0})
+        _assert_same(expected, _step(model, ids))
+        assert counts["sdpa"] == (0 if parks else 3), total  # recomputed attention when not parked

@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from ftune.cli import main
-from ftune.memory.estimate import GiB, Setting, Shape, allocatable, estimate, longest_sequence, model_shape
+from ftune.memory.estimate import (GiB, Setting, Shape, allocatable, estimate, longest_sequence, model_shape,
+                                   parks_attention)
 from ftune.presets import PRESETS
 from tests.conftest import QUICKSTART, REPO
 
@@ -22,7 +23,8 @@ def test_estimate_within_5_percent_of_measured(cell):
     shape = Shape.from_config(PRESETS[cell["preset"]])
     setting = Setting(mode=cell["mode"], seq=cell["seq"], batch=cell["batch"], fused_loss=cell["kernels"],
                       host_embeddings=cell["host_embeddings"], host_lm_head=cell["host_lm_head"],
-                      parked_attention=cell.get("parked_attention", False))
+                      parked_attention=cell.get("parked_attention", False),
+                      host_memory=int(cell["host_gib"] * GiB) if "host_gib" in cell else None)
     predicted = estimate(shape, setting).peak / GiB
     assert abs(predicted / cell["measured_peak_gib"] - 1) <= 0.05, (predicted, cell)
 
@@ -55,11 +57,16 @@ def test_modes_order_and_longest_sequence():
     # In a 24 GiB cap, LM head on the GPU: 151552 tokens trained, 189440 ran out (H100); LM head in
     # host memory: 172032 ran out (H200)
     cap = allocatable(24 * GiB)
-    head_on_gpu = longest_sequence(shape, Setting(mode="unsloth", host_lm_head=False), cap)
+    head_on_gpu = longest_sequence(shape, Setting(mode="unsloth", host_lm_head=False, parked_attention=False), cap)
     assert 151552 <= head_on_gpu < 189440
-    head_in_host_memory = longest_sequence(shape, Setting(mode="unsloth"), cap)
+    head_in_host_memory = longest_sequence(shape, Setting(mode="unsloth", parked_attention=False), cap)
     assert head_on_gpu <= head_in_host_memory < 172032
-    assert estimate(shape, Setting(mode="unsloth", seq=head_in_host_memory)).peak <= cap
+    assert estimate(shape, Setting(mode="unsloth", seq=head_in_host_memory, parked_attention=False)).peak <= cap
+    # On a 125 GiB host the 8B shape parks attention up to 32768 tokens (24 GiB of inputs and parked
+    # halves), not at 150,528 (112 GiB), where the longest sequence is the unparked one
+    host = 125 * GiB
+    assert parks_attention(shape, 32768, host) and not parks_attention(shape, 150528, host)
+    assert longest_sequence(shape, Setting(mode="unsloth", host_memory=host), cap) == head_in_host_memory
 
 
 def test_shape_from_a_local_config(tmp_path):

@@ -29,7 +29,7 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from ftune.engine import attention
 from ftune.engine.attention import AttentionOutput
 from ftune.engine.halves import DEFAULT_CHUNK_BYTES, ResidualHalves
-from ftune.engine.offload import HostCopier, HostStash
+from ftune.engine.offload import HostCopier, HostStash, parking_fits_host
 
 logger = logging.getLogger(__name__)
 
@@ -236,6 +236,7 @@ class _LayerUnit:
             engine._last_unit = weakref.ref(self)
             self.copier = engine.copier
             self.layers_after = len(engine.policies) - index - 1
+            self.offloaded_layers = engine.policies.count(Policy.OFFLOAD)
 
     def run(self, inputs: tuple[torch.Tensor, ...]) -> Any:
         """The layer's output from these inputs (the graph, if any, is the caller's business)."""
@@ -248,11 +249,17 @@ class _LayerUnit:
         return self.forward(*args, **kwargs)
 
     def park(self, residual: torch.Tensor, attended: AttentionOutput) -> bool:
-        """Park the residual after attention and the attention's output in host memory, if that
-        leaves room for the input of every layer after this one (attention.py); whether it did."""
-        keep_free = self.layers_after * residual.numel() * residual.element_size()
+        """Park the residual after attention and the attention's output in host memory, if the step's
+        share of host memory allows it (offload.PARKING_HOST_SHARE) and it leaves room for the input
+        of every layer after this one (attention.py); whether it did."""
+        tensors = (residual, attended.output, attended.logsumexp)
+        input_bytes = residual.numel() * residual.element_size()
+        parked_bytes = sum(t.numel() * t.element_size() for t in tensors)
+        if not parking_fits_host(self.offloaded_layers * (input_bytes + parked_bytes)):
+            return False
+        keep_free = self.layers_after * input_bytes
         stashes = []
-        for tensor in (residual, attended.output, attended.logsumexp):
+        for tensor in tensors:
             stash = self.copier.stash_if_room(tensor, keep_free)
             if stash is None:
                 return False  # the stashes made so far give their buffers back as they go

@@ -15,7 +15,9 @@ of hidden-state-sized tensors (batch x tokens x hidden, 2 bytes) plus a constant
 on the GPU; mode `none`'s kept activations are counted from the shape (keep_bytes_per_layer). The
 grid in tests/fixtures/memory_grid.json (modes none/true/unsloth, the Llama-3.1-8B and Qwen2.5-7B
 shapes, batch 1 and 4, 2048-32768 tokens, kernels on; unsloth with the LM head on the GPU and in
-host memory) holds every estimate within 5% of its measurement (worst 4.0%; tests/test_estimate.py).
+host memory, and with attention's output parked at batch 1) holds every estimate within 5% of its
+measurement (worst 4.0%; tests/test_estimate.py). Host memory counts what must fit (layer inputs,
+embedding tables) apart from what offloaded layers park where there is room (`parked_host`).
 Shapes and settings outside that grid are extrapolated by their sizes, and `calibrated` says so.
 """
 
@@ -54,12 +56,12 @@ WORKING_SET = {"true": (10.66, 0.266 * GiB), "unsloth": (14.64, 0.279 * GiB)}
 # 5.46 GiB at 2048 / 8192 tokens, where it is the step's peak; at 16384 (5.93 GiB) the layers'
 # backward is, as before.
 FORWARD_WITH_HEAD = (5.1, 0.184 * GiB)
-# Offloaded layers that park their attention half (ftune/engine/attention.py) add hidden-state
-# tensors: one to the backward's busiest moment, two to the forward (the layer output is a new
-# tensor beside the parked residual, and attention's output waits for its copy to host memory).
-# Fitted on an H200 (2026-11-26, grid-parked-h200.json; the 8B and Qwen2.5-7B shapes, batch 1 and 4,
-# 2048-32768 tokens): every cell within 2.6%.
-PARKED_EXTRA_HIDDEN = {"working_set": 1.0, "forward_with_head": 2.0}
+# Offloaded layers that park their attention half (ftune/engine/attention.py) add two hidden-state
+# tensors to the forward (the layer output is a new tensor beside the parked residual, and
+# attention's output waits for its copy to host memory) and none to the backward's busiest moment.
+# Fitted on an H200 (2026-11-26, grid-parked-residual-freed-h200.json; the 8B and Qwen2.5-7B
+# shapes, batch 1, 2048-32768 tokens): every cell within 2.7%.
+PARKED_EXTRA_HIDDEN = {"working_set": 0.0, "forward_with_head": 2.0}
 # Without the fused loss, transformers' loss holds the logits in bf16, their fp32 copy and the fp32
 # gradient: 11.2 bytes per logit (ftune true with and without kernels: +2.5 / 10.8 / 22.1 GiB at
 # 2048 / 8192 / 16384 tokens of a 128256 vocabulary).
@@ -126,8 +128,11 @@ class Setting:
     # With the tables in host memory and the fused loss, the LM head too: on the GPU for the forward
     # and the loss, not for the layers' backward (ftune.engine.embedding.HostLMHead)
     host_lm_head: bool = True
-    # Offloaded layers park their attention half beside their input (where host memory has room)
+    # Offloaded layers park their attention half beside their input, where the step's share of host
+    # memory allows (ftune.engine.offload.PARKING_HOST_SHARE) ...
     parked_attention: bool = True
+    # ... of this much host memory (None: this machine's)
+    host_memory: int | None = None
     optimizer: str = "adamw_torch"
 
     @classmethod
@@ -226,7 +231,7 @@ def estimate(shape: Shape, setting: Setting) -> Estimate:
     if mode == "smart":
         raise ValueError("estimate a smart plan through plan_smart(), which picks the policies")
     count, constant = WORKING_SET["true" if mode == "none" else mode]
-    parked = mode == "unsloth" and setting.parked_attention
+    parked = mode == "unsloth" and setting.parked_attention and parks_attention(shape, tokens, setting.host_memory)
     if parked:
         count += PARKED_EXTRA_HIDDEN["working_set"]
     result.working_set = int(count * hidden_tensor + constant)
@@ -253,6 +258,19 @@ def estimate(shape: Shape, setting: Setting) -> Estimate:
         result.notes.append("measured on the Llama-3.1-8B and Qwen2.5-7B shapes (batch 1-4, up to 32768 tokens, "
                             "kernels on); this setting is extrapolated by its sizes")
     return result
+
+
+def parks_attention(shape: Shape, tokens: int, host_memory: int | None = None) -> bool:
+    """Whether offloaded layers park their attention half at this many tokens (the engine's rule:
+    inputs and parked halves within PARKING_HOST_SHARE of the host's memory)."""
+    from ftune.engine.offload import PARKING_HOST_SHARE
+
+    if host_memory is None:
+        import psutil
+
+        host_memory = psutil.virtual_memory().total
+    step = shape.layers * (tokens * shape.hidden * BF16 + parked_bytes_per_layer(shape, tokens))
+    return step <= PARKING_HOST_SHARE * host_memory
 
 
 def parked_bytes_per_layer(shape: Shape, tokens: int) -> int:
