@@ -3,7 +3,9 @@
 Each decoder layer (a transformers `GradientCheckpointingLayer`) gets a policy:
   keep       run as usual, every activation kept for backward;
   recompute  run without keeping activations, recompute in backward; the layer input stays put;
-  offload    as recompute, but the layer input waits in host memory (see offload.py).
+  offload    as recompute, but the layer input waits in host memory (see offload.py), and,
+             where host memory allows, attention's output with it, so the recompute skips
+             attention's forward (see attention.py).
 
 Modes are lists of policies: none = all keep, true = all recompute, unsloth = all offload,
 smart = a plan per layer. The recompute is one autograd Function (`_RecomputedLayer`) whose

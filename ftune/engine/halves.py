@@ -13,6 +13,9 @@ layer's output gradient (the residual passes it through unchanged), known before
 runs. Only one chunk's intermediates exist at once, at no extra compute. The forward without a
 graph chunks the MLP the same way and adds into `h` in place.
 
+An offloaded layer can park its attention half (attention.py): its backward then starts with
+the MLP half, from the parked residual, and reruns the attention half last, for its graph only.
+
 Layers whose forward differs (Gemma's extra norms), or that draw random numbers (LoRA dropout:
 chunking would change the order of the draws), run whole through the generic recompute.
 """
