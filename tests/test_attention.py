@@ -14,6 +14,12 @@ from tests.helpers import lora_grads, tiny_lora_model
 VOCAB = 512
 
 
+@pytest.fixture(autouse=True)
+def _no_refusals_between_tests():
+    yield
+    attention._refused.clear()
+
+
 def _qkv(device, dtype, heads, kv_heads, tokens, head_dim, seed=0):
     generator = torch.Generator(device).manual_seed(seed)
     # (batch, tokens, heads, head_dim) transposed, as transformers' projections lay them out
@@ -135,8 +141,9 @@ def test_layers_recompute_attention_where_parking_would_crowd_out_later_inputs(m
     Memory = namedtuple("Memory", "total available")
     total = 16 * 1024**3
     reserve = max(offload._HOST_RESERVE_MIN, int(total * offload._HOST_RESERVE_FRACTION))
-    # room for a 2 MiB buffer and one more layer input besides: the last two of three layers park
-    available = reserve + offload._GRANULE + residual_bytes
+    # a layer parks with room left for its own input and every later one's (2 MiB buffers each): with
+    # 6 MiB above the reserve, the last two of three layers park
+    available = reserve + 3 * offload.buffer_size(residual_bytes)
     monkeypatch.setattr(offload.psutil, "virtual_memory", lambda: Memory(total, available))
     expected = _step(reference, ids)
     counts.update({"parked forward": 0, "sdpa": 0})
@@ -225,7 +232,7 @@ def test_the_parked_residual_is_freed_before_the_attention_half_runs(monkeypatch
 
 def test_a_step_parks_only_within_its_share_of_host_memory(monkeypatch):
     """Parking takes twice the inputs' host memory; a step whose inputs and parked halves would take
-    more than offload.PARKING_HOST_SHARE of the host's memory recomputes attention instead."""
+    more than attention.PARKING_HOST_SHARE of the host's memory recomputes attention instead."""
     from collections import namedtuple
 
     from ftune.engine import offload
@@ -239,8 +246,68 @@ def test_a_step_parks_only_within_its_share_of_host_memory(monkeypatch):
     step = 3 * (hidden + 2 * hidden + lse)  # three layers: input, residual, attention output, log-sum-exp
     Memory = namedtuple("Memory", "total available")
     expected = _step(reference, ids)
-    for total, parks in ((int(step / offload.PARKING_HOST_SHARE), True), (int(step / offload.PARKING_HOST_SHARE) - 1, False)):
+    for total, parks in ((int(step / attention.PARKING_HOST_SHARE), True), (int(step / attention.PARKING_HOST_SHARE) - 1, False)):
         monkeypatch.setattr(offload.psutil, "virtual_memory", lambda: Memory(total, 8 * 1024**3))
         counts.update({"parked forward": 0, "sdpa": 0})
         _assert_same(expected, _step(model, ids))
         assert counts["sdpa"] == (0 if parks else 3), total  # recomputed attention when not parked
+
+
+def test_parking_never_leaves_a_layer_input_on_the_gpu(monkeypatch, caplog):
+    """Host memory that shrinks as the pools grow: layers park only while room stays for their own
+    input (stashed after the forward that parks) and every later one's."""
+    from collections import namedtuple
+
+    from ftune.engine import offload
+
+    reference, _ = tiny_lora_model("tiny-llama", "none")
+    model, engine = tiny_lora_model("tiny-llama", "unsloth")
+    Memory = namedtuple("Memory", "total available")
+    total = 16 * 1024**3
+    reserve = max(offload._HOST_RESERVE_MIN, int(total * offload._HOST_RESERVE_FRACTION))
+    monkeypatch.setattr(offload.psutil, "virtual_memory",
+                        lambda: Memory(total, reserve + 22 * 1024**2 - engine.host_bytes()))
+    ids = torch.randint(3, VOCAB, (2, 24), generator=torch.Generator().manual_seed(8))
+    expected = _step(reference, ids)
+    loss = model(input_ids=ids, labels=ids).loss
+    assert engine.copier.pool.stats.bytes_in_use == 3 * 2 * 1024**2  # every input in host memory
+    assert 0 < engine.copier.parking_pool.stats.buffers < 9  # and the room left parked some layers
+    assert "host memory is short" not in caplog.text
+    loss.backward()
+    got = (loss.detach(), lora_grads(model))
+    _assert_same(expected, got)
+
+
+def test_steps_longer_than_the_token_cap_recompute_attention(monkeypatch):
+    reference, _ = tiny_lora_model("tiny-llama", "none")
+    model, engine = tiny_lora_model("tiny-llama", "unsloth")
+    counts = _count_attention_calls(monkeypatch)
+    ids = torch.randint(3, VOCAB, (2, 24), generator=torch.Generator().manual_seed(9))
+    monkeypatch.setattr(attention, "PARKING_MAX_TOKENS", ids.numel() - 1)
+    expected = _step(reference, ids)
+    counts.update({"parked forward": 0, "sdpa": 0})
+    _assert_same(expected, _step(model, ids))
+    assert engine.copier.parking_pool.stats.buffers == 0 and counts["sdpa"] == 3
+
+
+def test_parked_attention_under_cpu_autocast_runs_in_the_autocast_dtype(monkeypatch):
+    """RoPE's fp32 tables leave q and k in fp32 beside a bf16 v under autocast: the parked path
+    casts them as autocast casts SDPA's inputs, and parks."""
+    reference, _ = tiny_lora_model("tiny-llama", "none")
+    model, engine = tiny_lora_model("tiny-llama", "unsloth")
+    ids = torch.randint(3, VOCAB, (2, 24), generator=torch.Generator().manual_seed(10))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        expected = _step(reference, ids)
+        got = _step(model, ids)
+    assert engine.copier.parking_pool.stats.buffers == 9 and not attention._refused
+    _assert_same(expected, got, atol=3e-2)
+
+
+@pytest.mark.parametrize("mode", ["true", "unsloth"])
+def test_lora_on_the_mlp_only(mode):
+    """The first layer's attention half then has nothing to differentiate."""
+    mlp = ["gate_proj", "up_proj", "down_proj"]
+    reference, _ = tiny_lora_model("tiny-llama", "none", target_modules=mlp)
+    model, _ = tiny_lora_model("tiny-llama", mode, target_modules=mlp)
+    ids = torch.randint(3, VOCAB, (2, 24), generator=torch.Generator().manual_seed(11))
+    _assert_same(_step(reference, ids), _step(model, ids))

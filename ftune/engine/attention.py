@@ -15,7 +15,8 @@ and the output projection's forward is skipped (lora.output_unread).
 
 transformers calls attention through a registry (`AttentionInterface`); ftune wraps its `sdpa`
 entry. Outside a recording or a replay, and for any call the parked path does not cover (a mask,
-dropout, cached keys), the wrapper calls transformers' own function unchanged.
+dropout, cached keys), the wrapper calls transformers' own function unchanged. Whether a step
+parks at all is `parks`: within a share of host memory and a number of tokens.
 
 The kernels: on CUDA, cuDNN's fused attention, the one PyTorch's SDPA picks on Hopper for these
 shapes, forward and backward; on CPU, PyTorch's flash kernel for CPU (which SDPA runs there). The
@@ -30,16 +31,27 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
+import psutil
 import torch
+from torch.nn import functional as F
 
 logger = logging.getLogger(__name__)
+
+# When a step parks. Parking is a speed-up that takes twice the layer inputs' host memory: a step
+# parks only while its inputs and parked halves take at most this share of the host's memory...
+PARKING_HOST_SHARE = 0.5
+# ... and it has at most this many tokens. With parking, 150,528 tokens of the 8B shape ran out of
+# GPU memory in a 24 GiB cap on an H200 (with expandable segments too), where 159,744 had trained
+# without it; the cause was not found before the session's GPU time ran out. 32768 tokens at batch
+# 1 are the longest step measured parked after the last fix (docs/benchmarks.md).
+PARKING_MAX_TOKENS = 32768
 
 _original_sdpa = None
 # What the wrapper does now: record the next attention's output, or replay a parked one.
 _recording: "Recording | None" = None
 _replaying: "AttentionOutput | None" = None
-# Devices whose attention kernel refused the parked path (then SDPA runs as usual there).
-_refused: set[str] = set()
+# (device, dtype, head size) whose attention kernel refused the parked path: SDPA runs as usual there.
+_refused: set[tuple] = set()
 
 
 @dataclass
@@ -57,6 +69,14 @@ class Recording:
     """Receives the output of the attention run inside `recording_attention`, if the parked path took it."""
 
     result: AttentionOutput | None = None
+
+
+def parks(tokens: int, step_bytes: int, host_memory: int | None = None) -> bool:
+    """Whether a step of this many tokens, whose layer inputs and parked halves take `step_bytes`,
+    parks (PARKING_MAX_TOKENS, PARKING_HOST_SHARE of `host_memory`, by default this machine's)."""
+    if host_memory is None:
+        host_memory = psutil.virtual_memory().total
+    return tokens <= PARKING_MAX_TOKENS and step_bytes <= PARKING_HOST_SHARE * host_memory
 
 
 def install() -> None:
@@ -95,23 +115,28 @@ def replaying_attention(parked: AttentionOutput):
 def _parked_sdpa(module, query, key, value, attention_mask, dropout: float = 0.0, scaling: float | None = None,
                  is_causal: bool | None = None, **kwargs: Any):
     global _replaying
-    if (_recording is None and _replaying is None) or not _takes(module, query, key, attention_mask, dropout,
-                                                                    is_causal, kwargs):
+    if _recording is None and _replaying is None:
+        return _original_sdpa(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                              is_causal=is_causal, **kwargs)
+    device = query.device.type
+    if torch.is_autocast_enabled(device):  # as autocast runs SDPA: in its dtype
+        dtype = torch.get_autocast_dtype(device)
+        query, key, value = query.to(dtype), key.to(dtype), value.to(dtype)
+    if not _takes(module, query, key, value, attention_mask, dropout, is_causal, kwargs):
         return _original_sdpa(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                               is_causal=is_causal, **kwargs)
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-    if query.dtype == torch.float32 and query.device.type == "cuda":
-        # autocast runs SDPA in its 16-bit dtype (_takes checked it is on)
-        dtype = torch.get_autocast_dtype("cuda")
-        query, key, value = query.to(dtype), key.to(dtype), value.to(dtype)
     if _replaying is not None:
         parked, _replaying = _replaying, None  # one attention per layer: the next call computes
         return _ReplayedAttention.apply(query, key, value, parked), None
     try:
         output, logsumexp, extras = _forward(query, key, value, scale)
-    except RuntimeError as error:  # a kernel that does not take these shapes: SDPA picks another
-        _refused.add(query.device.type)
-        logger.warning("attention outputs are recomputed, not parked: %s", str(error).splitlines()[0])
+    except torch.OutOfMemoryError:
+        raise
+    except RuntimeError as error:  # a kernel that does not take these inputs: SDPA picks another
+        _refused.add(_kind(query))
+        logger.warning("attention outputs of %s are recomputed, not parked: %s", _kind(query),
+                       str(error).splitlines()[0])
         return _original_sdpa(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                               is_causal=is_causal, **kwargs)
     output = output.transpose(1, 2)  # (batch, tokens, heads, head_dim), as transformers' sdpa returns it
@@ -121,20 +146,25 @@ def _parked_sdpa(module, query, key, value, attention_mask, dropout: float = 0.0
     return output, None
 
 
-def _takes(module, query, key, attention_mask, dropout, is_causal, kwargs) -> bool:
+def _kind(query) -> tuple:
+    """What a kernel's refusal is remembered by: the device, the dtype and the head size."""
+    return query.device.type, query.dtype, query.shape[-1]
+
+
+def _takes(module, query, key, value, attention_mask, dropout, is_causal, kwargs) -> bool:
     """Whether the parked path computes what transformers' sdpa would: causal self-attention over
-    the whole sequence, no mask (so no padding), no dropout, no extra bias."""
+    the whole sequence, no mask (so no padding), no dropout, no extra bias, one dtype; on CUDA a
+    16-bit one, with PyTorch's cuDNN attention enabled and no deterministic algorithms asked for
+    (its backward is not deterministic)."""
     causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
-    return (
-        causal and attention_mask is None and dropout == 0.0 and kwargs.get("position_bias") is None
-        and query.shape[2] == key.shape[2] > 1 and query.shape[-1] == key.shape[-1]
-        and query.device.type not in _refused
-        and (query.device.type == "cpu" or query.dtype in (torch.float16, torch.bfloat16) or _autocast_16bit())
-    )
-
-
-def _autocast_16bit() -> bool:
-    return torch.is_autocast_enabled("cuda") and torch.get_autocast_dtype("cuda") in (torch.float16, torch.bfloat16)
+    if not (causal and attention_mask is None and dropout == 0.0 and kwargs.get("position_bias") is None
+            and query.shape[2] == key.shape[2] > 1 and query.shape[-1] == key.shape[-1]
+            and query.dtype == key.dtype == value.dtype and _kind(query) not in _refused):
+        return False
+    if query.device.type == "cuda":
+        return (query.dtype in (torch.float16, torch.bfloat16) and torch.backends.cuda.cudnn_sdp_enabled()
+                and not torch.are_deterministic_algorithms_enabled())
+    return query.device.type == "cpu"
 
 
 def _forward(query, key, value, scale):
@@ -173,5 +203,17 @@ class _ReplayedAttention(torch.autograd.Function):
     def backward(ctx, grad_output):
         query, key, value = ctx.saved_tensors
         parked, ctx.parked = ctx.parked, None
-        grad_query, grad_key, grad_value = _backward(grad_output.transpose(1, 2), query, key, value, parked)
+        try:
+            grads = _backward(grad_output.transpose(1, 2), query, key, value, parked)
+        except torch.OutOfMemoryError:
+            raise
+        except RuntimeError as error:  # a backward that refuses what its forward took: recompute
+            _refused.add(_kind(query))
+            logger.warning("attention of %s recomputed in the backward: %s", _kind(query), str(error).splitlines()[0])
+            inputs = [t.detach().requires_grad_() for t in (query, key, value)]
+            with torch.enable_grad():
+                output = F.scaled_dot_product_attention(*inputs, is_causal=True, scale=parked.scale,
+                                                        enable_gqa=query.shape[1] != key.shape[1])
+            grads = torch.autograd.grad(output, inputs, grad_output.transpose(1, 2))
+        grad_query, grad_key, grad_value = grads
         return grad_query, grad_key, grad_value, None

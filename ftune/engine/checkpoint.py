@@ -31,7 +31,7 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from ftune.engine import attention
 from ftune.engine.attention import AttentionOutput
 from ftune.engine.halves import DEFAULT_CHUNK_BYTES, ResidualHalves
-from ftune.engine.offload import HostCopier, HostStash, parking_fits_host
+from ftune.engine.offload import HostCopier, HostStash, buffer_size
 
 logger = logging.getLogger(__name__)
 
@@ -251,15 +251,16 @@ class _LayerUnit:
         return self.forward(*args, **kwargs)
 
     def park(self, residual: torch.Tensor, attended: AttentionOutput) -> bool:
-        """Park the residual after attention and the attention's output in host memory, if the step's
-        share of host memory allows it (offload.PARKING_HOST_SHARE) and it leaves room for the input
-        of every layer after this one (attention.py); whether it did."""
+        """Park the residual after attention and the attention's output in host memory, if the step
+        parks (attention.parks) and that leaves room for this layer's input, stashed after its
+        forward, and every later one's; whether it did."""
         tensors = (residual, attended.output, attended.logsumexp)
         input_bytes = residual.numel() * residual.element_size()
         parked_bytes = sum(t.numel() * t.element_size() for t in tensors)
-        if not parking_fits_host(self.offloaded_layers * (input_bytes + parked_bytes)):
+        tokens = residual.numel() // residual.shape[-1]
+        if not attention.parks(tokens, self.offloaded_layers * (input_bytes + parked_bytes)):
             return False
-        keep_free = self.layers_after * input_bytes
+        keep_free = (self.layers_after + 1) * buffer_size(input_bytes)
         stashes = []
         for tensor in tensors:
             stash = self.copier.stash_if_room(tensor, keep_free)
@@ -289,9 +290,10 @@ class _LayerUnit:
         """The backward of a layer that parked its attention half (halves.backward_parked): the
         gradients of the inputs (the hidden state's only), then of the parameters."""
         parked, self.parked = self.parked, None
-        # The residual came back while the layer above ran; the rest comes back in the order the
-        # backward reads it, while the MLP half runs; then the layer below's first.
-        for stash in (self.stash, parked.output, parked.logsumexp):
+        # The residual came back while the layer above ran (unless this is the first layer back);
+        # the rest comes back in the order the backward reads it, while the MLP half runs; then
+        # the layer below's first.
+        for stash in (parked.residual, self.stash, parked.output, parked.logsumexp):
             stash.prefetch()
         self.prefetch_previous()
         _, kwargs = self.unflatten((None, *saved))  # the hidden state's slot is not read

@@ -109,7 +109,10 @@ class ResidualHalves:
             h = self.attention(x, kwargs)
         params = [t for t in wrt if t is not x]
         grad_h, totals = self._mlp_backward(h.detach(), grad_output, params)
-        attention_grads = torch.autograd.grad(h, wrt, grad_h, allow_unused=True)
+        # nothing to differentiate when the attention half has no trainable parameter and x needs
+        # no gradient (LoRA on the MLP only, the first layer)
+        attention_grads = (torch.autograd.grad(h, wrt, grad_h, allow_unused=True) if h.requires_grad
+                           else [None] * len(wrt))
         # wrt = [x?] + params: x's gradient comes from the attention half alone
         offset = len(wrt) - len(params)
         return list(attention_grads[:offset]) + [_add(total, grad) for total, grad in
@@ -132,7 +135,8 @@ class ResidualHalves:
         with torch.enable_grad(), replaying_attention(fetch_attention()), output_unread(layer.self_attn.o_proj):
             attended, _ = layer.self_attn(hidden_states=layer.input_layernorm(x), **kwargs)
         wrt = ([x] if x.requires_grad else []) + params
-        grads = list(torch.autograd.grad(attended, wrt, grad_h, allow_unused=True))
+        grads = (list(torch.autograd.grad(attended, wrt, grad_h, allow_unused=True)) if attended.requires_grad
+                 else [None] * len(wrt))
         grad_x = None
         if x.requires_grad:  # the residual passes grad_h to x unchanged, beside the attention's part
             branch = grads.pop(0)

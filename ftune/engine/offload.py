@@ -31,18 +31,9 @@ _GRANULE = 2 * 1024 * 1024
 # Host memory left free for the rest of the system when deciding whether an offload fits.
 _HOST_RESERVE_MIN = 2 * 1024**3
 _HOST_RESERVE_FRACTION = 0.05
-# What offloaded layers park besides their inputs (ftune/engine/attention.py) is a speed-up that
-# takes twice the inputs' host memory. A step parks only when its inputs and parked halves together
-# take at most this share of the host's memory: the 8B shape parks up to 32768 tokens on a 128 GiB
-# host (24 GiB), not at 150,528 (112 GiB). There, in a 24 GiB cap, the parked step ran out of GPU
-# memory on an H200 (expandable segments too) where the unparked one had trained 159,744 tokens;
-# the cause was not found before the session's GPU time ran out (docs/benchmarks.md).
-PARKING_HOST_SHARE = 0.5
-
-
-def parking_fits_host(step_bytes: int) -> bool:
-    """Whether a step whose inputs and parked halves take `step_bytes` may park (PARKING_HOST_SHARE)."""
-    return step_bytes <= PARKING_HOST_SHARE * psutil.virtual_memory().total
+def buffer_size(nbytes: int) -> int:
+    """The size of the pool buffer that holds nbytes (rounded up to a granule)."""
+    return -(-nbytes // _GRANULE) * _GRANULE
 
 
 @dataclass
@@ -80,7 +71,7 @@ class HostBufferPool:
         if best is not None:
             buffer = self._free.pop(best)
         else:
-            size = -(-nbytes // _GRANULE) * _GRANULE
+            size = buffer_size(nbytes)
             buffer = self._allocate(size, keep_free)
             if buffer is None and not optional and self.make_room is not None and self.make_room():
                 buffer = self._allocate(size, keep_free)

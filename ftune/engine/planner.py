@@ -22,8 +22,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 from ftune.engine.checkpoint import Policy
-from ftune.memory.estimate import (Estimate, Setting, Shape, estimate, keep_bytes_per_layer, longest_sequence,
-                                   parked_bytes_per_layer)
+from ftune.memory.estimate import Estimate, Setting, Shape, estimate, keep_bytes_per_layer, longest_sequence
 from ftune.memory.monitor import format_bytes
 
 # Copies at this host-link bandwidth or above hide behind compute (an H100 moves 55 GB/s pinned;
@@ -70,7 +69,7 @@ def plan_peak(shape: Shape, setting: Setting, keep: int, recompute: int) -> Esti
     # 1-5% above the measured one at budgets 16-80 GiB, so it needs no further margin
     base.checkpoints_gpu = keep * keep_bytes_per_layer(shape, tokens) + recompute * hidden_tensor
     base.checkpoints_host = offload * hidden_tensor
-    base.parked_host = offload * parked_bytes_per_layer(shape, tokens)
+    base.parked_host = base.parked_host * offload // shape.layers  # where the step parks at all
     return base
 
 

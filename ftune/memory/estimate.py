@@ -128,8 +128,8 @@ class Setting:
     # With the tables in host memory and the fused loss, the LM head too: on the GPU for the forward
     # and the loss, not for the layers' backward (ftune.engine.embedding.HostLMHead)
     host_lm_head: bool = True
-    # Offloaded layers park their attention half beside their input, where the step's share of host
-    # memory allows (ftune.engine.offload.PARKING_HOST_SHARE) ...
+    # Offloaded layers park their attention half beside their input, where the engine's rule allows
+    # (ftune.engine.attention.parks: tokens and a share of host memory) ...
     parked_attention: bool = True
     # ... of this much host memory (None: this machine's)
     host_memory: int | None = None
@@ -261,16 +261,12 @@ def estimate(shape: Shape, setting: Setting) -> Estimate:
 
 
 def parks_attention(shape: Shape, tokens: int, host_memory: int | None = None) -> bool:
-    """Whether offloaded layers park their attention half at this many tokens (the engine's rule:
-    inputs and parked halves within PARKING_HOST_SHARE of the host's memory)."""
-    from ftune.engine.offload import PARKING_HOST_SHARE
+    """Whether offloaded layers park their attention half in a step of this many tokens (the
+    engine's rule, ftune.engine.attention.parks)."""
+    from ftune.engine.attention import parks
 
-    if host_memory is None:
-        import psutil
-
-        host_memory = psutil.virtual_memory().total
-    step = shape.layers * (tokens * shape.hidden * BF16 + parked_bytes_per_layer(shape, tokens))
-    return step <= PARKING_HOST_SHARE * host_memory
+    return parks(tokens, shape.layers * (tokens * shape.hidden * BF16 + parked_bytes_per_layer(shape, tokens)),
+                 host_memory)
 
 
 def parked_bytes_per_layer(shape: Shape, tokens: int) -> int:
