@@ -7,7 +7,9 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from ftune.engine import attention
+from collections import namedtuple
+
+from ftune.engine import attention, offload
 from ftune.engine.attention import AttentionOutput
 from tests.helpers import lora_grads, tiny_lora_model
 
@@ -93,15 +95,32 @@ def _assert_same(expected, got, atol=1e-5):
         torch.testing.assert_close(grads_b[name], grads_a[name], atol=atol, rtol=0, msg=name)
 
 
-@pytest.mark.parametrize("preset", ["tiny-llama", "tiny-qwen2", "tiny-qwen3"])
-def test_offloaded_layers_skip_attentions_forward_in_the_backward(preset, monkeypatch):
+def _parking_pair(monkeypatch, preset="tiny-llama"):
+    """A reference model (mode none) and an unsloth one, with the attention calls counted."""
     reference, _ = tiny_lora_model(preset, "none")
     model, engine = tiny_lora_model(preset, "unsloth")
-    counts = _count_attention_calls(monkeypatch)
+    return reference, model, engine, _count_attention_calls(monkeypatch)
+
+
+def _counted_step(counts, model, ids, **kwargs):
+    """A step of `model` with the counts started afresh (the reference's attention went through the
+    wrapper too)."""
+    counts.update({"parked forward": 0, "sdpa": 0})
+    return _step(model, ids, **kwargs)
+
+
+def _fake_host_memory(monkeypatch, available, total=16 * 1024**3) -> None:
+    """psutil reports `total` bytes and `available(reserve)`, the pools' reserve given."""
+    reserve = max(offload._HOST_RESERVE_MIN, int(total * offload._HOST_RESERVE_FRACTION))
+    Memory = namedtuple("Memory", "total available")
+    monkeypatch.setattr(offload.psutil, "virtual_memory", lambda: Memory(total, available(reserve)))
+
+
+@pytest.mark.parametrize("preset", ["tiny-llama", "tiny-qwen2", "tiny-qwen3"])
+def test_offloaded_layers_skip_attentions_forward_in_the_backward(preset, monkeypatch):
+    reference, model, engine, counts = _parking_pair(monkeypatch, preset)
     ids = torch.randint(3, VOCAB, (2, 24), generator=torch.Generator().manual_seed(0))
-    expected = _step(reference, ids)
-    counts.update({"parked forward": 0, "sdpa": 0})  # the reference's attention went through the wrapper
-    got = _step(model, ids)
+    expected, got = _step(reference, ids), _counted_step(counts, model, ids)
     layers = len(engine.layers)
     # one attention forward per layer, in the forward; the backward replays the parked output
     assert counts == {"parked forward": layers, "sdpa": 0}
@@ -111,15 +130,12 @@ def test_offloaded_layers_skip_attentions_forward_in_the_backward(preset, monkey
 
 
 def test_a_padded_batch_recomputes_attention_as_before(monkeypatch):
-    reference, _ = tiny_lora_model("tiny-llama", "none")
-    model, engine = tiny_lora_model("tiny-llama", "unsloth")
-    counts = _count_attention_calls(monkeypatch)
+    reference, model, engine, counts = _parking_pair(monkeypatch)
     ids = torch.randint(3, VOCAB, (2, 16), generator=torch.Generator().manual_seed(1))
     mask = torch.ones_like(ids)
     mask[0, :5] = 0
     expected = _step(reference, ids, attention_mask=mask)
-    counts.update({"parked forward": 0, "sdpa": 0})
-    got = _step(model, ids, attention_mask=mask)
+    got = _counted_step(counts, model, ids, attention_mask=mask)
     layers = len(engine.layers)
     assert counts["parked forward"] == 0 and counts["sdpa"] == 2 * layers  # forward and recompute
     assert engine.copier.parking_pool.stats.buffers == 0
@@ -129,25 +145,13 @@ def test_a_padded_batch_recomputes_attention_as_before(monkeypatch):
 def test_layers_recompute_attention_where_parking_would_crowd_out_later_inputs(monkeypatch):
     """Parking is optional: a layer parks only if host memory keeps room for every later layer's
     input. Short of that the first layers (which would need the most room) recompute."""
-    from collections import namedtuple
-
-    from ftune.engine import offload
-
-    reference, _ = tiny_lora_model("tiny-llama", "none")
-    model, engine = tiny_lora_model("tiny-llama", "unsloth")
-    counts = _count_attention_calls(monkeypatch)
+    reference, model, engine, counts = _parking_pair(monkeypatch)
     ids = torch.randint(3, VOCAB, (2, 24), generator=torch.Generator().manual_seed(2))
     residual_bytes = ids.numel() * model.config.hidden_size * 4
-    Memory = namedtuple("Memory", "total available")
-    total = 16 * 1024**3
-    reserve = max(offload._HOST_RESERVE_MIN, int(total * offload._HOST_RESERVE_FRACTION))
     # a layer parks with room left for its own input and every later one's (2 MiB buffers each): with
     # 6 MiB above the reserve, the last two of three layers park
-    available = reserve + 3 * offload.buffer_size(residual_bytes)
-    monkeypatch.setattr(offload.psutil, "virtual_memory", lambda: Memory(total, available))
-    expected = _step(reference, ids)
-    counts.update({"parked forward": 0, "sdpa": 0})
-    got = _step(model, ids)
+    _fake_host_memory(monkeypatch, lambda reserve: reserve + 3 * offload.buffer_size(residual_bytes))
+    expected, got = _step(reference, ids), _counted_step(counts, model, ids)
     assert engine.copier.pool.stats.buffers == 3  # every layer input still in host memory
     assert engine.copier.parking_pool.stats.buffers == 3 * 2
     # every forward offers its output; the first layer, which could not park it, recomputes it
@@ -179,17 +183,9 @@ def test_gpu_parked_attention_matches_a_layer_that_kept_everything(preset, monke
 def test_a_longer_batch_frees_idle_parked_buffers_before_leaving_an_input_on_the_gpu(monkeypatch, caplog):
     """Parked buffers sized for a shorter batch are idle in the pool; when a longer batch's layer
     input does not fit beside them, they are freed, and the input goes to host memory."""
-    from collections import namedtuple
-
-    from ftune.engine import offload
-
     model, engine = tiny_lora_model("tiny-llama", "unsloth")
-    Memory = namedtuple("Memory", "total available")
-    total = 16 * 1024**3
-    reserve = max(offload._HOST_RESERVE_MIN, int(total * offload._HOST_RESERVE_FRACTION))
     limit = 30 * 1024**2  # host memory this run may take, less what the pools hold
-    monkeypatch.setattr(offload.psutil, "virtual_memory",
-                        lambda: Memory(total, reserve + limit - engine.host_bytes()))
+    _fake_host_memory(monkeypatch, lambda reserve: reserve + limit - engine.host_bytes())
     short = torch.randint(3, VOCAB, (2, 24), generator=torch.Generator().manual_seed(4))
     _step(model, short)
     assert engine.copier.parking_pool.stats.buffers == 9  # 2 MiB each: 24 MiB with the inputs' 6
@@ -207,7 +203,6 @@ def test_the_parked_residual_is_freed_before_the_attention_half_runs(monkeypatch
     read must be gone when the attention half fetches the layer input."""
     import weakref
 
-    from ftune.engine import offload
     from ftune.engine.halves import ResidualHalves
 
     model, _ = tiny_lora_model("tiny-llama", "unsloth")
@@ -233,40 +228,25 @@ def test_the_parked_residual_is_freed_before_the_attention_half_runs(monkeypatch
 def test_a_step_parks_only_within_its_share_of_host_memory(monkeypatch):
     """Parking takes twice the inputs' host memory; a step whose inputs and parked halves would take
     more than attention.PARKING_HOST_SHARE of the host's memory recomputes attention instead."""
-    from collections import namedtuple
-
-    from ftune.engine import offload
-
-    reference, _ = tiny_lora_model("tiny-llama", "none")
-    model, engine = tiny_lora_model("tiny-llama", "unsloth")
-    counts = _count_attention_calls(monkeypatch)
+    reference, model, engine, counts = _parking_pair(monkeypatch)
     ids = torch.randint(3, VOCAB, (2, 24), generator=torch.Generator().manual_seed(7))
     hidden = ids.numel() * model.config.hidden_size * 4  # fp32 hidden states
     lse = ids.numel() * model.config.num_attention_heads * 4
     step = 3 * (hidden + 2 * hidden + lse)  # three layers: input, residual, attention output, log-sum-exp
-    Memory = namedtuple("Memory", "total available")
     expected = _step(reference, ids)
-    for total, parks in ((int(step / attention.PARKING_HOST_SHARE), True), (int(step / attention.PARKING_HOST_SHARE) - 1, False)):
-        monkeypatch.setattr(offload.psutil, "virtual_memory", lambda: Memory(total, 8 * 1024**3))
-        counts.update({"parked forward": 0, "sdpa": 0})
-        _assert_same(expected, _step(model, ids))
+    smallest = int(step / attention.PARKING_HOST_SHARE)  # the smallest host on which the step parks
+    for total, parks in ((smallest, True), (smallest - 1, False)):
+        _fake_host_memory(monkeypatch, lambda reserve: 8 * 1024**3, total=total)
+        _assert_same(expected, _counted_step(counts, model, ids))
         assert counts["sdpa"] == (0 if parks else 3), total  # recomputed attention when not parked
 
 
 def test_parking_never_leaves_a_layer_input_on_the_gpu(monkeypatch, caplog):
     """Host memory that shrinks as the pools grow: layers park only while room stays for their own
     input (stashed after the forward that parks) and every later one's."""
-    from collections import namedtuple
-
-    from ftune.engine import offload
-
     reference, _ = tiny_lora_model("tiny-llama", "none")
     model, engine = tiny_lora_model("tiny-llama", "unsloth")
-    Memory = namedtuple("Memory", "total available")
-    total = 16 * 1024**3
-    reserve = max(offload._HOST_RESERVE_MIN, int(total * offload._HOST_RESERVE_FRACTION))
-    monkeypatch.setattr(offload.psutil, "virtual_memory",
-                        lambda: Memory(total, reserve + 22 * 1024**2 - engine.host_bytes()))
+    _fake_host_memory(monkeypatch, lambda reserve: reserve + 22 * 1024**2 - engine.host_bytes())
     ids = torch.randint(3, VOCAB, (2, 24), generator=torch.Generator().manual_seed(8))
     expected = _step(reference, ids)
     loss = model(input_ids=ids, labels=ids).loss
@@ -279,14 +259,10 @@ def test_parking_never_leaves_a_layer_input_on_the_gpu(monkeypatch, caplog):
 
 
 def test_steps_longer_than_the_token_cap_recompute_attention(monkeypatch):
-    reference, _ = tiny_lora_model("tiny-llama", "none")
-    model, engine = tiny_lora_model("tiny-llama", "unsloth")
-    counts = _count_attention_calls(monkeypatch)
+    reference, model, engine, counts = _parking_pair(monkeypatch)
     ids = torch.randint(3, VOCAB, (2, 24), generator=torch.Generator().manual_seed(9))
     monkeypatch.setattr(attention, "PARKING_MAX_TOKENS", ids.numel() - 1)
-    expected = _step(reference, ids)
-    counts.update({"parked forward": 0, "sdpa": 0})
-    _assert_same(expected, _step(model, ids))
+    _assert_same(_step(reference, ids), _counted_step(counts, model, ids))
     assert engine.copier.parking_pool.stats.buffers == 0 and counts["sdpa"] == 3
 
 

@@ -115,16 +115,19 @@ def replaying_attention(parked: AttentionOutput):
 def _parked_sdpa(module, query, key, value, attention_mask, dropout: float = 0.0, scaling: float | None = None,
                  is_causal: bool | None = None, **kwargs: Any):
     global _replaying
-    if _recording is None and _replaying is None:
+
+    def sdpa(query, key, value):  # transformers' own, unchanged
         return _original_sdpa(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                               is_causal=is_causal, **kwargs)
+
+    if _recording is None and _replaying is None:
+        return sdpa(query, key, value)
     device = query.device.type
     if torch.is_autocast_enabled(device):  # as autocast runs SDPA: in its dtype
         dtype = torch.get_autocast_dtype(device)
         query, key, value = query.to(dtype), key.to(dtype), value.to(dtype)
     if not _takes(module, query, key, value, attention_mask, dropout, is_causal, kwargs):
-        return _original_sdpa(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
-                              is_causal=is_causal, **kwargs)
+        return sdpa(query, key, value)
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
     if _replaying is not None:
         parked, _replaying = _replaying, None  # one attention per layer: the next call computes
@@ -137,8 +140,7 @@ def _parked_sdpa(module, query, key, value, attention_mask, dropout: float = 0.0
         _refused.add(_kind(query))
         logger.warning("attention outputs of %s are recomputed, not parked: %s", _kind(query),
                        str(error).splitlines()[0])
-        return _original_sdpa(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
-                              is_causal=is_causal, **kwargs)
+        return sdpa(query, key, value)
     output = output.transpose(1, 2)  # (batch, tokens, heads, head_dim), as transformers' sdpa returns it
     if not output.is_contiguous():
         output = output.contiguous()

@@ -150,40 +150,19 @@ def _reads_whole_weight(layer: nn.Module, x: torch.Tensor) -> bool:
     return not autocast or torch.get_autocast_dtype(x.device.type) == dtype
 
 
-class _Base4bitReused(torch.autograd.Function):
-    """A bitsandbytes Linear4bit as bitsandbytes computes it for long inputs (x cast to the compute
-    dtype, one GEMM with the whole dequantized weight, the bias added, the product cast back; the
-    input gradient one GEMM with the weight again), the weight taken from `dequantized_once`."""
+class _Base4bitInputGradient(torch.autograd.Function):
+    """The input gradient of a bitsandbytes Linear4bit exactly as bitsandbytes' own backward makes it
+    (the weight dequantized, one matmul in the gradient's compute dtype), the weight taken from
+    `dequantized_once` inside its block; the subclasses' forwards differ."""
 
     @staticmethod
-    def forward(ctx, x, layer):
-        from bitsandbytes.nn.modules import fix_4bit_weight_quant_state_from_module
-
-        fix_4bit_weight_quant_state_from_module(layer)
-        dtype = layer.compute_dtype or x.dtype
-        ctx.layer, ctx.input_dtype, ctx.compute_dtype = layer, x.dtype, dtype
-        bias = None if layer.bias is None else layer.bias.to(dtype)
-        return F.linear(x.to(dtype), _dequantized(layer.weight, dtype), bias).to(x.dtype)
-
-    @staticmethod
-    def backward(ctx, grad_output):
-        grad = grad_output.to(ctx.compute_dtype)
-        return torch.matmul(grad, _dequantized(ctx.layer.weight, grad.dtype)).to(ctx.input_dtype), None
-
-
-class _Base4bitGradientOnly(torch.autograd.Function):
-    """A bitsandbytes Linear4bit (no bias) whose output is never read: the forward returns an
-    uninitialized tensor of the output's shape and dtype, the backward the input gradient exactly
-    as bitsandbytes' own (the weight dequantized, then one matmul in the gradient's compute dtype)."""
-
-    @staticmethod
-    def forward(ctx, x, layer):
+    def _prepare(ctx, x, layer) -> torch.dtype:
         from bitsandbytes.nn.modules import fix_4bit_weight_quant_state_from_module
 
         fix_4bit_weight_quant_state_from_module(layer)
         ctx.layer, ctx.input_dtype = layer, x.dtype
         ctx.compute_dtype = layer.compute_dtype or x.dtype
-        return x.new_empty(*x.shape[:-1], layer.weight.quant_state.shape[0])
+        return ctx.compute_dtype
 
     @staticmethod
     def backward(ctx, grad_output):
@@ -191,6 +170,28 @@ class _Base4bitGradientOnly(torch.autograd.Function):
         # MatMul4Bit's, in that order
         grad = grad_output.to(ctx.compute_dtype)
         return torch.matmul(grad, _dequantized(ctx.layer.weight, grad.dtype)).to(ctx.input_dtype), None
+
+
+class _Base4bitReused(_Base4bitInputGradient):
+    """A bitsandbytes Linear4bit as bitsandbytes computes it for long inputs (x cast to the compute
+    dtype, one GEMM with the whole dequantized weight, the bias added, the product cast back), the
+    weight taken from `dequantized_once`."""
+
+    @staticmethod
+    def forward(ctx, x, layer):
+        dtype = _Base4bitInputGradient._prepare(ctx, x, layer)
+        bias = None if layer.bias is None else layer.bias.to(dtype)
+        return F.linear(x.to(dtype), _dequantized(layer.weight, dtype), bias).to(x.dtype)
+
+
+class _Base4bitGradientOnly(_Base4bitInputGradient):
+    """A bitsandbytes Linear4bit (no bias) whose output is never read: the forward returns an
+    uninitialized tensor of the output's shape and dtype; the backward is bitsandbytes' input gradient."""
+
+    @staticmethod
+    def forward(ctx, x, layer):
+        _Base4bitInputGradient._prepare(ctx, x, layer)
+        return x.new_empty(*x.shape[:-1], layer.weight.quant_state.shape[0])
 
 
 class _LoRAOver4bit(torch.autograd.Function):
