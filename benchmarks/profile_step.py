@@ -35,13 +35,15 @@ KERNEL_KINDS = [
 def print_gpu_time_by_kind(prof, steps: int) -> None:
     """Per step: the time the GPU had any kernel running (the union over streams) and each
     kind's summed kernel time. Wall time well above the busy time means the host sets the pace."""
-    intervals, by_kind, unnamed = [], {}, {}
+    intervals, by_kind, unnamed, by_name = [], {}, {}, {}
     for event in prof.events():
         if event.device_type != torch.autograd.DeviceType.CUDA:
             continue
         intervals.append((event.time_range.start, event.time_range.end))
         kind = next((k for k, pattern in KERNEL_KINDS if pattern.search(event.name)), "other")
         by_kind[kind] = by_kind.get(kind, 0.0) + event.time_range.elapsed_us()
+        total, count = by_name.get(event.name[:110], (0.0, 0))
+        by_name[event.name[:110]] = (total + event.time_range.elapsed_us(), count + 1)
         if kind == "other":
             unnamed[event.name[:70]] = unnamed.get(event.name[:70], 0.0) + event.time_range.elapsed_us()
     busy, reach = 0.0, float("-inf")
@@ -53,6 +55,87 @@ def print_gpu_time_by_kind(prof, steps: int) -> None:
         print(f"    {kind:16s} {total / 1000 / steps:8.2f} ms/step")
     for name, total in sorted(unnamed.items(), key=lambda item: -item[1])[:6]:
         print(f"      other: {total / 1000 / steps:8.2f} ms/step  {name}")
+    print("  top kernels, ms/step and launches/step:")
+    for name, (total, count) in sorted(by_name.items(), key=lambda item: -item[1][0])[:30]:
+        print(f"    {total / 1000 / steps:8.2f} ms  x{count // steps:5d}  {name}")
+
+
+def print_phase_gaps(model, ids: torch.Tensor) -> None:
+    """One forward and one backward, each profiled alone: how long the CPU took to enqueue it
+    against the wall time, and the compute stream's idle time with its largest gaps (the kernels
+    on either side named). Idle time with the enqueue close to the wall time means the host sets
+    the pace; idle time with the enqueue well ahead means something waits (a sync, a copy)."""
+
+    def report(name: str, prof, enqueued: float, wall: float) -> None:
+        kernels = [e for e in prof.profiler.kineto_results.events()
+                   if e.device_type() == torch.autograd.DeviceType.CUDA and e.duration_ns() > 0]
+        by_stream: dict[int, list] = {}
+        for event in kernels:
+            by_stream.setdefault(event.device_resource_id(), []).append(event)
+        totals = {s: sum(e.duration_ns() for e in events) for s, events in by_stream.items()}
+        compute = max(totals, key=totals.get)
+        events = sorted(by_stream[compute], key=lambda e: e.start_ns())
+        gaps, reach = [], events[0].end_ns()
+        for before, after in zip(events, events[1:]):
+            reach = max(reach, before.end_ns())
+            if after.start_ns() > reach:
+                gaps.append((after.start_ns() - reach, before.name()[:60], after.name()[:60]))
+        span = (events[-1].end_ns() - events[0].start_ns()) / 1e6
+        print(f"  {name}: wall {wall * 1000:.1f} ms, enqueued after {enqueued * 1000:.1f} ms; compute stream "
+              f"{compute}: kernels {totals[compute] / 1e6:.1f} ms over a span of {span:.1f} ms, idle "
+              f"{sum(g for g, _, _ in gaps) / 1e6:.1f} ms in {len(gaps)} gaps; other streams "
+              + ", ".join(f"{s}: {t / 1e6:.1f} ms" for s, t in totals.items() if s != compute))
+        for gap, before, after in sorted(gaps, reverse=True)[:8]:
+            print(f"    gap {gap / 1e3:8.1f} us  after {before}  before {after}")
+        buckets = {}
+        for gap, _, after in gaps:
+            buckets[after[:40]] = buckets.get(after[:40], 0) + gap
+        print("    idle before, summed: " + "; ".join(f"{k} {v / 1e6:.1f} ms" for k, v in
+                                                     sorted(buckets.items(), key=lambda kv: -kv[1])[:6]))
+
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        start = time.perf_counter()
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = model(input_ids=ids, labels=ids).loss
+        enqueued = time.perf_counter() - start
+        torch.cuda.synchronize()
+        wall = time.perf_counter() - start
+    report("forward", prof, enqueued, wall)
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        start = time.perf_counter()
+        loss.backward()
+        enqueued = time.perf_counter() - start
+        torch.cuda.synchronize()
+        wall = time.perf_counter() - start
+    report("backward", prof, enqueued, wall)
+    for parameter in model.parameters():
+        parameter.grad = None
+
+
+def print_phase_times(model, optimizer, ids: torch.Tensor, steps: int) -> None:
+    """Median forward, backward and optimizer time over a few steps, each fenced by a sync: which
+    half of the step a change has to shorten."""
+    phases = {"forward": [], "backward": [], "optimizer": [], "forward enqueued": [], "backward enqueued": []}
+    for _ in range(steps):
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = model(input_ids=ids, labels=ids).loss
+        phases["forward enqueued"].append(time.perf_counter() - start)
+        torch.cuda.synchronize()
+        forward_done = time.perf_counter()
+        loss.backward()
+        phases["backward enqueued"].append(time.perf_counter() - forward_done)
+        torch.cuda.synchronize()
+        backward_done = time.perf_counter()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        torch.cuda.synchronize()
+        phases["forward"].append(forward_done - start)
+        phases["backward"].append(backward_done - forward_done)
+        phases["optimizer"].append(time.perf_counter() - backward_done)
+    print("  " + ", ".join(f"{name} {sorted(t)[len(t) // 2] * 1000:.1f} ms" for name, t in phases.items()))
 
 
 def main() -> None:
@@ -89,6 +172,11 @@ def main() -> None:
             step()
         torch.cuda.synchronize()
         print(f"=== mode {label}: {(time.perf_counter() - start) / args.steps * 1000:.1f} ms per step (not profiled)")
+        print_phase_times(model, optimizer, ids, args.steps)
+        try:
+            print_phase_gaps(model, ids)
+        except Exception as error:  # a diagnostic: the step's figures above stand without it
+            print(f"  phase gaps failed: {error!r}")
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
             start = time.perf_counter()
             for _ in range(args.steps):

@@ -105,14 +105,18 @@ class ResidualHalves:
     def backward(self, x: torch.Tensor, kwargs: dict[str, Any], grad_output: torch.Tensor,
                  wrt: list[torch.Tensor]) -> list[torch.Tensor | None]:
         """Recompute and backpropagate; the gradients of `wrt` (x if it needs one, then parameters)."""
-        with torch.enable_grad():
-            h = self.attention(x, kwargs)
-        params = [t for t in wrt if t is not x]
-        grad_h, totals = self._mlp_backward(h.detach(), grad_output, params)
-        # nothing to differentiate when the attention half has no trainable parameter and x needs
-        # no gradient (LoRA on the MLP only, the first layer)
-        attention_grads = (torch.autograd.grad(h, wrt, grad_h, allow_unused=True) if h.requires_grad
-                           else [None] * len(wrt))
+        from ftune.kernels.lora import dequantized_once  # here: ftune.kernels imports from ftune.engine
+
+        # the attention's 4-bit weights dequantized once for its recompute and its backward
+        with dequantized_once():
+            with torch.enable_grad():
+                h = self.attention(x, kwargs)
+            params = [t for t in wrt if t is not x]
+            grad_h, totals = self._mlp_backward(h.detach(), grad_output, params)
+            # nothing to differentiate when the attention half has no trainable parameter and x needs
+            # no gradient (LoRA on the MLP only, the first layer)
+            attention_grads = (torch.autograd.grad(h, wrt, grad_h, allow_unused=True) if h.requires_grad
+                               else [None] * len(wrt))
         # wrt = [x?] + params: x's gradient comes from the attention half alone
         offset = len(wrt) - len(params)
         return list(attention_grads[:offset]) + [_add(total, grad) for total, grad in
@@ -126,17 +130,18 @@ class ResidualHalves:
         only, with the parked output in place of the attention forward and the output projection's
         GEMM skipped. `fetch_input` and `fetch_attention` wait for their copies back, which run
         meanwhile. The gradients of the input (None when it needs none), then of `params`."""
-        from ftune.kernels.lora import output_unread  # here: ftune.kernels imports from ftune.engine
+        from ftune.kernels.lora import dequantized_once, output_unread  # here: ftune.kernels imports from ftune.engine
 
         grad_h, totals = self._mlp_backward(residual, grad_output, params)
         del residual
         x = fetch_input()
         layer = self.layer
-        with torch.enable_grad(), replaying_attention(fetch_attention()), output_unread(layer.self_attn.o_proj):
-            attended, _ = layer.self_attn(hidden_states=layer.input_layernorm(x), **kwargs)
         wrt = ([x] if x.requires_grad else []) + params
-        grads = (list(torch.autograd.grad(attended, wrt, grad_h, allow_unused=True)) if attended.requires_grad
-                 else [None] * len(wrt))
+        with dequantized_once():  # the attention's 4-bit weights once for its recompute and backward
+            with torch.enable_grad(), replaying_attention(fetch_attention()), output_unread(layer.self_attn.o_proj):
+                attended, _ = layer.self_attn(hidden_states=layer.input_layernorm(x), **kwargs)
+            grads = (list(torch.autograd.grad(attended, wrt, grad_h, allow_unused=True)) if attended.requires_grad
+                     else [None] * len(wrt))
         grad_x = None
         if x.requires_grad:  # the residual passes grad_h to x unchanged, beside the attention's part
             branch = grads.pop(0)

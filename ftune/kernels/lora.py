@@ -62,6 +62,11 @@ def overwritable(x: torch.Tensor) -> torch.Tensor:
 
 def fused_lora_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     """A bound `forward` for a peft LoRA layer; `self._ftune_peft_forward` is peft's."""
+    group = getattr(self, "_ftune_projection_group", None)
+    if group is not None and not args and not kwargs:  # lora_augmented.ProjectionGroup
+        result = group.forward(self, x)
+        if result is not None:
+            return result
     if not _fast_path_applies(self, x, kwargs):
         return self._ftune_peft_forward(x, *args, **kwargs)
     single = _single_plain_adapter(self) if FOLD_ADAPTER_INPUT_GRADIENT else None
@@ -353,9 +358,13 @@ def lora_layers(model: nn.Module) -> list[nn.Module]:
 
 
 def patch_lora(model: nn.Module) -> int:
-    """Give each LoRA layer of `model` the fused forward; returns how many were patched."""
+    """Give each LoRA layer of `model` the fused forward, and the attention's projections their
+    groups (lora_augmented.py); returns how many layers were patched."""
+    from ftune.kernels.lora_augmented import group_projections  # it builds on this module
+
     layers = lora_layers(model)
     for layer in layers:
         layer._ftune_peft_forward = layer.forward
         layer.forward = types.MethodType(fused_lora_forward, layer)
+    group_projections(model)
     return len(layers)

@@ -34,6 +34,7 @@ from transformers.utils.generic import can_return_tuple
 from ftune.engine.embedding import HostLMHead
 from ftune.kernels.fused_linear_cross_entropy import fused_linear_cross_entropy
 from ftune.kernels.lora import lora_layers, overwritable, patch_lora
+from ftune.kernels.lora_augmented import lora_mlp, lora_mlp_parts
 from ftune.kernels.rms_norm import rms_norm
 from ftune.kernels.rope import apply_rotary_pos_emb
 from ftune.kernels.swiglu import swiglu
@@ -224,6 +225,9 @@ def _own_class(module: nn.Module) -> type:
 
 
 def _swiglu_mlp_forward(self, x):
+    parts = lora_mlp_parts(self, x)  # LoRA over 4-bit bases with ftune's LoRA forward: the adapters in the GEMMs
+    if parts is not None:
+        return lora_mlp(self, x, parts)
     # the projections' outputs are read by nothing but the SwiGLU, and its product by nothing but
     # down_proj: their backwards may write the gradients over them
     return self.down_proj(overwritable(swiglu(self.gate_proj(x), self.up_proj(x), overwrite_inputs=True)))

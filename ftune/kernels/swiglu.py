@@ -3,7 +3,8 @@
 The eager MLP keeps `silu(gate)` and the product for the backward on top of gate and up, and
 rounds twice (after the silu, after the product). Here the math runs in fp32 inside one kernel
 and rounds once; the backward recomputes the silu from the saved gate, so only gate and up are
-kept. The tensors are walked as flat arrays: elementwise work needs no notion of rows.
+kept. The kernels walk rows of the last dimension, so gate and up may be column blocks of one
+wider buffer (ftune/kernels/lora_mlp.py).
 
 Where gate and up are a projection's fresh outputs (the patched MLP), the backward writes their
 gradients over them instead of into new buffers: each element is read before it is written, by
@@ -28,39 +29,57 @@ NUM_WARPS = 4
 
 
 @triton.jit
-def _swiglu_forward_kernel(GATE_ptr, UP_ptr, Y_ptr, n_elements, BLOCK_SIZE: tl.constexpr):
-    offsets = tl.program_id(0).to(tl.int64) * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
-    mask = offsets < n_elements
-    gate = tl.load(GATE_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
-    up = tl.load(UP_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+def _swiglu_forward_kernel(GATE_ptr, UP_ptr, Y_ptr, n_cols, gate_stride, up_stride, y_stride,
+                           BLOCK_SIZE: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
+    mask = cols < n_cols
+    gate = tl.load(GATE_ptr + row * gate_stride + cols, mask=mask, other=0.0).to(tl.float32)
+    up = tl.load(UP_ptr + row * up_stride + cols, mask=mask, other=0.0).to(tl.float32)
     y = gate * tl.sigmoid(gate) * up
-    tl.store(Y_ptr + offsets, y.to(Y_ptr.dtype.element_ty), mask=mask)
+    tl.store(Y_ptr + row * y_stride + cols, y.to(Y_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
 def _swiglu_backward_kernel(
-    DY_ptr, GATE_ptr, UP_ptr, DGATE_ptr, DUP_ptr, n_elements, BLOCK_SIZE: tl.constexpr
+    DY_ptr, GATE_ptr, UP_ptr, DGATE_ptr, DUP_ptr, n_cols, dy_stride, gate_stride, up_stride, dgate_stride,
+    dup_stride, BLOCK_SIZE: tl.constexpr
 ):
-    offsets = tl.program_id(0).to(tl.int64) * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
-    mask = offsets < n_elements
-    dy = tl.load(DY_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
-    gate = tl.load(GATE_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
-    up = tl.load(UP_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
+    mask = cols < n_cols
+    dy = tl.load(DY_ptr + row * dy_stride + cols, mask=mask, other=0.0).to(tl.float32)
+    gate = tl.load(GATE_ptr + row * gate_stride + cols, mask=mask, other=0.0).to(tl.float32)
+    up = tl.load(UP_ptr + row * up_stride + cols, mask=mask, other=0.0).to(tl.float32)
     sig = tl.sigmoid(gate)
     silu = gate * sig
     # silu'(g) = sig(g) * (1 + g * (1 - sig(g)))
     dgate = dy * up * sig * (1.0 + gate * (1.0 - sig))
     dup = dy * silu
-    tl.store(DGATE_ptr + offsets, dgate.to(DGATE_ptr.dtype.element_ty), mask=mask)
-    tl.store(DUP_ptr + offsets, dup.to(DUP_ptr.dtype.element_ty), mask=mask)
+    tl.store(DGATE_ptr + row * dgate_stride + cols, dgate.to(DGATE_ptr.dtype.element_ty), mask=mask)
+    tl.store(DUP_ptr + row * dup_stride + cols, dup.to(DUP_ptr.dtype.element_ty), mask=mask)
 
 
-def swiglu_forward(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-    y = torch.empty_like(gate)
-    n_elements = gate.numel()
-    _swiglu_forward_kernel[(triton.cdiv(n_elements, BLOCK_SIZE),)](
-        gate, up, y, n_elements, BLOCK_SIZE=BLOCK_SIZE, num_warps=NUM_WARPS
-    )
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    """t as a matrix of its last dimension's rows, without a copy (rows may lie apart)."""
+    matrix = t if t.dim() == 2 else t.reshape(-1, t.shape[-1])
+    if matrix.stride(-1) != 1 or (t.dim() != 2 and matrix.data_ptr() != t.data_ptr()):
+        raise ValueError("swiglu reads rows of contiguous elements")
+    return matrix
+
+
+def _grid(rows: torch.Tensor):
+    return (rows.shape[0], triton.cdiv(rows.shape[1], BLOCK_SIZE))
+
+
+def swiglu_forward(gate: torch.Tensor, up: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """`silu(gate) * up` into `out` (new when None). All three are matrices of rows or tensors
+    viewed as rows of their last dimension; rows of a matrix may lie apart (columns of a wider
+    buffer), each row's elements contiguous."""
+    y = torch.empty_like(gate) if out is None else out
+    g, u, o = _rows(gate), _rows(up), _rows(y)
+    _swiglu_forward_kernel[_grid(g)](g, u, o, g.shape[1], g.stride(0), u.stride(0), o.stride(0),
+                                     BLOCK_SIZE=BLOCK_SIZE, num_warps=NUM_WARPS)
     return y
 
 
@@ -68,12 +87,14 @@ def swiglu_backward(
     dy: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, overwrite_inputs: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The gradients of gate and up; with overwrite_inputs, written over gate and up themselves."""
-    dy = dy.contiguous()
+    if dy.stride(-1) != 1:
+        dy = dy.contiguous()
     dgate = gate if overwrite_inputs else torch.empty_like(gate)
     dup = up if overwrite_inputs else torch.empty_like(up)
-    n_elements = gate.numel()
-    _swiglu_backward_kernel[(triton.cdiv(n_elements, BLOCK_SIZE),)](
-        dy, gate, up, dgate, dup, n_elements, BLOCK_SIZE=BLOCK_SIZE, num_warps=NUM_WARPS
+    d, g, u, dg, du = (_rows(t) for t in (dy, gate, up, dgate, dup))
+    _swiglu_backward_kernel[_grid(g)](
+        d, g, u, dg, du, g.shape[1], d.stride(0), g.stride(0), u.stride(0), dg.stride(0), du.stride(0),
+        BLOCK_SIZE=BLOCK_SIZE, num_warps=NUM_WARPS
     )
     if overwrite_inputs:
         torch.autograd.graph.increment_version((gate, up))
@@ -83,7 +104,7 @@ def swiglu_backward(
 class SwiGLUFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, gate, up, overwrite_inputs):
-        # Flat indexing needs one layout for both; the projections' outputs already are contiguous
+        # one layout for both, so that the gradients written over them line up with them
         gate = gate.contiguous()
         up = up.contiguous()
         ctx.save_for_backward(gate, up)

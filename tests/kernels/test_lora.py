@@ -339,9 +339,12 @@ def test_recomputed_mlp_dequantizes_each_weight_once_for_all_its_chunks(dtype, t
     intermediate = patched.config.intermediate_size
     engine = install_checkpointing(patched, "true", mlp_chunk_bytes=intermediate * dtype.itemsize * 8)
     assert all(len(layer.forward.halves._chunks(torch.empty(2, 24, 1, dtype=dtype))) == 6 for layer in engine.layers)
-    made = []
+    mlp_weights = {id(module.weight) for name, module in patched.named_modules()
+                   if name.endswith(("gate_proj.base_layer", "up_proj.base_layer", "down_proj.base_layer"))}
+    made = []  # the MLP's (the attention's projections go through lora_augmented.py, tested there)
     whole_weight = lora._whole_weight
-    monkeypatch.setattr(lora, "_whole_weight", lambda weight, dtype: made.append(1) or whole_weight(weight, dtype))
+    monkeypatch.setattr(lora, "_whole_weight", lambda weight, dtype: (id(weight) in mlp_weights and made.append(1))
+                        or whole_weight(weight, dtype))
     ids = torch.randint(0, 200, (2, 24), generator=torch.Generator().manual_seed(5))
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
         loss_ref, grads_ref = _step(reference, ids)

@@ -5,7 +5,7 @@ from functools import partial
 import pytest
 import torch
 
-from ftune.kernels.swiglu import BLOCK_SIZE, swiglu
+from ftune.kernels.swiglu import BLOCK_SIZE, swiglu, swiglu_backward, swiglu_forward
 from tests.kernels.common import DEVICE, gpu
 
 # fp32 agrees to rounding. 16-bit: eager rounds after the silu and after the product, the kernel
@@ -61,6 +61,29 @@ def test_non_contiguous_inputs():
     fused = torch.randn(5, 7, 64, device=DEVICE)
     gate, up = fused[..., :32], fused[..., 32:]
     torch.testing.assert_close(swiglu(gate, up), reference_swiglu(gate, up), **TOLERANCES[torch.float32])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_column_blocks_of_one_buffer(dtype):
+    """gate and up as the two halves of one wider buffer and the product written into the first
+    columns of another (the fused LoRA MLP's layout): the reference's values and gradients, the
+    gradients written over gate and up in place, the other columns untouched."""
+    rows, width = 5, BLOCK_SIZE + 7
+    generator = torch.Generator(device=DEVICE).manual_seed(3)
+    both = torch.randn(rows, 2 * width + 4, dtype=dtype, device=DEVICE, generator=generator) * 3
+    product = torch.full((rows, width + 8), 5.0, dtype=dtype, device=DEVICE)
+    gate, up = both[:, :width].clone().requires_grad_(), both[:, width:2 * width].clone().requires_grad_()
+    grad_out = torch.randn(rows, width, dtype=dtype, device=DEVICE, generator=generator)
+    expected = reference_swiglu(gate, up)
+    expected.backward(grad_out)
+    swiglu_forward(both[:, :width], both[:, width:2 * width], out=product[:, :width])
+    torch.testing.assert_close(product[:, :width], expected.detach(), **TOLERANCES[dtype])
+    assert (product[:, width:] == 5.0).all()
+    tail = both[:, 2 * width:].clone()
+    swiglu_backward(grad_out, both[:, :width], both[:, width:2 * width], overwrite_inputs=True)
+    torch.testing.assert_close(both[:, :width], gate.grad, **TOLERANCES[dtype])
+    torch.testing.assert_close(both[:, width:2 * width], up.grad, **TOLERANCES[dtype])
+    assert torch.equal(both[:, 2 * width:], tail)
 
 
 def test_inputs_kept_unless_overwrite_is_allowed():

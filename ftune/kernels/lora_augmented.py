@@ -1,0 +1,414 @@
+"""LoRA over 4-bit bases with the adapters inside the base GEMMs: the gated MLP in three GEMMs,
+the attention's projections in one per output and one for their input gradient.
+
+peft runs an adapted projection as the base GEMM and the adapter's two thin ones, and autograd
+sums the two input gradients. Those thin GEMMs and sums are passes over whole projection outputs
+and inputs: the profile of an `unsloth` step of the 8B shape at 8192 tokens on an H200 shows
+24 ms of elementwise adds and 35 ms of rank-16 GEMMs that read and write a whole output in their
+epilogue, in an 800 ms step (benchmarks/results/profile-8192-h200.log).
+
+Here each projection group (projections that read one input: gate and up; q, k and v; down or o
+alone) is one 16-bit matrix, made wherever the 4-bit weights are dequantized:
+
+             K       R
+        N [  W    |  B  ]     W: the group's base weights stacked (gate over up, q over k over v)
+        R [  s A  |  0  ]     B: each adapter's B in its own R columns (block diagonal); A scaled by s
+
+    forward    y  = [x | x (sA)^T] @ [W | B]^T      the adapter's product is R more input columns
+    backward   dx = [dy | dy B] @ [W ; sA]          its gradient R more output-gradient columns
+
+one GEMM each way over K + R (or N + R) instead of K (or N), R = 32 for gate and up at rank 16:
+0.8% more arithmetic and no other pass over the outputs. The adapters' gradients read the extra
+columns: dB = dy^T (x (sA)^T) and dA = s (dy B)^T x. In the MLP the SwiGLU reads gate and up
+where the GEMM wrote them, side by side in one buffer, and its backward writes their gradients
+over them, beside the columns the R extra ones go to.
+
+Rounding: the base product and the adapter's are summed in the GEMM's fp32 accumulator and
+rounded once, where peft rounds the adapter's product, its scaled copy and the sum.
+
+The paths cover what QLoRA training runs: projections that are peft LoRA layers over bitsandbytes
+4-bit weights without bias, each with one active plain adapter (no dropout or DoRA), on inputs
+long enough that bitsandbytes would dequantize the weights anyway. Anything else, and every call
+without ftune's LoRA forward (`fused_lora`), takes the usual path.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ftune.kernels import lora
+from ftune.kernels.swiglu import swiglu_backward, swiglu_forward
+
+# The rank columns padded with zeros to a multiple of this: rows of whole 16-byte vectors of
+# 16-bit values, which cuBLAS wants for its fastest kernels
+RANK_ALIGNMENT = 8
+
+
+@dataclass(frozen=True)
+class _Member:
+    """One projection of a group: its peft layer, adapter (its A and B), output rows and rank columns."""
+
+    layer: nn.Module
+    lora_a: torch.Tensor
+    lora_b: torch.Tensor
+    adapter: str
+    rows: slice
+    ranks: slice
+
+    @property
+    def scaling(self) -> float:
+        return self.layer.scaling[self.adapter]
+
+
+class _Group:
+    """Projections that read one input, their outputs side by side (gate and up; q, k and v)."""
+
+    def __init__(self, layers: list[nn.Module], adapters: list[str]):
+        members, rows, ranks = [], 0, 0
+        for layer, adapter in zip(layers, adapters):
+            out_features = layer.base_layer.weight.quant_state.shape[0]
+            lora_a, lora_b = layer.lora_A[adapter].weight, layer.lora_B[adapter].weight
+            rank = lora_a.shape[0]
+            members.append(_Member(layer, lora_a, lora_b, adapter, slice(rows, rows + out_features),
+                                   slice(ranks, ranks + rank)))
+            rows, ranks = rows + out_features, ranks + rank
+        self.members = members
+        self.weights = [w for m in members for w in (m.lora_a, m.lora_b)]  # as the Functions take them
+        self.out_features = rows
+        self.in_features = layers[0].base_layer.weight.quant_state.shape[1]
+        self.rank = -(-ranks // RANK_ALIGNMENT) * RANK_ALIGNMENT
+
+
+class AugmentedWeight:
+    """A group's base weights dequantized and its adapters beside them, in one (N + R) x (K + R) matrix."""
+
+    def __init__(self, group: _Group, dtype: torch.dtype):
+        n, k, r = group.out_features, group.in_features, group.rank
+        self.n, self.k, self.r = n, k, r
+        device = group.members[0].lora_a.device
+        self.matrix = matrix = torch.empty(n + r, k + r, dtype=dtype, device=device)
+        matrix[:n, k:].zero_()
+        matrix[n:, k:].zero_()
+        with torch.no_grad():  # the adapters are copied fresh each time: an optimizer step changes them
+            for member in group.members:
+                weight = member.layer.base_layer.weight
+                # bitsandbytes' dequantization, then a copy into the matrix's rows (K + R apart): on
+                # an H100, 0.08 ms for the 8B shape's gate weight, where a Triton kernel writing
+                # straight into the rows took 1.14 ms (benchmarks/results/nf4-rows-kernel-h100.json)
+                matrix[member.rows, :k].copy_(lora._whole_weight(weight, dtype))
+                matrix[member.rows, k + member.ranks.start: k + member.ranks.stop].copy_(member.lora_b)
+                torch.mul(member.lora_a, member.scaling, out=matrix[n + member.ranks.start: n + member.ranks.stop, :k])
+            if group.rank > member.ranks.stop:  # the padding rows of sA
+                matrix[n + member.ranks.stop:, :k].zero_()
+
+    @property
+    def forward_weight(self) -> torch.Tensor:
+        """[W | B], N x (K + R): the input's extra columns meet the B blocks."""
+        return self.matrix[: self.n]
+
+    @property
+    def backward_weight(self) -> torch.Tensor:
+        """[W ; sA], (N + R) x K: the output gradient's extra columns meet the scaled A blocks."""
+        return self.matrix[:, : self.k]
+
+    @property
+    def scaled_a(self) -> torch.Tensor:
+        return self.matrix[self.n:, : self.k]
+
+    @property
+    def b(self) -> torch.Tensor:
+        return self.matrix[: self.n, self.k:]
+
+
+def _augmented(group: _Group, dtype: torch.dtype) -> AugmentedWeight:
+    """The group's matrix: made once per `lora.dequantized_once` block inside one, else each call."""
+    if lora._REUSED_WEIGHTS is None:
+        return AugmentedWeight(group, dtype)
+    key = ("augmented", *(id(m.layer.base_layer.weight) for m in group.members), dtype)
+    if key not in lora._REUSED_WEIGHTS:
+        lora._REUSED_WEIGHTS[key] = AugmentedWeight(group, dtype)
+    return lora._REUSED_WEIGHTS[key]
+
+
+@dataclass(frozen=True)
+class _MLPParts:
+    gate_up: _Group
+    down: _Group
+    dtype: torch.dtype
+
+    def adapter_weights(self) -> list[torch.Tensor]:
+        """A and B of gate, up and down, in the order the Function takes and returns them."""
+        return self.gate_up.weights + self.down.weights
+
+
+def _adapters_if_augmentable(layers: list[nn.Module], x: torch.Tensor) -> tuple[list[str], torch.dtype] | None:
+    """Each layer's adapter and the compute dtype, when the augmented matrices compute what peft
+    would for this input; else None. Runs at every call: kept to attribute reads (about 10 us a
+    layer), since a forward of the 8B shape makes some 300 of these calls."""
+    if lora.FOLD_ADAPTER_INPUT_GRADIENT:
+        return None  # the folded path asked for
+    tokens = x.numel() // max(1, x.shape[-1])
+    if x.device.type == "cuda" and tokens <= lora.BITSANDBYTES_FUSED_MAX_TOKENS:
+        return None  # bitsandbytes multiplies short inputs without dequantizing: faster there
+    autocast = torch.is_autocast_enabled(x.device.type)
+    dtype = torch.get_autocast_dtype(x.device.type) if autocast else x.dtype
+    adapters = []
+    for layer in layers:
+        if not hasattr(layer, "_ftune_peft_forward") or layer.disable_adapters or layer.merged_adapters:
+            return None  # ftune's LoRA forward not installed (fused_lora off), adapters off or merged
+        active = layer.active_adapters
+        if len(active) != 1:
+            return None
+        adapter = active[0]
+        if adapter not in layer.lora_A or adapter in getattr(layer, "lora_variant", ()):
+            return None
+        lora_a, lora_b = layer.lora_A[adapter], layer.lora_B[adapter]
+        if (lora_a.bias is not None or lora_b.bias is not None or not isinstance(layer.lora_dropout[adapter], nn.Identity)
+                or (not autocast and lora_a.weight.dtype != x.dtype)):
+            return None  # as peft would not cast x, only inputs that need no cast
+        base = layer.base_layer
+        state = getattr(base.weight, "quant_state", None)
+        if state is None:
+            if not lora._is_4bit(base):
+                return None
+            from bitsandbytes.nn.modules import fix_4bit_weight_quant_state_from_module
+
+            fix_4bit_weight_quant_state_from_module(base)  # FSDP's gathered weight lacks it
+            state = getattr(base.weight, "quant_state", None)
+        if (state is None or not lora._is_4bit(base) or base.bias is not None
+                or (base.compute_dtype or dtype) != dtype or getattr(state, "packing_format_for_cpu", False)):
+            return None
+        adapters.append(adapter)
+    return adapters, dtype
+
+
+def lora_mlp_parts(mlp: nn.Module, x: torch.Tensor) -> _MLPParts | None:
+    """The MLP's groups when the fused path computes what peft would for this input, else None."""
+    projections = [getattr(mlp, name, None) for name in ("gate_proj", "up_proj", "down_proj")]
+    if any(p is None for p in projections):
+        return None
+    found = _adapters_if_augmentable(projections, x)
+    if found is None:
+        return None
+    adapters, dtype = found
+    groups = mlp.__dict__.setdefault("_ftune_lora_groups", {})  # by adapter names: built once
+    if tuple(adapters) not in groups:
+        gate, up, down = projections
+        groups[tuple(adapters)] = (_Group([gate, up], adapters[:2]), _Group([down], adapters[2:]))
+    return _MLPParts(*groups[tuple(adapters)], dtype)
+
+
+def lora_mlp(mlp: nn.Module, x: torch.Tensor, parts: _MLPParts) -> torch.Tensor:
+    """`down(silu(gate(x)) * up(x))` with every adapter, through the augmented weights. Under
+    `lora.output_unread(mlp.down_proj)` the output is left unwritten (only its graph is wanted)."""
+    output_unread = getattr(mlp.down_proj, "_ftune_output_unread", False)
+    weights = parts.adapter_weights()
+    if torch.is_grad_enabled() and (x.requires_grad or any(w.requires_grad for w in weights)):
+        return _LoRAMLP.apply(x, parts, output_unread, *weights)
+    return _forward(x, parts, output_unread)[0]
+
+
+def _forward(x: torch.Tensor, parts: _MLPParts, output_unread: bool):
+    """The MLP's output and what its backward reads: the input with its adapter columns, gate and
+    up side by side (room for their gradients' adapter columns), the SwiGLU product with its own."""
+    gate_up, down, dtype = parts.gate_up, parts.down, parts.dtype
+    k, n = gate_up.in_features, down.in_features
+    flat = x.reshape(-1, k)
+    tokens = flat.shape[0]
+    weight = _augmented(gate_up, dtype)
+    x_wide = torch.empty(tokens, k + gate_up.rank, dtype=dtype, device=x.device)
+    x_wide[:, :k].copy_(flat)
+    torch.mm(x_wide[:, :k], weight.scaled_a.t(), out=x_wide[:, k:])
+    gate_up_out = torch.empty(tokens, 2 * n + gate_up.rank, dtype=dtype, device=x.device)
+    torch.mm(x_wide, weight.forward_weight.t(), out=gate_up_out[:, : 2 * n])
+    del weight  # (outside `dequantized_once`) the next one is made only after this one is freed
+    product = torch.empty(tokens, n + down.rank, dtype=dtype, device=x.device)
+    swiglu_forward(gate_up_out[:, :n], gate_up_out[:, n: 2 * n], out=product[:, :n])
+    weight = _augmented(down, dtype)
+    torch.mm(product[:, :n], weight.scaled_a.t(), out=product[:, n:])
+    out_shape = (*x.shape[:-1], down.out_features)
+    if output_unread:
+        y = torch.empty(out_shape, dtype=dtype, device=x.device)
+    else:
+        y = torch.mm(product, weight.forward_weight.t()).view(out_shape)
+    return y, x_wide, gate_up_out, product
+
+
+class _LoRAMLP(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, parts: _MLPParts, output_unread: bool, *adapter_weights):
+        y, x_wide, gate_up_out, product = _forward(x, parts, output_unread)
+        ctx.parts, ctx.input_shape, ctx.input_dtype = parts, x.shape, x.dtype
+        # attributes, not saved tensors: the backward lets each go as soon as it is read
+        ctx.x_wide, ctx.gate_up_out, ctx.product = x_wide, gate_up_out, product
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        parts, dtype = ctx.parts, ctx.parts.dtype
+        gate_up, down = parts.gate_up, parts.down
+        k, n = gate_up.in_features, down.in_features
+        needs = ctx.needs_input_grad
+        x_wide, gate_up_out, product = ctx.x_wide, ctx.gate_up_out, ctx.product
+        ctx.x_wide = ctx.gate_up_out = ctx.product = None  # a second backward finds nothing
+        if x_wide is None:
+            raise RuntimeError("the fused LoRA MLP's backward ran twice through one graph (retain_graph=True)")
+        grad = grad_output.reshape(-1, down.out_features).to(dtype)
+        grads_wanted = any(needs[3:])
+
+        # down: its input gradient through [dy | dy B] @ [W ; sA]
+        weight = _augmented(down, dtype)
+        grad_wide = torch.empty(grad.shape[0], down.out_features + down.rank, dtype=dtype, device=grad.device)
+        grad_wide[:, : down.out_features].copy_(grad)
+        torch.mm(grad, weight.b, out=grad_wide[:, down.out_features:])
+        grad_product = torch.mm(grad_wide, weight.backward_weight)
+        del weight
+        down_grads = _adapter_grads(down, grad, grad_wide[:, down.out_features:], product[:, :n],
+                                    product[:, n:], needs[3 + 4:]) if grads_wanted else [None, None]
+        del grad_wide, product
+
+        # SwiGLU: gate's and up's gradients written over them, then the extra columns of both
+        swiglu_backward(grad_product, gate_up_out[:, :n], gate_up_out[:, n: 2 * n], overwrite_inputs=True)
+        del grad_product
+        weight = _augmented(gate_up, dtype)
+        grad_gate_up = gate_up_out[:, : 2 * n]
+        torch.mm(grad_gate_up, weight.b, out=gate_up_out[:, 2 * n:])
+        grad_x = None
+        if needs[0]:
+            grad_x = torch.mm(gate_up_out, weight.backward_weight).view(ctx.input_shape).to(ctx.input_dtype)
+        del weight
+        gate_up_grads = _adapter_grads(gate_up, grad_gate_up, gate_up_out[:, 2 * n:], x_wide[:, :k], x_wide[:, k:],
+                                       needs[3: 3 + 4]) if grads_wanted else [None] * 4
+        return (grad_x, None, None, *gate_up_grads, *down_grads)
+
+
+def _adapter_grads(group: _Group, grad: torch.Tensor, grad_times_b: torch.Tensor, x: torch.Tensor,
+                   x_times_scaled_a: torch.Tensor, needs: tuple[bool, ...]) -> list[torch.Tensor | None]:
+    """Each member's (dA, dB): dB = dy^T (x (sA)^T), dA = s (dy B)^T x, from one GEMM each for the
+    group (its blocks off the diagonal are the products of other members' columns, unread)."""
+    all_b = grad.t() @ x_times_scaled_a if any(needs[1::2]) else None  # N x R
+    all_a = grad_times_b.t() @ x if any(needs[0::2]) else None  # R x K
+    grads = []
+    for index, member in enumerate(group.members):
+        grad_a = grad_b = None
+        if needs[2 * index]:
+            grad_a = (all_a[member.ranks].float() * member.scaling).to(member.lora_a.dtype)
+        if needs[2 * index + 1]:
+            grad_b = all_b[member.rows, member.ranks].to(member.lora_b.dtype)
+        grads += [grad_a, grad_b]
+    return grads
+
+
+# Projections grouped in the attention modules of the model families ftune patches: the names
+# transformers gives them, in the order the attention's forward calls them
+PROJECTION_GROUPS = (("q_proj", "k_proj", "v_proj"), ("o_proj",))
+
+
+class ProjectionGroup:
+    """Projections that read one input, called one after the other by the attention's forward
+    (q, k, v). The first call computes them all (one Function, so their backward is one input
+    gradient GEMM); the next calls, with the same input tensor, take their outputs. A call out of
+    that order, or any input the path does not cover, goes the usual way."""
+
+    def __init__(self, layers: list[nn.Module]):
+        self.layers = layers
+        self._groups: dict[tuple[str, ...], _Group] = {}
+        self._pending: tuple[torch.Tensor, list] | None = None  # (input, outputs not yet taken)
+
+    def forward(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
+        index = next(i for i, member in enumerate(self.layers) if member is layer)
+        if index > 0:
+            pending, self._pending = self._pending, None
+            if pending is None or pending[0] is not x or pending[1][index] is None:
+                return None
+            output, pending[1][index] = pending[1][index], None
+            if index + 1 < len(self.layers):
+                self._pending = pending
+            return output
+        self._pending = None
+        found = _adapters_if_augmentable(self.layers, x)
+        if found is None:
+            return None
+        adapters, dtype = found
+        group = self._groups.get(tuple(adapters))
+        if group is None:
+            group = self._groups[tuple(adapters)] = _Group(self.layers, adapters)
+        output_unread = len(self.layers) == 1 and getattr(layer, "_ftune_output_unread", False)
+        if torch.is_grad_enabled() and (x.requires_grad or any(w.requires_grad for w in group.weights)):
+            outputs = _LoRAProjections.apply(x, group, dtype, output_unread, *group.weights)
+        else:
+            outputs = _project(x, group, dtype, output_unread)[0]
+        if len(outputs) > 1:
+            self._pending = (x, [None, *outputs[1:]])
+        return outputs[0]
+
+
+def group_projections(model: nn.Module) -> int:
+    """Give the attention projections of `model` that ftune's LoRA forward patched their
+    `ProjectionGroup`s (lora.fused_lora_forward consults them); how many groups."""
+    count = 0
+    for module in model.modules():
+        for names in PROJECTION_GROUPS:
+            layers = [getattr(module, name, None) for name in names]
+            if all(hasattr(layer, "_ftune_peft_forward") for layer in layers):
+                group = ProjectionGroup(layers)
+                for layer in layers:
+                    layer._ftune_projection_group = group
+                count += 1
+    return count
+
+
+def _project(x: torch.Tensor, group: _Group, dtype: torch.dtype, output_unread: bool):
+    """Each member's output, and the input with its adapter columns (what the backward reads)."""
+    k = group.in_features
+    flat = x.reshape(-1, k)
+    weight = _augmented(group, dtype)
+    x_wide = torch.empty(flat.shape[0], k + group.rank, dtype=dtype, device=x.device)
+    x_wide[:, :k].copy_(flat)
+    torch.mm(x_wide[:, :k], weight.scaled_a.t(), out=x_wide[:, k:])
+    outputs = []
+    for member in group.members:
+        shape = (*x.shape[:-1], member.rows.stop - member.rows.start)
+        if output_unread:
+            outputs.append(torch.empty(shape, dtype=dtype, device=x.device))
+        else:
+            outputs.append(torch.mm(x_wide, weight.forward_weight[member.rows].t()).view(shape))
+    return tuple(outputs), x_wide
+
+
+class _LoRAProjections(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group: _Group, dtype: torch.dtype, output_unread: bool, *adapter_weights):
+        outputs, x_wide = _project(x, group, dtype, output_unread)
+        ctx.set_materialize_grads(False)  # an output nothing read has no gradient: its columns are zeroed
+        ctx.group, ctx.dtype, ctx.input_shape, ctx.input_dtype = group, dtype, x.shape, x.dtype
+        ctx.x_wide = x_wide  # an attribute: the backward lets it go once read
+        return outputs
+
+    @staticmethod
+    def backward(ctx, *grad_outputs):
+        group, dtype = ctx.group, ctx.dtype
+        x_wide, ctx.x_wide = ctx.x_wide, None
+        if x_wide is None:
+            raise RuntimeError("the fused LoRA projections' backward ran twice through one graph (retain_graph=True)")
+        n, k = group.out_features, group.in_features
+        # every output's gradient side by side, then the adapter columns: one input gradient GEMM
+        grad_wide = torch.empty(x_wide.shape[0], n + group.rank, dtype=dtype, device=x_wide.device)
+        for member, grad in zip(group.members, grad_outputs):
+            if grad is None:
+                grad_wide[:, member.rows].zero_()
+            else:
+                grad_wide[:, member.rows].copy_(grad.reshape(-1, member.rows.stop - member.rows.start))
+        weight = _augmented(group, dtype)
+        torch.mm(grad_wide[:, :n], weight.b, out=grad_wide[:, n:])
+        needs = ctx.needs_input_grad
+        grad_x = None
+        if needs[0]:
+            grad_x = torch.mm(grad_wide, weight.backward_weight).view(ctx.input_shape).to(ctx.input_dtype)
+        del weight
+        adapter_grads = (_adapter_grads(group, grad_wide[:, :n], grad_wide[:, n:], x_wide[:, :k], x_wide[:, k:],
+                                        needs[4:]) if any(needs[4:]) else [None] * (len(needs) - 4))
+        return (grad_x, None, None, None, *adapter_grads)

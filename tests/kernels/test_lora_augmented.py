@@ -1,0 +1,240 @@
+"""The fused LoRA MLP (adapters inside the 4-bit base GEMMs) against peft's MLP: loss, outputs and
+every gradient, in each checkpointing mode, with uneven ranks, and the cases that keep the usual path."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+from ftune.engine import decoder_layers, install_checkpointing
+from ftune.kernels import apply_kernels, lora
+from ftune.kernels import lora_augmented
+from ftune.kernels.lora import patch_lora
+from ftune.model import materialize_preset
+from tests.helpers import PROJECTIONS
+from tests.kernels.common import DEVICE, gpu
+from tests.kernels.test_lora import _quantized_pair, _step
+
+FP32 = dict(atol=1e-5, rtol=1e-4)
+# bf16 under the interpreter, which truncates where the GPU rounds: the unfused kernels' path sits
+# as far from peft's (up to 9% of a gradient's largest element on this model)
+BF16 = dict(atol=3e-2, rtol=3e-2)
+
+
+def _count_fused_calls(monkeypatch) -> list:
+    calls = []
+    forward = lora_augmented._forward
+    monkeypatch.setattr(lora_augmented, "_forward", lambda *args: calls.append(args[2]) or forward(*args))
+    return calls
+
+
+def _assert_close_grads(expected: dict, actual: dict, tolerance: dict) -> None:
+    assert actual.keys() == expected.keys() and expected
+    for name in expected:
+        torch.testing.assert_close(actual[name], expected[name], msg=name, **tolerance)
+
+
+@pytest.mark.parametrize("mode,dtype", [("none", torch.float32), ("true", torch.float32), ("unsloth", torch.float32),
+                                        ("none", torch.bfloat16), ("unsloth", torch.bfloat16)])
+def test_fused_mlp_gives_pefts_loss_and_gradients(mode, dtype, tmp_path, monkeypatch):
+    """Every kernel on, the MLPs and the attention's projection groups through the augmented
+    matrices (in `true` and `unsloth` the MLP recomputed in three chunks of tokens, the down
+    projection's output unread, the matrices made once per layer backward): loss and every LoRA
+    gradient as the unpatched peft model's."""
+    monkeypatch.setenv("FTUNE_CACHE", str(tmp_path))
+    reference, patched = _quantized_pair("cpu", dtype, r=4)
+    apply_kernels(patched)  # the LoRA forward is already patched
+    intermediate = patched.config.intermediate_size
+    install_checkpointing(patched, mode, mlp_chunk_bytes=intermediate * dtype.itemsize * 16)
+    calls = _count_fused_calls(monkeypatch)
+    ids = torch.randint(0, 200, (2, 24), generator=torch.Generator().manual_seed(3))
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+        loss_ref, grads_ref = _step(reference, ids)
+        loss_new, grads_new = _step(patched, ids)
+    layers = len(decoder_layers(patched))
+    if mode == "none":
+        assert calls == [False] * layers
+    else:  # the forward's chunks, then the backward's, whose outputs are unread
+        assert calls.count(False) == 3 * layers and calls.count(True) == 3 * layers
+    tolerance = FP32 if dtype == torch.float32 else BF16
+    torch.testing.assert_close(loss_new, loss_ref, **tolerance)
+    _assert_close_grads(grads_ref, grads_new, tolerance)
+
+
+def _uneven_pair(tmp_path):
+    """A tiny NF4 Llama with LoRA of rank 3 on gate, 5 on up and 4 on down (not multiples of the
+    rank padding), and a copy with ftune's LoRA forward and kernels."""
+    path = materialize_preset("tiny-llama", seed=0, dtype=torch.float32, device=torch.device(DEVICE))
+    quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32)
+    base = AutoModelForCausalLM.from_pretrained(path, quantization_config=quant, dtype=torch.float32,
+                                                device_map={"": DEVICE})
+    torch.manual_seed(0)
+    config = LoraConfig(r=4, lora_alpha=6, target_modules=PROJECTIONS, rank_pattern={"gate_proj": 3, "up_proj": 5},
+                        task_type="CAUSAL_LM")
+    reference = get_peft_model(base, config)
+    for name, parameter in reference.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(parameter, std=0.05)
+    patched = copy.deepcopy(reference)
+    patch_lora(patched)
+    apply_kernels(patched)
+    return reference, patched
+
+
+def test_one_mlp_with_uneven_ranks_matches_pefts_output_and_gradients(tmp_path, monkeypatch):
+    monkeypatch.setenv("FTUNE_CACHE", str(tmp_path))
+    reference, patched = _uneven_pair(tmp_path)
+    calls = _count_fused_calls(monkeypatch)
+    results = []
+    for model in (reference, patched):
+        mlp = model.get_base_model().model.layers[1].mlp
+        x = torch.randn(2, 7, model.config.hidden_size, generator=torch.Generator().manual_seed(4), requires_grad=True)
+        y = mlp(x * 1.0)
+        y.backward(torch.randn(y.shape, generator=torch.Generator().manual_seed(5)))
+        adapters = [p.grad for name, p in mlp.named_parameters() if "lora_" in name]
+        assert len(adapters) == 6 and all(g is not None for g in adapters)
+        results.append([y, x.grad, *adapters])
+    assert calls == [False]
+    for index, (expected, actual) in enumerate(zip(*results)):
+        torch.testing.assert_close(actual, expected, msg=f"tensor {index}", **FP32)
+
+
+def test_q_k_v_in_one_function_and_a_call_out_of_order_goes_the_usual_way(tmp_path, monkeypatch):
+    """The attention's forward calls q, k, v on one input: one Function computes the three (and
+    o alone). k called by itself, or on another tensor than q was, gets peft's output anyway."""
+    monkeypatch.setenv("FTUNE_CACHE", str(tmp_path))
+    reference, patched = _quantized_pair("cpu", torch.float32, r=4)
+    projected = []
+    project = lora_augmented._project
+    monkeypatch.setattr(lora_augmented, "_project",
+                        lambda x, group, *args: projected.append(len(group.members)) or project(x, group, *args))
+    ids = torch.randint(0, 200, (1, 12), generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        torch.testing.assert_close(patched(input_ids=ids).logits, reference(input_ids=ids).logits, **FP32)
+    assert projected == [3, 1] * len(decoder_layers(patched))
+    projected.clear()
+    attention = patched.get_base_model().model.layers[0].self_attn
+    expected = reference.get_base_model().model.layers[0].self_attn
+    x, other = torch.randn(2, 1, 5, patched.config.hidden_size, generator=torch.Generator().manual_seed(8))
+    with torch.no_grad():
+        torch.testing.assert_close(attention.k_proj(x), expected.k_proj(x), **FP32)  # k alone
+        attention.q_proj(x)
+        torch.testing.assert_close(attention.k_proj(other), expected.k_proj(other), **FP32)  # another input
+        torch.testing.assert_close(attention.v_proj(x), expected.v_proj(x), **FP32)  # after the order broke
+    assert projected == [3]
+
+
+def test_the_backward_through_one_graph_twice_raises(tmp_path, monkeypatch):
+    monkeypatch.setenv("FTUNE_CACHE", str(tmp_path))
+    _, patched = _quantized_pair("cpu", torch.float32, r=4)
+    apply_kernels(patched)
+    mlp = patched.get_base_model().model.layers[0].mlp
+    y = mlp(torch.randn(1, 5, patched.config.hidden_size, requires_grad=True))
+    y.sum().backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="ran twice"):
+        y.sum().backward()
+
+
+def test_each_layer_backward_makes_each_groups_weight_once(tmp_path, monkeypatch):
+    """Recomputed in three chunks of tokens, a layer's backward makes each group's matrix once (the
+    MLP's gate-up and down, the attention's q-k-v and o); the forward, outside `dequantized_once`,
+    the MLP's once per chunk."""
+    monkeypatch.setenv("FTUNE_CACHE", str(tmp_path))
+    _, patched = _quantized_pair("cpu", torch.float32, r=4)
+    apply_kernels(patched)
+    intermediate = patched.config.intermediate_size
+    install_checkpointing(patched, "unsloth", mlp_chunk_bytes=intermediate * 4 * 8)
+    names = {id(module): name.rsplit(".", 1)[-1] for name, module in patched.named_modules()}
+    made = {True: [], False: []}
+    init = lora_augmented.AugmentedWeight.__init__
+
+    def counted(self, group, dtype):
+        made[lora._REUSED_WEIGHTS is not None].append("-".join(names[id(m.layer)] for m in group.members))
+        init(self, group, dtype)
+
+    monkeypatch.setattr(lora_augmented.AugmentedWeight, "__init__", counted)
+    ids = torch.randint(0, 200, (1, 24), generator=torch.Generator().manual_seed(5))
+    _step(patched, ids)
+    layers = len(decoder_layers(patched))
+    groups = ["gate_proj-up_proj", "down_proj", "q_proj-k_proj-v_proj", "o_proj"]
+    assert sorted(made[True]) == sorted(groups * layers)  # the backward: each group once per layer
+    assert sorted(made[False]) == sorted((groups[:2] * 3 + groups[2:]) * layers)  # the forward
+
+
+def _fallback_cases():
+    def dropout(model):
+        for module in model.modules():
+            if hasattr(module, "lora_dropout"):
+                module.lora_dropout["default"] = torch.nn.Dropout(0.1)
+
+    def no_adapter_on_down(model):
+        mlp = model.get_base_model().model.layers[0].mlp
+        mlp.down_proj.lora_A.pop("default")
+
+    def folded(model):
+        lora.FOLD_ADAPTER_INPUT_GRADIENT = True
+
+    return {"dropout": dropout, "no adapter on down": no_adapter_on_down, "folded path": folded}
+
+
+@pytest.mark.parametrize("case", list(_fallback_cases()))
+def test_mlps_outside_the_fused_paths_reach_take_the_usual_path(case, tmp_path, monkeypatch):
+    monkeypatch.setenv("FTUNE_CACHE", str(tmp_path))
+    monkeypatch.setattr(lora, "FOLD_ADAPTER_INPUT_GRADIENT", False)
+    _, patched = _quantized_pair("cpu", torch.float32, r=4)
+    apply_kernels(patched)
+    _fallback_cases()[case](patched)
+    calls = _count_fused_calls(monkeypatch)
+    mlp = patched.get_base_model().model.layers[0].mlp
+    mlp(torch.randn(1, 5, patched.config.hidden_size))
+    assert calls == []
+
+
+def test_a_disabled_adapter_takes_the_usual_path(tmp_path, monkeypatch):
+    """DPO's reference model: the adapters off, the base MLP's output."""
+    monkeypatch.setenv("FTUNE_CACHE", str(tmp_path))
+    reference, patched = _quantized_pair("cpu", torch.float32, r=4)
+    apply_kernels(patched)
+    calls = _count_fused_calls(monkeypatch)
+    ids = torch.randint(0, 200, (1, 12), generator=torch.Generator().manual_seed(6))
+    with torch.no_grad(), reference.disable_adapter(), patched.disable_adapter():
+        expected = reference(input_ids=ids).logits
+        actual = patched(input_ids=ids).logits
+    assert calls == []
+    torch.testing.assert_close(actual, expected, **FP32)
+
+
+@gpu
+@pytest.mark.parametrize("mode", ["none", "unsloth"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_mlp_on_the_gpu(mode, dtype, tmp_path, monkeypatch):
+    """Compiled, 2 x 1024 tokens (past bitsandbytes' short-input kernels, where the paths apply on
+    CUDA): loss and gradients as the same patched model's usual MLP and projections. In fp32 equal
+    to rounding; in bf16 the two orders of rounding drift apart through four layers (up to 5% of a
+    gradient's norm on an H100), so there it is a check that nothing is lost or mixed up."""
+    monkeypatch.setenv("FTUNE_CACHE", str(tmp_path))
+    _, usual = _quantized_pair(DEVICE, dtype, r=8)
+    apply_kernels(usual)
+    fused = copy.deepcopy(usual)
+    for model in (usual, fused):
+        install_checkpointing(model, mode)
+    calls = _count_fused_calls(monkeypatch)
+    ids = torch.randint(0, 200, (2, 1024), device=DEVICE, generator=torch.Generator(DEVICE).manual_seed(0))
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+        with monkeypatch.context() as patch:
+            patch.setattr("ftune.kernels.patch.lora_mlp_parts", lambda mlp, x: None)
+            patch.setattr(lora_augmented.ProjectionGroup, "forward", lambda self, layer, x: None)
+            loss_ref, grads_ref = _step(usual, ids)
+        loss_new, grads_new = _step(fused, ids)
+    assert calls
+    limit = 1e-4 if dtype == torch.float32 else 0.1
+    torch.testing.assert_close(loss_new, loss_ref, atol=limit, rtol=limit)
+    assert grads_new.keys() == grads_ref.keys() and grads_ref
+    errors = {name: ((grads_new[name].float() - grads_ref[name].float()).norm()
+                     / grads_ref[name].float().norm().clamp_min(1e-12)).item() for name in grads_ref}
+    worst = max(errors, key=errors.get)
+    assert errors[worst] < limit, f"{worst}: relative error {errors[worst]:.3g}"
