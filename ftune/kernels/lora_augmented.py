@@ -5,7 +5,7 @@ peft runs an adapted projection as the base GEMM and the adapter's two thin ones
 sums the two input gradients. Those thin GEMMs and sums are passes over whole projection outputs
 and inputs: the profile of an `unsloth` step of the 8B shape at 8192 tokens on an H200 shows
 24 ms of elementwise adds and 35 ms of rank-16 GEMMs that read and write a whole output in their
-epilogue, in an 800 ms step (benchmarks/results/profile-8192-h200.log).
+epilogue, in an 800 ms step (benchmarks/results/profile-8192-h200-parked.log).
 
 Here each projection group (projections that read one input: gate and up; q, k and v; down or o
 alone) is one 16-bit matrix, made wherever the 4-bit weights are dequantized:

@@ -62,6 +62,12 @@ FORWARD_WITH_HEAD = (5.1, 0.184 * GiB)
 # Fitted on an H200 (2026-11-26, grid-parked-residual-freed-h200.json; the 8B and Qwen2.5-7B
 # shapes, batch 1, 2048-32768 tokens): every cell within 2.7%.
 PARKED_EXTRA_HIDDEN = {"working_set": 0.0, "forward_with_head": 2.0}
+# With the adapters inside the 4-bit base GEMMs (ftune/kernels/lora_augmented.py), the forward's
+# gate and up weights are dequantized together into one matrix, where bitsandbytes held one at a
+# time: one MLP weight more (112 MiB for the 8B shape) beside the fetched LM head. The 8B shape's
+# 8192-token peak went from 5.59 to 5.80 GiB (H100, engine-h100-augmented-lora.json); its
+# backward-bound peaks barely moved (5.93 to 6.12 GiB at 16384, 21.08 to 21.16 at 150,528).
+AUGMENTED_MLP_TARGETS = {"gate_proj", "up_proj", "down_proj"}
 # Without the fused loss, transformers' loss holds the logits in bf16, their fp32 copy and the fp32
 # gradient: 11.2 bytes per logit (ftune true with and without kernels: +2.5 / 10.8 / 22.1 GiB at
 # 2048 / 8192 / 16384 tokens of a 128256 vocabulary).
@@ -251,6 +257,8 @@ def estimate(shape: Shape, setting: Setting) -> Estimate:
         if parked:
             count += PARKED_EXTRA_HIDDEN["forward_with_head"]
         forward_with_head = embedding + int(count * hidden_tensor + constant)
+        if setting.quantized and AUGMENTED_MLP_TARGETS <= set(setting.lora_targets):
+            forward_with_head += shape.intermediate * shape.hidden * BF16
         result.loss = max(0, forward_with_head - result.working_set)
     measured_shape = (shape.model_type, shape.hidden, shape.layers) in MEASURED_SHAPES
     if not measured_shape or setting.batch > 4 or tokens > 4 * 32768 or not setting.fused_loss:
