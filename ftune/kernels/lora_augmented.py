@@ -38,6 +38,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.nn.modules.module import _global_forward_hooks, _global_forward_pre_hooks
 
 from ftune.kernels import lora
 from ftune.kernels.swiglu import swiglu_backward, swiglu_forward
@@ -144,21 +145,24 @@ class _MLPParts:
         return self.gate_up.weights + self.down.weights
 
 
-def _adapters_if_augmentable(layers: list[nn.Module], x: torch.Tensor) -> tuple[list[str], torch.dtype] | None:
-    """Each layer's adapter and the compute dtype, when the augmented matrices compute what peft
-    would for this input; else None. Runs at every call: kept to attribute reads (about 10 us a
-    layer), since a forward of the 8B shape makes some 300 of these calls."""
-    if lora.FOLD_ADAPTER_INPUT_GRADIENT:
-        return None  # the folded path asked for
+def _adapters_if_augmentable(layers: list[nn.Module], x: torch.Tensor) -> tuple[tuple, torch.dtype] | None:
+    """A key of the layers' adapters (their names and A and B parameters) and the compute dtype,
+    when the augmented matrices compute what peft would for this input; else None. Runs at every
+    call: kept to attribute reads (about 20 us a layer on a slow host), since a forward of the 8B
+    shape makes some 300 of these calls."""
+    if lora.FOLD_ADAPTER_INPUT_GRADIENT or _global_forward_hooks or _global_forward_pre_hooks:
+        return None  # the folded path asked for, or hooks the layers' calls would have run
     tokens = x.numel() // max(1, x.shape[-1])
     if x.device.type == "cuda" and tokens <= lora.BITSANDBYTES_FUSED_MAX_TOKENS:
         return None  # bitsandbytes multiplies short inputs without dequantizing: faster there
     autocast = torch.is_autocast_enabled(x.device.type)
     dtype = torch.get_autocast_dtype(x.device.type) if autocast else x.dtype
-    adapters = []
+    key = []
     for layer in layers:
         if not hasattr(layer, "_ftune_peft_forward") or layer.disable_adapters or layer.merged_adapters:
             return None  # ftune's LoRA forward not installed (fused_lora off), adapters off or merged
+        if layer._forward_pre_hooks or layer._forward_hooks:
+            return None  # e.g. peft's per-row `adapter_names`: the matrices would skip the layer's call
         active = layer.active_adapters
         if len(active) != 1:
             return None
@@ -181,8 +185,8 @@ def _adapters_if_augmentable(layers: list[nn.Module], x: torch.Tensor) -> tuple[
         if (state is None or not lora._is_4bit(base) or base.bias is not None
                 or (base.compute_dtype or dtype) != dtype or getattr(state, "packing_format_for_cpu", False)):
             return None
-        adapters.append(adapter)
-    return adapters, dtype
+        key += [adapter, lora_a.weight, lora_b.weight]
+    return tuple(key), dtype
 
 
 def lora_mlp_parts(mlp: nn.Module, x: torch.Tensor) -> _MLPParts | None:
@@ -193,12 +197,20 @@ def lora_mlp_parts(mlp: nn.Module, x: torch.Tensor) -> _MLPParts | None:
     found = _adapters_if_augmentable(projections, x)
     if found is None:
         return None
-    adapters, dtype = found
-    groups = mlp.__dict__.setdefault("_ftune_lora_groups", {})  # by adapter names: built once
-    if tuple(adapters) not in groups:
-        gate, up, down = projections
-        groups[tuple(adapters)] = (_Group([gate, up], adapters[:2]), _Group([down], adapters[2:]))
-    return _MLPParts(*groups[tuple(adapters)], dtype)
+    key, dtype = found
+    groups = _cached_groups(mlp, key, lambda: (_Group(projections[:2], key[0:6:3]), _Group(projections[2:], key[6:7])))
+    return _MLPParts(*groups, dtype)
+
+
+def _cached_groups(owner, key: tuple, make):
+    """`make()`, kept on `owner` while the adapters (names and parameters, `key`) stay the same: an
+    adapter deleted and added again under its name gets new parameters, and new groups."""
+    cached = owner.__dict__.get("_ftune_lora_groups")
+    same = cached is not None and len(cached[0]) == len(key) and all(
+        (a is b) if isinstance(a, torch.Tensor) else a == b for a, b in zip(cached[0], key))
+    if not same:
+        cached = owner.__dict__["_ftune_lora_groups"] = (key, make())
+    return cached[1]
 
 
 def lora_mlp(mlp: nn.Module, x: torch.Tensor, parts: _MLPParts) -> torch.Tensor:
@@ -229,11 +241,10 @@ def _forward(x: torch.Tensor, parts: _MLPParts, output_unread: bool):
     swiglu_forward(gate_up_out[:, :n], gate_up_out[:, n: 2 * n], out=product[:, :n])
     weight = _augmented(down, dtype)
     torch.mm(product[:, :n], weight.scaled_a.t(), out=product[:, n:])
-    out_shape = (*x.shape[:-1], down.out_features)
-    if output_unread:
-        y = torch.empty(out_shape, dtype=dtype, device=x.device)
-    else:
-        y = torch.mm(product, weight.forward_weight.t()).view(out_shape)
+    # outputs made in their own shape, not as views, so that a caller may modify them in place
+    y = torch.empty((*x.shape[:-1], down.out_features), dtype=dtype, device=x.device)
+    if not output_unread:
+        torch.mm(product, weight.forward_weight.t(), out=y.view(-1, down.out_features))
     return y, x_wide, gate_up_out, product
 
 
@@ -315,7 +326,6 @@ class ProjectionGroup:
 
     def __init__(self, layers: list[nn.Module]):
         self.layers = layers
-        self._groups: dict[tuple[str, ...], _Group] = {}
         self._pending: tuple[torch.Tensor, list] | None = None  # (input, outputs not yet taken)
 
     def forward(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
@@ -332,10 +342,8 @@ class ProjectionGroup:
         found = _adapters_if_augmentable(self.layers, x)
         if found is None:
             return None
-        adapters, dtype = found
-        group = self._groups.get(tuple(adapters))
-        if group is None:
-            group = self._groups[tuple(adapters)] = _Group(self.layers, adapters)
+        key, dtype = found
+        group = _cached_groups(self, key, lambda: _Group(self.layers, key[0::3]))
         output_unread = len(self.layers) == 1 and getattr(layer, "_ftune_output_unread", False)
         if torch.is_grad_enabled() and (x.requires_grad or any(w.requires_grad for w in group.weights)):
             outputs = _LoRAProjections.apply(x, group, dtype, output_unread, *group.weights)
@@ -371,11 +379,12 @@ def _project(x: torch.Tensor, group: _Group, dtype: torch.dtype, output_unread: 
     torch.mm(x_wide[:, :k], weight.scaled_a.t(), out=x_wide[:, k:])
     outputs = []
     for member in group.members:
-        shape = (*x.shape[:-1], member.rows.stop - member.rows.start)
-        if output_unread:
-            outputs.append(torch.empty(shape, dtype=dtype, device=x.device))
-        else:
-            outputs.append(torch.mm(x_wide, weight.forward_weight[member.rows].t()).view(shape))
+        width = member.rows.stop - member.rows.start
+        # made in its own shape, not as a view, so that a caller may modify it in place
+        output = torch.empty((*x.shape[:-1], width), dtype=dtype, device=x.device)
+        if not output_unread:
+            torch.mm(x_wide, weight.forward_weight[member.rows].t(), out=output.view(-1, width))
+        outputs.append(output)
     return tuple(outputs), x_wide
 
 

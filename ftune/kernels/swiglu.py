@@ -62,10 +62,17 @@ def _swiglu_backward_kernel(
 
 def _rows(t: torch.Tensor) -> torch.Tensor:
     """t as a matrix of its last dimension's rows, without a copy (rows may lie apart)."""
-    matrix = t if t.dim() == 2 else t.reshape(-1, t.shape[-1])
-    if matrix.stride(-1) != 1 or (t.dim() != 2 and matrix.data_ptr() != t.data_ptr()):
-        raise ValueError("swiglu reads rows of contiguous elements")
-    return matrix
+    if t.stride(-1) == 1 and (t.dim() == 2 or _viewable_as_rows(t)):
+        return t if t.dim() == 2 else t.view(-1, t.shape[-1])
+    raise ValueError("swiglu reads rows of contiguous elements")
+
+
+def _viewable_as_rows(t: torch.Tensor) -> bool:
+    try:
+        t.view(-1, t.shape[-1])
+    except RuntimeError:
+        return False
+    return True
 
 
 def _grid(rows: torch.Tensor):
@@ -87,8 +94,8 @@ def swiglu_backward(
     dy: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, overwrite_inputs: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The gradients of gate and up; with overwrite_inputs, written over gate and up themselves."""
-    if dy.stride(-1) != 1:
-        dy = dy.contiguous()
+    if dy.stride(-1) != 1 or (dy.dim() != 2 and not _viewable_as_rows(dy)):
+        dy = dy.contiguous()  # a gradient through sum() or cat() may be laid out otherwise
     dgate = gate if overwrite_inputs else torch.empty_like(gate)
     dup = up if overwrite_inputs else torch.empty_like(up)
     d, g, u, dg, du = (_rows(t) for t in (dy, gate, up, dgate, dup))

@@ -20,9 +20,11 @@ from tests.kernels.common import DEVICE, gpu
 from tests.kernels.test_lora import _quantized_pair, _step
 
 FP32 = dict(atol=1e-5, rtol=1e-4)
-# bf16 under the interpreter, which truncates where the GPU rounds: the unfused kernels' path sits
-# as far from peft's (up to 9% of a gradient's largest element on this model)
+# bf16 under the interpreter, which truncates where the GPU rounds: the loss elementwise, the
+# gradients by their norm. ftune's usual path sits as far from peft's (8% of the worst gradient's
+# norm on this model, where the fused and the usual path differ by 5%)
 BF16 = dict(atol=3e-2, rtol=3e-2)
+BF16_NORM = 0.15
 
 
 def _count_fused_calls(monkeypatch) -> list:
@@ -30,6 +32,13 @@ def _count_fused_calls(monkeypatch) -> list:
     forward = lora_augmented._forward
     monkeypatch.setattr(lora_augmented, "_forward", lambda *args: calls.append(args[2]) or forward(*args))
     return calls
+
+
+def _assert_close_norms(expected: dict, actual: dict, limit: float) -> None:
+    assert actual.keys() == expected.keys() and expected
+    for name in expected:
+        error = (actual[name].float() - expected[name].float()).norm() / expected[name].float().norm()
+        assert error < limit, f"{name}: {error:.3g} of the gradient's norm"
 
 
 def _assert_close_grads(expected: dict, actual: dict, tolerance: dict) -> None:
@@ -60,9 +69,12 @@ def test_fused_mlp_gives_pefts_loss_and_gradients(mode, dtype, tmp_path, monkeyp
         assert calls == [False] * layers
     else:  # the forward's chunks, then the backward's, whose outputs are unread
         assert calls.count(False) == 3 * layers and calls.count(True) == 3 * layers
-    tolerance = FP32 if dtype == torch.float32 else BF16
-    torch.testing.assert_close(loss_new, loss_ref, **tolerance)
-    _assert_close_grads(grads_ref, grads_new, tolerance)
+    if dtype == torch.float32:
+        torch.testing.assert_close(loss_new, loss_ref, **FP32)
+        _assert_close_grads(grads_ref, grads_new, FP32)
+    else:  # whole gradients: most elements are smaller than any elementwise bf16 tolerance
+        torch.testing.assert_close(loss_new, loss_ref, **BF16)
+        _assert_close_norms(grads_ref, grads_new, BF16_NORM)
 
 
 def _uneven_pair(tmp_path):
@@ -126,6 +138,51 @@ def test_q_k_v_in_one_function_and_a_call_out_of_order_goes_the_usual_way(tmp_pa
         torch.testing.assert_close(attention.k_proj(other), expected.k_proj(other), **FP32)  # another input
         torch.testing.assert_close(attention.v_proj(x), expected.v_proj(x), **FP32)  # after the order broke
     assert projected == [3]
+
+
+def test_per_row_adapters_and_an_adapter_made_again_take_pefts_weights(tmp_path, monkeypatch):
+    """peft's `adapter_names` (a different adapter per row, through hooks on the layers' calls)
+    takes the usual path; an adapter deleted and added again under its name is read afresh."""
+    monkeypatch.setenv("FTUNE_CACHE", str(tmp_path))
+    reference, patched = _quantized_pair("cpu", torch.float32, r=4)
+    apply_kernels(patched)
+    ids = torch.randint(0, 200, (2, 10), generator=torch.Generator().manual_seed(9))
+    with torch.no_grad():
+        patched(input_ids=ids)  # the groups are made and kept
+    for model in (reference, patched):
+        torch.manual_seed(11)  # the same A and B in both
+        model.add_adapter("other", LoraConfig(r=4, lora_alpha=8, target_modules=PROJECTIONS))
+        for name, parameter in model.named_parameters():
+            if "lora_B.other" in name:
+                torch.nn.init.normal_(parameter, std=0.05)
+    for model in (reference, patched):
+        model.eval()  # peft takes adapter_names only outside training
+    with torch.no_grad():
+        torch.testing.assert_close(patched(input_ids=ids, adapter_names=["default", "other"]).logits,
+                                   reference(input_ids=ids, adapter_names=["default", "other"]).logits, **FP32)
+    for model in (reference, patched):
+        model.delete_adapter("default")
+        torch.manual_seed(12)
+        model.add_adapter("default", LoraConfig(r=4, lora_alpha=8, target_modules=PROJECTIONS))
+        model.set_adapter("default")
+        for name, parameter in model.named_parameters():
+            if "lora_B.default" in name:
+                torch.nn.init.normal_(parameter, std=0.05)
+    calls = _count_fused_calls(monkeypatch)
+    with torch.no_grad():
+        torch.testing.assert_close(patched(input_ids=ids).logits, reference(input_ids=ids).logits, **FP32)
+    assert calls  # through the fused path, with the new adapter's weights
+
+
+def test_outputs_may_be_modified_in_place(tmp_path, monkeypatch):
+    monkeypatch.setenv("FTUNE_CACHE", str(tmp_path))
+    _, patched = _quantized_pair("cpu", torch.float32, r=4)
+    apply_kernels(patched)
+    layer = patched.get_base_model().model.layers[0]
+    x = torch.randn(1, 5, patched.config.hidden_size, requires_grad=True)
+    y = layer.mlp(x).mul_(2) + layer.self_attn.o_proj(x).mul_(2)
+    y.sum().backward()
+    assert x.grad is not None
 
 
 def test_the_backward_through_one_graph_twice_raises(tmp_path, monkeypatch):

@@ -86,6 +86,19 @@ def test_column_blocks_of_one_buffer(dtype):
     assert torch.equal(both[:, 2 * width:], tail)
 
 
+def test_a_gradient_that_is_not_rows():
+    """Through a cat() along the sequence the product's gradient is a slice whose rows lie apart
+    unevenly (no matrix of rows views it): the backward takes a copy of it."""
+    gate, up, _ = _projections((3, 4, 40), torch.float32, DEVICE)
+    grad = torch.randn(3, 6, 40, device=DEVICE, generator=torch.Generator(device=DEVICE).manual_seed(2))
+    results = []
+    for fn in (swiglu, reference_swiglu):
+        gate.grad = up.grad = None
+        torch.cat([fn(gate * 1, up * 1), torch.zeros(3, 2, 40, device=DEVICE)], dim=1).backward(grad)
+        results.append((gate.grad, up.grad))
+    torch.testing.assert_close(results[0], results[1], **TOLERANCES[torch.float32])
+
+
 def test_inputs_kept_unless_overwrite_is_allowed():
     gate, up, grad_out = _projections((4, 50), torch.float32, DEVICE)
     kept_gate, kept_up = gate.detach().clone(), up.detach().clone()
