@@ -102,8 +102,9 @@ class AugmentedWeight:
                 matrix[member.rows, :k].copy_(lora._whole_weight(weight, dtype))
                 matrix[member.rows, k + member.ranks.start: k + member.ranks.stop].copy_(member.lora_b)
                 torch.mul(member.lora_a, member.scaling, out=matrix[n + member.ranks.start: n + member.ranks.stop, :k])
-            if group.rank > member.ranks.stop:  # the padding rows of sA
-                matrix[n + member.ranks.stop:, :k].zero_()
+            ranks_used = group.members[-1].ranks.stop
+            if ranks_used < r:  # the padding rows of sA
+                matrix[n + ranks_used:, :k].zero_()
 
     @property
     def forward_weight(self) -> torch.Tensor:
@@ -148,44 +149,28 @@ class _MLPParts:
 def _adapters_if_augmentable(layers: list[nn.Module], x: torch.Tensor) -> tuple[tuple, torch.dtype] | None:
     """A key of the layers' adapters (their names and A and B parameters) and the compute dtype,
     when the augmented matrices compute what peft would for this input; else None. Runs at every
-    call: kept to attribute reads (about 20 us a layer on a slow host), since a forward of the 8B
-    shape makes some 300 of these calls."""
+    call (some 300 in a forward of the 8B shape): about 28 us a layer on a slow host."""
     if lora.FOLD_ADAPTER_INPUT_GRADIENT or _global_forward_hooks or _global_forward_pre_hooks:
         return None  # the folded path asked for, or hooks the layers' calls would have run
-    tokens = x.numel() // max(1, x.shape[-1])
-    if x.device.type == "cuda" and tokens <= lora.BITSANDBYTES_FUSED_MAX_TOKENS:
-        return None  # bitsandbytes multiplies short inputs without dequantizing: faster there
     autocast = torch.is_autocast_enabled(x.device.type)
     dtype = torch.get_autocast_dtype(x.device.type) if autocast else x.dtype
     key = []
     for layer in layers:
-        if not hasattr(layer, "_ftune_peft_forward") or layer.disable_adapters or layer.merged_adapters:
-            return None  # ftune's LoRA forward not installed (fused_lora off), adapters off or merged
+        # ftune's LoRA forward installed (fused_lora on), one plain adapter, peft's own fast-path rules
+        adapter = lora._single_plain_adapter(layer) if hasattr(layer, "_ftune_peft_forward") else None
+        if adapter is None or not lora._fast_path_applies(layer, x, {}):
+            return None
         if layer._forward_pre_hooks or layer._forward_hooks:
             return None  # e.g. peft's per-row `adapter_names`: the matrices would skip the layer's call
-        active = layer.active_adapters
-        if len(active) != 1:
-            return None
-        adapter = active[0]
-        if adapter not in layer.lora_A or adapter in getattr(layer, "lora_variant", ()):
-            return None
-        lora_a, lora_b = layer.lora_A[adapter], layer.lora_B[adapter]
-        if (lora_a.bias is not None or lora_b.bias is not None or not isinstance(layer.lora_dropout[adapter], nn.Identity)
-                or (not autocast and lora_a.weight.dtype != x.dtype)):
-            return None  # as peft would not cast x, only inputs that need no cast
         base = layer.base_layer
-        state = getattr(base.weight, "quant_state", None)
-        if state is None:
-            if not lora._is_4bit(base):
-                return None
+        if lora._is_4bit(base):
             from bitsandbytes.nn.modules import fix_4bit_weight_quant_state_from_module
 
             fix_4bit_weight_quant_state_from_module(base)  # FSDP's gathered weight lacks it
-            state = getattr(base.weight, "quant_state", None)
-        if (state is None or not lora._is_4bit(base) or base.bias is not None
-                or (base.compute_dtype or dtype) != dtype or getattr(state, "packing_format_for_cpu", False)):
+        # where bitsandbytes would dequantize the whole weight anyway, in the input's compute dtype
+        if not lora._reads_whole_weight(base, x) or base.bias is not None or (base.compute_dtype or dtype) != dtype:
             return None
-        key += [adapter, lora_a.weight, lora_b.weight]
+        key += [adapter, layer.lora_A[adapter].weight, layer.lora_B[adapter].weight]
     return tuple(key), dtype
 
 
@@ -223,17 +208,23 @@ def lora_mlp(mlp: nn.Module, x: torch.Tensor, parts: _MLPParts) -> torch.Tensor:
     return _forward(x, parts, output_unread)[0]
 
 
+def _with_product(t: torch.Tensor, matrix: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """[t | t @ matrix] in `dtype`: an input with its adapter columns, [x | x (sA)^T], or an output
+    gradient with its, [dy | dy B]."""
+    wide = torch.empty(t.shape[0], t.shape[1] + matrix.shape[1], dtype=dtype, device=t.device)
+    wide[:, : t.shape[1]].copy_(t)
+    torch.mm(wide[:, : t.shape[1]], matrix, out=wide[:, t.shape[1]:])
+    return wide
+
+
 def _forward(x: torch.Tensor, parts: _MLPParts, output_unread: bool):
     """The MLP's output and what its backward reads: the input with its adapter columns, gate and
     up side by side (room for their gradients' adapter columns), the SwiGLU product with its own."""
     gate_up, down, dtype = parts.gate_up, parts.down, parts.dtype
     k, n = gate_up.in_features, down.in_features
-    flat = x.reshape(-1, k)
-    tokens = flat.shape[0]
     weight = _augmented(gate_up, dtype)
-    x_wide = torch.empty(tokens, k + gate_up.rank, dtype=dtype, device=x.device)
-    x_wide[:, :k].copy_(flat)
-    torch.mm(x_wide[:, :k], weight.scaled_a.t(), out=x_wide[:, k:])
+    x_wide = _with_product(x.reshape(-1, k), weight.scaled_a.t(), dtype)
+    tokens = x_wide.shape[0]
     gate_up_out = torch.empty(tokens, 2 * n + gate_up.rank, dtype=dtype, device=x.device)
     torch.mm(x_wide, weight.forward_weight.t(), out=gate_up_out[:, : 2 * n])
     del weight  # (outside `dequantized_once`) the next one is made only after this one is freed
@@ -272,9 +263,7 @@ class _LoRAMLP(torch.autograd.Function):
 
         # down: its input gradient through [dy | dy B] @ [W ; sA]
         weight = _augmented(down, dtype)
-        grad_wide = torch.empty(grad.shape[0], down.out_features + down.rank, dtype=dtype, device=grad.device)
-        grad_wide[:, : down.out_features].copy_(grad)
-        torch.mm(grad, weight.b, out=grad_wide[:, down.out_features:])
+        grad_wide = _with_product(grad, weight.b, dtype)
         grad_product = torch.mm(grad_wide, weight.backward_weight)
         del weight
         down_grads = _adapter_grads(down, grad, grad_wide[:, down.out_features:], product[:, :n],
@@ -371,12 +360,8 @@ def group_projections(model: nn.Module) -> int:
 
 def _project(x: torch.Tensor, group: _Group, dtype: torch.dtype, output_unread: bool):
     """Each member's output, and the input with its adapter columns (what the backward reads)."""
-    k = group.in_features
-    flat = x.reshape(-1, k)
     weight = _augmented(group, dtype)
-    x_wide = torch.empty(flat.shape[0], k + group.rank, dtype=dtype, device=x.device)
-    x_wide[:, :k].copy_(flat)
-    torch.mm(x_wide[:, :k], weight.scaled_a.t(), out=x_wide[:, k:])
+    x_wide = _with_product(x.reshape(-1, group.in_features), weight.scaled_a.t(), dtype)
     outputs = []
     for member in group.members:
         width = member.rows.stop - member.rows.start

@@ -4,7 +4,7 @@ The eager MLP keeps `silu(gate)` and the product for the backward on top of gate
 rounds twice (after the silu, after the product). Here the math runs in fp32 inside one kernel
 and rounds once; the backward recomputes the silu from the saved gate, so only gate and up are
 kept. The kernels walk rows of the last dimension, so gate and up may be column blocks of one
-wider buffer (ftune/kernels/lora_mlp.py).
+wider buffer (ftune/kernels/lora_augmented.py).
 
 Where gate and up are a projection's fresh outputs (the patched MLP), the backward writes their
 gradients over them instead of into new buffers: each element is read before it is written, by
@@ -60,19 +60,22 @@ def _swiglu_backward_kernel(
     tl.store(DUP_ptr + row * dup_stride + cols, dup.to(DUP_ptr.dtype.element_ty), mask=mask)
 
 
-def _rows(t: torch.Tensor) -> torch.Tensor:
-    """t as a matrix of its last dimension's rows, without a copy (rows may lie apart)."""
-    if t.stride(-1) == 1 and (t.dim() == 2 or _viewable_as_rows(t)):
-        return t if t.dim() == 2 else t.view(-1, t.shape[-1])
-    raise ValueError("swiglu reads rows of contiguous elements")
-
-
-def _viewable_as_rows(t: torch.Tensor) -> bool:
+def _rows(t: torch.Tensor) -> torch.Tensor | None:
+    """t as a matrix of its last dimension's rows without a copy (rows may lie apart), or None
+    when no such matrix views it."""
+    if t.stride(-1) != 1:
+        return None
     try:
-        t.view(-1, t.shape[-1])
+        return t.view(-1, t.shape[-1])
     except RuntimeError:
-        return False
-    return True
+        return None
+
+
+def _rows_of(t: torch.Tensor) -> torch.Tensor:
+    rows = _rows(t)
+    if rows is None:
+        raise ValueError("swiglu reads rows of contiguous elements")
+    return rows
 
 
 def _grid(rows: torch.Tensor):
@@ -84,7 +87,7 @@ def swiglu_forward(gate: torch.Tensor, up: torch.Tensor, out: torch.Tensor | Non
     viewed as rows of their last dimension; rows of a matrix may lie apart (columns of a wider
     buffer), each row's elements contiguous."""
     y = torch.empty_like(gate) if out is None else out
-    g, u, o = _rows(gate), _rows(up), _rows(y)
+    g, u, o = _rows_of(gate), _rows_of(up), _rows_of(y)
     _swiglu_forward_kernel[_grid(g)](g, u, o, g.shape[1], g.stride(0), u.stride(0), o.stride(0),
                                      BLOCK_SIZE=BLOCK_SIZE, num_warps=NUM_WARPS)
     return y
@@ -94,11 +97,12 @@ def swiglu_backward(
     dy: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, overwrite_inputs: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The gradients of gate and up; with overwrite_inputs, written over gate and up themselves."""
-    if dy.stride(-1) != 1 or (dy.dim() != 2 and not _viewable_as_rows(dy)):
-        dy = dy.contiguous()  # a gradient through sum() or cat() may be laid out otherwise
+    d = _rows(dy)
+    if d is None:  # a gradient through sum() or cat() may be laid out otherwise
+        d = _rows_of(dy.contiguous())
     dgate = gate if overwrite_inputs else torch.empty_like(gate)
     dup = up if overwrite_inputs else torch.empty_like(up)
-    d, g, u, dg, du = (_rows(t) for t in (dy, gate, up, dgate, dup))
+    g, u, dg, du = (_rows_of(t) for t in (gate, up, dgate, dup))
     _swiglu_backward_kernel[_grid(g)](
         d, g, u, dg, du, g.shape[1], d.stride(0), g.stride(0), u.stride(0), dg.stride(0), du.stride(0),
         BLOCK_SIZE=BLOCK_SIZE, num_warps=NUM_WARPS

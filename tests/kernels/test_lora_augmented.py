@@ -77,7 +77,7 @@ def test_fused_mlp_gives_pefts_loss_and_gradients(mode, dtype, tmp_path, monkeyp
         _assert_close_norms(grads_ref, grads_new, BF16_NORM)
 
 
-def _uneven_pair(tmp_path):
+def _uneven_pair():
     """A tiny NF4 Llama with LoRA of rank 3 on gate, 5 on up and 4 on down (not multiples of the
     rank padding), and a copy with ftune's LoRA forward and kernels."""
     path = materialize_preset("tiny-llama", seed=0, dtype=torch.float32, device=torch.device(DEVICE))
@@ -99,7 +99,7 @@ def _uneven_pair(tmp_path):
 
 def test_one_mlp_with_uneven_ranks_matches_pefts_output_and_gradients(tmp_path, monkeypatch):
     monkeypatch.setenv("FTUNE_CACHE", str(tmp_path))
-    reference, patched = _uneven_pair(tmp_path)
+    reference, patched = _uneven_pair()
     calls = _count_fused_calls(monkeypatch)
     results = []
     for model in (reference, patched):
