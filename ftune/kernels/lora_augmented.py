@@ -34,6 +34,7 @@ without ftune's LoRA forward (`fused_lora`), takes the usual path.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -46,6 +47,8 @@ from ftune.kernels.swiglu import swiglu_backward, swiglu_forward
 # The rank columns padded with zeros to a multiple of this: rows of whole 16-byte vectors of
 # 16-bit values, which cuBLAS wants for its fastest kernels
 RANK_ALIGNMENT = 8
+# The matrices made inside `matrices_once`, by (the group's base weights, dtype)
+_REUSED_MATRICES: dict[tuple, "AugmentedWeight"] | None = None
 
 
 @dataclass(frozen=True)
@@ -125,14 +128,35 @@ class AugmentedWeight:
         return self.matrix[: self.n, self.k:]
 
 
+@contextlib.contextmanager
+def matrices_once():
+    """Within this block each group's augmented matrix is made once and serves every call, as
+    `lora.dequantized_once` does for them and for the 4-bit weights the usual path reads.
+
+    The forward without a graph runs a layer's MLP in chunks of tokens (ftune/engine/halves.py),
+    and made the gate-up and down matrices for each chunk: three 4-bit dequantizations and
+    339 MiB of matrix written per chunk for the 8B shape. Here they are made once per layer whatever the
+    length, and held together through its chunks. The 4-bit weights of the usual path are not
+    held: their three copies at once cost the 8B shape's forward 0.32 GiB at 8192 tokens.
+    """
+    global _REUSED_MATRICES
+    outer, _REUSED_MATRICES = _REUSED_MATRICES, {}
+    try:
+        yield
+    finally:
+        _REUSED_MATRICES = outer
+
+
 def _augmented(group: _Group, dtype: torch.dtype) -> AugmentedWeight:
-    """The group's matrix: made once per `lora.dequantized_once` block inside one, else each call."""
-    if lora._REUSED_WEIGHTS is None:
+    """The group's matrix: made once per `matrices_once` or `lora.dequantized_once` block inside
+    one, else at each call."""
+    reused = _REUSED_MATRICES if _REUSED_MATRICES is not None else lora._REUSED_WEIGHTS
+    if reused is None:
         return AugmentedWeight(group, dtype)
     key = ("augmented", *(id(m.layer.base_layer.weight) for m in group.members), dtype)
-    if key not in lora._REUSED_WEIGHTS:
-        lora._REUSED_WEIGHTS[key] = AugmentedWeight(group, dtype)
-    return lora._REUSED_WEIGHTS[key]
+    if key not in reused:
+        reused[key] = AugmentedWeight(group, dtype)
+    return reused[key]
 
 
 @dataclass(frozen=True)
@@ -205,7 +229,7 @@ def lora_mlp(mlp: nn.Module, x: torch.Tensor, parts: _MLPParts) -> torch.Tensor:
     weights = parts.adapter_weights()
     if torch.is_grad_enabled() and (x.requires_grad or any(w.requires_grad for w in weights)):
         return _LoRAMLP.apply(x, parts, output_unread, *weights)
-    return _forward(x, parts, output_unread)[0]
+    return _forward(x, parts, output_unread, for_backward=False)[0]
 
 
 def _with_product(t: torch.Tensor, matrix: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -217,9 +241,10 @@ def _with_product(t: torch.Tensor, matrix: torch.Tensor, dtype: torch.dtype) -> 
     return wide
 
 
-def _forward(x: torch.Tensor, parts: _MLPParts, output_unread: bool):
+def _forward(x: torch.Tensor, parts: _MLPParts, output_unread: bool, for_backward: bool = True):
     """The MLP's output and what its backward reads: the input with its adapter columns, gate and
-    up side by side (room for their gradients' adapter columns), the SwiGLU product with its own."""
+    up side by side (room for their gradients' adapter columns), the SwiGLU product with its own.
+    Without `for_backward` the first two are None, freed before the down matrix is made."""
     gate_up, down, dtype = parts.gate_up, parts.down, parts.dtype
     k, n = gate_up.in_features, down.in_features
     weight = _augmented(gate_up, dtype)
@@ -227,9 +252,13 @@ def _forward(x: torch.Tensor, parts: _MLPParts, output_unread: bool):
     tokens = x_wide.shape[0]
     gate_up_out = torch.empty(tokens, 2 * n + gate_up.rank, dtype=dtype, device=x.device)
     torch.mm(x_wide, weight.forward_weight.t(), out=gate_up_out[:, : 2 * n])
-    del weight  # (outside `dequantized_once`) the next one is made only after this one is freed
+    del weight  # (outside a reuse block) the next one is made only after this one is freed
     product = torch.empty(tokens, n + down.rank, dtype=dtype, device=x.device)
     swiglu_forward(gate_up_out[:, :n], gate_up_out[:, n: 2 * n], out=product[:, :n])
+    if not for_backward:
+        # the gate-up matrix may be held through the chunks (`matrices_once`): its 226 MiB (8B
+        # shape) beside gate and up of a 4096-token chunk would set the forward's peak
+        x_wide = gate_up_out = None
     weight = _augmented(down, dtype)
     torch.mm(product[:, :n], weight.scaled_a.t(), out=product[:, n:])
     # outputs made in their own shape, not as views, so that a caller may modify them in place

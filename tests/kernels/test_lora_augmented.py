@@ -4,6 +4,7 @@ every gradient, in each checkpointing mode, with uneven ranks, and the cases tha
 from __future__ import annotations
 
 import copy
+import weakref
 
 import pytest
 import torch
@@ -30,7 +31,8 @@ BF16_NORM = 0.15
 def _count_fused_calls(monkeypatch) -> list:
     calls = []
     forward = lora_augmented._forward
-    monkeypatch.setattr(lora_augmented, "_forward", lambda *args: calls.append(args[2]) or forward(*args))
+    monkeypatch.setattr(lora_augmented, "_forward",
+                        lambda *args, **kwargs: calls.append(args[2]) or forward(*args, **kwargs))
     return calls
 
 
@@ -196,30 +198,70 @@ def test_the_backward_through_one_graph_twice_raises(tmp_path, monkeypatch):
         y.sum().backward()
 
 
-def test_each_layer_backward_makes_each_groups_weight_once(tmp_path, monkeypatch):
+def test_each_layer_makes_each_groups_matrix_once_per_pass(tmp_path, monkeypatch):
     """Recomputed in three chunks of tokens, a layer's backward makes each group's matrix once (the
-    MLP's gate-up and down, the attention's q-k-v and o); the forward, outside `dequantized_once`,
-    the MLP's once per chunk."""
+    MLP's gate-up and down, the attention's q-k-v and o), and its forward the MLP's once for all
+    its chunks (`matrices_once`) and the attention's once, at its one call."""
     monkeypatch.setenv("FTUNE_CACHE", str(tmp_path))
     _, patched = _quantized_pair("cpu", torch.float32, r=4)
     apply_kernels(patched)
     intermediate = patched.config.intermediate_size
     install_checkpointing(patched, "unsloth", mlp_chunk_bytes=intermediate * 4 * 8)
     names = {id(module): name.rsplit(".", 1)[-1] for name, module in patched.named_modules()}
-    made = {True: [], False: []}
+    made = {"backward": [], "forward's chunks": [], "one call": []}
     init = lora_augmented.AugmentedWeight.__init__
 
     def counted(self, group, dtype):
-        made[lora._REUSED_WEIGHTS is not None].append("-".join(names[id(m.layer)] for m in group.members))
+        scope = ("backward" if lora._REUSED_WEIGHTS is not None else
+                 "forward's chunks" if lora_augmented._REUSED_MATRICES is not None else "one call")
+        made[scope].append("-".join(names[id(m.layer)] for m in group.members))
         init(self, group, dtype)
 
     monkeypatch.setattr(lora_augmented.AugmentedWeight, "__init__", counted)
     ids = torch.randint(0, 200, (1, 24), generator=torch.Generator().manual_seed(5))
     _step(patched, ids)
     layers = len(decoder_layers(patched))
-    groups = ["gate_proj-up_proj", "down_proj", "q_proj-k_proj-v_proj", "o_proj"]
-    assert sorted(made[True]) == sorted(groups * layers)  # the backward: each group once per layer
-    assert sorted(made[False]) == sorted((groups[:2] * 3 + groups[2:]) * layers)  # the forward
+    mlp, attention = ["gate_proj-up_proj", "down_proj"], ["q_proj-k_proj-v_proj", "o_proj"]
+    assert sorted(made["backward"]) == sorted((mlp + attention) * layers)
+    assert sorted(made["forward's chunks"]) == sorted(mlp * layers)
+    assert sorted(made["one call"]) == sorted(attention * layers)
+
+
+def test_the_forward_without_a_graph_frees_gate_and_up_before_the_down_matrix(tmp_path, monkeypatch):
+    """Without a graph the MLP's gate and up (and its widened input) are gone before the down
+    projection's matrix is made: beside a gate-up matrix held through the chunks they would set
+    the forward's peak. The output is the graph-recording forward's."""
+    monkeypatch.setenv("FTUNE_CACHE", str(tmp_path))
+    _, patched = _quantized_pair("cpu", torch.float32, r=4)
+    apply_kernels(patched)
+    mlp = patched.get_base_model().model.layers[0].mlp
+    x = torch.randn(1, 24, patched.config.hidden_size, generator=torch.Generator().manual_seed(3))
+    parts = lora_augmented.lora_mlp_parts(mlp, x)
+    assert parts is not None
+    # what the backward would read: the input with its adapter columns, gate and up side by side
+    read_by_backward = []
+    with_product, swiglu_forward = lora_augmented._with_product, lora_augmented.swiglu_forward
+    monkeypatch.setattr(lora_augmented, "_with_product",
+                        lambda t, *a: read_by_backward.append(weakref.ref(out := with_product(t, *a))) or out)
+    monkeypatch.setattr(lora_augmented, "swiglu_forward",
+                        lambda gate, up, **kw: read_by_backward.append(weakref.ref(gate._base))
+                        or swiglu_forward(gate, up, **kw))
+    alive_at_down = []
+    init = lora_augmented.AugmentedWeight.__init__
+
+    def watched(self, group, dtype):
+        if group is parts.down:
+            alive_at_down.append(sum(ref() is not None for ref in read_by_backward))
+            read_by_backward.clear()
+        init(self, group, dtype)
+
+    monkeypatch.setattr(lora_augmented.AugmentedWeight, "__init__", watched)
+    with torch.no_grad(), lora_augmented.matrices_once():
+        unrecorded = lora_augmented.lora_mlp(mlp, x, parts)
+    with torch.enable_grad():
+        recorded = lora_augmented.lora_mlp(mlp, x.requires_grad_(), parts)
+    assert alive_at_down == [0, 2]  # without a graph none; with one, gate-up's output and x's columns
+    torch.testing.assert_close(unrecorded, recorded.detach(), atol=0, rtol=0)
 
 
 def _fallback_cases():
