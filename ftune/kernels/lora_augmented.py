@@ -244,22 +244,33 @@ def _with_product(t: torch.Tensor, matrix: torch.Tensor, dtype: torch.dtype) -> 
 def _forward(x: torch.Tensor, parts: _MLPParts, output_unread: bool, for_backward: bool = True):
     """The MLP's output and what its backward reads: the input with its adapter columns, gate and
     up side by side (room for their gradients' adapter columns), the SwiGLU product with its own.
-    Without `for_backward` the first two are None, freed before the down matrix is made."""
+    Without `for_backward` the first two are None, and the product is written over gate."""
     gate_up, down, dtype = parts.gate_up, parts.down, parts.dtype
     k, n = gate_up.in_features, down.in_features
     weight = _augmented(gate_up, dtype)
+    # Without a graph the down matrix is made first, before gate and up exist: held through the
+    # chunks (`matrices_once`) beside the gate-up matrix, made after them it raised the peak at
+    # 8192 tokens by 0.08 GiB (benchmarks/results/engine-h100-product-over-gate.json)
+    down_weight = None if for_backward else _augmented(down, dtype)
     x_wide = _with_product(x.reshape(-1, k), weight.scaled_a.t(), dtype)
     tokens = x_wide.shape[0]
     gate_up_out = torch.empty(tokens, 2 * n + gate_up.rank, dtype=dtype, device=x.device)
     torch.mm(x_wide, weight.forward_weight.t(), out=gate_up_out[:, : 2 * n])
-    del weight  # (outside a reuse block) the next one is made only after this one is freed
-    product = torch.empty(tokens, n + down.rank, dtype=dtype, device=x.device)
-    swiglu_forward(gate_up_out[:, :n], gate_up_out[:, n: 2 * n], out=product[:, :n])
-    if not for_backward:
-        # the gate-up matrix may be held through the chunks (`matrices_once`): its 226 MiB (8B
-        # shape) beside gate and up of a 4096-token chunk would set the forward's peak
-        x_wide = gate_up_out = None
-    weight = _augmented(down, dtype)
+    del weight  # (with a graph, outside a reuse block) the next one is made only after this one is freed
+    gate, up = gate_up_out[:, :n], gate_up_out[:, n: 2 * n]
+    if for_backward:
+        product = torch.empty(tokens, n + down.rank, dtype=dtype, device=x.device)
+        swiglu_forward(gate, up, out=product[:, :n])
+    else:
+        # Nothing reads the widened input, gate or up again: the product goes over gate (each
+        # element read before it is written, by the same thread) and its adapter columns over
+        # up's first ones. Beside the matrices `matrices_once` holds through the chunks (339 MiB
+        # for the 8B shape), a product of its own raised the peak at 8192 tokens by 0.11 GiB
+        # (benchmarks/results/engine-h100-forward-matrices-once.json)
+        x_wide = None
+        swiglu_forward(gate, up, out=gate)
+        product, gate_up_out = gate_up_out[:, : n + down.rank], None
+    weight = _augmented(down, dtype) if down_weight is None else down_weight
     torch.mm(product[:, :n], weight.scaled_a.t(), out=product[:, n:])
     # outputs made in their own shape, not as views, so that a caller may modify them in place
     y = torch.empty((*x.shape[:-1], down.out_features), dtype=dtype, device=x.device)
