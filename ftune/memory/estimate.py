@@ -67,6 +67,8 @@ PARKED_EXTRA_HIDDEN = {"working_set": 0.0, "forward_with_head": 2.0}
 # time: one MLP weight more (112 MiB for the 8B shape) beside the fetched LM head. The 8B shape's
 # 8192-token peak went from 5.59 to 5.80 GiB (H100, engine-h100-augmented-lora.json); its
 # backward-bound peaks barely moved (5.93 to 6.12 GiB at 16384, 21.08 to 21.16 at 150,528).
+# Holding both MLP matrices through a layer's forward chunks (`matrices_once`) left the peaks where
+# they were: 5.80 and 6.12 GiB again (H100, engine-h100-down-matrix-first.json).
 AUGMENTED_MLP_TARGETS = {"gate_proj", "up_proj", "down_proj"}
 # Without the fused loss, transformers' loss holds the logits in bf16, their fp32 copy and the fp32
 # gradient: 11.2 bytes per logit (ftune true with and without kernels: +2.5 / 10.8 / 22.1 GiB at
