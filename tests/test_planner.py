@@ -74,7 +74,7 @@ def test_smart_recipe_installs_its_plan():
 
 @pytest.mark.parametrize("cell", FIXTURE["smart_cells"], ids=lambda c: f"{c['budget_gib']:g}GiB")
 def test_measured_smart_plans_stayed_under_budget_and_their_prediction(cell):
-    """The plans run on the GPU (benchmarks/results/speed-h100.json): each measured peak is under
+    """The plans run on the GPU (each cell names its results file): each measured peak is under
     its budget, and the planner's prediction for it is within 5% above the measurement (the
     planner never predicts low, so a plan that fits on paper fits on the card)."""
     setting = Setting(mode="smart", seq=cell["seq"], batch=cell["batch"], host_embeddings=cell["host_embeddings"],

@@ -399,7 +399,7 @@ def group_projections(model: nn.Module) -> int:
 
 
 def _project(x: torch.Tensor, group: _Group, dtype: torch.dtype, output_unread: bool):
-    """Each member's output, and the input with its adapter columns (what the backward reads)."""
+    """Each member's output, and the input with its adapter columns (the backward reads both parts)."""
     weight = _augmented(group, dtype)
     x_wide = _with_product(x.reshape(-1, group.in_features), weight.scaled_a.t(), dtype)
     outputs = []
@@ -419,18 +419,26 @@ class _LoRAProjections(torch.autograd.Function):
         outputs, x_wide = _project(x, group, dtype, output_unread)
         ctx.set_materialize_grads(False)  # an output nothing read has no gradient: its columns are zeroed
         ctx.group, ctx.dtype, ctx.input_shape, ctx.input_dtype = group, dtype, x.shape, x.dtype
-        ctx.x_wide = x_wide  # an attribute: the backward lets it go once read
+        # The backward reads x and its adapter columns. It keeps x itself rather than x_wide's copy
+        # of it: o's input is attention's output, which SDPA keeps for its own backward, and the
+        # copy cost the 8B shape 1.9 GiB in mode `none` at 8192 tokens, 42.35 GiB against 40.45
+        # (H100, benchmarks/results/speed-h100-session18.json). Under autocast x_wide's copy is x
+        # in the compute dtype, as the GEMM read it.
+        k = group.in_features
+        ctx.save_for_backward(x if x.dtype == dtype else x_wide[:, :k])
+        ctx.x_times_scaled_a = x_wide[:, k:].clone()  # an attribute: the backward lets it go once read
         return outputs
 
     @staticmethod
     def backward(ctx, *grad_outputs):
         group, dtype = ctx.group, ctx.dtype
-        x_wide, ctx.x_wide = ctx.x_wide, None
-        if x_wide is None:
+        x_times_scaled_a, ctx.x_times_scaled_a = ctx.x_times_scaled_a, None
+        if x_times_scaled_a is None:
             raise RuntimeError("the fused LoRA projections' backward ran twice through one graph (retain_graph=True)")
         n, k = group.out_features, group.in_features
+        (x,) = ctx.saved_tensors
         # every output's gradient side by side, then the adapter columns: one input gradient GEMM
-        grad_wide = torch.empty(x_wide.shape[0], n + group.rank, dtype=dtype, device=x_wide.device)
+        grad_wide = torch.empty(x_times_scaled_a.shape[0], n + group.rank, dtype=dtype, device=x.device)
         for member, grad in zip(group.members, grad_outputs):
             if grad is None:
                 grad_wide[:, member.rows].zero_()
@@ -443,6 +451,6 @@ class _LoRAProjections(torch.autograd.Function):
         if needs[0]:
             grad_x = torch.mm(grad_wide, weight.backward_weight).view(ctx.input_shape).to(ctx.input_dtype)
         del weight
-        adapter_grads = (_adapter_grads(group, grad_wide[:, :n], grad_wide[:, n:], x_wide[:, :k], x_wide[:, k:],
+        adapter_grads = (_adapter_grads(group, grad_wide[:, :n], grad_wide[:, n:], x.reshape(-1, k), x_times_scaled_a,
                                         needs[4:]) if any(needs[4:]) else [None] * (len(needs) - 4))
         return (grad_x, None, None, None, *adapter_grads)

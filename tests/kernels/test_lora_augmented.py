@@ -186,6 +186,29 @@ def test_outputs_may_be_modified_in_place(tmp_path, monkeypatch):
     assert x.grad is not None
 
 
+def test_the_projections_keep_their_input_itself_for_the_backward(tmp_path, monkeypatch):
+    """o's input is attention's output, which SDPA keeps too: the fused projections keep that
+    tensor, not a copy of it, and its gradients are still peft's."""
+    monkeypatch.setenv("FTUNE_CACHE", str(tmp_path))
+    reference, patched = _quantized_pair("cpu", torch.float32, r=4)
+    apply_kernels(patched)
+    o_proj = patched.get_base_model().model.layers[0].self_attn.o_proj
+    x = torch.randn(1, 7, o_proj.in_features, generator=torch.Generator().manual_seed(2), requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        y = o_proj(x)
+    assert type(y.grad_fn).__name__ == "_LoRAProjectionsBackward"
+    assert [t.untyped_storage().data_ptr() for t in saved] == [x.untyped_storage().data_ptr()]
+    y.square().sum().backward()
+    expected_x = x.detach().clone().requires_grad_()
+    reference_o = reference.get_base_model().model.layers[0].self_attn.o_proj
+    reference_o(expected_x).square().sum().backward()
+    torch.testing.assert_close(x.grad, expected_x.grad, **FP32)
+    for name in ("lora_A", "lora_B"):
+        torch.testing.assert_close(getattr(o_proj, name)["default"].weight.grad,
+                                   getattr(reference_o, name)["default"].weight.grad, msg=name, **FP32)
+
+
 def test_the_backward_through_one_graph_twice_raises(tmp_path, monkeypatch):
     monkeypatch.setenv("FTUNE_CACHE", str(tmp_path))
     _, patched = _quantized_pair("cpu", torch.float32, r=4)
