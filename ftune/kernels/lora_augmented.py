@@ -27,7 +27,8 @@ Rounding: the base product and the adapter's are summed in the GEMM's fp32 accum
 rounded once, where peft rounds the adapter's product, its scaled copy and the sum.
 
 The paths cover what QLoRA training runs: projections that are peft LoRA layers over bitsandbytes
-4-bit weights without bias, each with one active plain adapter (no dropout or DoRA), on inputs
+4-bit weights, without bias or (the attention's, as Qwen2's q, k and v) with a frozen one, each
+with one active plain adapter (no dropout or DoRA), on inputs
 long enough that bitsandbytes would dequantize the weights anyway. Anything else, and every call
 without ftune's LoRA forward (`fused_lora`), takes the usual path.
 """
@@ -170,10 +171,12 @@ class _MLPParts:
         return self.gate_up.weights + self.down.weights
 
 
-def _adapters_if_augmentable(layers: list[nn.Module], x: torch.Tensor) -> tuple[tuple, torch.dtype] | None:
+def _adapters_if_augmentable(layers: list[nn.Module], x: torch.Tensor,
+                             frozen_bias: bool = False) -> tuple[tuple, torch.dtype] | None:
     """A key of the layers' adapters (their names and A and B parameters) and the compute dtype,
-    when the augmented matrices compute what peft would for this input; else None. Runs at every
-    call (some 300 in a forward of the 8B shape): about 28 us a layer on a slow host."""
+    when the augmented matrices compute what peft would for this input (for base layers with a
+    frozen bias only where `frozen_bias`, the path adding it); else None. Runs at every call
+    (some 300 in a forward of the 8B shape): about 28 us a layer on a slow host."""
     if lora.FOLD_ADAPTER_INPUT_GRADIENT or _global_forward_hooks or _global_forward_pre_hooks:
         return None  # the folded path asked for, or hooks the layers' calls would have run
     autocast = torch.is_autocast_enabled(x.device.type)
@@ -192,7 +195,9 @@ def _adapters_if_augmentable(layers: list[nn.Module], x: torch.Tensor) -> tuple[
 
             fix_4bit_weight_quant_state_from_module(base)  # FSDP's gathered weight lacks it
         # where bitsandbytes would dequantize the whole weight anyway, in the input's compute dtype
-        if not lora._reads_whole_weight(base, x) or base.bias is not None or (base.compute_dtype or dtype) != dtype:
+        # (and a bias, if any, is frozen)
+        if (not lora._reads_whole_weight(base, x) or (base.bias is not None and not frozen_bias)
+                or (base.compute_dtype or dtype) != dtype):
             return None
         key += [adapter, layer.lora_A[adapter].weight, layer.lora_B[adapter].weight]
     return tuple(key), dtype
@@ -368,7 +373,7 @@ class ProjectionGroup:
                 self._pending = pending
             return output
         self._pending = None
-        found = _adapters_if_augmentable(self.layers, x)
+        found = _adapters_if_augmentable(self.layers, x, frozen_bias=True)
         if found is None:
             return None
         key, dtype = found
@@ -408,7 +413,12 @@ def _project(x: torch.Tensor, group: _Group, dtype: torch.dtype, output_unread: 
         # made in its own shape, not as a view, so that a caller may modify it in place
         output = torch.empty((*x.shape[:-1], width), dtype=dtype, device=x.device)
         if not output_unread:
-            torch.mm(x_wide, weight.forward_weight[member.rows].t(), out=output.view(-1, width))
+            member_weight = weight.forward_weight[member.rows].t()
+            bias = member.layer.base_layer.bias
+            if bias is None:
+                torch.mm(x_wide, member_weight, out=output.view(-1, width))
+            else:  # as bitsandbytes adds it: in the compute dtype, in the GEMM
+                torch.addmm(bias.to(dtype), x_wide, member_weight, out=output.view(-1, width))
         outputs.append(output)
     return tuple(outputs), x_wide
 

@@ -56,9 +56,9 @@ def test_fused_lora_under_bf16_autocast():
         _assert_same(reference, patched, ids, atol=2e-2, rtol=2e-2)
 
 
-def _quantized_pair(device: str, dtype: torch.dtype, r: int):
-    """A tiny Llama in NF4 with LoRA (B non-zero), and a copy of it with the fused forward."""
-    path = materialize_preset("tiny-llama", seed=0, dtype=dtype, device=torch.device(device))
+def _quantized_pair(device: str, dtype: torch.dtype, r: int, preset: str = "tiny-llama"):
+    """A tiny Llama (or `preset`) in NF4 with LoRA (B non-zero), and a copy of it with the fused forward."""
+    path = materialize_preset(preset, seed=0, dtype=dtype, device=torch.device(device))
     quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype)
     base = AutoModelForCausalLM.from_pretrained(path, quantization_config=quant, dtype=dtype, device_map={"": device})
     torch.manual_seed(0)

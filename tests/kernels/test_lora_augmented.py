@@ -141,6 +141,37 @@ def test_q_k_v_in_one_function_and_a_call_out_of_order_goes_the_usual_way(tmp_pa
     assert projected == [3]
 
 
+def _random_biases(model) -> None:
+    """The base layers' biases (zeros as transformers makes them) drawn at random, the same for
+    every model, so that a path that dropped them would show."""
+    generator = torch.Generator().manual_seed(4)
+    biases = [m.base_layer.bias for m in model.modules() if hasattr(m, "base_layer") and m.base_layer.bias is not None]
+    assert biases and not any(b.requires_grad for b in biases)
+    for bias in biases:
+        bias.data.copy_(torch.randn(bias.shape, generator=generator))
+
+
+def test_biased_q_k_v_in_one_function_give_pefts_loss_and_gradients(tmp_path, monkeypatch):
+    """Qwen2's q, k and v carry frozen biases: the group adds them in its GEMMs, as bitsandbytes
+    does, and the loss and every LoRA gradient are peft's."""
+    monkeypatch.setenv("FTUNE_CACHE", str(tmp_path))
+    reference, patched = _quantized_pair("cpu", torch.float32, r=4, preset="tiny-qwen2")
+    for model in (reference, patched):
+        _random_biases(model)
+    apply_kernels(patched)
+    grouped = []
+    project = lora_augmented._project
+    monkeypatch.setattr(lora_augmented, "_project",
+                        lambda x, group, *a: grouped.append(len(group.members)) or project(x, group, *a))
+    ids = torch.randint(0, 200, (1, 24), generator=torch.Generator().manual_seed(5))
+    loss_ref, grads_ref = _step(reference, ids)
+    loss, grads = _step(patched, ids)
+    layers = len(decoder_layers(patched))
+    assert sorted(grouped) == [1] * layers + [3] * layers  # o alone, q-k-v together, in every layer
+    torch.testing.assert_close(loss, loss_ref, **FP32)
+    _assert_close_grads(grads_ref, grads, FP32)
+
+
 def test_per_row_adapters_and_an_adapter_made_again_take_pefts_weights(tmp_path, monkeypatch):
     """peft's `adapter_names` (a different adapter per row, through hooks on the layers' calls)
     takes the usual path; an adapter deleted and added again under its name is read afresh."""
@@ -324,15 +355,19 @@ def test_a_disabled_adapter_takes_the_usual_path(tmp_path, monkeypatch):
 
 
 @gpu
+@pytest.mark.parametrize("preset", ["tiny-llama", "tiny-qwen2"])
 @pytest.mark.parametrize("mode", ["none", "unsloth"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_fused_mlp_on_the_gpu(mode, dtype, tmp_path, monkeypatch):
+def test_fused_mlp_on_the_gpu(preset, mode, dtype, tmp_path, monkeypatch):
     """Compiled, 2 x 1024 tokens (past bitsandbytes' short-input kernels, where the paths apply on
-    CUDA): loss and gradients as the same patched model's usual MLP and projections. In fp32 equal
-    to rounding; in bf16 the two orders of rounding drift apart through four layers (up to 5% of a
-    gradient's norm on an H100), so there it is a check that nothing is lost or mixed up."""
+    CUDA): loss and gradients as the same patched model's usual MLP and projections (Qwen2's q, k
+    and v with biases). In fp32 equal to rounding; in bf16 the two orders of rounding drift apart
+    through four layers (up to 5% of a gradient's norm on an H100), so there it is a check that
+    nothing is lost or mixed up."""
     monkeypatch.setenv("FTUNE_CACHE", str(tmp_path))
-    _, usual = _quantized_pair(DEVICE, dtype, r=8)
+    _, usual = _quantized_pair(DEVICE, dtype, r=8, preset=preset)
+    if preset == "tiny-qwen2":
+        _random_biases(usual)
     apply_kernels(usual)
     fused = copy.deepcopy(usual)
     for model in (usual, fused):
