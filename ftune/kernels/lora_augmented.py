@@ -148,10 +148,15 @@ def matrices_once():
         _REUSED_MATRICES = outer
 
 
+def _reused_matrices() -> dict | None:
+    """Where the matrices made now are kept: `matrices_once`'s, or `lora.dequantized_once`'s."""
+    return _REUSED_MATRICES if _REUSED_MATRICES is not None else lora._REUSED_WEIGHTS
+
+
 def _augmented(group: _Group, dtype: torch.dtype) -> AugmentedWeight:
     """The group's matrix: made once per `matrices_once` or `lora.dequantized_once` block inside
     one, else at each call."""
-    reused = _REUSED_MATRICES if _REUSED_MATRICES is not None else lora._REUSED_WEIGHTS
+    reused = _reused_matrices()
     if reused is None:
         return AugmentedWeight(group, dtype)
     key = ("augmented", *(id(m.layer.base_layer.weight) for m in group.members), dtype)
@@ -253,20 +258,17 @@ def _forward(x: torch.Tensor, parts: _MLPParts, output_unread: bool, for_backwar
     gate_up, down, dtype = parts.gate_up, parts.down, parts.dtype
     k, n = gate_up.in_features, down.in_features
     weight = _augmented(gate_up, dtype)
-    # Without a graph the down matrix is made first, before gate and up exist: held through the
-    # chunks (`matrices_once`) beside the gate-up matrix, made after them it raised the peak at
-    # 8192 tokens by 0.08 GiB (benchmarks/results/engine-h100-product-over-gate.json)
-    down_weight = None if for_backward else _augmented(down, dtype)
+    # Without a graph, where the matrices are held through the chunks (`matrices_once`), the down
+    # matrix is made first, before gate and up exist: made after them, beside the gate-up matrix,
+    # it raised the peak at 8192 tokens by 0.08 GiB (benchmarks/results/engine-h100-product-over-gate.json)
+    down_weight = _augmented(down, dtype) if not for_backward and _reused_matrices() is not None else None
     x_wide = _with_product(x.reshape(-1, k), weight.scaled_a.t(), dtype)
     tokens = x_wide.shape[0]
     gate_up_out = torch.empty(tokens, 2 * n + gate_up.rank, dtype=dtype, device=x.device)
     torch.mm(x_wide, weight.forward_weight.t(), out=gate_up_out[:, : 2 * n])
     del weight  # (with a graph, outside a reuse block) the next one is made only after this one is freed
     gate, up = gate_up_out[:, :n], gate_up_out[:, n: 2 * n]
-    if for_backward:
-        product = torch.empty(tokens, n + down.rank, dtype=dtype, device=x.device)
-        swiglu_forward(gate, up, out=product[:, :n])
-    else:
+    if not for_backward and down.rank <= n + gate_up.rank:
         # Nothing reads the widened input, gate or up again: the product goes over gate (each
         # element read before it is written, by the same thread) and its adapter columns over
         # up's first ones. Beside the matrices `matrices_once` holds through the chunks (339 MiB
@@ -275,6 +277,11 @@ def _forward(x: torch.Tensor, parts: _MLPParts, output_unread: bool, for_backwar
         x_wide = None
         swiglu_forward(gate, up, out=gate)
         product, gate_up_out = gate_up_out[:, : n + down.rank], None
+    else:
+        product = torch.empty(tokens, n + down.rank, dtype=dtype, device=x.device)
+        swiglu_forward(gate, up, out=product[:, :n])
+        if not for_backward:
+            x_wide = gate_up_out = None
     weight = _augmented(down, dtype) if down_weight is None else down_weight
     torch.mm(product[:, :n], weight.scaled_a.t(), out=product[:, n:])
     # outputs made in their own shape, not as views, so that a caller may modify them in place
@@ -432,11 +439,13 @@ class _LoRAProjections(torch.autograd.Function):
         # The backward reads x and its adapter columns. It keeps x itself rather than x_wide's copy
         # of it: o's input is attention's output, which SDPA keeps for its own backward, and the
         # copy cost the 8B shape 1.9 GiB in mode `none` at 8192 tokens, 42.35 GiB against 40.45
-        # (H100, benchmarks/results/speed-h100-session18.json). Under autocast x_wide's copy is x
-        # in the compute dtype, as the GEMM read it.
+        # (H100, benchmarks/results/speed-h100-session18.json). Under autocast, where x_wide's copy
+        # is x in the compute dtype as the GEMM read it, x_wide is kept.
         k = group.in_features
-        ctx.save_for_backward(x if x.dtype == dtype else x_wide[:, :k])
-        ctx.x_times_scaled_a = x_wide[:, k:].clone()  # an attribute: the backward lets it go once read
+        ctx.kept_wide = x.dtype != dtype
+        ctx.save_for_backward(x_wide if ctx.kept_wide else x)
+        # an attribute: the backward lets it go once read
+        ctx.x_times_scaled_a = x_wide[:, k:] if ctx.kept_wide else x_wide[:, k:].clone()
         return outputs
 
     @staticmethod
@@ -446,7 +455,8 @@ class _LoRAProjections(torch.autograd.Function):
         if x_times_scaled_a is None:
             raise RuntimeError("the fused LoRA projections' backward ran twice through one graph (retain_graph=True)")
         n, k = group.out_features, group.in_features
-        (x,) = ctx.saved_tensors
+        (kept,) = ctx.saved_tensors
+        x = kept[:, :k] if ctx.kept_wide else kept.reshape(-1, k)
         # every output's gradient side by side, then the adapter columns: one input gradient GEMM
         grad_wide = torch.empty(x_times_scaled_a.shape[0], n + group.rank, dtype=dtype, device=x.device)
         for member, grad in zip(group.members, grad_outputs):
@@ -461,6 +471,6 @@ class _LoRAProjections(torch.autograd.Function):
         if needs[0]:
             grad_x = torch.mm(grad_wide, weight.backward_weight).view(ctx.input_shape).to(ctx.input_dtype)
         del weight
-        adapter_grads = (_adapter_grads(group, grad_wide[:, :n], grad_wide[:, n:], x.reshape(-1, k), x_times_scaled_a,
+        adapter_grads = (_adapter_grads(group, grad_wide[:, :n], grad_wide[:, n:], x, x_times_scaled_a,
                                         needs[4:]) if any(needs[4:]) else [None] * (len(needs) - 4))
         return (grad_x, None, None, None, *adapter_grads)

@@ -240,6 +240,29 @@ def test_the_projections_keep_their_input_itself_for_the_backward(tmp_path, monk
                                    getattr(reference_o, name)["default"].weight.grad, msg=name, **FP32)
 
 
+def test_an_input_of_another_dtype_under_autocast_keeps_the_copy_the_gemm_read(tmp_path, monkeypatch):
+    """Under autocast an fp32 input (fp32 norms in a bf16 model) reaches the projections: the group
+    keeps the bf16 copy its GEMM read, and its gradients are peft's to bf16 rounding."""
+    monkeypatch.setenv("FTUNE_CACHE", str(tmp_path))
+    reference, patched = _quantized_pair("cpu", torch.bfloat16, r=4)
+    o_proj = patched.get_base_model().model.layers[0].self_attn.o_proj
+    reference_o = reference.get_base_model().model.layers[0].self_attn.o_proj
+    x = torch.randn(1, 7, o_proj.in_features, generator=torch.Generator().manual_seed(2), requires_grad=True)
+    expected_x = x.detach().clone().requires_grad_()
+    saved = []
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+            y = o_proj(x)
+        expected = reference_o(expected_x)
+    assert type(y.grad_fn).__name__ == "_LoRAProjectionsBackward"
+    assert [(t.dtype, t.shape[-1]) for t in saved] == [(torch.bfloat16, o_proj.in_features + 8)]  # rank 4, padded
+    y.float().square().sum().backward()
+    expected.float().square().sum().backward()
+    grads = {name: getattr(o_proj, name)["default"].weight.grad for name in ("lora_A", "lora_B")}
+    grads_ref = {name: getattr(reference_o, name)["default"].weight.grad for name in ("lora_A", "lora_B")}
+    _assert_close_norms({**grads_ref, "x": expected_x.grad}, {**grads, "x": x.grad}, 0.02)
+
+
 def test_the_backward_through_one_graph_twice_raises(tmp_path, monkeypatch):
     monkeypatch.setenv("FTUNE_CACHE", str(tmp_path))
     _, patched = _quantized_pair("cpu", torch.float32, r=4)
@@ -281,10 +304,10 @@ def test_each_layer_makes_each_groups_matrix_once_per_pass(tmp_path, monkeypatch
 
 
 def test_the_forward_without_a_graph_makes_no_buffer_beside_gate_and_up(tmp_path, monkeypatch):
-    """Without a graph the MLP makes the down projection's matrix before gate and up exist, and
-    writes the SwiGLU's product over gate: beside the matrices held through the chunks, a buffer
-    more would set the forward's peak. With a graph the product has its own buffer (the backward
-    reads gate and up). The outputs agree."""
+    """Without a graph the MLP writes the SwiGLU's product over gate and, where the matrices are
+    held through the chunks, makes the down projection's matrix before gate and up exist: beside
+    those matrices, a buffer more would set the forward's peak. With a graph the product has its
+    own buffer (the backward reads gate and up). The outputs agree."""
     monkeypatch.setenv("FTUNE_CACHE", str(tmp_path))
     _, patched = _quantized_pair("cpu", torch.float32, r=4)
     apply_kernels(patched)
@@ -304,6 +327,10 @@ def test_the_forward_without_a_graph_makes_no_buffer_beside_gate_and_up(tmp_path
     with torch.no_grad(), lora_augmented.matrices_once():
         unrecorded = lora_augmented.lora_mlp(mlp, x, parts)
     assert events == ["gate-up matrix", "down matrix", "input", "product over gate"]
+    events.clear()
+    with torch.no_grad():  # outside a reuse block the gate-up matrix is gone before the down one is made
+        lora_augmented.lora_mlp(mlp, x, parts)
+    assert events == ["gate-up matrix", "input", "product over gate", "down matrix"]
     events.clear()
     with torch.enable_grad():
         recorded = lora_augmented.lora_mlp(mlp, x.requires_grad_(), parts)
