@@ -28,9 +28,9 @@ rounded once, where peft rounds the adapter's product, its scaled copy and the s
 
 The paths cover what QLoRA training runs: projections that are peft LoRA layers over bitsandbytes
 4-bit weights, without bias or (the attention's, as Qwen2's q, k and v) with a frozen one, each
-with one active plain adapter (no dropout or DoRA), on inputs
-long enough that bitsandbytes would dequantize the weights anyway. Anything else, and every call
-without ftune's LoRA forward (`fused_lora`), takes the usual path.
+with one active plain adapter (no dropout or DoRA), on inputs long enough that bitsandbytes would
+dequantize the weights anyway. Anything else, and every call without ftune's LoRA forward
+(`fused_lora`), takes the usual path.
 """
 
 from __future__ import annotations
@@ -135,10 +135,13 @@ def matrices_once():
     `lora.dequantized_once` does for them and for the 4-bit weights the usual path reads.
 
     The forward without a graph runs a layer's MLP in chunks of tokens (ftune/engine/halves.py),
-    and made the gate-up and down matrices for each chunk: three 4-bit dequantizations and
-    339 MiB of matrix written per chunk for the 8B shape. Here they are made once per layer whatever the
-    length, and held together through its chunks. The 4-bit weights of the usual path are not
-    held: their three copies at once cost the 8B shape's forward 0.32 GiB at 8192 tokens.
+    and made the gate-up and down matrices for each chunk: three 4-bit dequantizations and 339 MiB
+    of matrix written per chunk for the 8B shape. Here they are made once per layer whatever the
+    length, and held together through its chunks: on an H100 the 8B shape's step went from 1.88x
+    to 1.91x the baseline at 8192 tokens and from 1.81x to 1.86x at 16384, at the same peak once
+    `_forward` made no buffer beside them (benchmarks/results/engine-h100-down-matrix-first.json).
+    The 4-bit weights of the usual path are not held: their three copies at once cost the 8B
+    shape's forward 0.32 GiB at 8192 tokens.
     """
     global _REUSED_MATRICES
     outer, _REUSED_MATRICES = _REUSED_MATRICES, {}
@@ -438,8 +441,8 @@ class _LoRAProjections(torch.autograd.Function):
         ctx.group, ctx.dtype, ctx.input_shape, ctx.input_dtype = group, dtype, x.shape, x.dtype
         # The backward reads x and its adapter columns. It keeps x itself rather than x_wide's copy
         # of it: o's input is attention's output, which SDPA keeps for its own backward, and the
-        # copy cost the 8B shape 1.9 GiB in mode `none` at 8192 tokens, 42.35 GiB against 40.45
-        # (H100, benchmarks/results/speed-h100-session18.json). Under autocast, where x_wide's copy
+        # copy cost the 8B shape 2.0 GiB in mode `none` at 8192 tokens, 42.35 GiB against 40.35
+        # (H100, benchmarks/results/speed-h100-session18*.json). Under autocast, where x_wide's copy
         # is x in the compute dtype as the GEMM read it, x_wide is kept.
         k = group.in_features
         ctx.kept_wide = x.dtype != dtype
