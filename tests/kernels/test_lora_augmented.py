@@ -355,7 +355,7 @@ def _fallback_cases():
 
 
 @pytest.mark.parametrize("case", list(_fallback_cases()))
-def test_mlps_outside_the_fused_paths_reach_take_the_usual_path(case, tmp_path, monkeypatch):
+def test_mlps_the_fused_path_does_not_cover_take_the_usual_path(case, tmp_path, monkeypatch):
     monkeypatch.setenv("FTUNE_CACHE", str(tmp_path))
     monkeypatch.setattr(lora, "FOLD_ADAPTER_INPUT_GRADIENT", False)
     _, patched = _quantized_pair("cpu", torch.float32, r=4)
@@ -385,7 +385,7 @@ def test_a_disabled_adapter_takes_the_usual_path(tmp_path, monkeypatch):
 @pytest.mark.parametrize("preset", ["tiny-llama", "tiny-qwen2"])
 @pytest.mark.parametrize("mode", ["none", "unsloth"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_fused_mlp_on_the_gpu(preset, mode, dtype, tmp_path, monkeypatch):
+def test_fused_mlp_and_projections_on_the_gpu(preset, mode, dtype, tmp_path, monkeypatch):
     """Compiled, 2 x 1024 tokens (past bitsandbytes' short-input kernels, where the paths apply on
     CUDA): loss and gradients as the same patched model's usual MLP and projections (Qwen2's q, k
     and v with biases). In fp32 equal to rounding; in bf16 the two orders of rounding drift apart
