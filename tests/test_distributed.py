@@ -8,17 +8,18 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
 
+from tests import pausing_train
 from tests.ddp_grads import BATCH
 from tests.helpers import lora_grads, tiny_lora_model
 
 pytestmark = pytest.mark.slow
 WORKER = os.path.join(os.path.dirname(__file__), "ddp_grads.py")
 QUICKSTART = os.path.join(os.path.dirname(__file__), "..", "recipes", "quickstart.yaml")
+PAUSING = pausing_train.SCRIPT
 
 
 @pytest.mark.parametrize("mode", ["none", "true", "unsloth"])
@@ -61,11 +62,12 @@ def test_ftune_train_under_torchrun_matches_one_process(strategy, tmp_path):
     assert ("train as ddp" in two.stdout + two.stderr) == (strategy == "fsdp")
 
 
-def torchrun_command(out) -> list[str]:
-    """A 30-step quickstart on two gloo ranks, a checkpoint every 3 steps."""
+def torchrun_command(out, *, pausing: bool = False) -> list[str]:
+    """A 9-step quickstart on two gloo ranks, a checkpoint every 3 steps; `pausing`: through
+    tests/pausing_train.py, which waits after a checkpoint until a signal arrives."""
     args = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-            "-m", "ftune", "train", QUICKSTART]
-    for item in (f"training.output_dir={out}", "training.max_steps=30", "training.save_steps=3",
+            *([PAUSING] if pausing else ["-m", "ftune"]), "train", QUICKSTART]
+    for item in (f"training.output_dir={out}", "training.max_steps=9", "training.save_steps=3",
                  "training.save_total_limit=10", "training.logging_steps=1", "training.batch_size=2",
                  "training.lr_scheduler=constant", "data.limit=64", "checkpointing.mode=unsloth"):
         args += ["--set", item]
@@ -80,13 +82,15 @@ def uninterrupted(tmp_path_factory):
     return out
 
 
-def _start_and_wait_for_a_checkpoint(out):
-    from ftune.checkpoints import checkpoints
-
-    process = subprocess.Popen(torchrun_command(out), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 240
-    while not checkpoints(out) and process.poll() is None and time.time() < deadline:
-        time.sleep(0.05)
+def _start_and_pause_after_checkpoint_3(out, *, rank: int | None = None) -> subprocess.Popen:
+    """The run, paused (every rank, or only `rank`) after its checkpoint of step 3 until a signal
+    arrives: it cannot finish before the test's signal. Its stderr goes to a file (a pipe nobody
+    reads would fill and block it)."""
+    paused = out.parent / f"{out.name}.paused"
+    log = open(out.parent / f"{out.name}.stderr", "w")
+    process = subprocess.Popen(torchrun_command(out, pausing=True), stdout=subprocess.DEVNULL, stderr=log, text=True,
+                               env=pausing_train.environment(3, paused, rank=rank))
+    pausing_train.wait_until_paused(paused, process)
     return process
 
 
@@ -134,14 +138,15 @@ def test_killed_run_under_torchrun_resumes_to_the_same_result(tmp_path, uninterr
     appear; a run killed after one resumes to the losses and adapter of an uninterrupted run."""
     import psutil
 
+    from ftune.checkpoints import checkpoints
+
     out = tmp_path / "killed"
-    process = _start_and_wait_for_a_checkpoint(out)
+    process = _start_and_pause_after_checkpoint_3(out)
     # torchrun and both ranks (which it starts in sessions of their own)
     for victim in [psutil.Process(process.pid), *psutil.Process(process.pid).children(recursive=True)]:
         victim.send_signal(signal.SIGKILL)
     process.wait()
-    if (out / "checkpoint-30").exists():
-        pytest.skip("the run finished before it was killed")
+    assert [p.name for p in checkpoints(out)] == ["checkpoint-3"] and not (out / "summary.json").exists()
     _assert_resumes_to(out, uninterrupted)
 
 
@@ -149,21 +154,27 @@ def test_sigterm_to_one_rank_stops_every_rank_at_one_checkpoint(tmp_path, uninte
     """A signal that reaches one rank only (a scheduler preempting one process) stops all ranks
     after the same step with one complete checkpoint, instead of one rank waiting forever in the
     checkpoint while the other waits in the next all-reduce; the run then resumes."""
+    from ftune.checkpoints import checkpoints
+
     out = tmp_path / "stopped"
-    process = _start_and_wait_for_a_checkpoint(out)
+    # rank 1 waits after checkpoint 3, rank 0 goes on into step 4 and waits for it in its all-reduce
+    process = _start_and_pause_after_checkpoint_3(out, rank=1)
     ranks = _rank_processes(process)
     assert set(ranks) == {0, 1}
     ranks[1].send_signal(signal.SIGTERM)
     try:
-        _, stderr = process.communicate(timeout=120)
+        process.wait(timeout=120)
     except subprocess.TimeoutExpired:
         for victim in ranks.values():
             victim.kill()
         process.kill()
         pytest.fail("the ranks hung after one of them was stopped")
-    if (out / "summary.json").exists():
-        pytest.skip("the run finished before the signal arrived")
+    stderr = (tmp_path / "stopped.stderr").read_text()
+    # both ranks finish step 4, agree on the signal there and write its checkpoint together
     assert "Run the same command again" in stderr
+    assert stderr.count("Stopped by SIGTERM at step 4") == 2, stderr[-3000:]
+    assert [p.name for p in checkpoints(out)] == ["checkpoint-3", "checkpoint-4"]
+    assert not (out / "summary.json").exists()
     _assert_resumes_to(out, uninterrupted)
 
 
