@@ -23,6 +23,7 @@ from ftune.engine import CheckpointingEngine, install_checkpointing
 from ftune.engine.embedding import move_embeddings_to_host, move_lm_head_to_host
 from ftune.engine.planner import NoPlanFits, Plan, measure_host_link, plan_smart
 from ftune.errors import ModelError, first_line
+from ftune.integrations.bitsandbytes import keep_4bit_layout
 from ftune.kernels import KERNELS, apply_kernels, kernel_support
 from ftune.memory.estimate import GiB, Setting, allocatable, model_shape
 from ftune.presets import PRESETS, preset_config
@@ -185,6 +186,7 @@ def load_base_model(recipe: Recipe, device: torch.device | None = None) -> tuple
         ) from None
     finally:
         torch.set_num_threads(threads)
+    keep_4bit_layout(model)  # one layout and one kernel in train and eval mode, on every CPU
     model.config.use_cache = False  # training; generation turns it back on per call
     return model, source, dtype
 

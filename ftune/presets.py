@@ -45,9 +45,11 @@ def _qwen3(hidden, intermediate, layers, heads, *, tie):
 
 
 def _tiny(model_type: str, **extra: Any) -> dict[str, Any]:
-    # vocab 512 matches the quickstart tokenizer (data/quickstart/tokenizer).
+    # vocab 512 matches the quickstart tokenizer (data/quickstart/tokenizer). Every projection's
+    # input is whole 64-value quantization blocks and its output a multiple of 32: the shapes that
+    # every bitsandbytes CPU kernel takes (ftune/integrations/bitsandbytes.py).
     config = dict(
-        model_type=model_type, vocab_size=512, hidden_size=128, intermediate_size=352,
+        model_type=model_type, vocab_size=512, hidden_size=128, intermediate_size=384,
         num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
         rms_norm_eps=1e-6, tie_word_embeddings=False, hidden_act="silu",
         # Random weights at transformers' usual std of 0.02 cap the logits of a 128-wide model near

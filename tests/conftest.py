@@ -19,8 +19,17 @@ import torch  # noqa: E402
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+import bitsandbytes.functional as bnb_functional  # noqa: E402
+import bitsandbytes.nn.modules as bnb_modules  # noqa: E402
 import pytest  # noqa: E402
 from hypothesis import settings  # noqa: E402
+
+# bitsandbytes picks its CPU path for 4-bit layers from the CPU's AVX512-BF16 flag, once per layer
+# (ftune/integrations/bitsandbytes.py). The suite must not depend on which CPU runs it: every layer
+# built in a test sees the flag off, and the tests of that path force it on with the
+# `bitsandbytes_avx512bf16` fixture (ftune's own models must behave alike either way).
+CPU_HAS_AVX512BF16 = bool(bnb_functional.has_avx512bf16())  # the real check (this file may be imported twice)
+bnb_modules.has_avx512bf16 = lambda: False
 
 # The fuzz tests draw the same examples on every run, so that a landing is not decided by chance;
 # HYPOTHESIS_PROFILE=explore draws new ones (how the mixed text/chat row of test_data.py was found).
@@ -35,3 +44,10 @@ QUICKSTART = REPO / "recipes" / "quickstart.yaml"
 @pytest.fixture
 def repo() -> Path:
     return REPO
+
+
+@pytest.fixture(params=[False, True], ids=["cpu-without-avx512bf16", "cpu-with-avx512bf16"])
+def bitsandbytes_avx512bf16(request, monkeypatch) -> bool:
+    """bitsandbytes' CPU feature check forced off, then on, for the 4-bit layers built in the test."""
+    monkeypatch.setattr(bnb_modules, "has_avx512bf16", lambda: request.param)
+    return request.param

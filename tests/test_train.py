@@ -14,11 +14,12 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from ftune.cli import main
+from ftune.integrations.bitsandbytes import is_4bit, is_repacked
 from ftune.kernels import KERNELS
-from ftune.model import quantization_config
+from ftune.model import load_base_model, quantization_config
 from ftune.recipe import load_recipe
 from ftune.workflows import train
-from tests.conftest import QUICKSTART
+from tests.conftest import CPU_HAS_AVX512BF16, QUICKSTART
 
 pytestmark = pytest.mark.slow
 
@@ -78,6 +79,42 @@ def test_adapter_loads_with_plain_peft_and_gives_the_same_logits(quickstart_run)
         expected = trained(**ids).logits
         got = loaded(**ids).logits
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+def _greedy(model, tokenizer, prompt: str) -> list[int]:
+    ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                        return_tensors="pt", return_dict=True)
+    with torch.no_grad():
+        out = model.generate(**ids, max_new_tokens=12, do_sample=False, use_cache=True,
+                             pad_token_id=tokenizer.pad_token_id)
+    return out[0, ids["input_ids"].shape[1]:].tolist()
+
+
+def test_trained_adapter_generates_in_eval_mode_whatever_the_cpu(quickstart_run, bitsandbytes_avx512bf16):
+    """The base as ftune loads it, with the run's adapter: eval mode generates what train mode (no
+    dropout) does, and no 4-bit weight is repacked, whether or not the CPU has AVX512-BF16."""
+    recipe, run = quickstart_run
+    base, _, _ = load_base_model(recipe, torch.device("cpu"))
+    model = PeftModel.from_pretrained(base, run.summary["output_dir"])
+    tokenizer = run.built.tokenizer
+    expected = _greedy(model.train(), tokenizer, "Spell the word maple.")
+    assert _greedy(model.eval(), tokenizer, "Spell the word maple.") == expected
+    assert expected and not any(is_repacked(m) for m in model.modules() if is_4bit(m))
+
+
+@pytest.mark.skipif(not CPU_HAS_AVX512BF16, reason="runs bitsandbytes' AVX512-BF16 kernel, which this CPU lacks")
+def test_plain_peft_generates_through_bitsandbytes_avx512bf16_kernel(quickstart_run, monkeypatch):
+    """The adapter loaded with plain transformers + peft, on a CPU where bitsandbytes repacks 4-bit
+    weights for its bf16 kernel in eval mode: the tiny shapes are ones that kernel takes."""
+    import bitsandbytes.nn.modules as bnb_modules
+
+    monkeypatch.setattr(bnb_modules, "has_avx512bf16", lambda: True)
+    recipe, run = quickstart_run
+    base = AutoModelForCausalLM.from_pretrained(run.built.source, dtype=torch.float32, device_map={"": "cpu"},
+                                                quantization_config=quantization_config(recipe, torch.float32))
+    model = PeftModel.from_pretrained(base, run.summary["output_dir"]).eval()
+    assert _greedy(model, run.built.tokenizer, "Spell the word maple.")
+    assert all(is_repacked(m) for m in model.modules() if is_4bit(m))
 
 
 def test_cli_train_then_refuse_to_overwrite(tmp_path, monkeypatch, capsys):

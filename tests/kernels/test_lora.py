@@ -166,7 +166,7 @@ def test_linear_through_4bit_equals_the_layers_own_forward(dtype, tmp_path, monk
     monkeypatch.setattr(lora, "DEQUANTIZED_BLOCK_BYTES", 24 * 128 * 4)  # 24 rows of 128 fp32 inputs
     reference, _ = _quantized_pair("cpu", dtype, r=4)
     layers = [m.base_layer for m in lora_layers(reference)][:7]
-    assert {layer.in_features for layer in layers} == {128, 352}
+    assert {layer.in_features for layer in layers} == {128, 384}
     blocks = _record_blocks(monkeypatch)
     for layer in layers:
         x = torch.randn(2, 9, layer.in_features, generator=torch.Generator().manual_seed(4)).to(dtype)
@@ -177,11 +177,11 @@ def test_linear_through_4bit_equals_the_layers_own_forward(dtype, tmp_path, monk
         # (tests/kernels/test_nf4.py), up to 2^-8 of each weight: 0.016 at most on these outputs
         tolerance = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=2e-2, rtol=1e-2)
         torch.testing.assert_close(actual, expected, msg=str(layer), **tolerance)
-    # blocks of 24 fp32 or 48 bf16 rows for every projection of 128 inputs and more outputs than
-    # that; down's 352 inputs are not whole quantization blocks: through the layer
-    rows = 24 * 4 // torch.empty((), dtype=dtype).element_size()
-    expected = sum(-(-layer.out_features // rows) for layer in layers
-                   if layer.in_features == 128 and layer.out_features > rows)
+    # blocks of 24 rows of 128 fp32 inputs (8 rows of down's 384; twice as many in bf16) for every
+    # projection with more outputs than that
+    size = torch.empty((), dtype=dtype).element_size()
+    rows = {layer: 24 * 128 * 4 // (layer.in_features * size) for layer in layers}
+    expected = sum(-(-layer.out_features // rows[layer]) for layer in layers if layer.out_features > rows[layer])
     assert expected > len(layers) and len(blocks) == expected and all(b["rows"] for b in blocks)
 
 
