@@ -40,3 +40,21 @@ def tiny_lora_model(preset: str = "tiny-llama", mode: str = "none", *, layers: i
 
 def lora_grads(model) -> dict[str, torch.Tensor]:
     return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.requires_grad and p.grad is not None}
+
+
+def relative_error(got: torch.Tensor, expected: torch.Tensor) -> float:
+    """||got - expected|| / ||expected|| in float64 (0 when both are zero, inf when only expected is)."""
+    got, expected = got.detach().double(), expected.detach().double()
+    difference, scale = (got - expected).norm().item(), expected.norm().item()
+    return difference / scale if scale else (0.0 if difference == 0 else float("inf"))
+
+
+def assert_relatively_close(got: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], tol: float) -> None:
+    """Each tensor of `got` within `tol` of the same name's in `expected`, relative to that tensor's
+    own norm. A zeroed tensor gives 1.0 whatever its scale, where an elementwise atol above a
+    tensor's largest entry would let it pass; the caller writes beside `tol` the error it measured."""
+    assert got.keys() == expected.keys() and expected, (sorted(got), sorted(expected))
+    errors = {name: relative_error(got[name], expected[name]) for name in expected}
+    over = {name: error for name, error in errors.items() if not error <= tol}
+    assert not over, f"{len(over)} of {len(errors)} tensors beyond a relative error of {tol}: " + ", ".join(
+        f"{name} {error:.3g}" for name, error in sorted(over.items(), key=lambda item: -item[1]))

@@ -11,7 +11,7 @@ from collections import namedtuple
 
 from ftune.engine import attention, offload
 from ftune.engine.attention import AttentionOutput
-from tests.helpers import lora_grads, tiny_lora_model
+from tests.helpers import assert_relatively_close, lora_grads, tiny_lora_model
 
 VOCAB = 512
 
@@ -276,7 +276,13 @@ def test_parked_attention_under_cpu_autocast_runs_in_the_autocast_dtype(monkeypa
         expected = _step(reference, ids)
         got = _step(model, ids)
     assert engine.copier.parking_pool.stats.buffers == 9 and not attention._refused
-    _assert_same(expected, got, atol=3e-2)
+    (loss_a, grads_a), (loss_b, grads_b) = expected, got
+    torch.testing.assert_close(loss_b, loss_a, atol=0, rtol=1e-3)  # measured: equal
+    # Per tensor, relative to its norm: the parked path's bf16 roundings differ from SDPA's, 4.5e-3
+    # at most over the 42 LoRA gradients (median 1.6e-3); a zeroed gradient gives 1.0, the fp32
+    # gradients 3.5e-2. (An elementwise atol of 3e-2 let 19 of them be zeroed: their largest entry
+    # is under it.)
+    assert_relatively_close(grads_b, grads_a, tol=1.5e-2)
 
 
 @pytest.mark.parametrize("mode", ["true", "unsloth"])

@@ -15,7 +15,7 @@ from ftune.kernels import apply_kernels, kernel_support
 from ftune.kernels import lora
 from ftune.kernels.lora import lora_layers, overwritable, patch_lora
 from ftune.model import materialize_preset
-from tests.helpers import PROJECTIONS, lora_grads, tiny_lora_model
+from tests.helpers import PROJECTIONS, assert_relatively_close, lora_grads, tiny_lora_model
 from tests.kernels.common import DEVICE, gpu
 
 
@@ -52,8 +52,16 @@ def test_fused_lora_under_bf16_autocast():
     patch_lora(patched)
     ids = torch.randint(0, 200, (2, 24), generator=torch.Generator().manual_seed(1))
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        # peft rounds the adapter's product, its scaled copy and the sum to bf16; addmm rounds once
-        _assert_same(reference, patched, ids, atol=2e-2, rtol=2e-2)
+        loss_ref, grads_ref = _step(reference, ids)
+        loss_new, grads_new = _step(patched, ids)
+    torch.testing.assert_close(loss_new, loss_ref, atol=0, rtol=1e-3)  # measured: 1.5e-4
+    # peft rounds the adapter's product, its scaled copy and the sum to bf16; addmm rounds once.
+    # Per tensor, relative to its norm, the 42 LoRA gradients differ by 2.7e-2 at most (median
+    # 1.8e-2; 3.0e-2 at most over two other batches), as much as peft's own bf16 gradients differ
+    # from fp32 (3.7e-2): 8e-2 leaves room for that rounding, and a zeroed gradient gives 1.0, a
+    # lost scaling (alpha / r = 2) 0.5. An elementwise atol of 2e-2 let 23 of them be zeroed.
+    assert len(grads_ref) == 3 * 7 * 2
+    assert_relatively_close(grads_new, grads_ref, tol=8e-2)
 
 
 def _quantized_pair(device: str, dtype: torch.dtype, r: int, preset: str = "tiny-llama"):
