@@ -21,6 +21,7 @@ from torch.distributed.tensor import DTensor
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ftune.engine.checkpoint import decoder_layers  # noqa: E402
+from ftune.integrations.bitsandbytes import REPACK_ATTRIBUTE, is_4bit  # noqa: E402
 from ftune.model import build_model  # noqa: E402
 from ftune.recipe import validate_recipe  # noqa: E402
 from tests.ddp_grads import BATCH  # noqa: E402
@@ -40,6 +41,11 @@ def fsdp_model(mode: str):
         "distributed": {"strategy": "fsdp"},
     }, base_dir=Path(__file__).parent, check_paths=False)
     built = build_model(recipe, with_tokenizer=False)
+    # The ranks (subprocesses, which tests/conftest.py's forced CPU check does not reach) and the
+    # reference in the test's process must take one bitsandbytes kernel on any CPU: build_model
+    # turns off the repack that AVX512-BF16 CPUs would otherwise do (ftune/integrations/bitsandbytes.py).
+    layers = [m for m in built.model.modules() if is_4bit(m)]
+    assert layers and not any(getattr(m, REPACK_ATTRIBUTE) for m in layers)
     torch.manual_seed(1)
     for name, parameter in built.model.named_parameters():
         if "lora_B" in name:
