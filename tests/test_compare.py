@@ -43,16 +43,23 @@ def test_compare_modes_agree_and_write_json_and_chart(tmp_path, monkeypatch, cap
 
 
 def test_a_mode_out_of_memory_is_a_row(tmp_path, monkeypatch, capsys):
+    """A step that cannot fit its cap is an "oom" row. The cap (6 GiB of address space on CPU)
+    leaves the worker room to start (about 2.4 GiB: few threads, two malloc arenas), and the step's
+    first activation alone, 2^24 tokens x 128 x fp32 = 8 GiB, exceeds it: the step, and only the
+    step, runs out, on any machine. (A crash of any other kind is an "error" row and fails here.)"""
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")
+    monkeypatch.setenv("MALLOC_ARENA_MAX", "2")  # glibc reserves 64 MiB of address space per arena
     out = tmp_path / "cmp"
-    code, stdout, _ = run_compare(monkeypatch, capsys, "--ckpt", "true", "--steps", "2", "--memory-cap", "0.5",
-                                  "--out", str(out))
+    code, stdout, _ = run_compare(monkeypatch, capsys, "--ckpt", "true", "--steps", "2", "--seq", str(2**24),
+                                  "--batch", "1", "--memory-cap", "6", "--out", str(out))
     assert code in (0, None)
     report = json.loads((out / "compare.json").read_text())
     (row,) = report["rows"]
-    assert row["status"] in ("oom", "error") and row["error"]
+    assert row["status"] == "oom", row
+    assert row["error"].startswith("out of memory") and "allocate" in row["error"], row
     assert "no mode ran" in report["verdict"]
     assert (out / "compare.png").is_file()
-    assert "true" in stdout
+    assert "true" in stdout and "out of memory" in stdout
 
 
 def test_unknown_mode_and_occupied_out(tmp_path, monkeypatch, capsys):
