@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -21,29 +22,79 @@ RECIPE_FILE = "recipe.yaml"
 SUMMARY_FILE = "summary.json"
 
 
-def check_output_dir(path: Path, *, overwrite: bool) -> None:
-    """Raise if the output directory holds files that a run would overwrite (and overwrite is off)."""
+# What ftune writes in a run's output directory. `--overwrite` deletes these and nothing else: a
+# folder that holds anything more is not a run's, and is refused.
+_RUN_ENTRIES = re.compile(
+    r"^(recipe\.yaml|summary\.json|metrics(-interrupted-\d+)?\.jsonl|README\.md|adapter_config\.json"
+    r"|adapter_model\.safetensors|tokenizer(_config)?\.json|tokenizer\.model|special_tokens_map\.json"
+    r"|added_tokens\.json|chat_template\.(jinja|json)|vocab\.(json|txt)|merges\.txt|checkpoint-\d+|\.staging"
+    r"|\.adapter\.tmp\d+|\..+\.tmp\d+)$"
+)
+
+
+def foreign_entries(path: Path) -> list[str]:
+    """What a folder holds beyond what an ftune run writes (sorted names)."""
+    return sorted(p.name for p in Path(path).iterdir() if not _RUN_ENTRIES.match(p.name))
+
+
+def _protected(path: Path, recipe_dir: Path | None) -> str | None:
+    """Why `path` must never be deleted as an output directory, or None."""
+    resolved = path.resolve()
+    cwd = Path.cwd().resolve()
+    if resolved == cwd or resolved in cwd.parents:
+        return "it is the current directory or one of its parents"
+    if resolved == Path.home().resolve() or resolved == Path(resolved.anchor):
+        return "it is your home or the file system's root"
+    if recipe_dir is not None and (resolved == Path(recipe_dir).resolve() or resolved in Path(recipe_dir).resolve().parents):
+        return "it holds the recipe file"
+    return None
+
+
+def _another_dir_hint(path: Path) -> str:
+    name = path.resolve().name
+    alternative = f"runs/{name}-2" if path.name in ("", ".", "..") or _protected(path, None) else f"{path}-2"
+    return f"--set training.output_dir={alternative}"
+
+
+def check_output_dir(path: Path, *, overwrite: bool, recipe_dir: Path | None = None) -> None:
+    """Raise if the output directory holds files that a run would overwrite (and overwrite is
+    off), or, with overwrite, anything ftune did not write there."""
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise OutputDirError(
             f"training.output_dir {path} is a file, not a directory.",
             hint="Choose another path with --set training.output_dir=runs/NAME.",
         )
-    if not overwrite and path.is_dir() and any(path.iterdir()):
-        earlier = "an earlier ftune run" if (path / RECIPE_FILE).exists() else "files"
+    if not path.is_dir() or not any(path.iterdir()):
+        return
+    protected = _protected(path, recipe_dir)
+    foreign = foreign_entries(path)
+    if overwrite and (protected or foreign):
+        why = protected or ("it holds files ftune did not write: " + ", ".join(foreign[:5])
+                            + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else ""))
         raise OutputDirError(
-            f"training.output_dir {path} already holds {earlier}; ftune does not overwrite it silently.",
-            hint=f"Choose another directory (--set training.output_dir={path}-2), or pass --overwrite "
-            "to delete what is there.",
+            f"--overwrite would delete training.output_dir {path}, but {why}; ftune deletes only a folder that "
+            "holds nothing but an earlier ftune run. Nothing was deleted.",
+            hint=f"Choose an output directory of its own ({_another_dir_hint(path)}), or move those files away.",
+        )
+    if not overwrite:
+        earlier = "an earlier ftune run" if (path / RECIPE_FILE).exists() and not foreign else "files"
+        remedy = "" if protected or foreign else ", or pass --overwrite to delete that run"
+        raise OutputDirError(
+            f"training.output_dir {path} already holds {earlier}; ftune does not write over it.",
+            hint=f"Choose another directory ({_another_dir_hint(path)}){remedy}.",
         )
 
 
-def prepare_output_dir(path: Path, *, overwrite: bool) -> Path:
-    """Create the output directory; with overwrite, delete what an earlier run left there."""
+def prepare_output_dir(path: Path, *, overwrite: bool, recipe_dir: Path | None = None) -> Path:
+    """Create the output directory; with overwrite, delete what an earlier run wrote there (and
+    nothing else: check_output_dir refuses a folder with anything more)."""
     path = Path(path)
-    check_output_dir(path, overwrite=overwrite)
+    check_output_dir(path, overwrite=overwrite, recipe_dir=recipe_dir)
     if overwrite and path.is_dir():
-        shutil.rmtree(path)
+        for entry in path.iterdir():
+            if _RUN_ENTRIES.match(entry.name):
+                shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
     path.mkdir(parents=True, exist_ok=True)
     return path
 

@@ -25,11 +25,14 @@ from ftune.presets import PRESETS
 LORA_TARGETS_ALL_LINEAR = "all-linear"
 LLAMA_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 DATA_FILE_SUFFIXES = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
+LARGEST_SEED = 2**32 - 1
 
 
 class _Section(BaseModel):
     # Unknown keys are errors, never silently ignored defaults (nanoGPT's configurator does the same).
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # No key means anything by inf or nan (YAML's .inf, .nan): an infinite learning rate or epoch
+    # count is a mistake, never a setting.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class ModelSection(_Section):
@@ -265,14 +268,28 @@ class TrainingSection(_Section):
         "adamw_torch", description="Optimizer (the 8-bit ones through bitsandbytes, CUDA only)."
     )
     max_grad_norm: float = Field(1.0, ge=0, description="Gradient clipping norm (0 disables).")
-    seed: int = Field(42, description="Seed for weights of presets, LoRA init, data order and dropout.")
+    seed: int = Field(42, description="Seed for weights of presets, LoRA init, data order and dropout "
+                      "(0 to 2**32 - 1).")
     output_dir: str = Field("runs/ftune", description="Where the adapter, metrics and checkpoints go.")
     logging_steps: int = Field(1, gt=0, description="Log metrics every N optimizer steps.")
-    save_steps: int | None = Field(None, gt=0, description="Save a checkpoint every N steps (default: only at the end).")
+    save_steps: int | None = Field(None, gt=0, description="Save a checkpoint every N steps (besides save_minutes and the last step).")
+    save_minutes: float | None = Field(
+        10, ge=0, description="Save a checkpoint after every this many minutes of training, so that a crash loses at "
+        "most that much (0 or null: only every save_steps and at the last step).",
+    )
     save_total_limit: int | None = Field(2, gt=0, description="Keep only the newest N checkpoints.")
     nan_patience: int = Field(
         3, ge=0, description="Stop after this many logged losses in a row are NaN or infinite (0: never stop)."
     )
+
+    @field_validator("seed")
+    @classmethod
+    def _seed_range(cls, value: int) -> int:
+        # transformers.set_seed seeds numpy, whose seeds are unsigned 32-bit integers
+        if not 0 <= value <= LARGEST_SEED:
+            raise ValueError(f"a seed is an integer from 0 to 2**32 - 1 = {LARGEST_SEED} (numpy's range, which "
+                             f"transformers.set_seed uses); got {value}")
+        return value
 
 
 class DistributedSection(_Section):
@@ -313,21 +330,30 @@ class Recipe(_Section):
 
     def resolve_input(self, value: str) -> str:
         """A local path relative to the recipe's folder, or the value itself (a hub id)."""
-        path = Path(value).expanduser()
+        path = expand_user(value)
         if path.is_absolute():
             return str(path)
         candidate = self._base_dir / path
-        if candidate.exists() or looks_like_local_path(value):
+        if path_problem(candidate) is None or looks_like_local_path(value):
             return str(candidate.resolve())
         return value
 
-    def resolved(self) -> dict[str, Any]:
-        """Every key with its value (defaults filled in), without the other workflows' sections."""
+    def resolved(self, *, absolute_inputs: bool = False) -> dict[str, Any]:
+        """Every key with its value (defaults filled in), without the other workflows' sections;
+        with absolute_inputs, local input paths made absolute (so the recipe reads the same inputs
+        from any folder: a run's saved recipe.yaml)."""
         others = {"sft", "dpo", "grpo"} - {self.workflow}
-        return self.model_dump(mode="json", exclude=others)
+        values = self.model_dump(mode="json", exclude=others)
+        if absolute_inputs:
+            for key, value in _input_paths(self) + _adapter_path(self):
+                resolved = self.resolve_input(value)
+                if Path(resolved).is_absolute():
+                    section, name = key.split(".")
+                    values[section][name] = resolved
+        return values
 
-    def to_yaml(self) -> str:
-        return yaml.safe_dump(self.resolved(), sort_keys=False)
+    def to_yaml(self, *, absolute_inputs: bool = False) -> str:
+        return yaml.safe_dump(self.resolved(absolute_inputs=absolute_inputs), sort_keys=False)
 
 
 def looks_like_local_path(value: str) -> bool:
@@ -357,9 +383,21 @@ def parse_bytes(text: str) -> int:
 # Loading
 
 
-def load_recipe(path: str | Path, overrides: list[str] | None = None, *, check_paths: bool = True) -> Recipe:
-    """Read, override and validate a recipe file; raise RecipeError listing every problem."""
+def load_recipe(path: str | Path, overrides: list[str] | None = None, *, check_paths: bool = True,
+                needs_tokenizer: bool = True) -> Recipe:
+    """Read, override and validate a recipe file; raise RecipeError listing every problem.
+
+    check_paths: also check the recipe against this machine and its model (ftune.checks): input
+    paths exist, the output folder can be written, rewards import, LoRA targets exist.
+    needs_tokenizer: False for what never tokenizes (estimate-vram): a preset may then have none.
+    """
     path = Path(path)
+    if path.is_dir():
+        found = sorted(p.name for p in path.glob("*.y*ml"))
+        listing = f"; the recipes in it: {', '.join(found)}" if found else "; it holds no .yaml file"
+        raise RecipeError(f"{path} is a folder, not a recipe file{listing}.",
+                          hint=f"Pass one recipe file, e.g. {path / found[0]}." if found else
+                          "Pass the path of a YAML recipe, e.g. recipes/quickstart.yaml.")
     if not path.is_file():
         raise RecipeError(
             f"Recipe file not found: {path}",
@@ -367,7 +405,8 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None, *, check_p
         )
     raw = _read_yaml(path)
     raw = apply_overrides(raw, overrides or [], source=str(path))
-    return validate_recipe(raw, base_dir=path.parent.resolve(), source=str(path), check_paths=check_paths)
+    return validate_recipe(raw, base_dir=path.parent.resolve(), source=str(path), check_paths=check_paths,
+                           needs_tokenizer=needs_tokenizer)
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:
@@ -426,14 +465,20 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str], *, source: str) -
 
 
 def validate_recipe(
-    raw: dict[str, Any], *, base_dir: Path, source: str = "recipe", check_paths: bool = True
+    raw: dict[str, Any], *, base_dir: Path, source: str = "recipe", check_paths: bool = True,
+    needs_tokenizer: bool = True,
 ) -> Recipe:
     try:
         recipe = Recipe.model_validate(raw)
     except ValidationError as error:
-        raise RecipeError.from_problems(source, [_describe(e, raw) for e in error.errors()]) from None
+        problems = [_describe(e, raw) for e in _union_errors(error.errors())]
+        raise RecipeError.from_problems(source, list(dict.fromkeys(problems))) from None
     recipe._base_dir = base_dir
-    problems = combination_problems(recipe, check_paths=check_paths)
+    problems = combination_problems(recipe, check_paths=check_paths, needs_tokenizer=needs_tokenizer)
+    if check_paths:
+        from ftune.checks import environment_problems  # imports the user's reward modules; torch for the model's
+
+        problems += environment_problems(recipe)
     if problems:
         raise RecipeError.from_problems(source, problems)
     return recipe
@@ -449,6 +494,44 @@ _ALIASES = {
     "model_name_or_path": "name_or_path", "gradient_checkpointing": "mode", "bnb_4bit_quant_type": "method",
     "bnb_4bit_use_double_quant": "double_quant", "bnb_4bit_compute_dtype": "compute_dtype", "torch_dtype": "dtype",
 }
+
+
+_UNION_TAGS = {"bool", "int", "float", "str"}
+
+
+def _is_union_tag(part: Any) -> bool:
+    """pydantic's name of a union's member in an error's location: list[str], literal['auto'], bool."""
+    return isinstance(part, str) and ("[" in part or part in _UNION_TAGS)
+
+
+def _union_errors(errors: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """pydantic's errors, those of a union's members (`list[str] | Literal['all-linear']`) reduced
+    to the member the value was meant for: the list for a list, the literal otherwise; the member's
+    name left out of the key path."""
+    kept = []
+    for error in errors:
+        loc = tuple(error["loc"])
+        tags = [part for part in loc if _is_union_tag(part)]
+        if tags:
+            tag = tags[0]
+            base = loc[:loc.index(tag)]
+            siblings = [e for e in errors if tuple(e["loc"])[:len(base)] == base and e is not error
+                        and any(_is_union_tag(p) for p in e["loc"])]
+            value = _value_at(error, base)
+            meant = "list" if isinstance(value, list) else "literal"
+            if siblings and not tag.startswith(meant) and any(
+                    next(p for p in e["loc"] if _is_union_tag(p)).startswith(meant) for e in siblings):
+                continue
+            error = {**error, "loc": tuple(part for part in loc if not _is_union_tag(part))}
+        kept.append(error)
+    return kept
+
+
+def _value_at(error: dict[str, Any], base: tuple) -> Any:
+    """The recipe's value at an error's field (a literal member's error holds the whole value)."""
+    if error["type"] == "literal_error" and len(error["loc"]) == len(base) + 1:
+        return error.get("input")
+    return [] if any(isinstance(p, int) for p in error["loc"][len(base):]) else error.get("input")
 
 
 def _describe(error: dict[str, Any], raw: dict[str, Any]) -> tuple[str, str]:
@@ -485,13 +568,14 @@ def _known_keys(loc: list[str]) -> list[str]:
     return list(model.model_fields)
 
 
-def combination_problems(recipe: Recipe, *, check_paths: bool = True) -> list[tuple[str, str]]:
+def combination_problems(recipe: Recipe, *, check_paths: bool = True, needs_tokenizer: bool = True
+                         ) -> list[tuple[str, str]]:
     """Keys that are valid alone but not together, and local paths that do not exist."""
     problems: list[tuple[str, str]] = []
     model = recipe.model
     if (model.name_or_path is None) == (model.preset is None):
         problems.append(("model", "set exactly one of name_or_path (a directory or hub id) and preset"))
-    if model.preset is not None and model.tokenizer is None:
+    if model.preset is not None and model.tokenizer is None and needs_tokenizer:
         problems.append(("model.tokenizer", "a preset has no tokenizer of its own; name a tokenizer directory or hub id"))
     if recipe.checkpointing.budget is not None and recipe.checkpointing.mode != "smart":
         problems.append(("checkpointing.budget", f"only the smart mode uses a budget (mode is {recipe.checkpointing.mode})"))
@@ -533,9 +617,27 @@ def combination_problems(recipe: Recipe, *, check_paths: bool = True) -> list[tu
         for key, value in _input_paths(recipe):
             resolved = recipe.resolve_input(value)
             if looks_like_local_path(value) or Path(resolved).is_absolute():
-                if not Path(resolved).exists():
-                    problems.append((key, f"path does not exist: {resolved} (relative paths are resolved against the recipe's folder)"))
+                problem = path_problem(Path(resolved))
+                if problem:
+                    problems.append((key, problem))
     return problems
+
+
+def path_problem(path: Path) -> str | None:
+    """Why a local input path cannot be read, or None when it exists."""
+    try:
+        if path.exists():
+            return None
+    except (OSError, ValueError) as error:  # a name too long, a NUL byte
+        return f"not a usable path: {path} ({getattr(error, 'strerror', None) or error})"
+    return f"path does not exist: {path} (relative paths are resolved against the recipe's folder)"
+
+
+def expand_user(value: str) -> Path:
+    try:
+        return Path(value).expanduser()
+    except RuntimeError:  # ~name of a user this system does not know: a relative path, as written
+        return Path(value)
 
 
 def _input_paths(recipe: Recipe) -> list[tuple[str, str]]:
@@ -547,3 +649,7 @@ def _input_paths(recipe: Recipe) -> list[tuple[str, str]]:
     # model.adapter is not checked here: it is often the output of a run that comes first (the DPO
     # and GRPO quickstarts continue the SFT quickstart); loading it reports a missing folder.
     return paths
+
+
+def _adapter_path(recipe: Recipe) -> list[tuple[str, str]]:
+    return [("model.adapter", recipe.model.adapter)] if recipe.model.adapter else []

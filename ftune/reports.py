@@ -167,12 +167,37 @@ def _duration(seconds: float) -> str:
     return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
 
 
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    """The records of metrics.jsonl (a line cut short by a crash is left out)."""
+    if not Path(path).is_file():
+        return []
+    records = []
+    for line in Path(path).read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except ValueError:
+            continue
+    return records
+
+
+def set_metrics_aside(path: Path) -> Path | None:
+    """Rename an earlier attempt's metrics.jsonl to metrics-interrupted-N.jsonl (N the first free)."""
+    path = Path(path)
+    if not path.is_file():
+        return None
+    number = 1
+    while (target := path.with_name(f"metrics-interrupted-{number}.jsonl")).exists():
+        number += 1
+    path.rename(target)
+    return target
+
+
 def truncate_metrics(path: Path, *, after_step: int) -> None:
     """Drop the lines of steps after a checkpoint, which the resumed run logs again."""
     if not path.is_file():
         return
-    kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= after_step]
-    path.write_text("".join(line + "\n" for line in kept))
+    kept = [record for record in read_metrics(path) if record["step"] <= after_step]
+    path.write_text("".join(json.dumps(record) + "\n" for record in kept))
 
 
 def _gather_ranks(memory: MemorySnapshot) -> list[dict[str, Any]]:

@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -18,6 +20,8 @@ from safetensors.torch import load_file
 
 from ftune.checkpoints import checkpoints
 from ftune.cli import main
+from ftune.recipe import load_recipe
+from tests import pausing_train
 from tests.conftest import QUICKSTART, REPO
 
 pytestmark = pytest.mark.slow
@@ -89,17 +93,18 @@ def test_sigkill_then_resume_gives_the_same_run(tmp_path, reference):
 
 
 def test_sigterm_saves_then_resumes(tmp_path, reference):
-    out = tmp_path / "run"
-    process = subprocess.Popen(ftune_command(out), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    wait_for_checkpoint(out, process, 3)
+    out, paused = tmp_path / "run", tmp_path / "paused"
+    command = [sys.executable, pausing_train.SCRIPT, *ftune_command(out)[3:]]  # waits after checkpoint 3
+    process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               env=pausing_train.environment(3, paused))
+    pausing_train.wait_until_paused(paused, process)
     process.send_signal(signal.SIGTERM)
     _, stderr = process.communicate(timeout=120)
     assert process.returncode == 143, stderr
     assert "Run the same command again" in stderr and "Traceback" not in stderr
-    if (out / "summary.json").exists():
-        pytest.skip("the run finished before the signal arrived")
-    stopped_at = max(int(p.name.split("-")[1]) for p in checkpoints(out))
-    assert stopped_at >= 3
+    assert not (out / "summary.json").exists()
+    # the signal arrived in step 4's wait: that step finishes and is saved
+    assert [p.name for p in checkpoints(out)] == ["checkpoint-3", "checkpoint-4"]
     result = run(out)
     assert result.returncode == 0, result.stderr
     assert_same_run(out, reference)
@@ -123,10 +128,12 @@ def test_resume_refuses_a_different_recipe(tmp_path, reference):
     assert "lora.r" in result.stderr and "different recipe" in result.stderr
 
 
-def _run_in_process(monkeypatch, capsys, out: Path, *extra: str) -> tuple[int, str]:
+def _run_in_process(monkeypatch, capsys, out: Path, *extra: str, overwrite: bool = False) -> tuple[int, str]:
     args = ["ftune", "train", str(QUICKSTART), "--set", f"training.output_dir={out}"]
     for item in [*SHORT, *extra]:
         args += ["--set", item]
+    if overwrite:
+        args.append("--overwrite")
     monkeypatch.setattr(sys, "argv", args)
     with pytest.raises(SystemExit) as caught:
         main()
@@ -203,3 +210,165 @@ def test_host_memory_shortfall_is_reported_before_training(monkeypatch):
     message = guards.host_memory_shortfall(recipe, cuda=True)
     assert "host memory is short" in message and "checkpointing.mode: true" in message
     assert guards.host_memory_shortfall(load_recipe(QUICKSTART, ["checkpointing.mode=true"]), cuda=True) is None
+
+
+# -- nothing lost ------------------------------------------------------------------------------
+
+
+def test_overwrite_refuses_a_folder_holding_files_ftune_did_not_write(tmp_path, monkeypatch, capsys):
+    out = tmp_path / "photos"
+    out.mkdir()
+    (out / "cat.jpg").write_bytes(b"\xff\xd8 a cat")
+    code, err = _run_in_process(monkeypatch, capsys, out, "training.max_steps=1", overwrite=True)
+    assert code == 2 and "cat.jpg" in err and "Nothing was deleted" in err and "bug" not in err
+    assert (out / "cat.jpg").read_bytes() == b"\xff\xd8 a cat"
+
+
+def test_overwrite_never_deletes_the_working_directory(tmp_path, monkeypatch, capsys):
+    (tmp_path / "important.txt").write_text("keep me")
+    monkeypatch.chdir(tmp_path)
+    code, err = _run_in_process(monkeypatch, capsys, Path("."), "training.max_steps=1", overwrite=True)
+    assert code == 2 and "current directory" in err and "bug" not in err
+    assert (tmp_path / "important.txt").read_text() == "keep me"
+    code, err = _run_in_process(monkeypatch, capsys, Path("."), "training.max_steps=1")
+    assert code == 2 and "output_dir=.-2" not in err and "runs/" in err
+
+
+def test_overwrite_deletes_an_earlier_run_and_only_it(tmp_path, monkeypatch, capsys):
+    out = tmp_path / "run"
+    assert _run_in_process(monkeypatch, capsys, out, "training.max_steps=2", "training.save_steps=1")[0] in (0, None)
+    code, err = _run_in_process(monkeypatch, capsys, out, "training.max_steps=1", "lora.r=4", overwrite=True)
+    assert code in (0, None), err
+    assert [p.name for p in checkpoints(out)] == ["checkpoint-1"]
+    assert json.loads((out / "summary.json").read_text())["steps"] == 1
+
+
+def killing_command(out: Path, at_step: int, *extra: str) -> list[str]:
+    """ftune_command whose process kills itself (SIGKILL: no handler, no cleanup) as step `at_step` begins."""
+    kill = ("import os, signal, sys; from transformers import Trainer; step = Trainer.training_step\n"
+            "def training_step(self, *a, **k):\n"
+            f"    if self.state.global_step == {at_step}: os.kill(os.getpid(), signal.SIGKILL)\n"
+            "    return step(self, *a, **k)\n"
+            "Trainer.training_step = training_step\n"
+            "from ftune.cli import main; sys.argv = ['ftune', *sys.argv[1:]]; main()\n")
+    return [sys.executable, "-c", kill, *ftune_command(out, *extra)[3:]]
+
+
+def test_sigkill_before_the_first_checkpoint_then_the_same_command_trains_to_the_end(tmp_path, reference):
+    out = tmp_path / "run"
+    killed = subprocess.run(killing_command(out, 2), cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert killed.returncode == -signal.SIGKILL and not checkpoints(out)
+    assert len(losses(out)) == 2  # the two steps it logged
+    result = run(out)
+    assert result.returncode == 0, result.stderr
+    assert "before its first checkpoint" in result.stderr and "metrics-interrupted-1.jsonl" in result.stderr
+    assert (out / "metrics-interrupted-1.jsonl").is_file()
+    assert_same_run(out, reference)
+
+
+def test_summary_of_a_resumed_run_covers_the_whole_run(tmp_path, reference):
+    out = tmp_path / "run"
+    killed = subprocess.run(killing_command(out, 7), cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert killed.returncode == -signal.SIGKILL and checkpoints(out)[-1].name == "checkpoint-6"
+    assert run(out).returncode == 0
+    whole, resumed = json.loads((reference / "summary.json").read_text()), json.loads((out / "summary.json").read_text())
+    assert resumed["first_loss"] == whole["first_loss"] and resumed["final_loss"] == whole["final_loss"]
+    assert resumed["tokens"] == whole["tokens"] and resumed["session"]["tokens"] < whole["tokens"]
+    # the run's training time: the killed process's part (to checkpoint 6) and the resumed one's
+    assert resumed["runtime_s"] > resumed["session"]["runtime_s"]
+
+
+def _copy_run_to(reference: Path, out: Path, newest: int) -> None:
+    """The reference run as it was when checkpoint `newest` had just been written."""
+    out.mkdir()
+    shutil.copy(reference / "recipe.yaml", out)
+    for folder in checkpoints(reference):
+        if int(folder.name.split("-")[1]) <= newest:
+            shutil.copytree(folder, out / folder.name)
+    kept = [line for line in (reference / "metrics.jsonl").read_text().splitlines() if json.loads(line)["step"] <= newest]
+    (out / "metrics.jsonl").write_text("".join(line + "\n" for line in kept))
+
+
+def test_checkpoint_manifest_finds_any_damaged_file(tmp_path, reference):
+    from ftune.checkpoints import checkpoint_problem
+
+    source = checkpoints(reference)[0]
+    assert checkpoint_problem(source) is None
+    names = sorted(p.name for p in source.iterdir() if p.is_file() and p.name != "ftune-checkpoint.json")
+    assert {"adapter_model.safetensors", "optimizer.pt", "trainer_state.json", "scheduler.pt"} <= set(names)
+    for name in names:
+        damaged = tmp_path / name
+        shutil.copytree(source, damaged)
+        data = (damaged / name).read_bytes()
+        (damaged / name).write_bytes(data[: len(data) // 2])
+        assert name in checkpoint_problem(damaged), name
+
+
+@pytest.mark.parametrize("damaged", ["adapter_model.safetensors", "optimizer.pt", "trainer_state.json"])
+def test_a_truncated_newest_checkpoint_resumes_from_the_one_before(tmp_path, reference, damaged):
+    out = tmp_path / "run"
+    _copy_run_to(reference, out, newest=9)
+    path = out / "checkpoint-9" / damaged
+    path.write_bytes(path.read_bytes()[:100])
+    result = run(out)
+    assert result.returncode == 0, result.stderr
+    assert "passing over checkpoint-9" in result.stderr and "resuming from" in result.stderr
+    assert "checkpoint-6" in result.stderr and "Traceback" not in result.stderr
+    assert_same_run(out, reference)
+    from ftune.checkpoints import checkpoint_problem
+
+    assert checkpoint_problem(out / "checkpoint-9") is None  # written anew when the run passed step 9 again
+
+
+def test_no_sound_checkpoint_is_a_clear_error_and_nothing_is_deleted(tmp_path, reference):
+    out = tmp_path / "run"
+    _copy_run_to(reference, out, newest=3)
+    (out / "checkpoint-3" / "optimizer.pt").write_bytes(b"")
+    result = run(out)
+    assert result.returncode == 2 and "no checkpoint there can be resumed" in result.stderr
+    assert "optimizer.pt" in result.stderr and "bug" not in result.stderr
+    assert (out / "checkpoint-3" / "adapter_model.safetensors").is_file()
+
+
+def test_after_a_diverged_run_a_lower_learning_rate_continues_from_a_finite_checkpoint(tmp_path, reference, monkeypatch,
+                                                                                      capsys):
+    out = tmp_path / "run"
+    code, err = _run_in_process(monkeypatch, capsys, out, "training.learning_rate=1e10", "training.save_steps=2",
+                                "training.nan_patience=2")
+    assert code == 5, err
+    named = re.search(r"finite weights is (\S+checkpoint-(\d+))\.", err)
+    assert named, err
+    from ftune.checkpoints import checkpoint_problem
+
+    assert checkpoint_problem(Path(named.group(1))) is None
+    step = int(named.group(2))
+    # the fix the message advises: the same command with a lower learning rate continues the run
+    code, err = _run_in_process(monkeypatch, capsys, out, "training.learning_rate=1e-4", "training.save_steps=2",
+                                "training.nan_patience=2")
+    assert code != 2 and "different recipe" not in err, err
+    assert "training.learning_rate changed from 10000000000.0 to 0.0001" in err
+    # at the schedule's same point as an uninterrupted run, scaled to the new rate
+    quickstart_rate = load_recipe(QUICKSTART).training.learning_rate
+    expected = {r["step"]: r["learning_rate"] * 1e-4 / quickstart_rate for r in map(json.loads, (reference / "metrics.jsonl").read_text().splitlines())}
+    continued = [r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if r["step"] > step]
+    assert continued and all(r["learning_rate"] == pytest.approx(expected[r["step"]]) for r in continued)
+
+
+def test_a_finished_run_continues_when_max_steps_is_raised(tmp_path, monkeypatch, capsys):
+    out = tmp_path / "run"
+    assert _run_in_process(monkeypatch, capsys, out, "training.max_steps=3", "training.save_steps=null")[0] in (0, None)
+    assert [p.name for p in checkpoints(out)] == ["checkpoint-3"]  # the last step is always saved
+    code, err = _run_in_process(monkeypatch, capsys, out, "training.max_steps=5", "training.save_steps=null")
+    assert code in (0, None), err
+    assert "resuming from" in err and "training.max_steps changed from 3 to 5" in err
+    assert json.loads((out / "summary.json").read_text())["steps"] == 5
+
+
+def test_the_saved_recipe_validates_in_its_run_folder(tmp_path, monkeypatch, capsys):
+    from ftune.recipe import load_recipe
+
+    out = tmp_path / "run"
+    assert _run_in_process(monkeypatch, capsys, out, "training.max_steps=1")[0] in (0, None)
+    monkeypatch.chdir(tmp_path)
+    saved = load_recipe(out / "recipe.yaml")  # its input paths checked from there
+    assert Path(saved.data.source).is_absolute() and Path(saved.model.tokenizer).is_dir()

@@ -43,7 +43,8 @@ def train(
         Path | None, typer.Argument(metavar="RECIPE", help="Recipe file (default: the shipped quickstart).")
     ] = None,
     overrides: Annotated[list[str], typer.Option("--set", help="Override a key: --set training.max_steps=20.")] = [],
-    overwrite: Annotated[bool, typer.Option(help="Delete what an earlier run left in the output directory.")] = False,
+    overwrite: Annotated[bool, typer.Option(
+        help="Start again: delete the earlier ftune run in the output directory (never a folder holding other files).")] = False,
     gpus: Annotated[int, typer.Option(min=1, help="Data parallel over this many GPUs of this machine (torchrun).")] = 1,
 ) -> None:
     """Fine-tune a model as a recipe says: QLoRA through bitsandbytes and peft, on TRL's trainer."""

@@ -18,7 +18,14 @@ import torch
 from rich.console import Console
 from transformers import Trainer
 
-from ftune.checkpoints import checkpoint_step, checkpoints, find_resume_checkpoint
+from ftune.checkpoints import (
+    ContinueWithNewLearningRate,
+    SaveEveryMinutes,
+    checkpoint_step,
+    manifest_figures,
+    newest_sound_checkpoint,
+    plan_continuation,
+)
 from ftune.data import check_rows, load_training_data
 from ftune.errors import Interrupted, NonFiniteLoss
 from ftune.guards import GracefulStop, NonFiniteLossGuard, host_memory_shortfall, out_of_memory
@@ -35,7 +42,7 @@ from ftune.outputs import (
     write_text_atomic,
 )
 from ftune.recipe import Recipe
-from ftune.reports import METRICS_FILE, LiveReporter, truncate_metrics
+from ftune.reports import METRICS_FILE, LiveReporter, read_metrics, set_metrics_aside, truncate_metrics
 
 
 @dataclass
@@ -48,16 +55,19 @@ class TrainingRun:
 
 
 def train(recipe: Recipe, *, overwrite: bool = False, console: Console | None = None) -> TrainingRun:
-    """Train a recipe end to end and write its outputs; resume if its output holds a checkpoint."""
+    """Train a recipe end to end and write its outputs; continue if its output holds a run of it."""
     console = console or Console(stderr=True)
     output_dir = Path(recipe.training.output_dir)
-    # Before any slow work: resume, refuse, or start fresh.
-    resume_from = find_resume_checkpoint(recipe, output_dir, overwrite=overwrite)
-    if resume_from is None and is_main_process():
+    # Before any slow work: continue, refuse, or start fresh.
+    continuation = plan_continuation(recipe, output_dir, overwrite=overwrite)
+    if continuation is None and is_main_process():
         # Rank 0 alone decides (it alone writes): under torchrun a rank that starts late would
         # otherwise find the directory rank 0 has just begun, and refuse it as an earlier run's.
         # When rank 0 refuses, torchrun stops the other ranks.
-        check_output_dir(output_dir, overwrite=overwrite)
+        check_output_dir(output_dir, overwrite=overwrite, recipe_dir=recipe.base_dir)
+    resume_from = continuation.checkpoint if continuation is not None else None
+    for notice in continuation.notices if continuation is not None else []:
+        console.print(f"[yellow]notice:[/] {notice}")
     workflow = importlib.import_module(f"ftune.workflows.{recipe.workflow}")
 
     console.print(f"[bold]ftune[/] {recipe.workflow} · loading data from {recipe.data.source}")
@@ -85,18 +95,30 @@ def train(recipe: Recipe, *, overwrite: bool = False, console: Console | None = 
         torch.cuda.reset_peak_memory_stats(built.device)
 
     main_process = is_main_process()  # under torchrun/accelerate only rank 0 writes and prints
-    if resume_from is None and main_process:
-        output_dir = prepare_output_dir(output_dir, overwrite=overwrite)
-        write_text_atomic(output_dir / RECIPE_FILE, recipe.to_yaml())
+    run_seconds_before, tokens_before = 0.0, 0
+    if continuation is None and main_process:
+        output_dir = prepare_output_dir(output_dir, overwrite=overwrite, recipe_dir=recipe.base_dir)
+    elif continuation is not None and continuation.restart and main_process:
+        kept = set_metrics_aside(output_dir / METRICS_FILE)
+        if kept is not None:
+            console.print(f"[bold]ftune[/] the earlier attempt's metrics are kept in {kept}")
     elif resume_from is not None:
         step = checkpoint_step(resume_from)
+        figures = manifest_figures(resume_from)
+        run_seconds_before, tokens_before = figures.get("run_seconds", 0.0), figures.get("tokens", 0)
         console.print(f"[bold]ftune[/] resuming from {resume_from} (step {step})")
         if main_process:
             truncate_metrics(output_dir / METRICS_FILE, after_step=step)
+    if main_process:  # the recipe as this run trains it, with input paths that hold from its folder
+        write_text_atomic(output_dir / RECIPE_FILE, recipe.to_yaml(absolute_inputs=True))
     reporter = LiveReporter(output_dir, built.engine, title=recipe.name or output_dir.name, console=console,
                             main_process=main_process)
     stop, nan_guard = GracefulStop(), NonFiniteLossGuard(recipe.training.nan_patience)
-    trainer = workflow.make_trainer(recipe, built, dataset, [reporter, stop, nan_guard])
+    callbacks = [reporter, stop, nan_guard, SaveEveryMinutes(recipe.training.save_minutes)]
+    if resume_from is not None:
+        callbacks.append(ContinueWithNewLearningRate())
+    trainer = workflow.make_trainer(recipe, built, dataset, callbacks)
+    trainer.run_seconds_before = run_seconds_before
     started = time.perf_counter()
     try:
         result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
@@ -105,7 +127,7 @@ def train(recipe: Recipe, *, overwrite: bool = False, console: Console | None = 
     finally:
         reporter.close()
         stop.restore()
-    runtime = time.perf_counter() - started
+    session_runtime, runtime = time.perf_counter() - started, trainer.run_seconds()
     if stop.signal_number is not None:
         raise Interrupted(
             f"Stopped by {signal.Signals(stop.signal_number).name} at step {trainer.state.global_step}; "
@@ -114,22 +136,23 @@ def train(recipe: Recipe, *, overwrite: bool = False, console: Console | None = 
             signal_number=stop.signal_number,
         )
     if nan_guard.stopped_at is not None:
-        last = checkpoints(output_dir)
+        last, _ = newest_sound_checkpoint(output_dir)
         raise NonFiniteLoss(
             f"The loss was NaN or infinite for {nan_guard.patience} logged step(s) in a row, up to step "
             f"{nan_guard.stopped_at}; training stopped. "
-            + (f"The last good checkpoint is {last[-1]}." if last else "No checkpoint was saved."),
-            hint="Lower training.learning_rate, keep training.max_grad_norm on, or check the data for empty "
-            "or broken rows; rerun to resume from the last good checkpoint.",
+            + (f"The last checkpoint with finite weights is {last}." if last else "No checkpoint with finite "
+               "weights was saved."),
+            hint="Lower training.learning_rate (a continued run may change it), keep training.max_grad_norm on, or "
+            "check the data for empty or broken rows; then run the same command to continue from that checkpoint.",
         )
 
     adapter_weights = gather_sharded_adapter(trainer.model) if trainer.is_fsdp_enabled else None
     if not main_process:
         return TrainingRun(summary={"steps": trainer.state.global_step, "rank": _rank()}, built=built, trainer=trainer)
     save_adapter(trainer.model, built.tokenizer, output_dir, adapter_weights)
-    history = reporter.history
+    history = read_metrics(output_dir / METRICS_FILE) or reporter.history  # the whole run's, resumed or not
     losses = [r["loss"] for r in history if r.get("loss") is not None]
-    tokens = trainer.state.num_input_tokens_seen or 0
+    tokens = trainer.state.num_input_tokens_seen or 0  # restored from the checkpoint: the whole run's
     summary = {
         "name": recipe.name,
         "workflow": recipe.workflow,
@@ -144,6 +167,7 @@ def train(recipe: Recipe, *, overwrite: bool = False, console: Console | None = 
         "runtime_s": round(runtime, 2),
         "tokens": tokens,
         "tokens_per_s": round(tokens / runtime, 1) if runtime > 0 else None,
+        "session": {"runtime_s": round(session_runtime, 2), "tokens": tokens - tokens_before},
         "checkpointing": {"mode": built.engine.mode, **built.engine.counts()},
         "host_offload_bytes": built.engine.host_bytes(),
         "peak_memory_gib": _peak_gib(built, history),

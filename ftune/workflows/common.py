@@ -34,8 +34,9 @@ def trainer_arguments(recipe: Recipe, built: BuiltModel) -> dict[str, Any]:
         max_grad_norm=training.max_grad_norm,
         seed=training.seed,
         logging_steps=training.logging_steps,
-        save_strategy="steps" if training.save_steps else "no",
-        save_steps=training.save_steps or 500,
+        # Saved every save_steps, at the last step, and by time (checkpoints.SaveEveryMinutes)
+        save_strategy="steps",
+        save_steps=training.save_steps or 10**9,
         save_total_limit=training.save_total_limit,
         # Mixed precision only on a GPU; the CPU path computes in float32.
         bf16=on_cuda and built.dtype == torch.bfloat16,
