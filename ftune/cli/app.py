@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.panel import Panel
 
 from ftune.errors import FtuneError
 
 app = typer.Typer(
     name="ftune",
-    help="Fine-tune LLMs (QLoRA SFT) from YAML recipes in far less GPU memory.",
+    help="Fine-tune LLMs with QLoRA (SFT, DPO or GRPO) from YAML recipes in far less GPU memory.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
@@ -21,7 +22,8 @@ err_console = Console(stderr=True, soft_wrap=True)
 
 def report_error(error: FtuneError) -> None:
     """One paragraph: what went wrong and where, then the fix in dim text."""
-    body = error.message + (f"\n[dim]{error.hint}[/]" if error.hint else "")
+    # escaped: messages quote the user's values and paths, which may hold [brackets] rich would read as markup
+    body = escape(error.message) + (f"\n[dim]{escape(error.hint)}[/]" if error.hint else "")
     if err_console.is_terminal:
         err_console.print(Panel(body, title=f"[bold red]{error.title}", border_style="red", expand=False), highlight=False)
     else:  # logs and pipes: unwrapped lines that grep finds whole

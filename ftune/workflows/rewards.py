@@ -2,16 +2,17 @@
 returns one float per completion. Completions are text, or a list of chat messages.
 
 Built in: exact_answer, format, length_penalty. A recipe may also name its own as
-`module:function`; ftune imports that module, which runs the user's code.
+`module:function`; ftune imports that module, which runs the user's code, and checks that the
+function takes TRL's keywords (it needs a **kwargs).
 """
 
 from __future__ import annotations
 
-import importlib
 import re
 from collections.abc import Callable
 from functools import partial
 
+from ftune.checks import import_reward
 from ftune.errors import RecipeError
 
 _LAST_TOKEN = re.compile(r"(-?\d+(?:\.\d+)?|[^\s.,!?]+)[\s.,!?]*$")
@@ -64,22 +65,9 @@ def reward_functions(names: list[str], *, format_pattern: str, max_length: int) 
         elif name == "length_penalty":
             function = partial(length_penalty, max_length=max_length)
         else:
-            function = _import(name)
+            function = import_reward(name)  # the check `ftune validate` runs too
         if isinstance(function, partial):
             function.__name__ = name
         functions.append(function)
     return functions
 
-
-def _import(spec: str) -> Callable:
-    module_name, _, attribute = spec.partition(":")
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as error:
-        raise RecipeError(f"grpo.rewards: cannot import module '{module_name}' for reward '{spec}': {error}.",
-                          hint="Make the module importable (it must be on PYTHONPATH), or fix its name.") from None
-    function = getattr(module, attribute, None)
-    if not callable(function):
-        raise RecipeError(f"grpo.rewards: '{module_name}' has no function '{attribute}'.",
-                          hint="Name a function f(prompts, completions, **columns) -> list[float].")
-    return function
