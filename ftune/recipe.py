@@ -505,33 +505,39 @@ def _is_union_tag(part: Any) -> bool:
 
 
 def _union_errors(errors: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """pydantic's errors, those of a union's members (`list[str] | Literal['all-linear']`) reduced
-    to the member the value was meant for: the list for a list, the literal otherwise; the member's
-    name left out of the key path."""
-    kept = []
+    """pydantic's errors with those of a union's members (`list[str] | Literal['all-linear']`,
+    `bool | Literal['auto']`) reduced to the member the value was meant for: the list's for a list,
+    else the literal's, which then names the other members too; member names left out of keys."""
+    groups: dict[tuple, list[tuple[str, dict[str, Any]]]] = {}
+    kept: list[dict[str, Any]] = []
     for error in errors:
         loc = tuple(error["loc"])
-        tags = [part for part in loc if _is_union_tag(part)]
-        if tags:
-            tag = tags[0]
-            base = loc[:loc.index(tag)]
-            siblings = [e for e in errors if tuple(e["loc"])[:len(base)] == base and e is not error
-                        and any(_is_union_tag(p) for p in e["loc"])]
-            value = _value_at(error, base)
-            meant = "list" if isinstance(value, list) else "literal"
-            if siblings and not tag.startswith(meant) and any(
-                    next(p for p in e["loc"] if _is_union_tag(p)).startswith(meant) for e in siblings):
-                continue
-            error = {**error, "loc": tuple(part for part in loc if not _is_union_tag(part))}
-        kept.append(error)
-    return kept
-
-
-def _value_at(error: dict[str, Any], base: tuple) -> Any:
-    """The recipe's value at an error's field (a literal member's error holds the whole value)."""
-    if error["type"] == "literal_error" and len(error["loc"]) == len(base) + 1:
-        return error.get("input")
-    return [] if any(isinstance(p, int) for p in error["loc"][len(base):]) else error.get("input")
+        tag = next((part for part in loc if _is_union_tag(part)), None)
+        if tag is None:
+            kept.append(error)
+            continue
+        base = loc[:loc.index(tag)]
+        if base not in groups:
+            groups[base] = []
+            kept.append({"group": base})  # the group's place among the errors
+        groups[base].append((tag, {**error, "loc": tuple(p for p in loc if not _is_union_tag(p))}))
+    result = []
+    for error in kept:
+        if "group" not in error:
+            result.append(error)
+            continue
+        members = groups[error["group"]]
+        literal = next((e for tag, e in members if tag.startswith("literal") and e["type"] == "literal_error"), None)
+        if literal is None:
+            result += [e for _, e in members]
+        elif isinstance(literal.get("input"), list):
+            result += [e for tag, e in members if not tag.startswith("literal")]
+        else:
+            others = {tag.split("[")[0] for tag, _ in members if not tag.startswith("literal")}
+            names = {"list": "a list of names", "bool": "true or false", "int": "a number", "float": "a number",
+                     "str": "text"}
+            result.append({**literal, "also": " or ".join(sorted(names.get(o, o) for o in others))})
+    return result
 
 
 def _describe(error: dict[str, Any], raw: dict[str, Any]) -> tuple[str, str]:
@@ -550,7 +556,8 @@ def _describe(error: dict[str, Any], raw: dict[str, Any]) -> tuple[str, str]:
         return key, "required key is missing"
     if kind == "literal_error":
         expected = error.get("ctx", {}).get("expected", "")
-        return key, f"got {error.get('input')!r}; expected one of {expected}"
+        also = f", or {error['also']}" if error.get("also") else ""
+        return key, f"got {error.get('input')!r}; expected one of {expected}{also}"
     message = error["msg"].removeprefix("Value error, ")
     if "input" in error and kind not in ("value_error",) and not isinstance(error["input"], dict):
         message = f"{message} (got {error['input']!r})"
