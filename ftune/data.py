@@ -8,6 +8,10 @@ any model is loaded, naming the field and the columns the data has.
 
 from __future__ import annotations
 
+import contextlib
+import difflib
+import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,6 +45,7 @@ def load_training_data(recipe: Recipe) -> tuple[Dataset, str]:
         )
     dataset = dataset.rename_columns(renames)
     data_format = detect_format(dataset.column_names, data.format, source=data.source, workflow=recipe.workflow)
+    check_misspelt_columns(dataset, data_format, recipe)
     if data.limit is not None:
         dataset = dataset.select(range(min(data.limit, len(dataset))))
     if len(dataset) == 0:
@@ -50,6 +55,42 @@ def load_training_data(recipe: Recipe) -> tuple[Dataset, str]:
         return dataset, data_format  # GRPO hands every column to the reward functions (e.g. `answer`)
     keep = FORMAT_COLUMNS[data_format] + (("prompt",) if data_format == "preference" else ())
     return dataset.remove_columns([c for c in dataset.column_names if c not in keep]), data_format
+
+
+def check_misspelt_columns(dataset: Dataset, data_format: str, recipe: Recipe) -> None:
+    """A DataError for the first row that lacks a column its format needs but has one of a close
+    name ('promt' for 'prompt'): a misspelt key, not an empty row to drop without a word."""
+    needed = FORMAT_COLUMNS[data_format]
+    others = [c for c in dataset.column_names if c not in needed and c not in ("prompt", "answer")]
+    suspects = {name: [c for c in others if difflib.get_close_matches(name, [c], n=1, cutoff=0.6)] for name in needed}
+    if not any(suspects.values()):
+        return
+    data = recipe.data
+    table = dataset.data.table.slice(0, data.limit) if data.limit is not None else dataset.data.table
+    for name, columns in suspects.items():
+        for column in columns:
+            # rows where the needed column is null and the close one holds a value
+            hits = (table.column(name).is_null().to_pylist(), table.column(column).is_valid().to_pylist())
+            rows = [i for i, (missing, present) in enumerate(zip(*hits)) if missing and present]
+            if not rows:
+                continue
+            more = f" (and {len(rows) - 1} more row{'s' if len(rows) > 2 else ''})" if len(rows) > 1 else ""
+            raise DataError(
+                f"data.source {data.source}, {_row_name(recipe, rows[0])}{more}: no '{name}' but a column "
+                f"'{column}' — a misspelling of '{name}'? {data_format} rows need "
+                f"{' and '.join(repr(c) for c in needed)}.",
+                hint=f"Rename '{column}' to '{name}' in those rows; a row without '{name}' would be dropped as empty.")
+
+
+def _row_name(recipe: Recipe, index: int) -> str:
+    """'row N', with its line in a .jsonl file (rows are its non-blank lines)."""
+    path = Path(recipe.resolve_input(recipe.data.source))
+    if path.suffix.lower() != ".jsonl" or not path.is_file():
+        return f"row {index}"
+    with path.open("rb") as lines:
+        rows = (number for number, line in enumerate(lines, 1) if line.strip())
+        line = next((number for row, number in enumerate(rows) if row == index), None)
+    return f"row {index} (line {line})" if line is not None else f"row {index}"
 
 
 @dataclass
@@ -176,8 +217,12 @@ def detect_format(columns: list[str], requested: str, *, source: str, workflow: 
             return name
     wanted = {"sft": "a 'text' column, 'prompt' and 'completion', or 'messages'",
               "dpo": "'chosen' and 'rejected' (and optionally 'prompt')", "grpo": "a 'prompt' column"}[workflow]
+    names = sorted({c for name in WORKFLOW_FORMATS[workflow] for c in FORMAT_COLUMNS[name]})
+    close = [(c, match[0]) for c in columns if c not in names
+             for match in [difflib.get_close_matches(c, names, n=1, cutoff=0.6)] if match]
+    misspelt = "".join(f" '{c}' looks like a misspelling of '{name}'." for c, name in close)
     raise DataError(
-        f"data.source {source} has columns {columns}; the {workflow} workflow needs {wanted}.",
+        f"data.source {source} has columns {columns}; the {workflow} workflow needs {wanted}.{misspelt}",
         hint="Map your columns with data.fields, e.g. fields: {chosen: good, rejected: bad}, or set data.format.",
     )
 
@@ -194,9 +239,11 @@ def _load(recipe: Recipe) -> Dataset:
                     f"data.source {path} is a {path.suffix or 'suffix-less'} file.",
                     hint=f"Use one of {', '.join(sorted(DATA_FILE_SUFFIXES))}, or a folder of them.",
                 )
-            loaded = load_dataset(builder, data_files={data.split: str(path)}, split=data.split)
+            with _quiet_readers():
+                loaded = load_dataset(builder, data_files={data.split: str(path)}, split=data.split)
         elif path.is_dir():
-            loaded = load_dataset(str(path), split=data.split)
+            with _quiet_readers():
+                loaded = load_dataset(str(path), split=data.split)
         elif looks_like_local_path(data.source):
             raise DataError(f"data.source: path does not exist: {path}",
                             hint="Relative paths are resolved against the recipe's folder.")
@@ -211,12 +258,68 @@ def _load(recipe: Recipe) -> Dataset:
         ) from None
     except Exception as error:
         # datasets and pyarrow raise many types for malformed or empty files (even StopIteration):
-        # whatever the reader raised, the file is what the user must look at.
+        # whatever the reader raised, the file is what the user must look at. A JSON file is read
+        # again line by line to name the line; datasets' own error only says "An error occurred
+        # while generating the dataset", its cause the row within a block.
+        try:
+            bad = _first_bad_json(path)
+        except OSError:
+            bad = None
+        if bad is not None:
+            file, where, problem = bad
+            raise DataError(f"data.source {file}, {where}: {problem}.",
+                            hint="Fix or delete that line: each line of a .jsonl file is one JSON object, "
+                            'e.g. {"text": "..."}.' if where.startswith("line") else
+                            "Fix the file: a .json file is one JSON array of objects, or one object per line.") from None
+        cause = error.__cause__ or error.__context__ or error
         raise DataError(
             f"data.source '{data.source}' (split '{data.split}') could not be read: "
-            f"{type(error).__name__}: {first_line(error)}",
+            f"{type(cause).__name__}: {first_line(cause)}",
             hint="Check that the file is well-formed (one JSON object per line for .jsonl) and has rows.",
         ) from None
     if isinstance(loaded, DatasetDict):  # pragma: no cover - split= always gives a Dataset
         loaded = loaded[data.split]
     return loaded
+
+
+@contextlib.contextmanager
+def _quiet_readers():
+    """datasets' file readers log the error they then raise; ftune reports it once, with its line."""
+    logger = logging.getLogger("datasets.packaged_modules")
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def _first_bad_json(path: Path) -> tuple[Path, str, str] | None:
+    """(file, 'line N', what is wrong) for the first line of a JSON data file (or of one in a folder)
+    that is not a JSON object; None when every line is one, or the source is not JSON."""
+    files = sorted(p for p in path.iterdir() if p.suffix.lower() in (".json", ".jsonl")) if path.is_dir() else [path]
+    for file in files:
+        if file.suffix.lower() not in (".json", ".jsonl") or not file.is_file():
+            continue
+        if file.suffix.lower() == ".json" and file.read_bytes().lstrip()[:1] == b"[":
+            try:  # one JSON array: json's own position
+                json.loads(file.read_bytes())
+            except UnicodeDecodeError:
+                return file, "the file", "is not UTF-8 text"
+            except json.JSONDecodeError as error:
+                return file, f"line {error.lineno}, column {error.colno}", f"not valid JSON ({error.msg})"
+            continue
+        with file.open("rb") as lines:
+            for number, line in enumerate(lines, 1):
+                if not line.strip():
+                    continue
+                try:
+                    value = json.loads(line)
+                except UnicodeDecodeError:
+                    return file, f"line {number}", "is not UTF-8 text"
+                except json.JSONDecodeError as error:
+                    return file, f"line {number}", f"not valid JSON ({error.msg} at column {error.colno}): " \
+                        f"{line.decode('utf-8', 'replace').strip()[:60]!r}"
+                if not isinstance(value, dict):
+                    return file, f"line {number}", f"a JSON {type(value).__name__}, not an object of columns"
+    return None

@@ -142,3 +142,43 @@ def test_prompt_completion_rows_are_text_or_chats_not_both(tmp_path):
     recipe = recipe_for(tmp_path, mixed)
     with pytest.raises(DataError, match=r"row 0: 'prompt' is text, 'completion' is a chat"):
         check_rows(*load_training_data(recipe), _tokenizer(), recipe)
+
+
+def test_broken_json_line_names_the_file_and_line_once(tmp_path, capfd):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "ok"}\n\n{"text": "fine"}\n{not json\n{"text": "x"}\n')
+    with pytest.raises(DataError) as caught:
+        load_training_data(recipe_for(tmp_path, bad))
+    assert "bad.jsonl" in caught.value.message and "line 4" in caught.value.message
+    assert "not valid JSON" in caught.value.message and "{not json" in caught.value.message
+    assert "Failed to load JSON" not in capfd.readouterr().err  # datasets' own log line is not printed
+
+
+@pytest.mark.parametrize("text, where", [
+    ('[{"text": "a"},\n {"text": b}]', "line 2, column 11"),
+    ('{"text": "a"}\n[1, 2]\n', "line 2: a JSON list"),
+])
+def test_malformed_json_file_names_the_line(tmp_path, text, where):
+    path = tmp_path / "rows.json"
+    path.write_text(text)
+    with pytest.raises(DataError, match=where):
+        load_training_data(recipe_for(tmp_path, path))
+
+
+def test_misspelt_field_is_named_not_dropped_as_empty(tmp_path):
+    path = tmp_path / "rows.jsonl"
+    rows = [{"prompt": "a", "completion": "b"}, {"promt": "c", "completion": "d"}, {"prompt": "e", "completion": "f"}]
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    with pytest.raises(DataError) as caught:
+        load_training_data(recipe_for(tmp_path, path))
+    message = caught.value.message
+    assert "row 1 (line 2)" in message and "'promt'" in message and "'prompt' and 'completion'" in message
+    # past data.limit the row is not read, and so not an error
+    assert len(load_training_data(recipe_for(tmp_path, path, limit=1))[0]) == 1
+
+
+def test_misspelt_field_in_every_row_is_named(tmp_path):
+    path = tmp_path / "rows.jsonl"
+    path.write_text(json.dumps({"promt": "c", "completion": "d"}) + "\n")
+    with pytest.raises(DataError, match="'promt' looks like a misspelling of 'prompt'"):
+        load_training_data(recipe_for(tmp_path, path))
