@@ -124,3 +124,36 @@ def test_calibrated_inside_the_measured_grid_only():
                estimate(llama, Setting(mode="true", seq=8192, fused_loss=False))]
     for parts in outside:
         assert not parts.calibrated and "extrapolated" in parts.notes[0]
+
+
+@pytest.mark.parametrize("option, value", [("--batch", "-3"), ("--batch", "0"), ("--seq", "0"), ("--seq", "-1"),
+                                           ("--vram", "0GiB")])
+def test_impossible_numbers_are_refused(monkeypatch, capsys, option, value):
+    code, out, err = run_cli(monkeypatch, capsys, "estimate-vram", str(QUICKSTART), option, value)
+    assert code == 2 and f"{option} {value}" in err and "Traceback" not in err and not out
+
+
+def test_estimate_refuses_non_positive_sizes():
+    shape = Shape.from_config(PRESETS["tiny-llama"])
+    for bad in ({"batch": -3}, {"seq": 0}):
+        with pytest.raises(ValueError, match="positive"):
+            estimate(shape, Setting(**bad))
+
+
+def test_well_known_hub_id_offline_needs_no_hub_and_no_tokenizer(monkeypatch, capsys):
+    """The 8B recipe names meta-llama/Llama-3.1-8B: its shape is the preset's, with no hub request
+    (which offline retried for 30 s); the recipe's hint (a preset without a tokenizer) works too."""
+    import transformers
+
+    def no_hub(*args, **kwargs):
+        raise AssertionError("estimate-vram asked the hub")
+
+    monkeypatch.setattr(transformers.AutoConfig, "from_pretrained", no_hub)
+    recipe = REPO / "recipes" / "qlora-llama3-8b.yaml"
+    code, out, err = run_cli(monkeypatch, capsys, "estimate-vram", str(recipe), "--json")
+    assert code in (0, None) and not err
+    by_id = json.loads(out)
+    code, out, err = run_cli(monkeypatch, capsys, "estimate-vram", str(recipe), "--json", "--set", "model.name_or_path=null",
+                             "--set", "model.preset=llama-3.1-8b")
+    assert code in (0, None) and not err
+    assert json.loads(out)["modes"] == by_id["modes"] and by_id["shape"]["hidden"] == 4096

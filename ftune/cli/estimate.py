@@ -39,7 +39,16 @@ def estimate_vram(
     overrides: Annotated[list[str], typer.Option("--set", help="Override a recipe key.")] = [],
 ) -> None:
     """Predict peak VRAM per checkpointing mode, and the longest sequence that fits a card."""
-    recipe = load_recipe(recipe_path, overrides, check_paths=False)
+    for option, value in (("--seq", seq), ("--batch", batch)):
+        if value is not None and value < 1:
+            what = "tokens per sequence" if option == "--seq" else "examples per batch"
+            raise RecipeError(f"{option} {value}: the {what} must be at least 1.",
+                              hint=f"Leave {option} out for the recipe's own value, or give e.g. {option} "
+                              f"{4096 if option == '--seq' else 1}.")
+    # the estimate reads the model's shape, never text: a preset needs no tokenizer here
+    recipe = load_recipe(recipe_path, overrides, check_paths=False, needs_tokenizer=False)
+    seq = recipe.data.max_length if seq is None else seq
+    batch = recipe.training.batch_size if batch is None else batch
     budget = _parse_vram(vram)
     wanted = [m for item in modes for m in item.split(",") if m] or list(FIXED_MODES)
     unknown = sorted(set(wanted) - set(FIXED_MODES))
@@ -52,7 +61,7 @@ def estimate_vram(
     results = []
     for mode in wanted:
         setting = Setting.from_recipe(recipe, mode=mode)
-        setting = replace(setting, seq=seq or setting.seq, batch=batch or setting.batch)
+        setting = replace(setting, seq=seq, batch=batch)
         parts = estimate(shape, setting)
         row = {"mode": mode, **parts.as_dict()}
         if usable is not None:
@@ -61,11 +70,11 @@ def estimate_vram(
             row["largest_batch"] = largest_batch(shape, setting, usable)
         results.append((row, parts))
     report = {"model": recipe.model.preset or recipe.model.name_or_path, "shape": shape.__dict__,
-              "seq": seq or recipe.data.max_length, "batch": batch or recipe.training.batch_size,
+              "seq": seq, "batch": batch,
               "vram": budget, "modes": [row for row, _ in results], "smart": None}
     if budget is not None:
         setting = Setting.from_recipe(recipe, mode="smart")
-        setting = replace(setting, seq=seq or setting.seq, batch=batch or setting.batch)
+        setting = replace(setting, seq=seq, batch=batch)
         try:
             plan = plan_smart(shape, setting, usable, embeddings_movable=recipe.checkpointing.host_embeddings == "auto")
             report["smart"] = {"plan": plan.counts(), "peak": plan.peak, "host": plan.host, "text": plan.describe()}
@@ -83,9 +92,12 @@ def _parse_vram(text: str | None) -> int | None:
     if text is None:
         return None
     try:
-        return parse_bytes(text)
+        budget = parse_bytes(text)
     except ValueError as error:
         raise RecipeError(f"--vram: {error}.", hint="For example --vram 24GiB.") from None
+    if budget < 1:
+        raise RecipeError(f"--vram {text}: a card's memory must be more than 0.", hint="For example --vram 24GiB.")
+    return budget
 
 
 def _print_table(report: dict, results: list[tuple[dict, Estimate]], budget: int | None) -> None:

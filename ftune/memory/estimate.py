@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from ftune.errors import ModelError
+from ftune.known_models import preset_for
 from ftune.presets import PRESETS
 from ftune.recipe import LLAMA_PROJECTIONS, Recipe
 
@@ -210,6 +211,7 @@ class Estimate:
 
 def estimate(shape: Shape, setting: Setting) -> Estimate:
     """Predicted peak allocated VRAM of one training step (and the host memory it uses)."""
+    check_setting(setting)
     result = Estimate()
     tokens = setting.batch * setting.seq
     hidden_tensor = tokens * shape.hidden * BF16
@@ -270,6 +272,14 @@ def estimate(shape: Shape, setting: Setting) -> Estimate:
     return result
 
 
+def check_setting(setting: Setting) -> None:
+    """A ValueError for sizes no step can have (a negative batch would give a negative peak)."""
+    for name in ("seq", "batch", "lora_r"):
+        value = getattr(setting, name)
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive whole number, not {value!r}")
+
+
 def parks_attention(shape: Shape, tokens: int, host_memory: int | None = None) -> bool:
     """Whether offloaded layers park their attention half in a step of this many tokens (the
     engine's rule, ftune.engine.attention.parks)."""
@@ -322,7 +332,8 @@ def largest_batch(shape: Shape, setting: Setting, budget: int, *, limit: int = 1
 
 
 def model_shape(recipe: Recipe) -> Shape:
-    """The recipe's model shape from a preset, a local config.json, or the hub (online); no weights."""
+    """The recipe's model shape from a preset, a local config.json, a well-known hub id's preset
+    (ftune.known_models), or the hub (online); no weights."""
     model = recipe.model
     if model.preset is not None:
         return Shape.from_config(PRESETS[model.preset])
@@ -330,6 +341,9 @@ def model_shape(recipe: Recipe) -> Shape:
     local = Path(source) / "config.json"
     if local.is_file():
         return Shape.from_config(json.loads(local.read_text()))
+    known = preset_for(source)
+    if known is not None:  # no hub request, and no retries for half a minute offline
+        return Shape.from_config(PRESETS[known])
     try:
         from transformers import AutoConfig
 
@@ -337,7 +351,7 @@ def model_shape(recipe: Recipe) -> Shape:
     except (OSError, ValueError) as error:
         raise ModelError(
             f"model.name_or_path: no config reachable for '{source}' ({str(error).splitlines()[0]}).",
-            hint="Estimate offline with a preset of the same shape (--set model.preset=llama-3.1-8b "
-            "--set model.name_or_path=null), or a local folder with config.json; `ftune presets` lists them.",
+            hint="Estimate offline with a preset of the same shape (--set model.name_or_path=null "
+            "--set model.preset=llama-3.1-8b), or a local folder with config.json; `ftune presets` lists them.",
         ) from None
     return Shape.from_config(config.to_dict())
