@@ -144,3 +144,74 @@ def test_live_panel_renders_step_loss_and_memory(tmp_path):
         assert expected in text, expected
     line = (tmp_path / "metrics.jsonl").read_text()
     assert '"loss": 1.2345' in line and "mem_rss_gib" in line
+
+
+def test_help_names_every_workflow(monkeypatch, capsys):
+    code, output = run_cli(monkeypatch, capsys, "--help")
+    assert code in (0, None) and "SFT" in output and "DPO" in output and "GRPO" in output
+
+
+@pytest.mark.parametrize("command", ["validate", "train", "estimate-vram"])
+def test_a_folder_given_as_the_recipe_lists_the_recipes_in_it(monkeypatch, capsys, command):
+    code, output = run_cli(monkeypatch, capsys, command, str(QUICKSTART.parent))
+    assert code == 2 and "is a folder, not a recipe file" in output and "quickstart.yaml" in output
+    assert "not found" not in output
+
+
+def test_markup_in_a_users_value_is_printed_as_it_is(tmp_path, monkeypatch, capsys):
+    data = quickstart_dict()
+    data["checkpointing"]["mode"] = "[bold]x[/]"
+    code, output = run_cli(monkeypatch, capsys, "validate", str(write(tmp_path, data)))
+    assert code == 2 and "[bold]x[/]" in output and "bug in ftune" not in output
+
+
+def test_bitsandbytes_missing_kernels_package_warning_is_silenced(caplog):
+    """bitsandbytes logs it at import on CPUs with AVX512-BF16, on every run; its fallback is fine."""
+    import logging
+
+    from ftune.cli import _quiet_libraries
+
+    _quiet_libraries()
+    _quiet_libraries()  # idempotent: one filter
+    logger = logging.getLogger("bitsandbytes.backends.cpu.ops")
+    assert len(logger.filters) == 1
+    with caplog.at_level(logging.WARNING):
+        logger.warning("Failed to load CPU gemm_4bit_forward from kernels-community: %s. Please make sure ...",
+                       "No module named 'kernels'")
+        logger.warning("another warning")
+    assert [r.getMessage() for r in caplog.records] == ["another warning"]
+    # libraries with a handler of their own print each line once, not again through the root's
+    assert not logging.getLogger("huggingface_hub").propagate and not logging.getLogger("datasets").propagate
+
+
+def test_host_memory_warning_on_cpu_does_not_speak_of_a_gpu(monkeypatch):
+    from collections import namedtuple
+
+    import ftune.guards as guards
+    from ftune.recipe import load_recipe
+
+    memory = namedtuple("memory", "available total")
+    monkeypatch.setattr(guards.psutil, "virtual_memory", lambda: memory(available=1024, total=2048))
+    message = guards.host_memory_shortfall(load_recipe(QUICKSTART), cuda=False)
+    assert "GPU" not in message and "RAM" in message and "data.max_length" in message
+    assert "GPU" in guards.host_memory_shortfall(load_recipe(QUICKSTART), cuda=True)
+
+
+def test_compare_table_on_cpu_sets_no_vram_estimate_beside_rss():
+    import io
+
+    from rich.console import Console
+
+    from ftune.cli.compare import _print
+
+    row = dict(status="ok", mode="none", memory_kind="peak RSS (CPU)", peak_bytes=2**30, estimated_peak_bytes=2**29,
+               reserved_bytes=None, host_bytes=0, step_s=0.1, tokens_per_s=1000.0, max_loss_diff=0.0,
+               max_grad_norm_diff=0.0)
+    report = {"rows": [row], "recipe": "q", "reference_mode": "none", "verdict": "v"}
+    for kind, shown in (("peak RSS (CPU)", False), ("peak allocated VRAM", True)):
+        row["memory_kind"] = kind
+        console = Console(file=io.StringIO(), width=200)
+        _print(report, console)
+        text = console.file.getvalue()
+        assert ("VRAM estimate" in text) is shown and ("512.00 MiB" in text) is shown
+        assert ("not comparable" in text) is not shown

@@ -26,6 +26,21 @@ def _quiet_libraries() -> None:
     datasets.utils.logging.set_verbosity_error()
     datasets.disable_progress_bars()
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    # datasets and huggingface_hub print through handlers of their own: passed on to the root
+    # handler as well, each of their lines appeared twice (the hub's retries offline, for one)
+    for name in ("datasets", "huggingface_hub"):
+        logging.getLogger(name).propagate = False
+    # bitsandbytes, on a CPU with AVX512-BF16, tries the optional `kernels` package for its 4-bit
+    # CPU matmul when it is imported, and warns on every run that it is missing; its own kernel
+    # is used instead, and nothing is for the user to do
+    cpu_ops = logging.getLogger("bitsandbytes.backends.cpu.ops")
+    if not any(isinstance(f, _NoKernelsPackageWarning) for f in cpu_ops.filters):
+        cpu_ops.addFilter(_NoKernelsPackageWarning())
+
+
+class _NoKernelsPackageWarning(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Failed to load CPU gemm_4bit_forward from kernels-community")
 
 
 def _leave_process_group(code) -> None:

@@ -11,6 +11,7 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn
 from rich.table import Table
 
@@ -145,21 +146,28 @@ def _print(report: dict[str, Any], console: Console) -> None:
     best_peak = min((r["peak_bytes"] for r in ok), default=None)
     best_speed = max((r["tokens_per_s"] for r in ok), default=None)
     kind = ok[0]["memory_kind"] if ok else "peak memory"
+    # The memory model predicts a GPU's allocated memory; beside a CPU's RSS it would read as a
+    # comparison it is not, so on CPU it stays in compare.json only.
+    on_cpu = bool(ok) and all(r.get("memory_kind") == "peak RSS (CPU)" for r in ok)
     reference = f"; Δ = largest difference from {report['reference_mode']}" if report["reference_mode"] else ""
     table = Table(title=f"ftune compare · {report['recipe'] or ''} · peak = {kind}{reference}", title_justify="left")
-    for column in ("mode", "peak", "estimate", "reserved", "host", "step", "tok/s", "Δ loss", "Δ grad norm"):
+    columns = ["mode", "peak", *([] if on_cpu else ["VRAM estimate"]), "reserved", "host", "step", "tok/s", "Δ loss",
+               "Δ grad norm"]
+    for column in columns:
         table.add_column(column, justify="right" if column != "mode" else "left", no_wrap=True)
+    estimate = [] if on_cpu else None
     for row in rows:
+        estimated = estimate if estimate is not None else [format_bytes(row.get("estimated_peak_bytes"))]
         if row["status"] != "ok":
             table.add_row(row["mode"], f"[red]{'out of memory' if row['status'] == 'oom' else 'failed'}",
-                          format_bytes(row.get("estimated_peak_bytes")), *[""] * 6)
+                          *estimated, *[""] * 6)
             continue
         peak = format_bytes(row["peak_bytes"])
         speed = f"{row['tokens_per_s']:,.0f}"
         table.add_row(
             row["mode"],
             f"[bold green]{peak}" if row["peak_bytes"] == best_peak else peak,
-            format_bytes(row.get("estimated_peak_bytes")),
+            *estimated,
             format_bytes(row["reserved_bytes"]),
             format_bytes(row["host_bytes"]),
             f"{row['step_s'] * 1000:.0f} ms",
@@ -168,9 +176,12 @@ def _print(report: dict[str, Any], console: Console) -> None:
             f"{row['max_grad_norm_diff']:.2e}",
         )
     console.print(table)
+    if on_cpu and any(r.get("estimated_peak_bytes") for r in rows):
+        console.print("[dim]The memory model's estimates are of a GPU's allocated memory, not comparable with a "
+                      "CPU's RSS: they are in compare.json (estimated_peak_bytes), not in this table.[/]")
     for row in rows:
         if row["status"] != "ok":
-            console.print(f"[red]{row['mode']}:[/] {row['error']}", soft_wrap=True)
+            console.print(f"[red]{row['mode']}:[/] {escape(row['error'])}", soft_wrap=True)
     console.print(f"[bold]verdict:[/] {report['verdict']}")
 
 

@@ -1,5 +1,13 @@
-"""Direct preference optimization on TRL's DPOTrainer. The reference is the base model with the
-adapter disabled (TRL does this for a PEFT model given no ref_model): no second copy of weights."""
+"""Direct preference optimization on TRL's DPOTrainer.
+
+The reference is the policy as training starts, without a second copy of the base weights: given
+a PEFT model and no ref_model, TRL adds a frozen copy of the adapter named `ref` (trl's
+dpo_trainer.py) and runs the reference pass through it. That is the adapter of model.adapter
+(the SFT quickstart's, for the DPO quickstart), or a new one, whose zero B matrices make it the
+base model. PEFT saves every adapter a model holds, non-default ones in a folder of their name:
+hence `ref/` in the output folder and its checkpoints, the reference the run measured against.
+The trained adapter is the one in the output folder itself; `ref/` is not needed to use it.
+"""
 
 from __future__ import annotations
 
