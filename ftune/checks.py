@@ -28,7 +28,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from ftune.errors import RecipeError, first_line
+from ftune.errors import DataError, RecipeError, first_line
 from ftune.known_models import TEXT_PART_ONLY, preset_for
 from ftune.recipe import BUILTIN_REWARDS, Recipe, expand_user
 
@@ -87,6 +87,120 @@ def output_dir_problem(value: str) -> str | None:
         return (f"{path} cannot be written ({reason}); choose a folder you can write, "
                 "e.g. runs/NAME under your working directory")
     return None
+
+
+# --------------------------------------------------------------------------------------------
+# A local JSON data file
+
+LARGEST_SCANNED_DATA = 64 * 2**20  # larger files are checked when training loads them
+
+
+def data_problem(recipe: Recipe) -> DataError | None:
+    """What makes a local .jsonl/.json data file unusable, with its line: a line that is not a
+    JSON object, columns that fit no format of the workflow, or a row whose needed column is
+    missing beside one of a close name ('promt'). The checks of ftune.data, made on the raw JSON
+    so that `ftune validate` needs no datasets cache; files over 64 MiB are left to training,
+    which makes the same checks as it loads the data."""
+    path = Path(recipe.resolve_input(recipe.data.source))
+    try:
+        if path.suffix.lower() not in (".json", ".jsonl") or not path.is_file() or \
+                path.stat().st_size > LARGEST_SCANNED_DATA:
+            return None
+        problem, columns, rows = _scan_json(*_stamp(path))
+    except (OSError, ValueError):
+        return None  # unreadable: the path checks or loading report it
+    if problem is not None:
+        return DataError(f"data.source {path}, {problem[0]}: {problem[1]}.",
+                         hint="Fix or delete that line: each line of a .jsonl file is one JSON object, "
+                         'e.g. {"text": "..."}.')
+    renames = {column: name for name, column in recipe.data.fields.items() if column != name}
+    if not rows or set(renames) - set(columns):
+        return None  # no rows known, or renames of columns it lacks: loading names them
+    from ftune.data import FORMAT_COLUMNS, detect_format
+
+    try:
+        data_format = detect_format([renames.get(c, c) for c in columns], recipe.data.format, source=str(path),
+                                    workflow=recipe.workflow)
+    except DataError as error:
+        return error
+    needed = FORMAT_COLUMNS[data_format]
+    for index, (line, row) in enumerate(rows[:recipe.data.limit or len(rows)]):
+        row = {renames.get(c, c) for c in row}
+        for name in needed:
+            close = [c for c in row if name not in row and c not in needed and c not in ("prompt", "answer")
+                     and difflib.get_close_matches(name, [c], n=1, cutoff=0.6)]
+            if close:
+                where = f"row {index}" + (f" (line {line})" if line else "")
+                return DataError(f"data.source {path}, {where}: no '{name}' but a column '{close[0]}' — a "
+                                 f"misspelling of '{name}'? {data_format} rows need "
+                                 f"{' and '.join(repr(c) for c in needed)}.",
+                                 hint=f"Rename '{close[0]}' to '{name}' in that row; a row without '{name}' "
+                                 "would be dropped as empty.")
+    return None
+
+
+def json_file_problem(path: Path) -> tuple[str, str] | None:
+    """('line N', what is wrong) for the first place a JSON data file is not rows of JSON objects."""
+    return _scan_json(*_stamp(path))[0]
+
+
+def _stamp(path: Path) -> tuple[str, int, int]:
+    stat = path.stat()
+    return str(path.resolve()), stat.st_size, stat.st_mtime_ns
+
+
+Rows = list[tuple[int | None, frozenset[str]]]  # each row's line (None in an array) and columns with a value
+
+
+@lru_cache(maxsize=8)
+def _scan_json(path: str, size: int, mtime: int) -> tuple[tuple[str, str] | None, list[str], Rows]:
+    """The first problem of a JSON data file, its columns, and each row's columns with a value: one
+    JSON array of objects, or one object per line, as datasets reads .jsonl and most .json (a .json
+    that is one object is datasets' to read: no rows known)."""
+    file = Path(path)
+    columns: dict[str, None] = {}
+    rows: Rows = []
+
+    keep = size <= LARGEST_SCANNED_DATA  # the rows of larger files are not checked, nor held
+
+    def add(line: int | None, value: dict) -> None:
+        columns.update(dict.fromkeys(value))
+        if keep:
+            rows.append((line, frozenset(key for key, item in value.items() if item is not None)))
+
+    if file.suffix.lower() == ".json":
+        text = file.read_bytes()
+        try:
+            whole = json.loads(text)
+        except UnicodeDecodeError:
+            return ("the file", "is not UTF-8 text"), [], []
+        except json.JSONDecodeError as error:
+            if text.lstrip()[:1] == b"[":
+                return (f"line {error.lineno}, column {error.colno}", f"not valid JSON ({error.msg})"), [], []
+            whole = None  # perhaps one object per line
+        if isinstance(whole, list):
+            for index, value in enumerate(whole):
+                if not isinstance(value, dict):
+                    return (f"item {index}", f"a JSON {type(value).__name__}, not an object of columns"), [], []
+                add(None, value)
+            return None, list(columns), rows
+        if whole is not None:
+            return None, [], []
+    with file.open("rb") as lines:
+        for number, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            try:
+                value = json.loads(line)
+            except UnicodeDecodeError:
+                return (f"line {number}", "is not UTF-8 text"), [], []
+            except json.JSONDecodeError as error:
+                return (f"line {number}", f"not valid JSON ({error.msg} at column {error.colno}): "
+                        f"{line.decode('utf-8', 'replace').strip()[:60]!r}"), [], []
+            if not isinstance(value, dict):
+                return (f"line {number}", f"a JSON {type(value).__name__}, not an object of columns"), [], []
+            add(number, value)
+    return None, list(columns), rows
 
 
 # --------------------------------------------------------------------------------------------

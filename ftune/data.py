@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import difflib
-import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +17,7 @@ from pathlib import Path
 from datasets import Dataset, DatasetDict, load_dataset
 from datasets.exceptions import DatasetNotFoundError
 
+from ftune.checks import json_file_problem
 from ftune.errors import DataError, first_line
 from ftune.recipe import DATA_FILE_SUFFIXES, Recipe, looks_like_local_path
 
@@ -299,27 +299,8 @@ def _first_bad_json(path: Path) -> tuple[Path, str, str] | None:
     that is not a JSON object; None when every line is one, or the source is not JSON."""
     files = sorted(p for p in path.iterdir() if p.suffix.lower() in (".json", ".jsonl")) if path.is_dir() else [path]
     for file in files:
-        if file.suffix.lower() not in (".json", ".jsonl") or not file.is_file():
-            continue
-        if file.suffix.lower() == ".json" and file.read_bytes().lstrip()[:1] == b"[":
-            try:  # one JSON array: json's own position
-                json.loads(file.read_bytes())
-            except UnicodeDecodeError:
-                return file, "the file", "is not UTF-8 text"
-            except json.JSONDecodeError as error:
-                return file, f"line {error.lineno}, column {error.colno}", f"not valid JSON ({error.msg})"
-            continue
-        with file.open("rb") as lines:
-            for number, line in enumerate(lines, 1):
-                if not line.strip():
-                    continue
-                try:
-                    value = json.loads(line)
-                except UnicodeDecodeError:
-                    return file, f"line {number}", "is not UTF-8 text"
-                except json.JSONDecodeError as error:
-                    return file, f"line {number}", f"not valid JSON ({error.msg} at column {error.colno}): " \
-                        f"{line.decode('utf-8', 'replace').strip()[:60]!r}"
-                if not isinstance(value, dict):
-                    return file, f"line {number}", f"a JSON {type(value).__name__}, not an object of columns"
+        if file.suffix.lower() in (".json", ".jsonl") and file.is_file():
+            problem = json_file_problem(file)
+            if problem is not None:
+                return file, *problem
     return None

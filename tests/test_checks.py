@@ -13,6 +13,7 @@ from ftune.checks import model_modules, output_dir_problem, recipe_warnings, rew
 from ftune.known_models import KNOWN_HUB_PRESETS, preset_for
 from ftune.presets import PRESETS
 from ftune.recipe import validate_recipe
+from tests.conftest import REPO
 from tests.test_cli import run_cli
 from tests.test_recipe import quickstart_dict, write
 
@@ -27,6 +28,7 @@ def grpo_dict() -> dict:
     data = quickstart_dict()
     data["workflow"] = "grpo"
     data["data"]["format"] = "prompt"
+    data["data"]["source"] = str(REPO / "data" / "quickstart" / "grpo.jsonl")
     return data
 
 
@@ -186,3 +188,25 @@ def test_the_shipped_recipes_have_no_warnings(repo):
 
     for path in sorted((repo / "recipes").glob("*.yaml")):
         assert recipe_warnings(load_recipe(path, check_paths=False)) == [], path.name
+
+
+@pytest.mark.parametrize("lines, named", [
+    (['{"text": "ok"}', "", '{"text": oops}'], "line 3: not valid JSON"),
+    (['{"prompt": "a", "completion": "b"}', '{"promt": "c", "completion": "d"}'], "row 1 (line 2): no 'prompt'"),
+    (['{"question": "a"}'], "the sft workflow needs"),
+])
+def test_validate_reads_a_local_json_file_for_its_lines_and_columns(tmp_path, monkeypatch, capsys, lines, named):
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text("\n".join(lines) + "\n")
+    data = quickstart_dict()
+    data["data"] = {"source": str(rows)}
+    code, output = validate(tmp_path, monkeypatch, capsys, data)
+    assert code == 2 and "data.source" in output and named in output and "rows.jsonl" in output
+
+
+def test_validate_accepts_the_shipped_data_and_renamed_columns(tmp_path, monkeypatch, capsys):
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text('{"question": "a", "answer": "b"}\n')
+    data = quickstart_dict()
+    data["data"] = {"source": str(rows), "fields": {"prompt": "question", "completion": "answer"}}
+    assert validate(tmp_path, monkeypatch, capsys, data)[0] == 0

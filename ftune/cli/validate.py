@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 from rich.markup import escape
 
-from ftune.checks import recipe_warnings
+from ftune.checks import data_problem, recipe_warnings
 from ftune.cli.app import app, err_console, report_error
 from ftune.errors import FtuneError
 from ftune.recipe import load_recipe
@@ -20,8 +20,8 @@ def validate(
     overrides: Annotated[list[str], typer.Option("--set", help="Override a key: --set training.max_steps=20.")] = [],
 ) -> None:
     """Check recipes (keys, types, combinations, input paths, the output folder, GRPO rewards, LoRA
-    targets against the model's config) without loading weights; warn about values that are legal
-    but almost surely wrong."""
+    targets against the model's config, a local JSON data file's lines and columns) without loading
+    weights; warn about values that are legal but almost surely wrong."""
     failed = 0
     for path in files:
         try:
@@ -29,6 +29,11 @@ def validate(
         except FtuneError as error:
             failed += 1
             report_error(error)
+            continue
+        data = data_problem(recipe)  # a local JSON file's lines and columns, as training will read them
+        if data is not None:
+            failed += 1
+            report_error(data)
             continue
         what = recipe.model.preset or recipe.model.name_or_path
         err_console.print(f"[green]✓[/] {escape(str(path))}: {recipe.workflow} on {escape(str(what))}, checkpointing {recipe.checkpointing.mode}",
