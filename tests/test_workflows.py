@@ -1,5 +1,6 @@
-"""DPO and GRPO end to end on CPU: every checkpointing mode runs, the adapters load with plain
-PEFT, DPO's reward margin grows, GRPO's mean reward rises on the shipped task."""
+"""DPO and GRPO end to end on CPU: every checkpointing mode runs and gives mode none's losses and
+gradients, the adapters load with plain PEFT, DPO's reward margin grows, GRPO's mean reward rises
+on the shipped task."""
 
 from __future__ import annotations
 
@@ -51,14 +52,38 @@ def test_grpo_mean_reward_rises(sft_adapter, tmp_path):
     assert sum(rewards[-5:]) / 5 > sum(rewards[:5]) / 5 + 0.2, rewards
 
 
+# Two steps of each workflow from a new adapter, every step logged. GRPO's reward is
+# length_penalty, which differs between the tiny model's completions (exact_answer and format give
+# each of them 0 there: no advantage, a loss and gradients of exactly 0 in every mode); a KL term
+# (beta) makes step 2's loss depend on step 1's update (on-policy, the advantage term sums to 0);
+# LoRA dropout makes the engine replay the forward's RNG in its recompute, and the sampling that
+# follows must not notice. (TRL's DPO turns dropout off: DPO runs the engine's path without it.)
+TWO_STEPS = {DPO: [],
+             GRPO: ["lora.dropout=0.1", "grpo.rewards=[length_penalty]", "grpo.beta=0.04", "training.batch_size=8"]}
+_two_step_metrics: dict[tuple[str, str], list[dict]] = {}  # (recipe file, mode): metrics.jsonl
+
+
+def train_two_steps(recipe, mode, out):
+    overrides = ["model.adapter=null", f"checkpointing.mode={mode}", "training.max_steps=2",
+                 f"training.output_dir={out}", "training.logging_steps=1", *TWO_STEPS[recipe]]
+    loaded_recipe = load_recipe(recipe, overrides)
+    run = train(loaded_recipe)
+    _two_step_metrics[(recipe.name, mode)] = metrics(out)
+    return loaded_recipe, run
+
+
+def two_step_metrics(recipe, mode, tmp_path_factory) -> list[dict]:
+    """The metrics of train_two_steps, trained once per test session."""
+    if (recipe.name, mode) not in _two_step_metrics:
+        train_two_steps(recipe, mode, tmp_path_factory.mktemp(f"{recipe.stem}-{mode}") / "run")
+    return _two_step_metrics[(recipe.name, mode)]
+
+
 @pytest.mark.parametrize("mode", ["none", "true", "unsloth"])
 @pytest.mark.parametrize("recipe", [DPO, GRPO], ids=["dpo", "grpo"])
 def test_each_mode_trains_and_the_adapter_loads_with_peft(recipe, mode, tmp_path):
     out = tmp_path / "run"
-    overrides = ["model.adapter=null", f"checkpointing.mode={mode}", "training.max_steps=2", f"training.output_dir={out}",
-                 "training.logging_steps=1"]
-    loaded_recipe = load_recipe(recipe, overrides)
-    run = train(loaded_recipe)
+    loaded_recipe, run = train_two_steps(recipe, mode, out)
     assert run.summary["steps"] == 2 and run.built.engine.mode == mode
     base = AutoModelForCausalLM.from_pretrained(run.built.source, dtype=torch.float32, device_map={"": "cpu"},
                                                 quantization_config=quantization_config(loaded_recipe, torch.float32))
@@ -67,6 +92,38 @@ def test_each_mode_trains_and_the_adapter_loads_with_peft(recipe, mode, tmp_path
     ids = torch.tensor([[3, 4, 5, 6]])
     with torch.no_grad():
         torch.testing.assert_close(loaded(input_ids=ids).logits, trained(input_ids=ids).logits, atol=1e-5, rtol=1e-5)
+
+
+# What each step logs that the engine could change: the loss and the gradient's norm (step 1's
+# update decides step 2's loss); DPO's log-probabilities, GRPO's KL to the reference.
+COMPARED = {DPO: ("loss", "grad_norm", "logps/chosen", "logps/rejected", "rewards/margins"),
+            GRPO: ("loss", "grad_norm", "kl")}
+
+
+@pytest.mark.parametrize("mode", ["true", "unsloth"])
+@pytest.mark.parametrize("recipe", [DPO, GRPO], ids=["dpo", "grpo"])
+def test_each_mode_gives_the_losses_and_gradients_of_mode_none(recipe, mode, tmp_path_factory):
+    """The same seed and batches give, step by step, mode none's loss and gradient norm. GRPO's
+    completions are sampled: they must be the same too (generation runs under no_grad, outside the
+    engine, and the engine must leave the RNG where mode none leaves it), which the rewards, exact
+    functions of the text, show.
+
+    Tolerance: the recomputed forward and the gradient sums may round differently in fp32.
+    Measured on CPU against mode none: DPO 1.1e-7 relative at most (step 2's gradient norm); GRPO
+    identical (without dropout, where the engine splits layers differently: 1.6e-6 at most, step 2's
+    KL, and its loss, advantages that cancel to 0 plus the KL term, 1e-9 apart). rel 1e-5 and abs
+    1e-8 leave room for other CPUs and thread counts; zeroing the gradient of the LoRA tensor with
+    the smallest share of the norm (4e-4 of its square in a tiny model's step) moves the gradient
+    norm by 2e-4."""
+    expected, got = two_step_metrics(recipe, "none", tmp_path_factory), two_step_metrics(recipe, mode, tmp_path_factory)
+    assert [r["step"] for r in got] == [r["step"] for r in expected] == [1, 2]
+    assert expected[0]["grad_norm"] > 0 and expected[1]["grad_norm"] > 0  # gradients to compare
+    for before, after in zip(expected, got):
+        for key in COMPARED[recipe]:
+            assert after[key] == pytest.approx(before[key], rel=1e-5, abs=1e-8), (after["step"], key)
+        if recipe == GRPO:  # the same completions
+            assert (after["reward"], after["reward_std"]) == (before["reward"], before["reward_std"])
+            assert before["reward_std"] > 0
 
 
 @pytest.mark.parametrize("recipe", [QUICKSTART, DPO, GRPO], ids=["sft", "dpo", "grpo"])
