@@ -3,9 +3,10 @@
 `environment_problems` runs after the schema (ftune.recipe.validate_recipe), so `ftune validate`
 and the start of `ftune train` both report, with their key: an output folder that cannot be
 written, a GRPO reward that cannot be imported or cannot take TRL's call, and LoRA target modules
-that the model does not have. `recipe_warnings` lists values that are legal but almost surely a
-mistake (a rank above the hidden size, a learning rate of 10); `ftune validate` and `ftune train`
-print them and go on.
+that the model does not have. `data_problem` reads a local JSON data file as training will
+(`ftune validate` only: training reports the same when it loads the data). `recipe_warnings`
+lists values that are legal but almost surely a mistake (a rank above the hidden size, a learning
+rate of 10); `ftune validate` and `ftune train` print them and go on.
 
 Nothing here loads weights or a tokenizer, or reaches the network: the model's modules come from
 its config, built on the meta device, when that config is on this machine (a preset, a local
