@@ -4,12 +4,14 @@ tests that stop or kill a run part-way (a run that ends before its signal proves
     FTUNE_TEST_PAUSE_AFTER_SAVE=3 FTUNE_TEST_PAUSED_FILE=/tmp/paused python tests/pausing_train.py train RECIPE ...
 
 runs `ftune train RECIPE ...` (also as a torchrun script). After the first checkpoint at or past
-step FTUNE_TEST_PAUSE_AFTER_SAVE is complete, the training waits until the process receives
-SIGTERM or SIGINT, which reaches ftune's own handler as usual, and then goes on. Once waiting, it
-appends "rank R step N" to FTUNE_TEST_PAUSED_FILE: a test waits for that file, then signals or
-kills. FTUNE_TEST_PAUSE_RANK=R makes only that rank wait (the others go on to the next gradient
-all-reduce and wait there); without it every rank waits. After FTUNE_TEST_PAUSE_TIMEOUT seconds
-(300) without a signal the run fails, so that a broken test leaves no process behind.
+step FTUNE_TEST_PAUSE_AFTER_SAVE, the training waits until the process receives SIGTERM or
+SIGINT, which reaches ftune's own handler as usual, and then goes on. Once waiting, it appends
+"rank R step N" to FTUNE_TEST_PAUSED_FILE: a test waits for that file, then signals or kills.
+FTUNE_TEST_PAUSE_RANK=R makes only that rank wait (the others go on to the next gradient
+all-reduce and wait there); without it every rank waits. Rank 0 waits once the checkpoint folder
+is in place (it renames it after every rank wrote its part); another rank may wait before that
+rename: to kill a run with its checkpoint whole, pause rank 0. After FTUNE_TEST_PAUSE_TIMEOUT
+seconds (300) without a signal the run fails, so that a broken test leaves no process behind.
 
 Nothing in ftune knows of this: the wait is a TrainerCallback added here by wrapping
 `transformers.Trainer.train`, and the signal goes through whatever handler ftune installed.
@@ -37,7 +39,7 @@ class PauseAfterSave(TrainerCallback):
         self.done = False
 
     def on_save(self, args, state, control, **kwargs):
-        # on_save follows the complete checkpoint (checkpoints.py renames it into place first)
+        # on_save follows _save_checkpoint, in which rank 0 renames the finished checkpoint into place
         if self.done or state.global_step < self.step:
             return control
         self.done = True

@@ -87,9 +87,9 @@ def _start_and_pause_after_checkpoint_3(out, *, rank: int | None = None) -> subp
     arrives: it cannot finish before the test's signal. Its stderr goes to a file (a pipe nobody
     reads would fill and block it)."""
     paused = out.parent / f"{out.name}.paused"
-    log = open(out.parent / f"{out.name}.stderr", "w")
-    process = subprocess.Popen(torchrun_command(out, pausing=True), stdout=subprocess.DEVNULL, stderr=log, text=True,
-                               env=pausing_train.environment(3, paused, rank=rank))
+    with open(out.parent / f"{out.name}.stderr", "w") as log:
+        process = subprocess.Popen(torchrun_command(out, pausing=True), stdout=subprocess.DEVNULL, stderr=log,
+                                   text=True, env=pausing_train.environment(3, paused, rank=rank))
     pausing_train.wait_until_paused(paused, process)
     return process
 
@@ -141,7 +141,8 @@ def test_killed_run_under_torchrun_resumes_to_the_same_result(tmp_path, uninterr
     from ftune.checkpoints import checkpoints
 
     out = tmp_path / "killed"
-    process = _start_and_pause_after_checkpoint_3(out)
+    # rank 0 renames the checkpoint into place before it waits; rank 1 waits for it in step 4
+    process = _start_and_pause_after_checkpoint_3(out, rank=0)
     # torchrun and both ranks (which it starts in sessions of their own)
     for victim in [psutil.Process(process.pid), *psutil.Process(process.pid).children(recursive=True)]:
         victim.send_signal(signal.SIGKILL)
