@@ -64,7 +64,7 @@ class PauseAfterSave(TrainerCallback):
             deadline = time.monotonic() + self.timeout
             while not received:
                 if time.monotonic() > deadline:
-                    raise SystemExit(f"pausing_train: no signal within {self.timeout:.0f} s of step {state.global_step}")
+                    raise SystemExit(f"pausing_train: no signal {self.timeout:.0f} s after step {state.global_step}")
                 time.sleep(0.02)
         finally:
             for number, handler in previous.items():
