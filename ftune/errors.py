@@ -92,3 +92,31 @@ class Interrupted(FtuneError):
     def __init__(self, message: str, *, hint: str | None = None, signal_number: int = 2):
         super().__init__(message, hint=hint)
         self.exit_code = 128 + signal_number  # the shell's convention: 130 for Ctrl-C, 143 for SIGTERM
+
+
+class NotARunError(FtuneError):
+    """A folder given to export, generate or chat holds neither a run's adapter nor a model."""
+
+    exit_code = 2
+    title = "Not a run folder"
+
+
+class ExportError(FtuneError):
+    """An export that the model's family or the installed tools cannot make."""
+
+    exit_code = 2
+    title = "Cannot export"
+
+
+class HostMemoryShortage(FtuneError):
+    """A model too large for this machine's free RAM, for work that runs on the CPU."""
+
+    exit_code = 4
+    title = "Not enough host memory"
+
+
+class HubError(FtuneError):
+    """The Hugging Face hub could not be reached or refused a push; the run's files are kept."""
+
+    exit_code = 6
+    title = "Hub push failed"

@@ -10,9 +10,11 @@ import logging
 import os
 import sys
 
+from rich.markup import escape
+
 from ftune.errors import FtuneError
 
-from ftune.cli import compare, estimate, presets, train, validate  # noqa: E402,F401  (register the commands)
+from ftune.cli import chat, compare, estimate, export, generate, presets, train, validate  # noqa: E402,F401  (register the commands)
 from ftune.cli.app import app, err_console, report_error
 
 
@@ -81,7 +83,7 @@ def main() -> None:
         if debug:
             raise
         err_console.print(
-            f"[bold red]ftune failed:[/] {type(error).__name__}: {error}\n"
+            f"[bold red]ftune failed:[/] {type(error).__name__}: {escape(str(error))}\n"
             "[dim]This looks like a bug in ftune. Run again with --debug for the traceback, and include it in a report.[/]",
             highlight=False,
         )
