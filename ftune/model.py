@@ -23,6 +23,7 @@ from ftune.engine import CheckpointingEngine, install_checkpointing
 from ftune.engine.embedding import move_embeddings_to_host, move_lm_head_to_host
 from ftune.engine.planner import NoPlanFits, Plan, measure_host_link, plan_smart
 from ftune.errors import ModelError, first_line
+from ftune.families import family_of
 from ftune.integrations.bitsandbytes import keep_4bit_layout
 from ftune.kernels import KERNELS, apply_kernels, kernel_support
 from ftune.memory.estimate import GiB, Setting, allocatable, model_shape
@@ -168,6 +169,7 @@ def load_base_model(recipe: Recipe, device: torch.device | None = None) -> tuple
         # bitsandbytes quantizes on the CPU with torch's own ops, and torchrun starts every rank
         # with one thread (OMP_NUM_THREADS=1): the host's cores are shared out among the ranks
         torch.set_num_threads(max(threads, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
+    attention = attention_implementation(recipe, source)
     try:
         model = AutoModelForCausalLM.from_pretrained(
             source,
@@ -176,9 +178,16 @@ def load_base_model(recipe: Recipe, device: torch.device | None = None) -> tuple
             dtype=dtype,
             quantization_config=quantization_config(recipe, compute_dtype),
             device_map={"": "cpu" if on_host else device},
-            attn_implementation=recipe.model.attn_implementation,
+            attn_implementation=attention,
         )
     except (OSError, ValueError) as error:
+        if (Path(source) / "config.json").is_file():  # the folder is there: name what refused it
+            key = "model.attn_implementation" if "attn" in str(error).lower() else "model.name_or_path"
+            raise ModelError(
+                f"{key}: transformers could not load '{source}' with attention {attention}: {first_line(error)}",
+                hint="Set model.attn_implementation to auto (the family's own), eager or sdpa; with a model that needs "
+                "its own code, model.trust_remote_code: true.",
+            ) from None
         raise ModelError(
             f"model.name_or_path: could not load '{source}': {first_line(error)}",
             hint="Give a local directory with config.json and weights, or a hub id while online "
@@ -189,6 +198,25 @@ def load_base_model(recipe: Recipe, device: torch.device | None = None) -> tuple
     keep_4bit_layout(model)  # one layout and one kernel in train and eval mode, on every CPU
     model.config.use_cache = False  # training; generation turns it back on per call
     return model, source, dtype
+
+
+def source_model_type(recipe: Recipe, source: str | None = None) -> str | None:
+    """The model's `model_type`, from the preset or the local config.json (None when not on this machine)."""
+    if recipe.model.preset is not None:
+        return PRESETS[recipe.model.preset]["model_type"]
+    config = Path(source or recipe.resolve_input(recipe.model.name_or_path)) / "config.json"
+    try:
+        return json.loads(config.read_text()).get("model_type")
+    except (OSError, ValueError):
+        return None
+
+
+def attention_implementation(recipe: Recipe, source: str | None = None) -> str:
+    """The recipe's attention implementation; auto: the family's (sdpa for a family ftune has no entry for)."""
+    if recipe.model.attn_implementation != "auto":
+        return recipe.model.attn_implementation
+    family = family_of(source_model_type(recipe, source))
+    return family.attention if family is not None else "sdpa"
 
 
 def load_tokenizer(recipe: Recipe) -> PreTrainedTokenizerBase:
@@ -207,11 +235,22 @@ def load_tokenizer(recipe: Recipe) -> PreTrainedTokenizerBase:
     return tokenizer
 
 
-def lora_config(recipe: Recipe) -> LoraConfig:
+def lora_targets(recipe: Recipe, model_type: str | None) -> list[str] | str:
+    """The modules the adapter goes on; auto: the family's linear projections, all-linear for a
+    family ftune has no entry for."""
+    targets = recipe.lora.target_modules
+    if targets != "auto":
+        return targets
+    family = family_of(model_type)
+    return family.lora_targets if family is not None else "all-linear"
+
+
+def lora_config(recipe: Recipe, model_type: str | None = None) -> LoraConfig:
     """peft's LoraConfig of the recipe's lora section."""
     lora = recipe.lora
-    return LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=lora.target_modules,
-                      bias=lora.bias, use_rslora=lora.use_rslora, task_type="CAUSAL_LM")
+    return LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                      target_modules=lora_targets(recipe, model_type), bias=lora.bias, use_rslora=lora.use_rslora,
+                      task_type="CAUSAL_LM")
 
 
 def add_lora(model: PreTrainedModel, recipe: Recipe) -> PeftModel:
@@ -225,7 +264,7 @@ def add_lora(model: PreTrainedModel, recipe: Recipe) -> PeftModel:
                              hint="Point it at a folder with adapter_config.json, such as an earlier run's output_dir "
                              "(the DPO and GRPO quickstarts continue `ftune train recipes/quickstart.yaml`).") from None
     try:
-        return get_peft_model(model, lora_config(recipe))
+        return get_peft_model(model, lora_config(recipe, model.config.model_type))
     except ValueError as error:
         raise ModelError(
             f"lora.target_modules: {first_line(error)}",
@@ -247,6 +286,11 @@ def build_model(recipe: Recipe, device: torch.device | None = None, *, tokenizer
             f"{base.get_input_embeddings().num_embeddings} rows.",
             hint="Use the tokenizer that belongs to the model.",
         )
+    family = family_of(base.config.model_type)
+    if family is None:
+        logger.warning("ftune has no entry for model type %r: it trains on the generic path (no kernels, layers "
+                       "recomputed whole, LoRA on all-linear by default); ftune/families.py lists the families",
+                       base.config.model_type)
     transformers.set_seed(recipe.training.seed)  # the adapter's initialization depends on the seed alone
     model = add_lora(base, recipe)
     kernels = patch_kernels(model, recipe, device)

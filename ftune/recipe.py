@@ -61,8 +61,9 @@ class ModelSection(_Section):
         description="dtype of the modules kept in 16 bits (embeddings, LM head, norms) and of the "
         "compute: auto is bfloat16 on a GPU that supports it, float32 on CPU.",
     )
-    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = Field(
-        "sdpa", description="Attention implementation passed to transformers."
+    attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2"] = Field(
+        "auto", description="Attention implementation passed to transformers; auto: the model family's (sdpa, or eager "
+        "where sdpa would drop part of the attention, as Gemma-2's soft-capping: ftune/families.py).",
     )
 
     @field_validator("preset")
@@ -95,9 +96,11 @@ class LoraSection(_Section):
     r: int = Field(16, gt=0, description="Rank of the adapter matrices.")
     alpha: float = Field(16, gt=0, description="Scaling numerator: the update is scaled by alpha / r.")
     dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout on the adapter's input.")
-    target_modules: list[str] | Literal["all-linear"] = Field(
-        default_factory=lambda: list(LLAMA_PROJECTIONS),
-        description="Module names to adapt, or all-linear for every linear layer but the LM head.",
+    target_modules: list[str] | Literal["auto", "all-linear"] = Field(
+        "auto",
+        description="Module names to adapt; auto: every linear projection of the model family's layers (Llama-like: "
+        "q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj; `ftune validate` shows them), or all-linear "
+        "for every linear layer but the LM head.",
     )
     bias: Literal["none", "all", "lora_only"] = Field("none", description="Which biases to train.")
     use_rslora: bool = Field(False, description="Scale by alpha / sqrt(r) (rank-stabilized LoRA).")

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from ftune.engine import Policy, decoder_layers, install_checkpointing
+from ftune.presets import preset_config
 from tests.helpers import lora_grads, tiny_lora_model
 
 MODES = ["true", "unsloth"]
@@ -83,7 +84,8 @@ def test_gradients_equal_none(preset, mode, dropout):
 def test_mlp_chunked_recompute_equals_none(preset, mode):
     """The MLP half recomputed 5 tokens at a time (34-row batches: 7 uneven chunks)."""
     reference_model, _ = tiny_lora_model(preset, "none")
-    model, engine = tiny_lora_model(preset, mode, mlp_chunk_bytes=352 * 4 * 5)
+    intermediate = preset_config(preset).intermediate_size
+    model, engine = tiny_lora_model(preset, mode, mlp_chunk_bytes=intermediate * 4 * 5)
     halves = [layer.forward.halves for layer in decoder_layers(model)]
     assert all(h is not None and h.chunk_tokens(4) == 5 for h in halves)
     assert_same(run_scenario(reference_model), run_scenario(model), atol=1e-5)

@@ -32,6 +32,8 @@ from ftune.engine import attention
 from ftune.engine.attention import AttentionOutput
 from ftune.engine.halves import DEFAULT_CHUNK_BYTES, ResidualHalves
 from ftune.engine.offload import HostCopier, HostStash, buffer_size
+from ftune.families import family_of
+from ftune.integrations.transformers import recording_router_logits_apart, router_logits_being_recorded
 
 logger = logging.getLogger(__name__)
 
@@ -69,6 +71,8 @@ class CheckpointingEngine:
     # The embedding tables (input, and the LM head under the fused loss) moved to host memory
     # (embedding.py), 0 when they stay on the device.
     host_embedding_bytes: int = 0
+    # Whether the model's family has plain pre-norm layers that run as halves (ftune/families.py).
+    residual_halves: bool = False
 
     def counts(self) -> dict[str, int]:
         return {policy.value: self.policies.count(policy) for policy in Policy}
@@ -77,9 +81,6 @@ class CheckpointingEngine:
         """Host memory held for the GPU: offloaded layer inputs and the embedding tables (pinned on CUDA)."""
         pools = self.copier.pools if self.copier else ()
         return sum(pool.stats.bytes_total for pool in pools) + self.host_embedding_bytes
-
-    def host_bytes_in_use(self) -> int:
-        return sum(pool.stats.bytes_in_use for pool in self.copier.pools) if self.copier else 0
 
     def remove(self) -> None:
         """Give every layer its own forward back."""
@@ -121,8 +122,10 @@ def install_checkpointing(
     copier = HostCopier(device) if Policy.OFFLOAD in policies else None
     if copier is not None:
         attention.install()
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    family = family_of(getattr(getattr(base, "config", None), "model_type", None))
     engine = CheckpointingEngine(mode=mode, policies=list(policies), device=device, copier=copier,
-                                 mlp_chunk_bytes=mlp_chunk_bytes)
+                                 mlp_chunk_bytes=mlp_chunk_bytes, residual_halves=bool(family and family.residual_halves))
     for index, (layer, policy) in enumerate(zip(layers, policies)):
         engine.layers.append(layer)
         engine._originals.append(layer.__dict__.get("forward"))
@@ -160,7 +163,7 @@ class _WrappedForward:
         self.policy = policy
         self.uses_randomness = any(isinstance(m, nn.Dropout) and m.p > 0 for m in layer.modules())
         self.halves = (ResidualHalves(layer, engine.mlp_chunk_bytes)
-                       if ResidualHalves.supports(layer, self.uses_randomness) else None)
+                       if ResidualHalves.supports(layer, self.uses_randomness, engine.residual_halves) else None)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         engine = self.engine_ref()
@@ -185,12 +188,16 @@ class _WrappedForward:
                 filled[slot] = tensor
             return tree_unflatten(filled, spec)
 
+        # A mixture of experts whose router logits the model records (for its load-balancing loss):
+        # they leave the Function as outputs, so that the loss's gradient reaches the layer.
+        router_logits = router_logits_being_recorded()
         # The halves need the hidden state as the only positional argument, as transformers passes it.
-        halves = self.halves if len(args) == 1 and isinstance(args[0], torch.Tensor) else None
+        halves = self.halves if len(args) == 1 and isinstance(args[0], torch.Tensor) and router_logits is None else None
         # The first tensor argument is the hidden state, the only per-layer input worth moving;
         # masks and rotary tables are shared by all layers.
         unit = _LayerUnit(engine, self.index, self.policy, self.forward, halves, unflatten,
                           self.uses_randomness, tensors[0].device)
+        unit.records_router_logits = router_logits is not None
         # The layer's trainable parameters are inputs of the Function too: their gradients leave
         # its backward as return values and accumulate in the outer graph, where DDP's hooks see
         # them, instead of in a nested backward (which DDP does not expect). They also make
@@ -198,7 +205,10 @@ class _WrappedForward:
         unit.n_inputs = len(tensors)
         params = [p for p in self.layer.parameters() if p.requires_grad]
         outputs = _RecomputedLayer.apply(unit, *tensors, *params)
-        return tree_unflatten(list(outputs), unit.output_spec)
+        layer_outputs = len(outputs) - unit.router_outputs
+        if router_logits is not None:
+            router_logits.extend(outputs[layer_outputs:])
+        return tree_unflatten(list(outputs[:layer_outputs]), unit.output_spec)
 
     def _without_cache(self, engine: CheckpointingEngine, kwargs: dict[str, Any]) -> dict[str, Any]:
         # A recomputed layer would write its keys and values into the cache a second time.
@@ -222,6 +232,8 @@ class _LayerUnit:
         self.unflatten = unflatten
         self.device = device
         self.output_spec = None
+        self.records_router_logits = False
+        self.router_outputs = 0  # router logits returned after the layer's own outputs
         self.stash: HostStash | None = None
         self.parked: _ParkedHalf | None = None
         self.previous: weakref.ref[_LayerUnit] | None = None
@@ -239,6 +251,14 @@ class _LayerUnit:
             self.copier = engine.copier
             self.layers_after = len(engine.policies) - index - 1
             self.offloaded_layers = engine.policies.count(Policy.OFFLOAD)
+
+    def run_recording(self, inputs: tuple[torch.Tensor, ...]) -> tuple[Any, list[torch.Tensor]]:
+        """The layer's output, and the router logits it recorded (none unless the model records them)."""
+        if not self.records_router_logits:
+            return self.run(inputs), []
+        with recording_router_logits_apart() as router_logits:
+            output = self.run(inputs)
+        return output, router_logits
 
     def run(self, inputs: tuple[torch.Tensor, ...]) -> Any:
         """The layer's output from these inputs (the graph, if any, is the caller's business)."""
@@ -277,8 +297,8 @@ class _LayerUnit:
             args, kwargs = self.unflatten(tuple(inputs))
             return self.halves.backward(args[0], kwargs, grad_outputs[0], wrt)
         with torch.enable_grad():
-            output = self.run(tuple(inputs))
-        outputs, _ = tree_flatten(output)
+            output, router_logits = self.run_recording(tuple(inputs))
+        outputs = tree_flatten(output)[0] + router_logits
         pairs = [(o, g) for o, g in zip(outputs, grad_outputs)
                  if isinstance(o, torch.Tensor) and o.requires_grad and g is not None]
         if not pairs:
@@ -373,11 +393,12 @@ class _RecomputedLayer(torch.autograd.Function):
     def forward(ctx, unit: _LayerUnit, *inputs_and_params: torch.Tensor):
         inputs = inputs_and_params[: unit.n_inputs]
         ctx.params = inputs_and_params[unit.n_inputs:]  # the module's own parameters, alive anyway
-        output = unit.run(inputs)
+        output, router_logits = unit.run_recording(inputs)
         leaves, spec = tree_flatten(output)
         if not all(isinstance(leaf, torch.Tensor) or leaf is None for leaf in leaves):
             raise TypeError(f"decoder layer {unit.index} returned non-tensor outputs: {type(output).__name__}")
         unit.output_spec = spec
+        unit.router_outputs = len(router_logits)
         hidden, rest = inputs[0], inputs[1:]
         if unit.policy is Policy.OFFLOAD:
             unit.stash = unit.copier.stash(hidden)
@@ -386,7 +407,7 @@ class _RecomputedLayer(torch.autograd.Function):
             ctx.save_for_backward(*inputs)
         ctx.unit = unit
         # Outputs that alias inputs would be marked as views; layers always return fresh tensors.
-        return tuple(leaves)
+        return (*leaves, *router_logits)
 
     @staticmethod
     def backward(ctx, *grad_outputs: torch.Tensor):

@@ -37,6 +37,10 @@ class HostEmbedding(nn.Module):
             raise ValueError("HostEmbedding is for frozen embeddings; this one is trainable")
         self.num_embeddings, self.embedding_dim = embedding.weight.shape
         self.padding_idx = embedding.padding_idx
+        # Gemma's embedding multiplies its rows by sqrt(hidden), rounded to the table's dtype as its
+        # own forward rounds it (transformers' *ScaledWordEmbedding)
+        scale = getattr(embedding, "embed_scale", None)
+        self.scale = None if scale is None else torch.as_tensor(scale).to(embedding.weight.dtype).item()
         self.device = device
         pin = device.type == "cuda"
         self.host_weight = embedding.weight.detach().to("cpu").contiguous()
@@ -53,7 +57,7 @@ class HostEmbedding(nn.Module):
         ids = input_ids.reshape(-1).to("cpu")
         count = ids.numel()
         if self.device.type != "cuda":
-            return F.embedding(ids, self.host_weight).view(*input_ids.shape, self.embedding_dim)
+            return self._scaled(F.embedding(ids, self.host_weight).view(*input_ids.shape, self.embedding_dim))
         if self._copied is not None:
             self._copied.synchronize()  # the previous copy out of the staging buffer is done
         if self._staging is None or self._staging.shape[0] < count:
@@ -63,7 +67,10 @@ class HostEmbedding(nn.Module):
         on_device = rows.to(self.device, non_blocking=True)
         self._copied = torch.cuda.Event()
         self._copied.record()
-        return on_device.view(*input_ids.shape, self.embedding_dim)
+        return self._scaled(on_device.view(*input_ids.shape, self.embedding_dim))
+
+    def _scaled(self, rows: torch.Tensor) -> torch.Tensor:
+        return rows if self.scale is None else rows * self.scale
 
     def extra_repr(self) -> str:
         return f"{self.num_embeddings}, {self.embedding_dim}, in host memory"
@@ -148,11 +155,19 @@ def move_embeddings_to_host(model: nn.Module, device: torch.device) -> int:
     output = base.get_output_embeddings()
     if not isinstance(embedding, nn.Embedding) or embedding.weight.requires_grad:
         return 0
+    if type(embedding) is not nn.Embedding and not _scaled_embedding(embedding):
+        return 0  # a forward of its own that HostEmbedding would not reproduce
     if output is not None and output.weight.data_ptr() == embedding.weight.data_ptr():
         return 0  # tied: the same table is the LM head
     freed = embedding.weight.numel() * embedding.weight.element_size()
     base.set_input_embeddings(HostEmbedding(embedding, device))
     return freed
+
+
+def _scaled_embedding(embedding: nn.Module) -> bool:
+    """transformers' scaled word embeddings (Gemma): an nn.Embedding whose forward multiplies by
+    `embed_scale` and does nothing else."""
+    return type(embedding).__name__.endswith("ScaledWordEmbedding") and hasattr(embedding, "embed_scale")
 
 
 def move_lm_head_to_host(model: nn.Module, device: torch.device) -> int:

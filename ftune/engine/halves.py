@@ -16,8 +16,9 @@ graph chunks the MLP the same way and adds into `h` in place.
 An offloaded layer can park its attention half (attention.py): its backward then starts with
 the MLP half, from the parked residual, and reruns the attention half last, for its graph only.
 
-Layers whose forward differs (Gemma's extra norms), or that draw random numbers (LoRA dropout:
-chunking would change the order of the draws), run whole through the generic recompute.
+Which families have such layers is in ftune/families.py (`residual_halves`). Layers whose
+forward differs (Gemma's extra norms), or that draw random numbers (LoRA dropout: chunking would
+change the order of the draws), run whole through the generic recompute.
 """
 
 from __future__ import annotations
@@ -29,7 +30,6 @@ from torch import nn
 
 from ftune.engine.attention import AttentionOutput, recording_attention, replaying_attention
 
-PRE_NORM_LAYERS = {"LlamaDecoderLayer", "MistralDecoderLayer", "Qwen2DecoderLayer", "Qwen3DecoderLayer"}
 # Largest MLP intermediate (one tensor) that a chunk may create; 128 MiB is 4608 tokens of an
 # 8B Llama's 14336-wide MLP in bf16, large enough that the chunk's matmuls run at full speed.
 DEFAULT_CHUNK_BYTES = 128 * 1024**2
@@ -44,11 +44,12 @@ class ResidualHalves:
         self.intermediate = int(getattr(layer.mlp, "intermediate_size"))
 
     @staticmethod
-    def supports(layer: nn.Module, uses_randomness: bool) -> bool:
+    def supports(layer: nn.Module, uses_randomness: bool, family_has_halves: bool) -> bool:
+        parts = ("input_layernorm", "self_attn", "post_attention_layernorm", "mlp")
         return (
-            type(layer).__name__ in PRE_NORM_LAYERS
+            family_has_halves
             and not uses_randomness
-            and hasattr(layer, "mlp") and hasattr(getattr(layer, "mlp"), "intermediate_size")
+            and all(hasattr(layer, part) for part in parts) and hasattr(layer.mlp, "intermediate_size")
         )
 
     def chunk_tokens(self, element_size: int) -> int:

@@ -32,6 +32,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.utils.generic import can_return_tuple
 
 from ftune.engine.embedding import HostLMHead
+from ftune.families import family_of, known_model_types
 from ftune.kernels.fused_linear_cross_entropy import fused_linear_cross_entropy
 from ftune.kernels.lora import lora_layers, overwritable, patch_lora
 from ftune.kernels.lora_augmented import lora_mlp, lora_mlp_parts
@@ -42,25 +43,6 @@ from ftune.kernels.utils import runs_triton
 
 KERNELS = ("rms_norm", "rope", "swiglu", "fused_cross_entropy", "fused_lora")
 TRITON_KERNELS = KERNELS[:4]
-
-
-@dataclass(frozen=True)
-class _Family:
-    rms_norm_offset: float  # Gemma scales by (1 + weight)
-    rms_norm_casting: str  # see rms_norm.CASTING_MODES
-    rms_norm_eps: str  # the attribute holding epsilon
-
-
-_LLAMA_LIKE = _Family(rms_norm_offset=0.0, rms_norm_casting="llama", rms_norm_eps="variance_epsilon")
-_GEMMA_LIKE = _Family(rms_norm_offset=1.0, rms_norm_casting="gemma", rms_norm_eps="eps")
-FAMILIES = {
-    "llama": _LLAMA_LIKE,
-    "mistral": _LLAMA_LIKE,
-    "qwen2": _LLAMA_LIKE,
-    "qwen3": _LLAMA_LIKE,
-    "gemma": _GEMMA_LIKE,
-    "gemma2": _GEMMA_LIKE,
-}
 
 
 @dataclass
@@ -108,28 +90,38 @@ def kernel_support(model: nn.Module) -> dict[str, str | None]:
     """For each kernel: None if it applies to `model`, else the reason it does not."""
     base = unwrap_model(model)
     model_type = _model_type(base)
-    if model_type not in FAMILIES:
-        reason = f"model type {model_type!r} is not supported (supported: {', '.join(FAMILIES)})"
+    family = family_of(model_type)
+    if family is None:
+        reason = f"ftune has no entry for model type {model_type!r} (ftune/families.py knows {', '.join(known_model_types())})"
         return dict.fromkeys(KERNELS, reason)
-    support: dict[str, str | None] = dict.fromkeys(KERNELS)
-    if not _family_modules(base, "RMSNorm"):
+    support: dict[str, str | None] = {
+        name: None if name in family.kernels else f"not (yet) for the {family.name} family" for name in KERNELS
+    }
+    if support["rms_norm"] is None and not _family_modules(base, "RMSNorm"):
         support["rms_norm"] = f"{model_type}: no RMSNorm module found"
-    if not _rope_attention_classes(base):
+    if support["rope"] is None and not _rope_attention_classes(base):
         support["rope"] = f"{model_type}: no attention module calls apply_rotary_pos_emb"
     mlps = _gated_mlps(base)
-    if not mlps:
+    if family.activation != "silu":
+        act = getattr(base.config, "hidden_activation", None) or getattr(base.config, "hidden_act", None)
+        support["swiglu"] = f"{model_type}'s MLP activation is {act}, not SiLU"
+    elif support["swiglu"] is not None:
+        pass
+    elif not mlps:
         support["swiglu"] = f"{model_type}: no gated MLP found"
     elif not all(isinstance(m.act_fn, (SiLUActivation, nn.SiLU)) for m in mlps):
         act = getattr(base.config, "hidden_activation", None) or getattr(base.config, "hidden_act", None)
         support["swiglu"] = f"{model_type}'s MLP activation is {act}, not SiLU"
     lm_head = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
-    if lm_head is None or not hasattr(base, base.base_model_prefix):
+    if support["fused_cross_entropy"] is not None:
+        pass
+    elif lm_head is None or not hasattr(base, base.base_model_prefix):
         support["fused_cross_entropy"] = f"{type(base).__name__} has no LM head (load it as a ForCausalLM)"
     elif type(lm_head) is not nn.Linear:
         # A LoRA- or 4-bit-wrapped head: its `weight` alone would silently drop the adapter or the
         # quantization state
         support["fused_cross_entropy"] = f"the LM head is a {type(lm_head).__name__}, not a plain nn.Linear"
-    if not lora_layers(base):
+    if support["fused_lora"] is None and not lora_layers(base):
         support["fused_lora"] = "the model has no LoRA layers"
     return support
 
@@ -157,8 +149,6 @@ def apply_kernels(
     requested = [name for name, on in zip(KERNELS, flags, strict=True) if on]
     base = unwrap_model(model)
     support = kernel_support(base)
-    if requested and _model_type(base) not in FAMILIES:
-        raise ValueError(f"cannot apply ftune's kernels: {support[requested[0]]}")
     problems = [f"{name}: {support[name]}" for name in requested if support[name] is not None]
     applied = getattr(base, "_ftune_kernels", frozenset())
     problems += [f"{name}: already applied to this model" for name in requested if name in applied]
@@ -173,14 +163,14 @@ def apply_kernels(
                 f"or turn the kernels off."
             )
 
-    family = FAMILIES[base.config.model_type]
     report: dict[str, int] = {}
     if "rms_norm" in requested:
+        family = family_of(_model_type(base))
         forward = functools.partial(
             _rms_norm_forward,
-            eps_attr=family.rms_norm_eps,
-            offset=family.rms_norm_offset,
-            casting_mode=family.rms_norm_casting,
+            eps_attr=family.norm_eps_attribute,
+            offset=family.norm_offset,
+            casting_mode=family.norm_casting,
         )
         norms = _family_modules(base, "RMSNorm")
         for norm in norms:

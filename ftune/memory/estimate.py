@@ -120,6 +120,11 @@ class Shape:
             "up_proj": (self.hidden, self.intermediate), "down_proj": (self.intermediate, self.hidden),
         }
 
+    def fused_projections(self) -> dict[str, tuple[int, int]]:
+        """The same projections fused as some families name them (Phi-3's qkv_proj and gate_up_proj)."""
+        q, kv = self.heads * self.head_dim, self.kv_heads * self.head_dim
+        return {"qkv_proj": (self.hidden, q + 2 * kv), "gate_up_proj": (self.hidden, 2 * self.intermediate)}
+
 
 @dataclass
 class Setting:
@@ -154,7 +159,7 @@ class Setting:
             mode=mode, seq=recipe.data.max_length, batch=recipe.training.batch_size,
             quantized=recipe.quantization.method != "none", double_quant=recipe.quantization.double_quant,
             lora_r=recipe.lora.r,
-            lora_targets=tuple(LLAMA_PROJECTIONS if targets == "all-linear" else targets),
+            lora_targets=tuple(LLAMA_PROJECTIONS if isinstance(targets, str) else targets),
             fused_loss=cuda if fused == "auto" else bool(fused),
             host_embeddings=(cuda and mode in ("unsloth", "smart")) if host == "auto" else bool(host),
             host_lm_head=recipe.distributed.strategy != "fsdp",  # sharded instead (ftune.model.build_model)
@@ -231,7 +236,7 @@ def estimate(shape: Shape, setting: Setting) -> Estimate:
         (0 if host_embedding else embedding)
     result.embedding_host = (2 if host_head else 1) * embedding if host_embedding else 0
 
-    projections = shape.projections()
+    projections = {**shape.projections(), **shape.fused_projections()}
     lora = sum(setting.lora_r * sum(projections[t]) for t in setting.lora_targets if t in projections) * shape.layers
     result.lora_parameters = lora * 4
     result.lora_gradients = lora * 4

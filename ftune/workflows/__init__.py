@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 from rich.console import Console
+from rich.markup import escape
 from transformers import Trainer
 
 from ftune.checkpoints import (
@@ -26,6 +27,7 @@ from ftune.checkpoints import (
     newest_sound_checkpoint,
     plan_continuation,
 )
+from ftune.checks import recipe_warnings
 from ftune.data import check_rows, load_training_data
 from ftune.errors import Interrupted, NonFiniteLoss
 from ftune.guards import GracefulStop, NonFiniteLossGuard, host_memory_shortfall, out_of_memory
@@ -67,7 +69,10 @@ def train(recipe: Recipe, *, overwrite: bool = False, console: Console | None = 
         check_output_dir(output_dir, overwrite=overwrite, recipe_dir=recipe.base_dir)
     resume_from = continuation.checkpoint if continuation is not None else None
     for notice in continuation.notices if continuation is not None else []:
-        console.print(f"[yellow]notice:[/] {notice}")
+        console.print(f"[yellow]notice:[/] {escape(notice)}", highlight=False)
+    if is_main_process():
+        for warning in recipe_warnings(recipe):  # legal values that are almost surely a mistake
+            console.print(f"[yellow]warning:[/] {escape(warning)}", highlight=False)
     workflow = importlib.import_module(f"ftune.workflows.{recipe.workflow}")
 
     console.print(f"[bold]ftune[/] {recipe.workflow} · loading data from {recipe.data.source}")

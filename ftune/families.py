@@ -1,0 +1,86 @@
+"""Model families as data: what ftune knows of each decoder family's layer.
+
+Kernels, the checkpointing engine, the recipe's defaults and `ftune validate` read this table
+instead of testing class names. A model whose `model_type` has no entry trains on the generic
+path (peft's LoRA, transformers' modules, the engine's whole-layer recompute) with a one-line
+notice naming what is off; it never fails for want of an entry.
+
+Torch-free: `ftune validate` reads it without importing torch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+LLAMA_ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
+GATED_MLP = ("gate_proj", "up_proj", "down_proj")
+
+
+@dataclass(frozen=True)
+class Family:
+    """One decoder family, as ftune's code needs to know it."""
+
+    name: str
+    model_types: tuple[str, ...]
+    # RMSNorm: Gemma scales by (1 + weight) and casts its own way (kernels/rms_norm.py CASTING_MODES)
+    norm_offset: float = 0.0
+    norm_casting: str = "llama"
+    norm_eps_attribute: str = "variance_epsilon"
+    # The gated MLP's activation: silu (SwiGLU) or gelu_tanh (GeGLU, which ftune has no kernel for yet)
+    activation: str = "silu"
+    # The attention implementation a recipe's `auto` picks: sdpa, or eager where sdpa would
+    # drop part of the family's attention (Gemma-2's logit soft-capping)
+    attention: str = "sdpa"
+    attention_projections: tuple[str, ...] = LLAMA_ATTENTION
+    mlp_projections: tuple[str, ...] = GATED_MLP
+    # The input embedding multiplies its rows by sqrt(hidden) (Gemma)
+    scaled_embedding: bool = False
+    # Layers of exactly `h = x + attn(norm(x)); y = h + mlp(norm(h))`, which the engine runs as
+    # two halves with the MLP chunked over tokens (ftune/engine/halves.py)
+    residual_halves: bool = False
+    # A mixture of experts: the router's logits feed the load-balancing loss
+    experts: bool = False
+    # ftune's kernels that apply to the family (ftune/kernels/patch.py KERNELS)
+    kernels: frozenset[str] = field(default_factory=frozenset)
+
+    @property
+    def lora_targets(self) -> list[str]:
+        """Every linear projection of the family's layers: the default LoRA targets."""
+        return [*self.attention_projections, *self.mlp_projections]
+
+
+_ALL_KERNELS = frozenset({"rms_norm", "rope", "swiglu", "fused_cross_entropy", "fused_lora"})
+_LLAMA_LIKE = dict(residual_halves=True, kernels=_ALL_KERNELS)
+_GEMMA_LIKE = dict(norm_offset=1.0, norm_casting="gemma", norm_eps_attribute="eps", activation="gelu_tanh",
+                   scaled_embedding=True, kernels=_ALL_KERNELS - {"swiglu"})
+
+FAMILIES: tuple[Family, ...] = (
+    Family("llama", ("llama",), **_LLAMA_LIKE),
+    Family("mistral", ("mistral",), **_LLAMA_LIKE),
+    Family("qwen2", ("qwen2",), **_LLAMA_LIKE),
+    Family("qwen3", ("qwen3",), **_LLAMA_LIKE),
+    Family("gemma", ("gemma",), **_GEMMA_LIKE),
+    Family("gemma2", ("gemma2",), attention="eager", **_GEMMA_LIKE),
+    Family("gemma3", ("gemma3_text",), **_GEMMA_LIKE),
+    # Phi-3's projections are fused: qkv_proj, and gate_up_proj (no separate gate); its layers add
+    # residual dropouts, so they recompute whole
+    Family("phi3", ("phi3",), attention_projections=("qkv_proj", "o_proj"), mlp_projections=("gate_up_proj", "down_proj"),
+           kernels=frozenset({"rms_norm", "rope", "fused_cross_entropy", "fused_lora"})),
+    # The experts are 3D parameters in transformers 5, not linear layers: LoRA adapts the
+    # attention; the MoE block recomputes whole. The loss stays transformers' (and TRL's), which
+    # adds the router's load-balancing loss
+    Family("mixtral", ("mixtral",), mlp_projections=(), experts=True,
+           kernels=frozenset({"rms_norm", "rope", "fused_lora"})),
+    Family("qwen3_moe", ("qwen3_moe",), mlp_projections=(), experts=True,
+           kernels=frozenset({"rms_norm", "rope", "fused_lora"})),
+)
+_BY_MODEL_TYPE = {model_type: family for family in FAMILIES for model_type in family.model_types}
+
+
+def family_of(model_type: str | None) -> Family | None:
+    """The family of a transformers `model_type`, or None for one ftune has no entry for."""
+    return _BY_MODEL_TYPE.get(model_type or "")
+
+
+def known_model_types() -> list[str]:
+    return sorted(_BY_MODEL_TYPE)
