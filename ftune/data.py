@@ -201,6 +201,35 @@ def check_rows(dataset: Dataset, data_format: str, tokenizer, recipe: Recipe) ->
     return dataset, report
 
 
+def eval_data(recipe: Recipe, dataset: Dataset, data_format: str, tokenizer
+              ) -> tuple[Dataset, Dataset | None, RowReport | None]:
+    """(training rows, evaluation rows or None, the eval source's row report or None) for data.eval:
+    a fraction of the checked training rows held out with training.seed, or another source read and
+    checked as data.source is (its split: data.eval_split, else data.split), in the same format."""
+    held = recipe.data.eval
+    if held is None:
+        return dataset, None, None
+    if isinstance(held, float):
+        count = int(len(dataset) * held)
+        if count < 1 or count >= len(dataset):
+            raise DataError(f"data.eval {held}: {held:.0%} of the {len(dataset)} training rows is {count} rows, "
+                            "which leaves no eval or no training rows.",
+                            hint="Hold out a fraction that gives at least one row of each, or give an eval file.")
+        split = dataset.train_test_split(test_size=count, seed=recipe.training.seed, shuffle=True)
+        return split["train"], split["test"], None
+    eval_recipe = recipe.model_copy(deep=True)
+    eval_recipe.data.source = held
+    eval_recipe.data.split = recipe.data.eval_split or recipe.data.split
+    eval_recipe.data.eval = None
+    evaluation, eval_format = load_training_data(eval_recipe)
+    if eval_format != data_format:
+        raise DataError(f"data.eval {held} is {eval_format} data, but data.source is {data_format}.",
+                        hint="Evaluate on data of the training data's format (map its columns with data.fields, "
+                        "which applies to both).")
+    evaluation, report = check_rows(evaluation, data_format, tokenizer, eval_recipe)
+    return dataset, evaluation, report
+
+
 def detect_format(columns: list[str], requested: str, *, source: str, workflow: str = "sft") -> str:
     """The data's format: the requested one (checked), or the first of the workflow's that matches."""
     if requested != "auto":

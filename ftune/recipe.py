@@ -243,6 +243,24 @@ class DataSection(_Section):
         "truncate", description="What happens to examples longer than max_length (each is counted and reported)."
     )
     limit: int | None = Field(None, gt=0, description="Use only the first N rows (for quick tries).")
+    eval: float | str | None = Field(
+        None,
+        description="Evaluation data: a fraction between 0 and 1 of data.source held out from training (chosen "
+        "with training.seed), or a source in the same format (a file, a folder or a hub dataset id, read like "
+        "data.source). The eval loss (and the workflow's own eval metrics) is reported every training.eval_steps "
+        "and at the end.",
+    )
+    eval_split: str | None = Field(None, description="Split of a hub eval source (default: data.split).")
+
+    @field_validator("eval", mode="before")
+    @classmethod
+    def _eval_fraction(cls, value: Any) -> Any:
+        if isinstance(value, bool):
+            raise ValueError("give a fraction between 0 and 1 (e.g. 0.05) or an eval source, not true or false")
+        if isinstance(value, (int, float)) and not 0 < value < 1:
+            raise ValueError(f"a fraction of the data is between 0 and 1, e.g. 0.05 (got {value}); an eval file is "
+                             "written as its path")
+        return value
 
     @field_validator("fields")
     @classmethod
@@ -284,6 +302,27 @@ class TrainingSection(_Section):
     nan_patience: int = Field(
         3, ge=0, description="Stop after this many logged losses in a row are NaN or infinite (0: never stop)."
     )
+    eval_steps: int | None = Field(
+        None, gt=0, description="Evaluate on data.eval every N optimizer steps, and at the end (default: ten times a "
+        "run, every max_steps / 10 steps; once an epoch when training by epochs).",
+    )
+    eval_batch_size: int | None = Field(None, gt=0, description="Examples per evaluation forward (default: batch_size).")
+    keep_best: bool = Field(
+        False, description="Save a checkpoint at every evaluation and end with the adapter of the lowest eval loss "
+        "(needs data.eval; save_steps, if set, a multiple of eval_steps).",
+    )
+    report_to: list[Literal["tensorboard", "wandb", "mlflow", "trackio"]] = Field(
+        default_factory=list,
+        description="Experiment trackers, through transformers' own integrations, each offline-capable: tensorboard "
+        "(event files in output_dir/tensorboard), wandb (WANDB_MODE=offline works), mlflow (a local store in "
+        "output_dir/mlruns unless MLFLOW_TRACKING_URI is set), trackio (local). ftune's figures (tokens/s, VRAM, "
+        "host offload) are logged beside the trainer's under ftune/.",
+    )
+    push_to_hub: str | None = Field(
+        None, description="A hub repository id (user/name): push the finished run's folder there (adapter, "
+        "tokenizer, model card, recipe, metrics; no checkpoints). Needs HF_TOKEN with write access.",
+    )
+    hub_private: bool = Field(True, description="Create the push_to_hub repository as private.")
 
     @field_validator("seed")
     @classmethod
@@ -592,6 +631,20 @@ def combination_problems(recipe: Recipe, *, check_paths: bool = True, needs_toke
     training = recipe.training
     if training.max_steps is not None and training.epochs is not None:
         problems.append(("training.epochs", "set max_steps or epochs, not both"))
+    if recipe.data.eval is None:
+        for key in ("eval_steps", "eval_batch_size", "keep_best"):
+            if key in training.model_fields_set and getattr(training, key):
+                problems.append((f"training.{key}", "evaluation needs data: set data.eval (a fraction such as 0.05, "
+                                 "or an eval file)"))
+        if recipe.data.eval_split is not None:
+            problems.append(("data.eval_split", "names the split of data.eval, which is not set"))
+    if training.keep_best and training.save_steps is not None and training.eval_steps is not None \
+            and training.save_steps % training.eval_steps:
+        problems.append(("training.save_steps", f"keep_best compares the checkpoints of evaluations: save_steps "
+                         f"{training.save_steps} must be a multiple of eval_steps {training.eval_steps}"))
+    if training.push_to_hub is not None and not re.fullmatch(r"[\w.-]+/[\w.-]+", training.push_to_hub):
+        problems.append(("training.push_to_hub", f"{training.push_to_hub!r} is not a hub repository id; write "
+                         "user/name or organization/name"))
     for section in ("sft", "dpo", "grpo"):
         if section != recipe.workflow and getattr(recipe, section).model_fields_set:
             problems.append((section, f"options of the {section} workflow, but workflow is {recipe.workflow}"))

@@ -28,11 +28,12 @@ from ftune.checkpoints import (
     plan_continuation,
 )
 from ftune.checks import recipe_warnings
-from ftune.data import check_rows, load_training_data
+from ftune.data import check_rows, eval_data, load_training_data
 from ftune.errors import Interrupted, NonFiniteLoss
 from ftune.guards import GracefulStop, NonFiniteLossGuard, host_memory_shortfall, out_of_memory
 from ftune.memory.monitor import GiB, snapshot
 from ftune.model import BuiltModel, build_model, load_tokenizer, loads_in_host_memory, shards_with_fsdp, smart_plan
+from ftune.model_card import push_run, write_model_card
 from ftune.outputs import (
     RECIPE_FILE,
     SUMMARY_FILE,
@@ -44,7 +45,9 @@ from ftune.outputs import (
     write_text_atomic,
 )
 from ftune.recipe import Recipe
-from ftune.reports import METRICS_FILE, LiveReporter, read_metrics, set_metrics_aside, truncate_metrics
+from ftune.reports import (METRICS_FILE, LiveReporter, is_evaluation, read_metrics, set_metrics_aside,
+                           steady_tokens_per_s, truncate_metrics)
+from ftune.workflows.common import BestCheckpoint
 
 
 @dataclass
@@ -79,7 +82,9 @@ def train(recipe: Recipe, *, overwrite: bool = False, console: Console | None = 
     dataset, data_format = load_training_data(recipe)
     tokenizer = load_tokenizer(recipe)
     dataset, rows = check_rows(dataset, data_format, tokenizer, recipe)
-    console.print(f"[bold]ftune[/] {data_format} data: {rows.describe(recipe.data.max_length)} · building the model")
+    dataset, eval_dataset, _ = eval_data(recipe, dataset, data_format, tokenizer)
+    console.print(f"[bold]ftune[/] {data_format} data: {rows.describe(recipe.data.max_length)}"
+                  + (f" · eval: {len(eval_dataset)} rows" if eval_dataset is not None else "") + " · building the model")
     shortfall = host_memory_shortfall(recipe, cuda=torch.cuda.is_available())
     if shortfall:
         console.print(f"[yellow]warning:[/] {shortfall}")
@@ -122,7 +127,9 @@ def train(recipe: Recipe, *, overwrite: bool = False, console: Console | None = 
     callbacks = [reporter, stop, nan_guard, SaveEveryMinutes(recipe.training.save_minutes)]
     if resume_from is not None:
         callbacks.append(ContinueWithNewLearningRate())
-    trainer = workflow.make_trainer(recipe, built, dataset, callbacks)
+    if recipe.training.keep_best:
+        callbacks.append(BestCheckpoint(output_dir, recipe.training.save_total_limit))
+    trainer = workflow.make_trainer(recipe, built, dataset, callbacks, eval_dataset=eval_dataset)
     trainer.run_seconds_before = run_seconds_before
     started = time.perf_counter()
     try:
@@ -157,12 +164,13 @@ def train(recipe: Recipe, *, overwrite: bool = False, console: Console | None = 
     save_adapter(trainer.model, built.tokenizer, output_dir, adapter_weights)
     history = read_metrics(output_dir / METRICS_FILE) or reporter.history  # the whole run's, resumed or not
     losses = [r["loss"] for r in history if r.get("loss") is not None]
+    evaluations = [r for r in history if is_evaluation(r)]
     tokens = trainer.state.num_input_tokens_seen or 0  # restored from the checkpoint: the whole run's
     summary = {
         "name": recipe.name,
         "workflow": recipe.workflow,
         "model": built.source,
-        "device": history[-1].get("mem_device") if history else str(built.device),
+        "device": snapshot(built.device).device,  # the card's name on a GPU
         "steps": trainer.state.global_step,
         "first_loss": losses[0] if losses else None,
         "final_loss": losses[-1] if losses else None,
@@ -172,14 +180,25 @@ def train(recipe: Recipe, *, overwrite: bool = False, console: Console | None = 
         "runtime_s": round(runtime, 2),
         "tokens": tokens,
         "tokens_per_s": round(tokens / runtime, 1) if runtime > 0 else None,
+        "tokens_per_s_steady": steady_tokens_per_s(history),
+        "eval_loss": evaluations[-1].get("eval_loss") if evaluations else None,
+        "eval": evaluations[-1] if evaluations else None,
+        "eval_rows": len(eval_dataset) if eval_dataset is not None else None,
+        "best_checkpoint": trainer.state.best_model_checkpoint if recipe.training.keep_best else None,
         "session": {"runtime_s": round(session_runtime, 2), "tokens": tokens - tokens_before},
         "checkpointing": {"mode": built.engine.mode, **built.engine.counts()},
         "host_offload_bytes": built.engine.host_bytes(),
         "peak_memory_gib": _peak_gib(built, history),
         "output_dir": str(output_dir),
-        "files": {"adapter": "adapter_model.safetensors", "recipe": RECIPE_FILE, "metrics": METRICS_FILE},
+        "files": {"adapter": "adapter_model.safetensors", "recipe": RECIPE_FILE, "metrics": METRICS_FILE,
+                  "model_card": "README.md"},
     }
     write_json_atomic(output_dir / SUMMARY_FILE, summary)
+    write_model_card(output_dir, recipe, summary)
+    if recipe.training.push_to_hub:  # last: a failure leaves the run whole
+        console.print(f"[bold]ftune[/] pushing {output_dir} to the hub as {recipe.training.push_to_hub}")
+        url = push_run(output_dir, recipe.training.push_to_hub, private=recipe.training.hub_private)
+        console.print(f"[bold]ftune[/] pushed to {url}")
     return TrainingRun(summary=summary, built=built, trainer=trainer)
 
 

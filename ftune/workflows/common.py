@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import importlib.util
+import os
+from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import Trainer
+from transformers import Trainer, TrainerCallback
 from transformers.trainer_callback import PrinterCallback
+from transformers.trainer_utils import rotate_checkpoints
 
 from ftune.engine.checkpoint import decoder_layers
+from ftune.errors import RecipeError
 from ftune.model import BuiltModel, shards_with_fsdp
 from ftune.recipe import Recipe
 
@@ -21,7 +26,7 @@ def trainer_arguments(recipe: Recipe, built: BuiltModel) -> dict[str, Any]:
         length = {"max_steps": training.max_steps}
     else:
         length = {"max_steps": -1, "num_train_epochs": training.epochs or 1.0}
-    return dict(
+    arguments = dict(
         output_dir=training.output_dir,
         **length,
         per_device_train_batch_size=training.batch_size,
@@ -45,7 +50,7 @@ def trainer_arguments(recipe: Recipe, built: BuiltModel) -> dict[str, Any]:
         # ftune's engine does the checkpointing; transformers' own would wrap the layers twice.
         gradient_checkpointing=False,
         include_num_input_tokens_seen="all",
-        report_to="none",
+        **tracking_arguments(recipe),
         disable_tqdm=True,
         dataloader_num_workers=0,
         logging_first_step=False,
@@ -53,6 +58,78 @@ def trainer_arguments(recipe: Recipe, built: BuiltModel) -> dict[str, Any]:
         logging_nan_inf_filter=False,
         **fsdp_arguments(recipe, built),
     )
+    arguments.update(evaluation_arguments(recipe))  # keep_best saves at each evaluation
+    return arguments
+
+
+def evaluation_arguments(recipe: Recipe) -> dict[str, Any]:
+    """Evaluation every eval_steps and at the end (transformers adds the last step) when data.eval is set;
+    with keep_best, a checkpoint at each evaluation and the best one's adapter at the end."""
+    training = recipe.training
+    if recipe.data.eval is None:
+        return {"eval_strategy": "no"}
+    arguments: dict[str, Any] = dict(per_device_eval_batch_size=training.eval_batch_size or training.batch_size)
+    if training.eval_steps is None and training.max_steps is None:  # by epochs: once an epoch
+        arguments.update(eval_strategy="epoch")
+        every = None
+    else:
+        every = training.eval_steps or max(1, training.max_steps // 10)
+        arguments.update(eval_strategy="steps", eval_steps=every)
+    if training.keep_best:
+        # save_total_limit: BestCheckpoint rotates, keeping the best (AtomicCheckpoints' rotation cannot)
+        arguments.update(load_best_model_at_end=True, metric_for_best_model="eval_loss", greater_is_better=False,
+                         save_total_limit=None)
+        if every is None:
+            arguments.update(save_strategy="epoch")
+        else:
+            arguments.update(save_steps=training.save_steps or every)
+    return arguments
+
+
+class BestCheckpoint(TrainerCallback):
+    """training.keep_best beside ftune's atomic checkpoints (checkpoints.AtomicCheckpoints), which
+    write checkpoint-N in a staging folder and rename it into place: transformers records the best
+    checkpoint by its staging path, and AtomicCheckpoints rotates without knowing which is best.
+    After each save this points the record at the renamed folder and rotates to save_total_limit,
+    the best kept (as transformers' own rotation does)."""
+
+    def __init__(self, output_dir: Path, save_total_limit: int | None):
+        self.output_dir = Path(output_dir)
+        self.limit = save_total_limit
+
+    def on_save(self, args, state, control, **kwargs):
+        best = state.best_model_checkpoint
+        if best and not Path(best).is_dir() and (self.output_dir / Path(best).name).is_dir():
+            state.best_model_checkpoint = str(self.output_dir / Path(best).name)
+        if self.limit and state.is_world_process_zero:
+            rotate_checkpoints(output_dir=str(self.output_dir), save_total_limit=self.limit,
+                               best_model_checkpoint=state.best_model_checkpoint, use_mtime=False)
+        return control
+
+
+_TRACKER_MODULES = {"tensorboard": ("tensorboard", "tensorboardX"), "wandb": ("wandb",), "mlflow": ("mlflow",),
+                    "trackio": ("trackio",)}
+
+
+def tracking_arguments(recipe: Recipe) -> dict[str, Any]:
+    """transformers' own integrations for training.report_to, each writing locally unless told otherwise:
+    TensorBoard's event files (see trackers_after_ftune) and MLflow's store in the run's folder, W&B's
+    files there too (WANDB_MODE=offline keeps them off the network), Trackio's in its local database."""
+    trackers = list(dict.fromkeys(recipe.training.report_to))
+    if not trackers:
+        return {"report_to": "none"}
+    missing = [name for name in trackers if not any(importlib.util.find_spec(m) for m in _TRACKER_MODULES[name])]
+    if missing:
+        raise RecipeError(f"training.report_to: {', '.join(missing)} needs its package, which is not installed.",
+                          hint=f"pip install {' '.join(_TRACKER_MODULES[name][0] for name in missing)}")
+    output_dir = Path(recipe.training.output_dir).resolve()
+    if "mlflow" in trackers:
+        os.environ.setdefault("MLFLOW_TRACKING_URI", (output_dir / "mlruns").as_uri())
+        os.environ.setdefault("MLFLOW_EXPERIMENT_NAME", recipe.name or output_dir.name)
+    if "wandb" in trackers:
+        os.environ.setdefault("WANDB_DIR", str(output_dir))
+        os.environ.setdefault("WANDB_PROJECT", "ftune")
+    return {"report_to": trackers, "run_name": recipe.name or output_dir.name}
 
 
 def fsdp_arguments(recipe: Recipe, built: BuiltModel) -> dict[str, Any]:
@@ -90,8 +167,25 @@ def keep_adapter_in_fp32(model: torch.nn.Module) -> None:
             parameter.data = parameter.data.float()
 
 
+def trackers_after_ftune(trainer: Trainer) -> None:
+    """Run the trackers' callbacks (report_to) after ftune's, so that each log they receive holds
+    ftune's figures (added by reports.LiveReporter); transformers puts them first. TensorBoard writes
+    to output_dir/tensorboard (TENSORBOARD_LOGGING_DIR, where set, wins)."""
+    from transformers.integrations import TensorBoardCallback, get_reporting_integration_callbacks
+
+    classes = tuple(get_reporting_integration_callbacks(trainer.args.report_to))
+    handler = trainer.callback_handler
+    for callback in [c for c in handler.callbacks if classes and isinstance(c, classes)]:
+        handler.remove_callback(callback)
+        handler.add_callback(callback)
+        if isinstance(callback, TensorBoardCallback) and callback.logging_dir is None:
+            # one folder per run, not transformers' runs/DATE_HOST: the run's resumed sessions append to it
+            callback.logging_dir = str(Path(trainer.args.output_dir) / "tensorboard")
+
+
 def finish_trainer(trainer: Trainer) -> Trainer:
     """What ftune changes on every trainer after TRL built it."""
     keep_adapter_in_fp32(trainer.model)
     trainer.remove_callback(PrinterCallback)  # the live panel shows the logs
+    trackers_after_ftune(trainer)
     return trainer

@@ -34,8 +34,10 @@ def dpo_config(recipe: Recipe, arguments: dict[str, Any]) -> DPOConfig:
                      loss_type=[options.loss_type], label_smoothing=options.label_smoothing)
 
 
-def make_trainer(recipe: Recipe, built: BuiltModel, dataset: Dataset, callbacks: list[TrainerCallback]) -> DPOTrainer:
+def make_trainer(recipe: Recipe, built: BuiltModel, dataset: Dataset, callbacks: list[TrainerCallback],
+                 eval_dataset: Dataset | None = None) -> DPOTrainer:
     config = dpo_config(recipe, trainer_arguments(recipe, built))
     trainer = FtuneDPOTrainer(model=built.model, ref_model=None, args=config, train_dataset=dataset,
+                              eval_dataset=eval_dataset,
                               processing_class=built.tokenizer, callbacks=callbacks)
     return finish_trainer(trainer)

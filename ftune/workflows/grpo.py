@@ -37,7 +37,8 @@ def grpo_config(recipe: Recipe, arguments: dict[str, Any]) -> tuple[GRPOConfig, 
     return config, rewards
 
 
-def make_trainer(recipe: Recipe, built: BuiltModel, dataset: Dataset, callbacks: list[TrainerCallback]) -> GRPOTrainer:
+def make_trainer(recipe: Recipe, built: BuiltModel, dataset: Dataset, callbacks: list[TrainerCallback],
+                 eval_dataset: Dataset | None = None) -> GRPOTrainer:
     options, training = recipe.grpo, recipe.training
     if (training.batch_size * training.grad_accum) % options.num_generations:
         raise RecipeError(
@@ -50,5 +51,5 @@ def make_trainer(recipe: Recipe, built: BuiltModel, dataset: Dataset, callbacks:
                           hint=f"Its columns are {dataset.column_names}; map yours with data.fields: {{answer: ...}}.")
     config, rewards = grpo_config(recipe, trainer_arguments(recipe, built))
     trainer = FtuneGRPOTrainer(model=built.model, reward_funcs=rewards, args=config, train_dataset=dataset,
-                               processing_class=built.tokenizer, callbacks=callbacks)
+                               eval_dataset=eval_dataset, processing_class=built.tokenizer, callbacks=callbacks)
     return finish_trainer(trainer)

@@ -44,7 +44,8 @@ class FtuneSFTTrainer(AtomicCheckpoints, SFTTrainer):
         return (loss, outputs) if return_outputs else loss
 
 
-def make_trainer(recipe: Recipe, built: BuiltModel, dataset: Dataset, callbacks: list[TrainerCallback]) -> SFTTrainer:
+def make_trainer(recipe: Recipe, built: BuiltModel, dataset: Dataset, callbacks: list[TrainerCallback],
+                 eval_dataset: Dataset | None = None) -> SFTTrainer:
     options = recipe.sft
     config = SFTConfig(
         **trainer_arguments(recipe, built),
@@ -57,6 +58,7 @@ def make_trainer(recipe: Recipe, built: BuiltModel, dataset: Dataset, callbacks:
         model=built.model,
         args=config,
         train_dataset=dataset,
+        eval_dataset=eval_dataset,
         processing_class=built.tokenizer,
         callbacks=callbacks,
     )
