@@ -13,8 +13,8 @@ merged  The adapter is merged into the base's original weights (the model's own 
         the original weights, the model is the base as published plus the learned update, as with
         any LoRA. It differs from the 4-bit model that trained by the quantization error alone: on
         the quickstart (random weights, which amplify it) the logits of the 4-bit model with its
-        adapter and of the merged one differ by 53% (relative norm), exactly as much as those of
-        the 4-bit and the 16-bit bases without an adapter (53%); the merge itself adds 1e-5.
+        adapter and of the merged one differ by 53% of their norm, as much as those of the 4-bit
+        and the 16-bit bases without an adapter do (53%); the merge itself adds 1e-5.
 
 gguf    The merged weights written with llama.cpp's `gguf` package, for the families whose tensors
         llama.cpp's own converter (convert_hf_to_gguf.py) maps one to one: Llama (and Mistral,

@@ -64,6 +64,7 @@ def greedy(model, count: int = 16) -> list[int]:
                           pad_token_id=0)[0, prompt.shape[1]:].tolist()
 
 
+@pytest.mark.slow
 def test_gguf_f16_gives_the_merged_models_logits_and_greedy_tokens(llama_run):
     run, merged = llama_run
     written = export_gguf(run, quant="f16")
@@ -77,6 +78,7 @@ def test_gguf_f16_gives_the_merged_models_logits_and_greedy_tokens(llama_run):
     assert greedy(loaded) == greedy(merged)
 
 
+@pytest.mark.slow
 def test_gguf_without_llamas_rotary_permutation_fails_that_check(llama_run, tmp_path, monkeypatch):
     """The tolerance above can fail: q and k rows left in transformers' order (llama.cpp's converter
     interleaves them; transformers' loader undoes it) put the logits far off."""
@@ -89,6 +91,7 @@ def test_gguf_without_llamas_rotary_permutation_fails_that_check(llama_run, tmp_
         assert relative_error(loaded(IDS).logits, merged(IDS).logits) > 0.05
 
 
+@pytest.mark.slow
 def test_gguf_q8_0_blocks_and_float32_norms(llama_run, tmp_path):
     from gguf import GGUFReader
 
@@ -104,6 +107,7 @@ def test_gguf_q8_0_blocks_and_float32_norms(llama_run, tmp_path):
         assert relative_error(gguf_model(written.path)(IDS).logits, merged(IDS).logits) < 0.08
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("preset", ["tiny-qwen2", "tiny-qwen3", "tiny-mistral"])
 def test_gguf_of_the_other_families_reads_back(preset, tmp_path):
     run = made_run(tmp_path / preset, preset)
@@ -118,6 +122,7 @@ def test_gguf_of_the_other_families_reads_back(preset, tmp_path):
         assert relative_error(loaded(IDS).logits, merged(IDS).logits) < 2.5e-3
 
 
+@pytest.mark.slow
 def test_gguf_holds_the_tokenizer_and_its_chat_template(llama_run, tmp_path):
     from gguf import GGUFReader
 
@@ -141,6 +146,7 @@ def test_gguf_holds_the_tokenizer_and_its_chat_template(llama_run, tmp_path):
         assert from_gguf(sample)["input_ids"] == original(sample)["input_ids"]
 
 
+@pytest.mark.slow
 def test_merged_bf16_is_saved_in_bf16(llama_run, tmp_path):
     run, merged = llama_run
     written = export_merged(run, dtype="bf16", out=tmp_path / "bf16")
@@ -152,6 +158,7 @@ def test_merged_bf16_is_saved_in_bf16(llama_run, tmp_path):
         assert relative_error(half(IDS).logits, merged(IDS).logits) < 3e-2  # bf16's 8 bits
 
 
+@pytest.mark.slow
 def test_a_checkpoint_of_a_run_exports_with_the_runs_recipe(tmp_path):
     run = made_run(tmp_path / "run")
     checkpoint = run / "checkpoint-3"
@@ -211,6 +218,7 @@ def test_an_unfinished_run_names_its_newest_checkpoint(tmp_path, monkeypatch, ca
     assert code == 2 and "has not finished" in err and str(run / "checkpoint-10") in err
 
 
+@pytest.mark.slow
 def test_an_export_never_writes_over_an_earlier_one(llama_run, monkeypatch, capsys):
     run, _ = llama_run
     target = run.parent / "llama-merged"  # the fixture's export
