@@ -132,7 +132,10 @@ def weight_bytes(folder: RunFolder, *, quantized: bool | None = None, dtype_byte
     if dtype_bytes is None:
         dtype_bytes = _load_dtype_bytes(recipe)
     linear = sum(i * o for i, o in shape.projections().values()) * shape.layers
-    linear_bytes = linear // 2 + linear // 64 if quantized else linear * dtype_bytes
+    # 4-bit: half a byte a weight, and a constant per block of 64 (a byte, or with double
+    # quantization off a float32)
+    constants = linear // 64 if recipe.quantization.double_quant else linear // 16
+    linear_bytes = linear // 2 + constants if quantized else linear * dtype_bytes
     embeddings = shape.vocab * shape.hidden * dtype_bytes * (1 if shape.tied else 2)
     norms = (2 * shape.layers + 1) * shape.hidden * dtype_bytes
     return linear_bytes + embeddings + norms
