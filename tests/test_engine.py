@@ -421,3 +421,26 @@ def test_unknown_architecture_falls_back_with_a_warning(monkeypatch, caplog):
     a, b = lora_grads(reference), lora_grads(model)
     for name in a:
         torch.testing.assert_close(b[name], a[name], atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("mode", ["true", "unsloth"])
+def test_evaluation_forward_runs_the_mlp_in_chunks_and_gives_the_same_logits(mode, monkeypatch):
+    """Without a graph (evaluation), layers of a family with halves run the MLP chunk by chunk, as
+    the training step does, and give mode none's logits; generation with a cache runs them whole."""
+    from ftune.engine.halves import ResidualHalves
+
+    reference, _ = tiny_lora_model("tiny-llama", "none")
+    intermediate = preset_config("tiny-llama").intermediate_size
+    model, _ = tiny_lora_model("tiny-llama", mode, mlp_chunk_bytes=intermediate * 4 * 5)
+    chunked = []
+    chunks = ResidualHalves._chunks
+    monkeypatch.setattr(ResidualHalves, "_chunks", lambda self, h: chunked.append(1) or chunks(self, h))
+    ids = torch.randint(3, 500, (2, 17), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected, got = reference(input_ids=ids).logits, model(input_ids=ids).logits
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    assert len(chunked) == 3  # each layer's MLP in chunks of 5 tokens
+    chunked.clear()
+    with torch.no_grad():
+        model.generate(input_ids=ids[:1, :4], max_new_tokens=2, do_sample=False, use_cache=True)
+    assert not chunked

@@ -169,6 +169,12 @@ class _WrappedForward:
         engine = self.engine_ref()
         if engine is None or not torch.is_grad_enabled():
             # Evaluation and generation (no graph): nothing to save, the KV cache works as usual.
+            # An evaluation forward runs the MLP in chunks as the training step does: whole, its
+            # intermediates set a peak above training's (5.67 GiB against 5.57 for the 8B shape at
+            # 8192 tokens, H200)
+            if (self.halves is not None and len(args) == 1 and isinstance(args[0], torch.Tensor)
+                    and not kwargs.get("use_cache") and kwargs.get("past_key_values") is None):
+                return self.halves.forward(args[0], kwargs)
             return self.forward(*args, **kwargs)
         kwargs = self._without_cache(engine, kwargs)
         leaves, spec = tree_flatten((args, kwargs))
