@@ -28,6 +28,8 @@ _RUN_ENTRIES = re.compile(
     r"^(recipe\.yaml|summary\.json|metrics(-interrupted-\d+)?\.jsonl|README\.md|adapter_config\.json"
     r"|adapter_model\.safetensors|tokenizer(_config)?\.json|tokenizer\.model|special_tokens_map\.json"
     r"|added_tokens\.json|chat_template\.(jinja|json)|vocab\.(json|txt)|merges\.txt|checkpoint-\d+|\.staging"
+    # DPO's reference adapter (TRL's frozen copy), the trackers' local stores (training.report_to)
+    r"|ref|tensorboard|mlruns|wandb|trackio"
     r"|\.adapter\.tmp\d+|\..+\.tmp\d+)$"
 )
 
