@@ -84,3 +84,30 @@ def family_of(model_type: str | None) -> Family | None:
 
 def known_model_types() -> list[str]:
     return sorted(_BY_MODEL_TYPE)
+
+
+def models_table() -> str:
+    """docs/models.md's table: what runs for each family (tests/test_families.py keeps it true)."""
+    kernel_names = ("rms_norm", "rope", "swiglu", "fused_cross_entropy", "fused_lora")
+    lines = [
+        "| family | model types | LoRA targets (auto) | attention (auto) | kernels | layers recomputed | notes |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for family in FAMILIES:
+        kernels = ", ".join(k for k in kernel_names if k in family.kernels) or "none"
+        halves = "as two halves, the MLP in chunks" if family.residual_halves else "whole"
+        notes = []
+        if family.scaled_embedding:
+            notes.append("scaled embedding (kept in host memory with its scale)")
+        if family.activation != "silu":
+            notes.append(f"{family.activation} MLP (no fused kernel yet)")
+        if family.experts:
+            notes.append("experts (3D parameters) not adapted; router loss with its gradient in every mode")
+        lines.append(f"| {family.name} | {', '.join(family.model_types)} | {', '.join(family.lora_targets)} | "
+                     f"{family.attention} | {kernels} | {halves} | {'; '.join(notes) or '-'} |")
+    lines.append("| any other causal LM | - | all-linear | sdpa | none | whole | a one-line notice names what is off |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    print(models_table(), end="")
