@@ -188,3 +188,21 @@ def test_the_table_stays_on_the_gpu_when_every_layer_is_kept():
     assert "embeddings in host RAM" in tight.describe()
     # asked for explicitly (not auto), the table moves whatever the budget
     assert plan_smart(SHAPE, setting, 80 * GiB).host_embeddings
+
+
+def test_a_budget_that_keeping_every_layer_fits_is_planned_on_small_shapes():
+    """On a tiny shape the predicted peak is not monotonic in the kept layers (the copy buffers and
+    the recompute's working set weigh as much as the activations): a budget that keeping every layer
+    fits keeps every layer, though keeping one does not fit; below every plan, a clear refusal."""
+    from ftune.memory.estimate import Shape
+    from ftune.presets import PRESETS
+
+    shape = Shape.from_config(PRESETS["tiny-llama"])
+    setting = Setting(mode="smart", seq=64, batch=16, host_embeddings=False)
+    peaks = [plan_peak(shape, setting, keep, 0).peak for keep in range(shape.layers + 1)]
+    budget = peaks[-1]
+    assert peaks[1] > budget  # a walk up from none kept would stop at none
+    plan = plan_smart(shape, setting, budget)
+    assert plan.counts()["keep"] == shape.layers and plan.peak == budget
+    with pytest.raises(NoPlanFits):
+        plan_smart(shape, setting, min(peaks) - 1)
