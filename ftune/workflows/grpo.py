@@ -2,6 +2,11 @@
 
 Generation runs under no_grad, so the checkpointing engine stands aside and the KV cache works;
 the policy's training forward goes through the engine as in SFT.
+
+With grpo.beta > 0 the KL term's reference is the policy as training starts: given a PEFT model,
+TRL adds a frozen copy of the adapter named `ref` (trl's grpo_trainer.py), the adapter of
+model.adapter or a new one (zero B matrices: the base model). PEFT saves it in `ref/` of the
+output folder and its checkpoints, as for DPO; the trained adapter is the folder's own.
 """
 
 from __future__ import annotations
