@@ -12,7 +12,6 @@ embedding without its scale: 0.46).
 
 from __future__ import annotations
 
-import copy
 import functools
 
 import pytest
