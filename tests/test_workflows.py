@@ -126,7 +126,13 @@ def test_each_mode_gives_the_losses_and_gradients_of_mode_none(recipe, mode, tmp
     assert expected[0]["grad_norm"] > 0 and expected[1]["grad_norm"] > 0  # gradients to compare
     for before, after in zip(expected, got):
         for key in COMPARED[recipe]:
-            assert after[key] == pytest.approx(before[key], rel=1e-5, abs=1e-8), (after["step"], key)
+            tolerance = dict(rel=1e-5, abs=1e-8)
+            if key == "rewards/margins":
+                # beta times a difference of log-probability sums that nearly cancel: its rounding is
+                # that of the sums (with torch's AVX2 kernels on this CPU, 1.9e-7 on a margin of 2.6e-3
+                # where the log-probabilities are about -86), so it is held relative to them
+                tolerance["abs"] = 1e-6 * max(abs(before["logps/chosen"]), abs(before["logps/rejected"]))
+            assert after[key] == pytest.approx(before[key], **tolerance), (after["step"], key)
         if recipe == GRPO:  # the same completions
             assert (after["reward"], after["reward_std"]) == (before["reward"], before["reward_std"])
             assert before["reward_std"] > 0
