@@ -12,6 +12,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+# ftune's kernels, by the names of the recipe's kernels section (ftune/kernels/patch.py applies them)
+KERNEL_NAMES = ("rms_norm", "rope", "swiglu", "fused_cross_entropy", "fused_lora")
 LLAMA_ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
 GATED_MLP = ("gate_proj", "up_proj", "down_proj")
 
@@ -49,7 +51,7 @@ class Family:
         return [*self.attention_projections, *self.mlp_projections]
 
 
-_ALL_KERNELS = frozenset({"rms_norm", "rope", "swiglu", "fused_cross_entropy", "fused_lora"})
+_ALL_KERNELS = frozenset(KERNEL_NAMES)
 _LLAMA_LIKE = dict(residual_halves=True, kernels=_ALL_KERNELS)
 _GEMMA_LIKE = dict(norm_offset=1.0, norm_casting="gemma", norm_eps_attribute="eps", activation="gelu_tanh",
                    scaled_embedding=True, kernels=_ALL_KERNELS - {"swiglu"})
@@ -88,13 +90,12 @@ def known_model_types() -> list[str]:
 
 def models_table() -> str:
     """docs/models.md's table: what runs for each family (tests/test_families.py keeps it true)."""
-    kernel_names = ("rms_norm", "rope", "swiglu", "fused_cross_entropy", "fused_lora")
     lines = [
         "| family | model types | LoRA targets (auto) | attention (auto) | kernels | layers recomputed | notes |",
         "|---|---|---|---|---|---|---|",
     ]
     for family in FAMILIES:
-        kernels = ", ".join(k for k in kernel_names if k in family.kernels) or "none"
+        kernels = ", ".join(k for k in KERNEL_NAMES if k in family.kernels) or "none"
         halves = "as two halves, the MLP in chunks" if family.residual_halves else "whole"
         notes = []
         if family.scaled_embedding:

@@ -32,7 +32,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.utils.generic import can_return_tuple
 
 from ftune.engine.embedding import HostLMHead
-from ftune.families import family_of, known_model_types
+from ftune.families import KERNEL_NAMES, family_of, known_model_types
 from ftune.kernels.fused_linear_cross_entropy import fused_linear_cross_entropy
 from ftune.kernels.lora import lora_layers, overwritable, patch_lora
 from ftune.kernels.lora_augmented import lora_mlp, lora_mlp_parts
@@ -41,7 +41,7 @@ from ftune.kernels.rope import apply_rotary_pos_emb
 from ftune.kernels.swiglu import swiglu
 from ftune.kernels.utils import runs_triton
 
-KERNELS = ("rms_norm", "rope", "swiglu", "fused_cross_entropy", "fused_lora")
+KERNELS = KERNEL_NAMES
 TRITON_KERNELS = KERNELS[:4]
 
 
