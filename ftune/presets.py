@@ -7,9 +7,10 @@ memory model reads the same numbers. Memory and speed depend on the shape, not o
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from transformers import AutoConfig, PretrainedConfig
+if TYPE_CHECKING:  # transformers imports torch: the shapes are read by torch-free code (ftune validate)
+    from transformers import PretrainedConfig
 
 
 def _llama3(hidden, intermediate, layers, heads, *, tie, factor, head_dim=None):
@@ -127,6 +128,8 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 def preset_config(name: str) -> PretrainedConfig:
     """The transformers config of a preset."""
+    from transformers import AutoConfig
+
     values = dict(PRESETS[name])
     model_type = values.pop("model_type")
     return AutoConfig.for_model(model_type, **values)
