@@ -1,6 +1,6 @@
 """Chart of bench_engine.py results: peak VRAM and tokens/s per stack and mode, by sequence length.
 
-  python benchmarks/report.py benchmarks/results/engine-h100-run2.json --out docs/benchmarks-engine.png
+  python benchmarks/report.py benchmarks/results/h100/2026-11-25-engine-run2.json --out docs/benchmarks-engine.png
 """
 
 from __future__ import annotations
