@@ -1,15 +1,21 @@
-"""SwiGLU kernel against the eager `act_fn(gate) * up` of transformers' MLPs."""
+"""The gated-product kernel against the eager `act_fn(gate) * up` of transformers' MLPs: SwiGLU
+(silu) and GeGLU (Gemma's gelu_pytorch_tanh)."""
 
 from functools import partial
 
 import pytest
 import torch
+import torch.nn.functional as F
 
-from ftune.kernels.swiglu import BLOCK_SIZE, swiglu, swiglu_backward, swiglu_forward
+from ftune.kernels.swiglu import ACTIVATIONS, BLOCK_SIZE, swiglu, swiglu_backward, swiglu_forward
 from tests.kernels.common import DEVICE, gpu
 
-# fp32 agrees to rounding. 16-bit: eager rounds after the silu and after the product, the kernel
-# once (the interpreter truncating bf16), so within a few ulps of each other.
+# fp32 agrees to rounding. 16-bit: eager rounds after the activation and after the product, the
+# kernel once (the interpreter truncating bf16), so within a few ulps of each other. Measured under
+# the interpreter, the worst element uses this share of its tolerance: SwiGLU 2% (fp32), 35% (bf16),
+# 43% (fp16); GeGLU 23%, 36%, 41%. GeGLU's fp32 share is the larger because eager's `1 + tanh`
+# cancels for negative gates (its gate gradient is up to 5e-4 off float64 there in relative terms,
+# the kernel's 7e-6).
 TOLERANCES = {
     torch.float32: dict(atol=1e-5, rtol=1e-5),
     torch.bfloat16: dict(atol=2e-2, rtol=2e-2),
@@ -22,6 +28,18 @@ def reference_swiglu(gate, up):
     return torch.nn.functional.silu(gate) * up
 
 
+def reference_geglu(gate, up):
+    """Gemma's MLP: act_fn = gelu_pytorch_tanh, which is PyTorch's tanh-approximated GELU."""
+    return F.gelu(gate, approximate="tanh") * up
+
+
+REFERENCES = {"silu": reference_swiglu, "gelu_tanh": reference_geglu}
+# Under the interpreter, sigmoid of a large negative argument computes exp(+large) in numpy, which
+# warns on its way to the right answer (inf, then sigmoid 0); tanh-GELU's cubic argument gets there
+# from gates of about -10.
+quiet_overflow = pytest.mark.filterwarnings("ignore:overflow encountered in exp:RuntimeWarning")
+
+
 def _projections(shape, dtype, device):
     """gate and up as an MLP makes them: outputs of an op, not leaves (so they may be overwritten)."""
     generator = torch.Generator(device=device).manual_seed(0)
@@ -31,10 +49,11 @@ def _projections(shape, dtype, device):
     return gate, up, grad_out
 
 
-def _compare(shape, dtype, device):
+def _compare(shape, dtype, device, activation="silu"):
     gate, up, grad_out = _projections(shape, dtype, device)
     results = []
-    for fn in (swiglu, partial(swiglu, overwrite_inputs=True), reference_swiglu):
+    ours = partial(swiglu, activation=activation)
+    for fn in (ours, partial(ours, overwrite_inputs=True), REFERENCES[activation]):
         gate.grad = up.grad = None
         y = fn(gate * 1, up * 1)
         y.backward(grad_out)
@@ -46,14 +65,46 @@ def _compare(shape, dtype, device):
 
 
 # One element, less than a block, not a multiple of the block, several blocks
+@quiet_overflow
+@pytest.mark.parametrize("activation", ACTIVATIONS)
 @pytest.mark.parametrize("shape", [(1, 1), (7, 33), (2, 17, 96), (3, BLOCK_SIZE + 5)])
-def test_swiglu_fp32(shape):
-    _compare(shape, torch.float32, DEVICE)
+def test_swiglu_fp32(shape, activation):
+    _compare(shape, torch.float32, DEVICE, activation)
 
 
+@quiet_overflow
+@pytest.mark.parametrize("activation", ACTIVATIONS)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_swiglu_16bit(dtype):
-    _compare((3, 17, 100), dtype, DEVICE)
+def test_swiglu_16bit(dtype, activation):
+    _compare((3, 17, 100), dtype, DEVICE, activation)
+
+
+def test_geglu_reference_is_gemmas_activation():
+    """The reference is what Gemma's MLP runs: transformers' gelu_pytorch_tanh, and not exact GELU."""
+    from transformers.activations import ACT2FN
+
+    x = torch.linspace(-8, 8, 1001, dtype=torch.float64)
+    torch.testing.assert_close(ACT2FN["gelu_pytorch_tanh"](x), F.gelu(x, approximate="tanh"), rtol=0, atol=0)
+    assert (F.gelu(x, approximate="tanh") - F.gelu(x)).abs().max() > 1e-4
+
+
+@quiet_overflow
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+def test_large_gates_stay_finite(activation):
+    """Gates far into both tails (fp32; the activation's argument overflows exp there): the product
+    and both gradients are finite and equal the reference's, which saturate to 0 and to `up`."""
+    gate = torch.tensor([-1e4, -300.0, -90.0, -30.0, -12.0, 12.0, 30.0, 90.0, 300.0, 1e4], device=DEVICE)
+    gate = gate.requires_grad_()
+    up = torch.linspace(-2, 2, gate.numel(), device=DEVICE).requires_grad_()
+    results = []
+    for fn in (partial(swiglu, activation=activation), REFERENCES[activation]):
+        gate.grad = up.grad = None
+        y = fn(gate * 1, up * 1)
+        y.sum().backward()
+        results.append((y, gate.grad, up.grad))
+    for actual, expected in zip(*results, strict=True):
+        assert torch.isfinite(actual).all()
+        torch.testing.assert_close(actual, expected, **TOLERANCES[torch.float32])
 
 
 def test_non_contiguous_inputs():
@@ -63,8 +114,10 @@ def test_non_contiguous_inputs():
     torch.testing.assert_close(swiglu(gate, up), reference_swiglu(gate, up), **TOLERANCES[torch.float32])
 
 
+@quiet_overflow
+@pytest.mark.parametrize("activation", ACTIVATIONS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_column_blocks_of_one_buffer(dtype):
+def test_column_blocks_of_one_buffer(dtype, activation):
     """gate and up as the two halves of one wider buffer and the product written into the first
     columns of another (the fused LoRA MLP's layout): the reference's values and gradients, the
     gradients written over gate and up in place, the other columns untouched."""
@@ -74,13 +127,13 @@ def test_column_blocks_of_one_buffer(dtype):
     product = torch.full((rows, width + 8), 5.0, dtype=dtype, device=DEVICE)
     gate, up = both[:, :width].clone().requires_grad_(), both[:, width:2 * width].clone().requires_grad_()
     grad_out = torch.randn(rows, width, dtype=dtype, device=DEVICE, generator=generator)
-    expected = reference_swiglu(gate, up)
+    expected = REFERENCES[activation](gate, up)
     expected.backward(grad_out)
-    swiglu_forward(both[:, :width], both[:, width:2 * width], out=product[:, :width])
+    swiglu_forward(both[:, :width], both[:, width:2 * width], out=product[:, :width], activation=activation)
     torch.testing.assert_close(product[:, :width], expected.detach(), **TOLERANCES[dtype])
     assert (product[:, width:] == 5.0).all()
     tail = both[:, 2 * width:].clone()
-    swiglu_backward(grad_out, both[:, :width], both[:, width:2 * width], overwrite_inputs=True)
+    swiglu_backward(grad_out, both[:, :width], both[:, width:2 * width], overwrite_inputs=True, activation=activation)
     torch.testing.assert_close(both[:, :width], gate.grad, **TOLERANCES[dtype])
     torch.testing.assert_close(both[:, width:2 * width], up.grad, **TOLERANCES[dtype])
     assert torch.equal(both[:, 2 * width:], tail)
@@ -99,15 +152,25 @@ def test_a_gradient_that_is_not_rows():
     torch.testing.assert_close(results[0], results[1], **TOLERANCES[torch.float32])
 
 
-def test_inputs_kept_unless_overwrite_is_allowed():
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+def test_inputs_kept_unless_overwrite_is_allowed(activation):
     gate, up, grad_out = _projections((4, 50), torch.float32, DEVICE)
     kept_gate, kept_up = gate.detach().clone(), up.detach().clone()
-    swiglu(gate, up).backward(grad_out)
+    swiglu(gate, up, activation=activation).backward(grad_out)
     assert torch.equal(gate, kept_gate) and torch.equal(up, kept_up)
 
     gate_in, up_in = gate * 1, up * 1
-    swiglu(gate_in, up_in, overwrite_inputs=True).backward(grad_out)
+    swiglu(gate_in, up_in, overwrite_inputs=True, activation=activation).backward(grad_out)
     assert not torch.equal(gate_in, kept_gate)  # now holds the gradient, as documented
+
+
+def test_product_written_over_the_gate():
+    """`out=gate`, as the fused LoRA MLP writes the product: GeGLU in place equals GeGLU apart."""
+    gate, up, _ = _projections((6, 70), torch.float32, DEVICE)
+    gate, up = gate.detach(), up.detach()
+    expected = reference_geglu(gate, up)
+    swiglu_forward(gate, up, out=gate, activation="gelu_tanh")
+    torch.testing.assert_close(gate, expected, **TOLERANCES[torch.float32])
 
 
 def test_overwriting_backward_refuses_a_second_backward():
@@ -124,8 +187,17 @@ def test_rejects_mismatched_inputs():
         swiglu(torch.randn(2, 3, device=DEVICE), torch.randn(2, 4, device=DEVICE))
 
 
+def test_rejects_an_unknown_activation():
+    gate = torch.randn(2, 3, device=DEVICE)
+    for call in (lambda: swiglu(gate, gate, activation="gelu"), lambda: swiglu_forward(gate, gate, activation="relu"),
+                 lambda: swiglu_backward(gate, gate, gate, activation="gelu_pytorch_tanh")):
+        with pytest.raises(ValueError, match="silu, gelu_tanh"):
+            call()
+
+
 @gpu
+@pytest.mark.parametrize("activation", ACTIVATIONS)
 @pytest.mark.parametrize("shape", [(1, 4096, 14336), (2, 2048, 18944), (333, 1000)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-def test_swiglu_gpu(shape, dtype):
-    _compare(shape, dtype, "cuda")
+def test_swiglu_gpu(shape, dtype, activation):
+    _compare(shape, dtype, "cuda", activation)
