@@ -17,9 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,25 +26,16 @@ from typing import Any
 import torch
 import yaml
 from transformers import TrainerCallback
-from transformers.trainer_utils import rotate_checkpoints
 
 from ftune.errors import OutputDirError
+from ftune.integrations.transformers_trainer import StagedCheckpoints
 from ftune.outputs import RECIPE_FILE, SUMMARY_FILE
 from ftune.recipe import Recipe
 
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
-STAGING = ".staging"
 MANIFEST = "ftune-checkpoint.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 
-
-def _restore_indexed_cpu(storage, location: str):
-    # Under torchrun on CPU, transformers loads a checkpoint's optimizer state with
-    # map_location=args.device, which is cpu:RANK there: a location torch.load does not know.
-    return storage if location.startswith("cpu:") else None
-
-
-torch.serialization.register_package(9, lambda storage: None, _restore_indexed_cpu)
 # Keys that may change between a run and its continuation: how long it runs, how it reports and
 # saves, and the optimizer's step size and clipping (the usual fix after a loss that diverged).
 RESUMABLE_CHANGES = {
@@ -72,14 +61,10 @@ def trainable_weights_finite(model: torch.nn.Module) -> bool:
     return all(bool(torch.isfinite(p.detach()).all()) for p in model.parameters() if p.requires_grad)
 
 
-class AtomicCheckpoints:
-    """Trainer mixin: `checkpoint-N` is written aside, with a manifest, and renamed into place; a
-    checkpoint whose trainable weights are not finite is not written at all.
-
-    Under several processes every rank writes its part (its RNG state; under FSDP its optimizer
-    shard) into the one staging folder: rank 0 clears it first and renames it only once every
-    rank is done.
-    """
+class AtomicCheckpoints(StagedCheckpoints):
+    """Trainer mixin: `checkpoint-N` is written aside with a manifest and renamed into place
+    (integrations.transformers_trainer.StagedCheckpoints); a checkpoint whose trainable weights are
+    not finite is not written at all."""
 
     # Training seconds of the run before this process (read from the checkpoint it resumed).
     run_seconds_before = 0.0
@@ -94,37 +79,14 @@ class AtomicCheckpoints:
     def run_seconds(self) -> float:
         return self.run_seconds_before + time.perf_counter() - getattr(self, "_ftune_started", time.perf_counter())
 
-    def _save_checkpoint(self, model, trial) -> None:
-        if not _agree(trainable_weights_finite(self.model), every=True):
-            self.skipped_non_finite.append(self.state.global_step)
-            return
-        run_dir = self.args.output_dir
-        staging = os.path.join(run_dir, STAGING)
-        is_writer = self.args.should_save  # rank 0
-        if is_writer:
-            shutil.rmtree(staging, ignore_errors=True)
-        self.accelerator.wait_for_everyone()  # no rank writes into a folder rank 0 is still clearing
-        limit = self.args.save_total_limit
-        # transformers writes into args.output_dir/checkpoint-N and rotates there: point it at the
-        # staging folder for the write, rotate the real folder after the rename.
-        self.args.output_dir, self.args.save_total_limit = staging, None
-        try:
-            super()._save_checkpoint(model, trial)
-        finally:
-            self.args.output_dir, self.args.save_total_limit = run_dir, limit
-        self.accelerator.wait_for_everyone()  # every rank's part is written
-        if not is_writer:
-            return
-        name = f"checkpoint-{self.state.global_step}"
-        write_manifest(Path(staging) / name, run_seconds=self.run_seconds(),
-                       tokens=self.state.num_input_tokens_seen or 0)
-        target = os.path.join(run_dir, name)
-        if os.path.exists(target):  # saved again at the same step (a signal right after a save)
-            shutil.rmtree(target)
-        os.replace(os.path.join(staging, name), target)
-        shutil.rmtree(staging, ignore_errors=True)
-        if limit:
-            rotate_checkpoints(output_dir=run_dir, save_total_limit=limit, use_mtime=False)
+    def checkpoint_wanted(self) -> bool:
+        if _agree(trainable_weights_finite(self.model), every=True):
+            return True
+        self.skipped_non_finite.append(self.state.global_step)
+        return False
+
+    def checkpoint_staged(self, folder: Path) -> None:
+        write_manifest(folder, run_seconds=self.run_seconds(), tokens=self.state.num_input_tokens_seen or 0)
 
 
 def _sha256(path: Path) -> str:
@@ -318,19 +280,3 @@ class SaveEveryMinutes(TrainerCallback):
 
     def on_save(self, args, state, control, **kwargs):
         self.last = time.perf_counter()
-
-
-class ContinueWithNewLearningRate(TrainerCallback):
-    """On resuming, the recipe's learning rate replaces the one the checkpoint's optimizer and
-    schedule carry (transformers restores those as they were saved), at the same point of the
-    schedule; the schedule's shape (warm-up, length) already follows the recipe."""
-
-    def on_train_begin(self, args, state, control, optimizer=None, lr_scheduler=None, **kwargs):
-        lambdas = getattr(lr_scheduler, "lr_lambdas", None)
-        if optimizer is None or lambdas is None or not state.global_step:
-            return
-        lr_scheduler.base_lrs = [args.learning_rate for _ in lr_scheduler.base_lrs]
-        for group, factor in zip(optimizer.param_groups, lambdas):
-            group["initial_lr"] = args.learning_rate
-            group["lr"] = args.learning_rate * factor(lr_scheduler.last_epoch)
-        lr_scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]

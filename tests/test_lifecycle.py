@@ -21,7 +21,7 @@ from ftune.data import eval_data
 from ftune.errors import DataError, HubError, RecipeError
 from ftune.recipe import load_recipe
 from ftune.reports import LiveReporter, steady_tokens_per_s
-from ftune.workflows import train
+from ftune.runner import train
 from tests.conftest import QUICKSTART
 from tests.helpers import tiny_lora_model
 

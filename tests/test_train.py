@@ -18,7 +18,7 @@ from ftune.integrations.bitsandbytes import is_4bit, is_repacked
 from ftune.kernels import KERNELS
 from ftune.model import load_base_model, quantization_config
 from ftune.recipe import load_recipe
-from ftune.workflows import train
+from ftune.runner import train
 from tests.conftest import CPU_HAS_AVX512BF16, QUICKSTART
 
 pytestmark = pytest.mark.slow
@@ -143,7 +143,7 @@ def test_kernels_in_the_training_path_give_the_same_losses(tmp_path):
         overrides += [f"kernels.{name}={str(on).lower()}" for name in KERNELS]
         run = train(load_recipe(QUICKSTART, overrides))
         assert run.built.kernels == dict.fromkeys(KERNELS, on)
-        assert run.trainer.use_ftune_loss is on
+        assert run.trainer.loss_from_model is on
         lines = (tmp_path / str(on) / "metrics.jsonl").read_text().splitlines()
         results.append([json.loads(line)["loss"] for line in lines])
     assert len(results[0]) == 3

@@ -15,7 +15,7 @@ from ftune.data import load_training_data
 from ftune.errors import DataError
 from ftune.model import quantization_config
 from ftune.recipe import load_recipe
-from ftune.workflows import train
+from ftune.runner import train
 from tests.conftest import QUICKSTART, REPO
 
 pytestmark = pytest.mark.slow

@@ -48,7 +48,7 @@ def train(
     gpus: Annotated[int, typer.Option(min=1, help="Data parallel over this many GPUs of this machine (torchrun).")] = 1,
 ) -> None:
     """Fine-tune a model as a recipe says: QLoRA through bitsandbytes and peft, on TRL's trainer."""
-    from ftune.workflows import train as run_training
+    from ftune.runner import train as run_training
 
     if gpus > 1 and "LOCAL_RANK" not in os.environ:
         raise typer.Exit(code=launch_data_parallel(gpus))

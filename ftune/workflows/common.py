@@ -1,4 +1,5 @@
-"""What every workflow's trainer shares: TrainingArguments from the recipe, dtype rules."""
+"""What every workflow's trainer shares: TrainingArguments from the recipe, the adapter's dtype, the
+callbacks ftune changes on every trainer TRL builds."""
 
 from __future__ import annotations
 
@@ -8,12 +9,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import Trainer, TrainerCallback
+from transformers import Trainer
 from transformers.trainer_callback import PrinterCallback
-from transformers.trainer_utils import rotate_checkpoints
 
 from ftune.engine.checkpoint import decoder_layers
 from ftune.errors import RecipeError
+from ftune.integrations.transformers_trainer import run_trackers_last
 from ftune.model import BuiltModel, shards_with_fsdp
 from ftune.recipe import Recipe
 
@@ -76,7 +77,7 @@ def evaluation_arguments(recipe: Recipe) -> dict[str, Any]:
         every = training.eval_steps or max(1, training.max_steps // 10)
         arguments.update(eval_strategy="steps", eval_steps=every)
     if training.keep_best:
-        # save_total_limit: BestCheckpoint rotates, keeping the best (AtomicCheckpoints' rotation cannot)
+        # save_total_limit: BestCheckpoint rotates, keeping the best (the staged checkpoints' rotation cannot)
         arguments.update(load_best_model_at_end=True, metric_for_best_model="eval_loss", greater_is_better=False,
                          save_total_limit=None)
         if every is None:
@@ -86,34 +87,13 @@ def evaluation_arguments(recipe: Recipe) -> dict[str, Any]:
     return arguments
 
 
-class BestCheckpoint(TrainerCallback):
-    """training.keep_best beside ftune's atomic checkpoints (checkpoints.AtomicCheckpoints), which
-    write checkpoint-N in a staging folder and rename it into place: transformers records the best
-    checkpoint by its staging path, and AtomicCheckpoints rotates without knowing which is best.
-    After each save this points the record at the renamed folder and rotates to save_total_limit,
-    the best kept (as transformers' own rotation does)."""
-
-    def __init__(self, output_dir: Path, save_total_limit: int | None):
-        self.output_dir = Path(output_dir)
-        self.limit = save_total_limit
-
-    def on_save(self, args, state, control, **kwargs):
-        best = state.best_model_checkpoint
-        if best and not Path(best).is_dir() and (self.output_dir / Path(best).name).is_dir():
-            state.best_model_checkpoint = str(self.output_dir / Path(best).name)
-        if self.limit and state.is_world_process_zero:
-            rotate_checkpoints(output_dir=str(self.output_dir), save_total_limit=self.limit,
-                               best_model_checkpoint=state.best_model_checkpoint, use_mtime=False)
-        return control
-
-
 _TRACKER_MODULES = {"tensorboard": ("tensorboard", "tensorboardX"), "wandb": ("wandb",), "mlflow": ("mlflow",),
                     "trackio": ("trackio",)}
 
 
 def tracking_arguments(recipe: Recipe) -> dict[str, Any]:
     """transformers' own integrations for training.report_to, each writing locally unless told otherwise:
-    TensorBoard's event files (see trackers_after_ftune) and MLflow's store in the run's folder, W&B's
+    TensorBoard's event files (see integrations.transformers_trainer.run_trackers_last) and MLflow's store in the run's folder, W&B's
     files there too (WANDB_MODE=offline keeps them off the network), Trackio's in its local database."""
     trackers = list(dict.fromkeys(recipe.training.report_to))
     if not trackers:
@@ -167,25 +147,9 @@ def keep_adapter_in_fp32(model: torch.nn.Module) -> None:
             parameter.data = parameter.data.float()
 
 
-def trackers_after_ftune(trainer: Trainer) -> None:
-    """Run the trackers' callbacks (report_to) after ftune's, so that each log they receive holds
-    ftune's figures (added by reports.LiveReporter); transformers puts them first. TensorBoard writes
-    to output_dir/tensorboard (TENSORBOARD_LOGGING_DIR, where set, wins)."""
-    from transformers.integrations import TensorBoardCallback, get_reporting_integration_callbacks
-
-    classes = tuple(get_reporting_integration_callbacks(trainer.args.report_to))
-    handler = trainer.callback_handler
-    for callback in [c for c in handler.callbacks if classes and isinstance(c, classes)]:
-        handler.remove_callback(callback)
-        handler.add_callback(callback)
-        if isinstance(callback, TensorBoardCallback) and callback.logging_dir is None:
-            # one folder per run, not transformers' runs/DATE_HOST: the run's resumed sessions append to it
-            callback.logging_dir = str(Path(trainer.args.output_dir) / "tensorboard")
-
-
 def finish_trainer(trainer: Trainer) -> Trainer:
     """What ftune changes on every trainer after TRL built it."""
     keep_adapter_in_fp32(trainer.model)
     trainer.remove_callback(PrinterCallback)  # the live panel shows the logs
-    trackers_after_ftune(trainer)
+    run_trackers_last(trainer)
     return trainer

@@ -7,41 +7,15 @@ from transformers import TrainerCallback
 from trl import SFTConfig, SFTTrainer
 
 from ftune.checkpoints import AtomicCheckpoints
+from ftune.integrations.trl import LossFromModel
 from ftune.model import BuiltModel
 from ftune.recipe import Recipe
 from ftune.workflows.common import finish_trainer, trainer_arguments
 
 
-class FtuneSFTTrainer(AtomicCheckpoints, SFTTrainer):
-    """TRL's SFTTrainer with atomic checkpoints and, when patched in, ftune's fused loss.
-
-    TRL computes the loss from its own chunked LM head (`fused_lm_head=True`); with ftune's
-    fused cross-entropy kernel on, the model's forward computes the loss itself from the labels
-    (one pass that never builds the logits) and returns the entropy and top-1 statistics that
-    TRL logs.
-    """
-
-    use_ftune_loss = False
-
-    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        if not self.use_ftune_loss:
-            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-        mode = "train" if self.model.training else "eval"
-        inputs["use_cache"] = False
-        outputs = model(**inputs, num_items_in_batch=num_items_in_batch)
-        loss = outputs.loss
-        # As Trainer.compute_loss: num_items_in_batch counts every rank's tokens, and DDP averages gradients.
-        if self.args.average_tokens_across_devices and num_items_in_batch is not None:
-            loss = loss * self.accelerator.num_processes
-        gather = self.accelerator.gather_for_metrics
-        valid = gather(outputs.num_tokens.detach()).sum()
-        if valid > 0:
-            self._metrics[mode]["entropy"].append((gather(outputs.entropy_sum.detach()).sum() / valid).item())
-            self._metrics[mode]["mean_token_accuracy"].append((gather(outputs.num_correct.detach()).sum() / valid).item())
-        if mode == "train" and "attention_mask" in inputs:
-            self._total_train_tokens += gather(inputs["attention_mask"].sum()).sum().item()
-            self._metrics[mode]["num_tokens"] = [self._total_train_tokens]
-        return (loss, outputs) if return_outputs else loss
+class FtuneSFTTrainer(AtomicCheckpoints, LossFromModel, SFTTrainer):
+    """TRL's SFTTrainer with atomic checkpoints and, with ftune's fused cross-entropy kernel on, the
+    loss computed by the model's forward (integrations.trl.LossFromModel)."""
 
 
 def make_trainer(recipe: Recipe, built: BuiltModel, dataset: Dataset, callbacks: list[TrainerCallback],
@@ -62,5 +36,5 @@ def make_trainer(recipe: Recipe, built: BuiltModel, dataset: Dataset, callbacks:
         processing_class=built.tokenizer,
         callbacks=callbacks,
     )
-    trainer.use_ftune_loss = built.kernels.get("fused_cross_entropy", False)
+    trainer.loss_from_model = built.kernels.get("fused_cross_entropy", False)
     return finish_trainer(trainer)

@@ -1,0 +1,42 @@
+"""TRL as ftune's runs change it. Checked against trl 1.16.0 (transformers 5.17.0).
+
+- `LossFromModel` overrides `SFTTrainer.compute_loss(model, inputs, return_outputs=False,
+  num_items_in_batch=None)`. TRL computes the loss from its own chunked LM head
+  (`fused_lm_head=True`); with ftune's fused cross-entropy kernel on, the model's forward computes
+  the loss itself from the labels (one pass that never builds the logits) and returns the sums
+  behind the entropy and top-1 accuracy that TRL logs. It relies on SFTTrainer keeping
+  `self._metrics[mode]` (lists per key, averaged into each log by `SFTTrainer.log`) and
+  `self._total_train_tokens`.
+
+tests/test_integrations_trainers.py holds a contract test for it.
+"""
+
+from __future__ import annotations
+
+
+class LossFromModel:
+    """SFTTrainer mixin: when `loss_from_model` is set, the loss and TRL's entropy, accuracy and token
+    metrics come from the model's own forward (outputs `loss`, `num_tokens`, `entropy_sum`,
+    `num_correct`); else TRL's compute_loss runs unchanged."""
+
+    loss_from_model = False
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if not self.loss_from_model:
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        mode = "train" if self.model.training else "eval"
+        inputs["use_cache"] = False
+        outputs = model(**inputs, num_items_in_batch=num_items_in_batch)
+        loss = outputs.loss
+        # As Trainer.compute_loss: num_items_in_batch counts every rank's tokens, and DDP averages gradients.
+        if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+            loss = loss * self.accelerator.num_processes
+        gather = self.accelerator.gather_for_metrics
+        valid = gather(outputs.num_tokens.detach()).sum()
+        if valid > 0:
+            self._metrics[mode]["entropy"].append((gather(outputs.entropy_sum.detach()).sum() / valid).item())
+            self._metrics[mode]["mean_token_accuracy"].append((gather(outputs.num_correct.detach()).sum() / valid).item())
+        if mode == "train" and "attention_mask" in inputs:
+            self._total_train_tokens += gather(inputs["attention_mask"].sum()).sum().item()
+            self._metrics[mode]["num_tokens"] = [self._total_train_tokens]
+        return (loss, outputs) if return_outputs else loss
