@@ -1,0 +1,195 @@
+"""Contract tests of ftune's patches of transformers' Trainer and TRL's trainers: what each relies on
+still holds. A failure names the module of ftune/integrations/ to check against the new version."""
+
+from __future__ import annotations
+
+import inspect
+import io
+import os
+from collections import defaultdict
+from types import SimpleNamespace
+
+import pytest
+import torch
+import transformers
+import trl
+from datasets import Dataset
+from transformers import (AutoTokenizer, LlamaConfig, LlamaForCausalLM, Trainer, TrainerControl, TrainerState,
+                          TrainingArguments)
+from transformers.integrations import TensorBoardCallback, get_reporting_integration_callbacks
+from transformers.optimization import get_scheduler
+from transformers.trainer_utils import rotate_checkpoints
+
+from ftune.integrations import transformers_trainer as trainer_patches
+from ftune.integrations.transformers_trainer import (STAGING, BestCheckpoint, ContinueWithNewLearningRate,
+                                                     StagedCheckpoints, run_trackers_last)
+from ftune.integrations.trl import LossFromModel
+from tests.conftest import REPO
+
+TRAINER_MOVED = (f"transformers {transformers.__version__} changed what ftune/integrations/transformers_trainer.py "
+                 "relies on (checked against 5.17.0)")
+TRL_MOVED = f"trl {trl.__version__} changed what ftune/integrations/trl.py relies on (checked against 1.16.0)"
+
+
+def _tiny_model() -> LlamaForCausalLM:
+    torch.manual_seed(0)
+    return LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                        num_attention_heads=2, num_key_value_heads=2))
+
+
+def _arguments(output_dir, **overrides) -> TrainingArguments:
+    return TrainingArguments(**{"output_dir": str(output_dir), "use_cpu": True, "report_to": "none",
+                                "disable_tqdm": True, **overrides})
+
+
+class _Staged(StagedCheckpoints, Trainer):
+    def checkpoint_staged(self, folder):
+        self.staged = getattr(self, "staged", []) + [(folder, sorted(p.name for p in folder.iterdir()))]
+
+
+def _staged_trainer(output_dir, **arguments) -> _Staged:
+    trainer = _Staged(model=_tiny_model(), args=_arguments(output_dir, **arguments))
+    trainer.create_optimizer_and_scheduler(num_training_steps=10)
+    return trainer
+
+
+def test_save_checkpoint_writes_into_output_dir_as_read_at_the_call(tmp_path):
+    assert list(inspect.signature(Trainer._save_checkpoint).parameters) == ["self", "model", "trial"], TRAINER_MOVED
+    trainer = _staged_trainer(tmp_path, save_total_limit=2)
+    for step in (1, 2, 3):
+        trainer.state.global_step = step
+        trainer._save_checkpoint(trainer.model, None)
+    # each checkpoint was whole in the staging folder before its rename: StagedCheckpoints pointed
+    # transformers' args.output_dir there for the write
+    folder, files = trainer.staged[-1]
+    assert folder == tmp_path / STAGING / "checkpoint-3", TRAINER_MOVED
+    assert {"model.safetensors", "optimizer.pt", "scheduler.pt", "trainer_state.json"} <= set(files), TRAINER_MOVED
+    # renamed into place, staging gone, rotated to save_total_limit in the real folder
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-2", "checkpoint-3"], TRAINER_MOVED
+    assert trainer.args.output_dir == str(tmp_path) and trainer.args.save_total_limit == 2
+
+
+def test_no_checkpoint_when_it_is_not_wanted(tmp_path):
+    trainer = _staged_trainer(tmp_path)
+    trainer.checkpoint_wanted = lambda: False
+    trainer.state.global_step = 1
+    trainer._save_checkpoint(trainer.model, None)
+    assert not list(tmp_path.iterdir())
+
+
+def test_best_checkpoint_is_recorded_by_its_staging_path_then_pointed_at_the_renamed_folder(tmp_path):
+    trainer = _staged_trainer(tmp_path, save_strategy="steps")
+    best = BestCheckpoint(tmp_path, save_total_limit=2)
+    control = TrainerControl()
+    for step in (1, 2, 3):
+        trainer.state.global_step = step
+        trainer.state.best_global_step = 1  # the first checkpoint stays the best
+        trainer._save_checkpoint(trainer.model, None)
+        if step == 1:
+            # transformers records the best checkpoint by the folder it just wrote it in
+            assert trainer.state.best_model_checkpoint == os.path.join(tmp_path, STAGING, "checkpoint-1"), TRAINER_MOVED
+        best.on_save(trainer.args, trainer.state, control)
+        assert trainer.state.best_model_checkpoint == str(tmp_path / "checkpoint-1")
+    # rotated to two, the best kept: transformers' rotate_checkpoints with best_model_checkpoint
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-1", "checkpoint-3"], TRAINER_MOVED
+
+
+def test_rotate_checkpoints_takes_the_arguments_ftune_passes():
+    parameters = inspect.signature(rotate_checkpoints).parameters
+    assert {"output_dir", "save_total_limit", "best_model_checkpoint", "use_mtime"} <= set(parameters), TRAINER_MOVED
+
+
+@pytest.mark.parametrize("kind", ["linear", "cosine", "constant_with_warmup"])
+def test_a_resumed_schedule_continues_at_the_new_learning_rate(tmp_path, kind):
+    parameter = torch.nn.Parameter(torch.zeros(2))
+    optimizer = torch.optim.AdamW([parameter], lr=1e-3)
+    scheduler = get_scheduler(kind, optimizer, num_warmup_steps=2, num_training_steps=10)
+    for _ in range(5):
+        optimizer.step()
+        scheduler.step()
+    lambdas = getattr(scheduler, "lr_lambdas", None)
+    assert lambdas is not None and hasattr(scheduler, "_last_lr"), TRAINER_MOVED  # a LambdaLR
+    factor = lambdas[0](scheduler.last_epoch)
+    state = TrainerState(global_step=5)
+    ContinueWithNewLearningRate().on_train_begin(_arguments(tmp_path, learning_rate=4e-4), state, TrainerControl(),
+                                                 optimizer=optimizer, lr_scheduler=scheduler)
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(4e-4 * factor)
+    assert scheduler.get_last_lr() == [pytest.approx(4e-4 * factor)], TRAINER_MOVED
+    optimizer.step()
+    scheduler.step()  # the next step follows the schedule from the new rate
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(4e-4 * lambdas[0](6)), TRAINER_MOVED
+
+
+def test_optimizer_state_loads_at_a_cpu_rank_location():
+    source = inspect.getsource(Trainer._load_optimizer_and_scheduler)
+    assert "map_location = self.args.device if self.args.world_size > 1" in source, (
+        f"{TRAINER_MOVED}: it no longer loads optimizer states at args.device under several processes; "
+        "load_optimizer_state_on_cpu_ranks may no longer be needed")
+    buffer = io.BytesIO()
+    torch.save({"exp_avg": torch.ones(3)}, buffer)
+    trainer_patches.load_optimizer_state_on_cpu_ranks()
+    trainer_patches.load_optimizer_state_on_cpu_ranks()  # once per process, however often asked
+    assert sum(entry[2] is trainer_patches._restore_indexed_cpu
+               for entry in torch.serialization._package_registry) == 1
+    buffer.seek(0)
+    loaded = torch.load(buffer, map_location=torch.device("cpu", 1), weights_only=True)
+    assert loaded["exp_avg"].device.type == "cpu"
+
+
+def test_tensorboard_callback_keeps_a_logging_dir_set_before_training(tmp_path, monkeypatch):
+    monkeypatch.delenv("TENSORBOARD_LOGGING_DIR", raising=False)
+    assert get_reporting_integration_callbacks(["tensorboard"]) == [TensorBoardCallback], TRAINER_MOVED
+    trainer = Trainer(model=_tiny_model(), args=_arguments(tmp_path / "run", report_to=["tensorboard"]))
+    names = [type(c).__name__ for c in trainer.callback_handler.callbacks]
+    run_trackers_last(trainer)
+    callbacks = trainer.callback_handler.callbacks
+    assert type(callbacks[-1]) is TensorBoardCallback and len(callbacks) == len(names)
+    callback = callbacks[-1]
+    assert callback.logging_dir == str(tmp_path / "run" / "tensorboard")
+    callback.on_train_begin(trainer.args, TrainerState(), TrainerControl())
+    assert callback.tb_writer.log_dir == str(tmp_path / "run" / "tensorboard"), TRAINER_MOVED
+    callback.on_train_end(trainer.args, TrainerState(), TrainerControl())
+
+
+class _SFT(LossFromModel, trl.SFTTrainer):
+    pass
+
+
+class _ModelComputingItsLoss(torch.nn.Module):
+    """Stands for a model with ftune's fused loss: returns the loss and the sums TRL's metrics need."""
+
+    training = True
+
+    def forward(self, **inputs):
+        self.inputs = inputs
+        return SimpleNamespace(loss=torch.tensor(2.0), num_tokens=torch.tensor(4), entropy_sum=torch.tensor(6.0),
+                               num_correct=torch.tensor(1))
+
+
+def test_sft_metrics_come_from_the_model_computed_loss(tmp_path):
+    parameters = list(inspect.signature(trl.SFTTrainer.compute_loss).parameters)
+    assert parameters == ["self", "model", "inputs", "return_outputs", "num_items_in_batch"], TRL_MOVED
+    tokenizer = AutoTokenizer.from_pretrained(REPO / "data" / "quickstart" / "tokenizer")
+    model = _tiny_model()
+    model.resize_token_embeddings(len(tokenizer))
+    trainer = _SFT(model=model, args=trl.SFTConfig(output_dir=str(tmp_path), use_cpu=True, report_to="none",
+                                                    max_length=32),
+                   train_dataset=Dataset.from_list([{"text": "one two three"}, {"text": "four five"}]),
+                   processing_class=tokenizer)
+    assert isinstance(trainer._metrics, dict) and set(trainer._metrics) == {"train", "eval"}, TRL_MOVED
+    assert all(isinstance(m, defaultdict) for m in trainer._metrics.values()), TRL_MOVED
+    assert trainer._total_train_tokens == 0, TRL_MOVED
+
+    trainer.loss_from_model = True
+    trainer.model.train()
+    stand_in = _ModelComputingItsLoss()
+    loss = trainer.compute_loss(stand_in, {"input_ids": torch.ones(1, 5, dtype=torch.long),
+                                           "labels": torch.ones(1, 5, dtype=torch.long),
+                                           "attention_mask": torch.ones(1, 5, dtype=torch.long)}, num_items_in_batch=4)
+    assert loss.item() == 2.0 and stand_in.inputs["num_items_in_batch"] == 4 and stand_in.inputs["use_cache"] is False
+    trainer.log({"loss": 2.0})
+    logged = trainer.state.log_history[-1]
+    # SFTTrainer.log averages each _metrics list into the log it writes
+    assert logged.get("entropy") == pytest.approx(1.5), (TRL_MOVED, logged)
+    assert logged.get("mean_token_accuracy") == pytest.approx(0.25), (TRL_MOVED, logged)
+    assert logged.get("num_tokens") == 5, (TRL_MOVED, logged)
