@@ -1,0 +1,160 @@
+"""Attention with logit soft-capping (Gemma-2) that never holds a tokens x tokens score matrix.
+
+Gemma-2 caps every attention logit as `cap * tanh(logit / cap)` (attn_logit_softcapping = 50)
+and alternates full and sliding-window layers. SDPA has no soft cap, so transformers runs the
+family on eager attention, which materializes the scores and their softmax in every layer: at
+16384 tokens and 16 heads that is 16 GiB of fp32 softmax per layer. FlexAttention applies the
+cap as a `score_mod` inside a fused, tiled kernel (the backward differentiates through it), and
+a block mask skips the tiles that causality and the window exclude.
+
+`softcap_attention` has the signature of transformers' AttentionInterface functions: the model
+passes `scaling`, `softcap` and `sliding_window` per layer. On CUDA it runs FlexAttention
+compiled; elsewhere the same masks and cap run densely (`attend_dense`), because FlexAttention
+has no backward on CPU. Masks, in the order they are read:
+- a BlockMask (transformers' `flex_attention_mask`) or a 4D boolean tensor (its `sdpa_mask`) is
+  the whole mask: causality, the layer's window and padding are already in it;
+- None (no mask function registered, or sdpa_mask skipping a plain causal mask): causal, plus
+  the layer's window, built here; queries are the last `q_len` of `kv_len` positions (decoding).
+Additive float masks (eager_mask) are refused: they could hold biases, not just visibility. A
+query that sees no key (a left-padded position) gets zeros from FlexAttention and uniform weights
+from the dense path, as from eager, and in neither a gradient into the scores (eager's additive
+mask lets one through).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+
+import torch
+from torch.nn.attention.flex_attention import BlockMask, create_block_mask, create_mask, flex_attention
+
+MaskMod = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def causal_mask_mod(sliding_window: int | None = None, q_offset: int = 0) -> MaskMod:
+    """Key kv_idx is visible to query q_idx (at position q_idx + q_offset) when it is not later and,
+    with a window, fewer than `sliding_window` positions back (transformers' sliding window)."""
+
+    def visible(batch, head, q_idx, kv_idx):
+        q_position = q_idx + q_offset
+        allowed = kv_idx <= q_position
+        if sliding_window is not None:
+            allowed = allowed & (q_position - kv_idx < sliding_window)
+        return allowed
+
+    return visible
+
+
+def softcap_score_mod(softcap: float | None) -> Callable | None:
+    """Gemma-2's `cap * tanh(score / cap)`, applied to the scaled logit before the mask."""
+    if softcap is None:
+        return None
+
+    def capped(score, batch, head, q_idx, kv_idx):
+        return softcap * torch.tanh(score / softcap)
+
+    return capped
+
+
+@functools.lru_cache(maxsize=16)
+def causal_block_mask(q_len: int, kv_len: int, sliding_window: int | None, device: torch.device) -> BlockMask:
+    """The block mask of `causal_mask_mod`, built once per shape and window: every layer of a step
+    (and its recompute in backward) shares it."""
+    return create_block_mask(causal_mask_mod(sliding_window, kv_len - q_len), B=None, H=None, Q_LEN=q_len,
+                             KV_LEN=kv_len, device=device, _compile=_compile_masks(device))
+
+
+def _compile_masks(device: torch.device) -> bool:
+    # Uncompiled, create_block_mask evaluates the mask on every (query, key) pair at once: 256 MiB of
+    # booleans at 16384 tokens. Compiled, it visits tiles (as transformers builds its masks); on CPU,
+    # where only tests build block masks, compiling costs more than it saves.
+    return torch.device(device).type == "cuda"
+
+
+@functools.cache
+def _compiled_flex_attention() -> Callable:
+    # Uncompiled, flex_attention runs a dense reference implementation; compiled, the fused kernel.
+    # Shapes are dynamic after the first recompile, so varying sequence lengths share one kernel.
+    return torch.compile(flex_attention)
+
+
+def attend_flex(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, block_mask: BlockMask | None,
+                scaling: float, softcap: float | None, kernel_options: dict | None = None) -> torch.Tensor:
+    """FlexAttention over [batch, heads, tokens, head_dim] inputs, key and value heads shared by
+    groups of query heads; compiled on CUDA. Returns [batch, heads, tokens, head_dim]."""
+    attention = _compiled_flex_attention() if query.is_cuda else flex_attention
+    return attention(query, key, value, score_mod=softcap_score_mod(softcap), block_mask=block_mask, scale=scaling,
+                     enable_gqa=query.shape[1] != key.shape[1], kernel_options=kernel_options)
+
+
+def attend_dense(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, visible: torch.Tensor,
+                 scaling: float, softcap: float | None) -> torch.Tensor:
+    """The same attention with the scores held in full, as transformers' eager attention computes
+    it (product and cap in the inputs' dtype, softmax in fp32); `visible` is a boolean mask that
+    broadcasts to [batch, 1, q_len, kv_len]. Returns [batch, heads, tokens, head_dim]."""
+    batch, heads, q_len, head_dim = query.shape
+    kv_heads = key.shape[1]
+    # Query head h reads key head h // group (transformers' repeat_kv), without repeating keys
+    grouped = query.reshape(batch, kv_heads, heads // kv_heads, q_len, head_dim)
+    scores = grouped @ key.unsqueeze(2).transpose(-1, -2) * scaling
+    if softcap is not None:
+        scores = softcap * torch.tanh(scores / softcap)
+    # the dtype's minimum, as eager's additive mask: a row that sees nothing (a padded query) gets
+    # uniform weights instead of NaN
+    scores = scores.masked_fill(~visible.unsqueeze(2), torch.finfo(scores.dtype).min)
+    weights = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+    return (weights @ value.unsqueeze(2)).reshape(batch, heads, q_len, value.shape[-1])
+
+
+def softcap_attention(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | BlockMask | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    softcap: float | None = None,
+    sliding_window: int | None = None,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
+    """An AttentionInterface function: query [batch, heads, q_len, head_dim], key and value
+    [batch, kv_heads, kv_len, head_dim] -> ([batch, q_len, heads, head_dim], None). The weights
+    are never formed, so none are returned (as with SDPA)."""
+    if dropout > 0:
+        raise ValueError("softcap_attention has no attention dropout; set the config's attention_dropout to 0")
+    for unsupported in ("s_aux", "position_bias"):
+        if kwargs.get(unsupported) is not None:
+            raise ValueError(f"softcap_attention does not apply {unsupported}; use the model's eager attention")
+    if isinstance(attention_mask, torch.Tensor) and attention_mask.dtype != torch.bool:
+        raise TypeError("softcap_attention reads boolean masks or BlockMasks; register it with transformers' "
+                        "sdpa_mask or flex_attention_mask, not eager_mask (an additive mask may hold biases)")
+    if scaling is None:
+        scaling = query.shape[-1] ** -0.5
+    batch, _, q_len, _ = query.shape
+    kv_len = key.shape[2]
+
+    if query.is_cuda:
+        if isinstance(attention_mask, BlockMask):
+            block_mask = attention_mask
+        elif attention_mask is not None:
+            mask = attention_mask
+
+            def from_tensor(b, h, q_idx, kv_idx):
+                return mask[b, 0, q_idx, kv_idx]
+
+            block_mask = create_block_mask(from_tensor, B=mask.shape[0], H=None, Q_LEN=q_len, KV_LEN=kv_len,
+                                           device=query.device, _compile=_compile_masks(query.device))
+        else:
+            block_mask = causal_block_mask(q_len, kv_len, sliding_window, query.device)
+        output = attend_flex(query, key, value, block_mask, scaling, softcap, kwargs.get("kernel_options"))
+    else:
+        if isinstance(attention_mask, BlockMask):
+            visible = create_mask(attention_mask.mask_mod, batch, 1, q_len, kv_len, query.device)
+        elif attention_mask is not None:
+            visible = attention_mask
+        else:
+            visible = create_mask(causal_mask_mod(sliding_window, kv_len - q_len), 1, 1, q_len, kv_len, query.device)
+        output = attend_dense(query, key, value, visible, scaling, softcap)
+    return output.transpose(1, 2).contiguous(), None
