@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-# ftune's kernels, by the names of the recipe's kernels section (ftune/kernels/patch.py applies them)
+# ftune's kernels, by the names of the recipe's kernels section (ftune/integrations/transformers.py applies them)
 KERNEL_NAMES = ("rms_norm", "rope", "swiglu", "fused_cross_entropy", "fused_lora")
 LLAMA_ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
 GATED_MLP = ("gate_proj", "up_proj", "down_proj")
@@ -42,7 +42,7 @@ class Family:
     residual_halves: bool = False
     # A mixture of experts: the router's logits feed the load-balancing loss
     experts: bool = False
-    # ftune's kernels that apply to the family (ftune/kernels/patch.py KERNELS)
+    # ftune's kernels that apply to the family (ftune/integrations/transformers.py KERNELS)
     kernels: frozenset[str] = field(default_factory=frozenset)
 
     @property

@@ -20,7 +20,7 @@ from torch.distributed.tensor import DTensor
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from ftune.engine.checkpoint import decoder_layers  # noqa: E402
+from ftune.engine.recompute import decoder_layers  # noqa: E402
 from ftune.integrations.bitsandbytes import REPACK_ATTRIBUTE, is_4bit  # noqa: E402
 from ftune.model import build_model  # noqa: E402
 from ftune.recipe import validate_recipe  # noqa: E402

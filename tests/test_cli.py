@@ -125,7 +125,7 @@ def test_live_panel_renders_step_loss_and_memory(tmp_path):
     from rich.console import Console
     from transformers import TrainerControl, TrainerState
 
-    from ftune.engine.checkpoint import CheckpointingEngine
+    from ftune.engine.recompute import CheckpointingEngine
     from ftune.reports import LiveReporter
 
     console = Console(file=io.StringIO(), force_terminal=True, width=120)

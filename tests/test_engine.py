@@ -249,7 +249,7 @@ def test_gpu_offload_really_leaves_the_gpu():
 
 
 def test_host_embedding_gives_the_same_loss_and_gradients():
-    from ftune.engine.embedding import HostEmbedding, move_embeddings_to_host
+    from ftune.engine.host_memory import HostEmbedding, move_embeddings_to_host
 
     reference, _ = tiny_lora_model("tiny-llama", "none")
     model, _ = tiny_lora_model("tiny-llama", "unsloth")
@@ -261,7 +261,7 @@ def test_host_embedding_gives_the_same_loss_and_gradients():
 
 
 def _with_fused_loss(model):
-    from ftune.kernels import apply_kernels
+    from ftune.integrations.transformers import apply_kernels
 
     apply_kernels(model, rms_norm=False, rope=False, swiglu=False, fused_cross_entropy=True)
     return model
@@ -269,7 +269,7 @@ def _with_fused_loss(model):
 
 def test_host_lm_head_gives_the_same_loss_and_gradients():
     """Both tables in host memory under the fused loss: the same losses, gradients and generations."""
-    from ftune.engine.embedding import HostLMHead, move_embeddings_to_host, move_lm_head_to_host
+    from ftune.engine.host_memory import HostLMHead, move_embeddings_to_host, move_lm_head_to_host
 
     reference = _with_fused_loss(tiny_lora_model("tiny-llama", "none")[0])
     model = _with_fused_loss(tiny_lora_model("tiny-llama", "unsloth")[0])
@@ -282,7 +282,7 @@ def test_host_lm_head_gives_the_same_loss_and_gradients():
 
 
 def test_host_lm_head_is_dropped_before_the_backward_and_kept_for_decoding():
-    from ftune.engine.embedding import move_lm_head_to_host
+    from ftune.engine.host_memory import move_lm_head_to_host
 
     model = _with_fused_loss(tiny_lora_model("tiny-llama", "unsloth")[0])
     move_lm_head_to_host(model, torch.device("cpu"))
@@ -313,7 +313,7 @@ def test_host_lm_head_is_dropped_before_the_layers_backward_under_trls_chunked_h
     the decoder's output gradient, before any layer's backward; losses and gradients unchanged."""
     from trl.trainer.utils import add_fused_lm_head
 
-    from ftune.engine.embedding import move_lm_head_to_host
+    from ftune.engine.host_memory import move_lm_head_to_host
 
     results = []
     for host in (False, True):
@@ -346,7 +346,7 @@ def test_host_lm_head_is_dropped_before_the_layers_backward_under_trls_chunked_h
 
 
 def test_tied_or_trainable_embeddings_stay():
-    from ftune.engine.embedding import move_embeddings_to_host, move_lm_head_to_host
+    from ftune.engine.host_memory import move_embeddings_to_host, move_lm_head_to_host
 
     model, _ = tiny_lora_model("tiny-llama", "none")
     model.get_input_embeddings().weight.requires_grad_(True)
@@ -365,7 +365,7 @@ def test_tied_or_trainable_embeddings_stay():
 def test_gpu_host_tables_match_device_tables():
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")
-    from ftune.engine.embedding import move_embeddings_to_host, move_lm_head_to_host
+    from ftune.engine.host_memory import move_embeddings_to_host, move_lm_head_to_host
 
     table = VOCAB * 128 * 4
     losses, grads, held = [], [], []
@@ -406,7 +406,7 @@ def test_gpu_host_tables_match_device_tables():
 
 def test_unknown_architecture_falls_back_with_a_warning(monkeypatch, caplog):
     """Layers the engine does not recognise: transformers' own checkpointing, mode true."""
-    import ftune.engine.checkpoint as checkpoint
+    import ftune.engine.recompute as checkpoint
 
     reference, _ = tiny_lora_model("tiny-llama", "none")
     model, _ = tiny_lora_model("tiny-llama", "none")

@@ -40,3 +40,105 @@ def test_bitsandbytes_repacks_4bit_weights_on_avx512bf16_cpus_unless_ftune_turns
     assert len(calls) == 1 and not ftune_bnb.is_repacked(kept)
     expected = x @ bnb.functional.dequantize_4bit(kept.weight.data, kept.weight.quant_state).t()
     torch.testing.assert_close(out, expected)
+
+
+# ----------------------------------------------------------------------------------------------
+# bitsandbytes: the facts ftune/integrations/bitsandbytes.py states besides the repack
+
+
+def test_bitsandbytes_dequantizes_past_the_token_count_ftune_assumes():
+    """Read from the source: the CUDA backend does not import on a CPU machine."""
+    import importlib.util
+    import re
+
+    origin = importlib.util.find_spec("bitsandbytes.backends.cuda.ops").origin
+    source = open(origin).read()
+    found = re.search(r"if torch\.version\.hip is None:.*?_gemm_4bit_custom_max_m = (\d+)", source, re.S)
+    assert found and int(found.group(1)) == ftune_bnb.FUSED_4BIT_MAX_TOKENS, (
+        f"bitsandbytes {bnb.__version__} changed how many rows its CUDA 4-bit GEMM takes without "
+        f"dequantizing; check FUSED_4BIT_MAX_TOKENS in ftune/integrations/bitsandbytes.py")
+
+
+def test_bitsandbytes_restores_a_lost_quant_state():
+    layer = _linear4bit()
+    state = layer.weight.quant_state
+    layer.weight = torch.nn.Parameter(layer.weight.data, requires_grad=False)  # as FSDP's gathering leaves it
+    assert getattr(layer.weight, "quant_state", None) is None
+    ftune_bnb.fix_quant_state(layer)
+    assert layer.weight.quant_state is state, (
+        f"bitsandbytes {bnb.__version__} no longer restores a 4-bit weight's quant state from its layer; "
+        f"check fix_quant_state in ftune/integrations/bitsandbytes.py")
+
+
+# ----------------------------------------------------------------------------------------------
+# peft: what ftune's LoRA forward reads of a LoRA layer
+
+
+def test_peft_lora_layers_hold_what_ftunes_lora_forward_reads():
+    import peft
+
+    from ftune.integrations import peft as ftune_peft
+    from tests.helpers import tiny_lora_model
+
+    moved = f"peft {peft.__version__} changed its LoRA layers; check ftune/integrations/peft.py"
+    model, _ = tiny_lora_model("tiny-llama", layers=1)
+    layers = ftune_peft.lora_layers(model)
+    assert len(layers) == 7, moved
+    layer = layers[0]
+    for name in ("base_layer", "lora_A", "lora_B", "lora_dropout", "scaling", "active_adapters", "disable_adapters",
+                 "merged", "lora_variant"):
+        assert hasattr(layer, name), f"{moved} (no {name})"
+    assert set(layer.lora_A) == {"default"} and isinstance(layer.scaling["default"], float), moved
+    assert ftune_peft.install_lora_forward(model) == 7
+    x = torch.randn(2, 3, layer.in_features)
+    # the addmm path gives peft's own forward's output
+    torch.testing.assert_close(layer(x), layer._ftune_peft_forward(x), atol=1e-6, rtol=1e-5, msg=moved)
+
+
+# ----------------------------------------------------------------------------------------------
+# transformers: attention registry, the attention and decoder layer's calls, router logits
+
+
+def test_transformers_attention_registry_and_sdpa_signature():
+    import inspect
+
+    import transformers
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface
+
+    moved = f"transformers {transformers.__version__} changed its attention registry; check wrap_attention in " \
+            f"ftune/integrations/transformers.py and ftune/engine/attention.py"
+    assert "sdpa" in ALL_ATTENTION_FUNCTIONS and callable(getattr(AttentionInterface, "register", None)), moved
+    parameters = list(inspect.signature(ALL_ATTENTION_FUNCTIONS["sdpa"]).parameters)
+    assert parameters[:8] == ["module", "query", "key", "value", "attention_mask", "dropout", "scaling", "is_causal"], moved
+
+
+def test_transformers_llama_layers_call_what_ftunes_patches_expect():
+    """The grouped q, k and v take the attention's `hidden_states` argument, which the decoder layer
+    passes by name; the RoPE patch rebinds `apply_rotary_pos_emb` in the attention's globals."""
+    import inspect
+
+    import transformers
+    from transformers.models.llama import modeling_llama
+
+    moved = f"transformers {transformers.__version__} changed Llama's layers; check ftune/integrations/transformers.py"
+    attention = inspect.getsource(modeling_llama.LlamaAttention.forward)
+    for call in ("self.q_proj(hidden_states)", "self.k_proj(hidden_states)", "self.v_proj(hidden_states)"):
+        assert call in attention, f"{moved} ({call})"
+    assert "apply_rotary_pos_emb" in modeling_llama.LlamaAttention.forward.__code__.co_names, moved
+    assert "self.self_attn(\n            hidden_states=hidden_states" in inspect.getsource(
+        modeling_llama.LlamaDecoderLayer.forward), moved
+
+
+def test_transformers_records_router_logits_through_a_context_variable():
+    import transformers
+    from transformers.utils import output_capturing
+
+    from ftune.integrations import transformers as ftune_transformers
+
+    moved = f"transformers {transformers.__version__} changed output capturing; check the router logits in " \
+            f"ftune/integrations/transformers.py"
+    collector = output_capturing._active_collector
+    assert all(callable(getattr(collector, name, None)) for name in ("get", "set", "reset")), moved
+    assert ftune_transformers.router_logits_being_recorded() is None
+    with ftune_transformers.recording_router_logits_apart() as logits:
+        assert ftune_transformers.router_logits_being_recorded() is logits

@@ -253,7 +253,7 @@ def test_host_embeddings_move_the_lm_head_only_under_the_fused_loss(tmp_path, fu
     """The LM head leaves the GPU only where the fused loss frees it before the backward."""
     from torch import nn
 
-    from ftune.engine.embedding import HostEmbedding, HostLMHead
+    from ftune.engine.host_memory import HostEmbedding, HostLMHead
     from ftune.model import build_model
 
     data = quickstart_dict()

@@ -15,7 +15,7 @@ from transformers import AutoModelForCausalLM
 
 from ftune.cli import main
 from ftune.integrations.bitsandbytes import is_4bit, is_repacked
-from ftune.kernels import KERNELS
+from ftune.integrations.transformers import KERNELS
 from ftune.model import load_base_model, quantization_config
 from ftune.recipe import load_recipe
 from ftune.runner import train

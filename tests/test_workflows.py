@@ -142,7 +142,7 @@ def test_each_mode_gives_the_losses_and_gradients_of_mode_none(recipe, mode, tmp
 def test_tables_in_host_memory_under_the_fused_loss(recipe, tmp_path):
     """The input embedding and the LM head in host memory, the fused loss on: SFT's loss is ftune's,
     DPO's and GRPO's are TRL's own chunked heads, which read `lm_head.weight` themselves."""
-    from ftune.engine.embedding import HostEmbedding, HostLMHead
+    from ftune.engine.host_memory import HostEmbedding, HostLMHead
 
     out = tmp_path / "run"
     overrides = ["model.adapter=null", "checkpointing.mode=unsloth", "checkpointing.host_embeddings=true",

@@ -1,6 +1,6 @@
 """The checkpointing engine: how activations are kept between forward and backward."""
 
-from ftune.engine.checkpoint import (
+from ftune.engine.recompute import (
     MODE_POLICIES,
     CheckpointingEngine,
     Policy,

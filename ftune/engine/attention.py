@@ -3,20 +3,21 @@
 A recomputed layer reruns its attention half to rebuild what the backward reads: the rotated
 query, key and value, and attention's output with its log-sum-exp. The flash kernels' backward
 needs exactly those. Recomputing q, k and v costs three projections. Recomputing the output costs
-a whole attention forward, quadratic in the sequence: on an H200 it was 4% of an 8192-token step
-of the 8B shape and 7% at 16384 (docs/benchmarks.md).
+a whole attention forward, quadratic in the sequence: on an H200, 4% of an 8192-token step of
+the 8B shape and 7% at 16384 (docs/benchmarks.md).
 
 So an offloaded layer's forward keeps the output and the log-sum-exp its kernel made. They go to
 host memory beside the layer input, with the residual after attention (the MLP's input). The
 backward then runs the MLP straight from the parked residual, while the input, output and
 log-sum-exp come back over the host link. The attention half is rerun last, for its graph only:
 the projections and RoPE are recomputed, the parked output stands in for the attention forward,
-and the output projection's forward is skipped (lora.output_unread).
+and the output projection's forward is skipped (ftune/integrations/peft.py, `unread`).
 
 transformers calls attention through a registry (`AttentionInterface`); ftune wraps its `sdpa`
-entry. Outside a recording or a replay, and for any call the parked path does not cover (a mask,
-dropout, cached keys), the wrapper calls transformers' own function unchanged. Whether a step
-parks at all is `parks`: within a share of host memory and a number of tokens.
+entry (ftune/integrations/transformers.py `wrap_attention`). Outside a recording or a replay, and
+for any call the parked path does not cover (a mask, dropout, cached keys), the wrapper calls
+transformers' own function unchanged. Whether a step parks at all is `parks`: within a share of
+host memory and a number of tokens.
 
 The kernels: on CUDA, cuDNN's fused attention, the one PyTorch's SDPA picks on Hopper for these
 shapes, forward and backward; on CPU, PyTorch's flash kernel for CPU (which SDPA runs there). The
@@ -35,15 +36,16 @@ import psutil
 import torch
 from torch.nn import functional as F
 
+from ftune.integrations.transformers import wrap_attention
+
 logger = logging.getLogger(__name__)
 
 # When a step parks. Parking is a speed-up that takes twice the layer inputs' host memory: a step
 # parks only while its inputs and parked halves take at most this share of the host's memory...
 PARKING_HOST_SHARE = 0.5
-# ... and it has at most this many tokens. With parking, 150,528 tokens of the 8B shape ran out of
-# GPU memory in a 24 GiB cap on an H200 (with expandable segments too), where 159,744 had trained
-# without it; the cause was not found before the session's GPU time ran out. 32768 tokens at batch
-# 1 are the longest step measured parked after the last fix (docs/benchmarks.md).
+# ... and it has at most this many tokens: the longest step measured parked. Longer ones park
+# nothing: at 150,528 tokens of the 8B shape parking ran out of memory in a 24 GiB cap on an H200
+# where the same step without it trains (docs/benchmarks.md).
 PARKING_MAX_TOKENS = 32768
 
 _original_sdpa = None
@@ -81,13 +83,13 @@ def parks(tokens: int, step_bytes: int, host_memory: int | None = None) -> bool:
 
 def install() -> None:
     """Wrap transformers' `sdpa` attention (once per process)."""
-    global _original_sdpa
-    if _original_sdpa is not None:
-        return
-    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface
+    wrap_attention("sdpa", _parking)
 
-    _original_sdpa = ALL_ATTENTION_FUNCTIONS["sdpa"]
-    AttentionInterface.register("sdpa", _parked_sdpa)
+
+def _parking(original):
+    global _original_sdpa
+    _original_sdpa = original
+    return _parked_sdpa
 
 
 @contextlib.contextmanager

@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from ftune.engine.attention import AttentionOutput, recording_attention, replaying_attention
+from ftune.integrations.peft import lora_execution
 
 # Largest MLP intermediate (one tensor) that a chunk may create; 128 MiB is 4608 tokens of an
 # 8B Llama's 14336-wide MLP in bf16, large enough that the chunk's matmuls run at full speed.
@@ -83,8 +84,6 @@ class ResidualHalves:
         """The layer's output, without a graph. With `park`, the attention's output and the residual
         after attention are offered to it (ftune/engine/attention.py); once it has taken them, the
         residual is left as it is for its copy to host memory, and the output is a new tensor."""
-        from ftune.kernels.lora_augmented import matrices_once  # here: ftune.kernels imports from ftune.engine
-
         parked = False
         if park is None:
             h = self.attention(x, kwargs)
@@ -92,13 +91,10 @@ class ResidualHalves:
             with recording_attention() as recording:
                 h = self.attention(x, kwargs)
             parked = recording.result is not None and park(h, recording.result)
-        # The LoRA MLP's augmented matrices are made once for all chunks (`matrices_once`); the
-        # usual path's 4-bit weights are dequantized per chunk (lora.dequantized_once is the
-        # backward's): the forward holds the fetched LM head, and their three 16-bit copies at once
-        # raised the 8B shape's peak at 8192 tokens by 0.32 GiB, to 5.91, for 0.7% of speed (H200).
+        # The fused LoRA MLP's matrices are made once for all chunks
         output = torch.empty_like(h) if parked else h
         flat_h, flat_out = h.view(-1, h.shape[-1]), output.view(-1, h.shape[-1])
-        with matrices_once():
+        with lora_execution(hold=True):
             for start, end in self._chunks(h):
                 # Each chunk reads only its own rows before they are written (over h when not parked).
                 torch.add(flat_h[start:end], self.mlp(flat_h[start:end]), out=flat_out[start:end])
@@ -107,12 +103,9 @@ class ResidualHalves:
     def backward(self, x: torch.Tensor, kwargs: dict[str, Any], grad_output: torch.Tensor,
                  wrt: list[torch.Tensor]) -> list[torch.Tensor | None]:
         """Recompute and backpropagate; the gradients of `wrt` (x if it needs one, then parameters)."""
-        from ftune.kernels.lora import dequantized_once  # here: ftune.kernels imports from ftune.engine
-
-        # the attention's 4-bit weights dequantized once for its recompute and its backward; they
-        # stay through the MLP's backward in between (81 MiB for the 8B shape's q-k-v and o
-        # matrices; 150,528 tokens still trained in a 24 GiB cap with them, at 21.16 GiB)
-        with dequantized_once():
+        # the attention's matrices made once for its recompute and its backward; they stay through
+        # the MLP's backward in between (81 MiB for the 8B shape's q-k-v and o matrices)
+        with lora_execution(hold=True):
             with torch.enable_grad():
                 h = self.attention(x, kwargs)
             params = [t for t in wrt if t is not x]
@@ -134,15 +127,15 @@ class ResidualHalves:
         only, with the parked output in place of the attention forward and the output projection's
         GEMM skipped. `fetch_input` and `fetch_attention` wait for their copies back, which run
         meanwhile. The gradients of the input (None when it needs none), then of `params`."""
-        from ftune.kernels.lora import dequantized_once, output_unread  # here: ftune.kernels imports from ftune.engine
-
         grad_h, totals = self._mlp_backward(residual, grad_output, params)
         del residual
         x = fetch_input()
         layer = self.layer
         wrt = ([x] if x.requires_grad else []) + params
-        with dequantized_once():  # the attention's 4-bit weights once for its recompute and backward
-            with torch.enable_grad(), replaying_attention(fetch_attention()), output_unread(layer.self_attn.o_proj):
+        # the attention's matrices made once for its recompute and backward; the parked output
+        # stands in for o's input, and o's own output goes only to the residual, whose gradient is known
+        with lora_execution(hold=True, unread=(getattr(layer.self_attn, "o_proj", None),)):
+            with torch.enable_grad(), replaying_attention(fetch_attention()):
                 attended, _ = layer.self_attn(hidden_states=layer.input_layernorm(x), **kwargs)
             grads = (list(torch.autograd.grad(attended, wrt, grad_h, allow_unused=True)) if attended.requires_grad
                      else [None] * len(wrt))
@@ -155,8 +148,6 @@ class ResidualHalves:
     def _mlp_backward(self, h: torch.Tensor, grad_output: torch.Tensor, params: list[torch.Tensor]):
         """The MLP half recomputed chunk by chunk from its input h (no graph): the gradient reaching h
         (through the residual and the MLP) and the parameters' gradients (None where unused)."""
-        from ftune.kernels.lora import dequantized_once, output_unread  # here: ftune.kernels imports from ftune.engine
-
         flat_h = h.view(-1, h.shape[-1])
         flat_grad_out = grad_output.reshape(-1, h.shape[-1])
         grad_h = grad_output.clone()  # the residual passes the output gradient straight to h
@@ -165,11 +156,11 @@ class ResidualHalves:
         # The MLP's output goes to the residual stream, whose gradient is already known: only its
         # graph is needed, so the down projection's 4-bit GEMM is left to the backward
         down_proj = getattr(self.layer.mlp, "down_proj", None)
-        # the MLP's 4-bit weights dequantized once for every chunk's recompute and backward
-        with dequantized_once():
+        # the MLP's matrices made once for every chunk's recompute and backward
+        with lora_execution(hold=True, unread=(down_proj,)):
             for start, end in self._chunks(h):
                 chunk = flat_h[start:end].detach().requires_grad_()
-                with torch.enable_grad(), output_unread(down_proj):
+                with torch.enable_grad():
                     out = self.mlp(chunk)
                 grad_chunk, *grad_params = torch.autograd.grad(out, [chunk, *params], flat_grad_out[start:end],
                                                                allow_unused=True)

@@ -16,6 +16,13 @@ construction from the CPU's feature check. After the repack:
 ftune keeps the canonical layout on every model it builds: one path, the same numbers in train
 and eval mode, on every CPU. (bitsandbytes' own dequantizing path is what every non-AVX512-BF16
 CPU runs anyway.)
+
+Two more facts of bitsandbytes that ftune's fused LoRA (ftune/integrations/peft.py) relies on:
+- on CUDA, up to `FUSED_4BIT_MAX_TOKENS` rows of input a 4-bit layer multiplies in its own
+  kernels, without a 16-bit copy of the weight; past it, it dequantizes the whole weight and calls
+  one GEMM, which is what the fused paths do with the adapter beside it;
+- a 4-bit weight that FSDP gathers loses its quantization state, which the layer still holds
+  (`fix_quant_state`).
 """
 
 from __future__ import annotations
@@ -25,6 +32,8 @@ from torch import nn
 CHECKED_VERSIONS = ("0.50.2",)
 # The attribute of Linear4bit that allows the in-place repack (set from has_avx512bf16()).
 REPACK_ATTRIBUTE = "support_avx512bf16_for_cpu"
+# bitsandbytes.backends.cuda.ops._gemm_4bit_custom_max_m on CUDA
+FUSED_4BIT_MAX_TOKENS = 1536
 
 
 def is_4bit(module: nn.Module) -> bool:
@@ -48,3 +57,10 @@ def is_repacked(module: nn.Module) -> bool:
     """Whether bitsandbytes repacked this 4-bit layer's weight for its CPU kernel."""
     state = getattr(module.weight, "quant_state", None)
     return bool(getattr(state, "packing_format_for_cpu", False))
+
+
+def fix_quant_state(module: nn.Module) -> None:
+    """Give a 4-bit layer's weight back its quantization state where FSDP's gathering dropped it."""
+    from bitsandbytes.nn.modules import fix_4bit_weight_quant_state_from_module
+
+    fix_4bit_weight_quant_state_from_module(module)

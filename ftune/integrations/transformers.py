@@ -1,4 +1,22 @@
-"""transformers internals that ftune relies on. Checked against transformers 5.17.0.
+"""transformers as ftune patches it. Checked against transformers 5.17.0.
+
+Kernels. `apply_kernels(model, rms_norm=..., ...)` patches one loaded model with ftune's kernels,
+per instance: each module gets its own `forward` attribute, which `nn.Module.__call__` finds
+before the class's. Nothing in transformers changes globally, so two models in one process, one
+patched and one not, compute side by side (that is how the tests compare them). The patches are
+bound methods, so `copy.deepcopy` of a patched model gives a patched copy that uses its own
+weights. A PEFT model is patched through its underlying transformers model: only norms, the
+rotary embedding, the MLP's activation and the LM head's loss are replaced, so the projections
+keep their wrappers; `fused_lora` gives those wrappers (peft's LoRA layers) ftune's LoRA forward
+(ftune/integrations/peft.py) and each attention module whose q, k and v it adapts a forward that
+computes the three together. The Triton kernels need the model on CUDA (or on CPU under
+TRITON_INTERPRET=1, for tests); `apply_kernels` refuses other devices rather than fall back
+silently to slower code (`fused_lora` is plain PyTorch and runs anywhere). Patch after the model
+is placed on its device.
+
+Attention. transformers calls attention through a registry (`AttentionInterface`);
+`wrap_attention` replaces an entry with a wrapper of it, once per process (the engine parks
+attention's output this way, ftune/engine/attention.py).
 
 Router logits. A mixture-of-experts model asked for `output_router_logits` records each router's
 logits with forward hooks into a collector (transformers.utils.output_capturing, a context
@@ -7,15 +25,325 @@ that the engine recomputes runs its forward without a graph, so the recorded log
 no gradient and the auxiliary loss would train nothing. The engine therefore records a layer's
 router logits into a collector of its own, returns them from its autograd Function (which gives
 them the layer's backward) and hands those to the model's collector.
+
+tests/test_integrations.py holds a contract test for each of these.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
+import inspect
+import types
+from dataclasses import dataclass
 
+import torch
+from torch import nn
+from torch.distributed.fsdp import FSDPModule
+from transformers.activations import SiLUActivation
+from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.utils import output_capturing
+from transformers.utils.generic import can_return_tuple
+
+from ftune.families import KERNEL_NAMES, family_of, known_model_types
+from ftune.integrations.peft import fused_mlp, install_lora_forward, lora_layers, project_together
+from ftune.kernels.fused_linear_cross_entropy import fused_linear_cross_entropy
+from ftune.kernels.rms_norm import rms_norm
+from ftune.kernels.rope import apply_rotary_pos_emb
+from ftune.kernels.swiglu import swiglu
+from ftune.kernels.utils import runs_triton
 
 CHECKED_VERSIONS = ("5.17.0",)
+KERNELS = KERNEL_NAMES
+TRITON_KERNELS = KERNELS[:4]
+# The projections of an attention module that read one input, in the order its forward calls them
+GROUPED_PROJECTIONS = ("q_proj", "k_proj", "v_proj")
+
+
+@dataclass
+class CausalLMOutputWithStats(CausalLMOutputWithPast):
+    """The patched forward's output when labels are given: `logits` is None, and the fused loss's
+    per-batch statistics (no gradient) are there for the trainer to log."""
+
+    entropy_sum: torch.FloatTensor | None = None
+    num_correct: torch.FloatTensor | None = None
+    num_tokens: torch.FloatTensor | None = None
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The transformers model under a PEFT wrapper (or the model itself)."""
+    get_base_model = getattr(model, "get_base_model", None)
+    return get_base_model() if callable(get_base_model) else model
+
+
+def _model_type(model: nn.Module) -> str | None:
+    return getattr(getattr(model, "config", None), "model_type", None)
+
+
+def _family_modules(model: nn.Module, suffix: str) -> list[nn.Module]:
+    """Modules of `model` whose class is defined in its modeling file and named `*{suffix}`."""
+    module_name = type(model).__module__
+    return [
+        m for m in model.modules() if type(m).__module__ == module_name and type(m).__name__.endswith(suffix)
+    ]
+
+
+def _rope_attention_classes(model: nn.Module) -> list[type]:
+    """Attention classes whose forward calls the modeling file's `apply_rotary_pos_emb`."""
+    module_name = type(model).__module__
+    classes = {type(m) for m in model.modules() if type(m).__module__ == module_name}
+    return [c for c in classes if "apply_rotary_pos_emb" in c.forward.__code__.co_names]
+
+
+def _gated_mlps(model: nn.Module) -> list[nn.Module]:
+    """MLPs computing `down_proj(act_fn(gate_proj(x)) * up_proj(x))`."""
+    parts = ("gate_proj", "up_proj", "down_proj", "act_fn")
+    return [m for m in _family_modules(model, "MLP") if all(hasattr(m, part) for part in parts)]
+
+
+def kernel_support(model: nn.Module) -> dict[str, str | None]:
+    """For each kernel: None if it applies to `model`, else the reason it does not."""
+    base = unwrap_model(model)
+    model_type = _model_type(base)
+    family = family_of(model_type)
+    if family is None:
+        reason = f"ftune has no entry for model type {model_type!r} (ftune/families.py knows {', '.join(known_model_types())})"
+        return dict.fromkeys(KERNELS, reason)
+    support: dict[str, str | None] = {
+        name: None if name in family.kernels else f"not (yet) for the {family.name} family" for name in KERNELS
+    }
+    if support["rms_norm"] is None and not _family_modules(base, "RMSNorm"):
+        support["rms_norm"] = f"{model_type}: no RMSNorm module found"
+    if support["rope"] is None and not _rope_attention_classes(base):
+        support["rope"] = f"{model_type}: no attention module calls apply_rotary_pos_emb"
+    mlps = _gated_mlps(base)
+    if family.activation != "silu":
+        act = getattr(base.config, "hidden_activation", None) or getattr(base.config, "hidden_act", None)
+        support["swiglu"] = f"{model_type}'s MLP activation is {act}, not SiLU"
+    elif support["swiglu"] is not None:
+        pass
+    elif not mlps:
+        support["swiglu"] = f"{model_type}: no gated MLP found"
+    elif not all(isinstance(m.act_fn, (SiLUActivation, nn.SiLU)) for m in mlps):
+        act = getattr(base.config, "hidden_activation", None) or getattr(base.config, "hidden_act", None)
+        support["swiglu"] = f"{model_type}'s MLP activation is {act}, not SiLU"
+    lm_head = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
+    if support["fused_cross_entropy"] is not None:
+        pass
+    elif lm_head is None or not hasattr(base, base.base_model_prefix):
+        support["fused_cross_entropy"] = f"{type(base).__name__} has no LM head (load it as a ForCausalLM)"
+    elif type(lm_head) is not nn.Linear:
+        # A LoRA- or 4-bit-wrapped head: its `weight` alone would silently drop the adapter or the
+        # quantization state
+        support["fused_cross_entropy"] = f"the LM head is a {type(lm_head).__name__}, not a plain nn.Linear"
+    if support["fused_lora"] is None and not lora_layers(base):
+        support["fused_lora"] = "the model has no LoRA layers"
+    return support
+
+
+def apply_kernels(
+    model: nn.Module,
+    *,
+    rms_norm: bool = True,
+    rope: bool = True,
+    swiglu: bool = True,
+    fused_cross_entropy: bool = True,
+    fused_lora: bool = False,
+    device: torch.device | None = None,
+) -> dict[str, int]:
+    """Patch `model` (a transformers causal LM, bare or PEFT-wrapped) in place, per instance.
+
+    Returns how many modules each requested kernel replaced. Raises ValueError, before patching
+    anything, when a requested kernel does not apply to the model (see `kernel_support`), was
+    already applied to it, or the model runs on a device the kernels can't run on: `device`, or
+    where its parameters are when not given (under FSDP the model waits in host memory until it is
+    sharded onto the GPUs). `fused_lora` is off by default here, since a bare transformers model
+    has no LoRA layers to patch.
+    """
+    flags = (rms_norm, rope, swiglu, fused_cross_entropy, fused_lora)
+    requested = [name for name, on in zip(KERNELS, flags, strict=True) if on]
+    base = unwrap_model(model)
+    support = kernel_support(base)
+    problems = [f"{name}: {support[name]}" for name in requested if support[name] is not None]
+    applied = getattr(base, "_ftune_kernels", frozenset())
+    problems += [f"{name}: already applied to this model" for name in requested if name in applied]
+    if problems:
+        raise ValueError("cannot apply ftune's kernels:\n  " + "\n  ".join(problems))
+    if any(name in TRITON_KERNELS for name in requested):
+        devices = {device} if device is not None else {p.device for p in base.parameters()}
+        if not all(runs_triton(d) for d in devices):
+            raise ValueError(
+                f"ftune's Triton kernels need the model on CUDA (or on CPU under TRITON_INTERPRET=1, for tests); "
+                f"it runs on {', '.join(sorted(map(str, devices)))}. Place the model first, "
+                f"or turn the kernels off."
+            )
+
+    report: dict[str, int] = {}
+    if "rms_norm" in requested:
+        family = family_of(_model_type(base))
+        forward = functools.partial(
+            _rms_norm_forward,
+            eps_attr=family.norm_eps_attribute,
+            offset=family.norm_offset,
+            casting_mode=family.norm_casting,
+        )
+        norms = _family_modules(base, "RMSNorm")
+        for norm in norms:
+            norm.forward = types.MethodType(forward, norm)
+        report["rms_norm"] = len(norms)
+    if "rope" in requested:
+        count = 0
+        for cls in _rope_attention_classes(base):
+            forward = _forward_with_kernel_rope(cls)
+            for attention in (m for m in base.modules() if type(m) is cls):
+                _set_attention_forward(attention, types.MethodType(forward, attention))
+                count += 1
+        report["rope"] = count
+    if "swiglu" in requested:
+        mlps = _gated_mlps(base)
+        for mlp in mlps:
+            mlp.forward = types.MethodType(_swiglu_mlp_forward, mlp)
+        report["swiglu"] = len(mlps)
+    if "fused_cross_entropy" in requested:
+        # Whatever forward the instance has now (the class's, or another wrapper such as TRL's fused
+        # LM head) stays in charge of every call without labels. As a bound method it follows the
+        # model through deepcopy.
+        base._ftune_original_forward = base.forward
+        base.forward = types.MethodType(_causal_lm_forward(type(base)), base)
+        report["fused_cross_entropy"] = 1
+    if "fused_lora" in requested:
+        report["fused_lora"] = install_lora_forward(base)
+        _group_attention_projections(base)
+    base._ftune_kernels = applied | set(requested)
+    return report
+
+
+def _rms_norm_forward(self, hidden_states, *, eps_attr, offset, casting_mode):
+    return rms_norm(hidden_states, self.weight, getattr(self, eps_attr), offset=offset, casting_mode=casting_mode)
+
+
+def _own_class(module: nn.Module) -> type:
+    """The module's class, seen through FSDP2's `FSDP<Class>(FSDPModule, Class)` subclass."""
+    cls = type(module)
+    if issubclass(cls, FSDPModule) and len(cls.__bases__) == 2 and cls.__bases__[0] is FSDPModule:
+        return cls.__bases__[1]
+    return cls
+
+
+def _swiglu_mlp_forward(self, x):
+    fused = fused_mlp(self, x)  # LoRA over 4-bit bases: the adapters inside the base GEMMs
+    if fused is not None:
+        return fused
+    # the projections' outputs are read by nothing but the SwiGLU: its backward may write the
+    # gradients over them
+    return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x), overwrite_inputs=True))
+
+
+def _group_attention_projections(model: nn.Module) -> None:
+    """Give each attention module whose q, k and v carry ftune's LoRA forward a forward that
+    computes the three in one group (ftune/integrations/peft.py `project_together`)."""
+    for module in model.modules():
+        layers = [getattr(module, name, None) for name in GROUPED_PROJECTIONS]
+        if "_ftune_attention_forward" in module.__dict__ or not all(
+                layer is not None and "_ftune_peft_forward" in layer.__dict__ for layer in layers):
+            continue
+        module._ftune_attention_forward = module.forward
+        module._ftune_grouped = layers
+        module.forward = types.MethodType(_grouped_attention_forward, module)
+
+
+def _grouped_attention_forward(self, *args, **kwargs):
+    hidden_states = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+    with project_together(self._ftune_grouped, hidden_states):
+        return self._ftune_attention_forward(*args, **kwargs)
+
+
+def _set_attention_forward(attention: nn.Module, forward) -> None:
+    """An attention module's own forward replaced, beneath the projections' grouping if it has one."""
+    if "_ftune_attention_forward" in attention.__dict__:
+        attention._ftune_attention_forward = forward
+    else:
+        attention.forward = forward
+
+
+@functools.cache
+def _forward_with_kernel_rope(attention_class: type) -> types.FunctionType:
+    """The class's forward, same code, reading `apply_rotary_pos_emb` from globals where it is ours.
+
+    Rebinding the globals reuses transformers' attention code as it is, instead of a copy of it
+    per family that would drift. The globals are a snapshot of the modeling file's namespace,
+    taken once per class; attention backends are looked up through a registry that it shares.
+    """
+    forward = attention_class.forward
+    namespace = {**forward.__globals__, "apply_rotary_pos_emb": apply_rotary_pos_emb}
+    patched = types.FunctionType(
+        forward.__code__, namespace, forward.__name__, forward.__defaults__, forward.__closure__
+    )
+    patched.__kwdefaults__ = forward.__kwdefaults__
+    return functools.update_wrapper(patched, forward)
+
+
+@functools.cache
+def _causal_lm_forward(model_class: type) -> types.FunctionType:
+    """A forward for instances of `model_class`: with labels, the fused loss and no logits."""
+    signature = inspect.signature(model_class.forward)
+    var_keyword = next(p.name for p in signature.parameters.values() if p.kind is p.VAR_KEYWORD)
+
+    # `generate` validates its kwargs against the forward's signature: keep the class's
+    @functools.wraps(model_class.forward)
+    @can_return_tuple
+    def forward(self, *args, **kwargs):
+        arguments = signature.bind(self, *args, **kwargs).arguments
+        extra = arguments.pop(var_keyword, {})
+        labels = arguments.pop("labels", None)
+        # Without labels (generation, evaluation of logits) and for TRL's trainers, which call
+        # `model(..., fused_lm_head=True)` for their own chunked head, the original forward runs
+        if labels is None or extra.get("fused_lm_head"):
+            return self._ftune_original_forward(*args, **kwargs)
+        extra.pop("fused_lm_head", None)
+        del arguments["self"]
+        logits_to_keep = arguments.pop("logits_to_keep", 0)
+        # The backbone gets what the original forward gives it, loss kwargs included
+        outputs = getattr(self, self.base_model_prefix)(**arguments, **extra)
+        hidden_states = outputs.last_hidden_state
+        slice_indices = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+        lm_head = self.get_output_embeddings()
+        # an LM head that keeps its weight elsewhere between steps (ftune/engine/host_memory.py's
+        # HostLMHead) has `release`, for when the loss is done with the weight
+        releases = callable(getattr(lm_head, "release", None))
+        if _own_class(lm_head) is not nn.Linear and not releases:
+            raise RuntimeError(f"the fused cross-entropy needs an nn.Linear LM head, not a {type(lm_head).__name__}")
+        if isinstance(lm_head, FSDPModule):
+            # FSDP2 gathers a unit's weights when the unit's forward runs; this path reads the
+            # head's weight without calling it (the gathered head stays until FSDP reshards it)
+            lm_head.unshard()
+        loss, stats = fused_linear_cross_entropy(
+            hidden_states[:, slice_indices, :],
+            lm_head.weight,
+            labels,
+            bias=lm_head.bias,
+            shift_labels=extra.get("shift_labels"),
+            ignore_index=extra.get("ignore_index", -100),
+            num_items_in_batch=extra.get("num_items_in_batch"),
+            final_logit_softcapping=getattr(self.config, "final_logit_softcapping", None),
+            return_stats=True,
+        )
+        if releases and torch.is_grad_enabled():
+            lm_head.release()  # the loss's backward does not read the head: the layers' backward runs without it
+        return CausalLMOutputWithStats(
+            loss=loss,
+            logits=None,
+            past_key_values=outputs.past_key_values,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+            entropy_sum=stats.entropy_sum,
+            num_correct=stats.num_correct,
+            num_tokens=stats.num_tokens,
+        )
+
+    return forward
+
+
 ROUTER_LOGITS = "router_logits"
 
 
@@ -37,3 +365,19 @@ def recording_router_logits_apart():
         yield collected[ROUTER_LOGITS]
     finally:
         output_capturing._active_collector.reset(token)
+
+
+_wrapped_attention: dict[str, object] = {}
+
+
+def wrap_attention(name: str, make_wrapper) -> None:
+    """Register `make_wrapper(original)` as transformers' attention implementation `name` (e.g.
+    "sdpa"), once per process; `original` is transformers' own function, which the wrapper calls
+    for everything it does not handle."""
+    if name in _wrapped_attention:
+        return
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface
+
+    original = ALL_ATTENTION_FUNCTIONS[name]
+    _wrapped_attention[name] = original
+    AttentionInterface.register(name, make_wrapper(original))

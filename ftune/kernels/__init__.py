@@ -1,9 +1,6 @@
-"""Triton kernels, one file each, and the one function that patches a model with them.
+"""Triton kernels and autograd Functions, one file each: pure ops on tensors.
 
-The functional ops live in their modules (`from ftune.kernels.rms_norm import rms_norm`); they are
-not re-exported here, where their names would hide the modules of the same name.
+They import nothing of ftune but `ftune.kernels.utils`; ftune/integrations/transformers.py patches
+a model with them. The ops are not re-exported here, where their names would hide the modules of
+the same name (`from ftune.kernels.rms_norm import rms_norm`).
 """
-
-from ftune.kernels.patch import KERNELS, CausalLMOutputWithStats, apply_kernels, kernel_support
-
-__all__ = ["KERNELS", "CausalLMOutputWithStats", "apply_kernels", "kernel_support"]

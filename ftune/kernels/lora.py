@@ -1,370 +1,366 @@
-"""LoRA's update added inside one GEMM: `base(x) + s * (x A^T) B^T` as `addmm(base(x), x A^T, B^T, alpha=s)`.
+"""LoRA over 4-bit bases with the adapters inside the base GEMMs: the gated MLP in three GEMMs,
+a group of projections that read one input (q, k and v; o alone) in one per output and one for
+their input gradient.
 
-peft's LoRA forward (for a 4-bit base layer) makes three passes over each projection's output
-after the base GEMM: a defensive `clone` of it, the `* scaling` of the adapter's product, and the
-`+` of the two. Each pass reads and writes a tensor of tokens x out_features (14336 wide for the
-MLP): for the 8B shape at 8192 tokens, 45 GB of memory traffic per forward, ~15 ms per pass
-on an H100. `addmm` folds the scaling and the sum into the GEMM's epilogue (it reads the base
-output once while writing the result), so the three passes disappear; the backward is addmm's
-own (the incoming gradient passes through to the base output unchanged).
+peft runs an adapted projection as the base GEMM and the adapter's two thin ones, and autograd
+sums the two input gradients. Those thin GEMMs and sums are passes over whole projection outputs
+and inputs: in a profile of an `unsloth` step of the 8B shape at 8192 tokens on an H200 they are
+24 ms of elementwise adds and 35 ms of rank-16 GEMMs of an 800 ms step.
 
-Numerically it rounds once where peft rounds three times (product, scaled product, sum); in fp32
-the two agree to the last bits (tests/kernels/test_lora.py).
+Here each group (gate and up; q, k and v; down or o alone) is one 16-bit matrix, made wherever
+the 4-bit weights are dequantized:
 
-Over a bitsandbytes 4-bit base with one adapter and no dropout, training can go through
-`_LoRAOver4bit`, whose backward also folds the adapter's input gradient into the base's. Autograd
-computes the two as separate tokens x in_features tensors and then sums them, both alive at once:
-in the recomputed MLP chunk of the 8B shape (4608 tokens, down projection 14336 wide) a 127 MiB
-gradient sits at the step's peak beside the base's own 126 MiB (docs/benchmarks.md). With it the
-8B shape's peak at 8192 tokens is 5.99 GiB instead of 6.17 on an H200, and the gradients are
-peft's (tests/kernels/test_lora.py), but it stays off (FOLD_ADAPTER_INPUT_GRADIENT): its blocks
-cost 1-22% of the step's speed there, depending on the host (docs/benchmarks.md). Its blocks now
-dequantize in one launch each (`ftune/kernels/nf4.py`, 1.7x bitsandbytes' four launches on an H200);
-the folded step has not been timed again since.
+             K       R
+        N [  W    |  B  ]     W: the group's base weights stacked (gate over up, q over k over v)
+        R [  s A  |  0  ]     B: each adapter's B in its own R columns (block diagonal); A scaled by s
 
-The fast path covers what training uses: one or more plain LoRA adapters, active, unmerged, without
-DoRA-style variants or per-row adapter names, with the input already in the adapter's dtype or
-autocast on (so that peft would not cast). Anything else calls peft's own forward, unchanged.
+    forward    y  = [x | x (sA)^T] @ [W | B]^T      the adapter's product is R more input columns
+    backward   dx = [dy | dy B] @ [W ; sA]          its gradient R more output-gradient columns
+
+one GEMM each way over K + R (or N + R) instead of K (or N), R = 32 for gate and up at rank 16:
+0.8% more arithmetic and no other pass over the outputs. The adapters' gradients read the extra
+columns: dB = dy^T (x (sA)^T) and dA = s (dy B)^T x. In the MLP the gated activation reads gate
+and up where the GEMM wrote them, side by side in one buffer, and its backward writes their
+gradients over them, beside the columns the R extra ones go to.
+
+Rounding: the base product and the adapter's are summed in the GEMM's fp32 accumulator and
+rounded once, where peft rounds the adapter's product, its scaled copy and the sum.
+
+Two options come from the caller, never from module state:
+  held           a dict in which each group's matrix is made once and reused until the caller
+                 drops it (a recomputed layer's MLP chunks, or its recompute and backward);
+  output_unread  the group's output is only differentiated, never read: the forward's GEMM is
+                 skipped and an uninitialized tensor of the output's shape stands in for it.
+
+Which projections qualify (peft LoRA layers over bitsandbytes 4-bit weights, one plain adapter,
+inputs long enough that bitsandbytes would dequantize the weights anyway) is decided by
+ftune/integrations/peft.py; this module holds only the arithmetic.
 """
 
 from __future__ import annotations
 
-import contextlib
-import types
+from dataclasses import dataclass
 
 import torch
 from torch import nn
-from torch.nn import functional as F
 
-from ftune.kernels.nf4 import dequantize_nf4, dequantizes
+from ftune.kernels.swiglu import swiglu_backward, swiglu_forward
 
-# Route training over 4-bit bases through _LoRAOver4bit (see the module docstring): off, for its
-# price in speed.
-FOLD_ADAPTER_INPUT_GRADIENT = False
-# Largest piece of a 4-bit weight that _LoRAOver4bit dequantizes at once (linear_through_4bit,
-# grad_through_4bit).
-DEQUANTIZED_BLOCK_BYTES = 32 * 1024**2
-# Up to this many tokens bitsandbytes multiplies by the 4-bit weight in its own kernels, without
-# a 16-bit copy of it (its CUDA backend's _gemm_4bit_custom_max_m); above, it dequantizes all of it.
-BITSANDBYTES_FUSED_MAX_TOKENS = 1536
-# Blocks of a weight span whole GEMM tiles (and quantization blocks, 64 values).
-GEMM_TILE = 128
-# The 16-bit copies of 4-bit base weights made inside `dequantized_once`, by (weight, dtype).
-_REUSED_WEIGHTS: dict[tuple[int, torch.dtype], torch.Tensor] | None = None
+# The rank columns padded with zeros to a multiple of this: rows of whole 16-byte vectors of
+# 16-bit values, which cuBLAS wants for its fastest kernels
+RANK_ALIGNMENT = 8
 
 
-def overwritable(x: torch.Tensor) -> torch.Tensor:
-    """Mark `x` as read by nothing but the LoRA projection it is passed to (an MLP's SwiGLU
-    product into down_proj): that projection's backward may then write x's gradient over x."""
-    x._ftune_overwritable = True
-    return x
+@dataclass(frozen=True)
+class AdaptedProjection:
+    """One adapted projection: its frozen bitsandbytes 4-bit base layer (read at each use, so that
+    a weight FSDP gathers anew is seen) and its adapter's A, B and scaling."""
+
+    base: nn.Module
+    lora_a: torch.Tensor
+    lora_b: torch.Tensor
+    scaling: float
 
 
-def fused_lora_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-    """A bound `forward` for a peft LoRA layer; `self._ftune_peft_forward` is peft's."""
-    group = getattr(self, "_ftune_projection_group", None)
-    if group is not None and not args and not kwargs:  # lora_augmented.ProjectionGroup
-        result = group.forward(self, x)
-        if result is not None:
-            return result
-    if not _fast_path_applies(self, x, kwargs):
-        return self._ftune_peft_forward(x, *args, **kwargs)
-    single = _single_plain_adapter(self) if FOLD_ADAPTER_INPUT_GRADIENT else None
-    if single is not None and torch.is_grad_enabled() and not args and not kwargs and _is_4bit(self.base_layer):
-        return _LoRAOver4bit.apply(x, self.lora_A[single].weight, self.lora_B[single].weight, self.base_layer,
-                                   self.scaling[single], getattr(x, "_ftune_overwritable", False))
-    if (getattr(self, "_ftune_output_unread", False) and torch.is_grad_enabled() and not args and not kwargs
-            and _is_4bit(self.base_layer) and self.base_layer.bias is None):
-        result = _Base4bitGradientOnly.apply(x, self.base_layer)
-    elif _REUSED_WEIGHTS is not None and not args and not kwargs and _reads_whole_weight(self.base_layer, x):
-        result = _Base4bitReused.apply(x, self.base_layer)
-    else:
-        result = self.base_layer(x, *args, **kwargs)
-    out_shape = result.shape
-    result = result.reshape(-1, out_shape[-1])
-    for name in self.active_adapters:
-        if name not in self.lora_A:
-            continue
-        lora_a, lora_b = self.lora_A[name], self.lora_B[name]
-        down = F.linear(self.lora_dropout[name](x), lora_a.weight).reshape(-1, lora_a.weight.shape[0])
-        result = torch.addmm(result, down, lora_b.weight.t(), alpha=self.scaling[name])
-    return result.reshape(out_shape)
+@dataclass(frozen=True)
+class _Member:
+    projection: AdaptedProjection
+    rows: slice
+    ranks: slice
 
 
-@contextlib.contextmanager
-def output_unread(layer: nn.Module | None):
-    """Within this block, `layer`'s output is only differentiated, never read: the recomputed MLP's
-    down projection (ftune/engine/halves.py), whose output the layer adds to the residual stream,
-    which the backward already has. Its 4-bit base GEMM then runs only in the backward, for the
-    input gradient; the forward's (a third of the recomputed MLP's GEMM work, and a dequantization
-    of the weight) is skipped."""
-    if layer is None:
-        yield
-        return
-    layer._ftune_output_unread = True
-    try:
-        yield
-    finally:
-        layer._ftune_output_unread = False
+class ProjectionGroup:
+    """Projections that read one input, their outputs side by side (gate and up; q, k and v)."""
+
+    def __init__(self, projections: list[AdaptedProjection]):
+        members, rows, ranks = [], 0, 0
+        for projection in projections:
+            out_features = projection.base.weight.quant_state.shape[0]
+            rank = projection.lora_a.shape[0]
+            members.append(_Member(projection, slice(rows, rows + out_features), slice(ranks, ranks + rank)))
+            rows, ranks = rows + out_features, ranks + rank
+        self.members = members
+        # the adapters' A and B in the order the Functions take them and return their gradients
+        self.weights = [w for m in members for w in (m.projection.lora_a, m.projection.lora_b)]
+        self.out_features = rows
+        self.in_features = projections[0].base.weight.quant_state.shape[1]
+        self.rank = -(-ranks // RANK_ALIGNMENT) * RANK_ALIGNMENT
 
 
-@contextlib.contextmanager
-def dequantized_once():
-    """Within this block each 4-bit base weight is dequantized once, and that 16-bit copy serves
-    every GEMM that reads the weight, forward and backward, until the block ends.
-
-    A recomputed layer's MLP runs in chunks of tokens (ftune/engine/halves.py), and each chunk went
-    through bitsandbytes, which dequantizes the whole weight for every GEMM past its fused kernels'
-    range: in the backward of one layer at 8192 tokens of the 8B shape (two chunks), 10
-    dequantizations of the MLP's three weights, 20 at 16384 (four chunks); 3 in this block,
-    whatever the length. The price is the three copies alive together for the block (336 MiB for
-    the 8B MLP) where one was alive at a time.
-    """
-    global _REUSED_WEIGHTS
-    outer, _REUSED_WEIGHTS = _REUSED_WEIGHTS, {}
-    try:
-        yield
-    finally:
-        _REUSED_WEIGHTS = outer
-
-
-def _dequantized(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """The whole weight in `dtype`: `dequantized_once`'s copy inside its block, a new one outside."""
-    if _REUSED_WEIGHTS is None:
-        return _whole_weight(weight, dtype)
-    key = (id(weight), dtype)
-    if key not in _REUSED_WEIGHTS:
-        _REUSED_WEIGHTS[key] = _whole_weight(weight, dtype)
-    return _REUSED_WEIGHTS[key]
-
-
-def _reads_whole_weight(layer: nn.Module, x: torch.Tensor) -> bool:
-    """Whether bitsandbytes would multiply x by this layer's whole dequantized weight (so a reused
-    copy computes exactly what it computes): a 4-bit NF4/FP4 layer in the flat layout, frozen bias,
-    autocast off or in the compute dtype, and on CUDA more tokens than its fused kernels take."""
-    if not _is_4bit(layer) or getattr(layer.weight, "quant_state", None) is None:
-        return False
-    state = layer.weight.quant_state
-    if getattr(state, "packing_format_for_cpu", False) or (layer.bias is not None and layer.bias.requires_grad):
-        return False
-    tokens = x.numel() // max(1, x.shape[-1])
-    if x.device.type == "cuda" and tokens <= BITSANDBYTES_FUSED_MAX_TOKENS:
-        return False
-    dtype = layer.compute_dtype or x.dtype
-    autocast = torch.is_autocast_enabled(x.device.type)
-    return not autocast or torch.get_autocast_dtype(x.device.type) == dtype
-
-
-class _Base4bitInputGradient(torch.autograd.Function):
-    """The input gradient of a bitsandbytes Linear4bit exactly as bitsandbytes' own backward makes it
-    (the weight dequantized, one matmul in the gradient's compute dtype), the weight taken from
-    `dequantized_once` inside its block; the subclasses' forwards differ."""
-
-    @staticmethod
-    def _prepare(ctx, x, layer) -> torch.dtype:
-        from bitsandbytes.nn.modules import fix_4bit_weight_quant_state_from_module
-
-        fix_4bit_weight_quant_state_from_module(layer)
-        ctx.layer, ctx.input_dtype = layer, x.dtype
-        ctx.compute_dtype = layer.compute_dtype or x.dtype
-        return ctx.compute_dtype
-
-    @staticmethod
-    def backward(ctx, grad_output):
-        # Linear4bit casts x to its compute dtype and the product back: the casts' backwards and
-        # MatMul4Bit's, in that order
-        grad = grad_output.to(ctx.compute_dtype)
-        return torch.matmul(grad, _dequantized(ctx.layer.weight, grad.dtype)).to(ctx.input_dtype), None
-
-
-class _Base4bitReused(_Base4bitInputGradient):
-    """A bitsandbytes Linear4bit as bitsandbytes computes it for long inputs (x cast to the compute
-    dtype, one GEMM with the whole dequantized weight, the bias added, the product cast back), the
-    weight taken from `dequantized_once`."""
-
-    @staticmethod
-    def forward(ctx, x, layer):
-        dtype = _Base4bitInputGradient._prepare(ctx, x, layer)
-        bias = None if layer.bias is None else layer.bias.to(dtype)
-        return F.linear(x.to(dtype), _dequantized(layer.weight, dtype), bias).to(x.dtype)
-
-
-class _Base4bitGradientOnly(_Base4bitInputGradient):
-    """A bitsandbytes Linear4bit (no bias) whose output is never read: the forward returns an
-    uninitialized tensor of the output's shape and dtype; the backward is bitsandbytes' input gradient."""
-
-    @staticmethod
-    def forward(ctx, x, layer):
-        _Base4bitInputGradient._prepare(ctx, x, layer)
-        return x.new_empty(*x.shape[:-1], layer.weight.quant_state.shape[0])
-
-
-class _LoRAOver4bit(torch.autograd.Function):
-    """`base(x) + s (x A^T) B^T` over a frozen 4-bit base; the backward adds the adapter's input
-    gradient into the base's in place, dequantizing the base weight a block at a time.
-
-    With `overwrite_input` (see `overwritable`) the input gradient is written over x itself once
-    the adapter's gradients have read it: in the 8B shape's recomputed MLP that is the 112 MiB
-    SwiGLU product of a 4096-token chunk, alive at the step's peak beside its gradient. Writing
-    bumps x's version counter, so a second backward through the graph raises instead of reading
-    the gradient as x.
-    """
-
-    @staticmethod
-    def forward(ctx, x, lora_a, lora_b, base_layer, scaling, overwrite_input=False):
-        result = linear_through_4bit(x, base_layer)
-        out_shape = result.shape
-        down = F.linear(x, lora_a)
-        result = torch.addmm(result.reshape(-1, out_shape[-1]), down.reshape(-1, down.shape[-1]), lora_b.t(),
-                             alpha=scaling)
-        ctx.save_for_backward(x, down, lora_a, lora_b)
-        ctx.base_layer, ctx.scaling, ctx.overwrite_input = base_layer, scaling, overwrite_input
-        return result.reshape(out_shape)
-
-    @staticmethod
-    def backward(ctx, grad_output):
-        from bitsandbytes.nn.modules import fix_4bit_weight_quant_state_from_module
-
-        x, down, lora_a, lora_b = ctx.saved_tensors
-        scaling = ctx.scaling
-        grad = grad_output.reshape(-1, grad_output.shape[-1])
-        dtype = grad.dtype
-        down = down.reshape(-1, down.shape[-1]).to(dtype)
-        grad_down = torch.mm(grad, lora_b.to(dtype)).mul_(scaling)
-        grad_x = grad_a = grad_b = None
-        # the adapter's gradients first: they read x, which the input gradient may overwrite
-        if ctx.needs_input_grad[1]:
-            grad_a = torch.mm(grad_down.t(), x.reshape(-1, x.shape[-1]).to(dtype)).to(lora_a.dtype)
-        if ctx.needs_input_grad[2]:
-            grad_b = torch.mm(grad.t(), down).mul_(scaling).to(lora_b.dtype)
-        if ctx.needs_input_grad[0]:
-            layer = ctx.base_layer
-            fix_4bit_weight_quant_state_from_module(layer)  # FSDP's gathered weight lacks it
-            in_place = ctx.overwrite_input and x.dtype == dtype and x.is_contiguous()
-            grad_x = grad_through_4bit(grad, layer.weight, out=x.view(-1, x.shape[-1]) if in_place else None)
-            grad_x.addmm_(grad_down, lora_a.to(dtype))
-            grad_x = grad_x.view(*x.shape[:-1], grad_x.shape[-1]).to(x.dtype)
-        return grad_x, grad_a, grad_b, None, None, None
-
-
-def linear_through_4bit(x: torch.Tensor, layer: nn.Module) -> torch.Tensor:
-    """A bitsandbytes Linear4bit's forward, `x W^T`, with W dequantized a block of output
-    rows at a time (at most DEQUANTIZED_BLOCK_BYTES), each block's GEMM writing its own output
-    columns. bitsandbytes dequantizes all of W for long inputs: 112 MiB beside the recomputed
-    MLP chunk's gate, up and product at the 8B shape's peak. Every output element is still one
-    full dot product in the compute dtype, as bitsandbytes computes it. Short inputs (which
-    bitsandbytes multiplies without a 16-bit W), biases and CPU-repacked weights take the layer's
-    own forward.
-    """
-    from bitsandbytes.nn.modules import fix_4bit_weight_quant_state_from_module
-
-    fix_4bit_weight_quant_state_from_module(layer)
-    weight, state = layer.weight, layer.weight.quant_state
-    out_features, in_features = state.shape
-    tokens = x.numel() // in_features
-    dtype = layer.compute_dtype or x.dtype
-    rows = DEQUANTIZED_BLOCK_BYTES // (in_features * torch.empty((), dtype=dtype).element_size())
-    # whole 128-wide GEMM tiles and 16-byte aligned output columns (32 MiB of the down projection
-    # is 1170 rows, which would misalign them; aligning did not change the step's speed on an H200)
-    rows = rows // GEMM_TILE * GEMM_TILE if rows >= GEMM_TILE else rows
-    autocast = torch.is_autocast_enabled(x.device.type)
-    if (tokens <= BITSANDBYTES_FUSED_MAX_TOKENS or not 0 < rows < out_features or not _blocks_apply(state)
-            or layer.bias is not None or (autocast and torch.get_autocast_dtype(x.device.type) != dtype)):
-        return layer(x)
-    flat = x.reshape(tokens, in_features).to(dtype)
-    result = torch.empty(tokens, out_features, dtype=dtype, device=x.device)
-    for start in range(0, out_features, rows):
-        stop = min(start + rows, out_features)
-        block = dequantize_nf4(weight, dtype, rows=(start, stop))
-        torch.mm(flat, block.t(), out=result[:, start:stop])
-        del block
-    return result.view(*x.shape[:-1], out_features).to(x.dtype)
-
-
-def _whole_weight(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+def dequantized(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """A bitsandbytes 4-bit weight dequantized whole, in `dtype`, as its own backward makes it."""
     import bitsandbytes.functional as bnb_functional
 
     return bnb_functional.dequantize_4bit(weight.view(-1, 1), weight.quant_state).to(dtype)
 
 
-def _blocks_apply(state) -> bool:
-    """Whether a weight can be dequantized a block at a time here: NF4 in bitsandbytes' flat
-    layout (`dequantize_nf4`), its rows whole quantization blocks. bitsandbytes' CPU kernels
-    restart the blocks at each row and its CUDA kernels do not, which agree only then; the
-    layer's own path keeps the tests on CPU comparable with it."""
-    return dequantizes(state) and state.shape[1] % state.blocksize == 0
+class AugmentedWeight:
+    """A group's base weights dequantized and its adapters beside them, in one (N + R) x (K + R) matrix."""
+
+    def __init__(self, group: ProjectionGroup, dtype: torch.dtype):
+        n, k, r = group.out_features, group.in_features, group.rank
+        self.n, self.k, self.r = n, k, r
+        device = group.members[0].projection.lora_a.device
+        self.matrix = matrix = torch.empty(n + r, k + r, dtype=dtype, device=device)
+        matrix[:n, k:].zero_()
+        matrix[n:, k:].zero_()
+        with torch.no_grad():  # the adapters are copied fresh each time: an optimizer step changes them
+            for member in group.members:
+                projection = member.projection
+                # bitsandbytes' dequantization, then a copy into the matrix's rows (K + R apart): on
+                # an H100 the copy costs 0.08 ms for the 8B shape's gate weight, where a Triton
+                # kernel writing straight into the rows took 1.14 ms
+                matrix[member.rows, :k].copy_(dequantized(projection.base.weight, dtype))
+                matrix[member.rows, k + member.ranks.start: k + member.ranks.stop].copy_(projection.lora_b)
+                torch.mul(projection.lora_a, projection.scaling,
+                          out=matrix[n + member.ranks.start: n + member.ranks.stop, :k])
+            ranks_used = group.members[-1].ranks.stop
+            if ranks_used < r:  # the padding rows of sA
+                matrix[n + ranks_used:, :k].zero_()
+
+    @property
+    def forward_weight(self) -> torch.Tensor:
+        """[W | B], N x (K + R): the input's extra columns meet the B blocks."""
+        return self.matrix[: self.n]
+
+    @property
+    def backward_weight(self) -> torch.Tensor:
+        """[W ; sA], (N + R) x K: the output gradient's extra columns meet the scaled A blocks."""
+        return self.matrix[:, : self.k]
+
+    @property
+    def scaled_a(self) -> torch.Tensor:
+        return self.matrix[self.n:, : self.k]
+
+    @property
+    def b(self) -> torch.Tensor:
+        return self.matrix[: self.n, self.k:]
 
 
-def grad_through_4bit(grad: torch.Tensor, weight: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-    """`grad @ W` for a bitsandbytes 4-bit weight W [out, in], in the gradient's dtype (into `out`
-    when given, which grad must not overlap).
-
-    bitsandbytes' own backward dequantizes all of W to 16 bits first: 112 MiB for the 8B shape's
-    MLP projections, alive at the step's peak beside the gradient it produces (docs/benchmarks.md).
-    Here W is dequantized a block of input columns at a time (at most DEQUANTIZED_BLOCK_BYTES),
-    and each block's GEMM writes its own columns of the result. Every output element is still one
-    full-length dot product rounded once, so the result is the one-shot product's; splitting over
-    output rows instead would round partial sums to bf16 once per block.
-    """
-    state = weight.quant_state
-    dtype = grad.dtype
-    out_features, in_features = state.shape
-    step = max(GEMM_TILE, state.blocksize)  # both powers of two: a multiple of each
-    columns = DEQUANTIZED_BLOCK_BYTES // (out_features * grad.element_size()) // step * step
-    if not 0 < columns < in_features or not _blocks_apply(state):
-        return torch.mm(grad, _whole_weight(weight, dtype), out=out)
-    result = torch.empty(grad.shape[0], in_features, dtype=dtype, device=grad.device) if out is None else out
-    for start in range(0, in_features, columns):
-        stop = min(start + columns, in_features)
-        block = dequantize_nf4(weight, dtype, columns=(start, stop))
-        torch.mm(grad, block, out=result[:, start:stop])
-        del block  # freed before the next block is made: the allocator hands the same memory back
-    return result
+def _augmented(group: ProjectionGroup, dtype: torch.dtype, held: dict | None) -> AugmentedWeight:
+    """The group's matrix: made once per `held` dict, else at each call."""
+    if held is None:
+        return AugmentedWeight(group, dtype)
+    key = (group, dtype)
+    if key not in held:
+        held[key] = AugmentedWeight(group, dtype)
+    return held[key]
 
 
-def _single_plain_adapter(layer) -> str | None:
-    """The name of the layer's one active adapter when it has no dropout, else None."""
-    active = [name for name in layer.active_adapters if name in layer.lora_A]
-    if len(active) != 1 or not isinstance(layer.lora_dropout[active[0]], nn.Identity):
-        return None
-    return active[0]
+def _with_product(t: torch.Tensor, matrix: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """[t | t @ matrix] in `dtype`: an input with its adapter columns, [x | x (sA)^T], or an output
+    gradient with its, [dy | dy B]."""
+    wide = torch.empty(t.shape[0], t.shape[1] + matrix.shape[1], dtype=dtype, device=t.device)
+    wide[:, : t.shape[1]].copy_(t)
+    torch.mm(wide[:, : t.shape[1]], matrix, out=wide[:, t.shape[1]:])
+    return wide
 
 
-def _is_4bit(module: nn.Module) -> bool:
-    return type(getattr(module, "weight", None)).__name__ == "Params4bit"
+def _adapter_grads(group: ProjectionGroup, grad: torch.Tensor, grad_times_b: torch.Tensor, x: torch.Tensor,
+                   x_times_scaled_a: torch.Tensor, needs: tuple[bool, ...]) -> list[torch.Tensor | None]:
+    """Each member's (dA, dB): dB = dy^T (x (sA)^T), dA = s (dy B)^T x, from one GEMM each for the
+    group (its blocks off the diagonal are the products of other members' columns, unread)."""
+    all_b = grad.t() @ x_times_scaled_a if any(needs[1::2]) else None  # N x R
+    all_a = grad_times_b.t() @ x if any(needs[0::2]) else None  # R x K
+    grads = []
+    for index, member in enumerate(group.members):
+        projection = member.projection
+        grad_a = grad_b = None
+        if needs[2 * index]:
+            grad_a = (all_a[member.ranks].float() * projection.scaling).to(projection.lora_a.dtype)
+        if needs[2 * index + 1]:
+            grad_b = all_b[member.rows, member.ranks].to(projection.lora_b.dtype)
+        grads += [grad_a, grad_b]
+    return grads
 
 
-def _fast_path_applies(layer, x: torch.Tensor, kwargs: dict) -> bool:
-    if layer.disable_adapters or layer.merged or kwargs.get("adapter_names") is not None:
-        return False
-    active = [name for name in layer.active_adapters if name in layer.lora_A]
-    if not active or any(name in getattr(layer, "lora_variant", {}) for name in active):
-        return False
-    if any(layer.lora_A[name].bias is not None or layer.lora_B[name].bias is not None for name in active):
-        return False
-    # peft casts x to the adapter's dtype when autocast is off; the fast path would not, so it
-    # takes only inputs that need no cast
-    autocast = torch.is_autocast_enabled(x.device.type)
-    return autocast or all(layer.lora_A[name].weight.dtype == x.dtype for name in active)
+# ----------------------------------------------------------------------------------------------
+# The gated MLP: down(silu(gate(x)) * up(x))
 
 
-def lora_layers(model: nn.Module) -> list[nn.Module]:
-    """peft's LoRA layers around linear projections (plain, bitsandbytes 4-bit or 8-bit) in `model`."""
-    from peft.tuners.lora import LoraLayer
-
-    # bitsandbytes' Linear4bit and Linear8bitLt are nn.Linear subclasses; embeddings and convolutions are not
-    return [m for m in model.modules() if isinstance(m, LoraLayer) and isinstance(getattr(m, "base_layer", None), nn.Linear)]
+@dataclass(frozen=True)
+class MLPGroups:
+    gate_up: ProjectionGroup
+    down: ProjectionGroup
 
 
-def patch_lora(model: nn.Module) -> int:
-    """Give each LoRA layer of `model` the fused forward, and the attention's projections their
-    groups (lora_augmented.py); returns how many layers were patched."""
-    from ftune.kernels.lora_augmented import group_projections  # it builds on this module
+def lora_mlp(x: torch.Tensor, groups: MLPGroups, dtype: torch.dtype, *, held: dict | None = None,
+             output_unread: bool = False) -> torch.Tensor:
+    """`down(silu(gate(x)) * up(x))` with every adapter, through the augmented matrices, computed in `dtype`."""
+    weights = groups.gate_up.weights + groups.down.weights
+    if torch.is_grad_enabled() and (x.requires_grad or any(w.requires_grad for w in weights)):
+        return _LoRAMLP.apply(x, groups, dtype, held, output_unread, *weights)
+    return _mlp_forward(x, groups, dtype, held, output_unread, for_backward=False)[0]
 
-    layers = lora_layers(model)
-    for layer in layers:
-        layer._ftune_peft_forward = layer.forward
-        layer.forward = types.MethodType(fused_lora_forward, layer)
-    group_projections(model)
-    return len(layers)
+
+def _mlp_forward(x: torch.Tensor, groups: MLPGroups, dtype: torch.dtype, held: dict | None, output_unread: bool,
+                 for_backward: bool = True):
+    """The MLP's output and what its backward reads: the input with its adapter columns, gate and
+    up side by side (room for their gradients' adapter columns), the SwiGLU product with its own.
+    Without `for_backward` the first two are None, and the product is written over gate."""
+    gate_up, down = groups.gate_up, groups.down
+    k, n = gate_up.in_features, down.in_features
+    weight = _augmented(gate_up, dtype, held)
+    # Without a graph, with the matrices held through the chunks, the down matrix is made first,
+    # before gate and up exist: made after them, beside the gate-up matrix, it raises the 8B
+    # shape's forward peak at 8192 tokens by 0.08 GiB
+    down_weight = _augmented(down, dtype, held) if not for_backward and held is not None else None
+    x_wide = _with_product(x.reshape(-1, k), weight.scaled_a.t(), dtype)
+    tokens = x_wide.shape[0]
+    gate_up_out = torch.empty(tokens, 2 * n + gate_up.rank, dtype=dtype, device=x.device)
+    torch.mm(x_wide, weight.forward_weight.t(), out=gate_up_out[:, : 2 * n])
+    del weight  # (not held) the next matrix is made only after this one is freed
+    gate, up = gate_up_out[:, :n], gate_up_out[:, n: 2 * n]
+    if not for_backward and down.rank <= n + gate_up.rank:
+        # Nothing reads the widened input, gate or up again: the product goes over gate (each
+        # element read before it is written, by the same thread) and its adapter columns over
+        # up's first ones. Beside the held matrices (339 MiB for the 8B shape) a product of its
+        # own raises the forward peak at 8192 tokens by 0.11 GiB
+        x_wide = None
+        swiglu_forward(gate, up, out=gate)
+        product, gate_up_out = gate_up_out[:, : n + down.rank], None
+    else:
+        product = torch.empty(tokens, n + down.rank, dtype=dtype, device=x.device)
+        swiglu_forward(gate, up, out=product[:, :n])
+        if not for_backward:
+            x_wide = gate_up_out = None
+    weight = _augmented(down, dtype, held) if down_weight is None else down_weight
+    torch.mm(product[:, :n], weight.scaled_a.t(), out=product[:, n:])
+    # outputs made in their own shape, not as views, so that a caller may modify them in place
+    y = torch.empty((*x.shape[:-1], down.out_features), dtype=dtype, device=x.device)
+    if not output_unread:
+        torch.mm(product, weight.forward_weight.t(), out=y.view(-1, down.out_features))
+    return y, x_wide, gate_up_out, product
+
+
+class _LoRAMLP(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, groups: MLPGroups, dtype: torch.dtype, held: dict | None, output_unread: bool,
+                *adapter_weights):
+        y, x_wide, gate_up_out, product = _mlp_forward(x, groups, dtype, held, output_unread)
+        ctx.groups, ctx.dtype, ctx.held = groups, dtype, held
+        ctx.input_shape, ctx.input_dtype = x.shape, x.dtype
+        # attributes, not saved tensors: the backward lets each go as soon as it is read
+        ctx.x_wide, ctx.gate_up_out, ctx.product = x_wide, gate_up_out, product
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        groups, dtype, held = ctx.groups, ctx.dtype, ctx.held
+        gate_up, down = groups.gate_up, groups.down
+        k, n = gate_up.in_features, down.in_features
+        needs = ctx.needs_input_grad
+        first_weight = 5  # x, groups, dtype, held, output_unread, then the adapters' A and B
+        x_wide, gate_up_out, product = ctx.x_wide, ctx.gate_up_out, ctx.product
+        ctx.x_wide = ctx.gate_up_out = ctx.product = None  # a second backward finds nothing
+        if x_wide is None:
+            raise RuntimeError("the fused LoRA MLP's backward ran twice through one graph (retain_graph=True)")
+        grad = grad_output.reshape(-1, down.out_features).to(dtype)
+        grads_wanted = any(needs[first_weight:])
+        gate_up_needs = needs[first_weight: first_weight + 4]
+        down_needs = needs[first_weight + 4:]
+
+        # down: its input gradient through [dy | dy B] @ [W ; sA]
+        weight = _augmented(down, dtype, held)
+        grad_wide = _with_product(grad, weight.b, dtype)
+        grad_product = torch.mm(grad_wide, weight.backward_weight)
+        del weight
+        down_grads = _adapter_grads(down, grad, grad_wide[:, down.out_features:], product[:, :n],
+                                    product[:, n:], down_needs) if grads_wanted else [None, None]
+        del grad_wide, product
+
+        # SwiGLU: gate's and up's gradients written over them, then the extra columns of both
+        swiglu_backward(grad_product, gate_up_out[:, :n], gate_up_out[:, n: 2 * n], overwrite_inputs=True)
+        del grad_product
+        weight = _augmented(gate_up, dtype, held)
+        grad_gate_up = gate_up_out[:, : 2 * n]
+        torch.mm(grad_gate_up, weight.b, out=gate_up_out[:, 2 * n:])
+        grad_x = None
+        if needs[0]:
+            grad_x = torch.mm(gate_up_out, weight.backward_weight).view(ctx.input_shape).to(ctx.input_dtype)
+        del weight
+        gate_up_grads = _adapter_grads(gate_up, grad_gate_up, gate_up_out[:, 2 * n:], x_wide[:, :k], x_wide[:, k:],
+                                       gate_up_needs) if grads_wanted else [None] * 4
+        return (grad_x, None, None, None, None, *gate_up_grads, *down_grads)
+
+
+# ----------------------------------------------------------------------------------------------
+# A group of projections that read one input (q, k and v; o alone)
+
+
+def lora_projections(x: torch.Tensor, group: ProjectionGroup, dtype: torch.dtype, *, held: dict | None = None,
+                     output_unread: bool = False) -> tuple[torch.Tensor, ...]:
+    """Each member's `base(x) + s (x A^T) B^T` (the base's frozen bias added in the GEMM, as
+    bitsandbytes adds it), computed in `dtype` through the group's augmented matrix."""
+    if torch.is_grad_enabled() and (x.requires_grad or any(w.requires_grad for w in group.weights)):
+        return _LoRAProjections.apply(x, group, dtype, held, output_unread, *group.weights)
+    return _project(x, group, dtype, held, output_unread)[0]
+
+
+def _project(x: torch.Tensor, group: ProjectionGroup, dtype: torch.dtype, held: dict | None, output_unread: bool):
+    """Each member's output, and the input with its adapter columns (the backward reads both parts)."""
+    weight = _augmented(group, dtype, held)
+    x_wide = _with_product(x.reshape(-1, group.in_features), weight.scaled_a.t(), dtype)
+    outputs = []
+    for member in group.members:
+        width = member.rows.stop - member.rows.start
+        # made in its own shape, not as a view, so that a caller may modify it in place
+        output = torch.empty((*x.shape[:-1], width), dtype=dtype, device=x.device)
+        if not output_unread:
+            member_weight = weight.forward_weight[member.rows].t()
+            bias = member.projection.base.bias
+            if bias is None:
+                torch.mm(x_wide, member_weight, out=output.view(-1, width))
+            else:
+                torch.addmm(bias.to(dtype), x_wide, member_weight, out=output.view(-1, width))
+        outputs.append(output)
+    return tuple(outputs), x_wide
+
+
+class _LoRAProjections(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group: ProjectionGroup, dtype: torch.dtype, held: dict | None, output_unread: bool,
+                *adapter_weights):
+        outputs, x_wide = _project(x, group, dtype, held, output_unread)
+        ctx.set_materialize_grads(False)  # an output nothing read has no gradient: its columns are zeroed
+        ctx.group, ctx.dtype, ctx.held = group, dtype, held
+        ctx.input_shape, ctx.input_dtype = x.shape, x.dtype
+        # The backward reads x and its adapter columns. It keeps x itself rather than x_wide's copy
+        # of it: o's input is attention's output, which SDPA keeps for its own backward, and the
+        # copy costs the 8B shape 2.0 GiB in mode `none` at 8192 tokens. Under autocast, where
+        # x_wide's copy is x in the compute dtype as the GEMM read it, x_wide is kept.
+        k = group.in_features
+        ctx.kept_wide = x.dtype != dtype
+        ctx.save_for_backward(x_wide if ctx.kept_wide else x)
+        # an attribute: the backward lets it go once read
+        ctx.x_times_scaled_a = x_wide[:, k:] if ctx.kept_wide else x_wide[:, k:].clone()
+        return outputs
+
+    @staticmethod
+    def backward(ctx, *grad_outputs):
+        group, dtype, held = ctx.group, ctx.dtype, ctx.held
+        x_times_scaled_a, ctx.x_times_scaled_a = ctx.x_times_scaled_a, None
+        if x_times_scaled_a is None:
+            raise RuntimeError("the fused LoRA projections' backward ran twice through one graph (retain_graph=True)")
+        n, k = group.out_features, group.in_features
+        (kept,) = ctx.saved_tensors
+        x = kept[:, :k] if ctx.kept_wide else kept.reshape(-1, k)
+        # every output's gradient side by side, then the adapter columns: one input gradient GEMM
+        grad_wide = torch.empty(x_times_scaled_a.shape[0], n + group.rank, dtype=dtype, device=x.device)
+        for member, grad in zip(group.members, grad_outputs):
+            if grad is None:
+                grad_wide[:, member.rows].zero_()
+            else:
+                grad_wide[:, member.rows].copy_(grad.reshape(-1, member.rows.stop - member.rows.start))
+        weight = _augmented(group, dtype, held)
+        torch.mm(grad_wide[:, :n], weight.b, out=grad_wide[:, n:])
+        needs = ctx.needs_input_grad
+        first_weight = 5
+        grad_x = None
+        if needs[0]:
+            grad_x = torch.mm(grad_wide, weight.backward_weight).view(ctx.input_shape).to(ctx.input_dtype)
+        del weight
+        adapter_needs = needs[first_weight:]
+        adapter_grads = (_adapter_grads(group, grad_wide[:, :n], grad_wide[:, n:], x, x_times_scaled_a, adapter_needs)
+                         if any(adapter_needs) else [None] * len(adapter_needs))
+        return (grad_x, None, None, None, None, *adapter_grads)

@@ -12,7 +12,7 @@ import torch
 from transformers import Trainer
 from transformers.trainer_callback import PrinterCallback
 
-from ftune.engine.checkpoint import decoder_layers
+from ftune.engine.recompute import decoder_layers
 from ftune.errors import RecipeError
 from ftune.integrations.transformers_trainer import run_trackers_last
 from ftune.model import BuiltModel, shards_with_fsdp

@@ -21,8 +21,8 @@ from transformers import (
     Qwen3ForCausalLM,
 )
 
-import ftune.kernels.patch as patch
-from ftune.kernels import CausalLMOutputWithStats, apply_kernels, kernel_support
+import ftune.integrations.transformers as patch
+from ftune.integrations.transformers import CausalLMOutputWithStats, apply_kernels, kernel_support
 from tests.kernels.common import DEVICE, gpu
 
 PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -206,18 +206,13 @@ def test_lora_on_the_head_is_refused():
 
 
 @gpu
-@pytest.mark.parametrize("fold", [False, True])
+@pytest.mark.parametrize("fused_lora", [False, True])
 @pytest.mark.parametrize("family", list(FAMILIES))
-def test_qlora_bf16_gpu(family, fold, tmp_path, monkeypatch):
+def test_qlora_bf16_gpu(family, fused_lora, tmp_path, monkeypatch):
     """The user's path: bf16 weights saved, loaded in 4-bit NF4 with bitsandbytes, LoRA on all
     projections; patched and unpatched copies agree on the loss and LoRA gradients in bf16, with
-    and without the folded LoRA backward (fused_lora on, its 4-bit weights dequantized in blocks)."""
+    and without ftune's LoRA forward."""
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
-
-    from ftune.kernels import lora as fused_lora
-
-    monkeypatch.setattr(fused_lora, "FOLD_ADAPTER_INPUT_GRADIENT", fold)
-    monkeypatch.setattr(fused_lora, "DEQUANTIZED_BLOCK_BYTES", 128 * 1024)
 
     config_class, model_class = FAMILIES[family]
     torch.manual_seed(0)
@@ -235,7 +230,7 @@ def test_qlora_bf16_gpu(family, fold, tmp_path, monkeypatch):
         lora = LoraConfig(r=8, target_modules=PROJECTIONS, init_lora_weights=False, task_type="CAUSAL_LM")
         models.append(get_peft_model(base, lora))
     reference, patched = models
-    apply_kernels(patched, fused_lora=fold)
+    apply_kernels(patched, fused_lora=fused_lora)
     input_ids = torch.randint(0, 1000, (2, 256), device="cuda")
     labels = input_ids.clone()
     labels[:, :50] = -100

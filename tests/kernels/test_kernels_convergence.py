@@ -4,7 +4,7 @@ loss curves agree at every step (Liger-Kernel's test_mini_models, here on CPU in
 import pytest
 import torch
 
-from ftune.kernels import apply_kernels
+from ftune.integrations.transformers import apply_kernels
 from tests.kernels.common import DEVICE, gpu
 from tests.kernels.test_apply_kernels import FAMILIES, batch, tiny_pair
 

@@ -31,7 +31,7 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from ftune.engine import attention
 from ftune.engine.attention import AttentionOutput
 from ftune.engine.halves import DEFAULT_CHUNK_BYTES, ResidualHalves
-from ftune.engine.offload import HostCopier, HostStash, buffer_size
+from ftune.engine.host_memory import HostCopier, HostStash, buffer_size
 from ftune.families import family_of
 from ftune.integrations.transformers import recording_router_logits_apart, router_logits_being_recorded
 

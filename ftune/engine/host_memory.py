@@ -1,0 +1,445 @@
+"""Host memory for the GPU: layer inputs parked between forward and backward, and the frozen
+embedding tables kept there for good.
+
+Layer inputs. A `HostStash` holds one tensor in host memory. On CUDA the copy out (forward) and
+the copy back (backward) run on a side stream, so the compute stream never waits for the host
+link: the forward enqueues the copy and moves on, and the backward asks for a stash one layer
+before it is needed (`prefetch`), so the copy overlaps the recompute of the layer after it. Host
+buffers come from a `HostBufferPool` and go back to it as soon as their copy back is enqueued:
+both copies of a buffer run on the same side stream, so the stream's order is what keeps a buffer
+from being overwritten before it is read. After the first step no buffer is allocated (pinned
+allocation costs milliseconds and can synchronize the device). Without CUDA the same code runs
+with plain CPU buffers and synchronous copies, so the CPU tests exercise the pool and the
+prefetch chain.
+
+Embedding tables. An 8B Llama's input embedding is 128256 x 4096 bf16: 1 GiB of VRAM for what
+is, in a LoRA run, a frozen row lookup. `HostEmbedding` keeps the table in pinned host memory,
+gathers the batch's rows on the CPU and copies them to the GPU (64 MiB at 8192 tokens: about 1 ms
+on a 55 GB/s link). The LM head is the same size and, with the fused cross-entropy, needed only
+once per training step: the loss computes the hidden states' gradient in the forward pass, so the
+backward never reads the head. `HostLMHead` keeps it in pinned host memory, copies it to the GPU
+on a side stream of its own when the first decoder layer starts (1 GiB, about 20 ms, beside the
+layers' compute) and drops the copy once the loss is done with it: the layers' backward, where
+the step's peak is, runs without it. Only for untied, frozen tables: a tied table is both, and
+the LM head keeps it on the GPU.
+"""
+
+from __future__ import annotations
+
+import logging
+import weakref
+from dataclasses import dataclass
+from typing import Callable
+
+import psutil
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.modeling_layers import GradientCheckpointingLayer
+
+logger = logging.getLogger(__name__)
+
+# Buffers are rounded up to this size so that slightly different sequence lengths share them.
+_GRANULE = 2 * 1024 * 1024
+# Host memory left free for the rest of the system when deciding whether an offload fits.
+_HOST_RESERVE_MIN = 2 * 1024**3
+_HOST_RESERVE_FRACTION = 0.05
+def buffer_size(nbytes: int) -> int:
+    """The size of the pool buffer that holds nbytes (rounded up to a granule)."""
+    return -(-nbytes // _GRANULE) * _GRANULE
+
+
+@dataclass
+class PoolStats:
+    buffers: int = 0
+    bytes_total: int = 0
+    bytes_in_use: int = 0
+    peak_in_use: int = 0
+    pinned: bool = True
+
+
+class HostBufferPool:
+    """Reusable host buffers (pinned when the device is CUDA), best fit by size.
+
+    The pool only grows when more bytes are parked at once than ever before; a run of fixed
+    shapes allocates during its first step and never again.
+    """
+
+    def __init__(self, pin_memory: bool):
+        self.pin_memory = pin_memory
+        self._free: list[torch.Tensor] = []
+        self.stats = PoolStats(pinned=pin_memory)
+        self._warned: set[str] = set()
+        # Called when a required buffer does not fit: frees host memory elsewhere, True if it did.
+        self.make_room: Callable[[], bool] | None = None
+
+    def acquire(self, nbytes: int, keep_free: int = 0, optional: bool = False) -> torch.Tensor | None:
+        """A uint8 host buffer of at least nbytes, or None when host memory is too short (with
+        `keep_free` bytes more left available, when a new buffer is needed); an optional buffer
+        that does not fit is refused without a warning."""
+        best = None
+        for index, buffer in enumerate(self._free):
+            if buffer.numel() >= nbytes and (best is None or buffer.numel() < self._free[best].numel()):
+                best = index
+        if best is not None:
+            buffer = self._free.pop(best)
+        else:
+            size = buffer_size(nbytes)
+            buffer = self._allocate(size, keep_free)
+            if buffer is None and not optional and self.make_room is not None and self.make_room():
+                buffer = self._allocate(size, keep_free)
+            if buffer is None:
+                if not optional:
+                    self._warn_once(
+                        "host-full",
+                        f"host memory is short ({psutil.virtual_memory().available / 2**30:.1f} GiB available): "
+                        "layer inputs that do not fit stay on the GPU. Free host memory or use "
+                        "checkpointing.mode: true.",
+                    )
+                return None
+        self.stats.bytes_in_use += buffer.numel()
+        self.stats.peak_in_use = max(self.stats.peak_in_use, self.stats.bytes_in_use)
+        return buffer
+
+    def release(self, buffer: torch.Tensor) -> None:
+        self.stats.bytes_in_use -= buffer.numel()
+        self._free.append(buffer)
+
+    def trim(self) -> int:
+        """Free the buffers no stash holds; the bytes freed."""
+        freed = sum(buffer.numel() for buffer in self._free)
+        self.stats.buffers -= len(self._free)
+        self.stats.bytes_total -= freed
+        self._free.clear()
+        return freed
+
+    def _allocate(self, nbytes: int, keep_free: int) -> torch.Tensor | None:
+        memory = psutil.virtual_memory()
+        reserve = max(_HOST_RESERVE_MIN, int(memory.total * _HOST_RESERVE_FRACTION))
+        if memory.available - nbytes - keep_free < reserve:
+            return None
+        # Allocated outside inference mode, so a buffer first used after a generate() under
+        # torch.inference_mode() can still be written by training steps.
+        with torch.inference_mode(False):
+            if self.pin_memory:
+                try:
+                    buffer = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+                except RuntimeError as error:
+                    self._warn_once(
+                        "pin-failed",
+                        f"could not pin host memory ({error}); using pageable memory, whose copies are "
+                        "slower and not overlapped with compute.",
+                    )
+                    self.pin_memory = self.stats.pinned = False
+                    buffer = torch.empty(nbytes, dtype=torch.uint8)
+            else:
+                buffer = torch.empty(nbytes, dtype=torch.uint8)
+        self.stats.buffers += 1
+        self.stats.bytes_total += nbytes
+        return buffer
+
+    def _warn_once(self, key: str, message: str) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            logger.warning(message)
+
+
+class HostCopier:
+    """Moves tensors between the device and the pool, on a side stream when the device is CUDA."""
+
+    def __init__(self, device: torch.device):
+        self.pool = HostBufferPool(pin_memory=device.type == "cuda")
+        # Buffers for what a layer parks besides its input (ftune/engine/attention.py). They are
+        # optional, so they have a pool of their own: a layer input never waits for one of
+        # theirs, and from the second step each kind reuses its own buffers.
+        self.parking_pool = HostBufferPool(pin_memory=device.type == "cuda")
+        # Parked buffers sized for earlier, shorter batches must not keep a longer batch's layer
+        # inputs on the GPU: a layer input that does not fit frees the idle ones first
+        self.pool.make_room = self._trim_parking
+        self._streams: dict[torch.device, torch.cuda.Stream] = {}
+
+    def _trim_parking(self) -> bool:
+        if not self.parking_pool.trim():
+            return False
+        if self.parking_pool.pin_memory and hasattr(torch._C, "_host_emptyCache"):
+            torch._C._host_emptyCache()  # PyTorch caches freed pinned memory; give it back to the system
+        return True
+
+    @property
+    def pools(self) -> tuple[HostBufferPool, HostBufferPool]:
+        return self.pool, self.parking_pool
+
+    def stream_for(self, device: torch.device) -> torch.cuda.Stream | None:
+        """The side stream of a CUDA device (None on CPU), made on first use, so a model moved to
+        the GPU after the engine was installed still copies on a side stream."""
+        if device.type != "cuda":
+            return None
+        if device not in self._streams:
+            for pool in self.pools:
+                pool.pin_memory = pool.stats.pinned = True
+            self._streams[device] = torch.cuda.Stream(device)
+        return self._streams[device]
+
+    def stash(self, tensor: torch.Tensor) -> "HostStash":
+        return HostStash(self, tensor)
+
+    def stash_if_room(self, tensor: torch.Tensor, keep_free: int) -> "HostStash | None":
+        """The tensor in a parking-pool buffer, or None when that would leave less than `keep_free`
+        bytes of host memory available (beyond the usual reserve)."""
+        stash = HostStash(self, tensor, pool=self.parking_pool, keep_free=keep_free, optional=True)
+        return stash if stash.on_host else None
+
+
+class HostStash:
+    """One tensor parked in host memory: stash in forward, `prefetch` then `fetch` in backward.
+
+    If the pool has no room, the tensor simply stays where it is (on the device), unless the
+    stash is optional: then it holds nothing and `on_host` is False.
+    """
+
+    def __init__(self, copier: HostCopier, tensor: torch.Tensor, pool: HostBufferPool | None = None,
+                 keep_free: int = 0, optional: bool = False):
+        self._copier = copier
+        self.shape, self.dtype, self.device = tensor.shape, tensor.dtype, tensor.device
+        self.nbytes = tensor.numel() * tensor.element_size()
+        self._device_tensor: torch.Tensor | None = None
+        self._ready: torch.cuda.Event | None = None
+        self._stream = stream = copier.stream_for(tensor.device)  # before acquire: it decides pinning
+        pool = pool or copier.pool
+        self._buffer = pool.acquire(self.nbytes, keep_free, optional)
+        if self._buffer is None:
+            if not optional:
+                self._device_tensor = tensor  # no host room: keep it on the device
+            return
+        source = tensor.detach().contiguous().view(-1).view(torch.uint8)
+        host = self._buffer[: self.nbytes]
+        if stream is None:
+            host.copy_(source)
+        else:
+            # The side stream starts after the compute that produced the tensor; the allocator is told
+            # the side stream still reads it, so its memory is not reused before the copy is done.
+            stream.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(stream):
+                host.copy_(source, non_blocking=True)
+            source.record_stream(stream)
+        # Return the buffer to the pool if the graph is dropped without a backward.
+        self._finalizer = weakref.finalize(self, pool.release, self._buffer)
+
+    @property
+    def on_host(self) -> bool:
+        return self._buffer is not None
+
+    def prefetch(self) -> None:
+        """Start the copy back to the device (no wait); `fetch` later returns it."""
+        if self._device_tensor is not None or self._buffer is None:
+            return
+        target = torch.empty(self.nbytes, dtype=torch.uint8, device=self.device)
+        host = self._buffer[: self.nbytes]
+        stream = self._stream
+        if stream is None:
+            target.copy_(host)
+        else:
+            # The target was allocated on the compute stream: the side stream writes it only after
+            # the compute work queued so far, which may still be using that memory's previous owner.
+            compute = torch.cuda.current_stream(self.device)
+            stream.wait_stream(compute)
+            with torch.cuda.stream(stream):
+                target.copy_(host, non_blocking=True)
+                self._ready = torch.cuda.Event()
+                self._ready.record(stream)
+        self._device_tensor = target.view(self.dtype).view(self.shape)
+        # The next copy into this buffer is queued on the same stream, after this one.
+        self._finalizer()
+        self._buffer = None
+
+    def fetch(self) -> torch.Tensor:
+        """The tensor on the device, waiting (on the compute stream only) for its copy."""
+        if self._device_tensor is None and self._buffer is None:
+            raise RuntimeError(
+                "this layer input was already consumed by a backward pass; ftune's offloaded "
+                "checkpointing does not support backward through the same graph twice (retain_graph=True)."
+            )
+        self.prefetch()
+        if self._ready is not None:
+            torch.cuda.current_stream(self.device).wait_event(self._ready)
+            self._ready = None
+        tensor, self._device_tensor = self._device_tensor, None
+        return tensor
+
+
+
+class HostEmbedding(nn.Module):
+    """Drop-in for a frozen nn.Embedding whose table lives in host memory.
+
+    The table is a plain attribute, not a parameter or buffer: `model.to()`, `model.device` and
+    the state dict (an adapter never holds it) do not see it, so the rest of the model stays on
+    the GPU and reports the GPU as its device.
+    """
+
+    def __init__(self, embedding: nn.Embedding, device: torch.device):
+        super().__init__()
+        if embedding.weight.requires_grad:
+            raise ValueError("HostEmbedding is for frozen embeddings; this one is trainable")
+        self.num_embeddings, self.embedding_dim = embedding.weight.shape
+        self.padding_idx = embedding.padding_idx
+        # Gemma's embedding multiplies its rows by sqrt(hidden), rounded to the table's dtype as its
+        # own forward rounds it (transformers' *ScaledWordEmbedding)
+        scale = getattr(embedding, "embed_scale", None)
+        self.scale = None if scale is None else torch.as_tensor(scale).to(embedding.weight.dtype).item()
+        self.device = device
+        pin = device.type == "cuda"
+        self.host_weight = embedding.weight.detach().to("cpu").contiguous()
+        if pin:
+            self.host_weight = self.host_weight.pin_memory()
+        self._staging: torch.Tensor | None = None
+        self._copied: torch.cuda.Event | None = None
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.host_weight
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        ids = input_ids.reshape(-1).to("cpu")
+        count = ids.numel()
+        if self.device.type != "cuda":
+            return self._scaled(F.embedding(ids, self.host_weight).view(*input_ids.shape, self.embedding_dim))
+        if self._copied is not None:
+            self._copied.synchronize()  # the previous copy out of the staging buffer is done
+        if self._staging is None or self._staging.shape[0] < count:
+            self._staging = torch.empty((count, self.embedding_dim), dtype=self.host_weight.dtype, pin_memory=True)
+        rows = self._staging[:count]
+        torch.index_select(self.host_weight, 0, ids, out=rows)
+        on_device = rows.to(self.device, non_blocking=True)
+        self._copied = torch.cuda.Event()
+        self._copied.record()
+        return self._scaled(on_device.view(*input_ids.shape, self.embedding_dim))
+
+    def _scaled(self, rows: torch.Tensor) -> torch.Tensor:
+        return rows if self.scale is None else rows * self.scale
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, in host memory"
+
+
+class HostLMHead(nn.Module):
+    """Drop-in for a frozen nn.Linear LM head whose weight lives in host memory.
+
+    `weight` is a copy on the device, made on demand (or ahead, by `prefetch`) and dropped by
+    `release`: by a forward of this module with gradients (autograd keeps what the backward
+    needs), by ftune's fused loss once it has its gradient, and otherwise when the backward
+    reaches the decoder's output, past whatever loss read the head (TRL's own chunked heads for
+    DPO and GRPO read `weight` directly). A forward without gradients (evaluation, generation)
+    keeps it, so decoding does not copy the head for every token.
+    """
+
+    def __init__(self, head: nn.Linear, device: torch.device):
+        super().__init__()
+        if head.weight.requires_grad:
+            raise ValueError("HostLMHead is for a frozen LM head; this one is trainable")
+        self.out_features, self.in_features = head.weight.shape
+        self.device = device
+        self.host_weight = head.weight.detach().to("cpu").contiguous()
+        self.bias = head.bias  # small: it stays with the model, wherever the model goes
+        self._stream = None
+        if device.type == "cuda":
+            self.host_weight = self.host_weight.pin_memory()
+            self._stream = torch.cuda.Stream(device)
+        self._on_device: torch.Tensor | None = None
+        self._ready: torch.cuda.Event | None = None
+
+    def prefetch(self) -> None:
+        """Start copying the weight to the device on the side stream (no wait)."""
+        if self._on_device is not None:
+            return
+        if self._stream is None:
+            self._on_device = self.host_weight
+            return
+        # Allocated on the compute stream, which frees it: the side stream writes it only after the
+        # compute work queued so far, which may still use that memory's previous owner. A normal
+        # tensor even when fetched under inference mode (generation): the training forward that
+        # reuses it may save it for backward.
+        with torch.inference_mode(False):
+            target = torch.empty_like(self.host_weight, device=self.device)
+            self._stream.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(self._stream):
+                target.copy_(self.host_weight, non_blocking=True)
+                self._ready = torch.cuda.Event()
+                self._ready.record(self._stream)
+            target.record_stream(self._stream)  # dropped mid-copy, its memory waits for the copy
+        self._on_device = target
+
+    @property
+    def weight(self) -> torch.Tensor:
+        self.prefetch()
+        if self._ready is not None:
+            torch.cuda.current_stream(self.device).wait_event(self._ready)
+            self._ready = None
+        return self._on_device
+
+    def release(self) -> None:
+        """Drop the device copy (its memory returns to the allocator once no one else holds it)."""
+        if self._ready is not None:  # fetched but never read: its copy must end before the memory is reused
+            torch.cuda.current_stream(self.device).wait_event(self._ready)
+            self._ready = None
+        self._on_device = None
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        logits = F.linear(hidden, self.weight, self.bias)
+        if torch.is_grad_enabled():
+            self.release()
+        return logits
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, in host memory"
+
+
+def move_embeddings_to_host(model: nn.Module, device: torch.device) -> int:
+    """Replace a frozen, untied input embedding by a HostEmbedding; returns the bytes freed on the device."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    embedding = base.get_input_embeddings()
+    output = base.get_output_embeddings()
+    if not isinstance(embedding, nn.Embedding) or embedding.weight.requires_grad:
+        return 0
+    if type(embedding) is not nn.Embedding and not _scaled_embedding(embedding):
+        return 0  # a forward of its own that HostEmbedding would not reproduce
+    if output is not None and output.weight.data_ptr() == embedding.weight.data_ptr():
+        return 0  # tied: the same table is the LM head
+    freed = embedding.weight.numel() * embedding.weight.element_size()
+    base.set_input_embeddings(HostEmbedding(embedding, device))
+    return freed
+
+
+def _scaled_embedding(embedding: nn.Module) -> bool:
+    """transformers' scaled word embeddings (Gemma): an nn.Embedding whose forward multiplies by
+    `embed_scale` and does nothing else."""
+    return type(embedding).__name__.endswith("ScaledWordEmbedding") and hasattr(embedding, "embed_scale")
+
+
+def move_lm_head_to_host(model: nn.Module, device: torch.device) -> int:
+    """Replace a frozen, untied nn.Linear LM head by a HostLMHead, fetched as the first decoder
+    layer starts and dropped before the layers' backward; returns the bytes freed on the device."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    head = base.get_output_embeddings()
+    embedding = base.get_input_embeddings()
+    if type(head) is not nn.Linear or head.weight.requires_grad:
+        return 0
+    if embedding is not None and getattr(embedding, "weight", None) is not None and \
+            embedding.weight.data_ptr() == head.weight.data_ptr():
+        return 0  # tied: the same table is the input embedding
+    freed = head.weight.numel() * head.weight.element_size()
+    host_head = HostLMHead(head, device)
+    base.set_output_embeddings(host_head)
+    # The copy starts with the first decoder layer and runs beside the layers. Not earlier: queued
+    # ahead of the input embedding's rows (a host-to-device copy too), the rows would wait for it.
+    backbone = getattr(base, base.base_model_prefix)
+    layers = [m for m in backbone.modules() if isinstance(m, GradientCheckpointingLayer)]
+    (layers[0] if layers else backbone).register_forward_pre_hook(lambda module, args: host_head.prefetch())
+
+    def release_when_the_layers_backward_starts(module, args, output):
+        hidden = output[0] if isinstance(output, tuple) else output.last_hidden_state
+        if torch.is_grad_enabled() and hidden.requires_grad:
+            # the gradient of the decoder's output is complete: every loss that read the head is done
+            hidden.register_hook(lambda grad: host_head.release())
+
+    backbone.register_forward_hook(release_when_the_layers_backward_starts)
+    return freed
