@@ -24,14 +24,19 @@ _FAMILIES: dict[str, list[str]] = {
     "gemma-2-2b": ["google/gemma-2-2b", "google/gemma-2-2b-it"],
     "gemma-2-9b": ["google/gemma-2-9b", "google/gemma-2-9b-it"],
     "gemma-3-1b": ["google/gemma-3-1b-pt", "google/gemma-3-1b-it"],
-    # a vision-language model whose text half is the preset: its sizes, not all its modules
-    "gemma-3-4b": ["google/gemma-3-4b-pt", "google/gemma-3-4b-it"],
+    # vision-language models whose text half is the preset: their sizes, not all their modules
+    **{f"gemma-3-{size}": [f"google/gemma-3-{size}-pt", f"google/gemma-3-{size}-it"] for size in ("4b", "12b", "27b")},
+    "phi-3-mini": ["microsoft/Phi-3-mini-4k-instruct"],
+    "phi-3-medium": ["microsoft/Phi-3-medium-4k-instruct"],
+    "phi-4": ["microsoft/phi-4"],
+    "mixtral-8x7b": ["mistralai/Mixtral-8x7B-v0.1", "mistralai/Mixtral-8x7B-Instruct-v0.1"],
+    "qwen3-30b-a3b": ["Qwen/Qwen3-30B-A3B", "Qwen/Qwen3-30B-A3B-Base"],
 }
 
 # Hub ids compare case-insensitively, as the hub resolves them.
 KNOWN_HUB_PRESETS: dict[str, str] = {hub_id.lower(): preset for preset, ids in _FAMILIES.items() for hub_id in ids}
 # Ids whose preset describes the text model only (the checkpoint has a vision tower besides).
-TEXT_PART_ONLY = {hub_id.lower() for hub_id in _FAMILIES["gemma-3-4b"]}
+TEXT_PART_ONLY = {hub_id.lower() for size in ("4b", "12b", "27b") for hub_id in _FAMILIES[f"gemma-3-{size}"]}
 
 
 def preset_for(hub_id: str | None) -> str | None:

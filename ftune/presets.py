@@ -45,6 +45,32 @@ def _qwen3(hidden, intermediate, layers, heads, *, tie):
     )
 
 
+def _phi3(vocab, hidden, intermediate, layers, heads, kv_heads, *, context, rope_theta, sliding_window):
+    # Phi-3 and Phi-4 (model_type phi3): fused qkv_proj and gate_up_proj, untied embeddings
+    return dict(
+        model_type="phi3", vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate,
+        num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
+        max_position_embeddings=context, original_max_position_embeddings=context, rms_norm_eps=1e-5,
+        tie_word_embeddings=False, hidden_act="silu", sliding_window=sliding_window,
+        rope_parameters=dict(rope_type="default", rope_theta=rope_theta),
+    )
+
+
+def _gemma3(hidden, intermediate, layers, heads, kv_heads, head_dim, *, query_pre_attn_scalar):
+    # Gemma 3 4b/12b/27b, the text model of the vision-language checkpoint: five sliding layers
+    # (1024 tokens, rope 10k) to one full layer (rope 1M, linearly scaled 8x to 128k), no soft caps
+    return dict(
+        model_type="gemma3_text", vocab_size=262208, hidden_size=hidden, intermediate_size=intermediate,
+        num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=head_dim,
+        max_position_embeddings=131072, rms_norm_eps=1e-6, tie_word_embeddings=True,
+        hidden_activation="gelu_pytorch_tanh", query_pre_attn_scalar=query_pre_attn_scalar, sliding_window=1024,
+        rope_parameters=dict(
+            full_attention=dict(rope_type="linear", rope_theta=1000000.0, factor=8.0),
+            sliding_attention=dict(rope_type="default", rope_theta=10000.0),
+        ),
+    )
+
+
 def _tiny(model_type: str, **extra: Any) -> dict[str, Any]:
     # vocab 512 matches the quickstart tokenizer (data/quickstart/tokenizer). Every projection's
     # input is whole 64-value quantization blocks and its output a multiple of 32: the shapes that
@@ -117,11 +143,30 @@ PRESETS: dict[str, dict[str, Any]] = {
         max_position_embeddings=32768, rms_norm_eps=1e-6, tie_word_embeddings=True,
         hidden_activation="gelu_pytorch_tanh", query_pre_attn_scalar=256, sliding_window=512,
     ),
-    "gemma-3-4b": dict(
-        model_type="gemma3_text", vocab_size=262208, hidden_size=2560, intermediate_size=10240,
-        num_hidden_layers=34, num_attention_heads=8, num_key_value_heads=4, head_dim=256,
-        max_position_embeddings=131072, rms_norm_eps=1e-6, tie_word_embeddings=True,
-        hidden_activation="gelu_pytorch_tanh", query_pre_attn_scalar=256, sliding_window=1024,
+    "gemma-3-4b": _gemma3(2560, 10240, 34, 8, 4, 256, query_pre_attn_scalar=256),
+    "gemma-3-12b": _gemma3(3840, 15360, 48, 16, 8, 256, query_pre_attn_scalar=256),
+    # 27b scales queries by 168^-0.5 (hidden / heads), not by its head_dim of 128
+    "gemma-3-27b": _gemma3(5376, 21504, 62, 32, 16, 128, query_pre_attn_scalar=168),
+    # Phi-3 (the 4k-context models) and Phi-4
+    "phi-3-mini": _phi3(32064, 3072, 8192, 32, 32, 32, context=4096, rope_theta=10000.0, sliding_window=2047),
+    "phi-3-medium": _phi3(32064, 5120, 17920, 40, 40, 10, context=4096, rope_theta=10000.0, sliding_window=2047),
+    "phi-4": _phi3(100352, 5120, 17920, 40, 40, 10, context=16384, rope_theta=250000.0, sliding_window=None),
+    # Mixtures of experts: every layer's MLP is `experts` SwiGLU MLPs of moe_intermediate_size (Mixtral:
+    # intermediate_size), of which a router picks `experts per token`
+    "mixtral-8x7b": dict(
+        model_type="mixtral", vocab_size=32000, hidden_size=4096, intermediate_size=14336,
+        num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8, head_dim=128,
+        max_position_embeddings=32768, rms_norm_eps=1e-5, tie_word_embeddings=False, hidden_act="silu",
+        sliding_window=None, num_local_experts=8, num_experts_per_tok=2, router_aux_loss_coef=0.02,
+        rope_parameters=dict(rope_type="default", rope_theta=1000000.0),
+    ),
+    "qwen3-30b-a3b": dict(
+        model_type="qwen3_moe", vocab_size=151936, hidden_size=2048, intermediate_size=6144,
+        moe_intermediate_size=768, num_hidden_layers=48, num_attention_heads=32, num_key_value_heads=4,
+        head_dim=128, max_position_embeddings=40960, rms_norm_eps=1e-6, tie_word_embeddings=False,
+        hidden_act="silu", num_experts=128, num_experts_per_tok=8, norm_topk_prob=True,
+        router_aux_loss_coef=0.001, decoder_sparse_step=1, mlp_only_layers=[],
+        rope_parameters=dict(rope_type="default", rope_theta=1000000.0),
     ),
 }
 
