@@ -1,17 +1,17 @@
 """A recipe checked against what it names, and warnings for legal values that are almost surely wrong.
 
-`environment_problems` runs after the schema (ftune.recipe.validate_recipe), so `ftune validate`
-and the start of `ftune train` both report, with their key: an output folder that cannot be
-written, a GRPO reward that cannot be imported or cannot take TRL's call, and LoRA target modules
-that the model does not have. `data_problem` reads a local JSON data file as training will
+`load_checked_recipe` loads a recipe with `environment_problems` beside the schema's, so `ftune
+validate` and the start of `ftune train` both report, with their key: an output folder that
+cannot be written, a GRPO reward that cannot be imported or cannot take TRL's call, and LoRA target
+modules that the model does not have. `data_problem` reads a local JSON data file as training will
 (`ftune validate` only: training reports the same when it loads the data). `recipe_warnings`
 lists values that are legal but almost surely a mistake (a rank above the hidden size, a learning
 rate of 10); `ftune validate` and `ftune train` print them and go on.
 
-Nothing here loads weights or a tokenizer, or reaches the network: the model's modules come from
-its config, built on the meta device, when that config is on this machine (a preset, a local
-folder, the hub's cache, or a well-known hub id, ftune.known_models). Otherwise the module checks
-are skipped and loading the model reports what it finds.
+Nothing here loads weights or a tokenizer, or reaches the network: the model's sizes and family
+come from its config when that is on this machine (ftune.model_config); target names outside the
+family's projections are looked up in a skeleton of the model built on the meta device (torch).
+Without the config the module checks are skipped and loading the model reports what it finds.
 """
 
 from __future__ import annotations
@@ -30,8 +30,13 @@ from pathlib import Path
 from typing import Any
 
 from ftune.errors import DataError, RecipeError, first_line
-from ftune.known_models import TEXT_PART_ONLY, preset_for
-from ftune.recipe import BUILTIN_REWARDS, Recipe, expand_user
+from ftune.families import family_of
+from ftune.formats import FORMAT_COLUMNS, LARGEST_SCANNED_DATA, detect_format, read_json_rows
+from ftune.memory.estimate import estimate
+from ftune.memory.units import format_bytes
+from ftune.model_config import local_model_config
+from ftune.plan import assumed_device, resolve
+from ftune.recipe import BUILTIN_REWARDS, Problem, Recipe, expand_user, load_recipe
 
 # What TRL's GRPOTrainer passes to every reward function by keyword (trl/trainer/grpo_trainer.py,
 # _calculate_rewards), besides one keyword per data column.
@@ -47,7 +52,13 @@ MOST_TOKENS_PER_FORWARD = 2**20  # an 8B model's 150k-token step is the largest 
 SHORTEST_MAX_LENGTH = 8
 
 
-def environment_problems(recipe: Recipe) -> list[tuple[str, str]]:
+def load_checked_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
+    """load_recipe with the recipe's problems against this machine and its model: every problem
+    in one RecipeError."""
+    return load_recipe(path, overrides, environment_checks=environment_problems)
+
+
+def environment_problems(recipe: Recipe) -> list[Problem]:
     """Problems of the recipe against this machine and the model it names, with their keys."""
     problems = []
     output = output_dir_problem(recipe.training.output_dir)
@@ -93,8 +104,6 @@ def output_dir_problem(value: str) -> str | None:
 # --------------------------------------------------------------------------------------------
 # A local JSON data file
 
-LARGEST_SCANNED_DATA = 64 * 2**20  # larger files are checked when training loads them
-
 
 def data_problem(recipe: Recipe) -> DataError | None:
     """What makes a local .jsonl/.json data file unusable, with its line: a line that is not a
@@ -107,7 +116,7 @@ def data_problem(recipe: Recipe) -> DataError | None:
         if path.suffix.lower() not in (".json", ".jsonl") or not path.is_file() or \
                 path.stat().st_size > LARGEST_SCANNED_DATA:
             return None
-        problem, columns, rows = _scan_json(*_stamp(path))
+        problem, columns, rows = read_json_rows(path)
     except (OSError, ValueError):
         return None  # unreadable: the path checks or loading report it
     if problem is not None:
@@ -117,8 +126,6 @@ def data_problem(recipe: Recipe) -> DataError | None:
     renames = {column: name for name, column in recipe.data.fields.items() if column != name}
     if not rows or set(renames) - set(columns):
         return None  # no rows known, or renames of columns it lacks: loading names them
-    from ftune.data import FORMAT_COLUMNS, detect_format
-
     try:
         data_format = detect_format([renames.get(c, c) for c in columns], recipe.data.format, source=str(path),
                                     workflow=recipe.workflow)
@@ -140,75 +147,11 @@ def data_problem(recipe: Recipe) -> DataError | None:
     return None
 
 
-def json_file_problem(path: Path) -> tuple[str, str] | None:
-    """('line N', what is wrong) for the first place a JSON data file is not rows of JSON objects."""
-    return _scan_json(*_stamp(path))[0]
-
-
-def _stamp(path: Path) -> tuple[str, int, int]:
-    stat = path.stat()
-    return str(path.resolve()), stat.st_size, stat.st_mtime_ns
-
-
-Rows = list[tuple[int | None, frozenset[str]]]  # each row's line (None in an array) and columns with a value
-
-
-@lru_cache(maxsize=8)
-def _scan_json(path: str, size: int, mtime: int) -> tuple[tuple[str, str] | None, list[str], Rows]:
-    """The first problem of a JSON data file, its columns, and each row's columns with a value: one
-    JSON array of objects, or one object per line, as datasets reads .jsonl and most .json (a .json
-    that is one object is datasets' to read: no rows known)."""
-    file = Path(path)
-    columns: dict[str, None] = {}
-    rows: Rows = []
-
-    keep = size <= LARGEST_SCANNED_DATA  # the rows of larger files are not checked, nor held
-
-    def add(line: int | None, value: dict) -> None:
-        columns.update(dict.fromkeys(value))
-        if keep:
-            rows.append((line, frozenset(key for key, item in value.items() if item is not None)))
-
-    if file.suffix.lower() == ".json":
-        text = file.read_bytes()
-        try:
-            whole = json.loads(text)
-        except UnicodeDecodeError:
-            return ("the file", "is not UTF-8 text"), [], []
-        except json.JSONDecodeError as error:
-            if text.lstrip()[:1] == b"[":
-                return (f"line {error.lineno}, column {error.colno}", f"not valid JSON ({error.msg})"), [], []
-            whole = None  # perhaps one object per line
-        if isinstance(whole, list):
-            for index, value in enumerate(whole):
-                if not isinstance(value, dict):
-                    return (f"item {index}", f"a JSON {type(value).__name__}, not an object of columns"), [], []
-                add(None, value)
-            return None, list(columns), rows
-        if whole is not None:
-            return None, [], []
-    with file.open("rb") as lines:
-        for number, line in enumerate(lines, 1):
-            if not line.strip():
-                continue
-            try:
-                value = json.loads(line)
-            except UnicodeDecodeError:
-                return (f"line {number}", "is not UTF-8 text"), [], []
-            except json.JSONDecodeError as error:
-                return (f"line {number}", f"not valid JSON ({error.msg} at column {error.colno}): "
-                        f"{line.decode('utf-8', 'replace').strip()[:60]!r}"), [], []
-            if not isinstance(value, dict):
-                return (f"line {number}", f"a JSON {type(value).__name__}, not an object of columns"), [], []
-            add(number, value)
-    return None, list(columns), rows
-
-
 # --------------------------------------------------------------------------------------------
 # GRPO rewards
 
 
-def reward_problems(names: list[str]) -> list[tuple[str, str]]:
+def reward_problems(names: list[str]) -> list[Problem]:
     problems = []
     for name in names:
         if name in BUILTIN_REWARDS:
@@ -296,60 +239,15 @@ class ModelModules:
         return list(dict.fromkeys(name.rsplit(".", 1)[-1] for name in self.linear))
 
 
-def model_config(recipe: Recipe) -> tuple[str, dict[str, Any], bool] | None:
-    """(label, config as a dict, whole model?) when the recipe's model config is on this machine."""
-    model = recipe.model
-    if (model.preset is None) == (model.name_or_path is None):
-        return None
-    if model.preset is not None:
-        from ftune.presets import PRESETS
-
-        return model.preset, dict(PRESETS[model.preset]), True
-    source = recipe.resolve_input(model.name_or_path)
-    local = Path(source) / "config.json"
-    try:
-        if local.is_file():
-            return source, json.loads(local.read_text()), True
-        if Path(source).exists():
-            return None  # a folder without config.json: path checks and loading report it
-    except (OSError, ValueError):
-        return None
-    cached = _cached_hub_config(source, model.revision)
-    if cached is not None:
-        return source, cached, True
-    preset = preset_for(source)
-    if preset is not None:
-        from ftune.presets import PRESETS
-
-        return source, dict(PRESETS[preset]), source.lower() not in TEXT_PART_ONLY
-    return None
-
-
-def _cached_hub_config(repo_id: str, revision: str | None) -> dict[str, Any] | None:
-    """A hub model's config.json from the local hub cache, never from the network."""
-    try:
-        from huggingface_hub import try_to_load_from_cache
-
-        path = try_to_load_from_cache(repo_id, "config.json", revision=revision)
-        if isinstance(path, str):
-            return json.loads(Path(path).read_text())
-    except Exception:  # not a valid repo id, no cache: nothing known locally
-        return None
-    return None
-
-
 def model_modules(recipe: Recipe) -> ModelModules | None:
     """The recipe's model skeleton's modules, or None when its config is not on this machine or
     transformers cannot build it (remote code, an architecture without a causal LM class)."""
     if recipe.model.trust_remote_code:
         return None  # building it would run the repository's code
-    found = model_config(recipe)
-    if found is None:
+    config = local_model_config(recipe)
+    if config is None or "auto_map" in config.values:
         return None
-    label, config, whole = found
-    if "auto_map" in config:
-        return None
-    return _skeleton(label, json.dumps(config, sort_keys=True), whole)
+    return _skeleton(config.label, json.dumps(config.values, sort_keys=True), config.whole)
 
 
 @lru_cache(maxsize=32)
@@ -380,11 +278,15 @@ def _skeleton(label: str, config_json: str, whole: bool) -> ModelModules | None:
                         hidden=int(text.get("hidden_size", 0)), config=config, whole=whole)
 
 
-def lora_target_problems(recipe: Recipe) -> list[tuple[str, str]]:
+def lora_target_problems(recipe: Recipe) -> list[Problem]:
     """lora.target_modules names the model does not have as linear layers (peft would ignore them)."""
     targets = recipe.lora.target_modules
     if recipe.model.adapter is not None or not isinstance(targets, list):
         return []
+    config = local_model_config(recipe)
+    family = family_of(config.model_type) if config is not None else None
+    if family is not None and set(targets) <= set(family.lora_targets):
+        return []  # the family's own projection names: no skeleton (and no torch) needed
     modules = model_modules(recipe)
     if modules is None or not modules.whole:
         return []
@@ -421,14 +323,15 @@ def recipe_warnings(recipe: Recipe) -> list[str]:
     """Legal values that are almost surely wrong, each as 'key: what, and the fix'.
 
     For `ftune validate` and the start of `ftune train`, which print them and go on. Uses the
-    model's config where it is on this machine (model_modules), nothing else.
+    model's config where it is on this machine (ftune.model_config), nothing else.
     """
     warnings = []
     lora, training, data = recipe.lora, recipe.training, recipe.data
-    modules = model_modules(recipe)
+    config = local_model_config(recipe)
+    hidden = int(config.values.get("text_config", config.values).get("hidden_size", 0)) if config is not None else 0
     if recipe.model.adapter is None:
-        if modules is not None and modules.hidden and lora.r > modules.hidden:
-            warnings.append(f"lora.r: {lora.r} is larger than {modules.label}'s hidden size {modules.hidden}: a "
+        if hidden and lora.r > hidden:
+            warnings.append(f"lora.r: {lora.r} is larger than {config.label}'s hidden size {hidden}: a "
                             "projection's update cannot have a rank above its smaller side, so the extra rank "
                             "is only cost. Ranks of 8 to 64 are usual.")
         scale = lora.alpha / (lora.r ** 0.5 if lora.use_rslora else lora.r)
@@ -468,14 +371,11 @@ def recipe_warnings(recipe: Recipe) -> list[str]:
 def _memory_of(recipe: Recipe) -> str:
     """' (the memory model: about X of VRAM and Y of host memory)' when the shape is known locally."""
     try:
-        from ftune.memory.estimate import Setting, Shape, estimate
-        from ftune.memory.monitor import format_bytes
-
-        found = model_config(recipe)
-        if found is None:
-            return ""
         mode = "unsloth" if recipe.checkpointing.mode == "smart" else recipe.checkpointing.mode
-        parts = estimate(Shape.from_config(found[1]), Setting.from_recipe(recipe, mode=mode))
+        plan = resolve(recipe, assumed_device(), mode=mode)
+        if plan.shape is None:
+            return ""
+        parts = estimate(plan.shape, plan.setting)
     except Exception:  # the warning stands without the figures
         return ""
     host = f" and {format_bytes(parts.required_host)} of host memory" if parts.required_host else ""

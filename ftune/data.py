@@ -17,19 +17,10 @@ from pathlib import Path
 from datasets import Dataset, DatasetDict, load_dataset
 from datasets.exceptions import DatasetNotFoundError
 
-from ftune.checks import json_file_problem
 from ftune.errors import DataError, first_line
+from ftune.formats import FORMAT_COLUMNS, detect_format, json_file_problem
 from ftune.recipe import DATA_FILE_SUFFIXES, Recipe, looks_like_local_path
 
-# The columns each format needs (TRL's names); a preference row may also carry a prompt.
-FORMAT_COLUMNS = {
-    "messages": ("messages",),
-    "prompt_completion": ("prompt", "completion"),
-    "text": ("text",),
-    "preference": ("chosen", "rejected"),
-    "prompt": ("prompt",),
-}
-WORKFLOW_FORMATS = {"sft": ("messages", "prompt_completion", "text"), "dpo": ("preference",), "grpo": ("prompt",)}
 
 
 def load_training_data(recipe: Recipe) -> tuple[Dataset, str]:
@@ -228,32 +219,6 @@ def eval_data(recipe: Recipe, dataset: Dataset, data_format: str, tokenizer
                         "which applies to both).")
     evaluation, report = check_rows(evaluation, data_format, tokenizer, eval_recipe)
     return dataset, evaluation, report
-
-
-def detect_format(columns: list[str], requested: str, *, source: str, workflow: str = "sft") -> str:
-    """The data's format: the requested one (checked), or the first of the workflow's that matches."""
-    if requested != "auto":
-        needed = [c for c in FORMAT_COLUMNS[requested] if c not in columns]
-        if needed:
-            raise DataError(
-                f"data.format is {requested}, but {source} has no {', '.join(repr(c) for c in needed)} column "
-                f"(its columns: {columns}).",
-                hint="Map your columns with data.fields, e.g. fields: {" + f"{needed[0]}: your_column" + "}.",
-            )
-        return requested
-    for name in WORKFLOW_FORMATS[workflow]:
-        if all(c in columns for c in FORMAT_COLUMNS[name]):
-            return name
-    wanted = {"sft": "a 'text' column, 'prompt' and 'completion', or 'messages'",
-              "dpo": "'chosen' and 'rejected' (and optionally 'prompt')", "grpo": "a 'prompt' column"}[workflow]
-    names = sorted({c for name in WORKFLOW_FORMATS[workflow] for c in FORMAT_COLUMNS[name]})
-    close = [(c, match[0]) for c in columns if c not in names
-             for match in [difflib.get_close_matches(c, names, n=1, cutoff=0.6)] if match]
-    misspelt = "".join(f" '{c}' looks like a misspelling of '{name}'." for c, name in close)
-    raise DataError(
-        f"data.source {source} has columns {columns}; the {workflow} workflow needs {wanted}.{misspelt}",
-        hint="Map your columns with data.fields, e.g. fields: {chosen: good, rejected: bad}, or set data.format.",
-    )
 
 
 def _load(recipe: Recipe) -> Dataset:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 import signal
 import threading
+from dataclasses import replace
 
 import psutil
 
@@ -14,8 +15,10 @@ import torch.distributed as dist
 from transformers import TrainerCallback
 
 from ftune.errors import OutOfMemory
-from ftune.memory.estimate import Setting, estimate, model_shape
+from ftune.memory.estimate import estimate
 from ftune.memory.monitor import format_bytes
+from ftune.model_config import model_config
+from ftune.plan import assumed_device, resolve
 
 
 class GracefulStop(TrainerCallback):
@@ -112,12 +115,16 @@ def out_of_memory(recipe, step: int, device: torch.device, output_dir) -> OutOfM
     candidates.append((f"data.max_length: {recipe.data.max_length // 2}", {"seq": recipe.data.max_length // 2}))
     predicted, change = None, candidates[0][0]
     try:
-        shape = model_shape(recipe)
-        predicted = estimate(shape, Setting.from_recipe(recipe, mode="unsloth" if mode == "smart" else mode)).peak
+        config = model_config(recipe)
+
+        def estimated_peak(mode: str, **sizes: int) -> int:
+            plan = resolve(recipe, assumed_device(), mode="unsloth" if mode == "smart" else mode, config=config)
+            return estimate(plan.shape, replace(plan.setting, **sizes)).peak
+
+        predicted = estimated_peak(mode)
         if total is not None:
             for text, overrides in candidates:
-                setting = Setting.from_recipe(recipe, **{"mode": "unsloth" if mode == "smart" else mode, **overrides})
-                if estimate(shape, setting).peak <= total * 0.95:
+                if estimated_peak(**{"mode": mode, **overrides}) <= total * 0.95:
                     change = text
                     break
     except Exception:  # the advice must not fail where the estimate cannot be made (no config offline)
@@ -143,7 +150,8 @@ def host_memory_shortfall(recipe, cuda: bool) -> str | None:
         return None
     try:
         # what must fit; the attention halves that layers park beside their inputs are optional
-        needed = estimate(model_shape(recipe), Setting.from_recipe(recipe, mode="unsloth", cuda=cuda)).required_host
+        plan = resolve(recipe, assumed_device(cpu=not cuda), mode="unsloth", config=model_config(recipe))
+        needed = estimate(plan.shape, plan.setting).required_host
     except Exception:
         return None
     available = psutil.virtual_memory().available

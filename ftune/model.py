@@ -1,6 +1,6 @@
 """Build the model of a recipe: load (or build a preset), quantize, add LoRA, patch kernels,
-install the checkpointing engine. `train`, `compare` and `estimate-vram` all come through here:
-there is one way to build a model.
+install the checkpointing engine, each as the recipe's RunPlan (ftune.plan) decided. `train` and
+`compare` come through here: there is one way to build a model.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import json
 import logging
 import os
 import shutil
-from dataclasses import dataclass, field
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import psutil
@@ -19,16 +19,18 @@ import transformers
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, PreTrainedModel, PreTrainedTokenizerBase
 
-from ftune.engine import CheckpointingEngine, install_checkpointing
-from ftune.engine.embedding import move_embeddings_to_host, move_lm_head_to_host
-from ftune.engine.planner import NoPlanFits, Plan, measure_host_link, plan_smart
+from ftune.engine import CheckpointingEngine, Policy, install_checkpointing
+from ftune.engine.host_memory import move_embeddings_to_host, move_lm_head_to_host
+from ftune.engine.planner import measure_host_link
 from ftune.errors import ModelError, first_line
 from ftune.families import family_of
 from ftune.integrations.bitsandbytes import keep_4bit_layout
-from ftune.kernels import KERNELS, apply_kernels, kernel_support
-from ftune.memory.estimate import GiB, Setting, allocatable, model_shape
+from ftune.integrations.transformers import KERNELS, apply_kernels, kernel_support
+from ftune.memory.policy import NoPlanFits
+from ftune.model_config import ModelConfig, local_model_config, model_config
+from ftune.plan import Device, RunPlan, choose_dtype, lora_targets, resolve, sharded_by_fsdp
 from ftune.presets import PRESETS, preset_config
-from ftune.recipe import Recipe, parse_bytes
+from ftune.recipe import Recipe
 
 logger = logging.getLogger(__name__)
 
@@ -37,16 +39,20 @@ _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torc
 
 @dataclass
 class BuiltModel:
-    """A model ready to train, and what was decided while building it."""
+    """A model ready to train, and the plan it was built to."""
 
     model: PeftModel
     tokenizer: PreTrainedTokenizerBase | None
     device: torch.device
     dtype: torch.dtype
     engine: CheckpointingEngine
-    kernels: dict[str, bool] = field(default_factory=dict)
+    plan: RunPlan
     source: str = ""
-    plan: Plan | None = None
+
+    @property
+    def kernels(self) -> dict[str, bool]:
+        """Each kernel on or off, as the plan decided."""
+        return self.plan.kernel_flags()
 
 
 def pick_device() -> torch.device:
@@ -58,13 +64,44 @@ def pick_device() -> torch.device:
     return torch.device("cuda", torch.cuda.current_device())
 
 
+def device_facts(device: torch.device, *, measure_link: bool = False) -> Device:
+    """What ftune.plan.resolve needs to know of this machine, measured (the host link only when asked:
+    it copies 256 MiB)."""
+    ranks = int(os.environ.get("WORLD_SIZE", "1"))
+    host = psutil.virtual_memory().available
+    if device.type != "cuda":
+        return Device(kind="cpu", host_available=host, triton=os.environ.get("TRITON_INTERPRET") == "1", ranks=ranks)
+    if not torch.cuda.is_available():  # a GPU named for what is set up before it is used (tests of fsdp's loading)
+        return Device(kind="cuda", host_available=host, ranks=ranks)
+    free, total = torch.cuda.mem_get_info(device)
+    return Device(kind="cuda", total_bytes=total, free_bytes=free, host_available=host,
+                  link_gbps=measure_host_link(device) if measure_link else None, bf16=torch.cuda.is_bf16_supported(),
+                  ranks=ranks)
+
+
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    """auto: bfloat16 where the GPU has it, else float16 on a GPU, float32 on CPU."""
-    if name != "auto":
-        return _DTYPES[name]
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.float32
+    """The torch dtype of a model.dtype setting on this device (ftune.plan.choose_dtype)."""
+    return _DTYPES[choose_dtype(name, device_facts(device))]
+
+
+def run_plan(recipe: Recipe, device: torch.device | None = None) -> RunPlan:
+    """The recipe's plan on this machine, before any weights load: mode smart measures the host
+    link and fails here, not after loading, when no plan fits its budget."""
+    device = device or pick_device()
+    smart = recipe.checkpointing.mode == "smart"
+    # smart needs the shape now (from the hub, online, if need be); the other modes let loading
+    # fetch the config, and are planned again with it (build_model)
+    config = local_model_config(recipe) or (model_config(recipe) if smart else None)
+    try:
+        return resolve(recipe, device_facts(device, measure_link=smart), config=config)
+    except NoPlanFits as error:
+        longest = f"the longest sequence that would fit is about {error.longest:,} tokens" if error.longest else \
+            "not even the weights and optimizer states fit"
+        raise ModelError(
+            f"checkpointing.budget: {error}; {longest}.",
+            hint="Lower data.max_length or training.batch_size, raise checkpointing.budget, or use a larger card. "
+            "`ftune estimate-vram RECIPE --vram SIZE` shows the breakdown.",
+        ) from None
 
 
 def cache_dir() -> Path:
@@ -116,7 +153,7 @@ def _parameter_bytes(config, dtype: torch.dtype) -> int:
 
 
 def quantization_compute_dtype(recipe: Recipe, dtype: torch.dtype) -> torch.dtype:
-    """The dtype 4-bit matmuls compute in: the recipe's, or the model's under auto."""
+    """The dtype 4-bit matmuls compute in: the recipe's, or the model's under auto (as RunPlan.compute_dtype)."""
     return dtype if recipe.quantization.compute_dtype == "auto" else _DTYPES[recipe.quantization.compute_dtype]
 
 
@@ -137,7 +174,7 @@ def quantization_config(recipe: Recipe, compute_dtype: torch.dtype) -> BitsAndBy
 
 def shards_with_fsdp(recipe: Recipe) -> bool:
     """Whether this process is one rank of several that shard the model with FSDP."""
-    return recipe.distributed.strategy == "fsdp" and int(os.environ.get("WORLD_SIZE", "1")) >= 2
+    return sharded_by_fsdp(recipe, int(os.environ.get("WORLD_SIZE", "1")))
 
 
 def loads_in_host_memory(recipe: Recipe, device: torch.device) -> bool:
@@ -153,12 +190,13 @@ def loads_in_host_memory(recipe: Recipe, device: torch.device) -> bool:
     return device.type == "cuda" and shards_with_fsdp(recipe)
 
 
-def load_base_model(recipe: Recipe, device: torch.device | None = None) -> tuple[PreTrainedModel, str, torch.dtype]:
+def load_base_model(recipe: Recipe, device: torch.device | None = None, plan: RunPlan | None = None
+                    ) -> tuple[PreTrainedModel, str, torch.dtype]:
     """The frozen base model of a recipe, 4-bit where asked, on the device (or in host memory,
-    see loads_in_host_memory)."""
+    see loads_in_host_memory), in the plan's dtype and attention."""
     device = device or pick_device()
-    dtype = resolve_dtype(recipe.model.dtype, device)
-    compute_dtype = quantization_compute_dtype(recipe, dtype)
+    plan = plan or run_plan(recipe, device)
+    dtype, compute_dtype = _DTYPES[plan.dtype], _DTYPES[plan.compute_dtype]
     if recipe.model.preset is not None:
         source = str(materialize_preset(recipe.model.preset, seed=recipe.training.seed, dtype=dtype, device=device))
     else:
@@ -169,7 +207,7 @@ def load_base_model(recipe: Recipe, device: torch.device | None = None) -> tuple
         # bitsandbytes quantizes on the CPU with torch's own ops, and torchrun starts every rank
         # with one thread (OMP_NUM_THREADS=1): the host's cores are shared out among the ranks
         torch.set_num_threads(max(threads, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
-    attention = attention_implementation(recipe, source)
+    attention = plan.attention
     try:
         model = AutoModelForCausalLM.from_pretrained(
             source,
@@ -200,25 +238,6 @@ def load_base_model(recipe: Recipe, device: torch.device | None = None) -> tuple
     return model, source, dtype
 
 
-def source_model_type(recipe: Recipe, source: str | None = None) -> str | None:
-    """The model's `model_type`, from the preset or the local config.json (None when not on this machine)."""
-    if recipe.model.preset is not None:
-        return PRESETS[recipe.model.preset]["model_type"]
-    config = Path(source or recipe.resolve_input(recipe.model.name_or_path)) / "config.json"
-    try:
-        return json.loads(config.read_text()).get("model_type")
-    except (OSError, ValueError):
-        return None
-
-
-def attention_implementation(recipe: Recipe, source: str | None = None) -> str:
-    """The recipe's attention implementation; auto: the family's (sdpa for a family ftune has no entry for)."""
-    if recipe.model.attn_implementation != "auto":
-        return recipe.model.attn_implementation
-    family = family_of(source_model_type(recipe, source))
-    return family.attention if family is not None else "sdpa"
-
-
 def load_tokenizer(recipe: Recipe) -> PreTrainedTokenizerBase:
     """The recipe's tokenizer (model.tokenizer, else the model's own), loaded before the model."""
     name = recipe.resolve_input(recipe.model.tokenizer or recipe.model.name_or_path)
@@ -235,25 +254,18 @@ def load_tokenizer(recipe: Recipe) -> PreTrainedTokenizerBase:
     return tokenizer
 
 
-def lora_targets(recipe: Recipe, model_type: str | None) -> list[str] | str:
-    """The modules the adapter goes on; auto: the family's linear projections, all-linear for a
-    family ftune has no entry for."""
-    targets = recipe.lora.target_modules
-    if targets != "auto":
-        return targets
-    family = family_of(model_type)
-    return family.lora_targets if family is not None else "all-linear"
-
-
-def lora_config(recipe: Recipe, model_type: str | None = None) -> LoraConfig:
-    """peft's LoraConfig of the recipe's lora section."""
+def lora_config(recipe: Recipe, targets: list[str] | str | None = None) -> LoraConfig:
+    """peft's LoraConfig of the recipe's lora section, on the plan's targets (by default the
+    targets ftune.plan.lora_targets gives for the model's config on this machine)."""
+    if targets is None:
+        config = local_model_config(recipe)
+        targets = lora_targets(recipe, family_of(config.model_type) if config is not None else None)
     lora = recipe.lora
-    return LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-                      target_modules=lora_targets(recipe, model_type), bias=lora.bias, use_rslora=lora.use_rslora,
-                      task_type="CAUSAL_LM")
+    return LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=targets,
+                      bias=lora.bias, use_rslora=lora.use_rslora, task_type="CAUSAL_LM")
 
 
-def add_lora(model: PreTrainedModel, recipe: Recipe) -> PeftModel:
+def add_lora(model: PreTrainedModel, recipe: Recipe, targets: list[str] | str) -> PeftModel:
     """A new LoRA adapter from the recipe, or the existing one that model.adapter names (trainable)."""
     if recipe.model.adapter is not None:
         path = recipe.resolve_input(recipe.model.adapter)
@@ -264,7 +276,7 @@ def add_lora(model: PreTrainedModel, recipe: Recipe) -> PeftModel:
                              hint="Point it at a folder with adapter_config.json, such as an earlier run's output_dir "
                              "(the DPO and GRPO quickstarts continue `ftune train recipes/quickstart.yaml`).") from None
     try:
-        return get_peft_model(model, lora_config(recipe, model.config.model_type))
+        return get_peft_model(model, lora_config(recipe, targets))
     except ValueError as error:
         raise ModelError(
             f"lora.target_modules: {first_line(error)}",
@@ -274,92 +286,57 @@ def add_lora(model: PreTrainedModel, recipe: Recipe) -> PeftModel:
 
 
 def build_model(recipe: Recipe, device: torch.device | None = None, *, tokenizer: PreTrainedTokenizerBase | None = None,
-                with_tokenizer: bool = True, plan: Plan | None = None) -> BuiltModel:
-    """The model of a recipe, ready for a trainer (benchmarks on random ids need no tokenizer)."""
+                with_tokenizer: bool = True, plan: RunPlan | None = None) -> BuiltModel:
+    """The model of a recipe, ready for a trainer, built as its plan says (made here by run_plan
+    unless given); benchmarks on random ids need no tokenizer."""
     device = device or pick_device()
+    plan = plan or run_plan(recipe, device)
     if tokenizer is None and with_tokenizer:
         tokenizer = load_tokenizer(recipe)
-    base, source, dtype = load_base_model(recipe, device)
+    base, source, dtype = load_base_model(recipe, device, plan)
     if tokenizer is not None and len(tokenizer) > base.get_input_embeddings().num_embeddings:
         raise ModelError(
             f"model.tokenizer has {len(tokenizer)} tokens but the model's embedding has only "
             f"{base.get_input_embeddings().num_embeddings} rows.",
             hint="Use the tokenizer that belongs to the model.",
         )
-    family = family_of(base.config.model_type)
-    if family is None:
+    if plan.config is None:  # its config came with the weights: plan again with it, as loaded
+        loaded = ModelConfig(source, base.config.to_dict())
+        plan = replace(resolve(recipe, plan.device, config=loaded), attention=plan.attention)
+    if plan.family is None:
         logger.warning("ftune has no entry for model type %r: it trains on the generic path (no kernels, layers "
                        "recomputed whole, LoRA on all-linear by default); ftune/families.py lists the families",
                        base.config.model_type)
     transformers.set_seed(recipe.training.seed)  # the adapter's initialization depends on the seed alone
-    model = add_lora(base, recipe)
-    kernels = patch_kernels(model, recipe, device)
-    if recipe.checkpointing.mode == "smart":
-        plan = plan or smart_plan(recipe, device)
-        engine = install_checkpointing(model, "smart", plan.policies, device=device)
-    else:
-        # the device it will train on: under fsdp the model is still in host memory here
-        engine = install_checkpointing(model, recipe.checkpointing.mode, device=device)
-    # smart's plan decides where the table goes (host RAM only when the budget needs it)
-    host_embeddings = plan.host_embeddings if recipe.checkpointing.mode == "smart" else \
-        wants_host_embeddings(recipe, device)
-    if host_embeddings:
+    model = add_lora(base, recipe, plan.lora_targets)
+    patch_kernels(model, plan, device)
+    # the device it will train on: under fsdp the model is still in host memory here
+    policies = [Policy(policy.value) for policy in plan.layers.policies] if plan.layers is not None else None
+    engine = install_checkpointing(model, plan.checkpointing, policies, device=device)
+    if plan.host_embeddings:
         engine.host_embedding_bytes = move_embeddings_to_host(model, device)
-        # With the fused loss the head's copy is what the layers' backward would hold (without it, the
-        # logits are); under fsdp the head is sharded instead
-        if kernels["fused_cross_entropy"] and not shards_with_fsdp(recipe):
+        if plan.host_lm_head:  # the head's copy is what the layers' backward would hold with the fused loss
             engine.host_embedding_bytes += move_lm_head_to_host(model, device)
-    return BuiltModel(model=model, tokenizer=tokenizer, device=device, dtype=dtype, engine=engine, kernels=kernels,
-                      source=source, plan=plan if recipe.checkpointing.mode == "smart" else None)
+    return BuiltModel(model=model, tokenizer=tokenizer, device=device, dtype=dtype, engine=engine, plan=plan,
+                      source=source)
 
 
-def smart_plan(recipe: Recipe, device: torch.device | None = None) -> Plan:
-    """Mode smart's per-layer plan for this recipe and card, before any weights are loaded."""
-    device = device or pick_device()
-    shape = model_shape(recipe)
-    setting = Setting.from_recipe(recipe, cuda=device.type == "cuda")
-    if recipe.checkpointing.budget is not None:
-        budget = allocatable(parse_bytes(recipe.checkpointing.budget))  # a card's size, as estimate-vram --vram
-    elif device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        budget = free - max(GiB, free // 12)  # the CUDA context, the allocator's slack and other processes
-    else:
-        budget = psutil.virtual_memory().available // 2
-    try:
-        return plan_smart(shape, setting, budget, host_available=int(psutil.virtual_memory().available * 0.8),
-                          link_gbps=measure_host_link(device),
-                          embeddings_movable=recipe.checkpointing.host_embeddings == "auto")
-    except NoPlanFits as error:
-        longest = f"the longest sequence that would fit is about {error.longest:,} tokens" if error.longest else \
-            "not even the weights and optimizer states fit"
-        raise ModelError(
-            f"checkpointing.budget: {error}; {longest}.",
-            hint="Lower data.max_length or training.batch_size, raise checkpointing.budget, or use a larger card. "
-            "`ftune estimate-vram RECIPE --vram SIZE` shows the breakdown.",
-        ) from None
+def smart_plan(recipe: Recipe, device: torch.device | None = None) -> RunPlan:
+    """run_plan under the name ftune/workflows/__init__.py still imports; it goes once that reads run_plan."""
+    return run_plan(recipe, device)
 
 
-def patch_kernels(model: PeftModel, recipe: Recipe, device: torch.device) -> dict[str, bool]:
-    """Apply the recipe's kernels; auto means on where they run (CUDA) and apply to the model."""
+def patch_kernels(model: PeftModel, plan: RunPlan, device: torch.device) -> None:
+    """Apply the kernels the plan turned on; one that this model cannot take is a ModelError."""
     support = kernel_support(model)
-    wanted: dict[str, bool] = {}
-    for name in KERNELS:
-        setting = getattr(recipe.kernels, name)
-        if setting == "auto":
-            wanted[name] = device.type == "cuda" and support[name] is None
-        elif setting and support[name] is not None:
-            raise ModelError(f"kernels.{name}: {support[name]}.", hint=f"Set kernels.{name}: auto or false.")
-        else:
-            wanted[name] = bool(setting)
+    for name, choice in plan.kernels.items():
+        if not choice.on or support[name] is None:
+            continue
+        if choice.reason.startswith("auto"):
+            raise ModelError(f"kernels.{name}: {choice.reason}, but {support[name]}.",
+                             hint=f"Set kernels.{name}: false.")
+        raise ModelError(f"kernels.{name}: {support[name]}.", hint=f"Set kernels.{name}: auto or false.")
     try:
-        apply_kernels(model, **wanted, device=device)  # under fsdp the model is still in host memory here
+        apply_kernels(model, **plan.kernel_flags(), device=device)  # under fsdp the model is still in host memory here
     except ValueError as error:  # e.g. asked for on CPU without Triton's interpreter
         raise ModelError(f"kernels: {error}", hint="Set the kernels to auto (on with CUDA) or false.") from None
-    return wanted
-
-
-def wants_host_embeddings(recipe: Recipe, device: torch.device) -> bool:
-    setting = recipe.checkpointing.host_embeddings
-    if setting == "auto":
-        return device.type == "cuda" and recipe.checkpointing.mode in ("unsloth", "smart")
-    return setting

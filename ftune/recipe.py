@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import difflib
 import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
@@ -22,8 +23,6 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from ftune.errors import RecipeError
 from ftune.presets import PRESETS
 
-LORA_TARGETS_ALL_LINEAR = "all-linear"
-LLAMA_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 DATA_FILE_SUFFIXES = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
 LARGEST_SEED = 2**32 - 1
 
@@ -425,13 +424,19 @@ def parse_bytes(text: str) -> int:
 # Loading
 
 
+Problem = tuple[str, str]  # (key path, what is wrong with it and the fix)
+
+
 def load_recipe(path: str | Path, overrides: list[str] | None = None, *, check_paths: bool = True,
-                needs_tokenizer: bool = True) -> Recipe:
+                needs_tokenizer: bool = True, environment_checks: Callable[[Recipe], list[Problem]] | None = None
+                ) -> Recipe:
     """Read, override and validate a recipe file; raise RecipeError listing every problem.
 
-    check_paths: also check the recipe against this machine and its model (ftune.checks): input
-    paths exist, the output folder can be written, rewards import, LoRA targets exist.
+    check_paths: also check that the input paths exist.
     needs_tokenizer: False for what never tokenizes (estimate-vram): a preset may then have none.
+    environment_checks: the recipe's problems against this machine and its model, reported with the
+    schema's (ftune.checks.load_checked_recipe passes them: the output folder can be written, rewards
+    import, LoRA targets exist).
     """
     path = Path(path)
     if path.is_dir():
@@ -448,7 +453,7 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None, *, check_p
     raw = _read_yaml(path)
     raw = apply_overrides(raw, overrides or [], source=str(path))
     return validate_recipe(raw, base_dir=path.parent.resolve(), source=str(path), check_paths=check_paths,
-                           needs_tokenizer=needs_tokenizer)
+                           needs_tokenizer=needs_tokenizer, environment_checks=environment_checks)
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:
@@ -508,8 +513,9 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str], *, source: str) -
 
 def validate_recipe(
     raw: dict[str, Any], *, base_dir: Path, source: str = "recipe", check_paths: bool = True,
-    needs_tokenizer: bool = True,
+    needs_tokenizer: bool = True, environment_checks: Callable[[Recipe], list[Problem]] | None = None,
 ) -> Recipe:
+    """A recipe from its YAML mapping (see load_recipe); raise RecipeError listing every problem."""
     try:
         recipe = Recipe.model_validate(raw)
     except ValidationError as error:
@@ -517,10 +523,8 @@ def validate_recipe(
         raise RecipeError.from_problems(source, list(dict.fromkeys(problems))) from None
     recipe._base_dir = base_dir
     problems = combination_problems(recipe, check_paths=check_paths, needs_tokenizer=needs_tokenizer)
-    if check_paths:
-        from ftune.checks import environment_problems  # imports the user's reward modules; torch for the model's
-
-        problems += environment_problems(recipe)
+    if environment_checks is not None:
+        problems += environment_checks(recipe)
     if problems:
         raise RecipeError.from_problems(source, problems)
     return recipe
@@ -618,7 +622,7 @@ def _known_keys(loc: list[str]) -> list[str]:
 
 
 def combination_problems(recipe: Recipe, *, check_paths: bool = True, needs_tokenizer: bool = True
-                         ) -> list[tuple[str, str]]:
+                         ) -> list[Problem]:
     """Keys that are valid alone but not together, and local paths that do not exist."""
     problems: list[tuple[str, str]] = []
     model = recipe.model

@@ -9,10 +9,11 @@ import sys
 
 import pytest
 
-from ftune.checks import model_modules, output_dir_problem, recipe_warnings, reward_signature_problem
+from ftune.checks import (environment_problems, model_modules, output_dir_problem, recipe_warnings,
+                          reward_signature_problem)
 from ftune.known_models import KNOWN_HUB_PRESETS, preset_for
 from ftune.presets import PRESETS
-from ftune.recipe import validate_recipe
+from ftune.recipe import Recipe, validate_recipe
 from tests.conftest import REPO
 from tests.test_cli import run_cli
 from tests.test_recipe import quickstart_dict, write
@@ -22,6 +23,11 @@ def validate(tmp_path, monkeypatch, capsys, data: dict, *args: str) -> tuple[int
     code, output = run_cli(monkeypatch, capsys, "validate", str(write(tmp_path, data)), *args)
     assert "bug in ftune" not in output and "Traceback" not in output
     return code or 0, output
+
+
+def checked(data: dict, base_dir) -> Recipe:
+    """The recipe with the checks against this machine and its model, as `ftune validate` makes them."""
+    return validate_recipe(data, base_dir=base_dir, environment_checks=environment_problems)
 
 
 def grpo_dict() -> dict:
@@ -125,7 +131,7 @@ def test_lora_targets_match_as_peft_matches(tmp_path):
     data = quickstart_dict()
     for targets in (["self_attn.q_proj", "mlp.down_proj"], ["model.layers.0.self_attn.v_proj"], "all-linear"):
         data["lora"]["target_modules"] = targets
-        validate_recipe(data, base_dir=tmp_path)
+        checked(data, tmp_path)
 
 
 def test_lora_targets_of_a_local_folder_and_of_a_hub_id(tmp_path):
@@ -140,10 +146,10 @@ def test_lora_targets_of_a_local_folder_and_of_a_hub_id(tmp_path):
     for name in (str(folder), "Qwen/Qwen2.5-7B-Instruct"):
         data["model"]["name_or_path"] = name
         with pytest.raises(Exception, match="'c_attn' matches no module") as caught:
-            validate_recipe(data, base_dir=tmp_path)
+            checked(data, tmp_path)
         assert "q_proj" in str(caught.value)
     data["model"]["name_or_path"] = "some-org/not-a-known-model"
-    validate_recipe(data, base_dir=tmp_path)
+    checked(data, tmp_path)
 
 
 def test_model_modules_of_a_preset():

@@ -21,8 +21,9 @@ from peft import LoraConfig, get_peft_model
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from ftune.families import family_of
-from ftune.kernels import KERNELS
-from ftune.model import build_model, lora_targets, quantization_config
+from ftune.integrations.transformers import KERNELS
+from ftune.model import build_model, quantization_config
+from ftune.plan import lora_targets
 from ftune.recipe import validate_recipe
 from tests.conftest import REPO
 
@@ -79,7 +80,8 @@ def _reference(path: str, recipe, built) -> torch.nn.Module:
                                                 device_map={"": "cpu"}, attn_implementation=built.model.config._attn_implementation)
     transformers.set_seed(0)
     model_type = base.config.model_type
-    reference = get_peft_model(base, LoraConfig(r=16, lora_alpha=16, target_modules=lora_targets(recipe, model_type),
+    targets = lora_targets(recipe, family_of(model_type))
+    reference = get_peft_model(base, LoraConfig(r=16, lora_alpha=16, target_modules=targets,
                                                 task_type="CAUSAL_LM"))
     adapter = {k: v for k, v in built.model.state_dict().items() if "lora_" in k}
     missing = set(adapter) - set(reference.state_dict())

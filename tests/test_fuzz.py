@@ -16,6 +16,7 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from ftune.checks import environment_problems
 from ftune.data import check_rows, load_training_data
 from ftune.errors import DataError, RecipeError
 from ftune.recipe import load_recipe, validate_recipe
@@ -53,7 +54,7 @@ def mutated_recipes(draw) -> dict:
 @settings(max_examples=200, deadline=None)
 def test_mutated_recipes_validate_or_fail_with_key_paths(raw):
     try:
-        validate_recipe(raw, base_dir=REPO / "recipes")
+        validate_recipe(raw, base_dir=REPO / "recipes", environment_checks=environment_problems)
     except RecipeError as error:
         assert error.problems, error.message
         for key, message in error.problems:

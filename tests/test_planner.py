@@ -11,11 +11,10 @@ from dataclasses import replace
 
 import pytest
 
-from ftune.engine import Policy
-from ftune.engine.planner import NoPlanFits, plan_peak, plan_smart
 from ftune.errors import ModelError
 from ftune.memory.estimate import GiB, Setting, Shape, estimate
-from ftune.model import build_model, smart_plan
+from ftune.memory.policy import NoPlanFits, Policy, plan_peak, plan_smart
+from ftune.model import build_model, run_plan
 from ftune.presets import PRESETS
 from ftune.recipe import load_recipe
 from tests.conftest import QUICKSTART
@@ -132,14 +131,14 @@ def test_nothing_fits_names_the_longest_sequence():
 def test_recipe_budget_below_the_weights_is_a_clear_error():
     recipe = load_recipe(QUICKSTART, ["checkpointing.mode=smart", "checkpointing.budget=10MiB"])
     with pytest.raises(ModelError, match="checkpointing.budget"):
-        smart_plan(recipe)
+        run_plan(recipe)
 
 
 def test_smart_recipe_installs_its_plan():
     recipe = load_recipe(QUICKSTART, ["checkpointing.mode=smart", "checkpointing.budget=1GiB"])
     built = build_model(recipe)
-    assert built.plan is not None
-    assert built.engine.policies == built.plan.policies
+    assert built.plan.layers is not None
+    assert built.engine.policies == built.plan.layers.policies
     assert built.engine.mode == "smart"
 
 

@@ -2,6 +2,10 @@
 
 Errors caused by input (FtuneError) print one paragraph and exit with their code; anything else
 is a bug and prints a short note, or the whole traceback with --debug.
+
+Each command module imports torch and the libraries built on it inside its command, so that
+`ftune --help`, `ftune validate`, `estimate-vram` and `presets` start without them
+(tests/test_architecture.py checks validate's imports).
 """
 
 from __future__ import annotations
@@ -16,6 +20,10 @@ from ftune.errors import FtuneError
 
 from ftune.cli import chat, compare, estimate, export, generate, presets, train, validate  # noqa: E402,F401  (register the commands)
 from ftune.cli.app import app, err_console, report_error
+
+
+# The commands that load models or data through transformers and datasets, whose logging is quieted first
+LIBRARY_COMMANDS = ("train", "compare", "export", "generate", "chat")
 
 
 def _quiet_libraries() -> None:
@@ -48,9 +56,8 @@ class _NoKernelsPackageWarning(logging.Filter):
 def _leave_process_group(code) -> None:
     """Under torchrun: wait for every rank, then exit without gloo's teardown, which now and then
     hangs a CPU run after its work is done (NCCL runs leave the usual way)."""
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()):
+    dist = sys.modules.get("torch.distributed")  # a command that never imported torch has no process group
+    if dist is None or not (dist.is_available() and dist.is_initialized()):
         return
     dist.barrier()
     if dist.get_backend() == "gloo":
@@ -64,7 +71,9 @@ def main() -> None:
     debug = "--debug" in sys.argv[1:]
     if debug:
         sys.argv.remove("--debug")
-    _quiet_libraries()
+    command = next((argument for argument in sys.argv[1:] if not argument.startswith("-")), None)
+    if command in LIBRARY_COMMANDS:
+        _quiet_libraries()
     try:
         try:
             app()

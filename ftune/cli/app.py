@@ -1,4 +1,5 @@
-"""The Typer app that every command module registers on, and how errors are shown."""
+"""The Typer app that every command module registers on, how errors are shown, and the options
+that several commands share."""
 
 from __future__ import annotations
 
@@ -7,7 +8,8 @@ from rich.console import Console
 from rich.markup import escape
 from rich.panel import Panel
 
-from ftune.errors import FtuneError
+from ftune.errors import FtuneError, RecipeError
+from ftune.recipe import parse_bytes
 
 app = typer.Typer(
     name="ftune",
@@ -28,3 +30,16 @@ def report_error(error: FtuneError) -> None:
         err_console.print(Panel(body, title=f"[bold red]{error.title}", border_style="red", expand=False), highlight=False)
     else:  # logs and pipes: unwrapped lines that grep finds whole
         err_console.print(f"[bold red]{error.title}:[/] {body}", highlight=False, markup=True)
+
+
+def parse_vram(text: str | None) -> int | None:
+    """--vram SIZE in bytes (None when not given); a RecipeError for what is not a card's size."""
+    if text is None:
+        return None
+    try:
+        budget = parse_bytes(text)
+    except ValueError as error:
+        raise RecipeError(f"--vram: {error}.", hint="For example --vram 24GiB.") from None
+    if budget < 1:
+        raise RecipeError(f"--vram {text}: a card's memory must be more than 0.", hint="For example --vram 24GiB.")
+    return budget

@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -15,11 +16,13 @@ from rich.markup import escape
 from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn
 from rich.table import Table
 
+from ftune.checks import load_checked_recipe
 from ftune.cli.app import app, err_console
 from ftune.errors import OutputDirError, RecipeError
-from ftune.memory.estimate import Setting, estimate, model_shape
-from ftune.memory.monitor import format_bytes
-from ftune.recipe import load_recipe
+from ftune.memory.estimate import estimate
+from ftune.memory.units import format_bytes
+from ftune.model_config import model_config
+from ftune.plan import assumed_device, resolve
 
 MODES = ("none", "true", "unsloth", "smart")
 
@@ -37,7 +40,7 @@ def compare(
     overrides: Annotated[list[str], typer.Option("--set", help="Override a recipe key.")] = [],
 ) -> None:
     """Run a few steps of the recipe in each checkpointing mode: VRAM, speed, loss agreement, a chart."""
-    recipe = load_recipe(recipe_path, overrides)
+    recipe = load_checked_recipe(recipe_path, overrides)
     modes = [m.strip() for item in (ckpt or ["none,true,unsloth"]) for m in item.split(",") if m.strip()]
     unknown = [m for m in modes if m not in MODES]
     if unknown or not modes:
@@ -109,17 +112,18 @@ def _run_worker(recipe_path, mode, steps, seq, batch, memory_cap, overrides, pro
 
 def _report(recipe, modes, rows, seq, batch) -> dict[str, Any]:
     try:
-        shape = model_shape(recipe)
+        config = model_config(recipe)
     except Exception:  # no config reachable: the estimates are left out, the measurements stand
-        shape = None
+        config = None
     reference = next((r for r in rows if r["status"] == "ok"), None)
     for row in rows:
-        if shape is not None and row["mode"] != "smart":
+        if config is not None and row["mode"] != "smart":
+            plan = resolve(recipe, assumed_device(), mode=row["mode"], config=config)
             # the workers train with torch's AdamW whatever the recipe names (fp32 moments), so the
             # estimate does too
-            setting = Setting.from_recipe(recipe, mode=row["mode"], optimizer="adamw_torch")
-            setting.seq, setting.batch = seq or setting.seq, batch or setting.batch
-            row["estimated_peak_bytes"] = estimate(shape, setting).peak
+            setting = replace(plan.setting, optimizer="adamw_torch", seq=seq or plan.setting.seq,
+                              batch=batch or plan.setting.batch)
+            row["estimated_peak_bytes"] = estimate(plan.shape, setting).peak
         if row["status"] == "ok" and reference is not None:
             n = min(len(row["losses"]), len(reference["losses"]))
             row["max_loss_diff"] = max(abs(a - b) for a, b in zip(row["losses"][:n], reference["losses"][:n]))

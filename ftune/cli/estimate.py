@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from dataclasses import replace
 from pathlib import Path
 from typing import Annotated
 
@@ -11,13 +10,15 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from ftune.cli.app import app
-from ftune.engine.planner import NoPlanFits, plan_smart
+from ftune.cli.app import app, parse_vram
 from ftune.errors import RecipeError
-from ftune.memory.estimate import (RESERVED_OVER_ALLOCATED, Estimate, GiB, Setting, allocatable, estimate,
-                                   largest_batch, longest_sequence, model_shape)
-from ftune.memory.monitor import format_bytes
-from ftune.recipe import load_recipe, parse_bytes
+from ftune.memory.estimate import (RESERVED_OVER_ALLOCATED, Estimate, Shape, allocatable, estimate, largest_batch,
+                                   longest_sequence)
+from ftune.memory.policy import NoPlanFits
+from ftune.memory.units import format_bytes
+from ftune.model_config import model_config
+from ftune.plan import assumed_device, resolve
+from ftune.recipe import load_recipe
 
 FIXED_MODES = ("none", "true", "unsloth")
 ROWS = [
@@ -45,23 +46,26 @@ def estimate_vram(
             raise RecipeError(f"{option} {value}: the {what} must be at least 1.",
                               hint=f"Leave {option} out for the recipe's own value, or give e.g. {option} "
                               f"{4096 if option == '--seq' else 1}.")
+    # --seq and --batch are the recipe's own keys; the smart row plans for --vram, not for the recipe's budget
+    sizes = [f"data.max_length={seq}"] * (seq is not None) + [f"training.batch_size={batch}"] * (batch is not None)
     # the estimate reads the model's shape, never text: a preset needs no tokenizer here
-    recipe = load_recipe(recipe_path, overrides, check_paths=False, needs_tokenizer=False)
-    seq = recipe.data.max_length if seq is None else seq
-    batch = recipe.training.batch_size if batch is None else batch
-    budget = _parse_vram(vram)
+    recipe = load_recipe(recipe_path, [*overrides, *sizes, "checkpointing.budget=null"], check_paths=False,
+                         needs_tokenizer=False)
+    seq, batch = recipe.data.max_length, recipe.training.batch_size
+    budget = parse_vram(vram)
     wanted = [m for item in modes for m in item.split(",") if m] or list(FIXED_MODES)
     unknown = sorted(set(wanted) - set(FIXED_MODES))
     if unknown:
         raise RecipeError(f"--mode {', '.join(unknown)}: estimate-vram shows the fixed modes {', '.join(FIXED_MODES)}.",
                           hint="smart plans to a budget: see its plan at the start of `ftune train`.")
-    shape = model_shape(recipe)
+    config = model_config(recipe)  # from the hub (online) where it is not on this machine
+    device = assumed_device(vram=budget)  # a CUDA card, of --vram where given
+    shape = Shape.from_config(config.values)
     # what a card of --vram holds at the peak, less what the allocator reserves beyond it
     usable = allocatable(budget) if budget is not None else None
     results = []
     for mode in wanted:
-        setting = Setting.from_recipe(recipe, mode=mode)
-        setting = replace(setting, seq=seq, batch=batch)
+        setting = resolve(recipe, device, mode=mode, config=config).setting
         parts = estimate(shape, setting)
         row = {"mode": mode, **parts.as_dict()}
         if usable is not None:
@@ -73,11 +77,10 @@ def estimate_vram(
               "seq": seq, "batch": batch,
               "vram": budget, "modes": [row for row, _ in results], "smart": None}
     if budget is not None:
-        setting = Setting.from_recipe(recipe, mode="smart")
-        setting = replace(setting, seq=seq, batch=batch)
         try:
-            plan = plan_smart(shape, setting, usable, embeddings_movable=recipe.checkpointing.host_embeddings == "auto")
-            report["smart"] = {"plan": plan.counts(), "peak": plan.peak, "host": plan.host, "text": plan.describe()}
+            layers = resolve(recipe, device, mode="smart", config=config).layers
+            report["smart"] = {"plan": layers.counts(), "peak": layers.peak, "host": layers.host,
+                               "text": layers.describe()}
         except NoPlanFits as error:
             report["smart"] = {"plan": None, "text": f"smart: {error}"}
     if as_json:
@@ -86,18 +89,6 @@ def estimate_vram(
     _print_table(report, results, budget)
     if report["smart"] is not None:
         Console().print(report["smart"]["text"])
-
-
-def _parse_vram(text: str | None) -> int | None:
-    if text is None:
-        return None
-    try:
-        budget = parse_bytes(text)
-    except ValueError as error:
-        raise RecipeError(f"--vram: {error}.", hint="For example --vram 24GiB.") from None
-    if budget < 1:
-        raise RecipeError(f"--vram {text}: a card's memory must be more than 0.", hint="For example --vram 24GiB.")
-    return budget
 
 
 def _print_table(report: dict, results: list[tuple[dict, Estimate]], budget: int | None) -> None:

@@ -11,9 +11,9 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
+from ftune.checks import load_checked_recipe
 from ftune.cli.app import app, err_console
 from ftune.errors import FtuneError
-from ftune.recipe import load_recipe
 
 # The embedded default: trains a tiny model on CPU in a few minutes, nothing downloaded.
 QUICKSTART = Path(__file__).resolve().parents[2] / "recipes" / "quickstart.yaml"
@@ -58,7 +58,7 @@ def train(
             raise FtuneError("No recipe given and the shipped quickstart is not here.",
                              hint="Pass a recipe file: ftune train recipes/quickstart.yaml")
         recipe_path = QUICKSTART
-    recipe = load_recipe(recipe_path, overrides)
+    recipe = load_checked_recipe(recipe_path, overrides)
     summary = run_training(recipe, overwrite=overwrite, console=err_console).summary
     if "rank" in summary:  # not the main process: rank 0 reports
         return

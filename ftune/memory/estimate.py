@@ -23,17 +23,15 @@ Shapes and settings outside that grid are extrapolated by their sizes, and `cali
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
 
-from ftune.errors import ModelError
-from ftune.known_models import preset_for
-from ftune.presets import PRESETS
-from ftune.recipe import LLAMA_PROJECTIONS, Recipe
+import psutil
 
-GiB = 1024**3
+from ftune.memory.units import GiB
+from ftune.model_config import model_config
+from ftune.recipe import Recipe
+
 BF16 = 2
 # bitsandbytes NF4/FP4: two weights per byte, one absmax per 64 weights (fp32, or uint8 plus an
 # fp32 per 256 absmax with double quantization).
@@ -82,6 +80,15 @@ RESERVED_OVER_ALLOCATED = 1.08
 # (model_type, hidden, layers) of the shapes the grid measured: Llama-3.1-8B and Qwen2.5-7B
 MEASURED_SHAPES = {("llama", 4096, 32), ("qwen2", 3584, 28)}
 
+# When a step parks (ftune/engine/attention.py). Parking is a speed-up that takes twice the layer
+# inputs' host memory: a step parks only while its inputs and parked halves take at most this share
+# of the host's memory...
+PARKING_HOST_SHARE = 0.5
+# ... and it has at most this many tokens. With parking, 150,528 tokens of the 8B shape ran out of
+# GPU memory in a 24 GiB cap on an H200 where 159,744 trained without it; 32768 tokens at batch 1
+# are the longest step measured parked (docs/benchmarks.md).
+PARKING_MAX_TOKENS = 32768
+
 
 @dataclass(frozen=True)
 class Shape:
@@ -128,7 +135,7 @@ class Shape:
 
 @dataclass
 class Setting:
-    """The recipe's choices that memory depends on."""
+    """The choices that memory depends on (ftune.plan.RunPlan.setting: a resolved recipe's)."""
 
     mode: str = "unsloth"
     seq: int = 2048
@@ -136,38 +143,18 @@ class Setting:
     quantized: bool = True
     double_quant: bool = True
     lora_r: int = 16
-    lora_targets: tuple[str, ...] = tuple(LLAMA_PROJECTIONS)
+    lora_targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
     fused_loss: bool = True
     host_embeddings: bool = True
     # With the tables in host memory and the fused loss, the LM head too: on the GPU for the forward
-    # and the loss, not for the layers' backward (ftune.engine.embedding.HostLMHead)
+    # and the loss, not for the layers' backward (ftune.engine.host_memory.HostLMHead)
     host_lm_head: bool = True
     # Offloaded layers park their attention half beside their input, where the engine's rule allows
-    # (ftune.engine.attention.parks: tokens and a share of host memory) ...
+    # (`parks`: tokens and a share of host memory) ...
     parked_attention: bool = True
     # ... of this much host memory (None: this machine's)
     host_memory: int | None = None
     optimizer: str = "adamw_torch"
-
-    @classmethod
-    def from_recipe(cls, recipe: Recipe, *, cuda: bool = True, **overrides: Any) -> "Setting":
-        mode = overrides.pop("mode", recipe.checkpointing.mode)
-        fused = recipe.kernels.fused_cross_entropy
-        host = recipe.checkpointing.host_embeddings
-        targets = recipe.lora.target_modules
-        setting = cls(
-            mode=mode, seq=recipe.data.max_length, batch=recipe.training.batch_size,
-            quantized=recipe.quantization.method != "none", double_quant=recipe.quantization.double_quant,
-            lora_r=recipe.lora.r,
-            lora_targets=tuple(LLAMA_PROJECTIONS if isinstance(targets, str) else targets),
-            fused_loss=cuda if fused == "auto" else bool(fused),
-            host_embeddings=(cuda and mode in ("unsloth", "smart")) if host == "auto" else bool(host),
-            host_lm_head=recipe.distributed.strategy != "fsdp",  # sharded instead (ftune.model.build_model)
-            optimizer=recipe.training.optimizer,
-        )
-        for key, value in overrides.items():
-            setattr(setting, key, value)
-        return setting
 
 
 @dataclass
@@ -285,11 +272,17 @@ def check_setting(setting: Setting) -> None:
             raise ValueError(f"{name} must be a positive whole number, not {value!r}")
 
 
-def parks_attention(shape: Shape, tokens: int, host_memory: int | None = None) -> bool:
-    """Whether offloaded layers park their attention half in a step of this many tokens (the
-    engine's rule, ftune.engine.attention.parks)."""
-    from ftune.engine.attention import parks
+def parks(tokens: int, step_bytes: int, host_memory: int | None = None) -> bool:
+    """Whether a step of this many tokens, whose layer inputs and parked halves take `step_bytes`,
+    parks its offloaded layers' attention halves (PARKING_MAX_TOKENS, PARKING_HOST_SHARE of
+    `host_memory`, by default this machine's): the rule of the engine and of this model both."""
+    if host_memory is None:
+        host_memory = psutil.virtual_memory().total
+    return tokens <= PARKING_MAX_TOKENS and step_bytes <= PARKING_HOST_SHARE * host_memory
 
+
+def parks_attention(shape: Shape, tokens: int, host_memory: int | None = None) -> bool:
+    """Whether offloaded layers park their attention half in a step of this many tokens."""
     return parks(tokens, shape.layers * (tokens * shape.hidden * BF16 + parked_bytes_per_layer(shape, tokens)),
                  host_memory)
 
@@ -337,26 +330,5 @@ def largest_batch(shape: Shape, setting: Setting, budget: int, *, limit: int = 1
 
 
 def model_shape(recipe: Recipe) -> Shape:
-    """The recipe's model shape from a preset, a local config.json, a well-known hub id's preset
-    (ftune.known_models), or the hub (online); no weights."""
-    model = recipe.model
-    if model.preset is not None:
-        return Shape.from_config(PRESETS[model.preset])
-    source = recipe.resolve_input(model.name_or_path)
-    local = Path(source) / "config.json"
-    if local.is_file():
-        return Shape.from_config(json.loads(local.read_text()))
-    known = preset_for(source)
-    if known is not None:  # no hub request, and no retries for half a minute offline
-        return Shape.from_config(PRESETS[known])
-    try:
-        from transformers import AutoConfig
-
-        config = AutoConfig.from_pretrained(source, revision=model.revision, trust_remote_code=model.trust_remote_code)
-    except (OSError, ValueError) as error:
-        raise ModelError(
-            f"model.name_or_path: no config reachable for '{source}' ({str(error).splitlines()[0]}).",
-            hint="Estimate offline with a preset of the same shape (--set model.name_or_path=null "
-            "--set model.preset=llama-3.1-8b), or a local folder with config.json; `ftune presets` lists them.",
-        ) from None
-    return Shape.from_config(config.to_dict())
+    """The recipe's model shape from its config (ftune.model_config: on this machine, else the hub); no weights."""
+    return Shape.from_config(model_config(recipe).values)

@@ -8,7 +8,7 @@ from dataclasses import asdict, dataclass
 import psutil
 import torch
 
-GiB = 1024**3
+from ftune.memory.units import GiB, format_bytes
 
 
 @dataclass
@@ -49,12 +49,3 @@ def snapshot(device: torch.device, host_offload: int = 0) -> MemorySnapshot:
         rss=rss,
         host_offload=host_offload,
     )
-
-
-def format_bytes(count: int | None) -> str:
-    if count is None:
-        return "-"
-    for unit, size in (("GiB", GiB), ("MiB", 1024**2), ("KiB", 1024)):
-        if abs(count) >= size:
-            return f"{count / size:.2f} {unit}"
-    return f"{count} B"

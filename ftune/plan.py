@@ -1,0 +1,238 @@
+"""One resolution of a recipe: every "auto" settled once, for one device, without torch.
+
+`resolve(recipe, device)` decides the dtype, each kernel (with its reason), the attention
+implementation, the LoRA targets, where the embedding tables and the LM head live, the
+checkpointing and, for mode smart, the budget in bytes and each layer's policy. Model building
+(ftune.model.build_model), `train`, `compare`, `estimate-vram` and `validate` read the RunPlan;
+none of them decides again.
+
+The device is a handful of facts (`Device`): ftune.model.device_facts measures them on the machine
+that trains (torch); `estimate-vram` and `validate` assume them from their flags
+(`assumed_device`). What only the loaded model can tell (a kernel's module is missing, the LM head
+is wrapped) is checked when the model is built (kernel_support), which refuses a kernel that the
+plan turned on with a clear error.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+import psutil
+
+from ftune.families import KERNEL_NAMES, Family, family_of, known_model_types
+from ftune.memory.estimate import GiB, Setting, Shape, allocatable
+from ftune.memory.policy import LayerPlan, plan_smart
+from ftune.memory.units import format_bytes
+from ftune.model_config import ModelConfig, local_model_config
+from ftune.recipe import Recipe, parse_bytes
+
+OFFLOADING_MODES = ("unsloth", "smart")
+# Of the host memory available, what offloaded layer inputs may take: the rest is the process's own
+HOST_SHARE_FOR_OFFLOAD = 0.8
+
+
+@dataclass(frozen=True)
+class Device:
+    """What resolving a recipe needs to know of the machine it trains on."""
+
+    kind: Literal["cuda", "cpu"] = "cuda"
+    total_bytes: int | None = None  # the GPU's memory: measured, or a card's size (--vram)
+    free_bytes: int | None = None  # the GPU's free memory, measured when the run starts
+    host_available: int | None = None  # host RAM available now, for offloaded layer inputs
+    link_gbps: float | None = None  # pinned host-to-GPU bandwidth, measured for mode smart
+    bf16: bool = True  # whether the GPU computes in bfloat16
+    triton: bool = True  # whether ftune's Triton kernels run: CUDA, or CPU under TRITON_INTERPRET=1
+    ranks: int | None = None  # processes training together (WORLD_SIZE); None: as the recipe's strategy implies
+
+    def describe(self) -> str:
+        if self.kind == "cpu":
+            return "CPU"
+        return f"a CUDA GPU of {format_bytes(self.total_bytes)}" if self.total_bytes else "a CUDA GPU"
+
+
+def assumed_device(*, cpu: bool = False, vram: int | None = None) -> Device:
+    """The device that flags name, without torch: this machine's CPU, or a CUDA card of `vram` bytes."""
+    if cpu:
+        return Device(kind="cpu", host_available=psutil.virtual_memory().available, triton=False, ranks=1)
+    return Device(kind="cuda", total_bytes=vram)
+
+
+@dataclass(frozen=True)
+class KernelChoice:
+    on: bool
+    reason: str
+
+
+@dataclass(frozen=True)
+class RunPlan:
+    """Every decision of one run, taken once (see the module's docstring)."""
+
+    device: Device
+    config: ModelConfig | None  # None: the model's config is not on this machine
+    family: Family | None
+    dtype: str  # of the 16-bit modules and the compute: bfloat16, float16 or float32
+    compute_dtype: str  # that 4-bit weights are dequantized to
+    attention: str  # transformers' attn_implementation
+    lora_targets: list[str] | str  # module names, or all-linear
+    kernels: dict[str, KernelChoice]
+    checkpointing: str  # the mode: none, true, unsloth or smart
+    host_embeddings: bool  # the frozen input embedding in host memory
+    host_lm_head: bool  # and the LM head, fetched for each forward (with the fused loss)
+    setting: Setting  # the memory model's view of all of the above
+    budget: int | None = None  # smart: the peak the plan must fit, in bytes
+    layers: LayerPlan | None = None  # smart: each decoder layer's policy
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def shape(self) -> Shape | None:
+        return Shape.from_config(self.config.values) if self.config is not None else None
+
+    def kernel_flags(self) -> dict[str, bool]:
+        """Each kernel on or off, as ftune.kernels.apply_kernels takes them."""
+        return {name: choice.on for name, choice in self.kernels.items()}
+
+    def describe(self) -> str:
+        """One line for the start of a run."""
+        if self.layers is not None:
+            return self.layers.describe()
+        on = [name for name, choice in self.kernels.items() if choice.on]
+        tables = ", embeddings in host RAM" if self.host_embeddings else ""
+        return (f"plan: {self.dtype}, attention {self.attention}, checkpointing {self.checkpointing}{tables}, "
+                f"kernels {', '.join(on) or 'none'}")
+
+    def describe_lines(self) -> list[str]:
+        """A few lines for `ftune validate`: the model, kernels with reasons, LoRA, attention, checkpointing."""
+        if self.config is None:
+            model = "model: its config is not on this machine, so its shape and family are unknown (loading decides)"
+        else:
+            family = self.family.name if self.family is not None else "no ftune family: the generic path"
+            shape = self.shape
+            model = (f"model: {self.config.model_type} ({family}), {shape.layers} layers, hidden {shape.hidden}, "
+                     f"vocab {shape.vocab}")
+        targets = self.lora_targets if isinstance(self.lora_targets, str) else ", ".join(self.lora_targets)
+        tables = "in host memory" if self.host_embeddings else "on the GPU"
+        if self.host_embeddings:
+            tables += ", the LM head too" if self.host_lm_head else ", the LM head on the GPU"
+        lines = [f"plan for {self.device.describe()}: {self.dtype}, attention {self.attention}", model,
+                 f"LoRA targets: {targets}", f"checkpointing {self.checkpointing}; embeddings {tables}"]
+        if self.layers is not None:
+            lines.append(self.layers.describe())
+        lines += [f"kernel {name}: {'on' if choice.on else 'off'} ({choice.reason})"
+                  for name, choice in self.kernels.items()]
+        return lines + [f"note: {note}" for note in self.notes]
+
+
+def resolve(recipe: Recipe, device: Device, *, mode: str | None = None, config: ModelConfig | None = None) -> RunPlan:
+    """The recipe's run on `device`, every "auto" settled.
+
+    mode: plan another checkpointing mode than the recipe's (estimate-vram's columns).
+    config: the model's config where the caller has fetched it (online); by default the one on
+    this machine, if any (ftune.model_config.local_model_config).
+    Raises ftune.memory.policy.NoPlanFits when mode smart finds no plan within its budget.
+    """
+    mode = mode or recipe.checkpointing.mode
+    config = config or local_model_config(recipe)
+    family = family_of(config.model_type) if config is not None else None
+    dtype = choose_dtype(recipe.model.dtype, device)
+    compute = recipe.quantization.compute_dtype
+    kernels = {name: _kernel_choice(name, getattr(recipe.kernels, name), family, config, device)
+               for name in KERNEL_NAMES}
+    targets = lora_targets(recipe, family)
+    host_setting = recipe.checkpointing.host_embeddings
+    host_embeddings = (device.kind == "cuda" and mode in OFFLOADING_MODES) if host_setting == "auto" else host_setting
+    fused_loss = kernels["fused_cross_entropy"].on
+    setting = Setting(
+        mode=mode, seq=recipe.data.max_length, batch=recipe.training.batch_size,
+        quantized=recipe.quantization.method != "none", double_quant=recipe.quantization.double_quant,
+        lora_r=recipe.lora.r, lora_targets=_projections(targets), fused_loss=fused_loss,
+        host_embeddings=host_embeddings, host_lm_head=not sharded_by_fsdp(recipe, device.ranks),
+        optimizer=recipe.training.optimizer,
+    )
+    budget, layers, notes = None, None, []
+    if mode == "smart":
+        budget = smart_budget(recipe, device)
+        if config is None or budget is None:
+            missing = "the model's shape" if config is None else "the GPU's memory (give --vram)"
+            notes.append(f"smart's per-layer plan needs {missing}; `ftune train` plans it on the GPU")
+        else:
+            host = int(device.host_available * HOST_SHARE_FOR_OFFLOAD) if device.host_available is not None else None
+            layers = plan_smart(Shape.from_config(config.values), setting, budget, host_available=host,
+                                link_gbps=device.link_gbps, embeddings_movable=host_setting == "auto")
+            host_embeddings = setting.host_embeddings = layers.host_embeddings
+    host_lm_head = host_embeddings and fused_loss and setting.host_lm_head
+    setting.host_lm_head = host_lm_head
+    return RunPlan(device=device, config=config, family=family, dtype=dtype,
+                   compute_dtype=dtype if compute == "auto" else compute,
+                   attention=attention_implementation(recipe, family), lora_targets=targets, kernels=kernels,
+                   checkpointing=mode, host_embeddings=host_embeddings, host_lm_head=host_lm_head, setting=setting,
+                   budget=budget, layers=layers, notes=notes)
+
+
+def choose_dtype(setting: str, device: Device) -> str:
+    """model.dtype; auto: bfloat16 where the GPU has it, else float16 on a GPU, float32 on CPU."""
+    if setting != "auto":
+        return setting
+    if device.kind == "cuda":
+        return "bfloat16" if device.bf16 else "float16"
+    return "float32"
+
+
+def attention_implementation(recipe: Recipe, family: Family | None) -> str:
+    """model.attn_implementation; auto: the family's (sdpa for a family ftune has no entry for)."""
+    if recipe.model.attn_implementation != "auto":
+        return recipe.model.attn_implementation
+    return family.attention if family is not None else "sdpa"
+
+
+def lora_targets(recipe: Recipe, family: Family | None) -> list[str] | str:
+    """The modules the adapter goes on; auto: the family's linear projections, all-linear for a
+    family ftune has no entry for."""
+    targets = recipe.lora.target_modules
+    if targets != "auto":
+        return targets
+    return family.lora_targets if family is not None else "all-linear"
+
+
+def smart_budget(recipe: Recipe, device: Device) -> int | None:
+    """The peak mode smart plans for: checkpointing.budget (a card's size, less the allocator's
+    reserve, as estimate-vram --vram); else the GPU's free memory less a margin, or a card of
+    --vram; on CPU half the available RAM. None when the device's memory is not known."""
+    if recipe.checkpointing.budget is not None:
+        return allocatable(parse_bytes(recipe.checkpointing.budget))
+    if device.kind == "cuda":
+        if device.free_bytes is not None:  # less the CUDA context, the allocator's slack and other processes
+            return device.free_bytes - max(GiB, device.free_bytes // 12)
+        return allocatable(device.total_bytes) if device.total_bytes is not None else None
+    return device.host_available // 2 if device.host_available is not None else None
+
+
+def _kernel_choice(name: str, setting: bool | str, family: Family | None, config: ModelConfig | None,
+                   device: Device) -> KernelChoice:
+    if setting is True:
+        runs = device.triton or name == "fused_lora"  # fused_lora is plain PyTorch
+        where = "" if runs else " (Triton cannot run here: building the model refuses it)"
+        return KernelChoice(True, f"kernels.{name}: true{where}")
+    if setting is False:
+        return KernelChoice(False, f"kernels.{name}: false")
+    if device.kind != "cuda":
+        return KernelChoice(False, "auto: on with CUDA only")
+    if config is None:
+        return KernelChoice(False, "auto: the model's type is not known before it loads")
+    if family is None:
+        return KernelChoice(False, f"auto: ftune has no entry for model type {config.model_type!r} "
+                            f"(ftune/families.py knows {', '.join(known_model_types())})")
+    if name not in family.kernels:
+        return KernelChoice(False, f"auto: not (yet) for the {family.name} family")
+    return KernelChoice(True, f"auto: on with CUDA for the {family.name} family")
+
+
+def _projections(targets: list[str] | str) -> tuple[str, ...]:
+    """The memory model's LoRA targets: all-linear is every projection of a layer."""
+    return tuple(targets) if isinstance(targets, list) else Setting().lora_targets
+
+
+def sharded_by_fsdp(recipe: Recipe, ranks: int | None) -> bool:
+    """Whether FSDP shards the model (its LM head too) across `ranks` processes (None: as many as a
+    recipe of strategy fsdp is launched on, which is several)."""
+    return recipe.distributed.strategy == "fsdp" and (ranks is None or ranks >= 2)
