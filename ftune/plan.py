@@ -111,7 +111,8 @@ class RunPlan:
             model = (f"model: {self.config.model_type} ({family}), {shape.layers} layers, hidden {shape.hidden}, "
                      f"vocab {shape.vocab}")
         targets = self.lora_targets if isinstance(self.lora_targets, str) else ", ".join(self.lora_targets)
-        tables = "in host memory" if self.host_embeddings else "on the GPU"
+        tables = "in host memory" if self.host_embeddings else "on the GPU" if self.device.kind == "cuda" else \
+            "with the model"
         if self.host_embeddings:
             tables += ", the LM head too" if self.host_lm_head else ", the LM head on the GPU"
         lines = [f"plan for {self.device.describe()}: {self.dtype}, attention {self.attention}", model,

@@ -144,7 +144,7 @@ def test_every_family_gives_the_reference_loss_and_gradients(folders, name, mode
 
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_ftune_train_runs_on_every_family(folders, name, tmp_path):
-    from ftune.workflows import train
+    from ftune.runner import train
 
     recipe = recipe_for(folders(name), "unsloth", "nf4", max_steps=1, batch_size=2, logging_steps=1,
                         output_dir=str(tmp_path / "run"), save_minutes=0)

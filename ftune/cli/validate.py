@@ -26,8 +26,8 @@ def validate(
 ) -> None:
     """Check recipes (keys, types, combinations, input paths, the output folder, GRPO rewards, LoRA
     targets against the model's config, a local JSON data file's lines and columns) without loading
-    weights; warn about values that are legal but almost surely wrong; show the plan each resolves to
-    (kernels with their reasons, LoRA targets, attention, checkpointing)."""
+    weights; warn about values that are legal but almost surely wrong; show the resolved plan
+    (kernels and why, LoRA targets, attention, checkpointing)."""
     device = assumed_device(cpu=cpu, vram=parse_vram(vram))
     failed = 0
     for path in files:

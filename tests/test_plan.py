@@ -1,0 +1,98 @@
+"""ftune.plan.resolve: each "auto" of a recipe settled once, from the family table and the device's
+facts, and read as decided by estimate-vram, validate and model building."""
+
+from __future__ import annotations
+
+import pytest
+
+from ftune.families import KERNEL_NAMES
+from ftune.memory.estimate import allocatable, estimate
+from ftune.memory.policy import NoPlanFits
+from ftune.plan import Device, assumed_device, resolve
+from ftune.recipe import load_recipe, parse_bytes
+from tests.conftest import QUICKSTART
+from tests.test_cli import run_cli
+
+CUDA = Device(kind="cuda")
+CPU = Device(kind="cpu", triton=False, ranks=1)
+
+
+def recipe(*overrides: str):
+    return load_recipe(QUICKSTART, list(overrides), check_paths=False)
+
+
+def test_auto_kernels_are_on_with_cuda_for_the_familys_kernels_only():
+    plan = resolve(recipe(), CUDA)
+    assert all(plan.kernels[name].on for name in KERNEL_NAMES)
+    assert "llama family" in plan.kernels["rms_norm"].reason
+    gemma = resolve(recipe("model.preset=gemma-2-2b"), CUDA)
+    assert not gemma.kernels["swiglu"].on and "gemma2 family" in gemma.kernels["swiglu"].reason
+    assert gemma.kernels["rms_norm"].on and gemma.attention == "eager"  # the family's soft-capping needs eager
+    off = resolve(recipe(), CPU)
+    assert not any(off.kernel_flags().values()) and "CUDA" in off.kernels["rope"].reason
+    assert off.dtype == "float32" and plan.dtype == "bfloat16"
+    assert resolve(recipe(), Device(kind="cuda", bf16=False)).dtype == "float16"
+
+
+def test_a_kernel_the_recipe_names_is_as_the_recipe_says():
+    plan = resolve(recipe("kernels.rms_norm=false", "kernels.rope=true"), CPU)
+    assert not plan.kernels["rms_norm"].on and plan.kernels["rms_norm"].reason == "kernels.rms_norm: false"
+    assert plan.kernels["rope"].on and "Triton cannot run here" in plan.kernels["rope"].reason
+
+
+def test_a_model_whose_config_is_not_here_plans_the_generic_defaults():
+    plan = resolve(recipe("model.preset=null", "model.name_or_path=some-org/not-cached",
+                          "lora.target_modules=auto"), CUDA)
+    assert plan.config is None and plan.shape is None and plan.family is None
+    assert plan.lora_targets == "all-linear" and plan.attention == "sdpa"
+    assert not any(plan.kernel_flags().values()) and "not known before it loads" in plan.kernels["rope"].reason
+
+
+def test_host_embeddings_and_the_lm_head_follow_mode_device_and_loss():
+    assert resolve(recipe(), CUDA).host_lm_head  # unsloth on CUDA with the fused loss
+    assert not resolve(recipe(), CUDA, mode="true").host_embeddings
+    assert not resolve(recipe(), CPU).host_embeddings
+    plan = resolve(recipe("kernels.fused_cross_entropy=false"), CUDA)
+    assert plan.host_embeddings and not plan.host_lm_head and not plan.setting.fused_loss
+    fsdp = resolve(recipe("distributed.strategy=fsdp"), CUDA)  # sharded across its ranks: the head stays
+    assert fsdp.host_embeddings and not fsdp.host_lm_head and not fsdp.setting.host_lm_head
+    assert resolve(recipe("distributed.strategy=fsdp"), Device(kind="cuda", ranks=1)).host_lm_head
+
+
+def test_smart_budget_is_bytes_once_and_the_layers_are_planned():
+    plan = resolve(recipe("checkpointing.mode=smart", "checkpointing.budget=1GiB"), CUDA)
+    assert plan.budget == allocatable(parse_bytes("1GiB")) and plan.layers is not None
+    assert len(plan.layers.policies) == plan.shape.layers and plan.layers.peak <= plan.budget
+    assert plan.host_embeddings == plan.layers.host_embeddings == plan.setting.host_embeddings
+    card = resolve(recipe("checkpointing.mode=smart"), assumed_device(vram=parse_bytes("24GiB")))
+    assert card.budget == allocatable(parse_bytes("24GiB"))
+    measured = resolve(recipe("checkpointing.mode=smart"), Device(kind="cuda", free_bytes=20 * 2**30))
+    assert measured.budget == 20 * 2**30 - max(2**30, 20 * 2**30 // 12)
+    unknown = resolve(recipe("checkpointing.mode=smart"), CUDA)
+    assert unknown.layers is None and "--vram" in unknown.notes[0]
+    with pytest.raises(NoPlanFits):
+        resolve(recipe("checkpointing.mode=smart", "checkpointing.budget=10MiB"), CUDA)
+
+
+def test_the_memory_setting_is_the_plans():
+    plan = resolve(recipe(), CUDA, mode="true")
+    setting = plan.setting
+    assert (setting.mode, setting.seq, setting.batch, setting.lora_r) == ("true", 64, 16, 16)
+    assert setting.fused_loss and not setting.host_embeddings
+    assert estimate(plan.shape, setting).peak > 0
+
+
+def test_validate_prints_the_plan(monkeypatch, capsys):
+    code, output = run_cli(monkeypatch, capsys, "validate", str(QUICKSTART))
+    assert not code
+    assert "kernel swiglu: on (auto: on with CUDA for the llama family)" in output
+    assert "LoRA targets: q_proj, k_proj" in output and "attention sdpa" in output and "checkpointing unsloth" in output
+    code, output = run_cli(monkeypatch, capsys, "validate", str(QUICKSTART), "--cpu", "--set",
+                           "checkpointing.mode=smart")
+    assert not code and "plan for CPU" in output and "smart plan for a" in output
+
+
+def test_validate_of_a_hub_model_not_on_this_machine_still_validates(monkeypatch, capsys):
+    code, output = run_cli(monkeypatch, capsys, "validate", str(QUICKSTART), "--set", "model.preset=null",
+                           "--set", "model.name_or_path=some-org/not-cached")
+    assert not code and "✓" in output and "shape and family are unknown" in output
