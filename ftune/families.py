@@ -28,7 +28,7 @@ class Family:
     norm_offset: float = 0.0
     norm_casting: str = "llama"
     norm_eps_attribute: str = "variance_epsilon"
-    # The gated MLP's activation: silu (SwiGLU) or gelu_tanh (GeGLU, which ftune has no kernel for yet)
+    # The gated MLP's activation: silu (SwiGLU) or gelu_tanh (GeGLU); the `swiglu` kernel computes both
     activation: str = "silu"
     # The attention implementation a recipe's `auto` picks: sdpa, or eager where sdpa would
     # drop part of the family's attention (Gemma-2's logit soft-capping)
@@ -54,7 +54,7 @@ class Family:
 _ALL_KERNELS = frozenset(KERNEL_NAMES)
 _LLAMA_LIKE = dict(residual_halves=True, kernels=_ALL_KERNELS)
 _GEMMA_LIKE = dict(norm_offset=1.0, norm_casting="gemma", norm_eps_attribute="eps", activation="gelu_tanh",
-                   scaled_embedding=True, kernels=_ALL_KERNELS - {"swiglu"})
+                   scaled_embedding=True, kernels=_ALL_KERNELS)
 
 FAMILIES: tuple[Family, ...] = (
     Family("llama", ("llama",), **_LLAMA_LIKE),
@@ -101,7 +101,7 @@ def models_table() -> str:
         if family.scaled_embedding:
             notes.append("scaled embedding (kept in host memory with its scale)")
         if family.activation != "silu":
-            notes.append(f"{family.activation} MLP (no fused kernel yet)")
+            notes.append(f"{family.activation} MLP (GeGLU)")
         if family.experts:
             notes.append("experts (3D parameters) not adapted; router loss with its gradient in every mode")
         lines.append(f"| {family.name} | {', '.join(family.model_types)} | {', '.join(family.lora_targets)} | "

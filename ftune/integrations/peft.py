@@ -171,7 +171,7 @@ def _no_global_hooks() -> bool:
     return not (_global_forward_hooks or _global_forward_pre_hooks)
 
 
-def mlp_groups(mlp: nn.Module, x: torch.Tensor) -> tuple[MLPGroups, torch.dtype] | None:
+def mlp_groups(mlp: nn.Module, x: torch.Tensor, activation: str = "silu") -> tuple[MLPGroups, torch.dtype] | None:
     """The gated MLP's gate-up and down groups, when the fused MLP computes what peft would for x."""
     layers = [getattr(mlp, name, None) for name in ("gate_proj", "up_proj", "down_proj")]
     if not _no_global_hooks() or any(layer is None for layer in layers):
@@ -180,13 +180,14 @@ def mlp_groups(mlp: nn.Module, x: torch.Tensor) -> tuple[MLPGroups, torch.dtype]
     projections = [_augmentable(layer, x, dtype, frozen_bias=False) for layer in layers]
     if any(p is None for p in projections):
         return None
-    groups = _group(mlp, projections, lambda: MLPGroups(ProjectionGroup(projections[:2]), ProjectionGroup(projections[2:])))
+    groups = _group(mlp, projections, lambda: MLPGroups(ProjectionGroup(projections[:2]),
+                                                        ProjectionGroup(projections[2:]), activation))
     return groups, dtype
 
 
-def fused_mlp(mlp: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
-    """`down(silu(gate(x)) * up(x))` through the fused LoRA MLP, or None where it does not apply."""
-    found = mlp_groups(mlp, x)
+def fused_mlp(mlp: nn.Module, x: torch.Tensor, activation: str = "silu") -> torch.Tensor | None:
+    """`down(act(gate(x)) * up(x))` through the fused LoRA MLP, or None where it does not apply."""
+    found = mlp_groups(mlp, x, activation)
     if found is None:
         return None
     groups, dtype = found

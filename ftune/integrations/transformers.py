@@ -40,7 +40,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 from torch.distributed.fsdp import FSDPModule
-from transformers.activations import SiLUActivation
+from transformers.activations import GELUTanh, SiLUActivation
 from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.utils import output_capturing
 from transformers.utils.generic import can_return_tuple
@@ -56,6 +56,8 @@ from ftune.kernels.utils import runs_triton
 CHECKED_VERSIONS = ("5.17.0",)
 KERNELS = KERNEL_NAMES
 TRITON_KERNELS = KERNELS[:4]
+# The MLP activation modules of transformers that each of ftune's gated-product kernels computes
+ACTIVATION_MODULES = {"silu": (SiLUActivation, nn.SiLU), "gelu_tanh": (GELUTanh,)}
 # The projections of an attention module that read one input, in the order its forward calls them
 GROUPED_PROJECTIONS = ("q_proj", "k_proj", "v_proj")
 
@@ -117,16 +119,14 @@ def kernel_support(model: nn.Module) -> dict[str, str | None]:
     if support["rope"] is None and not _rope_attention_classes(base):
         support["rope"] = f"{model_type}: no attention module calls apply_rotary_pos_emb"
     mlps = _gated_mlps(base)
-    if family.activation != "silu":
-        act = getattr(base.config, "hidden_activation", None) or getattr(base.config, "hidden_act", None)
-        support["swiglu"] = f"{model_type}'s MLP activation is {act}, not SiLU"
-    elif support["swiglu"] is not None:
+    if support["swiglu"] is not None:
         pass
     elif not mlps:
         support["swiglu"] = f"{model_type}: no gated MLP found"
-    elif not all(isinstance(m.act_fn, (SiLUActivation, nn.SiLU)) for m in mlps):
+    elif not all(isinstance(m.act_fn, ACTIVATION_MODULES[family.activation]) for m in mlps):
         act = getattr(base.config, "hidden_activation", None) or getattr(base.config, "hidden_act", None)
-        support["swiglu"] = f"{model_type}'s MLP activation is {act}, not SiLU"
+        support["swiglu"] = (f"{model_type}'s MLP activation is {act}, where ftune's kernel computes the "
+                             f"family's {family.activation}")
     lm_head = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
     if support["fused_cross_entropy"] is not None:
         pass
@@ -201,8 +201,9 @@ def apply_kernels(
         report["rope"] = count
     if "swiglu" in requested:
         mlps = _gated_mlps(base)
+        forward = functools.partial(_gated_mlp_forward, activation=family_of(_model_type(base)).activation)
         for mlp in mlps:
-            mlp.forward = types.MethodType(_swiglu_mlp_forward, mlp)
+            mlp.forward = types.MethodType(forward, mlp)
         report["swiglu"] = len(mlps)
     if "fused_cross_entropy" in requested:
         # Whatever forward the instance has now (the class's, or another wrapper such as TRL's fused
@@ -230,13 +231,13 @@ def _own_class(module: nn.Module) -> type:
     return cls
 
 
-def _swiglu_mlp_forward(self, x):
-    fused = fused_mlp(self, x)  # LoRA over 4-bit bases: the adapters inside the base GEMMs
+def _gated_mlp_forward(self, x, *, activation: str):
+    fused = fused_mlp(self, x, activation)  # LoRA over 4-bit bases: the adapters inside the base GEMMs
     if fused is not None:
         return fused
-    # the projections' outputs are read by nothing but the SwiGLU: its backward may write the
-    # gradients over them
-    return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x), overwrite_inputs=True))
+    # the projections' outputs are read by nothing but the gated product: its backward may write
+    # the gradients over them
+    return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x), overwrite_inputs=True, activation=activation))
 
 
 def _group_attention_projections(model: nn.Module) -> None:

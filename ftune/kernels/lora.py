@@ -175,18 +175,19 @@ def _adapter_grads(group: ProjectionGroup, grad: torch.Tensor, grad_times_b: tor
 
 
 # ----------------------------------------------------------------------------------------------
-# The gated MLP: down(silu(gate(x)) * up(x))
+# The gated MLP: down(act(gate(x)) * up(x)), act silu (SwiGLU) or tanh-GELU (GeGLU)
 
 
 @dataclass(frozen=True)
 class MLPGroups:
     gate_up: ProjectionGroup
     down: ProjectionGroup
+    activation: str = "silu"  # ftune/kernels/swiglu.py ACTIVATIONS
 
 
 def lora_mlp(x: torch.Tensor, groups: MLPGroups, dtype: torch.dtype, *, held: dict | None = None,
              output_unread: bool = False) -> torch.Tensor:
-    """`down(silu(gate(x)) * up(x))` with every adapter, through the augmented matrices, computed in `dtype`."""
+    """`down(act(gate(x)) * up(x))` with every adapter, through the augmented matrices, computed in `dtype`."""
     weights = groups.gate_up.weights + groups.down.weights
     if torch.is_grad_enabled() and (x.requires_grad or any(w.requires_grad for w in weights)):
         return _LoRAMLP.apply(x, groups, dtype, held, output_unread, *weights)
@@ -196,7 +197,7 @@ def lora_mlp(x: torch.Tensor, groups: MLPGroups, dtype: torch.dtype, *, held: di
 def _mlp_forward(x: torch.Tensor, groups: MLPGroups, dtype: torch.dtype, held: dict | None, output_unread: bool,
                  for_backward: bool = True):
     """The MLP's output and what its backward reads: the input with its adapter columns, gate and
-    up side by side (room for their gradients' adapter columns), the SwiGLU product with its own.
+    up side by side (room for their gradients' adapter columns), the gated product with its own.
     Without `for_backward` the first two are None, and the product is written over gate."""
     gate_up, down = groups.gate_up, groups.down
     k, n = gate_up.in_features, down.in_features
@@ -217,11 +218,11 @@ def _mlp_forward(x: torch.Tensor, groups: MLPGroups, dtype: torch.dtype, held: d
         # up's first ones. Beside the held matrices (339 MiB for the 8B shape) a product of its
         # own raises the forward peak at 8192 tokens by 0.11 GiB
         x_wide = None
-        swiglu_forward(gate, up, out=gate)
+        swiglu_forward(gate, up, out=gate, activation=groups.activation)
         product, gate_up_out = gate_up_out[:, : n + down.rank], None
     else:
         product = torch.empty(tokens, n + down.rank, dtype=dtype, device=x.device)
-        swiglu_forward(gate, up, out=product[:, :n])
+        swiglu_forward(gate, up, out=product[:, :n], activation=groups.activation)
         if not for_backward:
             x_wide = gate_up_out = None
     weight = _augmented(down, dtype, held) if down_weight is None else down_weight
@@ -269,8 +270,9 @@ class _LoRAMLP(torch.autograd.Function):
                                     product[:, n:], down_needs) if grads_wanted else [None, None]
         del grad_wide, product
 
-        # SwiGLU: gate's and up's gradients written over them, then the extra columns of both
-        swiglu_backward(grad_product, gate_up_out[:, :n], gate_up_out[:, n: 2 * n], overwrite_inputs=True)
+        # the gated product: gate's and up's gradients written over them, then the extra columns of both
+        swiglu_backward(grad_product, gate_up_out[:, :n], gate_up_out[:, n: 2 * n], overwrite_inputs=True,
+                        activation=groups.activation)
         del grad_product
         weight = _augmented(gate_up, dtype, held)
         grad_gate_up = gate_up_out[:, : 2 * n]

@@ -113,16 +113,19 @@ def test_family(family):
     assert torch.equal(patched.generate(input_ids=prompt, **kwargs), reference.generate(input_ids=prompt, **kwargs))
 
 
-def test_gemma2_without_swiglu():
+def test_gemma2_geglu():
     """Gemma 2: (1 + weight) norms, four per layer; the head's final logit softcapping in the loss;
-    its GeLU MLP has no SwiGLU to fuse."""
+    its tanh-GELU MLP through the gated-product kernel as GeGLU. A Gemma 2 whose config asks for
+    another activation than its family's is refused, naming it."""
     family = (Gemma2Config, Gemma2ForCausalLM)
     reference, patched = tiny_pair(family, query_pre_attn_scalar=16, final_logit_softcapping=5.0)
-    assert "gelu_pytorch_tanh, not SiLU" in kernel_support(patched)["swiglu"]
-    with pytest.raises(ValueError, match="swiglu: gemma2's MLP activation is gelu_pytorch_tanh"):
-        apply_kernels(patched)
-    assert apply_kernels(patched, swiglu=False) == {"rms_norm": 9, "rope": 2, "fused_cross_entropy": 1}
+    assert kernel_support(patched)["swiglu"] is None
+    assert apply_kernels(patched) == {"rms_norm": 9, "rope": 2, "swiglu": 2, "fused_cross_entropy": 1}
     assert_same_training_step(reference, patched)
+    _, relu = tiny_pair(family, query_pre_attn_scalar=16, hidden_activation="relu")
+    assert "activation is relu" in kernel_support(relu)["swiglu"]
+    with pytest.raises(ValueError, match="swiglu: gemma2's MLP activation is relu"):
+        apply_kernels(relu)
 
 
 def test_logits_to_keep_and_shift_labels():
