@@ -19,13 +19,13 @@ import transformers
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, PreTrainedModel, PreTrainedTokenizerBase
 
-from ftune.engine import CheckpointingEngine, Policy, install_checkpointing
+from ftune.engine import CheckpointingEngine, install_checkpointing
 from ftune.engine.host_memory import move_embeddings_to_host, move_lm_head_to_host
 from ftune.engine.planner import measure_host_link
 from ftune.errors import ModelError, first_line
 from ftune.families import family_of
 from ftune.integrations.bitsandbytes import keep_4bit_layout
-from ftune.integrations.transformers import KERNELS, apply_kernels, kernel_support
+from ftune.integrations.transformers import apply_kernels, kernel_support
 from ftune.memory.policy import NoPlanFits
 from ftune.model_config import ModelConfig, local_model_config, model_config
 from ftune.plan import Device, RunPlan, choose_dtype, lora_targets, resolve, sharded_by_fsdp
@@ -310,13 +310,14 @@ def build_model(recipe: Recipe, device: torch.device | None = None, *, tokenizer
     transformers.set_seed(recipe.training.seed)  # the adapter's initialization depends on the seed alone
     model = add_lora(base, recipe, plan.lora_targets)
     patch_kernels(model, plan, device)
-    # the device it will train on: under fsdp the model is still in host memory here
-    policies = [Policy(policy.value) for policy in plan.layers.policies] if plan.layers is not None else None
-    engine = install_checkpointing(model, plan.checkpointing, policies, device=device)
+    host_embedding_bytes = 0
     if plan.host_embeddings:
-        engine.host_embedding_bytes = move_embeddings_to_host(model, device)
+        host_embedding_bytes = move_embeddings_to_host(model, device)
         if plan.host_lm_head:  # the head's copy is what the layers' backward would hold with the fused loss
-            engine.host_embedding_bytes += move_lm_head_to_host(model, device)
+            host_embedding_bytes += move_lm_head_to_host(model, device)
+    # the device it will train on: under fsdp the model is still in host memory here
+    engine = install_checkpointing(model, plan.checkpointing, plan.layers.policies if plan.layers is not None else None,
+                                   device=device, host_embedding_bytes=host_embedding_bytes)
     return BuiltModel(model=model, tokenizer=tokenizer, device=device, dtype=dtype, engine=engine, plan=plan,
                       source=source)
 

@@ -20,7 +20,6 @@ from __future__ import annotations
 import logging
 import weakref
 from dataclasses import dataclass, field
-from enum import Enum
 from typing import Any, Callable
 
 import torch
@@ -34,14 +33,9 @@ from ftune.engine.halves import DEFAULT_CHUNK_BYTES, ResidualHalves
 from ftune.engine.host_memory import HostCopier, HostStash, buffer_size
 from ftune.families import family_of
 from ftune.integrations.transformers import recording_router_logits_apart, router_logits_being_recorded
+from ftune.memory.policy import Policy
 
 logger = logging.getLogger(__name__)
-
-
-class Policy(str, Enum):
-    KEEP = "keep"
-    RECOMPUTE = "recompute"
-    OFFLOAD = "offload"
 
 
 MODE_POLICIES = {"none": Policy.KEEP, "true": Policy.RECOMPUTE, "unsloth": Policy.OFFLOAD}
@@ -102,8 +96,10 @@ def install_checkpointing(
     policies: list[Policy] | None = None,
     device: torch.device | None = None,
     mlp_chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+    host_embedding_bytes: int = 0,
 ) -> CheckpointingEngine:
-    """Wrap each decoder layer of `model` with its policy (from the mode, or given per layer)."""
+    """Wrap each decoder layer of `model` with its policy (from the mode, or given per layer);
+    `host_embedding_bytes`: what the embedding tables moved to host memory hold (host_memory.py)."""
     layers = decoder_layers(model)
     if not layers and mode != "none":
         return _fall_back_to_transformers(model, mode, device)
@@ -125,7 +121,8 @@ def install_checkpointing(
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     family = family_of(getattr(getattr(base, "config", None), "model_type", None))
     engine = CheckpointingEngine(mode=mode, policies=list(policies), device=device, copier=copier,
-                                 mlp_chunk_bytes=mlp_chunk_bytes, residual_halves=bool(family and family.residual_halves))
+                                 mlp_chunk_bytes=mlp_chunk_bytes, host_embedding_bytes=host_embedding_bytes,
+                                 residual_halves=bool(family and family.residual_halves))
     for index, (layer, policy) in enumerate(zip(layers, policies)):
         engine.layers.append(layer)
         engine._originals.append(layer.__dict__.get("forward"))
