@@ -30,8 +30,9 @@ class Family:
     norm_eps_attribute: str = "variance_epsilon"
     # The gated MLP's activation: silu (SwiGLU) or gelu_tanh (GeGLU); the `swiglu` kernel computes both
     activation: str = "silu"
-    # The attention implementation a recipe's `auto` picks: sdpa, or eager where sdpa would
-    # drop part of the family's attention (Gemma-2's logit soft-capping)
+    # The attention implementation a recipe's `auto` picks: sdpa, or ftune's own where sdpa would
+    # drop part of the family's attention: Gemma-2's logit soft-capping runs on FlexAttention
+    # (ftune_softcap, ftune/kernels/softcap_attention.py) instead of eager's tokens x tokens scores
     attention: str = "sdpa"
     attention_projections: tuple[str, ...] = LLAMA_ATTENTION
     mlp_projections: tuple[str, ...] = GATED_MLP
@@ -62,7 +63,7 @@ FAMILIES: tuple[Family, ...] = (
     Family("qwen2", ("qwen2",), **_LLAMA_LIKE),
     Family("qwen3", ("qwen3",), **_LLAMA_LIKE),
     Family("gemma", ("gemma",), **_GEMMA_LIKE),
-    Family("gemma2", ("gemma2",), attention="eager", **_GEMMA_LIKE),
+    Family("gemma2", ("gemma2",), attention="ftune_softcap", **_GEMMA_LIKE),
     Family("gemma3", ("gemma3_text",), **_GEMMA_LIKE),
     # Phi-3's projections are fused: qkv_proj, and gate_up_proj (no separate gate); its layers add
     # residual dropouts, so they recompute whole

@@ -25,7 +25,7 @@ from ftune.engine.planner import measure_host_link
 from ftune.errors import ModelError, first_line
 from ftune.families import family_of
 from ftune.integrations.bitsandbytes import keep_4bit_layout
-from ftune.integrations.transformers import apply_kernels, kernel_support
+from ftune.integrations.transformers import apply_kernels, kernel_support, register_attention
 from ftune.memory.policy import NoPlanFits
 from ftune.model_config import ModelConfig, local_model_config, model_config
 from ftune.plan import Device, RunPlan, choose_dtype, lora_targets, resolve, sharded_by_fsdp
@@ -208,6 +208,7 @@ def load_base_model(recipe: Recipe, device: torch.device | None = None, plan: Ru
         # with one thread (OMP_NUM_THREADS=1): the host's cores are shared out among the ranks
         torch.set_num_threads(max(threads, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
     attention = plan.attention
+    register_attention(attention)
     try:
         model = AutoModelForCausalLM.from_pretrained(
             source,

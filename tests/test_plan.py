@@ -26,8 +26,9 @@ def test_auto_kernels_are_on_with_cuda_for_the_familys_kernels_only():
     assert all(plan.kernels[name].on for name in KERNEL_NAMES)
     assert "llama family" in plan.kernels["rms_norm"].reason
     gemma = resolve(recipe("model.preset=gemma-2-2b"), CUDA)
-    assert not gemma.kernels["swiglu"].on and "gemma2 family" in gemma.kernels["swiglu"].reason
-    assert gemma.kernels["rms_norm"].on and gemma.attention == "eager"  # the family's soft-capping needs eager
+    assert gemma.kernels["swiglu"].on and gemma.attention == "ftune_softcap"  # GeGLU; soft-capping on FlexAttention
+    phi = resolve(recipe("model.preset=phi-3-mini"), CUDA)  # fused gate_up_proj: no gated-product kernel yet
+    assert not phi.kernels["swiglu"].on and "phi3 family" in phi.kernels["swiglu"].reason
     off = resolve(recipe(), CPU)
     assert not any(off.kernel_flags().values()) and "CUDA" in off.kernels["rope"].reason
     assert off.dtype == "float32" and plan.dtype == "bfloat16"

@@ -14,9 +14,10 @@ TRITON_INTERPRET=1, for tests); `apply_kernels` refuses other devices rather tha
 silently to slower code (`fused_lora` is plain PyTorch and runs anywhere). Patch after the model
 is placed on its device.
 
-Attention. transformers calls attention through a registry (`AttentionInterface`);
-`wrap_attention` replaces an entry with a wrapper of it, once per process (the engine parks
-attention's output this way, ftune/engine/attention.py).
+Attention. transformers calls attention through a registry (`AttentionInterface`), and builds
+each model's masks through another (`AttentionMaskInterface`); `wrap_attention` replaces an
+entry with a wrapper of it, once per process (the engine parks attention's output this way,
+ftune/engine/attention.py), and `register_attention` adds ftune's own implementations.
 
 Router logits. A mixture-of-experts model asked for `output_router_logits` records each router's
 logits with forward hooks into a collector (transformers.utils.output_capturing, a context
@@ -369,6 +370,8 @@ def recording_router_logits_apart():
 
 
 _wrapped_attention: dict[str, object] = {}
+# ftune's attention implementations, registered under these names when a model is loaded with one
+SOFTCAP_ATTENTION = "ftune_softcap"
 
 
 def wrap_attention(name: str, make_wrapper) -> None:
@@ -382,3 +385,18 @@ def wrap_attention(name: str, make_wrapper) -> None:
     original = ALL_ATTENTION_FUNCTIONS[name]
     _wrapped_attention[name] = original
     AttentionInterface.register(name, make_wrapper(original))
+
+
+def register_attention(name: str) -> None:
+    """Make ftune's attention implementation `name` known to transformers (before a model is
+    loaded with it): soft-capped attention (ftune/kernels/softcap_attention.py) with transformers'
+    FlexAttention masks, built once per forward for every layer, padding and packed rows included."""
+    if name != SOFTCAP_ATTENTION:
+        return
+    from transformers.masking_utils import AttentionMaskInterface, flex_attention_mask
+    from transformers.modeling_utils import AttentionInterface
+
+    from ftune.kernels.softcap_attention import softcap_attention
+
+    AttentionInterface.register(name, softcap_attention)
+    AttentionMaskInterface.register(name, flex_attention_mask)
