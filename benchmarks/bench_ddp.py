@@ -33,6 +33,9 @@ from pathlib import Path
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+from ftune.measure.results import card_name, result_path  # noqa: E402
+
 WORDS = "the a of to and in is for on with as by at from that this it be are was or an not".split()
 
 
@@ -102,7 +105,8 @@ def main() -> None:
     parser.add_argument("--strategies", default="ddp", help="distributed.strategy of the several-GPU runs: ddp, fsdp "
                         "or both (ddp,fsdp); every run uses adamw_torch, which fsdp requires")
     parser.add_argument("--work", type=Path, default=Path("/tmp/ftune-ddp"))
-    parser.add_argument("--out", type=Path, default=None, help="append the JSON results here")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="append the JSON results here (default benchmarks/results/<N>x<card>/<date>-ddp.json)")
     args = parser.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     run_dir = args.work / time.strftime("%H%M%S")
@@ -128,9 +132,11 @@ def main() -> None:
             }
             print(json.dumps(summary), flush=True)
             rows.append(summary)
-    if args.out:
-        existing = json.loads(args.out.read_text()) if args.out.exists() else []
-        args.out.write_text(json.dumps(existing + rows, indent=1))
+    card = card_name(count=args.gpus) if torch.cuda.is_available() else "cpu"
+    out = args.out or result_path(args.strategies.replace(",", "-"), card=card)  # ddp, fsdp or ddp-fsdp
+    existing = json.loads(out.read_text()) if out.exists() else []
+    out.write_text(json.dumps(existing + rows, indent=1))
+    print(f"results: {out}")
 
 
 if __name__ == "__main__":

@@ -25,6 +25,9 @@ import tempfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+from ftune.measure.results import card_name, result_path  # noqa: E402
+
 RECIPE = REPO / "recipes" / "qlora-llama3-8b.yaml"
 DATA = REPO / "data" / "quickstart"
 
@@ -66,12 +69,15 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--eval", type=float, default=0.2, help="fraction held out (0.2: a full --seq sequence)")
     parser.add_argument("--eval-steps", type=int, default=2)
-    parser.add_argument("--out", type=Path, help="write the rows as JSON here")
+    parser.add_argument("--out", type=Path,
+                        help="write the rows as JSON here (default benchmarks/results/<card>/<date>-eval-peak.json)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="bench-eval-") as folder:
         rows = [run(variant, args, Path(folder), cuda) for variant in ("off", "on")]
-    if args.out:
-        args.out.write_text(json.dumps({"preset": args.preset, "seq": args.seq, "rows": rows}, indent=2))
+    device = next((row["device"] for row in rows if "device" in row), "cpu")
+    out = args.out or result_path("eval-peak", card=card_name(device))
+    out.write_text(json.dumps({"preset": args.preset, "seq": args.seq, "rows": rows}, indent=2))
+    print(f"results: {out}")
     print(f"\n{args.preset}, {args.seq} tokens a sequence, {args.steps} steps")
     print(f"{'eval':<5} {'peak GiB':>9} {'eval loss':>10} {'final loss':>11} {'tok/s steady':>13}  device")
     for row in rows:

@@ -22,13 +22,16 @@ from pathlib import Path
 
 import torch
 
-from bench_engine import FtuneStack, train_step  # first: puts the repository on sys.path
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from ftune.measure.results import result_path  # noqa: E402
+from ftune.measure.stacks import RunSpec, build_stack  # noqa: E402
+from ftune.measure.step import train_step  # noqa: E402
 
 
-def timed_step(stack: FtuneStack, optimizer: torch.optim.Optimizer, ids: torch.Tensor) -> float:
+def timed_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, ids: torch.Tensor) -> float:
     torch.cuda.synchronize()
     start = time.perf_counter()
-    train_step(stack.model, optimizer, ids)
+    train_step(model, optimizer, ids)
     torch.cuda.synchronize()
     return time.perf_counter() - start
 
@@ -39,7 +42,8 @@ def main() -> None:
     parser.add_argument("--seqs", default="2048,8192")
     parser.add_argument("--modes", default="true,unsloth", help="ftune modes, kernels on; the first is the reference")
     parser.add_argument("--rounds", type=int, default=30, help="timed rounds at 2048 tokens (fewer at longer ones)")
-    parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--out", type=Path, default=None,
+                        help="append JSON results here (default benchmarks/results/<card>/<date>-interleaved.json)")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("bench_interleaved.py times GPU steps: run it on a CUDA machine")
@@ -48,23 +52,22 @@ def main() -> None:
     vocab = preset_config(args.preset).vocab_size
     modes = args.modes.split(",")
     seqs = [int(s) for s in args.seqs.split(",")]
-    stacks = {mode: FtuneStack(args.preset, kernels=True, mode=mode, budget_gib=None, seq=seqs[0], batch=1)
-              for mode in modes}
-    for stack in stacks.values():
-        stack.model.train()
-    optimizers = {mode: torch.optim.AdamW([p for p in stack.model.parameters() if p.requires_grad], lr=1e-5)
-                  for mode, stack in stacks.items()}
+    models = {mode: build_stack(RunSpec("ftune+k", mode), args.preset, seq=seqs[0]).model for mode in modes}
+    for model in models.values():
+        model.train()
+    optimizers = {mode: torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
+                  for mode, model in models.items()}
     rows = []
     for seq in seqs:
         ids = torch.randint(0, vocab, (1, seq), device="cuda")
         rounds = max(4, args.rounds * 2048 // seq)
         times: dict[str, list[float]] = {mode: [] for mode in modes}
         for mode in modes:  # warm-up: Triton's compiles, the pinned pool, the allocator's cache
-            timed_step(stacks[mode], optimizers[mode], ids)
+            timed_step(models[mode], optimizers[mode], ids)
         for round_index in range(rounds):
             order = modes if round_index % 2 == 0 else modes[::-1]
             for mode in order:
-                times[mode].append(timed_step(stacks[mode], optimizers[mode], ids))
+                times[mode].append(timed_step(models[mode], optimizers[mode], ids))
         reference = modes[0]
         for mode in modes:
             median = statistics.median(times[mode])
@@ -80,9 +83,10 @@ def main() -> None:
             print(f"seq {seq:6d} {mode:8s} {row['tokens_per_s']:8.0f} tok/s (median of {rounds}), "
                   f"{row[f'speed_vs_{reference}']:.3f} of {reference}'s, paired rounds {row[f'paired_speed_vs_{reference}']:.3f}",
                   flush=True)
-    if args.out:
-        existing = json.loads(args.out.read_text()) if args.out.exists() else []
-        args.out.write_text(json.dumps(existing + rows, indent=1))
+    out = args.out or result_path("interleaved")
+    existing = json.loads(out.read_text()) if out.exists() else []
+    out.write_text(json.dumps(existing + rows, indent=1))
+    print(f"results: {out}")
     return 0
 
 

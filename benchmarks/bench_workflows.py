@@ -6,11 +6,11 @@ out-of-memory ends only its own row):
           as is (NF4 double-quant, bf16, LoRA r=16 alpha=16 on the seven projections, checkpointing
           mode unsloth, kernels auto = on with CUDA), retargeted at a preset with random weights and
           the repository's quickstart data. Numbers come from its OUTPUT_DIR/metrics.jsonl.
-  trl     the usual set-up of the same run: AutoModelForCausalLM.from_pretrained with a
-          BitsAndBytesConfig of the recipe's quantization, prepare_model_for_kbit_training, peft's
-          LoRA of the recipe, and TRL's DPOTrainer / GRPOTrainer with gradient_checkpointing=True
-          (transformers' non-reentrant checkpointing). A callback logs the same numbers as ftune's
-          metrics.jsonl.
+  trl     the usual set-up of the same run (ftune/measure/stacks.py's hf_peft_model):
+          AutoModelForCausalLM.from_pretrained with a BitsAndBytesConfig of the recipe's
+          quantization, prepare_model_for_kbit_training, peft's LoRA of the recipe, and TRL's
+          DPOTrainer / GRPOTrainer with gradient_checkpointing=True (transformers' checkpointing).
+          A callback logs the same numbers as ftune's metrics.jsonl.
 
 Both stacks read one resolved recipe (the same --set overrides through ftune.recipe.load_recipe),
 so batch size, lengths, learning rate, optimizer, beta, num_generations, max_completion_length,
@@ -55,6 +55,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+
+from ftune.measure.results import card_name, result_path  # noqa: E402
 
 GiB = 1024**3
 RECIPES = {"dpo": REPO / "recipes" / "dpo-llama3-8b.yaml", "grpo": REPO / "recipes" / "grpo-llama3-8b.yaml"}
@@ -177,19 +179,17 @@ def worker_trl(workflow: str, overrides: list[str]) -> dict:
 
     import psutil
     import torch
-    from peft import get_peft_model, prepare_model_for_kbit_training
-    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from transformers import AutoTokenizer, TrainerCallback
 
     from ftune.data import load_training_data
-    from ftune.model import (lora_config, materialize_preset, pick_device, quantization_compute_dtype,
-                             quantization_config, resolve_dtype)
+    from ftune.measure.stacks import hf_peft_model
+    from ftune.model import materialize_preset, pick_device, resolve_dtype, run_plan
     from ftune.workflows.common import trainer_arguments
 
     recipe = load(workflow, overrides)
     device = pick_device()
     cuda = device.type == "cuda"
     dtype = resolve_dtype(recipe.model.dtype, device)
-    compute_dtype = quantization_compute_dtype(recipe, dtype)
     path = materialize_preset(recipe.model.preset, seed=recipe.training.seed, dtype=dtype, device=device)
 
     tokenizer = AutoTokenizer.from_pretrained(recipe.resolve_input(recipe.model.tokenizer))
@@ -197,13 +197,9 @@ def worker_trl(workflow: str, overrides: list[str]) -> dict:
         tokenizer.pad_token = tokenizer.eos_token
     dataset, _ = load_training_data(recipe)  # the same rows and columns ftune trains on
 
-    quantization = quantization_config(recipe, compute_dtype)  # the recipe's bitsandbytes settings, as ftune's
-    model = AutoModelForCausalLM.from_pretrained(path, quantization_config=quantization, dtype=dtype,
-                                                 device_map={"": device},
-                                                 attn_implementation=recipe.model.attn_implementation)
-    if quantization is not None:
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True)
-    model = get_peft_model(model, lora_config(recipe))
+    # the recipe's bitsandbytes settings and LoRA, as ftune's, and the attention ftune's plan settles on
+    model = hf_peft_model(path, recipe, dtype=dtype, device=device, attn_implementation=run_plan(recipe, device).attention,
+                          prepare_for_checkpointing=True)
 
     # ftune's TrainingArguments for this recipe (same batch, lr, optimizer, schedule, seed, precision),
     # with transformers' own checkpointing on, as the baseline.
@@ -354,10 +350,12 @@ def run_trl(workflow: str, overrides: list[str], log_path: Path, timeout: int) -
 
 
 def kernels_used(recipe, cuda: bool) -> str:
-    """ftune's kernels as the run resolves them (auto: on with CUDA; all apply to Llama shapes)."""
-    settings = recipe.kernels.model_dump()
-    on = [name for name, value in settings.items() if value is True or (value == "auto" and cuda)]
-    return "on" if len(on) == len(settings) else ",".join(on) or "off"
+    """ftune's kernels as its plan resolves them for this machine (ftune.plan.resolve)."""
+    from ftune.plan import assumed_device, resolve
+
+    kernels = resolve(recipe, assumed_device(cpu=not cuda)).kernels
+    on = [name for name, choice in kernels.items() if choice.on]
+    return "on" if len(on) == len(kernels) else ",".join(on) or "off"
 
 
 def line(row: dict) -> str:
@@ -401,7 +399,8 @@ def main() -> None:
     parser.add_argument("--timeout", type=int, default=900, help="seconds allowed to each run")
     parser.add_argument("--workdir", type=Path, default=None, help="runs' outputs (default: a new temp folder)")
     parser.add_argument("--logs", type=Path, default=None, help="each process's output, one .log per run (default: --workdir)")
-    parser.add_argument("--out", type=Path, default=None, help="append JSON rows to this list")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="append JSON rows to this list (default benchmarks/results/<card>/<date>-workflows.json)")
     parser.add_argument("--worker", choices=["materialize", "trl"], help=argparse.SUPPRESS)
     parser.add_argument("--workflow", help=argparse.SUPPRESS)
     parser.add_argument("--overrides", help=argparse.SUPPRESS)
@@ -466,7 +465,9 @@ def main() -> None:
         meta["gpu"] = result["gpu"]
         print(f"preset {args.preset}: {result['path']} ({result['seconds']} s)", flush=True)
 
-    existing = json.loads(args.out.read_text()) if args.out and args.out.exists() else []
+    args.out = args.out or result_path("workflows", card=card_name(meta.get("gpu") or "cpu"))
+    print(f"results: {args.out}", flush=True)
+    existing = json.loads(args.out.read_text()) if args.out.exists() else []
     rows = []
     for workflow in workflows:
         for stack in stacks:

@@ -47,8 +47,8 @@ for phase in "$@"; do
     ddp)
       python3 benchmarks/bench_ddp.py --seq "${DDP_SEQ:-8192}" --steps "${DDP_STEPS:-20}" \
         --strategies "${STRATEGIES:-ddp}" --out "$OUT/ddp.json" ;;
-    peak)  # what is alive at the step's peak, with and without the folded LoRA backward
-      python3 benchmarks/probe_peak.py --seq "${PEAK_SEQ:-8192}" --fold-lora --out "$OUT/peak.json" 2>&1 | tee "$OUT/peak.log" ;;
+    peak)  # what is alive at the step's peak
+      python3 benchmarks/probe_peak.py --seq "${PEAK_SEQ:-8192}" --out "$OUT/peak.json" 2>&1 | tee "$OUT/peak.log" ;;
     compare)
       python3 -m ftune compare recipes/qlora-llama3-8b.yaml --ckpt none,true,unsloth --steps 4 --seq 8192 \
         --set model.preset=llama-3.1-8b --set model.name_or_path=null --set model.tokenizer=../data/quickstart/tokenizer \

@@ -1,12 +1,12 @@
 """What makes up the peak of one training step: the live allocations at the peak, by source line.
 
-Builds the bench_engine.py setup (a preset shape, 4-bit, LoRA r=16, mode and kernels as asked),
-runs a warm-up step, then records the CUDA allocator's history over one step, replays it to the
-moment of the highest allocated memory, and prints what was alive then (grouped by the first
-frame in ftune, transformers, peft or bitsandbytes). Then measures the peak once per variant of
-the chunk sizes (fused loss logits, MLP intermediates), to see which lever moves it.
+Builds an ftune stack of ftune/measure/stacks.py (a preset shape, 4-bit, LoRA r=16, the mode asked,
+kernels on), runs ftune/measure/step.py's warm-up and timed steps, then records the CUDA
+allocator's history over one more step, replays it to the moment of the highest allocated memory,
+and prints what was alive then (grouped by the first frame in ftune, transformers, peft or
+bitsandbytes).
 
-  python benchmarks/probe_peak.py --seq 8192 --ce-mib 256,128,64 --mlp-mib 128,64
+  python benchmarks/probe_peak.py --seq 8192 --out peak.json
 """
 
 from __future__ import annotations
@@ -19,8 +19,10 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_engine import GiB, FtuneStack, measure, train_step  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from ftune.measure.results import result_path  # noqa: E402
+from ftune.measure.stacks import RunSpec, build_stack  # noqa: E402
+from ftune.measure.step import GiB, train_step, train_steps  # noqa: E402
 
 MiB = 2**20
 OURS = ("ftune/", "transformers/", "peft/", "bitsandbytes/", "torch/optim/")
@@ -28,7 +30,7 @@ OURS = ("ftune/", "transformers/", "peft/", "bitsandbytes/", "torch/optim/")
 
 def source_of(frames: list[dict]) -> str:
     for frame in frames:
-        if any(part in frame["filename"] for part in OURS) and "bench_engine" not in frame["filename"]:
+        if any(part in frame["filename"] for part in OURS) and "ftune/measure/" not in frame["filename"]:
             return f"{frame['filename'].split('site-packages/')[-1]}:{frame['line']} {frame['name']}"
     return "(other)"
 
@@ -62,63 +64,38 @@ def main() -> None:
     parser.add_argument("--preset", default="llama-3.1-8b")
     parser.add_argument("--mode", default="unsloth")
     parser.add_argument("--seq", type=int, default=8192)
-    parser.add_argument("--ce-mib", default="256", help="fused loss: largest chunk of logits, MiB (variants)")
-    parser.add_argument("--mlp-mib", default="128", help="recomputed MLP: largest intermediate, MiB (variants)")
-    parser.add_argument("--fold-lora", action="store_true",
-                        help="also measure each variant with ftune.kernels.lora.FOLD_ADAPTER_INPUT_GRADIENT on")
-    parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--out", type=Path, default=None,
+                        help="write the JSON here (default benchmarks/results/<card>/<date>-peak-SEQ.json)")
     args = parser.parse_args()
-
-    import ftune.kernels.fused_linear_cross_entropy as fused_loss
-    import ftune.kernels.lora as lora
+    if not torch.cuda.is_available():
+        raise SystemExit("probe_peak.py reads the CUDA allocator's history: run it on a CUDA machine")
     from ftune.presets import preset_config
 
     config = preset_config(args.preset)
-    stack = FtuneStack(args.preset, kernels=True, mode=args.mode, budget_gib=None, seq=args.seq, batch=1)
-    shape = dict(vocab=config.vocab_size, hidden=config.hidden_size, layers=config.num_hidden_layers)
-    measure(stack, args.seq, 1, 1, **shape)  # warm-up: Triton compiles, the pinned pool fills
-
+    stack = build_stack(RunSpec("ftune+k", args.mode), args.preset, seq=args.seq)
     model = stack.model
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
     ids = torch.randint(0, config.vocab_size, (1, args.seq), device="cuda")
+    # a warm-up and three timed steps: Triton compiles, the pinned pool fills, the optimizer's states exist
+    measured = train_steps(model, [ids] * 4, optimizer=optimizer)
+    print(f"peak {measured.peak_bytes / GiB:.3f} GiB, {measured.tokens_per_s:.0f} tok/s (median of 3 steps)")
 
     def step():
         train_step(model, optimizer, ids)
         torch.cuda.synchronize()
 
-    step()
     at_rest = torch.cuda.memory_allocated()
-    folds = [False, True] if args.fold_lora else [False]
-    breakdowns = {}
-    for fold in folds:
-        lora.FOLD_ADAPTER_INPUT_GRADIENT = fold
-        step()  # the optimizer states exist before the recorded step, whichever path made them
-        peak, sources = live_at_peak(step)
-        breakdowns[f"fold_{fold}".lower()] = {k: v / MiB for k, v in sources.items()}
-        print(f"fold {fold}: at rest {at_rest / GiB:.3f} GiB, peak {peak / GiB:.3f} GiB; allocated during the step, "
-              "alive at the peak:")
-        for source, size in list(sources.items())[:25]:
-            print(f"  {size / MiB:9.1f} MiB  {source}")
-
-    optimizer.state.clear()  # measure() makes its own: these states would count against every variant
-    rows = []
-    variants = [(int(ce), int(mlp), fold) for ce in args.ce_mib.split(",") for mlp in args.mlp_mib.split(",")
-                for fold in folds]
-    for ce, mlp, fold in variants:
-        lora.FOLD_ADAPTER_INPUT_GRADIENT = fold
-        fused_loss.MAX_CHUNK_LOGITS_BYTES = ce * MiB
-        for wrapped in stack.engine.layers:
-            halves = getattr(wrapped.forward, "halves", None)
-            if halves is not None:
-                halves.chunk_bytes = mlp * MiB
-        row = measure(stack, args.seq, 1, 3, **shape)
-        row.update(ce_mib=ce, mlp_mib=mlp, fold_lora=fold)
-        rows.append(row)
-        print(f"ce {ce} MiB, mlp {mlp} MiB, fold {fold}: peak {row['peak_gib']} GiB, {row['tokens_per_s']} tok/s", flush=True)
-    if args.out:
-        args.out.write_text(json.dumps({"device": torch.cuda.get_device_name(), "at_rest_gib": at_rest / GiB,
-                                        "peak_sources_mib": breakdowns,
-                                        "rows": rows}, indent=1))
+    peak, sources = live_at_peak(step)
+    print(f"at rest {at_rest / GiB:.3f} GiB, peak {peak / GiB:.3f} GiB; allocated during the step, alive at the peak:")
+    for source, size in list(sources.items())[:25]:
+        print(f"  {size / MiB:9.1f} MiB  {source}")
+    out = args.out or result_path(f"peak-{args.seq}")
+    out.write_text(json.dumps({"device": torch.cuda.get_device_name(), "preset": args.preset, "mode": args.mode,
+                               "seq": args.seq, "at_rest_gib": at_rest / GiB, "peak_gib": peak / GiB,
+                               "measured_peak_gib": measured.peak_bytes / GiB,
+                               "tokens_per_s": measured.tokens_per_s,
+                               "peak_sources_mib": {k: v / MiB for k, v in sources.items()}}, indent=1))
+    print(f"results: {out}")
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
-"""Where one training step's time goes: torch.profiler over a few steps of the bench_engine.py
-setup, per mode, the CPU-side CUDA runtime calls (syncs, allocations) and the top GPU kernels.
+"""Where one training step's time goes: torch.profiler over a few steps of an ftune stack with its
+kernels (ftune/measure/stacks.py, ftune/measure/step.py), per mode, the CPU-side CUDA runtime calls
+(syncs, allocations) and the top GPU kernels.
 
   python benchmarks/profile_step.py --seq 2048 --modes true,unsloth
 """
@@ -15,8 +16,9 @@ from pathlib import Path
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_engine import FtuneStack, train_step  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from ftune.measure.stacks import RunSpec, build_stack  # noqa: E402
+from ftune.measure.step import forward_loss, optimizer_step, train_step  # noqa: E402
 
 
 # Kernel names by what they do, first match wins: where the GPU's time goes, in a few lines.
@@ -96,8 +98,7 @@ def print_phase_gaps(model, ids: torch.Tensor) -> None:
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         start = time.perf_counter()
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss = model(input_ids=ids, labels=ids).loss
+        loss = forward_loss(model, ids)
         enqueued = time.perf_counter() - start
         torch.cuda.synchronize()
         wall = time.perf_counter() - start
@@ -120,8 +121,7 @@ def print_phase_times(model, optimizer, ids: torch.Tensor, steps: int) -> None:
     for _ in range(steps):
         torch.cuda.synchronize()
         start = time.perf_counter()
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss = model(input_ids=ids, labels=ids).loss
+        loss = forward_loss(model, ids)
         phases["forward enqueued"].append(time.perf_counter() - start)
         torch.cuda.synchronize()
         forward_done = time.perf_counter()
@@ -129,8 +129,7 @@ def print_phase_times(model, optimizer, ids: torch.Tensor, steps: int) -> None:
         phases["backward enqueued"].append(time.perf_counter() - forward_done)
         torch.cuda.synchronize()
         backward_done = time.perf_counter()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        optimizer_step(model, optimizer)
         torch.cuda.synchronize()
         phases["forward"].append(forward_done - start)
         phases["backward"].append(backward_done - forward_done)
@@ -142,20 +141,17 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="llama-3.1-8b")
     parser.add_argument("--seq", type=int, default=2048)
-    parser.add_argument("--modes", default="true,unsloth",
-                        help="checkpointing modes; MODE+fold with kernels/lora.py's folded 4-bit LoRA path")
+    parser.add_argument("--modes", default="true,unsloth", help="checkpointing modes, kernels on")
     parser.add_argument("--steps", type=int, default=4)
     args = parser.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("profile_step.py profiles CUDA kernels: run it on a CUDA machine")
     from ftune.presets import preset_config
 
     vocab = preset_config(args.preset).vocab_size
-    from ftune.kernels import lora
-
     for mode in args.modes.split(","):
         label = mode
-        mode, _, variant = mode.partition("+")
-        lora.FOLD_ADAPTER_INPUT_GRADIENT = variant == "fold"
-        stack = FtuneStack(args.preset, kernels=True, mode=mode, budget_gib=None, seq=args.seq, batch=1)
+        stack = build_stack(RunSpec("ftune+k", mode), args.preset, seq=args.seq)
         model = stack.model
         model.train()
         optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)

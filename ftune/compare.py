@@ -3,8 +3,11 @@ its own process (clean memory numbers; an out-of-memory ends only its own row), 
 the same batches for all.
 
 `python -m ftune.compare --recipe R --mode M ...` is the worker: it builds the model as
-`ftune train` does, runs the steps with AdamW, and prints one JSON line per event (`step`,
-`result`). The command `ftune compare` starts one worker per mode and gathers their results.
+`ftune train` does, runs the steps with AdamW (ftune/measure/step.py: the first a warm-up, the peak
+and the median step time over the others), and prints one JSON line per event (`step`, `result`)
+on stdout; its stderr is read only for the last line of a crash. The command `ftune compare`
+(ftune/cli/compare.py) starts one worker per mode and gathers their results; this module imports
+nothing of the CLI.
 """
 
 from __future__ import annotations
@@ -13,14 +16,13 @@ import argparse
 import gc
 import json
 import math
-import statistics
 import sys
-import time
 from typing import Any
 
 import torch
 
-GiB = 1024**3
+from ftune.measure.stacks import FtuneStack
+from ftune.measure.step import GiB, train_steps
 
 
 def _emit(kind: str, **data: Any) -> None:
@@ -57,58 +59,29 @@ def _batches(recipe, built, steps: int, seq: int | None, batch: int) -> list[tor
 
 def run_mode(recipe, *, steps: int, seq: int | None, batch: int) -> dict[str, Any]:
     """Train `steps` steps in the recipe's mode; memory, speed, losses and gradient norms."""
-    from ftune.memory.monitor import snapshot
-    from ftune.model import build_model
-
-    built = build_model(recipe, with_tokenizer=seq is None)
-    model, device = built.model, built.device
-    model.train()
-    parameters = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(parameters, lr=recipe.training.learning_rate)
+    stack = FtuneStack(recipe, with_tokenizer=seq is None)
+    built = stack.built
     batches = _batches(recipe, built, steps, seq, batch)
-    pad = built.tokenizer.pad_token_id if built.tokenizer is not None else None
-    cuda = device.type == "cuda"
-    autocast = torch.autocast(device.type, dtype=built.dtype, enabled=cuda and built.dtype != torch.float32)
-    losses, grad_norms, times = [], [], []
-    if cuda:
-        torch.cuda.reset_peak_memory_stats(device)
-    rss_peak = 0
-    for step, ids in enumerate(batches):
-        ids = ids.to(device)
-        labels = ids.masked_fill(ids == pad, -100) if pad is not None else ids
-        if cuda:
-            torch.cuda.synchronize(device)
-        start = time.perf_counter()
-        with autocast:
-            loss = model(input_ids=ids, labels=labels).loss
-        loss.backward()
-        norm = torch.nn.utils.clip_grad_norm_(parameters, recipe.training.max_grad_norm or math.inf)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        if cuda:
-            torch.cuda.synchronize(device)
-        times.append(time.perf_counter() - start)
-        losses.append(loss.item())
-        grad_norms.append(norm.item())
-        rss_peak = max(rss_peak, snapshot(device).rss)
-        _emit("step", step=step + 1, steps=steps, loss=losses[-1])
-        del loss
-    timed = times[1:] or times  # the first step pays for allocation and compilation
-    memory = snapshot(device, built.engine.host_bytes())
-    tokens = int(batches[0].numel())
+    measured = train_steps(
+        stack.model, batches, learning_rate=recipe.training.learning_rate,
+        autocast_dtype=built.dtype if built.dtype != torch.float32 else None,
+        pad_id=built.tokenizer.pad_token_id if built.tokenizer is not None else None,
+        max_grad_norm=recipe.training.max_grad_norm or math.inf,
+        on_step=lambda step, loss: _emit("step", step=step, steps=steps, loss=loss),
+    )
     return {
         "status": "ok",
-        "device": memory.device,
-        "peak_bytes": memory.peak if cuda else rss_peak,
-        "reserved_bytes": torch.cuda.max_memory_reserved(device) if cuda else None,
-        "memory_kind": "peak allocated VRAM" if cuda else "peak RSS (CPU)",
-        "host_bytes": built.engine.host_bytes(),
-        "step_s": statistics.median(timed),
-        "tokens_per_s": tokens / statistics.median(timed),
-        "tokens_per_step": tokens,
-        "losses": losses,
-        "grad_norms": grad_norms,
-        "engine": built.engine.describe(),
+        "device": measured.device,
+        "peak_bytes": measured.peak_bytes,
+        "reserved_bytes": measured.reserved_bytes,
+        "memory_kind": measured.memory_kind,
+        "host_bytes": stack.host_bytes(),
+        "step_s": measured.step_s,
+        "tokens_per_s": measured.tokens_per_s,
+        "tokens_per_step": measured.tokens_per_step,
+        "losses": measured.losses,
+        "grad_norms": measured.grad_norms,
+        "engine": stack.engine.describe(),
     }
 
 
@@ -123,11 +96,9 @@ def main() -> None:
     parser.add_argument("--memory-cap-gib", type=float, default=None)
     args = parser.parse_args()
 
-    from ftune.cli import _quiet_libraries
     from ftune.errors import FtuneError, first_line
     from ftune.recipe import load_recipe
 
-    _quiet_libraries()
     if args.memory_cap_gib is not None:
         _cap_memory(args.memory_cap_gib)
     try:
