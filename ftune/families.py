@@ -16,6 +16,9 @@ from dataclasses import dataclass, field
 KERNEL_NAMES = ("rms_norm", "rope", "swiglu", "fused_cross_entropy", "fused_lora")
 LLAMA_ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
 GATED_MLP = ("gate_proj", "up_proj", "down_proj")
+# Mixtral's and Qwen3-MoE's experts: gate_up_proj (experts, 2 x intermediate, hidden) and down_proj
+# (experts, hidden, intermediate)
+MOE_EXPERTS = ("mlp.experts.gate_up_proj", "mlp.experts.down_proj")
 
 
 @dataclass(frozen=True)
@@ -41,8 +44,12 @@ class Family:
     # Layers of exactly `h = x + attn(norm(x)); y = h + mlp(norm(h))`, which the engine runs as
     # two halves with the MLP chunked over tokens (ftune/engine/halves.py)
     residual_halves: bool = False
-    # A mixture of experts: the router's logits feed the load-balancing loss
-    experts: bool = False
+    # A mixture of experts' weights, as peft's `target_parameters` names them: 3D parameters (experts
+    # first) in transformers 5, not linear layers. LoRA adapts each expert's slice through peft's
+    # ParamWrapper; bitsandbytes quantizes nn.Linear only, so under 4-bit loading they stay in the
+    # model's 16-bit dtype, as does the router (a parameter too). The router's logits feed the
+    # load-balancing loss.
+    expert_parameters: tuple[str, ...] = ()
     # ftune's kernels that apply to the family (ftune/integrations/transformers.py KERNELS)
     kernels: frozenset[str] = field(default_factory=frozenset)
 
@@ -50,6 +57,10 @@ class Family:
     def lora_targets(self) -> list[str]:
         """Every linear projection of the family's layers: the default LoRA targets."""
         return [*self.attention_projections, *self.mlp_projections]
+
+    @property
+    def experts(self) -> bool:
+        return bool(self.expert_parameters)
 
 
 _ALL_KERNELS = frozenset(KERNEL_NAMES)
@@ -69,12 +80,12 @@ FAMILIES: tuple[Family, ...] = (
     # residual dropouts, so they recompute whole
     Family("phi3", ("phi3",), attention_projections=("qkv_proj", "o_proj"), mlp_projections=("gate_up_proj", "down_proj"),
            kernels=frozenset({"rms_norm", "rope", "fused_cross_entropy", "fused_lora"})),
-    # The experts are 3D parameters in transformers 5, not linear layers: LoRA adapts the
-    # attention; the MoE block recomputes whole. The loss stays transformers' (and TRL's), which
+    # No linear layer in the MLP: LoRA adapts the attention's projections and the experts'
+    # parameters; the MoE block recomputes whole. The loss stays transformers' (and TRL's), which
     # adds the router's load-balancing loss
-    Family("mixtral", ("mixtral",), mlp_projections=(), experts=True,
+    Family("mixtral", ("mixtral",), mlp_projections=(), expert_parameters=MOE_EXPERTS,
            kernels=frozenset({"rms_norm", "rope", "fused_lora"})),
-    Family("qwen3_moe", ("qwen3_moe",), mlp_projections=(), experts=True,
+    Family("qwen3_moe", ("qwen3_moe",), mlp_projections=(), expert_parameters=MOE_EXPERTS,
            kernels=frozenset({"rms_norm", "rope", "fused_lora"})),
 )
 _BY_MODEL_TYPE = {model_type: family for family in FAMILIES for model_type in family.model_types}
@@ -104,8 +115,13 @@ def models_table() -> str:
         if family.activation != "silu":
             notes.append(f"{family.activation} MLP (GeGLU)")
         if family.experts:
-            notes.append("experts (3D parameters) not adapted; router loss with its gradient in every mode")
-        lines.append(f"| {family.name} | {', '.join(family.model_types)} | {', '.join(family.lora_targets)} | "
+            notes.append("experts (3D parameters) adapted through peft's target_parameters, in 16 bits under 4-bit "
+                         "loading (bitsandbytes quantizes linear layers only); router loss with its gradient in every "
+                         "mode, logged as aux_loss")
+        targets = ", ".join(family.lora_targets)
+        if family.expert_parameters:
+            targets += f"; parameters {', '.join(family.expert_parameters)}"
+        lines.append(f"| {family.name} | {', '.join(family.model_types)} | {targets} | "
                      f"{family.attention} | {kernels} | {halves} | {'; '.join(notes) or '-'} |")
     lines.append("| any other causal LM | - | all-linear | sdpa | none | whole | a one-line notice names what is off |")
     return "\n".join(lines) + "\n"

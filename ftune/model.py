@@ -28,7 +28,8 @@ from ftune.integrations.bitsandbytes import keep_4bit_layout
 from ftune.integrations.transformers import apply_kernels, kernel_support, register_attention
 from ftune.memory.policy import NoPlanFits
 from ftune.model_config import ModelConfig, local_model_config, model_config
-from ftune.plan import Device, RunPlan, choose_dtype, lora_targets, resolve, sharded_by_fsdp
+from ftune.plan import (Device, RunPlan, choose_dtype, expert_notes, lora_parameters, lora_targets, resolve,
+                        sharded_by_fsdp)
 from ftune.presets import PRESETS, preset_config
 from ftune.recipe import Recipe
 
@@ -255,18 +256,23 @@ def load_tokenizer(recipe: Recipe) -> PreTrainedTokenizerBase:
     return tokenizer
 
 
-def lora_config(recipe: Recipe, targets: list[str] | str | None = None) -> LoraConfig:
-    """peft's LoraConfig of the recipe's lora section, on the plan's targets (by default the
-    targets ftune.plan.lora_targets gives for the model's config on this machine)."""
-    if targets is None:
+def lora_config(recipe: Recipe, targets: list[str] | str | None = None, parameters: list[str] | None = None
+                ) -> LoraConfig:
+    """peft's LoraConfig of the recipe's lora section, on the plan's targets and parameters (by
+    default those ftune.plan.lora_targets and lora_parameters give for the model's config on this
+    machine)."""
+    if targets is None or parameters is None:
         config = local_model_config(recipe)
-        targets = lora_targets(recipe, family_of(config.model_type) if config is not None else None)
+        family = family_of(config.model_type) if config is not None else None
+        targets = lora_targets(recipe, family) if targets is None else targets
+        parameters = lora_parameters(recipe, family) if parameters is None else parameters
     lora = recipe.lora
     return LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=targets,
-                      bias=lora.bias, use_rslora=lora.use_rslora, task_type="CAUSAL_LM")
+                      target_parameters=parameters or None, bias=lora.bias, use_rslora=lora.use_rslora,
+                      task_type="CAUSAL_LM")
 
 
-def add_lora(model: PreTrainedModel, recipe: Recipe, targets: list[str] | str) -> PeftModel:
+def add_lora(model: PreTrainedModel, recipe: Recipe, targets: list[str] | str, parameters: list[str]) -> PeftModel:
     """A new LoRA adapter from the recipe, or the existing one that model.adapter names (trainable)."""
     if recipe.model.adapter is not None:
         path = recipe.resolve_input(recipe.model.adapter)
@@ -277,8 +283,12 @@ def add_lora(model: PreTrainedModel, recipe: Recipe, targets: list[str] | str) -
                              hint="Point it at a folder with adapter_config.json, such as an earlier run's output_dir "
                              "(the DPO and GRPO quickstarts continue `ftune train recipes/quickstart.yaml`).") from None
     try:
-        return get_peft_model(model, lora_config(recipe, targets))
+        return get_peft_model(model, lora_config(recipe, targets, parameters))
     except ValueError as error:
+        if "target_parameters" in str(error):
+            raise ModelError(f"lora.target_parameters: {first_line(error)}",
+                             hint="Name parameters that exist in this model, e.g. mlp.experts.gate_up_proj, "
+                             "mlp.experts.down_proj for Mixtral and Qwen3-MoE, or [] for none.") from None
         raise ModelError(
             f"lora.target_modules: {first_line(error)}",
             hint="Name modules that exist in this model, e.g. q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, "
@@ -308,8 +318,10 @@ def build_model(recipe: Recipe, device: torch.device | None = None, *, tokenizer
         logger.warning("ftune has no entry for model type %r: it trains on the generic path (no kernels, layers "
                        "recomputed whole, LoRA on all-linear by default); ftune/families.py lists the families",
                        base.config.model_type)
+    for note in expert_notes(recipe, plan.family, plan.lora_parameters, plan.dtype):
+        logger.warning("%s", note)
     transformers.set_seed(recipe.training.seed)  # the adapter's initialization depends on the seed alone
-    model = add_lora(base, recipe, plan.lora_targets)
+    model = add_lora(base, recipe, plan.lora_targets, plan.lora_parameters)
     patch_kernels(model, plan, device)
     host_embedding_bytes = 0
     if plan.host_embeddings:

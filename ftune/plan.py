@@ -75,6 +75,7 @@ class RunPlan:
     compute_dtype: str  # that 4-bit weights are dequantized to
     attention: str  # transformers' attn_implementation
     lora_targets: list[str] | str  # module names, or all-linear
+    lora_parameters: list[str]  # parameters adapted through peft's target_parameters (a mixture of experts')
     kernels: dict[str, KernelChoice]
     checkpointing: str  # the mode: none, true, unsloth or smart
     host_embeddings: bool  # the frozen input embedding in host memory
@@ -116,7 +117,10 @@ class RunPlan:
         if self.host_embeddings:
             tables += ", the LM head too" if self.host_lm_head else ", the LM head on the GPU"
         lines = [f"plan for {self.device.describe()}: {self.dtype}, attention {self.attention}", model,
-                 f"LoRA targets: {targets}", f"checkpointing {self.checkpointing}; embeddings {tables}"]
+                 f"LoRA targets: {targets}"]
+        if self.lora_parameters:
+            lines.append(f"LoRA on parameters: {', '.join(self.lora_parameters)}")
+        lines.append(f"checkpointing {self.checkpointing}; embeddings {tables}")
         if self.layers is not None:
             lines.append(self.layers.describe())
         lines += [f"kernel {name}: {'on' if choice.on else 'off'} ({choice.reason})"
@@ -140,17 +144,19 @@ def resolve(recipe: Recipe, device: Device, *, mode: str | None = None, config: 
     kernels = {name: _kernel_choice(name, getattr(recipe.kernels, name), family, config, device)
                for name in KERNEL_NAMES}
     targets = lora_targets(recipe, family)
+    parameters = lora_parameters(recipe, family)
     host_setting = recipe.checkpointing.host_embeddings
     host_embeddings = (device.kind == "cuda" and mode in OFFLOADING_MODES) if host_setting == "auto" else host_setting
     fused_loss = kernels["fused_cross_entropy"].on
     setting = Setting(
         mode=mode, seq=recipe.data.max_length, batch=recipe.training.batch_size,
         quantized=recipe.quantization.method != "none", double_quant=recipe.quantization.double_quant,
-        lora_r=recipe.lora.r, lora_targets=_projections(targets), fused_loss=fused_loss,
+        lora_r=recipe.lora.r, lora_targets=_projections(targets), lora_parameters=tuple(parameters),
+        fused_loss=fused_loss,
         host_embeddings=host_embeddings, host_lm_head=not sharded_by_fsdp(recipe, device.ranks),
         optimizer=recipe.training.optimizer,
     )
-    budget, layers, notes = None, None, []
+    budget, layers, notes = None, None, expert_notes(recipe, family, parameters, dtype)
     if mode == "smart":
         budget = smart_budget(recipe, device)
         if config is None or budget is None:
@@ -165,7 +171,8 @@ def resolve(recipe: Recipe, device: Device, *, mode: str | None = None, config: 
     setting.host_lm_head = host_lm_head
     return RunPlan(device=device, config=config, family=family, dtype=dtype,
                    compute_dtype=dtype if compute == "auto" else compute,
-                   attention=attention_implementation(recipe, family), lora_targets=targets, kernels=kernels,
+                   attention=attention_implementation(recipe, family), lora_targets=targets,
+                   lora_parameters=parameters, kernels=kernels,
                    checkpointing=mode, host_embeddings=host_embeddings, host_lm_head=host_lm_head, setting=setting,
                    budget=budget, layers=layers, notes=notes)
 
@@ -193,6 +200,32 @@ def lora_targets(recipe: Recipe, family: Family | None) -> list[str] | str:
     if targets != "auto":
         return targets
     return family.lora_targets if family is not None else "all-linear"
+
+
+def lora_parameters(recipe: Recipe, family: Family | None) -> list[str]:
+    """The parameters the adapter goes on through peft's target_parameters; auto: the family's
+    experts, unless lora.dropout is set (peft's parameter adapters take none)."""
+    parameters = recipe.lora.target_parameters
+    if parameters != "auto":
+        return parameters
+    if family is None or recipe.lora.dropout:
+        return []
+    return list(family.expert_parameters)
+
+
+def expert_notes(recipe: Recipe, family: Family | None, parameters: list[str], dtype: str) -> list[str]:
+    """What `validate` and `train` say of a mixture of experts: the experts left unadapted or in 16 bits."""
+    if family is None or not family.experts:
+        return []
+    notes = []
+    if recipe.lora.target_parameters == "auto" and not parameters:
+        notes.append("the experts are not adapted: peft's parameter adapters take no dropout (lora.dropout is "
+                     f"{recipe.lora.dropout}); LoRA adapts the attention only")
+    if recipe.quantization.method != "none":
+        notes.append(f"the experts' weights stay {dtype} under 4-bit loading "
+                     "(bitsandbytes quantizes linear layers only; the experts and the router are parameters): "
+                     "`ftune estimate-vram` counts them so")
+    return notes
 
 
 def smart_budget(recipe: Recipe, device: Device) -> int | None:

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from ftune.errors import RecipeError
 from ftune.presets import PRESETS
@@ -101,6 +101,14 @@ class LoraSection(_Section):
         "q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj; `ftune validate` shows them), or all-linear "
         "for every linear layer but the LM head.",
     )
+    target_parameters: list[str] | Literal["auto"] = Field(
+        "auto",
+        description="Parameters to adapt that are not linear layers: a mixture of experts' 3D expert weights, "
+        "through peft's target_parameters (one adapter per expert). auto: the family's experts (Mixtral, Qwen3-MoE: "
+        "mlp.experts.gate_up_proj, mlp.experts.down_proj) when lora.dropout is 0 (peft's parameter adapters take "
+        "no dropout), none for other families; [] adapts no parameter. Adapting the experts costs memory: each "
+        "layer's forward builds its experts' weights plus update (16-bit), which the layer's backward keeps.",
+    )
     bias: Literal["none", "all", "lora_only"] = Field("none", description="Which biases to train.")
     use_rslora: bool = Field(False, description="Scale by alpha / sqrt(r) (rank-stabilized LoRA).")
 
@@ -110,6 +118,13 @@ class LoraSection(_Section):
         if isinstance(value, list) and not value:
             raise ValueError("target_modules is empty: name at least one module, e.g. [q_proj, v_proj]")
         return value
+
+    @model_validator(mode="after")
+    def _parameters_without_dropout(self) -> "LoraSection":
+        if isinstance(self.target_parameters, list) and self.target_parameters and self.dropout:
+            raise ValueError("target_parameters takes no dropout (peft's parameter adapters cannot drop their "
+                             "input): set lora.dropout to 0, or lora.target_parameters to []")
+        return self
 
 
 class CheckpointingSection(_Section):

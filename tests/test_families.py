@@ -18,12 +18,13 @@ import pytest
 import torch
 import transformers
 from peft import LoraConfig, get_peft_model
+from peft.tuners.lora import ParamWrapper
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from ftune.families import family_of
 from ftune.integrations.transformers import KERNELS
 from ftune.model import build_model, quantization_config
-from ftune.plan import lora_targets
+from ftune.plan import lora_parameters, lora_targets
 from ftune.recipe import validate_recipe
 from tests.conftest import REPO
 
@@ -79,9 +80,9 @@ def _reference(path: str, recipe, built) -> torch.nn.Module:
                                                 quantization_config=quantization_config(recipe, torch.float32),
                                                 device_map={"": "cpu"}, attn_implementation=built.model.config._attn_implementation)
     transformers.set_seed(0)
-    model_type = base.config.model_type
-    targets = lora_targets(recipe, family_of(model_type))
-    reference = get_peft_model(base, LoraConfig(r=16, lora_alpha=16, target_modules=targets,
+    family = family_of(base.config.model_type)
+    reference = get_peft_model(base, LoraConfig(r=16, lora_alpha=16, target_modules=lora_targets(recipe, family),
+                                                target_parameters=lora_parameters(recipe, family) or None,
                                                 task_type="CAUSAL_LM"))
     adapter = {k: v for k, v in built.model.state_dict().items() if "lora_" in k}
     missing = set(adapter) - set(reference.state_dict())
@@ -138,8 +139,34 @@ def test_every_family_gives_the_reference_loss_and_gradients(folders, name, mode
     assert {k for k, on in built.kernels.items() if on} == set(kernels)
     if family is not None and family.experts:  # the router's load-balancing loss is in it, with its gradient
         assert out.aux_loss is not None and out.aux_loss.requires_grad
+        # the experts' weights adapted in every layer (their gradients compared above)
+        adapted = [module.parameter_name for module in built.model.modules() if isinstance(module, ParamWrapper)]
+        expected = [name.rpartition(".")[2] for name in family.expert_parameters] * TINY["num_hidden_layers"]
+        assert sorted(adapted) == sorted(expected)
     if family is None:
         assert built.engine.residual_halves is False and not any(built.kernels.values())
+
+
+def test_a_mixture_of_experts_adapts_its_experts_and_says_they_stay_16_bit(folders):
+    from ftune.errors import RecipeError
+    from ftune.families import MOE_EXPERTS
+    from ftune.plan import Device, resolve
+
+    recipe = recipe_for(folders("mixtral"), "true", "nf4")
+    lines = resolve(recipe, Device()).describe_lines()
+    assert "LoRA on parameters: mlp.experts.gate_up_proj, mlp.experts.down_proj" in lines
+    assert "note: the experts' weights stay bfloat16 under 4-bit loading (bitsandbytes quantizes linear layers " \
+           "only; the experts and the router are parameters): `ftune estimate-vram` counts them so" in lines
+    assert resolve(recipe, Device()).setting.lora_parameters == MOE_EXPERTS
+    recipe.lora.dropout = 0.1  # peft's parameter adapters take no dropout: auto leaves the experts, and says so
+    plan = resolve(recipe, Device())
+    assert plan.lora_parameters == [] and any("experts are not adapted" in note for note in plan.notes)
+    recipe.lora.target_parameters = []
+    assert not any("experts are not adapted" in note for note in resolve(recipe, Device()).notes)
+    with pytest.raises(RecipeError, match="target_parameters takes no dropout"):
+        validate_recipe({"model": {"preset": "mixtral-8x7b", "tokenizer": "x"}, "data": {"source": "x.jsonl"},
+                         "lora": {"dropout": 0.1, "target_parameters": list(MOE_EXPERTS)}}, base_dir=REPO,
+                        check_paths=False)
 
 
 @pytest.mark.parametrize("name", list(CONFIGS))

@@ -144,6 +144,8 @@ class Setting:
     double_quant: bool = True
     lora_r: int = 16
     lora_targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+    # Parameters adapted through peft's target_parameters (a mixture of experts' weights)
+    lora_parameters: tuple[str, ...] = ()
     fused_loss: bool = True
     host_embeddings: bool = True
     # With the tables in host memory and the fused loss, the LM head too: on the GPU for the forward
