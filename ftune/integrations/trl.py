@@ -4,7 +4,8 @@
   num_items_in_batch=None)`. TRL computes the loss from its own chunked LM head
   (`fused_lm_head=True`); with ftune's fused cross-entropy kernel on, the model's forward computes
   the loss itself from the labels (one pass that never builds the logits) and returns the sums
-  behind the entropy and top-1 accuracy that TRL logs. It relies on SFTTrainer keeping
+  behind the entropy and top-1 accuracy that TRL logs, and a mixture of experts' `aux_loss`, logged
+  as TRL's own compute_loss logs it. It relies on SFTTrainer keeping
   `self._metrics[mode]` (lists per key, averaged into each log by `SFTTrainer.log`) and
   `self._total_train_tokens`.
 
@@ -36,6 +37,8 @@ class LossFromModel:
         if valid > 0:
             self._metrics[mode]["entropy"].append((gather(outputs.entropy_sum.detach()).sum() / valid).item())
             self._metrics[mode]["mean_token_accuracy"].append((gather(outputs.num_correct.detach()).sum() / valid).item())
+        if getattr(outputs, "aux_loss", None) is not None:  # the router's load-balancing loss, before its coefficient
+            self._metrics[mode]["aux_loss"].append(gather(outputs.aux_loss.detach()).mean().item())
         if mode == "train" and "attention_mask" in inputs:
             self._total_train_tokens += gather(inputs["attention_mask"].sum()).sum().item()
             self._metrics[mode]["num_tokens"] = [self._total_train_tokens]
