@@ -41,7 +41,7 @@ from ftune.integrations.transformers_trainer import (
     load_optimizer_state_on_cpu_ranks,
 )
 from ftune.memory.monitor import GiB, snapshot
-from ftune.model import BuiltModel, build_model, load_tokenizer, loads_in_host_memory, shards_with_fsdp, smart_plan
+from ftune.model import BuiltModel, build_model, load_tokenizer, loads_in_host_memory, run_plan, shards_with_fsdp
 from ftune.model_card import push_run, write_model_card
 from ftune.outputs import (
     RECIPE_FILE,
@@ -158,9 +158,8 @@ def _build_model(recipe: Recipe, tokenizer, console: Console) -> BuiltModel:
     shortfall = host_memory_shortfall(recipe, cuda=torch.cuda.is_available())
     if shortfall:
         console.print(f"[yellow]warning:[/] {shortfall}")
-    plan = smart_plan(recipe) if recipe.checkpointing.mode == "smart" else None  # fails before loading
-    if plan is not None:
-        console.print(f"[bold]ftune[/] {plan.describe()}")
+    plan = run_plan(recipe)  # every decision of the run, taken before loading (smart's may fail here)
+    console.print(f"[bold]ftune[/] {plan.describe()}")
     built = build_model(recipe, tokenizer=tokenizer, plan=plan)
     console.print(f"[bold]ftune[/] {built.source} on {built.device} · {built.engine.describe()}")
     if loads_in_host_memory(recipe, built.device):
