@@ -1,4 +1,4 @@
-"""Memory and speed of one QLoRA training step, per stack, checkpointing mode and sequence length.
+"""Memory and speed of one QLoRA training step, per stack, activation-checkpointing mode and sequence length.
 
 Stacks (ftune/measure/stacks.py; each run in its own process, so memory numbers are clean and an
 OOM ends only that row):

@@ -1,4 +1,4 @@
-"""Checkpointing modes timed step by step in one process: a step of each in turn, many rounds.
+"""Activation-checkpointing modes timed step by step in one process: a step of each in turn, many rounds.
 
 bench_engine.py runs each mode in its own process, which keeps memory figures clean but lets the
 host's state between processes into the comparison: on the virtual machines the GPUs come with,

@@ -141,7 +141,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="llama-3.1-8b")
     parser.add_argument("--seq", type=int, default=2048)
-    parser.add_argument("--modes", default="true,unsloth", help="checkpointing modes, kernels on")
+    parser.add_argument("--modes", default="true,unsloth", help="activation-checkpointing modes, kernels on")
     parser.add_argument("--steps", type=int, default=4)
     args = parser.parse_args()
     if not torch.cuda.is_available():

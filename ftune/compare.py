@@ -1,4 +1,4 @@
-"""What each checkpointing mode costs for one recipe: a few training steps per mode, each mode in
+"""What each activation-checkpointing mode costs for one recipe: a few training steps per mode, each mode in
 its own process (clean memory numbers; an out-of-memory ends only its own row), the same seed and
 the same batches for all.
 
@@ -86,7 +86,7 @@ def run_mode(recipe, *, steps: int, seq: int | None, batch: int) -> dict[str, An
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description="ftune compare's worker: one checkpointing mode")
+    parser = argparse.ArgumentParser(description="ftune compare's worker: one activation-checkpointing mode")
     parser.add_argument("--recipe", required=True)
     parser.add_argument("--mode", required=True)
     parser.add_argument("--steps", type=int, default=5)

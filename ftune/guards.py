@@ -157,7 +157,7 @@ def host_memory_shortfall(recipe, cuda: bool) -> str | None:
     available = psutil.virtual_memory().available
     if needed <= available * 0.9:
         return None
-    if not cuda:  # on CPU the "host" buffers are the same memory that every mode keeps its checkpoints in
+    if not cuda:  # on CPU the "host" buffers are the same memory that every mode keeps its layer inputs in
         return (f"memory is short: the layer inputs alone need about {format_bytes(needed)} of RAM, "
                 f"{format_bytes(available)} is available, and on CPU every checkpointing mode keeps them in it; "
                 "lower data.max_length or training.batch_size (with more training.grad_accum).")

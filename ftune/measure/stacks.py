@@ -2,8 +2,8 @@
 
   hf        transformers + peft as their docs set up QLoRA: `prepare_model_for_kbit_training`
             (norms, embeddings and LM head upcast to fp32), peft's LoRA, and transformers' own
-            non-reentrant checkpointing for mode `true`: the baseline of ../shared/GPU.md
-  ftune     ftune's model building (ftune.model.build_model) in a checkpointing mode, kernels off
+            non-reentrant activation checkpointing for mode `true`: the baseline of ../shared/GPU.md
+  ftune     ftune's model building (ftune.model.build_model) in an activation-checkpointing mode, kernels off
   ftune+k   the same with ftune's Triton kernels on
 
 A run names a stack and a mode, `stack:mode`, or `ftune[+k]:smart@GIB` for the smart mode planning
@@ -32,7 +32,7 @@ HF_MODES = ("none", "true")
 
 @dataclass(frozen=True)
 class RunSpec:
-    """One benchmark run: a stack in a checkpointing mode (and, for smart, a budget)."""
+    """One benchmark run: a stack in an activation-checkpointing mode (and, for smart, a budget)."""
 
     stack: str
     mode: str
@@ -126,7 +126,7 @@ class HFStack:
 def hf_peft_model(path: Path, recipe: Recipe, *, dtype: torch.dtype, device: torch.device, attn_implementation: str,
                   prepare_for_checkpointing: bool):
     """The baseline's model: from_pretrained with the recipe's bitsandbytes settings, then
-    `prepare_model_for_kbit_training` (asked to set up transformers' checkpointing or not) and
+    `prepare_model_for_kbit_training` (asked to set up transformers' activation checkpointing or not) and
     peft's LoRA of the recipe."""
     from peft import get_peft_model, prepare_model_for_kbit_training
     from transformers import AutoModelForCausalLM

@@ -48,7 +48,7 @@ def trainer_arguments(recipe: Recipe, built: BuiltModel) -> dict[str, Any]:
         bf16=on_cuda and built.dtype == torch.bfloat16,
         fp16=on_cuda and built.dtype == torch.float16,
         use_cpu=not on_cuda,
-        # ftune's engine does the checkpointing; transformers' own would wrap the layers twice.
+        # ftune's engine does the activation checkpointing; transformers' own would wrap the layers twice.
         gradient_checkpointing=False,
         include_num_input_tokens_seen="all",
         **tracking_arguments(recipe),
@@ -118,7 +118,7 @@ def fsdp_arguments(recipe: Recipe, built: BuiltModel) -> dict[str, Any]:
     Each decoder layer is one FSDP unit: its weights (the 4-bit ones in their bf16 storage, see
     model.quantization_config) are gathered just before it runs, forward and recompute alike,
     and freed after; its LoRA gradients are reduce-scattered as its backward ends. ftune's engine
-    does the checkpointing, so FSDP's own stays off. The adapter is saved whole (gathered to rank 0),
+    does the activation checkpointing, so FSDP's own stays off. The adapter is saved whole (gathered to rank 0),
     as a PEFT folder like any other run's.
     """
     if not shards_with_fsdp(recipe):

@@ -1,6 +1,6 @@
 """Group relative policy optimization on TRL's GRPOTrainer.
 
-Generation runs under no_grad, so the checkpointing engine stands aside and the KV cache works;
+Generation runs under no_grad, so the activation-checkpointing engine stands aside and the KV cache works;
 the policy's training forward goes through the engine as in SFT.
 
 With grpo.beta > 0 the KL term's reference is the policy as training starts: given a PEFT model,
