@@ -21,10 +21,10 @@ forward.
 A run is stack:mode, or ftune[+k]:smart@GIB for the smart mode planning to a budget of GIB GiB.
 --batches 1,4 measures each sequence at each batch size (the memory-model grid of issue 5); a
 cell that runs out of memory skips the longer sequences of its batch size. Without --out the rows
-are appended to benchmarks/results/<card>/<date>-engine.json. On a CPU the ftune stacks run as a
-smoke test (the peak is then the largest RSS):
+are appended to benchmarks/results/<card>/<date>-engine.json. On a CPU the ftune stacks without
+kernels run as a smoke test (the peak is then the largest RSS; a cell times at least 20k tokens):
 
-  python benchmarks/bench_engine.py --preset tiny-llama --seqs 64 --runs ftune:true,ftune+k:unsloth --steps 1 --out /tmp/e.json
+  python benchmarks/bench_engine.py --preset tiny-llama --seqs 1024 --runs ftune:true,ftune:unsloth --out /tmp/e.json
 """
 
 from __future__ import annotations

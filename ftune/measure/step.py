@@ -107,8 +107,9 @@ def train_steps(model: torch.nn.Module, batches: Sequence[torch.Tensor], *,
 
     batches: token ids, one tensor (batch, seq) per step, moved to the model's device; labels are the
     ids with `pad_id` masked. optimizer: AdamW over the trainable parameters at `learning_rate` unless
-    given. autocast_dtype: the GPU's autocast (a CPU, or None, computes in the weights' dtype). max_grad_norm: clip to it and record
-    the norms (math.inf records them without clipping); None neither. on_step(step, loss) after each.
+    given. autocast_dtype: the GPU's autocast (on a CPU, or with None, the weights' dtype computes).
+    max_grad_norm: clip to it and record the norms (math.inf records them without clipping); None
+    neither. on_step(step, loss) after each.
     """
     device = next(model.parameters()).device
     cuda = device.type == "cuda"
