@@ -36,17 +36,19 @@ NUM_WARPS = 4
 # The gate's activation, by the names ftune.families uses
 ACTIVATIONS = ("silu", "gelu_tanh")
 # tanh-GELU as g * sigmoid(GELU_SCALE * (g + GELU_CUBIC * g^3)): GELU_SCALE = 2 sqrt(2/pi)
-GELU_SCALE: tl.constexpr = 1.5957691216057308
-GELU_CUBIC: tl.constexpr = 0.044715
+GELU_SCALE = tl.constexpr(1.5957691216057308)
+GELU_CUBIC = tl.constexpr(0.044715)
+# ACTIVATIONS' index, as the kernels take it (a compile-time integer)
+GELU_TANH = tl.constexpr(1)
 
 
 @triton.jit
 def _sigmoid_argument(gate, ACTIVATION: tl.constexpr):
     """u(gate), where act(gate) = gate * sigmoid(u(gate))."""
-    if ACTIVATION == "gelu_tanh":
-        return GELU_SCALE * gate * (1.0 + GELU_CUBIC * gate * gate)
-    else:
-        return gate
+    u = gate
+    if ACTIVATION == GELU_TANH:
+        u = GELU_SCALE * gate * (1.0 + GELU_CUBIC * gate * gate)
+    return u
 
 
 @triton.jit
@@ -74,7 +76,7 @@ def _swiglu_backward_kernel(
     up = tl.load(UP_ptr + row * up_stride + cols, mask=mask, other=0.0).to(tl.float32)
     sig = tl.sigmoid(_sigmoid_argument(gate, ACTIVATION))
     # act'(g) = sig(u) * (1 + g * (1 - sig(u)) * u'(g)), where u' = 1 for silu
-    if ACTIVATION == "gelu_tanh":
+    if ACTIVATION == GELU_TANH:
         dgate = dy * up * sig * (1.0 + gate * (1.0 - sig) * GELU_SCALE * (1.0 + 3.0 * GELU_CUBIC * gate * gate))
     else:
         dgate = dy * up * sig * (1.0 + gate * (1.0 - sig))
@@ -120,7 +122,7 @@ def swiglu_forward(
     y = torch.empty_like(gate) if out is None else out
     g, u, o = _rows_of(gate), _rows_of(up), _rows_of(y)
     _swiglu_forward_kernel[_grid(g)](g, u, o, g.shape[1], g.stride(0), u.stride(0), o.stride(0),
-                                     ACTIVATION=activation, BLOCK_SIZE=BLOCK_SIZE, num_warps=NUM_WARPS)
+                                     ACTIVATION=ACTIVATIONS.index(activation), BLOCK_SIZE=BLOCK_SIZE, num_warps=NUM_WARPS)
     return y
 
 
@@ -137,7 +139,7 @@ def swiglu_backward(
     g, u, dg, du = (_rows_of(t) for t in (gate, up, dgate, dup))
     _swiglu_backward_kernel[_grid(g)](
         d, g, u, dg, du, g.shape[1], d.stride(0), g.stride(0), u.stride(0), dg.stride(0), du.stride(0),
-        ACTIVATION=activation, BLOCK_SIZE=BLOCK_SIZE, num_warps=NUM_WARPS
+        ACTIVATION=ACTIVATIONS.index(activation), BLOCK_SIZE=BLOCK_SIZE, num_warps=NUM_WARPS
     )
     if overwrite_inputs:
         torch.autograd.graph.increment_version((gate, up))
