@@ -28,7 +28,9 @@ METRICS_FILE = "metrics.jsonl"
 _RECORDED = {"loss", "learning_rate", "grad_norm", "epoch", "num_input_tokens_seen", "num_tokens"}
 # Workflow numbers worth a line on the panel, when the trainer logs them.
 PANEL_METRICS = {"mean_token_accuracy": "token accuracy", "rewards/margins": "reward margin",
-                 "rewards/accuracies": "reward accuracy", "reward": "mean reward"}
+                 "rewards/accuracies": "reward accuracy", "reward": "mean reward",
+                 # a mixture of experts' load-balancing loss (TRL's aux_loss), which the loss includes
+                 "aux_loss": "router aux loss"}
 # The evaluation's numbers on the panel: its loss, then the workflow's as above
 EVAL_METRICS = {"eval_loss": "eval loss", **{f"eval_{key}": f"eval {label}" for key, label in PANEL_METRICS.items()}}
 # The trainer's figures about the evaluation itself, left out of the records

@@ -13,6 +13,7 @@ embedding without its scale: 0.46).
 from __future__ import annotations
 
 import functools
+import json
 
 import pytest
 import torch
@@ -179,6 +180,31 @@ def test_ftune_train_runs_on_every_family(folders, name, tmp_path):
     summary = train(recipe).summary
     assert summary["steps"] == 1 and summary["final_loss"] is not None
     assert (tmp_path / "run" / "adapter_model.safetensors").is_file()
+    record = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[0])
+    family = family_of(CONFIGS[name]["model_type"])
+    # a mixture of experts' load-balancing loss is logged beside the loss it is part of
+    assert ("aux_loss" in record) == (family is not None and family.experts), record
+
+
+def test_the_panel_shows_the_router_aux_loss(tmp_path):
+    import io
+
+    from rich.console import Console
+    from transformers import TrainerControl, TrainerState
+
+    from ftune.engine.recompute import CheckpointingEngine
+    from ftune.reports import LiveReporter
+
+    engine = CheckpointingEngine(mode="true", policies=[], device=torch.device("cpu"), copier=None)
+    reporter = LiveReporter(tmp_path, engine, title="moe", console=Console(file=io.StringIO(), width=120))
+    state = TrainerState(max_steps=10, global_step=1)
+    reporter.on_train_begin(None, state, TrainerControl())
+    reporter.on_log(None, state, TrainerControl(), logs={"loss": 2.5, "aux_loss": 2.0313})
+    frame = Console(file=io.StringIO(), width=120, color_system=None)
+    frame.print(reporter._render(state))
+    reporter.close(state)
+    assert "router aux loss 2.0313" in reporter.console.file.getvalue()  # the plain line, off a terminal
+    assert "router aux loss" in frame.file.getvalue() and "2.0313" in frame.file.getvalue()
 
 
 def test_docs_models_page_holds_the_registry():
