@@ -28,8 +28,8 @@ from ftune.integrations.bitsandbytes import keep_4bit_layout
 from ftune.integrations.transformers import apply_kernels, kernel_support, register_attention
 from ftune.memory.policy import NoPlanFits
 from ftune.model_config import ModelConfig, local_model_config, model_config
-from ftune.plan import (Device, RunPlan, choose_dtype, expert_notes, lora_parameters, lora_targets, resolve,
-                        sharded_by_fsdp)
+from ftune.plan import (Device, KernelChoice, RunPlan, choose_dtype, expert_notes, lora_parameters, lora_targets,
+                        resolve, sharded_by_fsdp)
 from ftune.presets import PRESETS, preset_config
 from ftune.recipe import Recipe
 
@@ -322,7 +322,7 @@ def build_model(recipe: Recipe, device: torch.device | None = None, *, tokenizer
         logger.warning("%s", note)
     transformers.set_seed(recipe.training.seed)  # the adapter's initialization depends on the seed alone
     model = add_lora(base, recipe, plan.lora_targets, plan.lora_parameters)
-    patch_kernels(model, plan, device)
+    plan = patch_kernels(model, plan, device)
     host_embedding_bytes = 0
     if plan.host_embeddings:
         host_embedding_bytes = move_embeddings_to_host(model, device)
@@ -340,17 +340,21 @@ def smart_plan(recipe: Recipe, device: torch.device | None = None) -> RunPlan:
     return run_plan(recipe, device)
 
 
-def patch_kernels(model: PeftModel, plan: RunPlan, device: torch.device) -> None:
-    """Apply the kernels the plan turned on; one that this model cannot take is a ModelError."""
+def patch_kernels(model: PeftModel, plan: RunPlan, device: torch.device) -> RunPlan:
+    """Apply the kernels the plan turned on: one the recipe asked for that this model cannot take
+    is a ModelError; one `auto` turned on goes off with a notice naming why. The plan as applied."""
     support = kernel_support(model)
+    kernels = dict(plan.kernels)
     for name, choice in plan.kernels.items():
         if not choice.on or support[name] is None:
             continue
-        if choice.reason.startswith("auto"):
-            raise ModelError(f"kernels.{name}: {choice.reason}, but {support[name]}.",
-                             hint=f"Set kernels.{name}: false.")
-        raise ModelError(f"kernels.{name}: {support[name]}.", hint=f"Set kernels.{name}: auto or false.")
+        if not choice.reason.startswith("auto"):
+            raise ModelError(f"kernels.{name}: {support[name]}.", hint=f"Set kernels.{name}: auto or false.")
+        logger.warning("kernels.%s is off: %s", name, support[name])
+        kernels[name] = KernelChoice(False, f"auto: off, {support[name]}")
+    plan = replace(plan, kernels=kernels)
     try:
         apply_kernels(model, **plan.kernel_flags(), device=device)  # under fsdp the model is still in host memory here
     except ValueError as error:  # e.g. asked for on CPU without Triton's interpreter
         raise ModelError(f"kernels: {error}", hint="Set the kernels to auto (on with CUDA) or false.") from None
+    return plan

@@ -97,3 +97,33 @@ def test_validate_of_a_hub_model_not_on_this_machine_still_validates(monkeypatch
     code, output = run_cli(monkeypatch, capsys, "validate", str(QUICKSTART), "--set", "model.preset=null",
                            "--set", "model.name_or_path=some-org/not-cached")
     assert not code and "✓" in output and "shape and family are unknown" in output
+
+
+def test_a_kernel_auto_turned_on_that_the_loaded_model_cannot_take_goes_off_with_a_notice(caplog):
+    """The family says GeGLU; a Gemma-2 whose config asks for relu keeps its own MLP, the other
+    kernels apply, and the plan as applied says why. Asked for by name, it is an error."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from transformers import Gemma2Config
+
+    from ftune.errors import ModelError
+    from ftune.model import patch_kernels
+
+    torch.manual_seed(0)
+    base = AutoModelForCausalLM.from_config(Gemma2Config(
+        hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        head_dim=16, vocab_size=128, hidden_activation="relu"))
+    model = get_peft_model(base, LoraConfig(r=4, target_modules=["q_proj", "down_proj"]))
+    plan = resolve(recipe("model.preset=gemma-2-2b"), CUDA)
+    assert plan.kernels["swiglu"].on
+    applied = patch_kernels(model, plan, torch.device("cpu"))
+    assert not applied.kernels["swiglu"].on and "activation is relu" in applied.kernels["swiglu"].reason
+    assert "kernels.swiglu is off" in caplog.text
+    assert applied.kernels["rms_norm"].on and base._ftune_kernels == {"rms_norm", "rope", "fused_cross_entropy",
+                                                                      "fused_lora"}
+    asked = resolve(recipe("model.preset=gemma-2-2b", "kernels.swiglu=true"), CUDA)
+    with pytest.raises(ModelError, match="kernels.swiglu: gemma2's MLP activation is relu"):
+        patch_kernels(get_peft_model(AutoModelForCausalLM.from_config(base.config), LoraConfig(r=4)), asked,
+                      torch.device("cpu"))
