@@ -173,7 +173,7 @@ class KernelsSection(_Section):
 
     rms_norm: bool | Literal["auto"] = Field("auto", description="Fused RMSNorm forward and backward.")
     rope: bool | Literal["auto"] = Field("auto", description="Rotary embedding of query and key in one kernel.")
-    swiglu: bool | Literal["auto"] = Field("auto", description="Fused silu(gate) * up.")
+    swiglu: bool | Literal["auto"] = Field("auto", description="Fused act(gate) * up: SwiGLU, or GeGLU for Gemma.")
     fused_cross_entropy: bool | Literal["auto"] = Field(
         "auto", description="LM head + cross-entropy in chunks: the full logits never exist."
     )
