@@ -117,6 +117,8 @@ def main() -> None:
         result = {"status": "error", "error": error.message}
     _emit("result", mode=args.mode, **result)
     gc.collect()
+
+
 def _cap_memory(gib: float) -> None:
     """A memory cap for this process: a fraction of the GPU, or the address space on CPU."""
     if torch.cuda.is_available():
