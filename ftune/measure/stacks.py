@@ -82,8 +82,6 @@ def preset_recipe(preset: str, mode: str = "true", *, kernels: bool = False, bud
 class FtuneStack:
     """ftune's own model building for a recipe, as `ftune train` builds it."""
 
-    name = "ftune"
-
     def __init__(self, recipe: Recipe, *, with_tokenizer: bool = False):
         from ftune.model import build_model
 
@@ -101,7 +99,6 @@ class FtuneStack:
 class HFStack:
     """transformers + peft on a preset's shape, in mode none or true."""
 
-    name = "hf"
     layer_plan = None
 
     def __init__(self, preset: str, mode: str):
@@ -126,8 +123,8 @@ class HFStack:
 def hf_peft_model(path: Path, recipe: Recipe, *, dtype: torch.dtype, device: torch.device, attn_implementation: str,
                   prepare_for_checkpointing: bool):
     """The baseline's model: from_pretrained with the recipe's bitsandbytes settings, then
-    `prepare_model_for_kbit_training` (asked to set up transformers' activation checkpointing or not) and
-    peft's LoRA of the recipe."""
+    `prepare_model_for_kbit_training` (asked to set up transformers' activation checkpointing or
+    not) and peft's LoRA of the recipe."""
     from peft import get_peft_model, prepare_model_for_kbit_training
     from transformers import AutoModelForCausalLM
 
