@@ -3,13 +3,13 @@ offloaded layer's backward that skips attention's forward, against a layer that 
 
 from __future__ import annotations
 
+from collections import namedtuple
+
 import pytest
 import torch
 from torch.nn import functional as F
 
-from collections import namedtuple
-
-from ftune.engine import attention, offload
+from ftune.engine import attention, host_memory
 from ftune.engine.attention import AttentionOutput
 from tests.helpers import assert_relatively_close, lora_grads, tiny_lora_model
 
@@ -63,6 +63,59 @@ def test_gpu_replayed_attention_has_sdpas_output_and_gradients(heads, kv_heads, 
     _replayed_against_sdpa("cuda", torch.bfloat16, heads, kv_heads, tokens, head_dim)
 
 
+def _packed_replayed_against_sdpa(device, dtype, heads, kv_heads, lengths, head_dim):
+    """A padding-free batch's rows (one sequence of `lengths` end to end): the parked path's output
+    and gradients against SDPA with the block-diagonal causal mask."""
+    tokens = sum(lengths)
+    generator = torch.Generator(device).manual_seed(1)
+    q, k, v = (torch.randn(1, tokens, h, head_dim, device=device, dtype=dtype, generator=generator).transpose(1, 2)
+               for h in (heads, kv_heads, kv_heads))
+    starts = torch.tensor([0, *lengths], device=device).cumsum(0).to(torch.int32)
+    rows = attention.PackedRows(starts, max(lengths))
+    row = torch.repeat_interleave(torch.arange(len(lengths), device=device), torch.tensor(lengths, device=device))
+    sees = (row[:, None] == row[None, :]) & torch.ones(tokens, tokens, dtype=torch.bool, device=device).tril()
+    scale = head_dim ** -0.5
+    grad = torch.randn(1, tokens, heads, head_dim, device=device, dtype=dtype, generator=generator)
+    ref_inputs = [t.detach().requires_grad_() for t in (q, k, v)]
+    expected = F.scaled_dot_product_attention(*ref_inputs, attn_mask=sees, scale=scale, enable_gqa=heads != kv_heads)
+    expected.transpose(1, 2).backward(grad)
+
+    output, logsumexp, extras = attention._forward(q, k, v, scale, rows)
+    parked = AttentionOutput(output.transpose(1, 2).contiguous(), logsumexp, extras, scale)
+    assert parked.rows is rows
+    inputs = [t.detach().requires_grad_() for t in (q, k, v)]
+    replayed = attention._ReplayedAttention.apply(*inputs, parked)
+    replayed.backward(grad)
+    exact = dtype == torch.float32
+    torch.testing.assert_close(replayed, expected.transpose(1, 2), atol=1e-6 if exact else 2e-2, rtol=0)
+    for got, want in zip(inputs, ref_inputs):
+        tolerance = 1e-5 if exact else 2e-2 * want.grad.abs().max().item()
+        torch.testing.assert_close(got.grad, want.grad, atol=tolerance, rtol=0)
+
+
+@pytest.mark.parametrize("heads,kv_heads,lengths", [(4, 4, (5, 12)), (4, 2, (1, 17, 3, 9)), (6, 2, (30,))])
+def test_replayed_attention_of_packed_rows_has_sdpas_output_and_gradients(heads, kv_heads, lengths):
+    _packed_replayed_against_sdpa("cpu", torch.float32, heads, kv_heads, lengths, 16)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("heads,kv_heads,lengths,head_dim", [(4, 2, (100, 37, 1), 32),
+                                                              (32, 8, (900, 17, 1500, 211), 128)])
+def test_gpu_replayed_attention_of_packed_rows_has_sdpas_output_and_gradients(heads, kv_heads, lengths, head_dim):
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    _packed_replayed_against_sdpa("cuda", torch.bfloat16, heads, kv_heads, lengths, head_dim)
+
+
+def test_a_call_without_a_padding_free_batchs_rows_has_none():
+    query = torch.zeros(2, 4, 8, 16)
+    starts = torch.tensor([0, 3, 8], dtype=torch.int32)
+    packed = dict(cu_seq_lens_q=starts, cu_seq_lens_k=starts, max_length_q=5, max_length_k=5)
+    assert attention.PackedRows.of_call(query[:1], packed).longest == 5
+    assert attention.PackedRows.of_call(query, packed) is None  # rows are laid end to end in a batch of one
+    assert attention.PackedRows.of_call(query[:1], {}) is None
+
+
 def _count_attention_calls(monkeypatch) -> dict[str, int]:
     counts = {"parked forward": 0, "sdpa": 0}
     forward, sdpa = attention._forward, attention._original_sdpa
@@ -111,9 +164,9 @@ def _counted_step(counts, model, ids, **kwargs):
 
 def _fake_host_memory(monkeypatch, available, total=16 * 1024**3) -> None:
     """psutil reports `total` bytes and `available(reserve)`, the pools' reserve given."""
-    reserve = max(offload._HOST_RESERVE_MIN, int(total * offload._HOST_RESERVE_FRACTION))
+    reserve = max(host_memory._HOST_RESERVE_MIN, int(total * host_memory._HOST_RESERVE_FRACTION))
     Memory = namedtuple("Memory", "total available")
-    monkeypatch.setattr(offload.psutil, "virtual_memory", lambda: Memory(total, available(reserve)))
+    monkeypatch.setattr(host_memory.psutil, "virtual_memory", lambda: Memory(total, available(reserve)))
 
 
 @pytest.mark.parametrize("preset", ["tiny-llama", "tiny-qwen2", "tiny-qwen3"])
@@ -150,7 +203,7 @@ def test_layers_recompute_attention_where_parking_would_crowd_out_later_inputs(m
     residual_bytes = ids.numel() * model.config.hidden_size * 4
     # a layer parks with room left for its own input and every later one's (2 MiB buffers each): with
     # 6 MiB above the reserve, the last two of three layers park
-    _fake_host_memory(monkeypatch, lambda reserve: reserve + 3 * offload.buffer_size(residual_bytes))
+    _fake_host_memory(monkeypatch, lambda reserve: reserve + 3 * host_memory.buffer_size(residual_bytes))
     expected, got = _step(reference, ids), _counted_step(counts, model, ids)
     assert engine.copier.pool.stats.buffers == 3  # every layer input still in host memory
     assert engine.copier.parking_pool.stats.buffers == 3 * 2
@@ -207,7 +260,7 @@ def test_the_parked_residual_is_freed_before_the_attention_half_runs(monkeypatch
 
     model, _ = tiny_lora_model("tiny-llama", "unsloth")
     residual, alive_at_next_fetch = [], []
-    mlp_backward, fetch = ResidualHalves._mlp_backward, offload.HostStash.fetch
+    mlp_backward, fetch = ResidualHalves._mlp_backward, host_memory.HostStash.fetch
 
     def recorded_mlp_backward(self, h, *args):
         residual[:] = [weakref.ref(h)]
@@ -219,7 +272,7 @@ def test_the_parked_residual_is_freed_before_the_attention_half_runs(monkeypatch
         return fetch(stash)
 
     monkeypatch.setattr(ResidualHalves, "_mlp_backward", recorded_mlp_backward)
-    monkeypatch.setattr(offload.HostStash, "fetch", checked_fetch)
+    monkeypatch.setattr(host_memory.HostStash, "fetch", checked_fetch)
     ids = torch.randint(3, VOCAB, (2, 24), generator=torch.Generator().manual_seed(6))
     _step(model, ids)
     assert alive_at_next_fetch == [False] * 3
