@@ -204,11 +204,12 @@ def lora_targets(recipe: Recipe, family: Family | None) -> list[str] | str:
 
 def lora_parameters(recipe: Recipe, family: Family | None) -> list[str]:
     """The parameters the adapter goes on through peft's target_parameters; auto: the family's
-    experts, unless lora.dropout is set (peft's parameter adapters take none)."""
+    experts where lora.target_modules adapts the whole layer (auto or all-linear), unless
+    lora.dropout is set (peft's parameter adapters take none)."""
     parameters = recipe.lora.target_parameters
     if parameters != "auto":
         return parameters
-    if family is None or recipe.lora.dropout:
+    if family is None or isinstance(recipe.lora.target_modules, list) or recipe.lora.dropout:
         return []
     return list(family.expert_parameters)
 
@@ -218,7 +219,8 @@ def expert_notes(recipe: Recipe, family: Family | None, parameters: list[str], d
     if family is None or not family.experts:
         return []
     notes = []
-    if recipe.lora.target_parameters == "auto" and not parameters:
+    whole_layers = not isinstance(recipe.lora.target_modules, list)
+    if recipe.lora.target_parameters == "auto" and not parameters and whole_layers:
         notes.append("the experts are not adapted: peft's parameter adapters take no dropout (lora.dropout is "
                      f"{recipe.lora.dropout}); LoRA adapts the attention only")
     if recipe.quantization.method != "none":

@@ -164,6 +164,9 @@ def test_a_mixture_of_experts_adapts_its_experts_and_says_they_stay_16_bit(folde
     assert plan.lora_parameters == [] and any("experts are not adapted" in note for note in plan.notes)
     recipe.lora.target_parameters = []
     assert not any("experts are not adapted" in note for note in resolve(recipe, Device()).notes)
+    recipe.lora.dropout, recipe.lora.target_parameters = 0.0, "auto"
+    recipe.lora.target_modules = ["q_proj", "v_proj"]  # modules named: those alone
+    assert resolve(recipe, Device()).lora_parameters == []
     with pytest.raises(RecipeError, match="target_parameters takes no dropout"):
         validate_recipe({"model": {"preset": "mixtral-8x7b", "tokenizer": "x"}, "data": {"source": "x.jsonl"},
                          "lora": {"dropout": 0.1, "target_parameters": list(MOE_EXPERTS)}}, base_dir=REPO,
