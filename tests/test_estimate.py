@@ -157,3 +157,43 @@ def test_well_known_hub_id_offline_needs_no_hub_and_no_tokenizer(monkeypatch, ca
                              "--set", "model.preset=llama-3.1-8b")
     assert code in (0, None) and not err
     assert json.loads(out)["modes"] == by_id["modes"] and by_id["shape"]["hidden"] == 4096
+
+
+@pytest.mark.parametrize("adapted", [(), ("mlp.experts.gate_up_proj", "mlp.experts.down_proj"),
+                                     ("mlp.experts.down_proj",)], ids=["frozen", "adapted", "down-only"])
+def test_moe_block_saves_what_the_model_counts(adapted):
+    """What a Mixtral MoE block saves for its backward (bf16, transformers' grouped_mm experts, LoRA
+    on the experts through peft), counted with saved-tensor hooks, against moe_saved_bytes: the
+    routed rows' intermediates, the router and the routing, the adapted experts' merged weights.
+    Odd sizes, so that no two kinds of tensor share a size; within 2% (the rest: peft's 16-bit
+    casts of the adapters, which grow with the rank, not with the tokens)."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from ftune.memory.estimate import moe_saved_bytes
+
+    hidden, inner, experts, tokens = 192, 320, 6, 1000
+    config = AutoConfig.for_model("mixtral", vocab_size=64, hidden_size=hidden, intermediate_size=inner,
+                                  num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
+                                  num_local_experts=experts, num_experts_per_tok=2)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    assert model.config._experts_implementation == "grouped_mm"
+    model = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj"], target_parameters=list(adapted) or None))
+    block = model.base_model.model.model.layers[0].mlp
+    x = torch.randn(1, tokens, hidden, dtype=torch.bfloat16, requires_grad=True)
+    known = {p.untyped_storage().data_ptr() for p in model.parameters()} | {x.untyped_storage().data_ptr()}
+    saved: dict[int, int] = {}
+
+    def pack(tensor):
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in known:
+            saved[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        block(x)
+    shape = Shape.from_config(config.to_dict())
+    counted = moe_saved_bytes(shape, tokens, adapted)
+    assert abs(counted / sum(saved.values()) - 1) <= 0.02, (counted, sum(saved.values()))

@@ -19,6 +19,14 @@ host memory, and with attention's output parked at batch 1) holds every estimate
 measurement (worst 4.0%; tests/test_estimate.py). Host memory counts what must fit (layer inputs,
 embedding tables) apart from what offloaded layers park where there is room (`parked_host`).
 Shapes and settings outside that grid are extrapolated by their sizes, and `calibrated` says so.
+
+A mixture of experts (Mixtral, Qwen3-MoE) is counted from its shape: every expert's weights, in 16
+bits even under 4-bit loading (bitsandbytes quantizes nn.Linear only; the experts and the router
+are parameters), their adapters where LoRA adapts them, and the MoE block's activations, which are
+those of the routed rows (tokens x experts per token). What the block saves for its backward is
+counted on CPU with saved-tensor hooks (transformers 5.17's grouped_mm experts): moe_saved_bytes
+is within 1% of it, experts adapted or not (tests/test_estimate.py). What its backward adds, and
+the peaks of these shapes, are not measured on a GPU yet.
 """
 
 from __future__ import annotations
@@ -77,6 +85,21 @@ UNFUSED_LOSS_BYTES_PER_LOGIT = 11.2
 # 24.00 GiB reserved for a 22.17 GiB peak at 151,552 tokens in a 24 GiB cap, where 172,032 tokens
 # (estimated 23.47 GiB allocated) ran out (docs/benchmarks.md).
 RESERVED_OVER_ALLOCATED = 1.08
+# What a MoE block saves for its backward, per routed row (token x chosen expert), in 16-bit
+# values of the expert intermediate size I and of hidden H: the gate and up projections' output
+# (2I), the activation's output (I) and the routed rows' output that the routing weights scale
+# (H). An adapted expert parameter needs a gradient, so its GEMM also saves its input: the gathered
+# rows (H) for gate_up_proj, the gated product (I) for down_proj. Counted on CPU with saved-tensor
+# hooks (hidden 256, intermediate 384, 6 experts, 2 per token, 1000 tokens; transformers 5.17's
+# grouped_mm): exactly these tensors, and the router's and the routing's below.
+MOE_SAVED_PER_ROUTED_ROW = (3, 1)  # (times I, times H); each adapted expert GEMM adds its input features
+# The router's softmax (fp32, per token and expert); per routed row four int64 indices (the sort's
+# order, the experts' ids, the gather's rows), its fp32 routing weight and masks: 43 bytes
+ROUTER_SAVED_BYTES_PER_EXPERT = 4
+ROUTING_BYTES_PER_ROUTED_ROW = 43
+# The load-balancing loss keeps each layer's router logits (16-bit, returned by the layer) and
+# their softmax (saved for the loss's backward) until the backward of the loss
+AUX_LOSS_BYTES_PER_EXPERT = 2 * BF16
 # (model_type, hidden, layers) of the shapes the grid measured: Llama-3.1-8B and Qwen2.5-7B
 MEASURED_SHAPES = {("llama", 4096, 32), ("qwen2", 3584, 28)}
 
@@ -104,28 +127,52 @@ class Shape:
     head_dim: int
     tied: bool
     qkv_bias: bool = False
+    # A mixture of experts: routed experts per layer (0: a dense MLP), the experts each token goes
+    # through, and each expert's intermediate size
+    experts: int = 0
+    experts_per_token: int = 0
+    expert_intermediate: int = 0
 
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> "Shape":
         text = config.get("text_config", config)
         heads = text["num_attention_heads"]
         head_dim = text.get("head_dim") or text["hidden_size"] // heads
+        experts = text.get("num_local_experts") or text.get("num_experts") or 0  # Mixtral's name, Qwen3-MoE's
         return cls(
             model_type=text.get("model_type", config.get("model_type", "?")),
             vocab=text["vocab_size"], hidden=text["hidden_size"], intermediate=text["intermediate_size"],
             layers=text["num_hidden_layers"], heads=heads, kv_heads=text.get("num_key_value_heads", heads),
             head_dim=head_dim, tied=bool(text.get("tie_word_embeddings", False)),
             qkv_bias=text.get("model_type") == "qwen2" or bool(text.get("attention_bias", False)),
+            experts=experts, experts_per_token=text.get("num_experts_per_tok", 0) if experts else 0,
+            expert_intermediate=(text.get("moe_intermediate_size") or text["intermediate_size"]) if experts else 0,
         )
 
     def projections(self) -> dict[str, tuple[int, int]]:
-        """(in, out) features of each linear layer of one decoder layer."""
+        """(in, out) features of each linear layer of one decoder layer (a mixture of experts has
+        no linear layer in its MLP: see expert_parameters)."""
         q, kv = self.heads * self.head_dim, self.kv_heads * self.head_dim
-        return {
-            "q_proj": (self.hidden, q), "k_proj": (self.hidden, kv), "v_proj": (self.hidden, kv),
-            "o_proj": (q, self.hidden), "gate_proj": (self.hidden, self.intermediate),
-            "up_proj": (self.hidden, self.intermediate), "down_proj": (self.intermediate, self.hidden),
-        }
+        attention = {"q_proj": (self.hidden, q), "k_proj": (self.hidden, kv), "v_proj": (self.hidden, kv),
+                     "o_proj": (q, self.hidden)}
+        if self.experts:
+            return attention
+        return {**attention, "gate_proj": (self.hidden, self.intermediate),
+                "up_proj": (self.hidden, self.intermediate), "down_proj": (self.intermediate, self.hidden)}
+
+    def expert_parameters(self) -> dict[str, tuple[int, int, int]]:
+        """(experts, in, out) of each 3D expert parameter of one decoder layer, by its name in
+        transformers (mlp.experts.<name>); none for a dense MLP."""
+        if not self.experts:
+            return {}
+        inner = self.expert_intermediate
+        return {"gate_up_proj": (self.experts, self.hidden, 2 * inner), "down_proj": (self.experts, inner, self.hidden)}
+
+    def adapted_expert_parameters(self, names: tuple[str, ...]) -> list[tuple[int, int, int]]:
+        """The expert parameters that LoRA's target_parameters names (matched by their last part,
+        as peft matches them)."""
+        parameters = self.expert_parameters()
+        return [parameters[key] for key in {name.rpartition(".")[2] for name in names} if key in parameters]
 
     def fused_projections(self) -> dict[str, tuple[int, int]]:
         """The same projections fused as some families name them (Phi-3's qkv_proj and gate_up_proj)."""
@@ -210,6 +257,13 @@ def estimate(shape: Shape, setting: Setting) -> Estimate:
     tokens = setting.batch * setting.seq
     hidden_tensor = tokens * shape.hidden * BF16
     linear = sum(i * o for i, o in shape.projections().values()) * shape.layers
+    # a mixture of experts' experts and router: parameters, which 4-bit loading leaves in 16 bits
+    experts = (sum(e * i * o for e, i, o in shape.expert_parameters().values()) + shape.experts * shape.hidden) * \
+        shape.layers * BF16
+    result.weights_16bit += experts
+    if experts and setting.quantized:
+        result.notes.append(f"the experts' weights ({experts / GiB:.1f} GiB) stay 16-bit under 4-bit loading: "
+                            "bitsandbytes quantizes linear layers only")
     if setting.quantized:
         result.quantized_weights = linear // 2
         absmax = linear // QUANT_BLOCK
@@ -227,6 +281,9 @@ def estimate(shape: Shape, setting: Setting) -> Estimate:
 
     projections = {**shape.projections(), **shape.fused_projections()}
     lora = sum(setting.lora_r * sum(projections[t]) for t in setting.lora_targets if t in projections) * shape.layers
+    # one rank-r adapter per expert (peft's ParamWrapper: A is r x experts by in, B out by r x experts)
+    lora += sum(setting.lora_r * e * (i + o) for e, i, o in shape.adapted_expert_parameters(setting.lora_parameters)) \
+        * shape.layers
     result.lora_parameters = lora * 4
     result.lora_gradients = lora * 4
     result.optimizer_states = lora * OPTIMIZER_STATE_BYTES.get(setting.optimizer, 8)
@@ -239,13 +296,17 @@ def estimate(shape: Shape, setting: Setting) -> Estimate:
     if parked:
         count += PARKED_EXTRA_HIDDEN["working_set"]
     result.working_set = int(count * hidden_tensor + constant)
+    if shape.experts:  # the MoE block's backward, beside what the block saved (which mode none keeps for every layer)
+        result.working_set += moe_backward_bytes(shape, tokens, setting.lora_parameters) + \
+            (0 if mode == "none" else moe_saved_bytes(shape, tokens, setting.lora_parameters))
+    result.checkpoints_gpu = aux_loss_bytes(shape, tokens)
     if mode == "true":
-        result.checkpoints_gpu = shape.layers * hidden_tensor
+        result.checkpoints_gpu += shape.layers * hidden_tensor
     elif mode == "unsloth":
         result.checkpoints_host = shape.layers * hidden_tensor
         result.parked_host = shape.layers * parked_bytes_per_layer(shape, tokens) if parked else 0
     else:  # none: every activation of every layer stays
-        result.checkpoints_gpu = shape.layers * keep_bytes_per_layer(shape, tokens)
+        result.checkpoints_gpu += shape.layers * keep_bytes_per_layer(shape, tokens, setting.lora_parameters)
     if not setting.fused_loss:
         result.loss = int(UNFUSED_LOSS_BYTES_PER_LOGIT * tokens * shape.vocab)
     elif host_head:
@@ -263,6 +324,9 @@ def estimate(shape: Shape, setting: Setting) -> Estimate:
         result.calibrated = False
         result.notes.append("measured on the Llama-3.1-8B and Qwen2.5-7B shapes (batch 1-4, up to 32768 tokens, "
                             "kernels on); this setting is extrapolated by its sizes")
+    if shape.experts:
+        result.notes.append("a mixture of experts: its MoE block's activations and its experts are counted from the "
+                            "shape, not yet measured on a GPU")
     return result
 
 
@@ -295,15 +359,48 @@ def parked_bytes_per_layer(shape: Shape, tokens: int) -> int:
     return tokens * (BF16 * (shape.hidden + shape.heads * shape.head_dim) + 4 * shape.heads)
 
 
-def keep_bytes_per_layer(shape: Shape, tokens: int) -> int:
+def keep_bytes_per_layer(shape: Shape, tokens: int, lora_parameters: tuple[str, ...] = ()) -> int:
     """Activations one decoder layer keeps for backward when nothing is recomputed (bf16, kernels on).
 
     Per token: the layer input, both norm outputs and the residual sum (4 x hidden), the rotated
     query and its attention output (2 x q), key and value (2 x kv), and the MLP's gate, up and
-    product (3 x intermediate). Mode none's grid cells come out 0.1-1.0% above their measurements.
+    product (3 x intermediate), or what a MoE block saves (moe_saved_bytes). Mode none's grid cells
+    come out 0.1-1.0% above their measurements.
     """
     q, kv = shape.heads * shape.head_dim, shape.kv_heads * shape.head_dim
-    return tokens * BF16 * (4 * shape.hidden + 2 * q + 2 * kv + 3 * shape.intermediate)
+    attention = tokens * BF16 * (4 * shape.hidden + 2 * q + 2 * kv)
+    if shape.experts:
+        return attention + moe_saved_bytes(shape, tokens, lora_parameters)
+    return attention + tokens * BF16 * 3 * shape.intermediate
+
+
+def moe_saved_bytes(shape: Shape, tokens: int, lora_parameters: tuple[str, ...] = ()) -> int:
+    """What one MoE block saves for its backward: its routed rows' intermediates
+    (MOE_SAVED_PER_ROUTED_ROW), the router's softmax and the routing, and the adapted experts' weights
+    with their update, which peft builds as a new 16-bit tensor each forward and the experts' GEMMs
+    save."""
+    adapted = shape.adapted_expert_parameters(lora_parameters)
+    inner, hidden = MOE_SAVED_PER_ROUTED_ROW
+    per_row = BF16 * (inner * shape.expert_intermediate + hidden * shape.hidden + sum(i for _, i, _ in adapted))
+    rows = tokens * shape.experts_per_token
+    return (rows * (per_row + ROUTING_BYTES_PER_ROUTED_ROW) + tokens * shape.experts * ROUTER_SAVED_BYTES_PER_EXPERT
+            + sum(e * i * o for e, i, o in adapted) * BF16)
+
+
+def moe_backward_bytes(shape: Shape, tokens: int, lora_parameters: tuple[str, ...] = ()) -> int:
+    """What a MoE block's backward adds at its busiest, counted from its operations (not measured):
+    the gradients of the gate and up projections' output and of their input rows, and with adapted
+    experts the gradient of the largest expert weight, through which peft's adapters get theirs."""
+    rows = tokens * shape.experts_per_token
+    adapted = shape.adapted_expert_parameters(lora_parameters)
+    weight_gradient = max((e * i * o for e, i, o in adapted), default=0)
+    return BF16 * (rows * (2 * shape.expert_intermediate + shape.hidden) + weight_gradient)
+
+
+def aux_loss_bytes(shape: Shape, tokens: int) -> int:
+    """What the router's load-balancing loss keeps until its backward: every layer's router logits
+    and their softmax (none for a dense model)."""
+    return shape.layers * tokens * shape.experts * AUX_LOSS_BYTES_PER_EXPERT
 
 
 def allocatable(card_bytes: int) -> int:
