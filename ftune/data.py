@@ -192,6 +192,17 @@ def check_rows(dataset: Dataset, data_format: str, tokenizer, recipe: Recipe) ->
     return dataset, report
 
 
+def truncate_tokenized(dataset: Dataset, max_length: int) -> Dataset:
+    """Tokenized rows (input_ids, labels) cut to their first max_length tokens, and rows left
+    without a label dropped, as TRL's SFTTrainer does to the rows it pads. TRL leaves padding-free
+    rows whole (it takes no max_length for them), so ftune cuts them here."""
+    def cut(row):
+        return {"input_ids": row["input_ids"][:max_length], "labels": row["labels"][:max_length]}
+
+    dataset = dataset.map(cut, desc="Truncating to data.max_length")
+    return dataset.filter(lambda row: any(label != -100 for label in row["labels"]))
+
+
 def eval_data(recipe: Recipe, dataset: Dataset, data_format: str, tokenizer
               ) -> tuple[Dataset, Dataset | None, RowReport | None]:
     """(training rows, evaluation rows or None, the eval source's row report or None) for data.eval:

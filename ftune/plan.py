@@ -1,8 +1,9 @@
 """One resolution of a recipe: every "auto" settled once, for one device, without torch.
 
 `resolve(recipe, device)` decides the dtype, each kernel (with its reason), the attention
-implementation, the LoRA targets, where the embedding tables and the LM head live, the
-checkpointing and, for mode smart, the budget in bytes and each layer's policy. Model building
+implementation, the LoRA targets, where the embedding tables and the LM head live, how SFT lays
+out a batch's rows, the checkpointing and, for mode smart, the budget in bytes and each layer's
+policy. Model building
 (ftune.model.build_model), `train`, `compare`, `estimate-vram` and `validate` read the RunPlan;
 none of them decides again.
 
@@ -28,6 +29,9 @@ from ftune.model_config import ModelConfig, local_model_config
 from ftune.recipe import Recipe, parse_bytes
 
 OFFLOADING_MODES = ("unsloth", "smart")
+# How SFT lays out a batch's rows (`batches`): padded to the batch's longest; end to end in one
+# sequence (TRL's padding_free); whole rows packed into max_length sequences, end to end (packing)
+BATCH_LAYOUTS = ("padded", "padding-free", "packed")
 # Of the host memory available, what offloaded layer inputs may take: the rest is the process's own
 HOST_SHARE_FOR_OFFLOAD = 0.8
 
@@ -81,6 +85,7 @@ class RunPlan:
     host_embeddings: bool  # the frozen input embedding in host memory
     host_lm_head: bool  # and the LM head, fetched for each forward (with the fused loss)
     setting: Setting  # the memory model's view of all of the above
+    batches: str = "padded"  # one of BATCH_LAYOUTS
     budget: int | None = None  # smart: the peak the plan must fit, in bytes
     layers: LayerPlan | None = None  # smart: each decoder layer's policy
     notes: list[str] = field(default_factory=list)
@@ -96,11 +101,11 @@ class RunPlan:
     def describe(self) -> str:
         """One line for the start of a run."""
         if self.layers is not None:
-            return self.layers.describe()
+            return f"{self.layers.describe()}; {self.batches} batches"
         on = [name for name, choice in self.kernels.items() if choice.on]
         tables = ", embeddings in host RAM" if self.host_embeddings else ""
         return (f"plan: {self.dtype}, attention {self.attention}, checkpointing {self.checkpointing}{tables}, "
-                f"kernels {', '.join(on) or 'none'}")
+                f"kernels {', '.join(on) or 'none'}, {self.batches} batches")
 
     def describe_lines(self) -> list[str]:
         """A few lines for `ftune validate`: the model, kernels with reasons, LoRA, attention, checkpointing."""
@@ -148,6 +153,10 @@ def resolve(recipe: Recipe, device: Device, *, mode: str | None = None, config: 
     host_setting = recipe.checkpointing.host_embeddings
     host_embeddings = (device.kind == "cuda" and mode in OFFLOADING_MODES) if host_setting == "auto" else host_setting
     fused_loss = kernels["fused_cross_entropy"].on
+    # A step holds at most batch x max_length tokens in every layout: padded rows are cut at
+    # max_length, padding-free ones hold only their own tokens, packed sequences fill up to
+    # max_length. Padding-free and packed steps are one sequence of those tokens; the layers'
+    # memory is per token, so the memory model plans them as batch rows of max_length.
     setting = Setting(
         mode=mode, seq=recipe.data.max_length, batch=recipe.training.batch_size,
         quantized=recipe.quantization.method != "none", double_quant=recipe.quantization.double_quant,
@@ -174,7 +183,7 @@ def resolve(recipe: Recipe, device: Device, *, mode: str | None = None, config: 
                    attention=attention_implementation(recipe, family), lora_targets=targets,
                    lora_parameters=parameters, kernels=kernels,
                    checkpointing=mode, host_embeddings=host_embeddings, host_lm_head=host_lm_head, setting=setting,
-                   budget=budget, layers=layers, notes=notes)
+                   batches=batch_layout(recipe), budget=budget, layers=layers, notes=notes)
 
 
 def choose_dtype(setting: str, device: Device) -> str:
@@ -191,6 +200,19 @@ def attention_implementation(recipe: Recipe, family: Family | None) -> str:
     if recipe.model.attn_implementation != "auto":
         return recipe.model.attn_implementation
     return family.attention if family is not None else "sdpa"
+
+
+def batch_layout(recipe: Recipe) -> str:
+    """How SFT lays out a batch (BATCH_LAYOUTS): packed with sft.packing; else padding-free with
+    sft.padding_free, auto: when a batch holds several rows (one row has no padding to drop);
+    padded otherwise and in the other workflows."""
+    sft = recipe.sft
+    if recipe.workflow != "sft":
+        return "padded"
+    if sft.packing:
+        return "packed"
+    several = recipe.training.batch_size > 1
+    return "padding-free" if sft.padding_free is True or (sft.padding_free == "auto" and several) else "padded"
 
 
 def lora_targets(recipe: Recipe, family: Family | None) -> list[str] | str:

@@ -185,13 +185,30 @@ class KernelsSection(_Section):
 class SFTSection(_Section):
     """Options of the sft workflow (TRL's SFTTrainer)."""
 
-    packing: bool = Field(False, description="Pack several examples into each max_length sequence.")
+    padding_free: bool | Literal["auto"] = Field(
+        "auto",
+        description="Lay each batch's rows end to end in one sequence, with no padding (TRL's padding_free); rows "
+        "never attend to each other and positions restart at each row. auto: on when a batch holds several rows. "
+        "false: pad every row to the batch's longest.",
+    )
+    packing: bool = Field(
+        False,
+        description="Pack whole rows into sequences of data.max_length (TRL's packing, best-fit decreasing; padding-"
+        "free); training.batch_size then counts packed sequences, not rows.",
+    )
     completion_only_loss: bool | None = Field(
         None, description="Loss on the completion only (prompt/completion data); default: yes for such data."
     )
     assistant_only_loss: bool = Field(
         False, description="Loss on the assistant turns only (messages data; needs generation markers in the template)."
     )
+
+    @model_validator(mode="after")
+    def _packing_is_padding_free(self) -> SFTSection:
+        if self.packing and self.padding_free is False:
+            raise ValueError("packing lays the packed rows end to end without padding: set padding_free to auto "
+                             "(or true), or packing to false")
+        return self
 
 
 class DPOSection(_Section):

@@ -123,3 +123,42 @@ def test_the_collator_ignores_each_rows_first_label():
     assert (packed["labels"][0, starts] == -100).all()
     assert (packed["labels"] != -100).sum() == sum(LENGTHS) - len(LENGTHS)
     assert packed["position_ids"][0].tolist() == [p for n in LENGTHS for p in range(n)]
+
+
+def _sft_recipe(tmp_path, **sft):
+    raw = {"model": {"preset": "tiny-llama", "tokenizer": str(REPO / "data/quickstart/tokenizer"), "dtype": "float32"},
+           "quantization": {"method": "none"}, "checkpointing": {"mode": "unsloth"},
+           "kernels": dict.fromkeys(KERNELS, False), "sft": sft,
+           "data": {"source": str(REPO / "data/quickstart/sft.jsonl"), "max_length": 12, "limit": 6},
+           "training": {"batch_size": 3, "output_dir": str(tmp_path / "run")}}
+    return validate_recipe(raw, base_dir=REPO)
+
+
+@pytest.mark.parametrize("sft,layout", [({}, "padding-free"), ({"padding_free": False}, "padded"),
+                                         ({"packing": True}, "packed")])
+def test_sfts_batches_are_padding_free_unless_the_recipe_says_otherwise(tmp_path, sft, layout):
+    from ftune.data import load_training_data
+    from ftune.workflows.sft import make_trainer
+
+    recipe = _sft_recipe(tmp_path, **sft)
+    built = build_model(recipe, torch.device("cpu"))
+    assert built.plan.batches == layout and f"{layout} batches" in built.plan.describe()
+    dataset, _ = load_training_data(recipe)
+    trainer = make_trainer(recipe, built, dataset, callbacks=[])
+    batch = next(iter(trainer.get_train_dataloader()))
+    if layout == "padded":
+        assert "attention_mask" in batch and "position_ids" not in batch
+        return
+    assert "attention_mask" not in batch and batch["input_ids"].shape[0] == 1
+    lengths = batch["cu_seq_lens_q"].diff()
+    # three rows end to end, or three packed sequences of whole rows; the quickstart's rows are longer
+    # than 12 tokens: cut to max_length by ftune (padding-free) or by TRL's packing
+    assert len(lengths) == 3 if layout == "padding-free" else len(lengths) >= 3
+    assert max(lengths) == recipe.data.max_length
+    assert batch["position_ids"][0].tolist() == [p for n in lengths.tolist() for p in range(n)]
+
+
+def test_packing_without_padding_free_is_refused():
+    with pytest.raises(Exception, match="packing lays the packed rows end to end"):
+        validate_recipe({"model": {"preset": "tiny-llama", "tokenizer": "(none)"}, "data": {"source": "(none)"},
+                         "sft": {"packing": True, "padding_free": False}}, base_dir=REPO, check_paths=False)
