@@ -44,7 +44,7 @@ def test_exact_parts_of_the_8b_shape():
     # parked beside each input: the residual after attention, attention's output, its log-sum-exp
     assert parts.parked_host == 32 * 8192 * (2 * 4096 * 2 + 32 * 4)
     assert parts.required_host == parts.checkpoints_host + parts.embedding_host
-    # an H200 process at 8192 tokens pinned 8.02 GiB (benchmarks/results/engine-h200-parked.json)
+    # an H200 process at 8192 tokens pinned 8.02 GiB (benchmarks/results/h200/2026-11-26-engine-parked.json)
     assert abs(parts.host / GiB / 8.02 - 1) < 0.01
     assert parts.lora_parameters == 41_943_040 * 4
 
@@ -95,7 +95,7 @@ def test_estimate_vram_json(monkeypatch, capsys):
     data = json.loads(out)
     modes = {m["mode"]: m for m in data["modes"]}
     assert set(modes) == {"none", "true", "unsloth"}
-    # measured 5.46 GiB with AdamW's fp32 states (H200, engine-h200-lm-head.json); the recipe's
+    # measured 5.46 GiB with AdamW's fp32 states (H200, h200/2026-11-26-engine-lm-head.json); the recipe's
     # 8-bit AdamW keeps 0.23 GiB less
     assert abs(modes["unsloth"]["peak"] / GiB - (5.46 - 0.23)) < 0.3
     assert modes["unsloth"]["longest_seq"] > modes["true"]["longest_seq"] > modes["none"]["longest_seq"]

@@ -66,16 +66,13 @@ FORWARD_WITH_HEAD = (5.1, 0.184 * GiB)
 # Offloaded layers that park their attention half (ftune/engine/attention.py) add two hidden-state
 # tensors to the forward (the layer output is a new tensor beside the parked residual, and
 # attention's output waits for its copy to host memory) and none to the backward's busiest moment.
-# Fitted on an H200 (2026-11-26, grid-parked-residual-freed-h200.json; the 8B and Qwen2.5-7B
+# Fitted on an H200 (2026-11-26, h200/2026-11-26-grid-parked-residual-freed.json; the 8B and Qwen2.5-7B
 # shapes, batch 1, 2048-32768 tokens): every cell within 2.7%.
 PARKED_EXTRA_HIDDEN = {"working_set": 0.0, "forward_with_head": 2.0}
-# With the adapters inside the 4-bit base GEMMs (ftune/kernels/lora_augmented.py), the forward's
-# gate and up weights are dequantized together into one matrix, where bitsandbytes held one at a
-# time: one MLP weight more (112 MiB for the 8B shape) beside the fetched LM head. The 8B shape's
-# 8192-token peak went from 5.59 to 5.80 GiB (H100, engine-h100-augmented-lora.json); its
-# backward-bound peaks barely moved (5.93 to 6.12 GiB at 16384, 21.08 to 21.16 at 150,528).
-# Holding both MLP matrices through a layer's forward chunks (`matrices_once`) left the peaks where
-# they were: 5.80 and 6.12 GiB again (H100, engine-h100-down-matrix-first.json).
+# With the adapters inside the 4-bit base GEMMs (ftune/kernels/lora.py), the forward dequantizes
+# gate and up together into one matrix: one MLP weight more (112 MiB for the 8B shape) beside the
+# fetched LM head. It sets the 8B shape's peak at 8192 tokens (5.80 GiB on an H100 and an H200);
+# the backward-bound peaks at longer sequences do not see it (docs/benchmarks.md).
 AUGMENTED_MLP_TARGETS = {"gate_proj", "up_proj", "down_proj"}
 # Without the fused loss, transformers' loss holds the logits in bf16, their fp32 copy and the fp32
 # gradient: 11.2 bytes per logit (ftune true with and without kernels: +2.5 / 10.8 / 22.1 GiB at
