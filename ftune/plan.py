@@ -163,7 +163,7 @@ def resolve(recipe: Recipe, device: Device, *, mode: str | None = None, config: 
         lora_r=recipe.lora.r, lora_targets=_projections(targets), lora_parameters=tuple(parameters),
         fused_loss=fused_loss,
         host_embeddings=host_embeddings, host_lm_head=not sharded_by_fsdp(recipe, device.ranks),
-        optimizer=recipe.training.optimizer,
+        optimizer=recipe.training.optimizer, **workflow_phases(recipe),
     )
     budget, layers, notes = None, None, expert_notes(recipe, family, parameters, dtype)
     if mode == "smart":
@@ -213,6 +213,24 @@ def batch_layout(recipe: Recipe) -> str:
         return "packed"
     several = recipe.training.batch_size > 1
     return "padding-free" if sft.padding_free is True or (sft.padding_free == "auto" and several) else "padded"
+
+
+def workflow_phases(recipe: Recipe) -> dict:
+    """The memory model's view of what DPO and GRPO add to a step (TRL 1.16's trainers): DPO trains
+    each example as two rows (chosen and rejected) after a reference pass over them; GRPO generates
+    training.batch_size x steps_per_generation completions at once (its generation batch), trains on
+    rows of prompt (data.max_length) and completion, and runs a forward without gradients first
+    with beta > 0 (the reference) or when a generation serves steps of another optimizer step (the
+    old log-probabilities: grad_accum not a multiple of steps_per_generation)."""
+    if recipe.workflow == "dpo":
+        return {"rows_per_example": 2, "reference_pass": True}
+    if recipe.workflow != "grpo":
+        return {}
+    grpo, training = recipe.grpo, recipe.training
+    steps = grpo.steps_per_generation or training.grad_accum
+    return {"completion": grpo.max_completion_length, "generation_steps": steps,
+            "generation_cache": "paged" if grpo.paged_generation else grpo.cache_implementation,
+            "top_p": grpo.top_p, "reference_pass": grpo.beta > 0 or training.grad_accum % steps != 0}
 
 
 def lora_targets(recipe: Recipe, family: Family | None) -> list[str] | str:

@@ -12,7 +12,7 @@ from rich.table import Table
 
 from ftune.cli.app import app, parse_vram
 from ftune.errors import RecipeError
-from ftune.memory.estimate import (RESERVED_OVER_ALLOCATED, Estimate, Shape, allocatable, estimate, largest_batch,
+from ftune.memory.estimate import (RESERVED_OVER_ALLOCATED, Estimate, Setting, Shape, allocatable, estimate, largest_batch,
                                    longest_sequence)
 from ftune.memory.policy import NoPlanFits
 from ftune.memory.units import format_bytes
@@ -26,6 +26,7 @@ ROWS = [
     ("16-bit modules", "weights_16bit"), ("LoRA parameters", "lora_parameters"), ("LoRA gradients", "lora_gradients"),
     ("optimizer states", "optimizer_states"), ("checkpoints on the GPU", "checkpoints_gpu"),
     ("busiest layer / loss working set", "working_set"), ("beyond it: logits, or fetched LM head", "loss"),
+    ("beyond training: generation", "generation"), ("beyond training: no-grad pass", "reference"),
 ]
 
 
@@ -74,7 +75,7 @@ def estimate_vram(
             row["largest_batch"] = largest_batch(shape, setting, usable)
         results.append((row, parts))
     report = {"model": recipe.model.preset or recipe.model.name_or_path, "shape": shape.__dict__,
-              "seq": seq, "batch": batch,
+              "seq": seq, "batch": batch, "workflow": _workflow_line(setting),
               "vram": budget, "modes": [row for row, _ in results], "smart": None}
     if budget is not None:
         try:
@@ -87,8 +88,24 @@ def estimate_vram(
         typer.echo(json.dumps(report, indent=2))
         return
     _print_table(report, results, budget)
+    if report["workflow"]:
+        Console().print(report["workflow"])
     if report["smart"] is not None:
         Console().print(report["smart"]["text"])
+
+
+def _workflow_line(setting: Setting) -> str | None:
+    """What a DPO or GRPO step runs besides the training forward, in the sizes the estimate counts."""
+    parts = []
+    if setting.generations:
+        parts.append(f"generation of {setting.generations} sequences x ({setting.seq} prompt + {setting.completion} "
+                     f"completion) tokens at once, {setting.generation_cache} cache")
+    if setting.reference_pass:
+        parts.append("a forward without gradients over the training rows")
+    if not parts:
+        return None
+    rows = setting.batch * setting.rows_per_example
+    return f"{'; '.join(parts)}; training on {rows} rows x {setting.seq + setting.completion} tokens"
 
 
 def _print_table(report: dict, results: list[tuple[dict, Estimate]], budget: int | None) -> None:
@@ -103,6 +120,8 @@ def _print_table(report: dict, results: list[tuple[dict, Estimate]], budget: int
         if any(values):
             table.add_row(label, *[format_bytes(v) for v in values])
     table.add_row("[bold]peak", *[f"[bold]{format_bytes(parts.peak)}" for _, parts in results])
+    if any(parts.kv_cache for _, parts in results):
+        table.add_row("  generation's KV cache", *[format_bytes(parts.kv_cache) for _, parts in results])
     table.add_row("host memory (offload)", *[format_bytes(parts.required_host) for _, parts in results])
     if any(parts.parked_host for _, parts in results):
         table.add_row("  + parked attention, if room", *[format_bytes(parts.parked_host) for _, parts in results])

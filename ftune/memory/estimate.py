@@ -27,11 +27,20 @@ those of the routed rows (tokens x experts per token). What the block saves for 
 counted on CPU with saved-tensor hooks (transformers 5.17's grouped_mm experts): moe_saved_bytes
 is within 1% of it, experts adapted or not (tests/test_estimate.py). What its backward adds, and
 the peaks of these shapes, are not measured on a GPU yet.
+
+DPO and GRPO train on more rows than their examples (DPO: chosen and rejected, concatenated; GRPO:
+each prompt with its completion) and add phases of their own to a step, each counted as the loss's
+phase is, by what it needs beyond the training's busiest moment: GRPO's generation (the KV cache of
+its generation batch, the prefill, the sampling's logits) and a forward without gradients over the
+training rows (DPO's reference pass; GRPO's with beta > 0, the adapter off). Both are counted from
+the shape and TRL 1.16's and transformers 5.17's code (GRPOTrainer._generate_single_turn, DynamicCache),
+not yet measured on a GPU.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
+from math import ceil
 from typing import Any
 
 import psutil
@@ -97,6 +106,25 @@ ROUTING_BYTES_PER_ROUTED_ROW = 43
 # The load-balancing loss keeps each layer's router logits (16-bit, returned by the layer) and
 # their softmax (saved for the loss's backward) until the backward of the loss
 AUX_LOSS_BYTES_PER_EXPERT = 2 * BF16
+# Generation (TRL's GRPOTrainer generates its whole generation batch in one `generate` call): the KV
+# cache holds, per token of every sequence, each layer's key and value in the model's dtype
+# (transformers' DynamicCache: one [sequences, kv_heads, tokens, head_dim] tensor of each per layer).
+# It grows by torch.cat, so one layer's keys exist twice for a moment; a static cache holds its whole
+# size from the prefill on; the offloaded cache keeps it in host memory, with the layer that runs
+# and the one being fetched on the GPU.
+OFFLOADED_CACHE_LAYERS_ON_GPU = 2
+# Sampling a token keeps, per sequence and vocabulary entry of the last position: the model's 16-bit
+# logits, their fp32 copy, the processors' scores and the probabilities (transformers' _sample)...
+SAMPLING_BYTES_PER_LOGIT = 2 + 4 + 4 + 4
+# ... and top_p sorts the scores: the sorted values, their int64 order and their running sum
+TOP_P_BYTES_PER_LOGIT = 4 + 8 + 4
+# TRL's paged (continuous-batching) generation: ftune sizes transformers' pool of KV blocks to the
+# generation batch (grpo.paged_generation) and lets a forward take this many tokens at once
+PAGED_BLOCK_TOKENS = 256
+PAGED_BATCH_TOKENS = 2048
+# TRL's fused LM head (trl/kernels/chunked_logprob.py) projects tiles of 4096 tokens by this many
+# vocabulary entries, in fp32, instead of the logits
+TRL_HEAD_TILE = (4096, 4096)
 # (model_type, hidden, layers) of the shapes the grid measured: Llama-3.1-8B and Qwen2.5-7B
 MEASURED_SHAPES = {("llama", 4096, 32), ("qwen2", 3584, 28)}
 
@@ -201,6 +229,30 @@ class Setting:
     # ... of this much host memory (None: this machine's)
     host_memory: int | None = None
     optimizer: str = "adamw_torch"
+    # The rows each example trains as: DPO's chosen and rejected, which TRL's DPOTrainer concatenates
+    rows_per_example: int = 1
+    # GRPO: tokens generated after each prompt of `seq` tokens (a training row holds both) ...
+    completion: int = 0
+    # ... for this many batches at once (TRL's steps_per_generation: its generation batch is batch x
+    # generation_steps sequences); 0: the step generates nothing
+    generation_steps: int = 0
+    # transformers' KV cache: dynamic (grows), static (whole from the prefill), offloaded (in host
+    # memory, a layer at a time on the GPU), paged (TRL's continuous batching, blocks)
+    generation_cache: str = "dynamic"
+    top_p: float = 1.0
+    # A forward without gradients over the training rows before the training forward: DPO's
+    # reference, GRPO's reference (beta > 0) or its old log-probabilities
+    reference_pass: bool = False
+
+    @property
+    def training_tokens(self) -> int:
+        """Tokens of the training forward: batch x rows per example x (prompt or row + completion)."""
+        return self.batch * self.rows_per_example * (self.seq + self.completion)
+
+    @property
+    def generations(self) -> int:
+        """Sequences generated at once (TRL's generation_batch_size)."""
+        return self.batch * self.generation_steps
 
 
 @dataclass
@@ -216,6 +268,12 @@ class Estimate:
     checkpoints_gpu: int = 0
     working_set: int = 0
     loss: int = 0
+    # What GRPO's generation and the forward without gradients (DPO's reference pass) need beyond
+    # the training's busiest moment (zero when less): phases of the step, as `loss` is
+    generation: int = 0
+    reference: int = 0
+    # The generation's KV cache on the GPU at its fullest, part of `generation`'s phase (for the table)
+    kv_cache: int = 0
     checkpoints_host: int = 0
     embedding_host: int = 0
     # What offloaded layers park beside their input when host memory has room for it (the residual
@@ -225,7 +283,7 @@ class Estimate:
     notes: list[str] = field(default_factory=list)
 
     GPU_PARTS = ("quantized_weights", "quant_constants", "weights_16bit", "lora_parameters", "lora_gradients",
-                 "optimizer_states", "checkpoints_gpu", "working_set", "loss")
+                 "optimizer_states", "checkpoints_gpu", "working_set", "loss", "generation", "reference")
 
     @property
     def peak(self) -> int:
@@ -251,7 +309,7 @@ def estimate(shape: Shape, setting: Setting) -> Estimate:
     """Predicted peak allocated VRAM of one training step (and the host memory it uses)."""
     check_setting(setting)
     result = Estimate()
-    tokens = setting.batch * setting.seq
+    tokens = setting.training_tokens
     hidden_tensor = tokens * shape.hidden * BF16
     linear = sum(i * o for i, o in shape.projections().values()) * shape.layers
     # a mixture of experts' experts and router: parameters, which 4-bit loading leaves in 16 bits
@@ -271,7 +329,7 @@ def estimate(shape: Shape, setting: Setting) -> Estimate:
     norms = (2 * shape.layers + 1) * shape.hidden * BF16
     biases = (shape.heads + 2 * shape.kv_heads) * shape.head_dim * BF16 * shape.layers if shape.qkv_bias else 0
     host_embedding = setting.host_embeddings and not shape.tied
-    host_head = host_embedding and setting.host_lm_head and setting.fused_loss
+    host_head = lm_head_fetched(shape, setting)
     result.weights_16bit += norms + biases + (0 if host_head or shape.tied else embedding) + \
         (0 if host_embedding else embedding)
     result.embedding_host = (2 if host_head else 1) * embedding if host_embedding else 0
@@ -316,6 +374,11 @@ def estimate(shape: Shape, setting: Setting) -> Estimate:
         if setting.quantized and AUGMENTED_MLP_TARGETS <= set(setting.lora_targets):
             forward_with_head += shape.intermediate * shape.hidden * BF16
         result.loss = max(0, forward_with_head - result.working_set)
+    settle_phases(shape, setting, result)
+    if setting.generations or setting.reference_pass:
+        result.calibrated = False
+        result.notes.append("the generation and the reference pass are counted from the shape and TRL's code, "
+                            "not yet measured on a GPU")
     measured_shape = (shape.model_type, shape.hidden, shape.layers) in MEASURED_SHAPES
     if not measured_shape or setting.batch > 4 or tokens > 4 * 32768 or not setting.fused_loss:
         result.calibrated = False
@@ -329,10 +392,106 @@ def estimate(shape: Shape, setting: Setting) -> Estimate:
 
 def check_setting(setting: Setting) -> None:
     """A ValueError for sizes no step can have (a negative batch would give a negative peak)."""
-    for name in ("seq", "batch", "lora_r"):
+    for name in ("seq", "batch", "lora_r", "rows_per_example"):
         value = getattr(setting, name)
         if not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be a positive whole number, not {value!r}")
+    for name in ("completion", "generation_steps"):
+        value = getattr(setting, name)
+        if not isinstance(value, int) or value < 0:
+            raise ValueError(f"{name} must be a whole number of at least 0, not {value!r}")
+    if setting.generation_cache not in GENERATION_CACHES:
+        raise ValueError(f"generation_cache is one of {', '.join(GENERATION_CACHES)}, not {setting.generation_cache!r}")
+
+
+GENERATION_CACHES = ("dynamic", "static", "offloaded", "paged")
+
+
+def lm_head_fetched(shape: Shape, setting: Setting) -> bool:
+    """Whether the LM head lives in host memory and is fetched to the GPU for each forward (and kept
+    through generation and forwards without gradients: ftune.engine.host_memory.HostLMHead)."""
+    return setting.host_embeddings and not shape.tied and setting.host_lm_head and setting.fused_loss
+
+
+def settle_phases(shape: Shape, setting: Setting, result: Estimate) -> None:
+    """Generation and the forward without gradients as phases of the step: what each needs beyond
+    the training's busiest moment (its gradients, checkpoints, working set and loss), zero when less.
+    Both see the weights and optimizer states; the LoRA gradients do not exist yet (the optimizer
+    sets them to None) and the fetched LM head stays on the GPU from generation to the training's
+    backward. Called again when the checkpoints change (ftune.memory.policy.plan_peak)."""
+    training = result.lora_gradients + result.checkpoints_gpu + result.working_set + result.loss
+    head = shape.vocab * shape.hidden * BF16 if lm_head_fetched(shape, setting) else 0
+    generation = head + generation_bytes(shape, setting) if setting.generations else 0
+    reference = 0
+    if setting.reference_pass:
+        reference = head + no_grad_forward_bytes(shape, setting.training_tokens, setting.quantized) + \
+            trl_head_bytes(setting.training_tokens)
+    result.kv_cache = kv_cache_on_gpu(shape, setting) if setting.generations else 0
+    result.generation = max(0, generation - training)
+    result.reference = max(0, reference - training - result.generation)
+
+
+def kv_cache_bytes(shape: Shape, tokens: int) -> int:
+    """The keys and values of `tokens` tokens in every layer (16-bit)."""
+    return tokens * shape.layers * 2 * shape.kv_heads * shape.head_dim * BF16
+
+
+def cache_tokens(setting: Setting) -> int:
+    """Tokens the KV cache holds at its fullest: every sequence's prompt and completion (the paged
+    pool: whole blocks per sequence)."""
+    length = setting.seq + setting.completion
+    if setting.generation_cache == "paged":
+        length = ceil(length / PAGED_BLOCK_TOKENS) * PAGED_BLOCK_TOKENS
+    return setting.generations * length
+
+
+def kv_cache_on_gpu(shape: Shape, setting: Setting) -> int:
+    """The generation's KV cache on the GPU at its fullest."""
+    full = kv_cache_bytes(shape, cache_tokens(setting))
+    if setting.generation_cache == "offloaded":
+        return full * OFFLOADED_CACHE_LAYERS_ON_GPU // shape.layers
+    return full
+
+
+def generation_bytes(shape: Shape, setting: Setting) -> int:
+    """What generating the generation batch holds at its busiest, the LM head aside: the prefill
+    (the prompts' forward beside their cache, or the whole static or paged cache) or the last token
+    (the full cache, a layer's keys twice while the dynamic cache grows, and the sampling's logits)."""
+    sequences, cache = setting.generations, setting.generation_cache
+    full = kv_cache_on_gpu(shape, setting)
+    prefill_tokens = sequences * setting.seq
+    if cache == "paged":  # transformers' forward takes PAGED_BATCH_TOKENS, its logits in fp32 (its own count)
+        prefill_tokens = min(prefill_tokens, PAGED_BATCH_TOKENS)
+        at_prefill = full + no_grad_forward_bytes(shape, prefill_tokens, setting.quantized) + \
+            prefill_tokens * shape.vocab * 4
+    else:
+        prompts_cache = full if cache == "static" else kv_cache_on_gpu(shape, replace(setting, completion=0))
+        at_prefill = prompts_cache + no_grad_forward_bytes(shape, prefill_tokens, setting.quantized)
+    growing = kv_cache_bytes(shape, cache_tokens(setting)) // (2 * shape.layers) if cache == "dynamic" else 0
+    per_logit = SAMPLING_BYTES_PER_LOGIT + (TOP_P_BYTES_PER_LOGIT if setting.top_p < 1 else 0)
+    at_last_token = full + growing + sequences * shape.vocab * per_logit
+    return max(at_prefill, at_last_token)
+
+
+def no_grad_forward_bytes(shape: Shape, tokens: int, quantized: bool) -> int:
+    """A decoder layer's busiest moment in a forward without gradients (the prefill, a reference
+    pass; the engine stands aside): the residual stream and the normed input beside the MLP's gate,
+    up and product (a MoE block's routed rows), or attention's query, key, value and output where
+    larger; and with 4-bit weights gate and up dequantized together for the GEMM."""
+    q, kv = shape.heads * shape.head_dim, shape.kv_heads * shape.head_dim
+    if shape.experts:
+        mlp = tokens * (shape.experts_per_token * 3 * shape.expert_intermediate + shape.hidden)
+    else:
+        mlp = tokens * 3 * shape.intermediate
+    attention = tokens * (2 * q + 2 * kv + shape.hidden)
+    dequantized = 2 * shape.intermediate * shape.hidden if quantized else 0
+    return BF16 * (2 * tokens * shape.hidden + max(mlp, attention) + dequantized)
+
+
+def trl_head_bytes(tokens: int) -> int:
+    """TRL's fused LM head (fused_lm_head=True): one fp32 tile of logits and the per-token log-probs."""
+    rows, columns = TRL_HEAD_TILE
+    return min(tokens, rows) * columns * 4 + tokens * 4
 
 
 def parks(tokens: int, step_bytes: int, host_memory: int | None = None) -> bool:
@@ -410,8 +569,7 @@ def longest_sequence(shape: Shape, setting: Setting, budget: int, *, step: int =
     low, high = 0, limit // step
     while low < high:
         middle = (low + high + 1) // 2
-        trial = Setting(**{**asdict(setting), "seq": middle * step})
-        if estimate(shape, trial).peak <= budget:
+        if estimate(shape, replace(setting, seq=middle * step)).peak <= budget:
             low = middle
         else:
             high = middle - 1
@@ -420,7 +578,7 @@ def longest_sequence(shape: Shape, setting: Setting, budget: int, *, step: int =
 
 def largest_batch(shape: Shape, setting: Setting, budget: int, *, limit: int = 1024) -> int:
     batch = 0
-    while batch < limit and estimate(shape, Setting(**{**asdict(setting), "batch": batch + 1})).peak <= budget:
+    while batch < limit and estimate(shape, replace(setting, batch=batch + 1)).peak <= budget:
         batch += 1
     return batch
 

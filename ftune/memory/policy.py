@@ -12,6 +12,10 @@ with the input on the GPU only where host RAM runs out, or where the host link i
 its copies to hide behind a layer's compute. The kept layers are the last ones: their activations
 are the first the backward needs.
 
+GRPO's generation and DPO's reference pass are phases of the step (memory/estimate.settle_phases):
+a plan fits when the larger of them and the training fits, so a generation that needs more than the
+training leaves room for kept layers.
+
 The input-embedding table goes to host RAM (1 GiB for the 8B shape) only when the budget needs
 it: when every layer is kept anyway, the table stays on the GPU, where its lookup costs nothing
 (measured on an H100 at 8192 tokens: all layers kept, 11,753 tok/s with the table in host RAM
@@ -24,7 +28,7 @@ from dataclasses import dataclass, replace
 from enum import Enum
 
 from ftune.memory.estimate import (Estimate, Setting, Shape, aux_loss_bytes, estimate, keep_bytes_per_layer,
-                                   longest_sequence)
+                                   longest_sequence, settle_phases)
 from ftune.memory.units import format_bytes
 
 
@@ -76,7 +80,7 @@ def plan_peak(shape: Shape, setting: Setting, keep: int, recompute: int) -> Esti
     """The estimate of a plan with `keep` kept, `recompute` recomputed and the rest offloaded layers."""
     offload = shape.layers - keep - recompute
     base = estimate(shape, replace(setting, mode="unsloth" if offload else "true"))
-    tokens = setting.batch * setting.seq
+    tokens = setting.training_tokens
     hidden_tensor = tokens * shape.hidden * 2
     # keep_bytes_per_layer is fitted to mode none's grid (within 1%); a plan's predicted peak came out
     # 1-5% above the measured one at budgets 16-80 GiB, so it needs no further margin
@@ -84,6 +88,8 @@ def plan_peak(shape: Shape, setting: Setting, keep: int, recompute: int) -> Esti
         recompute * hidden_tensor + aux_loss_bytes(shape, tokens)
     base.checkpoints_host = offload * hidden_tensor
     base.parked_host = base.parked_host * offload // shape.layers  # where the step parks at all
+    # kept layers raise the training's peak, which generation and a reference pass may stay below
+    settle_phases(shape, setting, base)
     return base
 
 
@@ -104,7 +110,7 @@ def plan_smart(shape: Shape, setting: Setting, budget: int, *, host_available: i
             return on_gpu
     layers = shape.layers
     slow_link = link_gbps is not None and link_gbps < FAST_LINK_GBPS
-    tokens = setting.batch * setting.seq
+    tokens = setting.training_tokens
     hidden_tensor = tokens * shape.hidden * 2
     host_layers = layers if host_available is None else min(layers, host_available // max(hidden_tensor, 1))
 
