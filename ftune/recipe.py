@@ -237,7 +237,30 @@ class GRPOSection(_Section):
     num_generations: int = Field(4, ge=2, description="Completions sampled per prompt (the group).")
     max_completion_length: int = Field(64, gt=0, description="Longest completion, in tokens.")
     temperature: float = Field(1.0, gt=0, description="Sampling temperature of the generations.")
+    top_p: float = Field(1.0, gt=0, le=1, description="Sample from the smallest set of tokens whose probabilities "
+                         "sum to top_p (1: every token).")
     beta: float = Field(0.0, ge=0, description="KL penalty towards the reference model (0: none, no reference pass).")
+    steps_per_generation: int | None = Field(
+        None, ge=1,
+        description="Micro-batches (of training.batch_size completions) generated in one call; default "
+        "training.grad_accum, one call per optimizer step. Fewer: a smaller KV cache (memory grows with "
+        "batch_size x steps_per_generation x (data.max_length + max_completion_length)), more, shorter calls.",
+    )
+    cache_implementation: Literal["dynamic", "static", "offloaded"] = Field(
+        "dynamic",
+        description="transformers' KV cache for generation: dynamic grows with the completions; static holds its "
+        "full size from the start; offloaded keeps it in host memory with a layer at a time on the GPU (long "
+        "completions in little VRAM, slower).",
+    )
+    paged_generation: bool = Field(
+        False,
+        description="Generate with transformers' paged, continuous-batching engine (TRL's "
+        "use_transformers_continuous_batching), its pool of KV blocks sized to the generation batch.",
+    )
+    mask_truncated_completions: bool = Field(
+        False, description="Leave completions cut at max_completion_length out of the loss (for long answers that "
+        "a too-short limit would reward as if complete)."
+    )
 
     @field_validator("rewards")
     @classmethod
@@ -704,6 +727,15 @@ def combination_problems(recipe: Recipe, *, check_paths: bool = True, needs_toke
     weights = recipe.grpo.reward_weights
     if weights is not None and len(weights) != len(recipe.grpo.rewards):
         problems.append(("grpo.reward_weights", f"{len(weights)} weights for {len(recipe.grpo.rewards)} rewards"))
+    grpo = recipe.grpo
+    if recipe.workflow == "grpo" and grpo.steps_per_generation is not None \
+            and (training.batch_size * grpo.steps_per_generation) % grpo.num_generations:
+        problems.append(("grpo.steps_per_generation", f"a call generates training.batch_size x steps_per_generation "
+                         f"({training.batch_size} x {grpo.steps_per_generation}) completions, which must be whole "
+                         f"groups of num_generations {grpo.num_generations}"))
+    if grpo.paged_generation and grpo.cache_implementation != "dynamic":
+        problems.append(("grpo.paged_generation", f"the paged engine keeps its own cache: leave "
+                         f"grpo.cache_implementation at dynamic (it is {grpo.cache_implementation})"))
     if recipe.model.adapter is not None and "lora" in recipe.model_fields_set:
         problems.append(("lora", "model.adapter continues an existing adapter, whose own LoRA settings apply"))
     if recipe.sft.assistant_only_loss and recipe.data.format in ("text", "prompt_completion"):

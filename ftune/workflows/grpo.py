@@ -1,7 +1,9 @@
 """Group relative policy optimization on TRL's GRPOTrainer.
 
 Generation runs under no_grad, so the activation-checkpointing engine stands aside and the KV cache works;
-the policy's training forward goes through the engine as in SFT.
+the policy's training forward goes through the engine as in SFT. TRL generates a generation batch
+(training.batch_size x grpo.steps_per_generation completions) in one call, whose KV cache
+`ftune estimate-vram` counts as a phase of the step (ftune.memory.estimate.generation_bytes).
 
 With grpo.beta > 0 the KL term's reference is the policy as training starts: given a PEFT model,
 TRL adds a frozen copy of the adapter named `ref` (trl's grpo_trainer.py), the adapter of
@@ -12,6 +14,7 @@ output folder and its checkpoints, as for DPO; the trained adapter is the folder
 from __future__ import annotations
 
 from collections.abc import Callable
+from math import ceil
 from typing import Any
 
 from datasets import Dataset
@@ -20,6 +23,7 @@ from trl import GRPOConfig, GRPOTrainer
 
 from ftune.checkpoints import AtomicCheckpoints
 from ftune.errors import RecipeError
+from ftune.memory.estimate import PAGED_BATCH_TOKENS, PAGED_BLOCK_TOKENS
 from ftune.model import BuiltModel
 from ftune.recipe import Recipe
 from ftune.workflows.common import finish_trainer, trainer_arguments
@@ -36,10 +40,28 @@ def grpo_config(recipe: Recipe, arguments: dict[str, Any]) -> tuple[GRPOConfig, 
     options = recipe.grpo
     config = GRPOConfig(**arguments, num_generations=options.num_generations,
                         max_completion_length=options.max_completion_length, temperature=options.temperature,
-                        beta=options.beta, reward_weights=options.reward_weights)
+                        top_p=options.top_p, beta=options.beta, reward_weights=options.reward_weights,
+                        steps_per_generation=options.steps_per_generation,
+                        mask_truncated_completions=options.mask_truncated_completions,
+                        cache_implementation=None if options.cache_implementation == "dynamic" else
+                        options.cache_implementation, **paged_generation(recipe))
     rewards = reward_functions(options.rewards, format_pattern=options.format_pattern,
                                max_length=options.max_completion_length)
     return config, rewards
+
+
+def paged_generation(recipe: Recipe) -> dict[str, Any]:
+    """TRL's continuous-batching generation with transformers' pool of KV blocks sized to the
+    generation batch (every sequence's prompt and completion in whole blocks) and a forward of at
+    most PAGED_BATCH_TOKENS tokens: what the memory model counts, where transformers would otherwise
+    take half the free memory (TRL's default) for its pool."""
+    options, training = recipe.grpo, recipe.training
+    if not options.paged_generation:
+        return {}
+    sequences = training.batch_size * (options.steps_per_generation or training.grad_accum)
+    blocks = sequences * ceil((recipe.data.max_length + options.max_completion_length) / PAGED_BLOCK_TOKENS)
+    return {"use_transformers_continuous_batching": True, "transformers_continuous_batching_config": {
+        "block_size": PAGED_BLOCK_TOKENS, "num_blocks": blocks, "max_batch_tokens": PAGED_BATCH_TOKENS}}
 
 
 def make_trainer(recipe: Recipe, built: BuiltModel, dataset: Dataset, callbacks: list[TrainerCallback],
