@@ -1,0 +1,153 @@
+"""The memory model's DPO and GRPO phases: generation's KV cache, the sampling's logits and the
+forward without gradients, against counts by hand and a tiny model's own cache; the grpo keys that
+size them, through to TRL's GRPOConfig."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from types import SimpleNamespace
+
+import pytest
+
+from ftune.errors import RecipeError
+from ftune.memory.estimate import (BF16, GiB, Setting, Shape, estimate, generation_bytes, kv_cache_bytes,
+                                   no_grad_forward_bytes, trl_head_bytes)
+from ftune.memory.policy import NoPlanFits, plan_smart
+from ftune.presets import PRESETS
+from ftune.recipe import load_recipe
+from tests.conftest import REPO
+
+GRPO = REPO / "recipes" / "grpo-quickstart.yaml"
+GRPO_8B = REPO / "recipes" / "grpo-llama3-8b.yaml"
+# A small shape whose sizes all differ: 3 layers, 2 KV heads of 16, hidden 64, vocabulary 1000
+SMALL = Shape(model_type="llama", vocab=1000, hidden=64, intermediate=160, layers=3, heads=4, kv_heads=2,
+              head_dim=16, tied=False)
+
+
+def test_generation_bytes_by_hand():
+    """6 sequences (3 batches of 2) of 10 prompt and 20 completion tokens, dynamic cache, 4-bit."""
+    setting = Setting(seq=10, batch=2, completion=20, generation_steps=3, top_p=0.9)
+    per_token = 3 * 2 * 2 * 16 * 2  # layers x (key, value) x kv_heads x head_dim x 2 bytes
+    assert kv_cache_bytes(SMALL, 1) == per_token == 384
+    full = 6 * 30 * per_token
+    # the last token: the full cache, one layer's keys twice (torch.cat), and per sequence and
+    # vocabulary entry the bf16 logits, fp32 copy, scores, probabilities and top_p's sort
+    logits = 6 * 1000 * (2 + 4 + 4 + 4 + 4 + 8 + 4)
+    # the prefill: the prompts' cache, and 60 tokens through a layer (residual, normed input, gate,
+    # up and product) beside gate and up dequantized
+    forward = 2 * (2 * 60 * 64 + 3 * 60 * 160 + 2 * 160 * 64)
+    prompts = 6 * 10 * per_token
+    assert generation_bytes(SMALL, setting) == max(full + full // 6 + logits, prompts + forward)
+    # static: the whole cache from the prefill on, and it does not grow
+    assert generation_bytes(SMALL, replace(setting, generation_cache="static")) == full + max(forward, logits)
+    # offloaded: two of the three layers' cache on the GPU
+    assert generation_bytes(SMALL, replace(setting, generation_cache="offloaded")) == \
+        max(full * 2 // 3 + logits, prompts * 2 // 3 + forward)
+    # without top_p, no sort
+    assert generation_bytes(SMALL, replace(setting, top_p=1.0)) == full + full // 6 + 6 * 1000 * 14
+
+
+def test_generation_is_a_phase_beside_training():
+    """The peak is the larger of the generation and the training, never their sum."""
+    shape = Shape.from_config(PRESETS["llama-3.1-8b"])
+    sft = Setting(seq=512, batch=8, completion=2048, host_memory=125 * GiB)
+    grpo = replace(sft, generation_steps=4)
+    training, with_generation = estimate(shape, sft), estimate(shape, grpo)
+    assert with_generation.kv_cache == 32 * 2560 * 32 * 2 * 8 * 128 * BF16 == 10 * GiB
+    assert with_generation.peak == training.peak + with_generation.generation
+    # the generation's own phase: weights, optimizer states, the fetched LM head, its cache and the rest
+    resident = training.peak - training.lora_gradients - training.checkpoints_gpu - training.working_set - \
+        training.loss
+    head = 128256 * 4096 * BF16
+    assert with_generation.peak == resident + head + generation_bytes(shape, grpo)
+    # a short completion: the training's busiest moment is the peak, the generation adds nothing
+    short = estimate(shape, replace(grpo, completion=64, seq=32, batch=4, generation_steps=1))
+    assert short.generation == 0 and short.kv_cache > 0
+
+
+def test_dpo_trains_two_rows_after_a_reference_pass():
+    shape = Shape.from_config(PRESETS["llama-3.1-8b"])
+    one = Setting(seq=2048, batch=1, host_memory=125 * GiB)
+    dpo = estimate(shape, replace(one, rows_per_example=2, reference_pass=True))
+    assert dpo.checkpoints_host == 2 * estimate(shape, one).checkpoints_host
+    # the reference pass over the 4096 tokens of both rows, beside the fetched LM head and TRL's
+    # fused head's tile, counts as far as it exceeds the training's busiest moment
+    training = dpo.lora_gradients + dpo.checkpoints_gpu + dpo.working_set + dpo.loss
+    reference = 128256 * 4096 * BF16 + no_grad_forward_bytes(shape, 4096, True) + trl_head_bytes(4096)
+    assert dpo.reference == max(0, reference - training) and dpo.generation == 0
+    assert abs(reference / training - 1) < 0.05  # at 2048 tokens a row the two moments are alike
+
+
+def test_smart_budget_includes_the_generation():
+    shape = Shape.from_config(PRESETS["llama-3.1-8b"])
+    grpo = Setting(seq=512, batch=8, completion=2048, generation_steps=4, host_memory=125 * GiB)
+    plan = plan_smart(shape, grpo, 20 * GiB)
+    assert plan.peak <= 20 * GiB
+    generation_phase = estimate(shape, replace(grpo, mode="unsloth"))
+    with pytest.raises(NoPlanFits):  # the training alone fits, the generation does not
+        plan_smart(shape, grpo, generation_phase.peak - GiB)
+    plan_smart(shape, replace(grpo, generation_steps=0), generation_phase.peak - GiB)
+
+
+def test_kv_cache_of_a_tiny_models_generate_is_the_formula():
+    """transformers' own cache after `generate` (bf16, 3 sequences of 7 prompt and 5 new tokens):
+    every token but the last, whose key and value no forward computed."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.for_model("llama", vocab_size=100, hidden_size=64, intermediate_size=160,
+                                  num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16).eval()
+    prompts = torch.randint(1, 100, (3, 7))
+    out = model.generate(prompts, max_new_tokens=5, min_new_tokens=5, do_sample=True, return_dict_in_generate=True,
+                         pad_token_id=0)
+    cache = out.past_key_values
+    held = sum(layer.keys.nbytes + layer.values.nbytes for layer in cache.layers)
+    assert held == kv_cache_bytes(Shape.from_config(config.to_dict()), 3 * (7 + 5 - 1))
+
+
+def test_grpo_keys_reach_grpo_config(tmp_path):
+    import torch
+
+    from ftune.workflows.common import trainer_arguments
+    from ftune.workflows.grpo import grpo_config
+
+    def config(*overrides):
+        recipe = load_recipe(GRPO, [f"training.output_dir={tmp_path}", *overrides], check_paths=False)
+        built = SimpleNamespace(device=torch.device("cpu"), dtype=torch.float32)
+        return grpo_config(recipe, trainer_arguments(recipe, built))[0]
+
+    chosen = config("grpo.top_p=0.9", "grpo.steps_per_generation=2", "grpo.cache_implementation=offloaded",
+                    "grpo.mask_truncated_completions=true", "grpo.max_completion_length=300")
+    assert (chosen.top_p, chosen.steps_per_generation, chosen.generation_batch_size) == (0.9, 2, 32)
+    assert chosen.cache_implementation == "offloaded" and chosen.mask_truncated_completions
+    assert chosen.max_completion_length == 300 and not chosen.use_transformers_continuous_batching
+    default = config()
+    assert default.cache_implementation is None and default.steps_per_generation == 1  # training.grad_accum
+    paged = config("grpo.paged_generation=true")
+    # 16 sequences of 32 + 16 tokens: one 256-token block each
+    assert paged.use_transformers_continuous_batching
+    assert paged.transformers_continuous_batching_config == {"block_size": 256, "num_blocks": 16,
+                                                              "max_batch_tokens": 2048}
+
+
+@pytest.mark.parametrize("overrides, key", [
+    (["grpo.steps_per_generation=1", "training.batch_size=6"], "grpo.steps_per_generation"),
+    (["grpo.paged_generation=true", "grpo.cache_implementation=static"], "grpo.paged_generation"),
+    (["grpo.top_p=0"], "grpo.top_p"),
+    (["grpo.cache_implementation=quantized"], "grpo.cache_implementation"),
+])
+def test_bad_grpo_values_name_their_key(overrides, key):
+    with pytest.raises(RecipeError) as caught:
+        load_recipe(GRPO, overrides, check_paths=False)
+    assert key in dict(caught.value.problems)
+
+
+def test_estimate_vram_prints_the_generation_phase(monkeypatch, capsys):
+    from tests.test_estimate import run_cli
+
+    code, out, _ = run_cli(monkeypatch, capsys, "estimate-vram", str(GRPO_8B), "--vram", "24GiB", "--mode", "unsloth")
+    assert code in (0, None)
+    assert "beyond training: generation" in out and "KV cache" in out
+    assert "32 sequences x (512 prompt + 2048 completion)" in " ".join(out.split())
