@@ -56,6 +56,7 @@ from ftune.outputs import (
 from ftune.recipe import Recipe
 from ftune.reports import (METRICS_FILE, LiveReporter, is_evaluation, read_metrics, set_metrics_aside,
                            steady_tokens_per_s, truncate_metrics)
+from ftune.workflows.common import tracking_session
 
 
 @dataclass
@@ -97,16 +98,17 @@ def train(recipe: Recipe, *, overwrite: bool = False, console: Console | None = 
         load_optimizer_state_on_cpu_ranks()
     if recipe.training.keep_best:
         callbacks.append(BestCheckpoint(output_dir, recipe.training.save_total_limit))
-    trainer = workflow.make_trainer(recipe, built, data.dataset, callbacks, eval_dataset=data.eval_dataset)
-    trainer.run_seconds_before = run_seconds_before
-    started = time.perf_counter()
-    try:
-        result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
-    except torch.OutOfMemoryError:
-        raise out_of_memory(recipe, trainer.state.global_step, built.device, output_dir) from None
-    finally:
-        reporter.close()
-        stop.restore()
+    with tracking_session(recipe):  # report_to's trackers write under output_dir, offline unless told
+        trainer = workflow.make_trainer(recipe, built, data.dataset, callbacks, eval_dataset=data.eval_dataset)
+        trainer.run_seconds_before = run_seconds_before
+        started = time.perf_counter()
+        try:
+            result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+        except torch.OutOfMemoryError:
+            raise out_of_memory(recipe, trainer.state.global_step, built.device, output_dir) from None
+        finally:
+            reporter.close()
+            stop.restore()
     session_runtime, runtime = time.perf_counter() - started, trainer.run_seconds()
     _raise_if_stopped(trainer, stop, nan_guard, output_dir)
 

@@ -1,12 +1,17 @@
 """What every workflow's trainer shares: TrainingArguments from the recipe, the adapter's dtype, the
-callbacks ftune changes on every trainer TRL builds."""
+callbacks ftune changes on every trainer TRL builds, and the trackers' session around it (report_to)."""
 
 from __future__ import annotations
 
 import importlib.util
+import netrc
 import os
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import torch
 from transformers import Trainer
@@ -87,29 +92,91 @@ def evaluation_arguments(recipe: Recipe) -> dict[str, Any]:
     return arguments
 
 
-_TRACKER_MODULES = {"tensorboard": ("tensorboard", "tensorboardX"), "wandb": ("wandb",), "mlflow": ("mlflow",),
-                    "trackio": ("trackio",)}
+# Each tracker: the modules transformers' integration imports, and the pip package that provides them
+_TRACKER_PACKAGES = {"tensorboard": (("tensorboard", "tensorboardX"), "tensorboard"), "wandb": (("wandb",), "wandb"),
+                     "mlflow": (("mlflow",), "mlflow-skinny"), "trackio": (("trackio",), "trackio")}
+# The project (W&B, Trackio) every run is filed under unless WANDB_PROJECT says otherwise
+TRACKING_PROJECT = "ftune"
 
 
 def tracking_arguments(recipe: Recipe) -> dict[str, Any]:
-    """transformers' own integrations for training.report_to, each writing locally unless told otherwise:
-    TensorBoard's event files (see integrations.transformers_trainer.run_trackers_last) and MLflow's store in the run's folder, W&B's
-    files there too (WANDB_MODE=offline keeps them off the network), Trackio's in its local database."""
+    """transformers' own integrations for training.report_to, the run named after the recipe (or its
+    output folder). Where each one writes is tracking_session's."""
     trackers = list(dict.fromkeys(recipe.training.report_to))
     if not trackers:
         return {"report_to": "none"}
-    missing = [name for name in trackers if not any(importlib.util.find_spec(m) for m in _TRACKER_MODULES[name])]
+    missing = [name for name in trackers
+               if not any(importlib.util.find_spec(module) for module in _TRACKER_PACKAGES[name][0])]
     if missing:
+        packages = " ".join(_TRACKER_PACKAGES[name][1] for name in missing)
         raise RecipeError(f"training.report_to: {', '.join(missing)} needs its package, which is not installed.",
-                          hint=f"pip install {' '.join(_TRACKER_MODULES[name][0] for name in missing)}")
+                          hint=f"pip install {packages} (or pip install 'ftune[tracking]' for every tracker)")
+    output_dir = Path(recipe.training.output_dir)
+    return {"report_to": trackers, "run_name": recipe.name or output_dir.resolve().name, "project": TRACKING_PROJECT}
+
+
+@contextmanager
+def tracking_session(recipe: Recipe) -> Iterator[dict[str, str]]:
+    """Around a run's trainer, from its making to the end of training: the environment that keeps
+    training.report_to's trackers local, each writing under the run's output folder and reaching
+    no network unless the user's environment says otherwise (a variable the user set always wins).
+
+    - wandb: `OUTPUT_DIR/wandb`, offline unless WANDB_MODE is set or W&B holds credentials
+      (WANDB_API_KEY, or the ~/.netrc entry `wandb login` writes): a logged-in user's run goes
+      online as W&B's own would; a fresh machine's never waits on the network (`wandb sync` uploads
+      it later). transformers leaves the W&B run open after training; it is finished here, so that
+      its files are whole and a next run in the process starts its own.
+    - mlflow: a file store in `OUTPUT_DIR/mlruns` unless MLFLOW_TRACKING_URI is set, the experiment
+      named after the run. Reading it needs MLFLOW_ALLOW_FILE_STORE=true too (MLflow 3 asks for it).
+    - trackio: its database in `OUTPUT_DIR/trackio` unless TRACKIO_DIR is set. Trackio reads the
+      folder once, when first imported: a second run in the same process writes into the first's.
+
+    The environment is restored afterwards. Yields the variables it set.
+    """
+    trackers = set(recipe.training.report_to)
     output_dir = Path(recipe.training.output_dir).resolve()
-    if "mlflow" in trackers:
-        os.environ.setdefault("MLFLOW_TRACKING_URI", (output_dir / "mlruns").as_uri())
-        os.environ.setdefault("MLFLOW_EXPERIMENT_NAME", recipe.name or output_dir.name)
+    defaults: dict[str, str] = {}
     if "wandb" in trackers:
-        os.environ.setdefault("WANDB_DIR", str(output_dir))
-        os.environ.setdefault("WANDB_PROJECT", "ftune")
-    return {"report_to": trackers, "run_name": recipe.name or output_dir.name}
+        defaults.update(WANDB_DIR=str(output_dir), WANDB_PROJECT=TRACKING_PROJECT)
+        if not _wandb_has_credentials():
+            defaults["WANDB_MODE"] = "offline"
+    if "mlflow" in trackers:
+        defaults["MLFLOW_EXPERIMENT_NAME"] = recipe.name or output_dir.name
+        if "MLFLOW_TRACKING_URI" not in os.environ:
+            # MLflow 3 keeps its file store for those who opt in. Its SQLite store needs SQLAlchemy
+            # and Alembic beyond mlflow-skinny, and puts artifacts in ./mlruns of the working folder.
+            defaults.update(MLFLOW_TRACKING_URI=(output_dir / "mlruns").as_uri(), MLFLOW_ALLOW_FILE_STORE="true")
+    if "trackio" in trackers:
+        defaults["TRACKIO_DIR"] = str(output_dir / "trackio")
+    chosen = {name: value for name, value in defaults.items() if name not in os.environ}
+    os.environ.update(chosen)
+    wandb_run_before = sys.modules["wandb"].run if "wandb" in sys.modules else None
+    failed = True
+    try:
+        yield chosen
+        failed = False
+    finally:
+        wandb = sys.modules.get("wandb")
+        if wandb is not None and wandb.run is not None and wandb.run is not wandb_run_before:
+            wandb.finish(exit_code=1 if failed else 0)
+        for name in chosen:
+            os.environ.pop(name, None)
+        if "MLFLOW_TRACKING_URI" in chosen and "mlflow" in sys.modules:
+            # MLflow keeps the URI it was given for the process: the next run sets its own
+            sys.modules["mlflow"].set_tracking_uri(None)
+
+
+def _wandb_has_credentials() -> bool:
+    """Whether W&B would find credentials without asking: in the environment, or in the .netrc
+    entry for its host (WANDB_BASE_URL, by default api.wandb.ai) that `wandb login` writes."""
+    if os.environ.get("WANDB_API_KEY") or os.environ.get("WANDB_IDENTITY_TOKEN_FILE"):
+        return True
+    host = urlsplit(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")).netloc
+    try:
+        entry = netrc.netrc(os.path.expanduser(os.environ.get("NETRC", "~/.netrc"))).authenticators(host)
+    except (OSError, netrc.NetrcParseError):
+        return False
+    return bool(entry and entry[2])
 
 
 def fsdp_arguments(recipe: Recipe, built: BuiltModel) -> dict[str, Any]:
