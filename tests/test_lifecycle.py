@@ -243,11 +243,11 @@ def test_export_the_run_merged_and_as_gguf(finished, tmp_path, monkeypatch, caps
 
 def test_eval_forward_keeps_nothing_for_backward(monkeypatch):
     """Trainer.evaluate runs the model under no_grad: the engine neither offloads nor sets up a recompute."""
-    from ftune.engine import checkpoint
+    from ftune.engine import recompute
 
     recomputed = []
-    apply = checkpoint._RecomputedLayer.apply
-    monkeypatch.setattr(checkpoint._RecomputedLayer, "apply", lambda *args: recomputed.append(1) or apply(*args))
+    apply = recompute._RecomputedLayer.apply
+    monkeypatch.setattr(recompute._RecomputedLayer, "apply", lambda *args: recomputed.append(1) or apply(*args))
     model, engine = tiny_lora_model(mode="unsloth")
     ids = torch.randint(3, 500, (2, 16))
     with torch.no_grad():
