@@ -473,8 +473,9 @@ def test_the_forward_without_a_graph_makes_no_buffer_beside_gate_and_up(tmp_path
     events = []
     with_product, swiglu_forward = lora_kernels._with_product, lora_kernels.swiglu_forward
     monkeypatch.setattr(lora_kernels, "_with_product", lambda *a: events.append("input") or with_product(*a))
-    monkeypatch.setattr(lora_kernels, "swiglu_forward", lambda gate, up, out: events.append(
-        "product over gate" if out.data_ptr() == gate.data_ptr() else "product") or swiglu_forward(gate, up, out=out))
+    monkeypatch.setattr(lora_kernels, "swiglu_forward", lambda gate, up, out, activation: events.append(
+        "product over gate" if out.data_ptr() == gate.data_ptr() else "product") or swiglu_forward(
+        gate, up, out=out, activation=activation))
     init = lora_kernels.AugmentedWeight.__init__
     monkeypatch.setattr(lora_kernels.AugmentedWeight, "__init__",
                         lambda self, group, dtype: events.append("down matrix" if group is groups.down else "gate-up matrix")
