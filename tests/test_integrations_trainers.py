@@ -193,3 +193,9 @@ def test_sft_metrics_come_from_the_model_computed_loss(tmp_path):
     assert logged.get("entropy") == pytest.approx(1.5), (TRL_MOVED, logged)
     assert logged.get("mean_token_accuracy") == pytest.approx(0.25), (TRL_MOVED, logged)
     assert logged.get("num_tokens") == 5, (TRL_MOVED, logged)
+    # a padding-free batch has no attention mask: its tokens are its whole length, as TRL counts them
+    trainer.compute_loss(stand_in, {"input_ids": torch.ones(1, 7, dtype=torch.long),
+                                    "labels": torch.ones(1, 7, dtype=torch.long),
+                                    "position_ids": torch.tensor([[0, 1, 2, 0, 1, 0, 1]])}, num_items_in_batch=4)
+    trainer.log({"loss": 2.0})
+    assert trainer.state.log_history[-1].get("num_tokens") == 12

@@ -14,6 +14,8 @@ tests/test_integrations_trainers.py holds a contract test for it.
 
 from __future__ import annotations
 
+import torch
+
 
 class LossFromModel:
     """SFTTrainer mixin: when `loss_from_model` is set, the loss and TRL's entropy, accuracy and token
@@ -39,7 +41,11 @@ class LossFromModel:
             self._metrics[mode]["mean_token_accuracy"].append((gather(outputs.num_correct.detach()).sum() / valid).item())
         if getattr(outputs, "aux_loss", None) is not None:  # the router's load-balancing loss, before its coefficient
             self._metrics[mode]["aux_loss"].append(gather(outputs.aux_loss.detach()).mean().item())
-        if mode == "train" and "attention_mask" in inputs:
-            self._total_train_tokens += gather(inputs["attention_mask"].sum()).sum().item()
+        if mode == "train":  # as TRL counts them: the mask's ones, or a padding-free batch's whole length
+            if "attention_mask" in inputs:
+                self._total_train_tokens += gather(inputs["attention_mask"].sum()).sum().item()
+            elif "position_ids" in inputs:
+                positions = inputs["position_ids"]
+                self._total_train_tokens += gather(torch.tensor(positions.size(1), device=positions.device)).sum().item()
             self._metrics[mode]["num_tokens"] = [self._total_train_tokens]
         return (loss, outputs) if return_outputs else loss
