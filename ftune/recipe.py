@@ -368,8 +368,9 @@ class TrainingSection(_Section):
     report_to: list[Literal["tensorboard", "wandb", "mlflow", "trackio"]] = Field(
         default_factory=list,
         description="Experiment trackers, through transformers' own integrations, each offline-capable: tensorboard "
-        "(event files in output_dir/tensorboard), wandb (WANDB_MODE=offline works), mlflow (a local store in "
-        "output_dir/mlruns unless MLFLOW_TRACKING_URI is set), trackio (local). ftune's figures (tokens/s, VRAM, "
+        "(event files in output_dir/tensorboard), wandb (offline in output_dir/wandb unless logged in or WANDB_MODE "
+        "is set), mlflow (a local store in output_dir/mlruns unless MLFLOW_TRACKING_URI is set), trackio (in "
+        "output_dir/trackio unless TRACKIO_DIR is set). ftune's figures (tokens/s, VRAM, "
         "host offload) are logged beside the trainer's under ftune/.",
     )
     push_to_hub: str | None = Field(

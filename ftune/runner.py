@@ -249,6 +249,7 @@ def _summary(recipe: Recipe, built: BuiltModel, trainer: Trainer, train_loss: fl
         "best_checkpoint": trainer.state.best_model_checkpoint if recipe.training.keep_best else None,
         "session": {"runtime_s": round(session_runtime, 2), "tokens": tokens - tokens_before},
         "checkpointing": {"mode": built.engine.mode, **built.engine.counts()},
+        "batches": built.plan.batches,  # padded, padding-free or packed
         "host_offload_bytes": built.engine.host_bytes(),
         "peak_memory_gib": _peak_gib(built, history),
         "output_dir": str(output_dir),

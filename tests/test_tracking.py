@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import struct
 import subprocess
 import sys
@@ -16,7 +15,6 @@ from pathlib import Path
 import pytest
 
 from ftune.recipe import load_recipe
-from ftune.runner import train
 from ftune.workflows.common import tracking_session
 from tests.conftest import QUICKSTART
 
@@ -30,23 +28,6 @@ _USER_SETTINGS = ("WANDB_MODE", "WANDB_API_KEY", "WANDB_DIR", "WANDB_PROJECT", "
 FTUNE_FIGURES = {"ftune/tokens_per_s", "ftune/rss_gib", "ftune/host_offload_gib"}
 
 
-class NetworkBlocked(OSError):
-    pass
-
-
-def _block_network(monkeypatch, attempts: list) -> None:
-    """Connections beyond this machine fail (and are recorded); the trackers' local sockets work."""
-    connect = socket.socket.connect
-
-    def local_only(sock, address):
-        if sock.family in (socket.AF_INET, socket.AF_INET6) and address[0] not in ("127.0.0.1", "::1", "localhost"):
-            attempts.append(address)
-            raise NetworkBlocked(f"the test blocks the network: {address}")
-        return connect(sock, address)
-
-    monkeypatch.setattr(socket.socket, "connect", local_only)
-
-
 def _user_environment(monkeypatch, home: Path) -> None:
     """A fresh machine: no tracker settings, no W&B login (an empty .netrc), no telemetry."""
     for name in _USER_SETTINGS:
@@ -58,21 +39,44 @@ def _user_environment(monkeypatch, home: Path) -> None:
     monkeypatch.setenv("DO_NOT_TRACK", "true")
 
 
+# The tracked run, in a process of its own: Trackio reads where its database goes once, when first
+# imported, and another test of the suite may have imported it already in this one
+_TRACKED_RUN = """
+import json, os, socket, sys
+attempts = []
+connect = socket.socket.connect
+
+def local_only(sock, address):  # connections beyond this machine fail, and are recorded
+    if sock.family in (socket.AF_INET, socket.AF_INET6) and address[0] not in ("127.0.0.1", "::1", "localhost"):
+        attempts.append(str(address))
+        raise OSError(f"the test blocks the network: {address}")
+    return connect(sock, address)
+
+socket.socket.connect = local_only
+from ftune.recipe import load_recipe
+from ftune.runner import train
+
+recipe, overrides, settings, report = sys.argv[1], json.loads(sys.argv[2]), json.loads(sys.argv[3]), sys.argv[4]
+train(load_recipe(recipe, overrides))
+# tracking_session takes back what it set (MLflow and W&B leave their run's ids, as they do anywhere)
+json.dump({"attempts": attempts, "left": sorted(set(settings) & set(os.environ))}, open(report, "w"))
+"""
+
+
 @pytest.fixture(scope="module")
 def tracked(tmp_path_factory):
     """The run's folder and its metrics.jsonl records, split into training logs and evaluations."""
     out = tmp_path_factory.mktemp("runs") / "quickstart"
-    attempts: list = []
+    report = out.parent / "report.json"
     with pytest.MonkeyPatch.context() as monkeypatch:
         _user_environment(monkeypatch, out.parent)
-        _block_network(monkeypatch, attempts)
-        recipe = load_recipe(QUICKSTART, [
-            f"training.output_dir={out}", f"training.max_steps={STEPS}", "training.batch_size=4", "data.limit=200",
-            "training.logging_steps=2", "data.eval=0.05", "training.eval_steps=2", f"training.report_to={TRACKERS}"])
-        train(recipe)
-        # tracking_session takes back what it set (MLflow and W&B leave their run's ids, as they do anywhere)
-        assert not set(_USER_SETTINGS) & set(os.environ)
-    assert attempts == []
+        overrides = [f"training.output_dir={out}", f"training.max_steps={STEPS}", "training.batch_size=4",
+                     "data.limit=200", "training.logging_steps=2", "data.eval=0.05", "training.eval_steps=2",
+                     f"training.report_to={TRACKERS}"]
+        subprocess.run([sys.executable, "-c", _TRACKED_RUN, str(QUICKSTART), json.dumps(overrides),
+                        json.dumps(_USER_SETTINGS), str(report)], env=dict(os.environ), check=True)
+    done = json.loads(report.read_text())
+    assert done == {"attempts": [], "left": []}
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     logs = [r for r in records if "loss" in r]
     evaluations = [r for r in records if "eval_loss" in r]
