@@ -10,14 +10,13 @@ The eager MLP keeps `act(gate)` and the product for the backward on top of gate 
 rounds twice (after the activation, after the product). Here the math runs in fp32 inside one
 kernel and rounds once; the backward recomputes the activation from the saved gate, so only gate
 and up are kept. The kernels walk rows of the last dimension, so gate and up may be column blocks
-of one wider buffer (ftune/kernels/lora_augmented.py).
+of one wider buffer (ftune/kernels/lora.py).
 
 Where gate and up are a projection's fresh outputs (the patched MLP), the backward writes their
 gradients over them instead of into new buffers: each element is read before it is written, by
-the same thread. In the recomputed MLP chunk of an 8B Llama at 8192 tokens that removes 2 x 126
-MiB from the moment of the SwiGLU backward, which was the step's peak; the down projection's
-backward just before it is now the peak, 14 MiB lower (6.237 to 6.223 GiB on an H200, see
-docs/benchmarks.md). The overwrite bumps the tensors' version counters, so a second backward
+the same thread. In the recomputed MLP chunk of an 8B Llama at 8192 tokens that keeps 2 x 126 MiB
+off the moment of the gated product's backward, so the step peaks at the down projection's backward
+just before it, 14 MiB lower (docs/benchmarks.md). The overwrite bumps the tensors' version counters, so a second backward
 through the same graph (retain_graph) raises instead of reading gradients as activations.
 """
 
