@@ -4,15 +4,13 @@ The gate and up widths are Gemma's intermediate sizes, read from ftune's presets
 14336, Gemma-3-12B: 15360), which harness.py's Llama and Qwen shapes do not cover.
 
     python benchmarks/kernels/bench_geglu.py --out results/geglu.json
-    python benchmarks/kernels/bench_geglu.py --out results/geglu.json --presets gemma-2-9b --tokens 8192 16384
+    python benchmarks/kernels/bench_geglu.py --out results/geglu.json --models gemma-2-9b --tokens 8192 16384
 """
 
-import argparse
 from functools import partial
-from pathlib import Path
 
 import torch
-from harness import DTYPES, measure, report  # first: puts the repository on sys.path
+from harness import DTYPES, measure, parse_args, report  # first: puts the repository on sys.path
 
 from ftune.kernels.swiglu import swiglu
 from ftune.presets import PRESETS
@@ -21,25 +19,11 @@ from tests.kernels.test_swiglu import reference_geglu
 GEGLU_PRESETS = [name for name, config in PRESETS.items() if config.get("hidden_activation") == "gelu_pytorch_tanh"]
 
 
-def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", type=Path, required=True, help="JSON file to write the results to")
-    parser.add_argument("--tokens", type=int, nargs="+", default=[2048, 4096, 8192, 16384],
-                        help="tokens per batch (batch 1 x sequence)")
-    parser.add_argument("--presets", nargs="+", choices=GEGLU_PRESETS, default=["gemma-2-9b", "gemma-3-12b"],
-                        help="Gemma shapes whose intermediate size to run")
-    parser.add_argument("--dtype", choices=list(DTYPES), default="bfloat16")
-    args = parser.parse_args()
-    if not torch.cuda.is_available():
-        parser.error("the benchmarks time compiled kernels on a CUDA GPU; none is available here")
-    return args
-
-
 def main() -> None:
-    args = parse_args()
+    args = parse_args(__doc__, [2048, 4096, 8192, 16384], GEGLU_PRESETS, ["gemma-2-9b", "gemma-3-12b"])
     dtype = DTYPES[args.dtype]
     rows = []
-    for preset in args.presets:
+    for preset in args.models:
         width = PRESETS[preset]["intermediate_size"]
         for tokens in args.tokens:
             gate = torch.randn(1, tokens, width, dtype=dtype, device="cuda", requires_grad=True)

@@ -17,12 +17,10 @@ key heads, 256 wide, cap 50, query scale 256^-0.5), batch 1, for a full layer an
 Peak memory is `working MiB` above the inputs (q, k, v, the output gradient, the masks).
 """
 
-import argparse
 import types
-from pathlib import Path
 
 import torch
-from harness import DTYPES, measure, report  # first: puts the repository on sys.path
+from harness import DTYPES, measure, parse_args, report  # first: puts the repository on sys.path
 from transformers.integrations.flex_attention import flex_attention_forward
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import eager_mask, sdpa_mask, sliding_window_causal_mask_function
@@ -34,24 +32,11 @@ from ftune.presets import PRESETS
 SOFTCAP_PRESETS = [name for name, config in PRESETS.items() if config.get("attn_logit_softcapping")]
 
 
-def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", type=Path, required=True, help="JSON file to write the results to")
-    parser.add_argument("--tokens", type=int, nargs="+", default=[8192, 16384], help="tokens (batch 1 x sequence)")
-    parser.add_argument("--presets", nargs="+", choices=SOFTCAP_PRESETS, default=["gemma-2-9b"],
-                        help="soft-capped shapes whose attention heads to run")
-    parser.add_argument("--dtype", choices=list(DTYPES), default="bfloat16")
-    args = parser.parse_args()
-    if not torch.cuda.is_available():
-        parser.error("the benchmarks time compiled kernels on a CUDA GPU; none is available here")
-    return args
-
-
 def main() -> None:
-    args = parse_args()
+    args = parse_args(__doc__, [8192, 16384], SOFTCAP_PRESETS, ["gemma-2-9b"])
     dtype = DTYPES[args.dtype]
     rows = []
-    for preset in args.presets:
+    for preset in args.models:
         config = PRESETS[preset]
         heads, kv_heads, head_dim = (config[k] for k in ("num_attention_heads", "num_key_value_heads", "head_dim"))
         softcap, window = config["attn_logit_softcapping"], config["sliding_window"]

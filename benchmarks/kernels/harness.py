@@ -30,13 +30,17 @@ MODELS = {
 }
 
 
-def parse_args(description: str, default_tokens: list[int]) -> argparse.Namespace:
+def parse_args(description: str, default_tokens: list[int], models: list[str] | None = None,
+               default_models: list[str] | None = None) -> argparse.Namespace:
+    """The benchmarks' arguments; `models`: the shapes a benchmark offers (harness's MODELS, or the
+    names of ftune's presets for a family those two do not cover)."""
+    models = models if models is not None else list(MODELS)
     parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, required=True, help="JSON file to write the results to")
     parser.add_argument(
         "--tokens", type=int, nargs="+", default=default_tokens, help="tokens per batch (batch 1 x sequence)"
     )
-    parser.add_argument("--models", nargs="+", choices=list(MODELS), default=list(MODELS), help="shapes to run")
+    parser.add_argument("--models", nargs="+", choices=models, default=default_models or models, help="shapes to run")
     parser.add_argument("--dtype", choices=list(DTYPES), default="bfloat16")
     args = parser.parse_args()
     if not torch.cuda.is_available():
