@@ -57,14 +57,20 @@ def _run(fn, inputs, grad, **kwargs):
 def test_matches_gemma2_eager_attention(heads, kv_heads, sliding_window, softcap):
     """Outputs and the gradients of query, key and value, for full and sliding layers (a window
     of one token, shorter and longer than the sequence), grouped key heads, with and without cap."""
+    _assert_matches_eager(heads, kv_heads, 13, 13, sliding_window, softcap)
+
+
+def _assert_matches_eager(heads, kv_heads, q_len, kv_len, sliding_window, softcap):
+    """Output and the gradients of query, key and value as gemma2's eager attention's (no mask
+    given: softcap_attention builds the causal and window one itself)."""
     module = _module(heads, kv_heads)
-    query, key, value = _qkv(heads, kv_heads, 13)
-    grad = torch.randn(2, 13, heads, 16, generator=torch.Generator().manual_seed(1))
+    query, key, value = _qkv(heads, kv_heads, q_len, kv_len=kv_len)
+    grad = torch.randn(2, q_len, heads, 16, generator=torch.Generator().manual_seed(1))
     kwargs = dict(scaling=SCALING, softcap=softcap)
     ours = _run(softcap_attention, (module, query, key, value), grad, attention_mask=None,
                 sliding_window=sliding_window, **kwargs)
     expected = _run(eager_attention_forward, (module, query, key, value), grad,
-                    attention_mask=_eager_mask(13, 13, sliding_window), **kwargs)
+                    attention_mask=_eager_mask(q_len, kv_len, sliding_window), **kwargs)
     for actual, reference in zip(ours, expected, strict=True):
         torch.testing.assert_close(actual, reference, **FP32)
 
@@ -82,16 +88,7 @@ def test_the_cap_is_applied():
 @pytest.mark.parametrize("sliding_window", [None, 4])
 def test_decoding_queries_are_the_last_positions(sliding_window):
     """With a cache, 3 new queries attend to 13 keys: they are positions 10 to 12."""
-    module = _module(4, 2)
-    query, key, value = _qkv(4, 2, 3, kv_len=13)
-    grad = torch.randn(2, 3, 4, 16, generator=torch.Generator().manual_seed(1))
-    kwargs = dict(scaling=SCALING, softcap=SOFTCAP)
-    ours = _run(softcap_attention, (module, query, key, value), grad, attention_mask=None,
-                sliding_window=sliding_window, **kwargs)
-    expected = _run(eager_attention_forward, (module, query, key, value), grad,
-                    attention_mask=_eager_mask(3, 13, sliding_window), **kwargs)
-    for actual, reference in zip(ours, expected, strict=True):
-        torch.testing.assert_close(actual, reference, **FP32)
+    _assert_matches_eager(4, 2, 3, 13, sliding_window, SOFTCAP)
 
 
 @pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")  # on purpose, on CPU
