@@ -11,6 +11,7 @@ from torch.nn import functional as F
 
 from ftune.engine import attention, host_memory
 from ftune.engine.attention import AttentionOutput
+from ftune.memory import estimate
 from tests.helpers import assert_relatively_close, lora_grads, tiny_lora_model
 
 VOCAB = 512
@@ -280,14 +281,14 @@ def test_the_parked_residual_is_freed_before_the_attention_half_runs(monkeypatch
 
 def test_a_step_parks_only_within_its_share_of_host_memory(monkeypatch):
     """Parking takes twice the inputs' host memory; a step whose inputs and parked halves would take
-    more than attention.PARKING_HOST_SHARE of the host's memory recomputes attention instead."""
+    more than estimate.PARKING_HOST_SHARE of the host's memory recomputes attention instead."""
     reference, model, engine, counts = _parking_pair(monkeypatch)
     ids = torch.randint(3, VOCAB, (2, 24), generator=torch.Generator().manual_seed(7))
     hidden = ids.numel() * model.config.hidden_size * 4  # fp32 hidden states
     lse = ids.numel() * model.config.num_attention_heads * 4
     step = 3 * (hidden + 2 * hidden + lse)  # three layers: input, residual, attention output, log-sum-exp
     expected = _step(reference, ids)
-    smallest = int(step / attention.PARKING_HOST_SHARE)  # the smallest host on which the step parks
+    smallest = int(step / estimate.PARKING_HOST_SHARE)  # the smallest host on which the step parks
     for total, parks in ((smallest, True), (smallest - 1, False)):
         _fake_host_memory(monkeypatch, lambda reserve: 8 * 1024**3, total=total)
         _assert_same(expected, _counted_step(counts, model, ids))
@@ -314,7 +315,7 @@ def test_parking_never_leaves_a_layer_input_on_the_gpu(monkeypatch, caplog):
 def test_steps_longer_than_the_token_cap_recompute_attention(monkeypatch):
     reference, model, engine, counts = _parking_pair(monkeypatch)
     ids = torch.randint(3, VOCAB, (2, 24), generator=torch.Generator().manual_seed(9))
-    monkeypatch.setattr(attention, "PARKING_MAX_TOKENS", ids.numel() - 1)
+    monkeypatch.setattr(estimate, "PARKING_MAX_TOKENS", ids.numel() - 1)
     _assert_same(_step(reference, ids), _counted_step(counts, model, ids))
     assert engine.copier.parking_pool.stats.buffers == 0 and counts["sdpa"] == 3
 

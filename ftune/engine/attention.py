@@ -16,8 +16,8 @@ and the output projection's forward is skipped (ftune/integrations/peft.py, `unr
 transformers calls attention through a registry (`AttentionInterface`); ftune wraps its `sdpa`
 entry (ftune/integrations/transformers.py `wrap_attention`). Outside a recording or a replay, and
 for any call the parked path does not cover (a padding mask, dropout, cached keys), the wrapper
-calls transformers' own function unchanged. Whether a step parks at all is `parks`: within a share
-of host memory and a number of tokens.
+calls transformers' own function unchanged. Whether a step parks at all is the memory model's
+rule (ftune/memory/estimate.py `parks`): within a share of host memory and a number of tokens.
 
 A padding-free batch (TRL's collator: the batch's rows end to end in one sequence, positions
 restarting at each row) parks too. Its rows are the collator's `cu_seq_lens_q` (where each row
@@ -40,21 +40,12 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
-import psutil
 import torch
 from torch.nn import functional as F
 
 from ftune.integrations.transformers import wrap_attention
 
 logger = logging.getLogger(__name__)
-
-# When a step parks. Parking is a speed-up that takes twice the layer inputs' host memory: a step
-# parks only while its inputs and parked halves take at most this share of the host's memory...
-PARKING_HOST_SHARE = 0.5
-# ... and it has at most this many tokens: the longest step measured parked. Longer ones park
-# nothing: at 150,528 tokens of the 8B shape parking ran out of memory in a 24 GiB cap on an H200
-# where the same step without it trains (docs/benchmarks.md).
-PARKING_MAX_TOKENS = 32768
 
 _original_sdpa = None
 # What the wrapper does now: record the next attention's output, or replay a parked one.
@@ -114,14 +105,6 @@ class Recording:
     """Receives the output of the attention run inside `recording_attention`, if the parked path took it."""
 
     result: AttentionOutput | None = None
-
-
-def parks(tokens: int, step_bytes: int, host_memory: int | None = None) -> bool:
-    """Whether a step of this many tokens, whose layer inputs and parked halves take `step_bytes`,
-    parks (PARKING_MAX_TOKENS, PARKING_HOST_SHARE of `host_memory`, by default this machine's)."""
-    if host_memory is None:
-        host_memory = psutil.virtual_memory().total
-    return tokens <= PARKING_MAX_TOKENS and step_bytes <= PARKING_HOST_SHARE * host_memory
 
 
 def install() -> None:

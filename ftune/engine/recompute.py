@@ -33,6 +33,7 @@ from ftune.engine.halves import DEFAULT_CHUNK_BYTES, ResidualHalves
 from ftune.engine.host_memory import HostCopier, HostStash, buffer_size
 from ftune.families import family_of
 from ftune.integrations.transformers import recording_router_logits_apart, router_logits_being_recorded
+from ftune.memory.estimate import parks
 from ftune.memory.policy import Policy
 
 logger = logging.getLogger(__name__)
@@ -275,13 +276,13 @@ class _LayerUnit:
 
     def park(self, residual: torch.Tensor, attended: AttentionOutput) -> bool:
         """Park the residual after attention and the attention's output in host memory, if the step
-        parks (attention.parks) and that leaves room for this layer's input, stashed after its
+        parks (ftune/memory/estimate.py `parks`) and that leaves room for this layer's input, stashed after its
         forward, and every later one's; whether it did."""
         tensors = (residual, attended.output, attended.logsumexp)
         input_bytes = residual.numel() * residual.element_size()
         parked_bytes = sum(t.numel() * t.element_size() for t in tensors)
         tokens = residual.numel() // residual.shape[-1]
-        if not attention.parks(tokens, self.offloaded_layers * (input_bytes + parked_bytes)):
+        if not parks(tokens, self.offloaded_layers * (input_bytes + parked_bytes)):
             return False
         keep_free = (self.layers_after + 1) * buffer_size(input_bytes)
         stashes = []
