@@ -335,11 +335,6 @@ def build_model(recipe: Recipe, device: torch.device | None = None, *, tokenizer
                       source=source)
 
 
-def smart_plan(recipe: Recipe, device: torch.device | None = None) -> RunPlan:
-    """run_plan under the name ftune/workflows/__init__.py still imports; it goes once that reads run_plan."""
-    return run_plan(recipe, device)
-
-
 def patch_kernels(model: PeftModel, plan: RunPlan, device: torch.device) -> RunPlan:
     """Apply the kernels the plan turned on: one the recipe asked for that this model cannot take
     is a ModelError; one `auto` turned on goes off with a notice naming why. The plan as applied."""
