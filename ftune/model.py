@@ -282,6 +282,15 @@ def add_lora(model: PreTrainedModel, recipe: Recipe, targets: list[str] | str, p
             raise ModelError(f"model.adapter: could not load a PEFT adapter from {path}: {first_line(error)}",
                              hint="Point it at a folder with adapter_config.json, such as an earlier run's output_dir "
                              "(the DPO and GRPO quickstarts continue `ftune train recipes/quickstart.yaml`).") from None
+    names = [name for name, _ in model.named_parameters()]
+    missing = [t for t in parameters if not any(name == t or name.endswith("." + t) for name in names)]
+    if missing:  # peft adapts the names it finds and passes over the others without a word
+        experts = sorted({name.split(".layers.", 1)[-1].split(".", 1)[-1]
+                          for name, parameter in model.named_parameters() if parameter.ndim == 3})
+        raise ModelError(f"lora.target_parameters: {', '.join(missing)} names no parameter of this model "
+                         f"({model.config.model_type}).",
+                         hint=f"Its 3D expert parameters are {', '.join(experts)}." if experts else
+                         "It has no 3D expert parameters: set lora.target_parameters to [] (or auto).")
     try:
         return get_peft_model(model, lora_config(recipe, targets, parameters))
     except ValueError as error:

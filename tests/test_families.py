@@ -148,6 +148,19 @@ def test_every_family_gives_the_reference_loss_and_gradients(folders, name, mode
         assert built.engine.residual_halves is False and not any(built.kernels.values())
 
 
+@pytest.mark.parametrize("name", ["mixtral", "llama"])
+def test_target_parameters_the_model_lacks_are_an_error_naming_what_it_has(folders, name):
+    """peft adapts the parameter names it finds and passes over the others without a word."""
+    from ftune.errors import ModelError
+
+    recipe = recipe_for(folders(name), "none", "none")
+    recipe.lora.target_parameters = ["mlp.experts.up_proj"]
+    has = "mlp.experts.down_proj, mlp.experts.gate_up_proj" if name == "mixtral" else "no 3D expert parameters"
+    with pytest.raises(ModelError, match="mlp.experts.up_proj names no parameter") as raised:
+        build_model(recipe, torch.device("cpu"), with_tokenizer=False)
+    assert has in raised.value.hint
+
+
 def test_a_mixture_of_experts_adapts_its_experts_and_says_they_stay_16_bit(folders):
     from ftune.errors import RecipeError
     from ftune.families import MOE_EXPERTS
