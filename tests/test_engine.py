@@ -161,6 +161,24 @@ def test_pool_reuses_buffers_when_shapes_change():
     assert stats.buffers == 3
 
 
+def test_pool_buffers_are_powers_of_two_shared_by_lengths_within_one():
+    """A padding-free batch changes length every step: a buffer first asked for by a shorter one
+    serves every later one up to its power of two, without a new (pinned, synchronizing) allocation."""
+    from ftune.engine.host_memory import HostBufferPool, buffer_size
+
+    mib = 2**20
+    assert [buffer_size(n) for n in (1, 2 * mib, 2 * mib + 1, 70 * mib, 128 * mib)] == \
+        [2 * mib, 2 * mib, 4 * mib, 128 * mib, 128 * mib]
+    pool = HostBufferPool(pin_memory=False)
+    first = pool.acquire(70 * mib)
+    assert first.numel() == 128 * mib
+    pool.release(first)
+    assert pool.acquire(100 * mib).data_ptr() == first.data_ptr()
+    assert (pool.stats.buffers, pool.stats.bytes_total) == (1, 128 * mib)
+    assert pool.acquire(129 * mib).numel() == 256 * mib  # the next power of two: a new buffer
+    assert pool.stats.buffers == 2
+
+
 def test_dropped_graph_returns_its_buffers():
     model, engine = tiny_lora_model("tiny-llama", "unsloth")
     ids = _batch(0, 2, 8)

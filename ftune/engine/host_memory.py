@@ -39,14 +39,23 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 
 logger = logging.getLogger(__name__)
 
-# Buffers are rounded up to this size so that slightly different sequence lengths share them.
+# Buffers are at least this size.
 _GRANULE = 2 * 1024 * 1024
 # Host memory left free for the rest of the system when deciding whether an offload fits.
 _HOST_RESERVE_MIN = 2 * 1024**3
 _HOST_RESERVE_FRACTION = 0.05
+
+
 def buffer_size(nbytes: int) -> int:
-    """The size of the pool buffer that holds nbytes (rounded up to a granule)."""
-    return -(-nbytes // _GRANULE) * _GRANULE
+    """The size of the pool buffer that holds nbytes: the next power of two (at least a granule).
+
+    PyTorch's pinned-memory allocator hands out powers of two whatever size is asked
+    (at::CachingHostAllocator in torch 2.13), so asking for them costs no host
+    memory. It lets batches of different lengths share buffers: a buffer asked for by a 70 MiB
+    input is counted as the 128 MiB it holds, and serves the next 100 MiB one. A padding-free batch
+    changes length at every step, and each new buffer is a slow, synchronizing pinned allocation.
+    """
+    return max(_GRANULE, 1 << (nbytes - 1).bit_length())
 
 
 @dataclass
