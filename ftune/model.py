@@ -20,7 +20,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 from ftune.engine import CheckpointingEngine, install_checkpointing
-from ftune.engine.host_memory import move_embeddings_to_host, move_lm_head_to_host
+from ftune.engine.host_memory import move_tables_to_host
 from ftune.engine.planner import measure_host_link
 from ftune.errors import ModelError, first_line
 from ftune.families import family_of
@@ -333,10 +333,8 @@ def build_model(recipe: Recipe, device: torch.device | None = None, *, tokenizer
     model = add_lora(base, recipe, plan.lora_targets, plan.lora_parameters)
     plan = patch_kernels(model, plan, device)
     host_embedding_bytes = 0
-    if plan.host_embeddings:
-        host_embedding_bytes = move_embeddings_to_host(model, device)
-        if plan.host_lm_head:  # the head's copy is what the layers' backward would hold with the fused loss
-            host_embedding_bytes += move_lm_head_to_host(model, device)
+    if plan.host_embeddings:  # the head's copy is what the layers' backward would hold with the fused loss
+        host_embedding_bytes = move_tables_to_host(model, device, lm_head=plan.host_lm_head)
     # the device it will train on: under fsdp the model is still in host memory here
     engine = install_checkpointing(model, plan.checkpointing, plan.layers.policies if plan.layers is not None else None,
                                    device=device, host_embedding_bytes=host_embedding_bytes)

@@ -267,11 +267,11 @@ def test_gpu_offload_really_leaves_the_gpu():
 
 
 def test_host_embedding_gives_the_same_loss_and_gradients():
-    from ftune.engine.host_memory import HostEmbedding, move_embeddings_to_host
+    from ftune.engine.host_memory import HostEmbedding, move_tables_to_host
 
     reference, _ = tiny_lora_model("tiny-llama", "none")
     model, _ = tiny_lora_model("tiny-llama", "unsloth")
-    freed = move_embeddings_to_host(model, torch.device("cpu"))
+    freed = move_tables_to_host(model, torch.device("cpu"), lm_head=False)
     assert freed == VOCAB * 128 * 4
     assert isinstance(model.get_input_embeddings(), HostEmbedding)
     assert all(p.device.type == "cpu" for p in model.parameters())
@@ -287,12 +287,11 @@ def _with_fused_loss(model):
 
 def test_host_lm_head_gives_the_same_loss_and_gradients():
     """Both tables in host memory under the fused loss: the same losses, gradients and generations."""
-    from ftune.engine.host_memory import HostLMHead, move_embeddings_to_host, move_lm_head_to_host
+    from ftune.engine.host_memory import HostLMHead, move_tables_to_host
 
     reference = _with_fused_loss(tiny_lora_model("tiny-llama", "none")[0])
     model = _with_fused_loss(tiny_lora_model("tiny-llama", "unsloth")[0])
-    assert move_lm_head_to_host(model, torch.device("cpu")) == VOCAB * 128 * 4
-    assert move_embeddings_to_host(model, torch.device("cpu")) == VOCAB * 128 * 4
+    assert move_tables_to_host(model, torch.device("cpu"), lm_head=True) == 2 * VOCAB * 128 * 4
     head = model.get_output_embeddings()
     assert isinstance(head, HostLMHead)
     assert all(p.device.type == "cpu" for p in model.parameters())
@@ -300,10 +299,10 @@ def test_host_lm_head_gives_the_same_loss_and_gradients():
 
 
 def test_host_lm_head_is_dropped_before_the_backward_and_kept_for_decoding():
-    from ftune.engine.host_memory import move_lm_head_to_host
+    from ftune.engine.host_memory import move_tables_to_host
 
     model = _with_fused_loss(tiny_lora_model("tiny-llama", "unsloth")[0])
-    move_lm_head_to_host(model, torch.device("cpu"))
+    move_tables_to_host(model, torch.device("cpu"), lm_head=True)
     head = model.get_output_embeddings()
     seen_in_backward, fetched_ahead = [], []
     layer = decoder_layers(model)[-1]  # its input requires grad: the hook fires
@@ -331,7 +330,7 @@ def test_host_lm_head_is_dropped_before_the_layers_backward_under_trls_chunked_h
     the decoder's output gradient, before any layer's backward; losses and gradients unchanged."""
     from trl.trainer.utils import add_fused_lm_head
 
-    from ftune.engine.host_memory import move_lm_head_to_host
+    from ftune.engine.host_memory import move_tables_to_host
 
     results = []
     for host in (False, True):
@@ -344,7 +343,7 @@ def test_host_lm_head_is_dropped_before_the_layers_backward_under_trls_chunked_h
             add_fused_lm_head(model.get_base_model())
         seen_in_backward = []
         if host:
-            move_lm_head_to_host(model, torch.device("cpu"))
+            move_tables_to_host(model, torch.device("cpu"), lm_head=True)
             head = model.get_output_embeddings()
             decoder_layers(model)[-1].register_full_backward_hook(
                 lambda *args: seen_in_backward.append(head._on_device))
@@ -363,27 +362,51 @@ def test_host_lm_head_is_dropped_before_the_layers_backward_under_trls_chunked_h
         torch.testing.assert_close(grads_b[name], grads_a[name], atol=1e-6, rtol=0, msg=name)
 
 
-def test_tied_or_trainable_embeddings_stay():
-    from ftune.engine.host_memory import move_embeddings_to_host, move_lm_head_to_host
+def test_trainable_embeddings_stay():
+    from ftune.engine.host_memory import move_tables_to_host
 
     model, _ = tiny_lora_model("tiny-llama", "none")
     model.get_input_embeddings().weight.requires_grad_(True)
     model.get_output_embeddings().weight.requires_grad_(True)
-    assert move_embeddings_to_host(model, torch.device("cpu")) == 0
-    assert move_lm_head_to_host(model, torch.device("cpu")) == 0
-    model.get_input_embeddings().weight.requires_grad_(False)
-    model.get_output_embeddings().weight.requires_grad_(False)
+    assert move_tables_to_host(model, torch.device("cpu"), lm_head=True) == 0
+    assert type(model.get_input_embeddings()) is torch.nn.Embedding
+    assert type(model.get_output_embeddings()) is torch.nn.Linear
+
+
+def _tied(model):
     base = model.get_base_model()
     base.lm_head.weight = base.get_input_embeddings().weight
-    assert move_embeddings_to_host(model, torch.device("cpu")) == 0
-    assert move_lm_head_to_host(model, torch.device("cpu")) == 0
+    return model
+
+
+def test_tied_table_moves_only_with_the_head_and_once():
+    """A tied table is both tables: in host memory only when the head goes too (else the GPU keeps it
+    for the head anyway), as one pinned copy serving the lookups and the head's fetches."""
+    from ftune.engine.host_memory import HostEmbedding, HostLMHead, move_tables_to_host
+
+    model = _tied(tiny_lora_model("tiny-llama", "none")[0])
+    assert move_tables_to_host(model, torch.device("cpu"), lm_head=False) == 0
+    assert type(model.get_input_embeddings()) is torch.nn.Embedding
+    assert move_tables_to_host(model, torch.device("cpu"), lm_head=True) == VOCAB * 128 * 4
+    embedding, head = model.get_input_embeddings(), model.get_output_embeddings()
+    assert isinstance(embedding, HostEmbedding) and isinstance(head, HostLMHead)
+    assert head.host_weight is embedding.host_weight
+
+
+def test_tied_tables_in_host_memory_give_the_same_loss_and_gradients():
+    from ftune.engine.host_memory import move_tables_to_host
+
+    reference = _with_fused_loss(_tied(tiny_lora_model("tiny-llama", "none")[0]))
+    model = _with_fused_loss(_tied(tiny_lora_model("tiny-llama", "unsloth")[0]))
+    move_tables_to_host(model, torch.device("cpu"), lm_head=True)
+    assert_same(run_scenario(reference), run_scenario(model), atol=1e-6)
 
 
 @pytest.mark.gpu
 def test_gpu_host_tables_match_device_tables():
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")
-    from ftune.engine.host_memory import move_embeddings_to_host, move_lm_head_to_host
+    from ftune.engine.host_memory import move_tables_to_host
 
     table = VOCAB * 128 * 4
     losses, grads, held = [], [], []
@@ -392,8 +415,7 @@ def test_gpu_host_tables_match_device_tables():
         model.to("cuda")
         _with_fused_loss(model)
         if host:
-            assert move_embeddings_to_host(model, torch.device("cuda")) == table
-            assert move_lm_head_to_host(model, torch.device("cuda")) == table
+            assert move_tables_to_host(model, torch.device("cuda"), lm_head=True) == 2 * table
             assert model.get_input_embeddings().weight.is_pinned()
             assert model.get_output_embeddings().host_weight.is_pinned()
         at_rest = torch.cuda.memory_allocated()

@@ -328,11 +328,12 @@ def estimate(shape: Shape, setting: Setting) -> Estimate:
     embedding = shape.vocab * shape.hidden * BF16
     norms = (2 * shape.layers + 1) * shape.hidden * BF16
     biases = (shape.heads + 2 * shape.kv_heads) * shape.head_dim * BF16 * shape.layers if shape.qkv_bias else 0
-    host_embedding = setting.host_embeddings and not shape.tied
     host_head = lm_head_fetched(shape, setting)
+    # a tied table leaves the GPU only with the head (ftune.engine.host_memory.move_tables_to_host)
+    host_embedding = setting.host_embeddings and (host_head or not shape.tied)
     result.weights_16bit += norms + biases + (0 if host_head or shape.tied else embedding) + \
         (0 if host_embedding else embedding)
-    result.embedding_host = (2 if host_head else 1) * embedding if host_embedding else 0
+    result.embedding_host = (1 if shape.tied or not host_head else 2) * embedding if host_embedding else 0
 
     projections = {**shape.projections(), **shape.fused_projections()}
     lora = sum(setting.lora_r * sum(projections[t]) for t in setting.lora_targets if t in projections) * shape.layers
@@ -410,7 +411,7 @@ GENERATION_CACHES = ("dynamic", "static", "offloaded", "paged")
 def lm_head_fetched(shape: Shape, setting: Setting) -> bool:
     """Whether the LM head lives in host memory and is fetched to the GPU for each forward (and kept
     through generation and forwards without gradients: ftune.engine.host_memory.HostLMHead)."""
-    return setting.host_embeddings and not shape.tied and setting.host_lm_head and setting.fused_loss
+    return setting.host_embeddings and setting.host_lm_head and setting.fused_loss
 
 
 def settle_phases(shape: Shape, setting: Setting, result: Estimate) -> None:
