@@ -41,9 +41,11 @@ class Family:
     mlp_projections: tuple[str, ...] = GATED_MLP
     # The input embedding multiplies its rows by sqrt(hidden) (Gemma)
     scaled_embedding: bool = False
-    # Layers of exactly `h = x + attn(norm(x)); y = h + mlp(norm(h))`, which the engine runs as
-    # two halves with the MLP chunked over tokens (ftune/engine/halves.py)
-    residual_halves: bool = False
+    # The layers' residual layout, which the engine runs as two halves with the MLP chunked over
+    # tokens (ftune/engine/halves.py): "pre_norm" (`h = x + attn(norm(x)); y = h + mlp(norm(h))`),
+    # "sandwich_norm" (Gemma 2 and 3: each branch's output normed again before its residual add), or
+    # None: layers recomputed whole
+    residual_halves: str | None = None
     # A mixture of experts' weights, as peft's `target_parameters` names them: 3D parameters (experts
     # first) in transformers 5, not linear layers. LoRA adapts each expert's slice through peft's
     # ParamWrapper; bitsandbytes quantizes nn.Linear only, so under 4-bit loading they stay in the
@@ -64,22 +66,24 @@ class Family:
 
 
 _ALL_KERNELS = frozenset(KERNEL_NAMES)
-_LLAMA_LIKE = dict(residual_halves=True, kernels=_ALL_KERNELS)
+_LLAMA_LIKE = dict(residual_halves="pre_norm", kernels=_ALL_KERNELS)
 _GEMMA_LIKE = dict(norm_offset=1.0, norm_casting="gemma", norm_eps_attribute="eps", activation="gelu_tanh",
                    scaled_embedding=True, kernels=_ALL_KERNELS)
+_SANDWICH = dict(residual_halves="sandwich_norm", **_GEMMA_LIKE)
 
 FAMILIES: tuple[Family, ...] = (
     Family("llama", ("llama",), **_LLAMA_LIKE),
     Family("mistral", ("mistral",), **_LLAMA_LIKE),
     Family("qwen2", ("qwen2",), **_LLAMA_LIKE),
     Family("qwen3", ("qwen3",), **_LLAMA_LIKE),
-    Family("gemma", ("gemma",), **_GEMMA_LIKE),
-    Family("gemma2", ("gemma2",), attention="ftune_softcap", **_GEMMA_LIKE),
-    Family("gemma3", ("gemma3_text",), **_GEMMA_LIKE),
-    # Phi-3's projections are fused: qkv_proj, and gate_up_proj (no separate gate); its layers add
-    # residual dropouts, so they recompute whole
+    Family("gemma", ("gemma",), residual_halves="pre_norm", **_GEMMA_LIKE),
+    Family("gemma2", ("gemma2",), attention="ftune_softcap", **_SANDWICH),
+    Family("gemma3", ("gemma3_text",), **_SANDWICH),
+    # Phi-3's projections are fused: qkv_proj, and gate_up_proj (no separate gate). Its layers are
+    # pre-norm with a dropout on each branch, off (resid_pdrop 0) in the released models; a layer
+    # whose dropout is on recomputes whole
     Family("phi3", ("phi3",), attention_projections=("qkv_proj", "o_proj"), mlp_projections=("gate_up_proj", "down_proj"),
-           kernels=frozenset({"rms_norm", "rope", "fused_cross_entropy", "fused_lora"})),
+           residual_halves="pre_norm", kernels=frozenset({"rms_norm", "rope", "fused_cross_entropy", "fused_lora"})),
     # No linear layer in the MLP: LoRA adapts the attention's projections and the experts'
     # parameters; the MoE block recomputes whole. The loss stays transformers' (and TRL's), which
     # adds the router's load-balancing loss
@@ -108,7 +112,7 @@ def models_table() -> str:
     ]
     for family in FAMILIES:
         kernels = ", ".join(k for k in KERNEL_NAMES if k in family.kernels) or "none"
-        halves = "as two halves, the MLP in chunks" if family.residual_halves else "whole"
+        halves = f"as two halves ({family.residual_halves}), the MLP in chunks" if family.residual_halves else "whole"
         notes = []
         if family.scaled_embedding:
             notes.append("scaled embedding (kept in host memory with its scale)")

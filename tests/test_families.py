@@ -38,6 +38,7 @@ CONFIGS = {
     "mistral": dict(model_type="mistral", sliding_window=None),
     "qwen2": dict(model_type="qwen2"),
     "qwen3": dict(model_type="qwen3", head_dim=32),
+    "gemma": dict(model_type="gemma", head_dim=32),
     "gemma2": dict(model_type="gemma2", head_dim=32, tie_word_embeddings=True),
     "gemma2-untied": dict(model_type="gemma2", head_dim=32, tie_word_embeddings=False),
     "gemma3_text": dict(model_type="gemma3_text", head_dim=32, tie_word_embeddings=False),
@@ -145,7 +146,10 @@ def test_every_family_gives_the_reference_loss_and_gradients(folders, name, mode
         expected = [name.rpartition(".")[2] for name in family.expert_parameters] * TINY["num_hidden_layers"]
         assert sorted(adapted) == sorted(expected)
     if family is None:
-        assert built.engine.residual_halves is False and not any(built.kernels.values())
+        assert built.engine.residual_halves is None and not any(built.kernels.values())
+    elif family.residual_halves and mode != "none":  # every recomputed layer runs as two halves
+        wrapped = [layer.__dict__["forward"] for layer in built.engine.layers if "forward" in layer.__dict__]
+        assert all(forward.halves is not None for forward in wrapped) and (wrapped or mode == "smart")
 
 
 @pytest.mark.parametrize("name", ["mixtral", "llama"])

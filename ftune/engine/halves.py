@@ -1,9 +1,14 @@
-"""Pre-norm decoder layers as two residual halves, the MLP half run in chunks of tokens.
+"""Decoder layers as two residual halves, the MLP half run in chunks of tokens.
 
-Llama, Mistral, Qwen2 and Qwen3 decoder layers compute
+Llama, Mistral, Qwen2 and Qwen3 decoder layers ("pre_norm") compute
 
     h = x + attn(input_layernorm(x))          attention half
     y = h + mlp(post_attention_layernorm(h))  MLP half (per token)
+
+and Gemma 2 and 3 ("sandwich_norm") norm each branch's output too:
+
+    h = x + post_attention_layernorm(attn(input_layernorm(x)))
+    y = h + post_feedforward_layernorm(mlp(pre_feedforward_layernorm(h)))
 
 The MLP's intermediates are `tokens x intermediate` wide (14336 for an 8B Llama: 224 MiB per
 tensor at 8192 tokens, 4 GiB at 150k), so they set the longest context a recomputed layer can
@@ -16,9 +21,14 @@ graph chunks the MLP the same way and adds into `h` in place.
 An offloaded layer can park its attention half (attention.py): its backward then starts with
 the MLP half, from the parked residual, and reruns the attention half last, for its graph only.
 
-Which families have such layers is in ftune/families.py (`residual_halves`). Layers whose
-forward differs (Gemma's extra norms), or that draw random numbers (LoRA dropout: chunking would
-change the order of the draws), run whole through the generic recompute.
+Which families have such layers, and which layout, is in ftune/families.py (`residual_halves`).
+Phi-3's layers are pre-norm with a dropout on each branch, an identity while it is off. Layers
+that draw random numbers (a dropout on, LoRA dropout: chunking would change the order of the
+draws) run whole through the generic recompute.
+
+In a pre-norm layer each branch's last projection (o_proj, down_proj) feeds the residual stream
+alone, whose gradient is known: the recompute leaves their forward GEMMs out (`unread`). In a
+sandwich layer a norm reads them, so they run.
 """
 
 from __future__ import annotations
@@ -36,21 +46,32 @@ from ftune.integrations.peft import lora_execution
 DEFAULT_CHUNK_BYTES = 128 * 1024**2
 
 
-class ResidualHalves:
-    """Runs one pre-norm decoder layer half by half, the MLP chunked over tokens."""
+# The modules each layout's layers have, by transformers' names
+LAYOUTS = {
+    "pre_norm": ("input_layernorm", "self_attn", "post_attention_layernorm", "mlp"),
+    "sandwich_norm": ("input_layernorm", "self_attn", "post_attention_layernorm", "pre_feedforward_layernorm",
+                      "mlp", "post_feedforward_layernorm"),
+}
 
-    def __init__(self, layer: nn.Module, chunk_bytes: int = DEFAULT_CHUNK_BYTES):
+
+class ResidualHalves:
+    """Runs one decoder layer half by half, the MLP chunked over tokens."""
+
+    def __init__(self, layer: nn.Module, chunk_bytes: int = DEFAULT_CHUNK_BYTES, layout: str = "pre_norm"):
         self.layer = layer
         self.chunk_bytes = chunk_bytes
-        self.intermediate = int(getattr(layer.mlp, "intermediate_size"))
+        self.intermediate = _intermediate_size(layer.mlp)
+        self.sandwich = layout == "sandwich_norm"
+        # the projections whose output only the residual stream reads (see the module's docstring)
+        self.attention_unread = () if self.sandwich else (getattr(layer.self_attn, "o_proj", None),)
+        self.mlp_unread = () if self.sandwich else (getattr(layer.mlp, "down_proj", None),)
 
     @staticmethod
-    def supports(layer: nn.Module, uses_randomness: bool, family_has_halves: bool) -> bool:
-        parts = ("input_layernorm", "self_attn", "post_attention_layernorm", "mlp")
+    def supports(layer: nn.Module, uses_randomness: bool, layout: str | None) -> bool:
         return (
-            family_has_halves
+            layout in LAYOUTS
             and not uses_randomness
-            and all(hasattr(layer, part) for part in parts) and hasattr(layer.mlp, "intermediate_size")
+            and all(hasattr(layer, part) for part in LAYOUTS[layout]) and _intermediate_size(layer.mlp) is not None
         )
 
     def chunk_tokens(self, element_size: int) -> int:
@@ -58,12 +79,17 @@ class ResidualHalves:
         return tokens // 256 * 256 if tokens >= 512 else tokens  # whole GEMM tiles when large
 
     def attention(self, x: torch.Tensor, kwargs: dict[str, Any]) -> torch.Tensor:
+        return x + self._attention_branch(x, kwargs)
+
+    def _attention_branch(self, x: torch.Tensor, kwargs: dict[str, Any]) -> torch.Tensor:
         layer = self.layer
         attended, _ = layer.self_attn(hidden_states=layer.input_layernorm(x), **kwargs)
-        return x + attended
+        return layer.post_attention_layernorm(attended) if self.sandwich else attended
 
     def mlp(self, h: torch.Tensor) -> torch.Tensor:
         layer = self.layer
+        if self.sandwich:
+            return layer.post_feedforward_layernorm(layer.mlp(layer.pre_feedforward_layernorm(h)))
         return layer.mlp(layer.post_attention_layernorm(h))
 
     def _chunks(self, h: torch.Tensor):
@@ -130,13 +156,13 @@ class ResidualHalves:
         grad_h, totals = self._mlp_backward(residual, grad_output, params)
         del residual
         x = fetch_input()
-        layer = self.layer
         wrt = ([x] if x.requires_grad else []) + params
         # the attention's matrices made once for its recompute and backward; the parked output
-        # stands in for o's input, and o's own output goes only to the residual, whose gradient is known
-        with lora_execution(hold=True, unread=(getattr(layer.self_attn, "o_proj", None),)):
+        # stands in for o's input, and in a pre-norm layer o's own output goes only to the residual,
+        # whose gradient is known
+        with lora_execution(hold=True, unread=self.attention_unread):
             with torch.enable_grad(), replaying_attention(fetch_attention()):
-                attended, _ = layer.self_attn(hidden_states=layer.input_layernorm(x), **kwargs)
+                attended = self._attention_branch(x, kwargs)
             grads = (list(torch.autograd.grad(attended, wrt, grad_h, allow_unused=True)) if attended.requires_grad
                      else [None] * len(wrt))
         grad_x = None
@@ -153,11 +179,10 @@ class ResidualHalves:
         grad_h = grad_output.clone()  # the residual passes the output gradient straight to h
         flat_grad_h = grad_h.view(-1, h.shape[-1])
         totals: list[torch.Tensor | None] = [None] * len(params)
-        # The MLP's output goes to the residual stream, whose gradient is already known: only its
-        # graph is needed, so the down projection's 4-bit GEMM is left to the backward
-        down_proj = getattr(self.layer.mlp, "down_proj", None)
-        # the MLP's matrices made once for every chunk's recompute and backward
-        with lora_execution(hold=True, unread=(down_proj,)):
+        # In a pre-norm layer the MLP's output goes to the residual stream, whose gradient is already
+        # known: only its graph is needed, so the down projection's 4-bit GEMM is left to the backward.
+        # The MLP's matrices are made once for every chunk's recompute and backward.
+        with lora_execution(hold=True, unread=self.mlp_unread):
             for start, end in self._chunks(h):
                 chunk = flat_h[start:end].detach().requires_grad_()
                 with torch.enable_grad():
@@ -168,6 +193,12 @@ class ResidualHalves:
                 totals = [_add(total, grad) for total, grad in zip(totals, grad_params)]
                 del out, chunk, grad_chunk, grad_params
         return grad_h, totals
+
+
+def _intermediate_size(mlp: nn.Module) -> int | None:
+    """The MLP's intermediate width: its own attribute, or its config's (Phi-3's MLP keeps only that)."""
+    size = getattr(mlp, "intermediate_size", None) or getattr(getattr(mlp, "config", None), "intermediate_size", None)
+    return None if size is None else int(size)
 
 
 def _add(total: torch.Tensor | None, grad: torch.Tensor | None) -> torch.Tensor | None:

@@ -66,8 +66,8 @@ class CheckpointingEngine:
     # The embedding tables (input, and the LM head under the fused loss) moved to host memory
     # (embedding.py), 0 when they stay on the device.
     host_embedding_bytes: int = 0
-    # Whether the model's family has plain pre-norm layers that run as halves (ftune/families.py).
-    residual_halves: bool = False
+    # The layout of the family's layers, if they run as halves (ftune/families.py, engine/halves.py).
+    residual_halves: str | None = None
 
     def counts(self) -> dict[str, int]:
         return {policy.value: self.policies.count(policy) for policy in Policy}
@@ -123,7 +123,7 @@ def install_checkpointing(
     family = family_of(getattr(getattr(base, "config", None), "model_type", None))
     engine = CheckpointingEngine(mode=mode, policies=list(policies), device=device, copier=copier,
                                  mlp_chunk_bytes=mlp_chunk_bytes, host_embedding_bytes=host_embedding_bytes,
-                                 residual_halves=bool(family and family.residual_halves))
+                                 residual_halves=family.residual_halves if family else None)
     for index, (layer, policy) in enumerate(zip(layers, policies)):
         engine.layers.append(layer)
         engine._originals.append(layer.__dict__.get("forward"))
@@ -160,7 +160,7 @@ class _WrappedForward:
         self.forward = forward
         self.policy = policy
         self.uses_randomness = any(isinstance(m, nn.Dropout) and m.p > 0 for m in layer.modules())
-        self.halves = (ResidualHalves(layer, engine.mlp_chunk_bytes)
+        self.halves = (ResidualHalves(layer, engine.mlp_chunk_bytes, engine.residual_halves)
                        if ResidualHalves.supports(layer, self.uses_randomness, engine.residual_halves) else None)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
