@@ -156,14 +156,18 @@ def resolve(recipe: Recipe, device: Device, *, mode: str | None = None, config: 
     # A step holds at most batch x max_length tokens in every layout: padded rows are cut at
     # max_length, padding-free ones hold only their own tokens, packed sequences fill up to
     # max_length. Padding-free and packed steps are one sequence of those tokens; the layers'
-    # memory is per token, so the memory model plans them as batch rows of max_length.
+    # memory is per token, so the memory model plans them as batch rows of max_length; under sdpa
+    # their mask is not (dense_packed_mask).
+    attention = attention_implementation(recipe, family)
+    phases = workflow_phases(recipe)
     setting = Setting(
         mode=mode, seq=recipe.data.max_length, batch=recipe.training.batch_size,
         quantized=recipe.quantization.method != "none", double_quant=recipe.quantization.double_quant,
         lora_r=recipe.lora.r, lora_targets=_projections(targets), lora_parameters=tuple(parameters),
         fused_loss=fused_loss,
         host_embeddings=host_embeddings, host_lm_head=not sharded_by_fsdp(recipe, device.ranks),
-        optimizer=recipe.training.optimizer, **workflow_phases(recipe),
+        optimizer=recipe.training.optimizer, eval_tokens=eval_tokens(recipe, phases.get("rows_per_example", 1)),
+        dense_packed_mask=attention == "sdpa" and batch_layout(recipe) in ("padding-free", "packed"), **phases,
     )
     budget, layers, notes = None, None, expert_notes(recipe, family, parameters, dtype)
     if mode == "smart":
@@ -180,7 +184,7 @@ def resolve(recipe: Recipe, device: Device, *, mode: str | None = None, config: 
     setting.host_lm_head = host_lm_head
     return RunPlan(device=device, config=config, family=family, dtype=dtype,
                    compute_dtype=dtype if compute == "auto" else compute,
-                   attention=attention_implementation(recipe, family), lora_targets=targets,
+                   attention=attention, lora_targets=targets,
                    lora_parameters=parameters, kernels=kernels,
                    checkpointing=mode, host_embeddings=host_embeddings, host_lm_head=host_lm_head, setting=setting,
                    batches=batch_layout(recipe), budget=budget, layers=layers, notes=notes)
@@ -213,6 +217,15 @@ def batch_layout(recipe: Recipe) -> str:
         return "packed"
     several = recipe.training.batch_size > 1
     return "padding-free" if sft.padding_free is True or (sft.padding_free == "auto" and several) else "padded"
+
+
+def eval_tokens(recipe: Recipe, rows_per_example: int) -> int:
+    """Tokens of an evaluation's forward: eval batch x rows per example x max_length with data.eval
+    (SFT and DPO; GRPO's evaluation generates, which its generation phase counts), else 0."""
+    if recipe.data.eval is None or recipe.workflow == "grpo":
+        return 0
+    training = recipe.training
+    return (training.eval_batch_size or training.batch_size) * rows_per_example * recipe.data.max_length
 
 
 def workflow_phases(recipe: Recipe) -> dict:

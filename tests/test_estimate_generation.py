@@ -151,3 +151,51 @@ def test_estimate_vram_prints_the_generation_phase(monkeypatch, capsys):
     assert code in (0, None)
     assert "beyond training: generation" in out and "KV cache" in out
     assert "32 sequences x (512 prompt + 2048 completion)" in " ".join(out.split())
+
+
+def test_evaluation_is_a_phase_beside_training():
+    """An evaluation's forward (no gradients, its MLP in chunks, the fetched LM head kept) adds to the
+    peak only what it needs beyond the training's busiest moment."""
+    from ftune.memory.estimate import MLP_CHUNK_BYTES, eval_forward_bytes
+
+    shape = Shape.from_config(PRESETS["llama-3.1-8b"])
+    training = Setting(seq=8192, batch=1, host_memory=125 * GiB)
+    # measured on an H200 (docs/benchmarks.md, 2026-12-02): evaluation rows like the training's left
+    # the 8B shape's peak at 8192 tokens where it was (5.570 GiB with, 5.565 without)
+    assert estimate(shape, replace(training, eval_tokens=8192)).evaluation == 0
+    assert estimate(shape, replace(training, eval_tokens=8192)).peak == estimate(shape, training).peak
+    # eight evaluation rows at once: their forward outgrows the training step's backward
+    wide = estimate(shape, replace(training, eval_tokens=8 * 8192))
+    assert wide.evaluation > 0 and wide.peak > estimate(shape, training).peak
+    # by hand, in bf16 elements: the residual and normed input, then the larger of attention's q, k,
+    # v and output and the MLP chunk's gate, up and product (4681 tokens: 3 x 128 MiB), then gate and
+    # up dequantized
+    tokens, q, kv = 8192, 32 * 128, 8 * 128
+    chunk = MLP_CHUNK_BYTES // (2 * 14336) * 3 * 14336
+    assert chunk > tokens * (2 * q + 2 * kv + 4096)
+    assert eval_forward_bytes(shape, tokens, True) == 2 * (2 * tokens * 4096 + chunk + 2 * 14336 * 4096)
+    # a MoE block runs whole, as in any forward without gradients
+    moe = Shape.from_config(PRESETS["qwen3-30b-a3b"])
+    assert eval_forward_bytes(moe, tokens, True) == no_grad_forward_bytes(moe, tokens, True)
+
+
+def test_padding_free_batches_hold_a_dense_mask_under_sdpa():
+    """transformers builds a tokens x tokens boolean mask from a padding-free batch's position ids
+    for sdpa; the memory model counts it for the whole step."""
+    shape = Shape.from_config(PRESETS["llama-3.1-8b"])
+    padded = Setting(seq=2048, batch=8, host_memory=125 * GiB)
+    packed = replace(padded, dense_packed_mask=True)
+    assert estimate(shape, packed).checkpoints_gpu - estimate(shape, padded).checkpoints_gpu == (8 * 2048) ** 2
+
+
+def test_the_plan_counts_evaluation_and_the_packed_mask():
+    from ftune.plan import Device, resolve
+
+    cuda = Device(kind="cuda")
+    recipe = load_recipe(REPO / "recipes" / "quickstart.yaml", ["data.eval=0.1", "training.eval_batch_size=3",
+                                                               "training.batch_size=2", "sft.padding_free=true"])
+    plan = resolve(recipe, cuda)
+    assert plan.attention == "sdpa" and plan.batches == "padding-free"
+    assert plan.setting.eval_tokens == 3 * recipe.data.max_length and plan.setting.dense_packed_mask
+    padded = resolve(load_recipe(REPO / "recipes" / "quickstart.yaml", ["sft.padding_free=false"]), cuda)
+    assert padded.setting.eval_tokens == 0 and not padded.setting.dense_packed_mask

@@ -27,6 +27,7 @@ ROWS = [
     ("optimizer states", "optimizer_states"), ("checkpoints on the GPU", "checkpoints_gpu"),
     ("busiest layer / loss working set", "working_set"), ("beyond it: logits, or fetched LM head", "loss"),
     ("beyond training: generation", "generation"), ("beyond training: no-grad pass", "reference"),
+    ("beyond training: evaluation", "evaluation"),
 ]
 
 

@@ -40,10 +40,10 @@ from torch import nn
 
 from ftune.engine.attention import AttentionOutput, recording_attention, replaying_attention
 from ftune.integrations.peft import lora_execution
+from ftune.memory.estimate import MLP_CHUNK_BYTES
 
-# Largest MLP intermediate (one tensor) that a chunk may create; 128 MiB is 4608 tokens of an
-# 8B Llama's 14336-wide MLP in bf16, large enough that the chunk's matmuls run at full speed.
-DEFAULT_CHUNK_BYTES = 128 * 1024**2
+# Largest MLP intermediate (one tensor) that a chunk may create (the memory model's too)
+DEFAULT_CHUNK_BYTES = MLP_CHUNK_BYTES
 
 
 # The modules each layout's layers have, by transformers' names

@@ -128,6 +128,11 @@ TRL_HEAD_TILE = (4096, 4096)
 # (model_type, hidden, layers) of the shapes the grid measured: Llama-3.1-8B and Qwen2.5-7B
 MEASURED_SHAPES = {("llama", 4096, 32), ("qwen2", 3584, 28)}
 
+# Largest MLP intermediate (one tensor) that a recomputed layer's chunk creates (ftune/engine/halves.py);
+# 128 MiB is 4608 tokens of an 8B Llama's 14336-wide MLP in bf16, large enough that the chunk's
+# matmuls run at full speed.
+MLP_CHUNK_BYTES = 128 * 1024**2
+
 # When a step parks (ftune/engine/attention.py). Parking is a speed-up that takes twice the layer
 # inputs' host memory: a step parks only while its inputs and parked halves take at most this share
 # of the host's memory...
@@ -243,6 +248,12 @@ class Setting:
     # A forward without gradients over the training rows before the training forward: DPO's
     # reference, GRPO's reference (beta > 0) or its old log-probabilities
     reference_pass: bool = False
+    # Tokens of an evaluation forward (data.eval: eval batch x rows per example x max_length); 0: none
+    eval_tokens: int = 0
+    # The batch's rows end to end in one sequence (padding-free or packed) under sdpa: transformers
+    # builds a dense boolean mask of tokens x tokens from the position ids (block-diagonal causal),
+    # which the layers' recompute keeps to the end of the step. 16k tokens: 256 MiB; 64k: 4 GiB.
+    dense_packed_mask: bool = False
 
     @property
     def training_tokens(self) -> int:
@@ -268,10 +279,12 @@ class Estimate:
     checkpoints_gpu: int = 0
     working_set: int = 0
     loss: int = 0
-    # What GRPO's generation and the forward without gradients (DPO's reference pass) need beyond
-    # the training's busiest moment (zero when less): phases of the step, as `loss` is
+    # What GRPO's generation, the forward without gradients (DPO's reference pass) and an
+    # evaluation's forward need beyond the training's busiest moment (zero when less): phases of
+    # the step, as `loss` is
     generation: int = 0
     reference: int = 0
+    evaluation: int = 0
     # The generation's KV cache on the GPU at its fullest, part of `generation`'s phase (for the table)
     kv_cache: int = 0
     checkpoints_host: int = 0
@@ -283,7 +296,7 @@ class Estimate:
     notes: list[str] = field(default_factory=list)
 
     GPU_PARTS = ("quantized_weights", "quant_constants", "weights_16bit", "lora_parameters", "lora_gradients",
-                 "optimizer_states", "checkpoints_gpu", "working_set", "loss", "generation", "reference")
+                 "optimizer_states", "checkpoints_gpu", "working_set", "loss", "generation", "reference", "evaluation")
 
     @property
     def peak(self) -> int:
@@ -355,7 +368,7 @@ def estimate(shape: Shape, setting: Setting) -> Estimate:
     if shape.experts:  # the MoE block's backward, beside what the block saved (which mode none keeps for every layer)
         result.working_set += moe_backward_bytes(shape, tokens, setting.lora_parameters) + \
             (0 if mode == "none" else moe_saved_bytes(shape, tokens, setting.lora_parameters))
-    result.checkpoints_gpu = aux_loss_bytes(shape, tokens)
+    result.checkpoints_gpu = aux_loss_bytes(shape, tokens) + packed_mask_bytes(setting, setting.training_tokens)
     if mode == "true":
         result.checkpoints_gpu += shape.layers * hidden_tensor
     elif mode == "unsloth":
@@ -427,9 +440,16 @@ def settle_phases(shape: Shape, setting: Setting, result: Estimate) -> None:
     if setting.reference_pass:
         reference = head + no_grad_forward_bytes(shape, setting.training_tokens, setting.quantized) + \
             trl_head_bytes(setting.training_tokens)
+    # An evaluation's forward runs between optimizer steps, without the LoRA gradients (set to None)
+    # and without the step's checkpoints, its MLP in chunks as the training's recompute
+    evaluation = 0
+    if setting.eval_tokens:
+        evaluation = head + eval_forward_bytes(shape, setting.eval_tokens, setting.quantized) + \
+            packed_mask_bytes(setting, setting.eval_tokens) - result.lora_gradients
     result.kv_cache = kv_cache_on_gpu(shape, setting) if setting.generations else 0
     result.generation = max(0, generation - training)
     result.reference = max(0, reference - training - result.generation)
+    result.evaluation = max(0, evaluation - training - result.generation - result.reference)
 
 
 def kv_cache_bytes(shape: Shape, tokens: int) -> int:
@@ -487,6 +507,25 @@ def no_grad_forward_bytes(shape: Shape, tokens: int, quantized: bool) -> int:
     attention = tokens * (2 * q + 2 * kv + shape.hidden)
     dequantized = 2 * shape.intermediate * shape.hidden if quantized else 0
     return BF16 * (2 * tokens * shape.hidden + max(mlp, attention) + dequantized)
+
+
+def eval_forward_bytes(shape: Shape, tokens: int, quantized: bool) -> int:
+    """A decoder layer's busiest moment in an evaluation's forward (no gradients): as
+    no_grad_forward_bytes, with a dense MLP run in chunks of tokens as the engine runs it
+    (MLP_CHUNK_BYTES per intermediate; a MoE block whole)."""
+    if shape.experts:
+        return no_grad_forward_bytes(shape, tokens, quantized)
+    q, kv = shape.heads * shape.head_dim, shape.kv_heads * shape.head_dim
+    chunk = min(tokens, max(1, MLP_CHUNK_BYTES // (BF16 * shape.intermediate)))
+    mlp = chunk * 3 * shape.intermediate
+    attention = tokens * (2 * q + 2 * kv + shape.hidden)
+    dequantized = 2 * shape.intermediate * shape.hidden if quantized else 0
+    return BF16 * (2 * tokens * shape.hidden + max(mlp, attention) + dequantized)
+
+
+def packed_mask_bytes(setting: Setting, tokens: int) -> int:
+    """The dense mask of a padding-free or packed batch of `tokens` under sdpa (Setting.dense_packed_mask)."""
+    return tokens * tokens if setting.dense_packed_mask else 0
 
 
 def trl_head_bytes(tokens: int) -> int:
