@@ -179,6 +179,23 @@ def test_pool_buffers_are_powers_of_two_shared_by_lengths_within_one():
     assert pool.stats.buffers == 2
 
 
+def test_pool_lets_idle_buffers_go_when_longer_batches_supersede_them():
+    """Larger buffers serve every request smaller ones did: once a batch needs them, the idle
+    smaller ones leave the pool (pinned memory is the host's to share); one in use stays."""
+    from ftune.engine.host_memory import HostBufferPool
+
+    mib = 2**20
+    pool = HostBufferPool(pin_memory=False)
+    idle, held = pool.acquire(3 * mib), pool.acquire(3 * mib)
+    pool.release(idle)
+    larger = pool.acquire(5 * mib)
+    assert larger.numel() == 8 * mib
+    assert (pool.stats.buffers, pool.stats.bytes_total) == (2, 12 * mib)  # the held 4 MiB and the new 8 MiB
+    pool.release(held)
+    pool.release(larger)
+    assert pool.acquire(4 * mib).numel() == 4 * mib  # the best fit still
+
+
 def test_dropped_graph_returns_its_buffers():
     model, engine = tiny_lora_model("tiny-llama", "unsloth")
     ids = _batch(0, 2, 8)

@@ -4,6 +4,7 @@ module of ftune/integrations/ to check against the new version."""
 from __future__ import annotations
 
 import bitsandbytes as bnb
+import pytest
 import bitsandbytes.nn.modules as bnb_modules
 import torch
 
@@ -142,3 +143,30 @@ def test_transformers_records_router_logits_through_a_context_variable():
     assert ftune_transformers.router_logits_being_recorded() is None
     with ftune_transformers.recording_router_logits_apart() as logits:
         assert ftune_transformers.router_logits_being_recorded() is logits
+
+
+def test_torch_takes_the_pinned_allocation_settings_ftune_makes(monkeypatch):
+    """The allocator-settings entry point exists and takes ftune's pinning options, the call that
+    empties the pinned cache exists, and a user's own pinning setting is left alone. (A CPU build of torch accepts any
+    CUDA key; whether CUDA's parser knows them is the gpu test below.)"""
+    from ftune.integrations import torch as torch_integration
+
+    assert callable(getattr(torch._C, "_accelerator_setAllocatorSettings", None))
+    assert callable(getattr(torch._C, "_accelerator_emptyHostCache", None) or getattr(torch._C, "_host_emptyCache", None))
+    monkeypatch.delenv("PYTORCH_CUDA_ALLOC_CONF", raising=False)
+    assert torch_integration.fast_pinned_allocation()
+    monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "pinned_use_background_threads:True")
+    assert not torch_integration.fast_pinned_allocation()
+
+
+@pytest.mark.gpu
+def test_gpu_cuda_parses_the_pinning_options():
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    with pytest.raises(RuntimeError):
+        torch._C._accelerator_setAllocatorSettings("pinned_no_such_option:True")
+    torch._C._accelerator_setAllocatorSettings("pinned_use_cuda_host_register:True,pinned_num_register_threads:8")
+    assert torch.empty(4 * 2**20, dtype=torch.uint8, pin_memory=True).is_pinned()
+    from ftune.integrations.torch import return_pinned_memory
+
+    return_pinned_memory()

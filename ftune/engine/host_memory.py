@@ -38,6 +38,8 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.modeling_layers import GradientCheckpointingLayer
 
+from ftune.integrations.torch import fast_pinned_allocation, return_pinned_memory
+
 logger = logging.getLogger(__name__)
 
 # Buffers are at least this size.
@@ -95,6 +97,7 @@ class HostBufferPool:
             buffer = self._free.pop(best)
         else:
             size = buffer_size(nbytes)
+            self._drop_smaller_than(size)
             buffer = self._allocate(size, keep_free)
             if buffer is None and not optional and self.make_room is not None and self.make_room():
                 buffer = self._allocate(size, keep_free)
@@ -117,11 +120,20 @@ class HostBufferPool:
 
     def trim(self) -> int:
         """Free the buffers no stash holds; the bytes freed."""
-        freed = sum(buffer.numel() for buffer in self._free)
-        self.stats.buffers -= len(self._free)
-        self.stats.bytes_total -= freed
-        self._free.clear()
-        return freed
+        return self._drop(lambda buffer: True)
+
+    def _drop_smaller_than(self, size: int) -> None:
+        """A batch longer than any before needs larger buffers, which from then on also serve every
+        request the idle smaller ones served: those go back to the system rather than stay pinned."""
+        if self._drop(lambda buffer: buffer.numel() < size) and self.pin_memory:
+            return_pinned_memory()
+
+    def _drop(self, dropped: Callable[[torch.Tensor], bool]) -> int:
+        freed = [buffer for buffer in self._free if dropped(buffer)]
+        self._free = [buffer for buffer in self._free if not dropped(buffer)]
+        self.stats.buffers -= len(freed)
+        self.stats.bytes_total -= sum(buffer.numel() for buffer in freed)
+        return sum(buffer.numel() for buffer in freed)
 
     def _allocate(self, nbytes: int, keep_free: int) -> torch.Tensor | None:
         memory = psutil.virtual_memory()
@@ -158,6 +170,8 @@ class HostCopier:
     """Moves tensors between the device and the pool, on a side stream when the device is CUDA."""
 
     def __init__(self, device: torch.device):
+        if device.type == "cuda":
+            fast_pinned_allocation()
         self.pool = HostBufferPool(pin_memory=device.type == "cuda")
         # Buffers for what a layer parks besides its input (ftune/engine/attention.py). They are
         # optional, so they have a pool of their own: a layer input never waits for one of
@@ -171,8 +185,8 @@ class HostCopier:
     def _trim_parking(self) -> bool:
         if not self.parking_pool.trim():
             return False
-        if self.parking_pool.pin_memory and hasattr(torch._C, "_host_emptyCache"):
-            torch._C._host_emptyCache()  # PyTorch caches freed pinned memory; give it back to the system
+        if self.parking_pool.pin_memory:
+            return_pinned_memory()
         return True
 
     @property
