@@ -1,9 +1,10 @@
 """Run by tests/test_distributed.py under torchrun: the 4-bit LoRA model that ftune builds for
 distributed.strategy fsdp, sharded with FSDP2 (gloo, CPU) as accelerate shards it (each decoder
 layer its own unit, then the LM head's group, then the root), each rank training on its half of a
-fixed batch; rank 0 saves the LoRA gradients, gathered whole.
+fixed batch; rank 0 saves the LoRA gradients, gathered whole, for each checkpointing mode named
+(one launch for all of them).
 
-    python -m torch.distributed.run --nproc_per_node 2 tests/fsdp_grads.py MODE OUT
+    python -m torch.distributed.run --nproc_per_node 2 tests/fsdp_grads.py MODE[,MODE...] OUT
 """
 
 from __future__ import annotations
@@ -53,30 +54,32 @@ def fsdp_model(mode: str):
     return built.model
 
 
-def main(mode: str, out: str) -> None:
+def main(modes: str, out: str) -> None:
+    """OUT holds {mode: {name: gradient}}."""
     torch.set_num_threads(1)
     # Before the process group: with one initialized, transformers' save_pretrained (building the
     # preset) writes its config from rank 0 only, and rank 1 could publish a folder without one.
-    model = fsdp_model(mode)
+    models = {mode: fsdp_model(mode) for mode in modes.split(",")}
     dist.init_process_group("gloo")
     rank = dist.get_rank()
     mesh = init_device_mesh("cpu", (dist.get_world_size(),))
-    for layer in decoder_layers(model):
-        fully_shard(layer, mesh=mesh)
-    base = model.get_base_model()
-    fully_shard([base.model.norm, base.lm_head], mesh=mesh, reshard_after_forward=False)
-    fully_shard(model, mesh=mesh)
     half = BATCH[rank * 2:(rank + 1) * 2]
-    model(input_ids=half, labels=half).loss.backward()
     grads = {}
-    for name, parameter in model.named_parameters():
-        if parameter.requires_grad and parameter.grad is not None:
-            grad = parameter.grad
-            grads[name] = (grad.full_tensor() if isinstance(grad, DTensor) else grad).detach().clone()
+    for mode, model in models.items():
+        for layer in decoder_layers(model):
+            fully_shard(layer, mesh=mesh)
+        base = model.get_base_model()
+        fully_shard([base.model.norm, base.lm_head], mesh=mesh, reshard_after_forward=False)
+        fully_shard(model, mesh=mesh)
+        model(input_ids=half, labels=half).loss.backward()
+        grads[mode] = {}
+        for name, parameter in model.named_parameters():
+            if parameter.requires_grad and parameter.grad is not None:
+                grad = parameter.grad
+                grads[mode][name] = (grad.full_tensor() if isinstance(grad, DTensor) else grad).detach().clone()
     if rank == 0:
         torch.save(grads, out)
     dist.barrier()
-
 
 if __name__ == "__main__":
     main(sys.argv[1], sys.argv[2])

@@ -17,18 +17,32 @@ from tests.ddp_grads import BATCH
 from tests.helpers import lora_grads, tiny_lora_model
 
 pytestmark = pytest.mark.slow
-WORKER = os.path.join(os.path.dirname(__file__), "ddp_grads.py")
 QUICKSTART = os.path.join(os.path.dirname(__file__), "..", "recipes", "quickstart.yaml")
 PAUSING = pausing_train.SCRIPT
 
 
-@pytest.mark.parametrize("mode", ["none", "true", "unsloth"])
-def test_two_processes_equal_one(mode, tmp_path):
-    out = tmp_path / "grads.pt"
+MODES = ["none", "true", "unsloth"]
+
+
+def run_grads_worker(worker: str, out) -> dict[str, dict[str, torch.Tensor]]:
+    """Two gloo processes under torchrun, every mode of MODES in the one launch: {mode: gradients}."""
     result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                             WORKER, mode, str(out)], capture_output=True, text=True, timeout=300)
+                             os.path.join(os.path.dirname(__file__), worker), ",".join(MODES), str(out)],
+                            capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
-    distributed = torch.load(out)
+    grads = torch.load(out)
+    assert list(grads) == MODES
+    return grads
+
+
+@pytest.fixture(scope="module")
+def ddp_grads(tmp_path_factory):
+    return run_grads_worker("ddp_grads.py", tmp_path_factory.mktemp("ddp") / "grads.pt")
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_two_processes_equal_one(mode, ddp_grads):
+    distributed = ddp_grads[mode]
     single, _ = tiny_lora_model("tiny-llama", mode)
     # One process, the same global batch: each micro-batch holds the two ranks' sequences.
     for ids in (BATCH[[0, 2]], BATCH[[1, 3]]):
@@ -39,47 +53,58 @@ def test_two_processes_equal_one(mode, tmp_path):
         torch.testing.assert_close(distributed[name], expected[name], atol=1e-6, rtol=1e-5, msg=name)
 
 
-@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
-def test_ftune_train_under_torchrun_matches_one_process(strategy, tmp_path):
-    """ftune train on 2 gloo processes (batch 2 each) logs the losses of 1 process with batch 4;
-    only rank 0 writes the outputs, and metrics.jsonl holds every rank's memory. fsdp on CPU
-    (accelerate shards on GPUs only) says that it trains as ddp, and does."""
-    common = ["--set", "training.max_steps=4", "--set", "training.logging_steps=1", "--set", "data.limit=64"]
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                          "-m", "ftune", "train", QUICKSTART, "--set", f"training.output_dir={tmp_path / 'two'}",
-                          "--set", "training.batch_size=2", "--set", f"distributed.strategy={strategy}", *common],
-                         capture_output=True, text=True, timeout=300)
-    assert two.returncode == 0, two.stderr[-3000:]
-    one = subprocess.run([sys.executable, "-m", "ftune", "train", QUICKSTART, "--set",
-                          f"training.output_dir={tmp_path / 'one'}", "--set", "training.batch_size=4", *common],
-                         capture_output=True, text=True, timeout=300)
-    assert one.returncode == 0, one.stderr[-3000:]
-    records = {name: [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
-               for name in ("one", "two")}
-    assert [r["loss"] for r in records["two"]] == pytest.approx([r["loss"] for r in records["one"]], abs=1e-5)
-    assert all(len(r["ranks"]) == 2 for r in records["two"])
-    assert two.stderr.count("run finished") == 1  # rank 0 reports; rank 1 only trains
-    assert ("train as ddp" in two.stdout + two.stderr) == (strategy == "fsdp")
+# The run of the tests below: the quickstart for 9 steps, a checkpoint every 3, on two gloo ranks of
+# batch 2 under torchrun (or, to compare, one process of batch 4).
+RUN = ("training.max_steps=9", "training.save_steps=3", "training.save_total_limit=10", "training.logging_steps=1",
+       "training.lr_scheduler=constant", "data.limit=64", "checkpointing.mode=unsloth")
 
 
-def torchrun_command(out, *, pausing: bool = False) -> list[str]:
-    """A 9-step quickstart on two gloo ranks, a checkpoint every 3 steps; `pausing`: through
-    tests/pausing_train.py, which waits after a checkpoint until a signal arrives."""
+def torchrun_command(out, *, pausing: bool = False, strategy: str = "ddp") -> list[str]:
+    """RUN on two gloo ranks; `pausing`: through tests/pausing_train.py, which waits after a
+    checkpoint until a signal arrives."""
     args = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
             *([PAUSING] if pausing else ["-m", "ftune"]), "train", QUICKSTART]
-    for item in (f"training.output_dir={out}", "training.max_steps=9", "training.save_steps=3",
-                 "training.save_total_limit=10", "training.logging_steps=1", "training.batch_size=2",
-                 "training.lr_scheduler=constant", "data.limit=64", "checkpointing.mode=unsloth"):
+    for item in (f"training.output_dir={out}", "training.batch_size=2", f"distributed.strategy={strategy}", *RUN):
         args += ["--set", item]
     return args
 
 
+def run_torchrun(out, strategy: str) -> subprocess.CompletedProcess:
+    result = subprocess.run(torchrun_command(out, strategy=strategy), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
 @pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory):
+def ddp_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("torchrun") / "full"
-    full = subprocess.run(torchrun_command(out), capture_output=True, text=True, timeout=300)
-    assert full.returncode == 0, full.stderr[-3000:]
-    return out
+    return out, run_torchrun(out, "ddp")
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(ddp_run):
+    """The run that the stopped and resumed ones must end as."""
+    return ddp_run[0]
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_ftune_train_under_torchrun_matches_one_process(strategy, ddp_run, tmp_path):
+    """ftune train on 2 gloo processes (batch 2 each) logs the losses of 1 process with batch 4;
+    only rank 0 writes the outputs, and metrics.jsonl holds every rank's memory. fsdp on CPU
+    (accelerate shards on GPUs only) says that it trains as ddp, and does."""
+    from ftune.recipe import load_recipe
+    from ftune.runner import train
+
+    out, two = ddp_run if strategy == "ddp" else (tmp_path / "two", run_torchrun(tmp_path / "two", strategy))
+    # the one process runs in this test's own (every two-process run is ftune's CLI in processes of its own)
+    train(load_recipe(QUICKSTART, [f"training.output_dir={tmp_path / 'one'}", "training.batch_size=4", *RUN]))
+    records = {name: [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+               for name, folder in (("one", tmp_path / "one"), ("two", out))}
+    assert [r["step"] for r in records["two"]] == [r["step"] for r in records["one"]] == list(range(1, 10))
+    assert [r["loss"] for r in records["two"]] == pytest.approx([r["loss"] for r in records["one"]], abs=1e-5)
+    assert all(len(r["ranks"]) == 2 for r in records["two"])
+    assert two.stderr.count("run finished") == 1  # rank 0 reports; rank 1 only trains
+    assert ("train as ddp" in two.stdout + two.stderr) == (strategy == "fsdp")
 
 
 def _start_and_pause_after_checkpoint_3(out, *, rank: int | None = None) -> subprocess.Popen:
@@ -179,19 +204,19 @@ def test_sigterm_to_one_rank_stops_every_rank_at_one_checkpoint(tmp_path, uninte
     _assert_resumes_to(out, uninterrupted)
 
 
-@pytest.mark.parametrize("mode", ["none", "true", "unsloth"])
-def test_fsdp2_sharded_4bit_model_gives_the_gradients_of_one_process(mode, tmp_path):
+@pytest.fixture(scope="module")
+def fsdp_grads(tmp_path_factory):
+    return run_grads_worker("fsdp_grads.py", tmp_path_factory.mktemp("fsdp") / "grads.pt")
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_fsdp2_sharded_4bit_model_gives_the_gradients_of_one_process(mode, fsdp_grads):
     """distributed.strategy fsdp: the 4-bit weights (in their float storage) sharded over two
     processes, every checkpointing mode recomputing through the gathered layers, give the LoRA
     gradients of the whole model in one process over the same batch."""
     from tests.fsdp_grads import fsdp_model
 
-    out = tmp_path / "grads.pt"
-    worker = os.path.join(os.path.dirname(__file__), "fsdp_grads.py")
-    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                             worker, mode, str(out)], capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
-    sharded = torch.load(out)
+    sharded = fsdp_grads[mode]
     single = fsdp_model(mode)
     single(input_ids=BATCH, labels=BATCH).loss.backward()
     expected = lora_grads(single)
