@@ -167,6 +167,7 @@ def resolve(recipe: Recipe, device: Device, *, mode: str | None = None, config: 
         fused_loss=fused_loss,
         host_embeddings=host_embeddings, host_lm_head=not sharded_by_fsdp(recipe, device.ranks),
         optimizer=recipe.training.optimizer, eval_tokens=eval_tokens(recipe, phases.get("rows_per_example", 1)),
+        parked_attention=attention == "sdpa",
         dense_packed_mask=attention == "sdpa" and batch_layout(recipe) in ("padding-free", "packed"), **phases,
     )
     budget, layers, notes = None, None, expert_notes(recipe, family, parameters, dtype)

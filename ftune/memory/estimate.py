@@ -229,7 +229,7 @@ class Setting:
     # and the loss, not for the layers' backward (ftune.engine.host_memory.HostLMHead)
     host_lm_head: bool = True
     # Offloaded layers park their attention half beside their input, where the engine's rule allows
-    # (`parks`: tokens and a share of host memory) ...
+    # (`parks`: tokens and a share of host memory; only attention through sdpa parks) ...
     parked_attention: bool = True
     # ... of this much host memory (None: this machine's)
     host_memory: int | None = None
