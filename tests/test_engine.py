@@ -404,6 +404,18 @@ def test_tied_table_moves_only_with_the_head_and_once():
     model = _tied(tiny_lora_model("tiny-llama", "none")[0])
     assert move_tables_to_host(model, torch.device("cpu"), lm_head=False) == 0
     assert type(model.get_input_embeddings()) is torch.nn.Embedding
+
+    class OwnForward(torch.nn.Embedding):  # an embedding HostEmbedding would not reproduce stays...
+        def forward(self, ids):
+            return super().forward(ids) * 2
+
+    base, table = model.get_base_model(), model.get_input_embeddings()
+    own = OwnForward(*table.weight.shape)
+    own.weight = table.weight
+    base.set_input_embeddings(own)
+    assert move_tables_to_host(model, torch.device("cpu"), lm_head=True) == 0
+    assert type(model.get_output_embeddings()) is torch.nn.Linear  # ...and keeps its tied head with it
+    base.set_input_embeddings(table)
     assert move_tables_to_host(model, torch.device("cpu"), lm_head=True) == VOCAB * 128 * 4
     embedding, head = model.get_input_embeddings(), model.get_output_embeddings()
     assert isinstance(embedding, HostEmbedding) and isinstance(head, HostLMHead)

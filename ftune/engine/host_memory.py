@@ -432,8 +432,9 @@ def move_tables_to_host(model: nn.Module, device: torch.device, lm_head: bool) -
     embedding_moves = (isinstance(embedding, nn.Embedding) and not embedding.weight.requires_grad
                        and (type(embedding) is nn.Embedding or _scaled_embedding(embedding)))
     head_moves = lm_head and type(head) is nn.Linear and not head.weight.requires_grad
-    tied = embedding_moves and head is not None and head.weight.data_ptr() == embedding.weight.data_ptr()
-    if tied and not head_moves:
+    tied = (head is not None and getattr(embedding, "weight", None) is not None
+            and head.weight.data_ptr() == embedding.weight.data_ptr())
+    if tied and not (embedding_moves and head_moves):
         return 0
     freed, shared = 0, None
     if embedding_moves:
