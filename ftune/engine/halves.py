@@ -40,10 +40,7 @@ from torch import nn
 
 from ftune.engine.attention import AttentionOutput, recording_attention, replaying_attention
 from ftune.integrations.peft import lora_execution
-from ftune.memory.estimate import MLP_CHUNK_BYTES
-
-# Largest MLP intermediate (one tensor) that a chunk may create (the memory model's too)
-DEFAULT_CHUNK_BYTES = MLP_CHUNK_BYTES
+from ftune.memory.estimate import MLP_CHUNK_BYTES  # the largest MLP intermediate a chunk may create
 
 
 # The modules each layout's layers have, by transformers' names
@@ -57,7 +54,7 @@ LAYOUTS = {
 class ResidualHalves:
     """Runs one decoder layer half by half, the MLP chunked over tokens."""
 
-    def __init__(self, layer: nn.Module, chunk_bytes: int = DEFAULT_CHUNK_BYTES, layout: str = "pre_norm"):
+    def __init__(self, layer: nn.Module, chunk_bytes: int = MLP_CHUNK_BYTES, layout: str = "pre_norm"):
         self.layer = layer
         self.chunk_bytes = chunk_bytes
         self.intermediate = _intermediate_size(layer.mlp)

@@ -29,11 +29,11 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 
 from ftune.engine import attention
 from ftune.engine.attention import AttentionOutput
-from ftune.engine.halves import DEFAULT_CHUNK_BYTES, ResidualHalves
+from ftune.engine.halves import ResidualHalves
 from ftune.engine.host_memory import HostCopier, HostStash, buffer_size
 from ftune.families import family_of
 from ftune.integrations.transformers import recording_router_logits_apart, router_logits_being_recorded
-from ftune.memory.estimate import parks
+from ftune.memory.estimate import MLP_CHUNK_BYTES, parks
 from ftune.memory.policy import Policy
 
 logger = logging.getLogger(__name__)
@@ -62,7 +62,7 @@ class CheckpointingEngine:
     _last_unit: "weakref.ref[_LayerUnit] | None" = None
     _warned_cache: bool = False
     # Largest MLP intermediate a recomputed layer creates at once (see halves.py).
-    mlp_chunk_bytes: int = DEFAULT_CHUNK_BYTES
+    mlp_chunk_bytes: int = MLP_CHUNK_BYTES
     # The embedding tables (input, and the LM head under the fused loss) moved to host memory
     # (embedding.py), 0 when they stay on the device.
     host_embedding_bytes: int = 0
@@ -96,7 +96,7 @@ def install_checkpointing(
     mode: str,
     policies: list[Policy] | None = None,
     device: torch.device | None = None,
-    mlp_chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+    mlp_chunk_bytes: int = MLP_CHUNK_BYTES,
     host_embedding_bytes: int = 0,
 ) -> CheckpointingEngine:
     """Wrap each decoder layer of `model` with its policy (from the mode, or given per layer);
