@@ -46,6 +46,18 @@ def repo() -> Path:
     return REPO
 
 
+@pytest.fixture(scope="session")
+def quickstart_run(tmp_path_factory):
+    """The SFT quickstart as shipped (250 steps, a log every 50), trained once per session: (recipe,
+    run). tests/test_train.py checks the run; the DPO and GRPO quickstarts continue its adapter."""
+    from ftune.recipe import load_recipe
+    from ftune.runner import train
+
+    out = tmp_path_factory.mktemp("runs") / "quickstart"
+    recipe = load_recipe(QUICKSTART, [f"training.output_dir={out}", "training.logging_steps=50"])
+    return recipe, train(recipe)
+
+
 @pytest.fixture(params=[False, True], ids=["cpu-without-avx512bf16", "cpu-with-avx512bf16"])
 def bitsandbytes_avx512bf16(request, monkeypatch) -> bool:
     """bitsandbytes' CPU feature check forced off, then on, for the 4-bit layers built in the test."""

@@ -24,17 +24,13 @@ from tests.conftest import CPU_HAS_AVX512BF16, QUICKSTART
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def quickstart_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("runs") / "quickstart"
-    recipe = load_recipe(QUICKSTART, [f"training.output_dir={out}", "training.max_steps=40", "training.logging_steps=5"])
-    return recipe, train(recipe)
+# quickstart_run (tests/conftest.py): the quickstart's 250 steps, shared with tests/test_workflows.py
 
 
 def test_loss_falls(quickstart_run):
     _, run = quickstart_run
     summary = run.summary
-    assert summary["steps"] == 40
+    assert summary["steps"] == 250
     assert summary["final_loss"] < summary["first_loss"] - 1.0, summary
 
 
@@ -55,10 +51,10 @@ def test_output_dir_holds_the_run(quickstart_run):
         assert (out / name).is_file(), name
     assert not [p for p in out.iterdir() if p.name.startswith(".")], "no staging leftovers"
     lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert [line["step"] for line in lines] == [5, 10, 15, 20, 25, 30, 35, 40]
+    assert [line["step"] for line in lines] == [50, 100, 150, 200, 250]
     for line in lines:
         assert line["loss"] > 0 and line["mem_rss_gib"] > 0 and line["tokens_per_s"] > 0
-    assert load_recipe(out / "recipe.yaml", check_paths=False).training.max_steps == 40
+    assert load_recipe(out / "recipe.yaml", check_paths=False).training.logging_steps == 50  # the run's own recipe
     summary = json.loads((out / "summary.json").read_text())
     assert summary["checkpointing"]["offload"] == 4
     assert summary["batches"] == "padding-free"  # the quickstart's rows are shorter than max_length

@@ -24,11 +24,11 @@ GRPO = REPO / "recipes" / "grpo-quickstart.yaml"
 
 
 @pytest.fixture(scope="module")
-def sft_adapter(tmp_path_factory):
-    """The SFT quickstart that the DPO and GRPO quickstarts continue."""
-    out = tmp_path_factory.mktemp("sft") / "quickstart"
-    train(load_recipe(QUICKSTART, [f"training.output_dir={out}", "training.logging_steps=50"]))
-    return out
+def sft_adapter(quickstart_run):
+    """The SFT quickstart that the DPO and GRPO quickstarts continue (trained once per session, in
+    tests/conftest.py)."""
+    _, run = quickstart_run
+    return run.summary["output_dir"]
 
 
 def metrics(out) -> list[dict]:
