@@ -83,7 +83,7 @@ FAMILIES: tuple[Family, ...] = (
     # pre-norm with a dropout on each branch, off (resid_pdrop 0) in the released models; a layer
     # whose dropout is on recomputes whole
     Family("phi3", ("phi3",), attention_projections=("qkv_proj", "o_proj"), mlp_projections=("gate_up_proj", "down_proj"),
-           residual_halves="pre_norm", kernels=frozenset({"rms_norm", "rope", "fused_cross_entropy", "fused_lora"})),
+           residual_halves="pre_norm", kernels=_ALL_KERNELS),
     # No linear layer in the MLP: LoRA adapts the attention's projections and the experts'
     # parameters; the MoE block recomputes whole. The loss stays transformers' (and TRL's), which
     # adds the router's load-balancing loss

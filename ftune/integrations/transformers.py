@@ -98,10 +98,23 @@ def _rope_attention_classes(model: nn.Module) -> list[type]:
     return [c for c in classes if "apply_rotary_pos_emb" in c.forward.__code__.co_names]
 
 
+# Gated MLPs as transformers writes them: `down_proj(act_fn(gate_proj(x)) * up_proj(x))` (Llama,
+# Gemma), or one projection for both, gate first (Phi-3: `gate, up = gate_up_proj(x).chunk(2)`,
+# `down_proj(up * activation_fn(gate))`). The activation module's attribute, by layout.
+GATED_MLP_LAYOUTS = {("gate_proj", "up_proj", "down_proj"): "act_fn", ("gate_up_proj", "down_proj"): "activation_fn"}
+
+
 def _gated_mlps(model: nn.Module) -> list[nn.Module]:
-    """MLPs computing `down_proj(act_fn(gate_proj(x)) * up_proj(x))`."""
-    parts = ("gate_proj", "up_proj", "down_proj", "act_fn")
-    return [m for m in _family_modules(model, "MLP") if all(hasattr(m, part) for part in parts)]
+    """The model's gated MLPs, in either layout."""
+    return [m for m in _family_modules(model, "MLP") if _mlp_activation(m) is not None]
+
+
+def _mlp_activation(mlp: nn.Module) -> nn.Module | None:
+    """A gated MLP's activation module; None for a module of neither layout."""
+    for projections, activation in GATED_MLP_LAYOUTS.items():
+        if all(hasattr(mlp, name) for name in projections) and hasattr(mlp, activation):
+            return getattr(mlp, activation)
+    return None
 
 
 def kernel_support(model: nn.Module) -> dict[str, str | None]:
@@ -124,7 +137,7 @@ def kernel_support(model: nn.Module) -> dict[str, str | None]:
         pass
     elif not mlps:
         support["swiglu"] = f"{model_type}: no gated MLP found"
-    elif not all(isinstance(m.act_fn, ACTIVATION_MODULES[family.activation]) for m in mlps):
+    elif not all(isinstance(_mlp_activation(m), ACTIVATION_MODULES[family.activation]) for m in mlps):
         act = getattr(base.config, "hidden_activation", None) or getattr(base.config, "hidden_act", None)
         support["swiglu"] = (f"{model_type}'s MLP activation is {act}, where ftune's kernel computes the "
                              f"family's {family.activation}")
@@ -233,11 +246,14 @@ def _own_class(module: nn.Module) -> type:
 
 
 def _gated_mlp_forward(self, x, *, activation: str):
+    # the projections' outputs are read by nothing but the gated product: its backward may write
+    # the gradients over them
+    if hasattr(self, "gate_up_proj"):  # one projection for both: the kernel reads its halves in place
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(swiglu(gate, up, overwrite_inputs=True, activation=activation))
     fused = fused_mlp(self, x, activation)  # LoRA over 4-bit bases: the adapters inside the base GEMMs
     if fused is not None:
         return fused
-    # the projections' outputs are read by nothing but the gated product: its backward may write
-    # the gradients over them
     return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x), overwrite_inputs=True, activation=activation))
 
 

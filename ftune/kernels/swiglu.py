@@ -148,9 +148,11 @@ def swiglu_backward(
 class SwiGLUFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, gate, up, overwrite_inputs, activation):
-        # one layout for both, so that the gradients written over them line up with them
-        gate = gate.contiguous()
-        up = up.contiguous()
+        # one layout for both, so that the gradients written over them line up with them: rows of
+        # contiguous elements with one row stride (the two halves of one gate-up projection's output
+        # are read and overwritten in place)
+        if _rows(gate) is None or _rows(up) is None or gate.stride() != up.stride():
+            gate, up = gate.contiguous(), up.contiguous()
         ctx.save_for_backward(gate, up)
         ctx.overwrite_inputs = overwrite_inputs
         ctx.activation = activation

@@ -108,10 +108,32 @@ def test_large_gates_stay_finite(activation):
 
 
 def test_non_contiguous_inputs():
-    """gate and up as column slices of one fused projection: copied, then the same result."""
+    """gate and up as column slices of one fused projection, or laid out differently: the same result."""
     fused = torch.randn(5, 7, 64, device=DEVICE)
     gate, up = fused[..., :32], fused[..., 32:]
     torch.testing.assert_close(swiglu(gate, up), reference_swiglu(gate, up), **TOLERANCES[torch.float32])
+    transposed = torch.randn(7, 5, 32, device=DEVICE).transpose(0, 1)  # another layout than gate's: copied
+    torch.testing.assert_close(swiglu(gate, transposed), reference_swiglu(gate, transposed), **TOLERANCES[torch.float32])
+
+
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+def test_halves_of_one_projection_train_in_place(activation):
+    """Phi-3's MLP: `gate, up = gate_up_proj(x).chunk(2)`. The kernel reads the halves where they
+    are and writes their gradients over them: the projection's gradient is the reference's."""
+    generator = torch.Generator(device=DEVICE).manual_seed(5)
+    x = torch.randn(3, 6, 16, device=DEVICE, generator=generator)
+    weight = torch.randn(2 * 40, 16, device=DEVICE, generator=generator, requires_grad=True)
+    grad_out = torch.randn(3, 6, 40, device=DEVICE, generator=generator)
+    results = []
+    for fn in (partial(swiglu, overwrite_inputs=True, activation=activation), REFERENCES[activation]):
+        weight.grad = None
+        both = F.linear(x, weight)
+        fn(*both.chunk(2, dim=-1)).backward(grad_out)
+        results.append((weight.grad, both.detach()))
+    (grad, written), (expected, _) = results
+    torch.testing.assert_close(grad, expected, **TOLERANCES[torch.float32])
+    # the gradients were written over the projection's output (no copy of it was taken)
+    torch.testing.assert_close(torch.einsum("bto,bti->oi", written, x), expected, **TOLERANCES[torch.float32])
 
 
 @quiet_overflow
