@@ -183,6 +183,8 @@ def resolve(recipe: Recipe, device: Device, *, mode: str | None = None, config: 
             host_embeddings = setting.host_embeddings = layers.host_embeddings
     host_lm_head = host_embeddings and fused_loss and setting.host_lm_head
     setting.host_lm_head = host_lm_head
+    if host_embeddings and not host_lm_head and config is not None and Shape.from_config(config.values).tied:
+        host_embeddings = False  # a tied table is the head too: it stays on the GPU with it
     return RunPlan(device=device, config=config, family=family, dtype=dtype,
                    compute_dtype=dtype if compute == "auto" else compute,
                    attention=attention, lora_targets=targets,

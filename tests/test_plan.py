@@ -29,6 +29,10 @@ def test_auto_kernels_are_on_with_cuda_for_the_familys_kernels_only():
     assert gemma.kernels["swiglu"].on and gemma.attention == "ftune_softcap"  # GeGLU; soft-capping on FlexAttention
     # only attention through sdpa parks its output (ftune/engine/attention.py): the memory model knows
     assert not gemma.setting.parked_attention and plan.setting.parked_attention
+    # Gemma's tied table leaves the GPU with the head, under the fused loss only
+    assert gemma.host_embeddings and gemma.host_lm_head
+    unfused = resolve(recipe("model.preset=gemma-2-2b", "kernels.fused_cross_entropy=false"), CUDA)
+    assert not unfused.host_embeddings and "embeddings in host RAM" not in unfused.describe()
     phi = resolve(recipe("model.preset=phi-3-mini"), CUDA)  # fused gate_up_proj: the kernel reads its halves
     assert phi.kernels["swiglu"].on
     off = resolve(recipe(), CPU)
