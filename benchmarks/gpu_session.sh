@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One device call: install the carried wheels, then run the phases named as arguments, writing
 # logs and JSON under $OUT (or ./gpu-out). Phases: env, tests, kernels, engine, interleaved, longest, grid, speed,
-# ddp, peak, compare, workflows. Phases on different GPUs can run side by side:
+# ddp, peak, compare, workflows, families, packing. Phases on different GPUs can run side by side:
 #   bash benchmarks/gpu_session.sh env tests kernels engine
 #   CUDA_VISIBLE_DEVICES=0 bash benchmarks/gpu_session.sh speed & CUDA_VISIBLE_DEVICES=1 bash benchmarks/gpu_session.sh grid
 set -uo pipefail
@@ -53,6 +53,14 @@ for phase in "$@"; do
       python3 -m ftune compare recipes/qlora-llama3-8b.yaml --ckpt none,true,unsloth --steps 4 --seq 8192 \
         --set model.preset=llama-3.1-8b --set model.name_or_path=null --set model.tokenizer=../data/quickstart/tokenizer \
         --out "$OUT/compare" ;;
+    families)  # issues 22 and 23: each family's shape against transformers + peft, for speed and the estimate
+      for preset in ${FAMILY_PRESETS:-gemma-2-9b,gemma-3-4b,phi-3-mini}; do
+        python3 benchmarks/bench_engine.py --preset "$preset" --seqs "${FAMILY_SEQS:-8192,16384}" --steps 3 \
+          --out "$OUT/families.json" --runs "${RUNS:-ftune+k:unsloth,hf:true}" 2>&1 | grep -E "peak|results"
+      done ;;
+    packing)  # issue 26: padding-free batches on the fixed mix, TRL at its best setting in the same call
+      python3 benchmarks/bench_packing.py --preset llama-3.1-8b --steps "${PACKING_STEPS:-20}" \
+        --runs "${PACKING_RUNS:-ftune-packed,trl}" --out "$OUT/packing.json" 2>&1 | tail -4 ;;
     workflows)
       python3 benchmarks/bench_workflows.py --preset llama-3.1-8b --workflows dpo,grpo --steps 6 --dpo-repeat 30 \
         --workdir /tmp/wf --timeout 240 --out "$OUT/workflows.json" ;;
