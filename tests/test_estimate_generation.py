@@ -167,6 +167,11 @@ def test_evaluation_is_a_phase_beside_training():
     # eight evaluation rows at once: their forward outgrows the training step's backward
     wide = estimate(shape, replace(training, eval_tokens=8 * 8192))
     assert wide.evaluation > 0 and wide.peak > estimate(shape, training).peak
+    # its phase: the fetched head and the forward beside the weights and optimizer states, where the
+    # training's has the LoRA gradients, the checkpoints, the busiest layer and the loss
+    training_phase = wide.lora_gradients + wide.checkpoints_gpu + wide.working_set + wide.loss
+    head = 128256 * 4096 * BF16
+    assert wide.evaluation == head + eval_forward_bytes(shape, 8 * 8192, True) - training_phase
     # by hand, in bf16 elements: the residual and normed input, then the larger of attention's q, k,
     # v and output and the MLP chunk's gate, up and product (4681 tokens: 3 x 128 MiB), then gate and
     # up dequantized

@@ -440,12 +440,13 @@ def settle_phases(shape: Shape, setting: Setting, result: Estimate) -> None:
     if setting.reference_pass:
         reference = head + no_grad_forward_bytes(shape, setting.training_tokens, setting.quantized) + \
             trl_head_bytes(setting.training_tokens)
-    # An evaluation's forward runs between optimizer steps, without the LoRA gradients (set to None)
-    # and without the step's checkpoints, its MLP in chunks as the training's recompute
+    # An evaluation's forward runs between optimizer steps, as the generation does: beside the
+    # weights and optimizer states only (no LoRA gradients, no checkpoints), its MLP in chunks as
+    # the training's recompute
     evaluation = 0
     if setting.eval_tokens:
         evaluation = head + eval_forward_bytes(shape, setting.eval_tokens, setting.quantized) + \
-            packed_mask_bytes(setting, setting.eval_tokens) - result.lora_gradients
+            packed_mask_bytes(setting, setting.eval_tokens)
     result.kv_cache = kv_cache_on_gpu(shape, setting) if setting.generations else 0
     result.generation = max(0, generation - training)
     result.reference = max(0, reference - training - result.generation)
