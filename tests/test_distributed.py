@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from tests import pausing_train
-from tests.ddp_grads import BATCH
+from tests.distributed_grads import BATCH
 from tests.helpers import lora_grads, tiny_lora_model
 
 pytestmark = pytest.mark.slow
@@ -24,25 +24,23 @@ PAUSING = pausing_train.SCRIPT
 MODES = ["none", "true", "unsloth"]
 
 
-def run_grads_worker(worker: str, out) -> dict[str, dict[str, torch.Tensor]]:
-    """Two gloo processes under torchrun, every mode of MODES in the one launch: {mode: gradients}."""
+@pytest.fixture(scope="module")
+def distributed_grads(tmp_path_factory) -> dict[str, dict[str, dict[str, torch.Tensor]]]:
+    """tests/distributed_grads.py on two gloo processes under torchrun, every mode of MODES under
+    ddp and fsdp in the one launch: {strategy: {mode: gradients}}."""
+    out = tmp_path_factory.mktemp("grads") / "grads.pt"
     result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                             os.path.join(os.path.dirname(__file__), worker), ",".join(MODES), str(out)],
-                            capture_output=True, text=True, timeout=300)
+                             os.path.join(os.path.dirname(__file__), "distributed_grads.py"), ",".join(MODES),
+                             str(out)], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     grads = torch.load(out)
-    assert list(grads) == MODES
+    assert {strategy: list(by_mode) for strategy, by_mode in grads.items()} == {"ddp": MODES, "fsdp": MODES}
     return grads
 
 
-@pytest.fixture(scope="module")
-def ddp_grads(tmp_path_factory):
-    return run_grads_worker("ddp_grads.py", tmp_path_factory.mktemp("ddp") / "grads.pt")
-
-
 @pytest.mark.parametrize("mode", MODES)
-def test_two_processes_equal_one(mode, ddp_grads):
-    distributed = ddp_grads[mode]
+def test_two_processes_equal_one(mode, distributed_grads):
+    distributed = distributed_grads["ddp"][mode]
     single, _ = tiny_lora_model("tiny-llama", mode)
     # One process, the same global batch: each micro-batch holds the two ranks' sequences.
     for ids in (BATCH[[0, 2]], BATCH[[1, 3]]):
@@ -87,19 +85,26 @@ def uninterrupted(ddp_run):
     return ddp_run[0]
 
 
-@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
-def test_ftune_train_under_torchrun_matches_one_process(strategy, ddp_run, tmp_path):
-    """ftune train on 2 gloo processes (batch 2 each) logs the losses of 1 process with batch 4;
-    only rank 0 writes the outputs, and metrics.jsonl holds every rank's memory. fsdp on CPU
-    (accelerate shards on GPUs only) says that it trains as ddp, and does."""
+@pytest.fixture(scope="module")
+def one_process_run(tmp_path_factory):
+    """RUN in one process of batch 4, trained in this one (every two-process run here is ftune's
+    CLI, in processes of its own)."""
     from ftune.recipe import load_recipe
     from ftune.runner import train
 
+    out = tmp_path_factory.mktemp("one") / "run"
+    train(load_recipe(QUICKSTART, [f"training.output_dir={out}", "training.batch_size=4", *RUN]))
+    return out
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_ftune_train_under_torchrun_matches_one_process(strategy, ddp_run, one_process_run, tmp_path):
+    """ftune train on 2 gloo processes (batch 2 each) logs the losses of 1 process with batch 4;
+    only rank 0 writes the outputs, and metrics.jsonl holds every rank's memory. fsdp on CPU
+    (accelerate shards on GPUs only) says that it trains as ddp, and does."""
     out, two = ddp_run if strategy == "ddp" else (tmp_path / "two", run_torchrun(tmp_path / "two", strategy))
-    # the one process runs in this test's own (every two-process run is ftune's CLI in processes of its own)
-    train(load_recipe(QUICKSTART, [f"training.output_dir={tmp_path / 'one'}", "training.batch_size=4", *RUN]))
     records = {name: [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
-               for name, folder in (("one", tmp_path / "one"), ("two", out))}
+               for name, folder in (("one", one_process_run), ("two", out))}
     assert [r["step"] for r in records["two"]] == [r["step"] for r in records["one"]] == list(range(1, 10))
     assert [r["loss"] for r in records["two"]] == pytest.approx([r["loss"] for r in records["one"]], abs=1e-5)
     assert all(len(r["ranks"]) == 2 for r in records["two"])
@@ -204,19 +209,14 @@ def test_sigterm_to_one_rank_stops_every_rank_at_one_checkpoint(tmp_path, uninte
     _assert_resumes_to(out, uninterrupted)
 
 
-@pytest.fixture(scope="module")
-def fsdp_grads(tmp_path_factory):
-    return run_grads_worker("fsdp_grads.py", tmp_path_factory.mktemp("fsdp") / "grads.pt")
-
-
 @pytest.mark.parametrize("mode", MODES)
-def test_fsdp2_sharded_4bit_model_gives_the_gradients_of_one_process(mode, fsdp_grads):
+def test_fsdp2_sharded_4bit_model_gives_the_gradients_of_one_process(mode, distributed_grads):
     """distributed.strategy fsdp: the 4-bit weights (in their float storage) sharded over two
     processes, every checkpointing mode recomputing through the gathered layers, give the LoRA
     gradients of the whole model in one process over the same batch."""
-    from tests.fsdp_grads import fsdp_model
+    from tests.distributed_grads import fsdp_model
 
-    sharded = fsdp_grads[mode]
+    sharded = distributed_grads["fsdp"][mode]
     single = fsdp_model(mode)
     single(input_ids=BATCH, labels=BATCH).loss.backward()
     expected = lora_grads(single)
