@@ -333,7 +333,7 @@ def build_model(recipe: Recipe, device: torch.device | None = None, *, tokenizer
     model = add_lora(base, recipe, plan.lora_targets, plan.lora_parameters)
     plan = patch_kernels(model, plan, device)
     host_embedding_bytes = 0
-    if plan.host_embeddings:  # the head's copy is what the layers' backward would hold with the fused loss
+    if plan.host_embeddings:  # and the head with the fused loss, which leaves the layers' backward without it
         host_embedding_bytes = move_tables_to_host(model, device, lm_head=plan.host_lm_head)
     # the device it will train on: under fsdp the model is still in host memory here
     engine = install_checkpointing(model, plan.checkpointing, plan.layers.policies if plan.layers is not None else None,

@@ -156,7 +156,7 @@ def test_estimate_vram_prints_the_generation_phase(monkeypatch, capsys):
 def test_evaluation_is_a_phase_beside_training():
     """An evaluation's forward (no gradients, its MLP in chunks, the fetched LM head kept) adds to the
     peak only what it needs beyond the training's busiest moment."""
-    from ftune.memory.estimate import MLP_CHUNK_BYTES, eval_forward_bytes
+    from ftune.memory.estimate import MLP_CHUNK_BYTES
 
     shape = Shape.from_config(PRESETS["llama-3.1-8b"])
     training = Setting(seq=8192, batch=1, host_memory=125 * GiB)
@@ -171,17 +171,18 @@ def test_evaluation_is_a_phase_beside_training():
     # training's has the LoRA gradients, the checkpoints, the busiest layer and the loss
     training_phase = wide.lora_gradients + wide.checkpoints_gpu + wide.working_set + wide.loss
     head = 128256 * 4096 * BF16
-    assert wide.evaluation == head + eval_forward_bytes(shape, 8 * 8192, True) - training_phase
+    assert wide.evaluation == head + no_grad_forward_bytes(shape, 8 * 8192, True, chunked_mlp=True) - training_phase
     # by hand, in bf16 elements: the residual and normed input, then the larger of attention's q, k,
     # v and output and the MLP chunk's gate, up and product (4681 tokens: 3 x 128 MiB), then gate and
     # up dequantized
     tokens, q, kv = 8192, 32 * 128, 8 * 128
     chunk = MLP_CHUNK_BYTES // (2 * 14336) * 3 * 14336
     assert chunk > tokens * (2 * q + 2 * kv + 4096)
-    assert eval_forward_bytes(shape, tokens, True) == 2 * (2 * tokens * 4096 + chunk + 2 * 14336 * 4096)
+    assert no_grad_forward_bytes(shape, tokens, True, chunked_mlp=True) == \
+        2 * (2 * tokens * 4096 + chunk + 2 * 14336 * 4096)
     # a MoE block runs whole, as in any forward without gradients
     moe = Shape.from_config(PRESETS["qwen3-30b-a3b"])
-    assert eval_forward_bytes(moe, tokens, True) == no_grad_forward_bytes(moe, tokens, True)
+    assert no_grad_forward_bytes(moe, tokens, True, chunked_mlp=True) == no_grad_forward_bytes(moe, tokens, True)
 
 
 def test_padding_free_batches_hold_a_dense_mask_under_sdpa():

@@ -157,6 +157,16 @@ def test_torch_takes_the_pinned_allocation_settings_ftune_makes(monkeypatch):
     assert torch_integration.fast_pinned_allocation()
     monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "pinned_use_background_threads:True")
     assert not torch_integration.fast_pinned_allocation()
+    monkeypatch.delenv("PYTORCH_CUDA_ALLOC_CONF")
+    monkeypatch.setenv("PYTORCH_ALLOC_CONF", "pinned_num_register_threads:4")
+    assert not torch_integration.fast_pinned_allocation()
+    monkeypatch.delenv("PYTORCH_ALLOC_CONF")
+
+    def refuses(settings):
+        raise RuntimeError("Unrecognized key 'pinned_use_cuda_host_register' in Accelerator allocator config.")
+
+    monkeypatch.setattr(torch._C, "_accelerator_setAllocatorSettings", refuses)
+    assert not torch_integration.fast_pinned_allocation()  # pinned the usual way, no traceback
 
 
 @pytest.mark.gpu

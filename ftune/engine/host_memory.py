@@ -129,11 +129,13 @@ class HostBufferPool:
             return_pinned_memory()
 
     def _drop(self, dropped: Callable[[torch.Tensor], bool]) -> int:
-        freed = [buffer for buffer in self._free if dropped(buffer)]
+        """Let the idle buffers `dropped` picks go; the bytes freed."""
+        going = [buffer for buffer in self._free if dropped(buffer)]
         self._free = [buffer for buffer in self._free if not dropped(buffer)]
-        self.stats.buffers -= len(freed)
-        self.stats.bytes_total -= sum(buffer.numel() for buffer in freed)
-        return sum(buffer.numel() for buffer in freed)
+        freed = sum(buffer.numel() for buffer in going)
+        self.stats.buffers -= len(going)
+        self.stats.bytes_total -= freed
+        return freed
 
     def _allocate(self, nbytes: int, keep_free: int) -> torch.Tensor | None:
         memory = psutil.virtual_memory()

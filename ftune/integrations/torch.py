@@ -8,10 +8,12 @@ padding-free batch that outgrows the buffers, the first step) stalls for seconds
 `pinned_use_cuda_host_register` option allocates with malloc and pins with cudaHostRegister on
 `pinned_num_register_threads` threads: 4.1-7.1 GiB/s on the same host with 8 threads (2026-12-02,
 docs/benchmarks.md). The option is read at each new pinned block, so setting it when the engine
-starts is enough. It is the allocator-settings string of PYTORCH_CUDA_ALLOC_CONF, set through
-`torch._C._accelerator_setAllocatorSettings` (torch 2.9 on; `torch.cuda.memory._set_allocator_settings`
-before): private entry points, hence this module and its contract test in tests/test_integrations.py.
-A setting of the user's own in PYTORCH_CUDA_ALLOC_CONF is left as it is.
+starts is enough (the 2026-12-02 measurement set it so). It is the allocator-settings string of
+PYTORCH_CUDA_ALLOC_CONF, set through `torch._C._accelerator_setAllocatorSettings` (torch 2.11 and
+2.13, where 2.11 calls `torch.cuda.memory._set_allocator_settings` deprecated): private entry
+points, hence this module and its contract test in tests/test_integrations.py. A pinning setting
+of the user's own (PYTORCH_CUDA_ALLOC_CONF or PYTORCH_ALLOC_CONF) is left as it is, and a torch
+that refuses the options pins the usual way.
 
 Freed pinned blocks stay in PyTorch's cache for reuse; `torch._C._accelerator_emptyHostCache`
 (torch 2.13; `_host_emptyCache` in 2.11, private too) gives those that no copy still uses back
@@ -32,7 +34,7 @@ REGISTER_THREADS = 8
 
 def fast_pinned_allocation() -> bool:
     """Pin new host blocks with cudaHostRegister on several threads; whether the setting was made."""
-    if "pinned_" in os.environ.get("PYTORCH_CUDA_ALLOC_CONF", ""):
+    if any("pinned_" in os.environ.get(name, "") for name in ("PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF")):
         return False  # the user chose how to pin
     threads = max(1, min(REGISTER_THREADS, os.cpu_count() or 1))
     settings = f"pinned_use_cuda_host_register:True,pinned_num_register_threads:{threads}"
@@ -41,7 +43,11 @@ def fast_pinned_allocation() -> bool:
     if setter is None:
         logger.info("this torch has no allocator-settings entry point: pinned memory is allocated the usual way")
         return False
-    setter(settings)
+    try:
+        setter(settings)
+    except RuntimeError as error:  # options this torch's parser does not know
+        logger.info("pinned memory is allocated the usual way: %s", str(error).splitlines()[0])
+        return False
     return True
 
 

@@ -445,7 +445,7 @@ def settle_phases(shape: Shape, setting: Setting, result: Estimate) -> None:
     # the training's recompute
     evaluation = 0
     if setting.eval_tokens:
-        evaluation = head + eval_forward_bytes(shape, setting.eval_tokens, setting.quantized) + \
+        evaluation = head + no_grad_forward_bytes(shape, setting.eval_tokens, setting.quantized, chunked_mlp=True) + \
             packed_mask_bytes(setting, setting.eval_tokens)
     result.kv_cache = kv_cache_on_gpu(shape, setting) if setting.generations else 0
     result.generation = max(0, generation - training)
@@ -495,30 +495,19 @@ def generation_bytes(shape: Shape, setting: Setting) -> int:
     return max(at_prefill, at_last_token)
 
 
-def no_grad_forward_bytes(shape: Shape, tokens: int, quantized: bool) -> int:
+def no_grad_forward_bytes(shape: Shape, tokens: int, quantized: bool, chunked_mlp: bool = False) -> int:
     """A decoder layer's busiest moment in a forward without gradients (the prefill, a reference
     pass; the engine stands aside): the residual stream and the normed input beside the MLP's gate,
     up and product (a MoE block's routed rows), or attention's query, key, value and output where
-    larger; and with 4-bit weights gate and up dequantized together for the GEMM."""
+    larger; and with 4-bit weights gate and up dequantized together for the GEMM. `chunked_mlp`:
+    a dense MLP runs in chunks of tokens, as the engine runs an evaluation's forward
+    (MLP_CHUNK_BYTES per intermediate; a MoE block runs whole)."""
     q, kv = shape.heads * shape.head_dim, shape.kv_heads * shape.head_dim
     if shape.experts:
         mlp = tokens * (shape.experts_per_token * 3 * shape.expert_intermediate + shape.hidden)
     else:
-        mlp = tokens * 3 * shape.intermediate
-    attention = tokens * (2 * q + 2 * kv + shape.hidden)
-    dequantized = 2 * shape.intermediate * shape.hidden if quantized else 0
-    return BF16 * (2 * tokens * shape.hidden + max(mlp, attention) + dequantized)
-
-
-def eval_forward_bytes(shape: Shape, tokens: int, quantized: bool) -> int:
-    """A decoder layer's busiest moment in an evaluation's forward (no gradients): as
-    no_grad_forward_bytes, with a dense MLP run in chunks of tokens as the engine runs it
-    (MLP_CHUNK_BYTES per intermediate; a MoE block whole)."""
-    if shape.experts:
-        return no_grad_forward_bytes(shape, tokens, quantized)
-    q, kv = shape.heads * shape.head_dim, shape.kv_heads * shape.head_dim
-    chunk = min(tokens, max(1, MLP_CHUNK_BYTES // (BF16 * shape.intermediate)))
-    mlp = chunk * 3 * shape.intermediate
+        rows = min(tokens, max(1, MLP_CHUNK_BYTES // (BF16 * shape.intermediate))) if chunked_mlp else tokens
+        mlp = rows * 3 * shape.intermediate
     attention = tokens * (2 * q + 2 * kv + shape.hidden)
     dequantized = 2 * shape.intermediate * shape.hidden if quantized else 0
     return BF16 * (2 * tokens * shape.hidden + max(mlp, attention) + dequantized)
