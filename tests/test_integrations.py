@@ -130,6 +130,24 @@ def test_transformers_llama_layers_call_what_ftunes_patches_expect():
         modeling_llama.LlamaDecoderLayer.forward), moved
 
 
+def test_transformers_phi3_mlp_is_the_gated_layout_ftunes_kernel_reads():
+    """ftune's gated-product kernel reads Phi-3's one projection as gate first, then up
+    (GATED_MLP_LAYOUTS): transformers' own Phi3MLP computes the same."""
+    import transformers
+    from transformers.models.phi3.configuration_phi3 import Phi3Config
+    from transformers.models.phi3.modeling_phi3 import Phi3MLP
+
+    from ftune.integrations.transformers import GATED_MLP_LAYOUTS
+
+    mlp = Phi3MLP(Phi3Config(hidden_size=16, intermediate_size=24))
+    assert GATED_MLP_LAYOUTS[("gate_up_proj", "down_proj")] == "activation_fn" and hasattr(mlp, "activation_fn")
+    x = torch.randn(3, 16, generator=torch.Generator().manual_seed(0))
+    gate, up = mlp.gate_up_proj(x).chunk(2, dim=-1)
+    expected = mlp.down_proj(torch.nn.functional.silu(gate) * up)
+    torch.testing.assert_close(mlp(x), expected, msg=f"transformers {transformers.__version__} changed Phi3MLP; "
+                               "check ftune/integrations/transformers.py _gated_mlp_forward")
+
+
 def test_transformers_records_router_logits_through_a_context_variable():
     import transformers
     from transformers.utils import output_capturing
