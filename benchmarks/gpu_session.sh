@@ -54,9 +54,10 @@ for phase in "$@"; do
         --set model.preset=llama-3.1-8b --set model.name_or_path=null --set model.tokenizer=../data/quickstart/tokenizer \
         --out "$OUT/compare" ;;
     families)  # issues 22 and 23: each family's shape against transformers + peft, for speed and the estimate
-      for preset in ${FAMILY_PRESETS:-gemma-2-9b,gemma-3-4b,phi-3-mini}; do
+      presets=${FAMILY_PRESETS:-gemma-2-9b,gemma-3-4b,phi-3-mini}
+      for preset in ${presets//,/ }; do
         python3 benchmarks/bench_engine.py --preset "$preset" --seqs "${FAMILY_SEQS:-8192,16384}" --steps 3 \
-          --out "$OUT/families.json" --runs "${RUNS:-ftune+k:unsloth,hf:true}" 2>&1 | grep -E "peak|results"
+          --out "$OUT/families.json" --runs "${RUNS:-ftune+k:unsloth,hf:true}" 2>&1 | grep -vE "^\s*$" | tail -8
       done ;;
     packing)  # issue 26: padding-free batches on the fixed mix, TRL at its best setting in the same call
       python3 benchmarks/bench_packing.py --preset llama-3.1-8b --steps "${PACKING_STEPS:-20}" \

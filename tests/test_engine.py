@@ -161,22 +161,98 @@ def test_pool_reuses_buffers_when_shapes_change():
     assert stats.buffers == 3
 
 
-def test_pool_buffers_are_powers_of_two_shared_by_lengths_within_one():
+def test_small_buffers_are_powers_of_two_shared_by_lengths_within_one():
     """A padding-free batch changes length every step: a buffer first asked for by a shorter one
     serves every later one up to its power of two, without a new (pinned, synchronizing) allocation."""
-    from ftune.engine.host_memory import HostBufferPool, buffer_size
+    from ftune.engine.host_memory import PIECE, HostBufferPool, buffer_size
 
     mib = 2**20
-    assert [buffer_size(n) for n in (1, 2 * mib, 2 * mib + 1, 70 * mib, 128 * mib)] == \
-        [2 * mib, 2 * mib, 4 * mib, 128 * mib, 128 * mib]
+    assert PIECE == 16 * mib
+    assert [buffer_size(n) for n in (1, 2 * mib, 2 * mib + 1, 9 * mib, 16 * mib, 16 * mib + 1, 70 * mib)] == \
+        [2 * mib, 2 * mib, 4 * mib, 16 * mib, 16 * mib, 32 * mib, 80 * mib]
     pool = HostBufferPool(pin_memory=False)
-    first = pool.acquire(70 * mib)
-    assert first.numel() == 128 * mib
+    [first] = pool.acquire(5 * mib)
+    assert first.numel() == 8 * mib
+    pool.release([first])
+    [again] = pool.acquire(7 * mib)
+    assert again.data_ptr() == first.data_ptr()
+    assert (pool.stats.buffers, pool.stats.bytes_total) == (1, 8 * mib)
+
+
+def test_large_tensors_take_pieces_and_a_longer_batch_pins_only_the_pieces_it_adds():
+    """Above a piece a tensor is held in whole pieces cut from power-of-two blocks: a longer batch
+    than any before adds pieces and keeps the ones it has (a buffer per tensor would be replaced by
+    a larger one and everything pinned again)."""
+    from ftune.engine.host_memory import PIECE, HostBufferPool
+
+    pool = HostBufferPool(pin_memory=False)
+    first = pool.acquire(3 * PIECE + 1)  # four pieces: one block of four
+    assert [b.numel() for b in first] == [PIECE] * 4
+    assert (pool.stats.buffers, pool.stats.bytes_total) == (1, 4 * PIECE)
     pool.release(first)
-    assert pool.acquire(100 * mib).data_ptr() == first.data_ptr()
-    assert (pool.stats.buffers, pool.stats.bytes_total) == (1, 128 * mib)
-    assert pool.acquire(129 * mib).numel() == 256 * mib  # the next power of two: a new buffer
-    assert pool.stats.buffers == 2
+    longer = pool.acquire(6 * PIECE)  # the four again and a block of two
+    assert {b.data_ptr() for b in first} <= {b.data_ptr() for b in longer}
+    assert (pool.stats.buffers, pool.stats.bytes_total) == (2, 6 * PIECE)
+    pool.release(longer)
+    assert pool.stats.bytes_in_use == 0 and len(pool.acquire(6 * PIECE)) == 6 and pool.stats.buffers == 2
+
+
+def test_reserve_pins_a_steps_pieces_in_few_blocks_and_trim_frees_only_idle_blocks():
+    from ftune.engine.host_memory import PIECE, HostBufferPool
+
+    pool = HostBufferPool(pin_memory=False)
+    pool.reserve([2 * PIECE + 5] * 5)  # three pieces each: 15, pinned as blocks of 8, 4, 2 and 1
+    assert (pool.stats.buffers, pool.stats.bytes_total) == (4, 15 * PIECE)
+    held = [pool.acquire(2 * PIECE + 5) for _ in range(5)]
+    assert pool.stats.buffers == 4  # the step itself pins nothing
+    pool.reserve([2 * PIECE + 5] * 5)
+    assert pool.stats.buffers == 4 * 2  # all 15 held: the next step's are pinned anew
+    for buffers in held:
+        pool.release(buffers)
+    in_use = pool.acquire(PIECE * 2)  # their block (or blocks) stays
+    freed = pool.trim()
+    kept = pool.stats.bytes_total
+    assert freed == 30 * PIECE - kept and 2 * PIECE <= kept <= 16 * PIECE and pool.stats.buffers <= 2
+    pool.release(in_use)
+    assert pool.trim() == kept and pool.stats.buffers == 0
+
+
+def test_stash_spanning_pieces_comes_back_bit_for_bit():
+    from ftune.engine.host_memory import PIECE, HostCopier
+
+    copier = HostCopier(torch.device("cpu"))
+    tensor = torch.randn(PIECE // 4 * 2 + 7, dtype=torch.float32)  # two pieces and 28 bytes
+    stash = copier.stash(tensor)
+    assert stash.on_host and copier.pool.stats.bytes_in_use == 3 * PIECE
+    assert torch.equal(stash.fetch(), tensor)
+    assert copier.pool.stats.bytes_in_use == 0
+
+
+def test_layer_inputs_in_pieces_give_the_gradients_of_none_and_a_longer_step_pins_up_front(monkeypatch):
+    """With pieces small enough that every layer input spans several, the scenario's gradients
+    equal `none`'s; a step longer than any before pins its pieces as its first layer starts, in
+    blocks of a power of two pieces, and its later layers pin nothing."""
+    from ftune.engine import host_memory
+
+    monkeypatch.setattr(host_memory, "PIECE", 1024)
+    reference, _ = tiny_lora_model("tiny-llama", "none")
+    model, engine = tiny_lora_model("tiny-llama", "unsloth")
+    assert_same(run_scenario(reference), run_scenario(model), atol=1e-6)
+
+    pool, pinned = engine.copier.pool, []
+    allocate = pool._allocate
+    monkeypatch.setattr(pool, "_allocate", lambda nbytes, keep_free: pinned.append(nbytes) or allocate(nbytes, keep_free))
+    first_layer = decoder_layers(model)[0]
+    pinned_by_first_layer = []
+    first_layer.register_forward_hook(lambda module, args, output: pinned_by_first_layer.append(list(pinned)))
+    ids = _batch(3, 4, 40)  # longer than any batch of the scenario
+    model(input_ids=ids, labels=ids).loss.backward()
+    input_bytes = 4 * 40 * model.config.hidden_size * 4
+    pieces = 3 * -(-input_bytes // 1024)
+    assert pinned and all(n % 1024 == 0 and (n // 1024) & (n // 1024 - 1) == 0 for n in pinned)
+    assert pool.stats.bytes_total >= pieces * 1024  # every layer's input fit
+    assert len(pinned) <= pieces.bit_length()
+    assert pinned_by_first_layer[-1] == pinned  # all of it by the end of the first layer's forward
 
 
 def test_pool_lets_idle_buffers_go_when_longer_batches_supersede_them():
@@ -186,14 +262,14 @@ def test_pool_lets_idle_buffers_go_when_longer_batches_supersede_them():
 
     mib = 2**20
     pool = HostBufferPool(pin_memory=False)
-    idle, held = pool.acquire(3 * mib), pool.acquire(3 * mib)
-    pool.release(idle)
-    larger = pool.acquire(5 * mib)
+    [idle], [held] = pool.acquire(3 * mib), pool.acquire(3 * mib)
+    pool.release([idle])
+    [larger] = pool.acquire(5 * mib)
     assert larger.numel() == 8 * mib
     assert (pool.stats.buffers, pool.stats.bytes_total) == (2, 12 * mib)  # the held 4 MiB and the new 8 MiB
-    pool.release(held)
-    pool.release(larger)
-    assert pool.acquire(4 * mib).numel() == 4 * mib  # the best fit still
+    pool.release([held])
+    pool.release([larger])
+    assert pool.acquire(4 * mib)[0].numel() == 4 * mib  # the best fit still
 
 
 def test_dropped_graph_returns_its_buffers():

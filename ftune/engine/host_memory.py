@@ -8,7 +8,8 @@ before it is needed (`prefetch`), so the copy overlaps the recompute of the laye
 buffers come from a `HostBufferPool` and go back to it as soon as their copy back is enqueued:
 both copies of a buffer run on the same side stream, so the stream's order is what keeps a buffer
 from being overwritten before it is read. After the first step no buffer is allocated (pinned
-allocation costs milliseconds and can synchronize the device). Without CUDA the same code runs
+allocation costs milliseconds and can synchronize the device); a step longer than any before pins
+the pieces it adds as its first offloaded layer starts, in a few large blocks. Without CUDA the same code runs
 with plain CPU buffers and synchronous copies, so the CPU tests exercise the pool and the
 prefetch chain.
 
@@ -44,26 +45,34 @@ logger = logging.getLogger(__name__)
 
 # Buffers are at least this size.
 _GRANULE = 2 * 1024 * 1024
+# A tensor larger than a piece is held in pieces of this size, cut from large pinned blocks. A
+# longer batch than any before then pins only the pieces it adds, where one buffer per tensor is
+# replaced by a larger one and pinned again: the packing benchmark's first 16,710-token batch
+# pinned 24 GiB that way, a 7.5 s step on an H200 host (docs/benchmarks.md). A piece is at most
+# 16 MiB of a tensor's tail unused, and a 64 MiB layer input (8192 tokens of a 4096-wide model)
+# four whole pieces.
+PIECE = 16 * 1024 * 1024
 # Host memory left free for the rest of the system when deciding whether an offload fits.
 _HOST_RESERVE_MIN = 2 * 1024**3
 _HOST_RESERVE_FRACTION = 0.05
 
 
 def buffer_size(nbytes: int) -> int:
-    """The size of the pool buffer that holds nbytes: the next power of two (at least a granule).
+    """The host bytes the pool holds for a tensor of nbytes: whole pieces above a piece, below it
+    the next power of two (at least a granule).
 
     PyTorch's pinned-memory allocator hands out powers of two whatever size is asked
-    (at::CachingHostAllocator in torch 2.13), so asking for them costs no host
-    memory. It lets batches of different lengths share buffers: a buffer asked for by a 70 MiB
-    input is counted as the 128 MiB it holds, and serves the next 100 MiB one. A padding-free batch
-    changes length at every step, and each new buffer is a slow, synchronizing pinned allocation.
+    (at::CachingHostAllocator in torch 2.13), so asking for them costs no host memory, and lengths
+    within one power of two share a buffer; the pieces' blocks are powers of two too.
     """
+    if nbytes > PIECE:
+        return -(-nbytes // PIECE) * PIECE
     return max(_GRANULE, 1 << (nbytes - 1).bit_length())
 
 
 @dataclass
 class PoolStats:
-    buffers: int = 0
+    buffers: int = 0  # pinned blocks: small buffers and the blocks pieces are cut from
     bytes_total: int = 0
     bytes_in_use: int = 0
     peak_in_use: int = 0
@@ -71,56 +80,111 @@ class PoolStats:
 
 
 class HostBufferPool:
-    """Reusable host buffers (pinned when the device is CUDA), best fit by size.
+    """Reusable host memory (pinned when the device is CUDA): a tensor gets a list of buffers, one
+    power of two up to a piece, whole pieces above.
 
     The pool only grows when more bytes are parked at once than ever before; a run of fixed
-    shapes allocates during its first step and never again.
+    shapes allocates during its first step and never again. `reserve` pins what a step will need
+    before its first layer asks, in as few blocks as the sizes allow.
     """
 
     def __init__(self, pin_memory: bool):
         self.pin_memory = pin_memory
-        self._free: list[torch.Tensor] = []
+        self._free: list[torch.Tensor] = []  # buffers of a piece or less, each its own block
+        self._free_pieces: list[torch.Tensor] = []
+        self._blocks: list[torch.Tensor] = []  # the blocks pieces are cut from
         self.stats = PoolStats(pinned=pin_memory)
         self._warned: set[str] = set()
         # Called when a required buffer does not fit: frees host memory elsewhere, True if it did.
         self.make_room: Callable[[], bool] | None = None
 
-    def acquire(self, nbytes: int, keep_free: int = 0, optional: bool = False) -> torch.Tensor | None:
-        """A uint8 host buffer of at least nbytes, or None when host memory is too short (with
-        `keep_free` bytes more left available, when a new buffer is needed); an optional buffer
-        that does not fit is refused without a warning."""
+    def acquire(self, nbytes: int, keep_free: int = 0, optional: bool = False) -> list[torch.Tensor] | None:
+        """uint8 host buffers holding at least nbytes in order, or None when host memory is too
+        short (with `keep_free` bytes more left available, when new memory is needed); an optional
+        request that does not fit is refused without a warning."""
+        if nbytes > PIECE:
+            buffers = self._take_pieces(-(-nbytes // PIECE), keep_free, optional)
+        else:
+            buffer = self._take_small(nbytes, keep_free, optional)
+            buffers = None if buffer is None else [buffer]
+        if buffers is None:
+            if not optional:
+                self._warn_once(
+                    "host-full",
+                    f"host memory is short ({psutil.virtual_memory().available / 2**30:.1f} GiB available): "
+                    "layer inputs that do not fit stay on the GPU. Free host memory or use "
+                    "checkpointing.mode: true.",
+                )
+            return None
+        self.stats.bytes_in_use += sum(buffer.numel() for buffer in buffers)
+        self.stats.peak_in_use = max(self.stats.peak_in_use, self.stats.bytes_in_use)
+        return buffers
+
+    def release(self, buffers: list[torch.Tensor]) -> None:
+        for buffer in buffers:
+            self.stats.bytes_in_use -= buffer.numel()
+            (self._free_pieces if buffer.numel() == PIECE and self._is_piece(buffer) else self._free).append(buffer)
+
+    def reserve(self, sizes: list[int], keep_free: int = 0) -> None:
+        """Have tensors of these sizes fit without pinning between layers: the pieces missing are
+        pinned now, in blocks as large as their number allows (PyTorch pins a large block faster
+        per byte than many small ones). Short host memory pins fewer; `acquire` then decides
+        tensor by tensor."""
+        wanted = sum(-(-nbytes // PIECE) for nbytes in sizes if nbytes > PIECE)
+        self._add_pieces(wanted - len(self._free_pieces), keep_free)
+
+    def trim(self) -> int:
+        """Free the memory no stash holds; the bytes freed."""
+        freed = self._drop(lambda buffer: True)
+        held = {piece.data_ptr() for piece in self._free_pieces}
+        idle = [block for block in self._blocks
+                if all(block.data_ptr() + offset in held for offset in range(0, block.numel(), PIECE))]
+        for block in idle:
+            end = block.data_ptr() + block.numel()
+            self._free_pieces = [p for p in self._free_pieces if not block.data_ptr() <= p.data_ptr() < end]
+            self._blocks = [b for b in self._blocks if b is not block]
+            self._forget(block)
+            freed += block.numel()
+        return freed
+
+    def _is_piece(self, buffer: torch.Tensor) -> bool:
+        return any(block.data_ptr() <= buffer.data_ptr() < block.data_ptr() + block.numel() for block in self._blocks)
+
+    def _take_pieces(self, count: int, keep_free: int, optional: bool) -> list[torch.Tensor] | None:
+        missing = count - len(self._free_pieces)
+        if missing > 0 and not self._add_pieces(missing, keep_free):
+            if optional or self.make_room is None or not self.make_room() or not self._add_pieces(
+                    count - len(self._free_pieces), keep_free):
+                return None
+        taken, self._free_pieces = self._free_pieces[:count], self._free_pieces[count:]
+        return taken
+
+    def _add_pieces(self, count: int, keep_free: int) -> bool:
+        """Pin `count` more pieces, in blocks of a power of two pieces each (largest first);
+        whether all were pinned."""
+        while count > 0:
+            block_pieces = 1 << (count.bit_length() - 1)
+            block = self._allocate(block_pieces * PIECE, keep_free)
+            if block is None:
+                return False
+            self._blocks.append(block)
+            self._free_pieces.extend(block.view(block_pieces, PIECE).unbind(0))
+            count -= block_pieces
+        return True
+
+    def _take_small(self, nbytes: int, keep_free: int, optional: bool) -> torch.Tensor | None:
         best = None
         for index, buffer in enumerate(self._free):
             if buffer.numel() >= nbytes and (best is None or buffer.numel() < self._free[best].numel()):
                 best = index
         if best is not None:
-            buffer = self._free.pop(best)
-        else:
-            size = buffer_size(nbytes)
-            self._drop_smaller_than(size)
+            return self._free.pop(best)
+        size = buffer_size(nbytes)
+        self._drop_smaller_than(size)
+        buffer = self._allocate(size, keep_free)
+        if buffer is None and not optional and self.make_room is not None and self.make_room():
             buffer = self._allocate(size, keep_free)
-            if buffer is None and not optional and self.make_room is not None and self.make_room():
-                buffer = self._allocate(size, keep_free)
-            if buffer is None:
-                if not optional:
-                    self._warn_once(
-                        "host-full",
-                        f"host memory is short ({psutil.virtual_memory().available / 2**30:.1f} GiB available): "
-                        "layer inputs that do not fit stay on the GPU. Free host memory or use "
-                        "checkpointing.mode: true.",
-                    )
-                return None
-        self.stats.bytes_in_use += buffer.numel()
-        self.stats.peak_in_use = max(self.stats.peak_in_use, self.stats.bytes_in_use)
         return buffer
-
-    def release(self, buffer: torch.Tensor) -> None:
-        self.stats.bytes_in_use -= buffer.numel()
-        self._free.append(buffer)
-
-    def trim(self) -> int:
-        """Free the buffers no stash holds; the bytes freed."""
-        return self._drop(lambda buffer: True)
 
     def _drop_smaller_than(self, size: int) -> None:
         """A batch longer than any before needs larger buffers, which from then on also serve every
@@ -129,13 +193,16 @@ class HostBufferPool:
             return_pinned_memory()
 
     def _drop(self, dropped: Callable[[torch.Tensor], bool]) -> int:
-        """Let the idle buffers `dropped` picks go; the bytes freed."""
+        """Let the idle buffers (not pieces) `dropped` picks go; the bytes freed."""
         going = [buffer for buffer in self._free if dropped(buffer)]
         self._free = [buffer for buffer in self._free if not dropped(buffer)]
-        freed = sum(buffer.numel() for buffer in going)
-        self.stats.buffers -= len(going)
-        self.stats.bytes_total -= freed
-        return freed
+        for buffer in going:
+            self._forget(buffer)
+        return sum(buffer.numel() for buffer in going)
+
+    def _forget(self, block: torch.Tensor) -> None:
+        self.stats.buffers -= 1
+        self.stats.bytes_total -= block.numel()
 
     def _allocate(self, nbytes: int, keep_free: int) -> torch.Tensor | None:
         memory = psutil.virtual_memory()
@@ -166,7 +233,6 @@ class HostBufferPool:
         if key not in self._warned:
             self._warned.add(key)
             logger.warning(message)
-
 
 class HostCopier:
     """Moves tensors between the device and the pool, on a side stream when the device is CUDA."""
@@ -232,55 +298,62 @@ class HostStash:
         self._ready: torch.cuda.Event | None = None
         self._stream = stream = copier.stream_for(tensor.device)  # before acquire: it decides pinning
         pool = pool or copier.pool
-        self._buffer = pool.acquire(self.nbytes, keep_free, optional)
-        if self._buffer is None:
+        self._buffers = pool.acquire(self.nbytes, keep_free, optional)
+        if self._buffers is None:
             if not optional:
                 self._device_tensor = tensor  # no host room: keep it on the device
             return
         source = tensor.detach().contiguous().view(-1).view(torch.uint8)
-        host = self._buffer[: self.nbytes]
         if stream is None:
-            host.copy_(source)
+            self._copy_pieces(source, to_host=True)
         else:
             # The side stream starts after the compute that produced the tensor; the allocator is told
             # the side stream still reads it, so its memory is not reused before the copy is done.
             stream.wait_stream(torch.cuda.current_stream(self.device))
             with torch.cuda.stream(stream):
-                host.copy_(source, non_blocking=True)
+                self._copy_pieces(source, to_host=True)
             source.record_stream(stream)
-        # Return the buffer to the pool if the graph is dropped without a backward.
-        self._finalizer = weakref.finalize(self, pool.release, self._buffer)
+        # Return the buffers to the pool if the graph is dropped without a backward.
+        self._finalizer = weakref.finalize(self, pool.release, self._buffers)
+
+    def _copy_pieces(self, device_bytes: torch.Tensor, to_host: bool) -> None:
+        """Copy the tensor's bytes between the device and the host buffers, buffer by buffer."""
+        start = 0
+        for buffer in self._buffers:
+            length = min(buffer.numel(), self.nbytes - start)
+            host, device = buffer[:length], device_bytes[start: start + length]
+            (host if to_host else device).copy_(device if to_host else host, non_blocking=True)
+            start += length
 
     @property
     def on_host(self) -> bool:
-        return self._buffer is not None
+        return self._buffers is not None
 
     def prefetch(self) -> None:
         """Start the copy back to the device (no wait); `fetch` later returns it."""
-        if self._device_tensor is not None or self._buffer is None:
+        if self._device_tensor is not None or self._buffers is None:
             return
         target = torch.empty(self.nbytes, dtype=torch.uint8, device=self.device)
-        host = self._buffer[: self.nbytes]
         stream = self._stream
         if stream is None:
-            target.copy_(host)
+            self._copy_pieces(target, to_host=False)
         else:
             # The target was allocated on the compute stream: the side stream writes it only after
             # the compute work queued so far, which may still be using that memory's previous owner.
             compute = torch.cuda.current_stream(self.device)
             stream.wait_stream(compute)
             with torch.cuda.stream(stream):
-                target.copy_(host, non_blocking=True)
+                self._copy_pieces(target, to_host=False)
                 self._ready = torch.cuda.Event()
                 self._ready.record(stream)
         self._device_tensor = target.view(self.dtype).view(self.shape)
-        # The next copy into this buffer is queued on the same stream, after this one.
+        # The next copy into these buffers is queued on the same stream, after this one.
         self._finalizer()
-        self._buffer = None
+        self._buffers = None
 
     def fetch(self) -> torch.Tensor:
         """The tensor on the device, waiting (on the compute stream only) for its copy."""
-        if self._device_tensor is None and self._buffer is None:
+        if self._device_tensor is None and self._buffers is None:
             raise RuntimeError(
                 "this layer input was already consumed by a backward pass; ftune's offloaded "
                 "checkpointing does not support backward through the same graph twice (retain_graph=True)."

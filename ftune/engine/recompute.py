@@ -202,6 +202,9 @@ class _WrappedForward:
         unit = _LayerUnit(engine, self.index, self.policy, self.forward, halves, unflatten,
                           self.uses_randomness, tensors[0].device)
         unit.records_router_logits = router_logits is not None
+        if unit.policy is Policy.OFFLOAD and unit.previous is None:
+            # The step's first offloaded layer: every other one stashes an input of the same size
+            unit.copier.pool.reserve([tensors[0].numel() * tensors[0].element_size()] * unit.offloaded_layers)
         # The layer's trainable parameters are inputs of the Function too: their gradients leave
         # its backward as return values and accumulate in the outer graph, where DDP's hooks see
         # them, instead of in a nested backward (which DDP does not expect). They also make
@@ -285,6 +288,9 @@ class _LayerUnit:
         if not parks(tokens, self.offloaded_layers * (input_bytes + parked_bytes)):
             return False
         keep_free = (self.layers_after + 1) * buffer_size(input_bytes)
+        if self.previous is None:  # the step's first offloaded layer: every other one parks the same
+            self.copier.parking_pool.reserve([input_bytes, attended.output.numel() * attended.output.element_size()]
+                                             * self.offloaded_layers, keep_free)
         stashes = []
         for tensor in tensors:
             stash = self.copier.stash_if_room(tensor, keep_free)
