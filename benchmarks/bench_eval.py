@@ -4,8 +4,10 @@ raise the peak).
 Both runs are `python -m ftune train recipes/qlora-llama3-8b.yaml` as shipped (NF4 double-quant,
 bf16, LoRA r=16 on the seven projections, mode unsloth, kernels auto, 8-bit AdamW), retargeted at
 a preset with random weights and the quickstart's chat data packed into --seq-token sequences,
-each run in its own process; `on` holds out --eval of the rows and evaluates every --eval-steps
-and at the end. Figures come from each run's summary.json: peak_memory_gib
+each run in its own process. The rows are split once, --eval of them held out: both runs train on
+the same rows in the same order, and `on` evaluates on the held-out file every --eval-steps and at
+the end, so any difference in peak is the evaluation's (holding out inside the run would train
+`on` on other packed sequences than `off`). Figures come from each run's summary.json: peak_memory_gib
 (torch.cuda.max_memory_allocated from the first step to the end, evaluations included), eval_loss,
 tokens/s steady.
 
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import random
 import subprocess
 import sys
 import tempfile
@@ -32,10 +35,19 @@ RECIPE = REPO / "recipes" / "qlora-llama3-8b.yaml"
 DATA = REPO / "data" / "quickstart"
 
 
+def split_rows(out: Path, fraction: float) -> None:
+    """The quickstart's rows as train.jsonl and eval.jsonl, `fraction` of them held out at random."""
+    rows = (DATA / "sft.jsonl").read_text().splitlines()
+    random.Random(0).shuffle(rows)
+    held = int(len(rows) * fraction)
+    (out / "eval.jsonl").write_text("\n".join(rows[:held]) + "\n")
+    (out / "train.jsonl").write_text("\n".join(rows[held:]) + "\n")
+
+
 def run(variant: str, args, out: Path, cuda: bool) -> dict:
     overrides = {
         "model.name_or_path": "null", "model.preset": args.preset, "model.tokenizer": str(DATA / "tokenizer"),
-        "data.source": str(DATA / "sft.jsonl"), "data.split": "train", "data.max_length": str(args.seq),
+        "data.source": str(out / "train.jsonl"), "data.split": "train", "data.max_length": str(args.seq),
         "sft.packing": "true", "training.max_steps": str(args.steps), "training.grad_accum": "1",
         "training.logging_steps": "1", "training.save_steps": "null", "training.save_minutes": "0",
         "training.output_dir": str(out / variant),
@@ -44,7 +56,7 @@ def run(variant: str, args, out: Path, cuda: bool) -> dict:
         overrides.update({"model.dtype": "auto", "quantization.compute_dtype": "auto",
                           "training.optimizer": "adamw_torch"})
     if variant == "on":
-        overrides.update({"data.eval": str(args.eval), "training.eval_steps": str(args.eval_steps)})
+        overrides.update({"data.eval": str(out / "eval.jsonl"), "training.eval_steps": str(args.eval_steps)})
     command = [sys.executable, "-m", "ftune", "train", str(RECIPE)]
     for key, value in overrides.items():
         command += ["--set", f"{key}={value}"]
@@ -73,6 +85,7 @@ def main() -> None:
                         help="write the rows as JSON here (default benchmarks/results/<card>/<date>-eval-peak.json)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="bench-eval-") as folder:
+        split_rows(Path(folder), args.eval)
         rows = [run(variant, args, Path(folder), cuda) for variant in ("off", "on")]
     device = next((row["device"] for row in rows if "device" in row), "cpu")
     out = args.out or result_path("eval-peak", card=card_name(device))
