@@ -66,7 +66,8 @@ def run(variant: str, args, out: Path, cuda: bool) -> dict:
         return {"variant": variant, "error": f"exit {finished.returncode}"}
     summary = json.loads((out / variant / "summary.json").read_text())
     return {"variant": variant, "device": summary["device"], "steps": summary["steps"],
-            "peak_memory_gib": summary["peak_memory_gib"], "final_loss": summary["final_loss"],
+            "peak_memory_gib": summary["peak_memory_gib"], "peak_memory_bytes": summary.get("peak_memory_bytes"),
+            "final_loss": summary["final_loss"],
             "eval_loss": summary["eval_loss"], "eval_rows": summary["eval_rows"],
             "tokens_per_s_steady": summary["tokens_per_s_steady"], "tokens_per_s": summary["tokens_per_s"]}
 

@@ -34,7 +34,8 @@ from ftune.checkpoints import (
 from ftune.checks import recipe_warnings
 from ftune.data import RowReport, check_rows, eval_data, load_training_data
 from ftune.errors import Interrupted, NonFiniteLoss
-from ftune.guards import GracefulStop, NonFiniteLossGuard, host_memory_shortfall, out_of_memory
+from ftune.guards import (EvaluationCacheReturned, GracefulStop, NonFiniteLossGuard, host_memory_shortfall,
+                          out_of_memory)
 from ftune.integrations.transformers_trainer import (
     BestCheckpoint,
     ContinueWithNewLearningRate,
@@ -96,6 +97,8 @@ def train(recipe: Recipe, *, overwrite: bool = False, console: Console | None = 
     if resume_from is not None:
         callbacks.append(ContinueWithNewLearningRate())
         load_optimizer_state_on_cpu_ranks()
+    if data.eval_dataset is not None:
+        callbacks.append(EvaluationCacheReturned())
     if recipe.training.keep_best:
         callbacks.append(BestCheckpoint(output_dir, recipe.training.save_total_limit))
     with tracking_session(recipe):  # report_to's trackers write under output_dir, offline unless told
@@ -252,6 +255,7 @@ def _summary(recipe: Recipe, built: BuiltModel, trainer: Trainer, train_loss: fl
         "batches": built.plan.batches,  # padded, padding-free or packed
         "host_offload_bytes": built.engine.host_bytes(),
         "peak_memory_gib": _peak_gib(built, history),
+        "peak_memory_bytes": torch.cuda.max_memory_allocated(built.device) if built.device.type == "cuda" else None,
         "output_dir": str(output_dir),
         "files": {"adapter": "adapter_model.safetensors", "recipe": RECIPE_FILE, "metrics": METRICS_FILE,
                   "model_card": "README.md"},
