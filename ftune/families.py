@@ -34,8 +34,10 @@ class Family:
     # The gated MLP's activation: silu (SwiGLU) or gelu_tanh (GeGLU); the `swiglu` kernel computes both
     activation: str = "silu"
     # The attention implementation a recipe's `auto` picks: sdpa, or ftune's own where sdpa would
-    # drop part of the family's attention: Gemma-2's logit soft-capping runs on FlexAttention
-    # (ftune_softcap, ftune/kernels/softcap_attention.py) instead of eager's tokens x tokens scores
+    # drop part of the family's attention or run it slowly: Gemma-2's logit soft-capping runs on
+    # FlexAttention (ftune_softcap, ftune/kernels/softcap_attention.py) instead of eager's tokens x
+    # tokens scores; Gemma-3's and Phi-3's sliding windows on the flash kernel's window (ftune_window,
+    # ftune/kernels/window_attention.py) instead of sdpa's dense tokens x tokens mask
     attention: str = "sdpa"
     attention_projections: tuple[str, ...] = LLAMA_ATTENTION
     mlp_projections: tuple[str, ...] = GATED_MLP
@@ -78,12 +80,12 @@ FAMILIES: tuple[Family, ...] = (
     Family("qwen3", ("qwen3",), **_LLAMA_LIKE),
     Family("gemma", ("gemma",), residual_halves="pre_norm", **_GEMMA_LIKE),
     Family("gemma2", ("gemma2",), attention="ftune_softcap", **_SANDWICH),
-    Family("gemma3", ("gemma3_text",), **_SANDWICH),
+    Family("gemma3", ("gemma3_text",), attention="ftune_window", **_SANDWICH),
     # Phi-3's projections are fused: qkv_proj, and gate_up_proj (no separate gate). Its layers are
     # pre-norm with a dropout on each branch, off (resid_pdrop 0) in the released models; a layer
     # whose dropout is on recomputes whole
-    Family("phi3", ("phi3",), attention_projections=("qkv_proj", "o_proj"), mlp_projections=("gate_up_proj", "down_proj"),
-           residual_halves="pre_norm", kernels=_ALL_KERNELS),
+    Family("phi3", ("phi3",), attention="ftune_window", attention_projections=("qkv_proj", "o_proj"),
+           mlp_projections=("gate_up_proj", "down_proj"), residual_halves="pre_norm", kernels=_ALL_KERNELS),
     # No linear layer in the MLP: LoRA adapts the attention's projections and the experts'
     # parameters; the MoE block recomputes whole. The loss stays transformers' (and TRL's), which
     # adds the router's load-balancing loss

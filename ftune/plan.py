@@ -22,7 +22,7 @@ from typing import Literal
 import psutil
 
 from ftune.families import KERNEL_NAMES, Family, family_of, known_model_types
-from ftune.memory.estimate import GiB, Setting, Shape, allocatable
+from ftune.memory.estimate import PARKING_ATTENTION, GiB, Setting, Shape, allocatable
 from ftune.memory.policy import LayerPlan, plan_smart
 from ftune.memory.units import format_bytes
 from ftune.model_config import ModelConfig, local_model_config
@@ -157,9 +157,13 @@ def resolve(recipe: Recipe, device: Device, *, mode: str | None = None, config: 
     # max_length, padding-free ones hold only their own tokens, packed sequences fill up to
     # max_length. Padding-free and packed steps are one sequence of those tokens; the layers'
     # memory is per token, so the memory model plans them as batch rows of max_length; under sdpa
-    # their mask is not (dense_packed_mask).
+    # (and ftune_window, which builds sdpa's masks there) their mask is not (dense_packed_mask).
+    # Nor is that of several padded rows (padded_masks), nor sdpa's for sliding-window layers
+    # (dense_window_mask, which ftune_window builds none of).
     attention = attention_implementation(recipe, family)
     phases = workflow_phases(recipe)
+    layout = batch_layout(recipe)
+    sdpa_masks = attention in PARKING_ATTENTION
     setting = Setting(
         mode=mode, seq=recipe.data.max_length, batch=recipe.training.batch_size,
         quantized=recipe.quantization.method != "none", double_quant=recipe.quantization.double_quant,
@@ -167,8 +171,9 @@ def resolve(recipe: Recipe, device: Device, *, mode: str | None = None, config: 
         fused_loss=fused_loss,
         host_embeddings=host_embeddings, host_lm_head=not sharded_by_fsdp(recipe, device.ranks),
         optimizer=recipe.training.optimizer, eval_tokens=eval_tokens(recipe, phases.get("rows_per_example", 1)),
-        parked_attention=attention == "sdpa",
-        dense_packed_mask=attention == "sdpa" and batch_layout(recipe) in ("padding-free", "packed"), **phases,
+        parked_attention=attention in PARKING_ATTENTION,
+        dense_packed_mask=sdpa_masks and layout in ("padding-free", "packed"),
+        padded_masks=sdpa_masks and layout == "padded", dense_window_mask=attention == "sdpa", **phases,
     )
     budget, layers, notes = None, None, expert_notes(recipe, family, parameters, dtype)
     if mode == "smart":
@@ -190,7 +195,7 @@ def resolve(recipe: Recipe, device: Device, *, mode: str | None = None, config: 
                    attention=attention, lora_targets=targets,
                    lora_parameters=parameters, kernels=kernels,
                    checkpointing=mode, host_embeddings=host_embeddings, host_lm_head=host_lm_head, setting=setting,
-                   batches=batch_layout(recipe), budget=budget, layers=layers, notes=notes)
+                   batches=layout, budget=budget, layers=layers, notes=notes)
 
 
 def choose_dtype(setting: str, device: Device) -> str:
@@ -203,10 +208,16 @@ def choose_dtype(setting: str, device: Device) -> str:
 
 
 def attention_implementation(recipe: Recipe, family: Family | None) -> str:
-    """model.attn_implementation; auto: the family's (sdpa for a family ftune has no entry for)."""
+    """model.attn_implementation; auto: the family's (sdpa for a family ftune has no entry for, and
+    for ftune_window where GRPO generates on transformers' paged engine, which runs paged|sdpa and
+    has no paged twin of ftune's)."""
     if recipe.model.attn_implementation != "auto":
         return recipe.model.attn_implementation
-    return family.attention if family is not None else "sdpa"
+    if family is None:
+        return "sdpa"
+    if family.attention == "ftune_window" and recipe.workflow == "grpo" and recipe.grpo.paged_generation:
+        return "sdpa"
+    return family.attention
 
 
 def batch_layout(recipe: Recipe) -> str:

@@ -61,8 +61,9 @@ class ModelSection(_Section):
         "compute: auto is bfloat16 on a GPU that supports it, float32 on CPU.",
     )
     attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2"] = Field(
-        "auto", description="Attention implementation passed to transformers; auto: the model family's (sdpa, or eager "
-        "where sdpa would drop part of the attention, as Gemma-2's soft-capping: ftune/families.py).",
+        "auto", description="Attention implementation passed to transformers; auto: the model family's (sdpa, or "
+        "ftune's own where sdpa would drop part of the attention, as Gemma-2's soft-capping, or run it slowly, as "
+        "Gemma-3's and Phi-3's sliding windows: ftune/families.py).",
     )
 
     @field_validator("preset")

@@ -31,20 +31,32 @@ def _qkv(device, dtype, heads, kv_heads, tokens, head_dim, seed=0):
     return make(heads), make(kv_heads), make(kv_heads)
 
 
-def _replayed_against_sdpa(device, dtype, heads, kv_heads, tokens, head_dim):
+def _window_mask(tokens, window, device):
+    """Causal within the window, made apart from the code under test: query i sees keys i - window + 1 to i."""
+    ones = torch.ones(tokens, tokens, dtype=torch.bool, device=device)
+    return ones.tril() & ones.triu(-(window - 1))
+
+
+def _replayed_against_sdpa(device, dtype, heads, kv_heads, tokens, head_dim, window=None):
+    """The parked path's output and gradients against SDPA, causal or with the window's dense mask."""
     q, k, v = _qkv(device, dtype, heads, kv_heads, tokens, head_dim)
     scale = head_dim ** -0.5
     grad = torch.randn(2, tokens, heads, head_dim, device=device, dtype=dtype)
     ref_inputs = [t.detach().requires_grad_() for t in (q, k, v)]
-    expected = F.scaled_dot_product_attention(*ref_inputs, is_causal=True, scale=scale, enable_gqa=heads != kv_heads)
+    mask = _window_mask(tokens, window, device) if window is not None else None
+    expected = F.scaled_dot_product_attention(*ref_inputs, attn_mask=mask, is_causal=mask is None, scale=scale,
+                                              enable_gqa=heads != kv_heads)
     expected.transpose(1, 2).backward(grad)
 
-    output, logsumexp, extras = attention._forward(q, k, v, scale)
+    output, logsumexp, extras = attention._forward(q, k, v, scale, window=window)
     parked = AttentionOutput(output.transpose(1, 2).contiguous(), logsumexp, extras, scale)
+    assert parked.window == window
     inputs = [t.detach().requires_grad_() for t in (q, k, v)]
     replayed = attention._ReplayedAttention.apply(*inputs, parked)
     replayed.backward(grad)
-    torch.testing.assert_close(replayed, expected.transpose(1, 2), atol=0, rtol=0)
+    exact = dtype == torch.float32 and window is None  # the same kernel as SDPA's, on the same inputs
+    torch.testing.assert_close(replayed, expected.transpose(1, 2), atol=0 if exact else 1e-6 if
+                               dtype == torch.float32 else 2e-2, rtol=0)
     for got, want in zip(inputs, ref_inputs):
         scale_of = want.grad.abs().max().item()
         tolerance = 1e-5 if dtype == torch.float32 else 2e-2 * scale_of
@@ -56,6 +68,11 @@ def test_replayed_attention_has_sdpas_output_and_gradients(heads, kv_heads, toke
     _replayed_against_sdpa("cpu", torch.float32, heads, kv_heads, tokens, 16)
 
 
+@pytest.mark.parametrize("heads,kv_heads,tokens,window", [(4, 4, 17, 4), (4, 2, 33, 8), (6, 2, 5, 1)])
+def test_replayed_attention_within_a_window_has_sdpas_output_and_gradients(heads, kv_heads, tokens, window):
+    _replayed_against_sdpa("cpu", torch.float32, heads, kv_heads, tokens, 16, window)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("heads,kv_heads,tokens,head_dim", [(4, 2, 100, 32), (32, 8, 1000, 128), (28, 4, 257, 128)])
 def test_gpu_replayed_attention_has_sdpas_output_and_gradients(heads, kv_heads, tokens, head_dim):
@@ -64,9 +81,20 @@ def test_gpu_replayed_attention_has_sdpas_output_and_gradients(heads, kv_heads, 
     _replayed_against_sdpa("cuda", torch.bfloat16, heads, kv_heads, tokens, head_dim)
 
 
-def _packed_replayed_against_sdpa(device, dtype, heads, kv_heads, lengths, head_dim):
+@pytest.mark.gpu
+@pytest.mark.parametrize("heads,kv_heads,tokens,head_dim,window", [(32, 32, 3000, 96, 2047), (8, 4, 3000, 256, 1024),
+                                                                    (16, 16, 1500, 256, 1024)])
+def test_gpu_replayed_attention_within_a_window_has_sdpas_output_and_gradients(heads, kv_heads, tokens, head_dim,
+                                                                                window):
+    """Phi-3-mini's heads and window, Gemma-3-4b's (grouped keys) and 256-wide heads without groups."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    _replayed_against_sdpa("cuda", torch.bfloat16, heads, kv_heads, tokens, head_dim, window)
+
+
+def _packed_replayed_against_sdpa(device, dtype, heads, kv_heads, lengths, head_dim, window=None):
     """A padding-free batch's rows (one sequence of `lengths` end to end): the parked path's output
-    and gradients against SDPA with the block-diagonal causal mask."""
+    and gradients against SDPA with the block-diagonal causal mask (within the window, if any)."""
     tokens = sum(lengths)
     generator = torch.Generator(device).manual_seed(1)
     q, k, v = (torch.randn(1, tokens, h, head_dim, device=device, dtype=dtype, generator=generator).transpose(1, 2)
@@ -75,15 +103,17 @@ def _packed_replayed_against_sdpa(device, dtype, heads, kv_heads, lengths, head_
     rows = attention.PackedRows(starts, max(lengths))
     row = torch.repeat_interleave(torch.arange(len(lengths), device=device), torch.tensor(lengths, device=device))
     sees = (row[:, None] == row[None, :]) & torch.ones(tokens, tokens, dtype=torch.bool, device=device).tril()
+    if window is not None:
+        sees &= _window_mask(tokens, window, device)
     scale = head_dim ** -0.5
     grad = torch.randn(1, tokens, heads, head_dim, device=device, dtype=dtype, generator=generator)
     ref_inputs = [t.detach().requires_grad_() for t in (q, k, v)]
     expected = F.scaled_dot_product_attention(*ref_inputs, attn_mask=sees, scale=scale, enable_gqa=heads != kv_heads)
     expected.transpose(1, 2).backward(grad)
 
-    output, logsumexp, extras = attention._forward(q, k, v, scale, rows)
+    output, logsumexp, extras = attention._forward(q, k, v, scale, rows, window)
     parked = AttentionOutput(output.transpose(1, 2).contiguous(), logsumexp, extras, scale)
-    assert parked.rows is rows
+    assert parked.rows is rows and parked.window == window
     inputs = [t.detach().requires_grad_() for t in (q, k, v)]
     replayed = attention._ReplayedAttention.apply(*inputs, parked)
     replayed.backward(grad)
@@ -99,13 +129,22 @@ def test_replayed_attention_of_packed_rows_has_sdpas_output_and_gradients(heads,
     _packed_replayed_against_sdpa("cpu", torch.float32, heads, kv_heads, lengths, 16)
 
 
+@pytest.mark.parametrize("heads,kv_heads,lengths,window", [(4, 4, (5, 12), 4), (4, 2, (1, 17, 3, 9), 6)])
+def test_replayed_attention_of_packed_rows_within_a_window_has_sdpas_output_and_gradients(heads, kv_heads, lengths,
+                                                                                           window):
+    _packed_replayed_against_sdpa("cpu", torch.float32, heads, kv_heads, lengths, 16, window)
+
+
 @pytest.mark.gpu
-@pytest.mark.parametrize("heads,kv_heads,lengths,head_dim", [(4, 2, (100, 37, 1), 32),
-                                                              (32, 8, (900, 17, 1500, 211), 128)])
-def test_gpu_replayed_attention_of_packed_rows_has_sdpas_output_and_gradients(heads, kv_heads, lengths, head_dim):
+@pytest.mark.parametrize("heads,kv_heads,lengths,head_dim,window", [(4, 2, (100, 37, 1), 32, None),
+                                                                     (32, 8, (900, 17, 1500, 211), 128, None),
+                                                                     (32, 32, (2500, 17, 1500), 96, 1024),
+                                                                     (8, 4, (900, 1500, 211), 256, 1024)])
+def test_gpu_replayed_attention_of_packed_rows_has_sdpas_output_and_gradients(heads, kv_heads, lengths, head_dim,
+                                                                              window):
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")
-    _packed_replayed_against_sdpa("cuda", torch.bfloat16, heads, kv_heads, lengths, head_dim)
+    _packed_replayed_against_sdpa("cuda", torch.bfloat16, heads, kv_heads, lengths, head_dim, window)
 
 
 def test_a_call_without_a_padding_free_batchs_rows_has_none():
@@ -118,19 +157,24 @@ def test_a_call_without_a_padding_free_batchs_rows_has_none():
 
 
 def _count_attention_calls(monkeypatch) -> dict[str, int]:
+    """Calls of the parked path's forward, and of the implementations' own functions (each model
+    here runs transformers' sdpa)."""
     counts = {"parked forward": 0, "sdpa": 0}
-    forward, sdpa = attention._forward, attention._original_sdpa
+    forward = attention._forward
 
     def counted_forward(*args, **kwargs):
         counts["parked forward"] += 1
         return forward(*args, **kwargs)
 
-    def counted_sdpa(*args, **kwargs):
-        counts["sdpa"] += 1
-        return sdpa(*args, **kwargs)
+    def counted(original):
+        def call(*args, **kwargs):
+            counts["sdpa"] += 1
+            return original(*args, **kwargs)
+        return call
 
     monkeypatch.setattr(attention, "_forward", counted_forward)
-    monkeypatch.setattr(attention, "_original_sdpa", counted_sdpa)
+    for name, original in list(attention._originals.items()):
+        monkeypatch.setitem(attention._originals, name, counted(original))
     return counts
 
 

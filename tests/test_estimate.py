@@ -197,3 +197,57 @@ def test_moe_block_saves_what_the_model_counts(adapted):
     shape = Shape.from_config(config.to_dict())
     counted = moe_saved_bytes(shape, tokens, adapted)
     assert abs(counted / sum(saved.values()) - 1) <= 0.02, (counted, sum(saved.values()))
+
+
+def test_sliding_windows_from_the_config():
+    gemma = Shape.from_config(PRESETS["gemma-3-4b"])  # 34 layers, one full in every 6
+    assert (gemma.sliding_window, gemma.sliding_layers, gemma.mask_kinds) == (1024, 29, 2)
+    phi = Shape.from_config(PRESETS["phi-3-mini"])
+    assert (phi.sliding_window, phi.sliding_layers, phi.mask_kinds) == (2047, 32, 1)
+    for preset in ("llama-3.1-8b", "mistral-7b", "phi-4"):
+        assert Shape.from_config(PRESETS[preset]).sliding_layers == 0, preset
+    # Qwen2 names a window that only use_sliding_window turns on; layer_types say which layers slide
+    qwen = dict(PRESETS["qwen2.5-7b"], sliding_window=4096)
+    assert Shape.from_config(qwen).sliding_layers == 0
+    assert Shape.from_config(dict(qwen, use_sliding_window=True, layer_types=["full_attention"] * 4 +
+                                  ["sliding_attention"] * 24)).sliding_layers == 24
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "ftune_window"])
+def test_the_masks_counted_are_the_masks_transformers_builds(attention):
+    """transformers 5.17's masks for a model of full and sliding layers (a window of 8, rows of 32
+    tokens), their bytes as the memory model counts them: under sdpa the sliding layers' mask where
+    no padding is; under both, with padding, one per row and kind of layer; rows end to end, one
+    over all their tokens per kind."""
+    import torch
+    from transformers import AutoConfig
+    from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
+
+    from ftune.integrations.transformers import register_attention
+    from ftune.memory.estimate import mask_bytes
+
+    register_attention(attention)
+    config = AutoConfig.for_model("gemma3_text", vocab_size=64, hidden_size=64, intermediate_size=128,
+                                  num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                                  sliding_window=8, layer_types=["sliding_attention", "full_attention"])
+    config._attn_implementation = attention
+    shape = Shape.from_config(config.to_dict())
+    setting = Setting(dense_window_mask=attention == "sdpa")
+
+    def built(batch, tokens, attention_mask=None, position_ids=None) -> int:
+        embeds = torch.zeros(batch, tokens, 64)
+        if position_ids is None:
+            position_ids = torch.arange(tokens).expand(batch, tokens)
+        masks = [make(config, embeds, attention_mask, None, position_ids=position_ids)
+                 for make in (create_causal_mask, create_sliding_window_causal_mask)]
+        return sum(mask.untyped_storage().nbytes() for mask in masks if mask is not None)
+
+    assert built(2, 32) == mask_bytes(shape, setting, 2, 32) == (32 * 32 if attention == "sdpa" else 0)
+    assert built(2, 6) == mask_bytes(shape, setting, 2, 6) == 0  # rows within the window
+    padding = torch.ones(2, 32, dtype=torch.long)
+    padding[1, 25:] = 0
+    padded = Setting(padded_masks=True, dense_window_mask=attention == "sdpa")
+    assert built(2, 32, padding) == mask_bytes(shape, padded, 2, 32) == 2 * 2 * 32 * 32
+    packed = Setting(dense_packed_mask=True)  # two rows of 32, end to end, positions restarting
+    assert built(1, 64, position_ids=torch.arange(32).repeat(2)[None]) == mask_bytes(shape, packed, 2, 32) == \
+        2 * 64 * 64

@@ -3,6 +3,10 @@ give the loss and LoRA gradients of a plain transformers + peft model with the s
 every checkpointing mode, 16-bit and 4-bit, kernels off and (where the family has them) on; and
 `ftune train` runs on each.
 
+Gemma-3 and Phi-3 slide a window of 8 tokens over the 24 of each row (Gemma-3 on one layer of
+its two, Phi-3 on both), so that the window hides keys: ftune_window (ftune/kernels/window_attention.py)
+against transformers' sdpa with its dense mask, the parked path included.
+
 Tolerance: fp32 on CPU. The modes recompute the same operations in the same order, so they agree
 to a few ulps (measured: at most 5e-7 of a gradient's norm); the Triton kernels under the
 interpreter reorder sums (about 1e-6). 1e-4 of each tensor's norm leaves that a hundredfold margin
@@ -23,7 +27,8 @@ from peft.tuners.lora import ParamWrapper
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from ftune.families import family_of
-from ftune.integrations.transformers import KERNELS
+from ftune.engine import attention
+from ftune.integrations.transformers import KERNELS, WINDOW_ATTENTION
 from ftune.model import build_model, quantization_config
 from ftune.plan import lora_parameters, lora_targets
 from ftune.recipe import validate_recipe
@@ -41,8 +46,9 @@ CONFIGS = {
     "gemma": dict(model_type="gemma", head_dim=32),
     "gemma2": dict(model_type="gemma2", head_dim=32, tie_word_embeddings=True),
     "gemma2-untied": dict(model_type="gemma2", head_dim=32, tie_word_embeddings=False),
-    "gemma3_text": dict(model_type="gemma3_text", head_dim=32, tie_word_embeddings=False),
-    "phi3": dict(model_type="phi3"),
+    "gemma3_text": dict(model_type="gemma3_text", head_dim=32, tie_word_embeddings=False, sliding_window=8,
+                        layer_types=["sliding_attention", "full_attention"]),
+    "phi3": dict(model_type="phi3", sliding_window=8),
     "mixtral": dict(model_type="mixtral", num_local_experts=4, num_experts_per_tok=2, output_router_logits=True,
                     router_aux_loss_coef=0.5),
     "qwen3_moe": dict(model_type="qwen3_moe", num_experts=4, num_experts_per_tok=2, moe_intermediate_size=128,
@@ -78,9 +84,13 @@ def recipe_for(path: str, mode: str, quant: str, kernels: frozenset = frozenset(
 
 
 def _reference(path: str, recipe, built) -> torch.nn.Module:
+    # ftune's sliding-window attention against transformers' sdpa with its dense masks; ftune_softcap
+    # against itself (its own tests hold it to eager attention)
+    attention = built.model.config._attn_implementation
+    attention = "sdpa" if attention == WINDOW_ATTENTION else attention
     base = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32,
                                                 quantization_config=quantization_config(recipe, torch.float32),
-                                                device_map={"": "cpu"}, attn_implementation=built.model.config._attn_implementation)
+                                                device_map={"": "cpu"}, attn_implementation=attention)
     transformers.set_seed(0)
     family = family_of(base.config.model_type)
     reference = get_peft_model(base, LoraConfig(r=16, lora_alpha=16, target_modules=lora_targets(recipe, family),
@@ -107,6 +117,8 @@ _REFERENCES: dict = {}
 
 
 def _case(folders, name, mode, quant, kernels=frozenset()):
+    """The family's model built by ftune in this mode: its loss and LoRA gradients against the
+    reference's."""
     path = folders(name)
     recipe = recipe_for(path, mode, quant, kernels)
     built = build_model(recipe, torch.device("cpu"), with_tokenizer=False)
@@ -132,11 +144,25 @@ def _case(folders, name, mode, quant, kernels=frozenset()):
 CASES = [(mode, quant) for quant in ("none", "nf4") for mode in ("none", "true", "unsloth")] + [("smart", "nf4")]
 
 
+def _parked_windows(monkeypatch) -> list:
+    """The window of each attention the parked path ran (None: causal over the whole row)."""
+    windows = []
+    forward = attention._forward
+
+    def recorded(query, key, value, scale, rows=None, window=None):
+        windows.append(window)
+        return forward(query, key, value, scale, rows, window)
+
+    monkeypatch.setattr(attention, "_forward", recorded)
+    return windows
+
+
 @pytest.mark.parametrize("mode,quant", CASES, ids=[f"{mode}-{quant}" for mode, quant in CASES])
 @pytest.mark.parametrize("name", list(CONFIGS))
-def test_every_family_gives_the_reference_loss_and_gradients(folders, name, mode, quant):
+def test_every_family_gives_the_reference_loss_and_gradients(folders, name, mode, quant, monkeypatch):
     family = family_of(CONFIGS[name]["model_type"])
     kernels = family.kernels if family is not None and (mode, quant) == ("unsloth", "nf4") else frozenset()
+    parked = _parked_windows(monkeypatch)
     built, out = _case(folders, name, mode, quant, kernels)
     assert {k for k, on in built.kernels.items() if on} == set(kernels)
     if family is not None and family.experts:  # the router's load-balancing loss is in it, with its gradient
@@ -150,6 +176,11 @@ def test_every_family_gives_the_reference_loss_and_gradients(folders, name, mode
     elif family.residual_halves and mode != "none":  # every recomputed layer runs as two halves
         wrapped = [layer.__dict__["forward"] for layer in built.engine.layers if "forward" in layer.__dict__]
         assert all(forward.halves is not None for forward in wrapped) and (wrapped or mode == "smart")
+    if mode == "unsloth" and family is not None and family.attention == WINDOW_ATTENTION:
+        # every offloaded layer parked its attention, the sliding ones within their window
+        kinds = getattr(built.model.config, "layer_types", None) or ["sliding_attention"] * TINY["num_hidden_layers"]
+        windows = [8 if kind == "sliding_attention" else None for kind in kinds]
+        assert parked == windows and not attention._refused
 
 
 @pytest.mark.parametrize("name", ["mixtral", "llama"])

@@ -130,6 +130,28 @@ def test_transformers_llama_layers_call_what_ftunes_patches_expect():
         modeling_llama.LlamaDecoderLayer.forward), moved
 
 
+def test_transformers_passes_the_sliding_window_and_the_mask_arguments_ftune_window_reads():
+    """ftune_window (ftune/kernels/window_attention.py) reads each layer's window from the attention
+    call's `sliding_window`, and transformers' sign of a plain causal pattern (`allow_is_causal_skip`,
+    `use_vmap`) from the mask interface's call."""
+    import inspect
+
+    import transformers
+    from transformers import masking_utils
+    from transformers.models.gemma3.modeling_gemma3 import Gemma3Attention
+    from transformers.models.phi3.modeling_phi3 import Phi3Attention
+
+    moved = f"transformers {transformers.__version__} changed how the window reaches attention; check " \
+            "ftune/kernels/window_attention.py"
+    assert "sliding_window=self.sliding_window" in inspect.getsource(Gemma3Attention.forward), moved
+    phi3 = inspect.getsource(Phi3Attention.forward)
+    assert 'sliding_window=getattr(self.config, "sliding_window", None)' in phi3, moved
+    for create in (masking_utils.create_causal_mask, masking_utils.create_sliding_window_causal_mask):
+        source = inspect.getsource(create)
+        for argument in ("allow_is_causal_skip=allow_is_causal_skip", "use_vmap=use_vmap", "q_offset=q_offset"):
+            assert argument in source, f"{moved} ({create.__name__}: {argument})"
+
+
 def test_transformers_phi3_mlp_is_the_gated_layout_ftunes_kernel_reads():
     """ftune's gated-product kernel reads Phi-3's one projection as gate first, then up
     (GATED_MLP_LAYOUTS): transformers' own Phi3MLP computes the same."""

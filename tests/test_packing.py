@@ -10,6 +10,10 @@ the unsloth cases, labels across boundaries fail every case). Positions that do 
 where transformers' SDPA runs, since its mask is made from them; RoPE itself is relative, so within
 a row's block an offset in every position changes nothing but rounding.
 
+A sliding-window model (Phi-3, a window of 4 tokens over rows of 5, 11 and 7: ftune_window)
+keeps each row within itself and within the window, where the parked path reads the window with
+the rows.
+
 Tolerance: fp32 on CPU. A packed row and the same row alone compute the same sums in another order
 (one sequence of 23 tokens against one of 5, 11 or 7): measured at most 2.9e-6 of a tensor's norm
 row by row, in every case, the kernels' too. 1e-4 leaves a thirtyfold margin; a parked attention
@@ -20,6 +24,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from transformers import AutoConfig, AutoModelForCausalLM
 from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
 from ftune.engine import attention
@@ -36,6 +41,10 @@ MODES = ("none", "true", "unsloth", "smart")
 # The kernels that see where rows meet: RoPE reads the positions, the fused loss shifts the labels.
 # The others work token by token (RMSNorm, SwiGLU) or on the weights (fused LoRA).
 BOUNDARY_KERNELS = ("rope", "fused_cross_entropy")
+# A tiny Phi-3 whose window of 4 tokens is shorter than two of the rows
+WINDOWED = dict(model_type="phi3", vocab_size=VOCAB, hidden_size=128, intermediate_size=384, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, sliding_window=4,
+                bos_token_id=1, eos_token_id=2, pad_token_id=0, initializer_range=0.1)
 
 
 def _rows() -> list[dict]:
@@ -43,8 +52,10 @@ def _rows() -> list[dict]:
     return [{"input_ids": torch.randint(3, VOCAB, (n,), generator=generator).tolist()} for n in LENGTHS]
 
 
-def _model(mode: str, kernels: tuple[str, ...]):
-    raw = {"model": {"preset": "tiny-llama", "tokenizer": "(none: token ids)", "dtype": "float32"},
+def _model(mode: str, kernels: tuple[str, ...], source: dict | None = None):
+    """ftune's model of the tiny-llama preset, or of `source` (the recipe's model.name_or_path)."""
+    source = source or {"preset": "tiny-llama"}
+    raw = {"model": {**source, "tokenizer": "(none: token ids)", "dtype": "float32"},
            "quantization": {"method": "none"},
            "checkpointing": {"mode": mode, **({"budget": "64GiB"} if mode == "smart" else {})},
            "kernels": {name: name in kernels for name in KERNELS},
@@ -74,14 +85,15 @@ def _only_row(batch: dict, row: int) -> dict:
 
 
 def _count_packed_parking(monkeypatch) -> list[int]:
+    """Calls of the parked path's forward for a padding-free batch's rows."""
     calls = [0]
-    packed_forward = attention._packed_forward
+    forward = attention._forward
 
-    def counted(*args, **kwargs):
-        calls[0] += 1
-        return packed_forward(*args, **kwargs)
+    def counted(query, key, value, scale, rows=None, window=None):
+        calls[0] += rows is not None
+        return forward(query, key, value, scale, rows, window)
 
-    monkeypatch.setattr(attention, "_packed_forward", counted)
+    monkeypatch.setattr(attention, "_forward", counted)
     return calls
 
 
@@ -92,6 +104,27 @@ CASES = [(mode, ()) for mode in MODES] + [("unsloth", BOUNDARY_KERNELS)]
 def test_a_packed_batch_trains_each_row_as_if_it_ran_alone(mode, kernels, monkeypatch):
     built = _model(mode, kernels)
     assert {name for name, on in built.kernels.items() if on} == set(kernels)
+    _assert_each_row_trains_alone(built, mode, monkeypatch)
+
+
+@pytest.fixture(scope="module")
+def windowed(tmp_path_factory) -> str:
+    values = dict(WINDOWED)
+    config = AutoConfig.for_model(values.pop("model_type"), **values)
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("windowed") / "phi3"
+    AutoModelForCausalLM.from_config(config, dtype=torch.float32).save_pretrained(path)
+    return str(path)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_packed_batch_with_a_sliding_window_trains_each_row_as_if_it_ran_alone(mode, windowed, monkeypatch):
+    built = _model(mode, (), {"name_or_path": windowed})
+    assert built.plan.attention == "ftune_window"
+    _assert_each_row_trains_alone(built, mode, monkeypatch)
+
+
+def _assert_each_row_trains_alone(built, mode: str, monkeypatch) -> None:
     parked = _count_packed_parking(monkeypatch)
     rows = _rows()
     packed = DataCollatorForLanguageModeling(pad_token_id=0, padding_free=True)(rows)

@@ -27,7 +27,7 @@ def test_auto_kernels_are_on_with_cuda_for_the_familys_kernels_only():
     assert "llama family" in plan.kernels["rms_norm"].reason
     gemma = resolve(recipe("model.preset=gemma-2-2b"), CUDA)
     assert gemma.kernels["swiglu"].on and gemma.attention == "ftune_softcap"  # GeGLU; soft-capping on FlexAttention
-    # only attention through sdpa parks its output (ftune/engine/attention.py): the memory model knows
+    # only attention through sdpa or ftune_window parks its output (ftune/engine/attention.py): the memory model knows
     assert not gemma.setting.parked_attention and plan.setting.parked_attention
     # Gemma's tied table leaves the GPU with the head, under the fused loss only
     assert gemma.host_embeddings and gemma.host_lm_head
@@ -87,6 +87,31 @@ def test_the_memory_setting_is_the_plans():
     assert (setting.mode, setting.seq, setting.batch, setting.lora_r) == ("true", 64, 16, 16)
     assert setting.fused_loss and not setting.host_embeddings
     assert estimate(plan.shape, setting).peak > 0
+
+
+@pytest.mark.parametrize("preset", ["gemma-3-4b", "phi-3-mini"])
+def test_sliding_window_families_run_ftune_window_which_parks_and_builds_no_mask(preset):
+    """At batch 1 (no padding) under sdpa each step holds the sliding layers' tokens x tokens mask;
+    ftune_window holds none and parks its attention as sdpa does."""
+    from ftune.memory.estimate import parks_attention
+
+    plan = resolve(recipe(f"model.preset={preset}", "data.max_length=16384", "training.batch_size=1"), CUDA)
+    assert plan.attention == "ftune_window" and plan.batches == "padded"
+    assert plan.setting.parked_attention and not plan.setting.dense_window_mask
+    assert parks_attention(plan.shape, 16384, 125 * 1024**3)
+    sdpa = resolve(recipe(f"model.preset={preset}", "data.max_length=16384", "training.batch_size=1",
+                          "model.attn_implementation=sdpa"), CUDA)
+    assert sdpa.setting.parked_attention and sdpa.setting.dense_window_mask
+    ours, theirs = estimate(plan.shape, plan.setting), estimate(sdpa.shape, sdpa.setting)
+    assert theirs.checkpoints_gpu - ours.checkpoints_gpu == 16384 ** 2  # 256 MiB of booleans
+    # padded rows: every row's mask, per kind of layer, under both
+    padded = resolve(recipe(f"model.preset={preset}", "training.batch_size=4", "sft.padding_free=false"), CUDA)
+    assert padded.setting.padded_masks
+    # GRPO's paged generation runs transformers' paged sdpa, which has no ftune_window twin
+    grpo = resolve(load_recipe(QUICKSTART.parent / "grpo-quickstart.yaml", [f"model.preset={preset}",
+                                                                            "grpo.paged_generation=true"],
+                               check_paths=False), CUDA)
+    assert grpo.attention == "sdpa"
 
 
 def test_validate_prints_the_plan(monkeypatch, capsys):

@@ -14,21 +14,29 @@ the projections and RoPE are recomputed, the parked output stands in for the att
 and the output projection's forward is skipped (ftune/integrations/peft.py, `unread`).
 
 transformers calls attention through a registry (`AttentionInterface`); ftune wraps its `sdpa`
-entry (ftune/integrations/transformers.py `wrap_attention`). Outside a recording or a replay, and
-for any call the parked path does not cover (a padding mask, dropout, cached keys), the wrapper
-calls transformers' own function unchanged. Whether a step parks at all is the memory model's
-rule (ftune/memory/estimate.py `parks`): within a share of host memory and a number of tokens.
+entry and ftune's sliding-window one, `ftune_window` (ftune/integrations/transformers.py
+`wrap_attention`). Outside a recording or a replay, and for any call the parked path does not
+cover (a padding mask, dropout, cached keys), the wrapper calls the implementation's own function
+unchanged. Whether a step parks at all is the memory model's rule (ftune/memory/estimate.py
+`parks`): within a share of host memory and a number of tokens.
+
+A sliding-window layer (Gemma-3's, Phi-3's: the model passes `sliding_window` to the attention)
+parks where its call has no mask: under `ftune_window` (ftune/kernels/window_attention.py), whose
+mask function builds none for causal attention within the window, or where the sequence is no
+longer than the window (transformers' sdpa then builds none either). On CUDA the flash kernel runs
+it with the window, forward and backward; on CPU the flash kernel for CPU with the window's mask.
 
 A padding-free batch (TRL's collator: the batch's rows end to end in one sequence, positions
 restarting at each row) parks too. Its rows are the collator's `cu_seq_lens_q` (where each row
 starts), which reach the attention beside the block-diagonal causal mask that transformers built
 from the same positions. The parked path reads the rows and not the mask: on CUDA it runs
 PyTorch's flash-attention kernel for rows of varying length, which skips the blocks between rows
-(a dense mask makes SDPA compute them and throw them away); on CPU the flash kernel for CPU with
-the block-diagonal mask made from the rows.
+(a dense mask makes SDPA compute them and throw them away), within the layer's window if it has
+one; on CPU the flash kernel for CPU with the block-diagonal mask made from the rows.
 
 The kernels: on CUDA, cuDNN's fused attention, the one PyTorch's SDPA picks on Hopper for these
-shapes, forward and backward; on CPU, PyTorch's flash kernel for CPU (which SDPA runs there). The
+shapes, forward and backward (PyTorch's flash kernel for rows and windows, which cuDNN's takes
+neither of); on CPU, PyTorch's flash kernel for CPU (which SDPA runs there). The
 backward is the kernel's own, on the very output and log-sum-exp of the forward, so the gradients
 are those of a layer that kept its activations.
 """
@@ -38,20 +46,24 @@ from __future__ import annotations
 import contextlib
 import logging
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch.nn import functional as F
 
-from ftune.integrations.transformers import wrap_attention
+from ftune.integrations.transformers import WINDOW_ATTENTION, register_attention, wrap_attention
+from ftune.kernels.window_attention import flash_backward, flash_forward, visible_keys
+from ftune.memory.estimate import PARKING_ATTENTION
 
 logger = logging.getLogger(__name__)
 
-_original_sdpa = None
+# Each wrapped implementation's own function (transformers' sdpa, ftune's sliding-window attention)
+_originals: dict[str, Callable] = {}
 # What the wrapper does now: record the next attention's output, or replay a parked one.
 _recording: Recording | None = None
 _replaying: AttentionOutput | None = None
-# (device, dtype, head size) whose attention kernel refused the parked path: SDPA runs as usual there.
+# (device, dtype, head size, kernel) whose attention kernel refused the parked path: the
+# implementation's own function runs as usual there.
 _refused: set[tuple] = set()
 
 
@@ -59,7 +71,8 @@ _refused: set[tuple] = set()
 class AttentionOutput:
     """One attention call's output (batch, tokens, heads, head_dim), its log-sum-exp and what else
     its kernel's backward takes (`extras`: the kernel's other outputs and, for a padding-free
-    batch, its rows; the engine carries them through host memory as they are)."""
+    batch, its rows, for a sliding-window layer, its window; the engine carries them through host
+    memory as they are)."""
 
     output: torch.Tensor
     logsumexp: torch.Tensor
@@ -70,6 +83,11 @@ class AttentionOutput:
     def rows(self) -> PackedRows | None:
         """A padding-free batch's rows; None: one causal sequence per batch entry."""
         return next((extra for extra in self.extras if isinstance(extra, PackedRows)), None)
+
+    @property
+    def window(self) -> int | None:
+        """The keys each query sees, up to itself (transformers' sliding_window); None: all before it."""
+        return next((extra.size for extra in self.extras if isinstance(extra, SlidingWindow)), None)
 
 
 @dataclass
@@ -91,14 +109,26 @@ class PackedRows:
             return None
         return cls(starts.to(device=query.device, dtype=torch.int32), int(longest))
 
-    def mask(self, tokens: int, dtype: torch.dtype) -> torch.Tensor:
-        """The additive mask (tokens, tokens): 0 where a token sees a key (its own row, not later),
-        -inf elsewhere."""
-        lengths = self.starts.diff()
-        row = torch.repeat_interleave(torch.arange(len(lengths), device=self.starts.device), lengths)
-        position = torch.arange(tokens, device=self.starts.device)
-        sees = (row[:, None] == row[None, :]) & (position[:, None] >= position[None, :])
-        return torch.zeros(tokens, tokens, device=self.starts.device, dtype=dtype).masked_fill(~sees, float("-inf"))
+
+@dataclass(frozen=True)
+class SlidingWindow:
+    """A sliding-window layer's window: each query sees the `size` keys up to itself."""
+
+    size: int
+
+
+def _window(kwargs, rows: PackedRows | None, tokens: int) -> int | None:
+    """The window the model passes for the layer where it hides keys: shorter than the sequence
+    (than the longest row of a padding-free batch); None where the layer attends to all before."""
+    window = kwargs.get("sliding_window")
+    return window if window is not None and window < (rows.longest if rows is not None else tokens) else None
+
+
+def _mask(tokens: int, dtype: torch.dtype, device, rows: PackedRows | None, window: int | None) -> torch.Tensor:
+    """The additive mask (tokens, tokens) of the rows and the window, for the CPU kernel: 0 where a
+    token sees a key (in its own row, not later, within the window), -inf elsewhere."""
+    sees = visible_keys(tokens, window, rows.starts if rows is not None else None, device=device)
+    return torch.zeros(tokens, tokens, device=device, dtype=dtype).masked_fill(~sees, float("-inf"))
 
 
 class Recording:
@@ -108,14 +138,24 @@ class Recording:
 
 
 def install() -> None:
-    """Wrap transformers' `sdpa` attention (once per process)."""
-    wrap_attention("sdpa", _parking)
+    """Wrap transformers' `sdpa` attention and ftune's sliding-window attention (once per process)."""
+    register_attention(WINDOW_ATTENTION)
+    for name in PARKING_ATTENTION:
+        wrap_attention(name, _parking(name))
 
 
-def _parking(original):
-    global _original_sdpa
-    _original_sdpa = original
-    return _parked_sdpa
+def _parking(name: str):
+    def make_wrapper(original):
+        _originals[name] = original
+
+        def parked(module, query, key, value, attention_mask, dropout: float = 0.0, scaling: float | None = None,
+                   is_causal: bool | None = None, **kwargs: Any):
+            return _parked_attention(name, module, query, key, value, attention_mask, dropout=dropout,
+                                     scaling=scaling, is_causal=is_causal, **kwargs)
+
+        return parked
+
+    return make_wrapper
 
 
 @contextlib.contextmanager
@@ -140,36 +180,37 @@ def replaying_attention(parked: AttentionOutput):
         _replaying = outer
 
 
-def _parked_sdpa(module, query, key, value, attention_mask, dropout: float = 0.0, scaling: float | None = None,
-                 is_causal: bool | None = None, **kwargs: Any):
+def _parked_attention(name: str, module, query, key, value, attention_mask, dropout: float = 0.0,
+                      scaling: float | None = None, is_causal: bool | None = None, **kwargs: Any):
     global _replaying
 
-    def sdpa(query, key, value):  # transformers' own, unchanged
-        return _original_sdpa(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
-                              is_causal=is_causal, **kwargs)
+    def original(query, key, value):  # the implementation's own, unchanged
+        return _originals[name](module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                is_causal=is_causal, **kwargs)
 
     if _recording is None and _replaying is None:
-        return sdpa(query, key, value)
+        return original(query, key, value)
     device = query.device.type
     if torch.is_autocast_enabled(device):  # as autocast runs SDPA: in its dtype
         dtype = torch.get_autocast_dtype(device)
         query, key, value = query.to(dtype), key.to(dtype), value.to(dtype)
     rows = PackedRows.of_call(query, kwargs)
-    if not _takes(module, query, key, value, attention_mask, dropout, is_causal, kwargs, rows):
-        return sdpa(query, key, value)
+    window = _window(kwargs, rows, key.shape[2])
+    if not _takes(module, query, key, value, attention_mask, dropout, is_causal, kwargs, rows, window):
+        return original(query, key, value)
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
     if _replaying is not None:
         parked, _replaying = _replaying, None  # one attention per layer: the next call computes
         return _ReplayedAttention.apply(query, key, value, parked), None
     try:
-        output, logsumexp, extras = _forward(query, key, value, scale, rows)
+        output, logsumexp, extras = _forward(query, key, value, scale, rows, window)
     except torch.OutOfMemoryError:
         raise
-    except RuntimeError as error:  # a kernel that does not take these inputs: SDPA picks another
-        _refused.add(_kind(query))
-        logger.warning("attention outputs of %s are recomputed, not parked: %s", _kind(query),
-                       str(error).splitlines()[0])
-        return sdpa(query, key, value)
+    except RuntimeError as error:  # a kernel that does not take these inputs: the implementation's own runs
+        kind = _kind(query, rows, window)
+        _refused.add(kind)
+        logger.warning("attention outputs of %s are recomputed, not parked: %s", kind, str(error).splitlines()[0])
+        return original(query, key, value)
     output = output.transpose(1, 2)  # (batch, tokens, heads, head_dim), as transformers' sdpa returns it
     if not output.is_contiguous():
         output = output.contiguous()
@@ -177,86 +218,69 @@ def _parked_sdpa(module, query, key, value, attention_mask, dropout: float = 0.0
     return output, None
 
 
-def _kind(query) -> tuple:
-    """What a kernel's refusal is remembered by: the device, the dtype and the head size."""
-    return query.device.type, query.dtype, query.shape[-1]
+def _kind(query, rows: PackedRows | None = None, window: int | None = None) -> tuple:
+    """What a kernel's refusal is remembered by: the device, the dtype, the head size and, on CUDA,
+    the kernel (flash for rows and windows, cuDNN's otherwise)."""
+    kernel = "flash" if rows is not None or window is not None else "cudnn"
+    return query.device.type, query.dtype, query.shape[-1], kernel if query.device.type == "cuda" else None
 
 
-def _takes(module, query, key, value, attention_mask, dropout, is_causal, kwargs, rows: PackedRows | None) -> bool:
-    """Whether the parked path computes what transformers' sdpa would: causal self-attention over
-    the whole sequence or, in a padding-free batch, over each of its rows; no other mask (so no
-    padding), no dropout, no extra bias, one dtype; on CUDA a 16-bit one, with PyTorch's cuDNN
-    attention (flash attention for rows) enabled and no deterministic algorithms asked for (their
-    backwards are not deterministic)."""
+def _takes(module, query, key, value, attention_mask, dropout, is_causal, kwargs, rows: PackedRows | None,
+           window: int | None = None) -> bool:
+    """Whether the parked path computes what the implementation would: causal self-attention over
+    the whole sequence or, in a padding-free batch, over each of its rows, within the layer's
+    window if it has one; no other mask (so no padding), no dropout, no extra bias, one dtype; on
+    CUDA a 16-bit one, with PyTorch's cuDNN attention (flash attention for rows and windows)
+    enabled and no deterministic algorithms asked for (their backwards are not deterministic)."""
     causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
-    # a padding-free batch's mask is the rows' block-diagonal one, which `rows` makes again
+    # a padding-free batch's mask is the rows' block-diagonal one (within the window), which `rows` makes again
     unmasked = attention_mask is None or rows is not None
     if not (causal and unmasked and dropout == 0.0 and kwargs.get("position_bias") is None
             and query.shape[2] == key.shape[2] > 1 and query.shape[-1] == key.shape[-1]
-            and query.dtype == key.dtype == value.dtype and _kind(query) not in _refused):
+            and query.dtype == key.dtype == value.dtype and _kind(query, rows, window) not in _refused):
         return False
     if query.device.type == "cuda":
         backends = torch.backends.cuda
-        enabled = backends.flash_sdp_enabled() if rows is not None else backends.cudnn_sdp_enabled()
+        flash = rows is not None or window is not None
+        enabled = backends.flash_sdp_enabled() if flash else backends.cudnn_sdp_enabled()
         return (query.dtype in (torch.float16, torch.bfloat16) and enabled
                 and not torch.are_deterministic_algorithms_enabled())
     return query.device.type == "cpu"
 
 
-def _forward(query, key, value, scale, rows: PackedRows | None = None):
+def _forward(query, key, value, scale, rows: PackedRows | None = None, window: int | None = None):
     """Attention's output (batch, heads, tokens, head_dim), log-sum-exp and the backward's extras."""
-    if rows is not None:
-        return _packed_forward(query, key, value, scale, rows)
+    marks = tuple(mark for mark in (rows, SlidingWindow(window) if window is not None else None) if mark is not None)
     if query.device.type == "cuda":
+        if marks:  # flash attention, over the rows (tokens, heads, head_dim) if any, within the window
+            output, logsumexp, state = flash_forward(query, key, value, scale, window,
+                                                     *((rows.starts, rows.longest) if rows is not None else ()))
+            return output, logsumexp, (*state, *marks)
         (output, logsumexp, cum_seq_q, cum_seq_k, max_q, max_k, seed, offset,
          _) = torch.ops.aten._scaled_dot_product_cudnn_attention(query, key, value, None, True, 0.0, True, False,
                                                                  scale=scale)
         return output, logsumexp, (cum_seq_q, cum_seq_k, max_q, max_k, seed, offset)
-    output, logsumexp = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(query, key, value, 0.0, True,
-                                                                                   scale=scale)
-    return output, logsumexp, ()
-
-
-def _packed_forward(query, key, value, scale, rows: PackedRows):
-    if query.device.type == "cuda":  # flash attention over (tokens, heads, head_dim), row by row
-        output, logsumexp, rng_state, unused, _ = torch.ops.aten._flash_attention_forward(
-            *_token_major(query, key, value), rows.starts, rows.starts, rows.longest, rows.longest, 0.0, True, False,
-            scale=scale)
-        return output.transpose(0, 1).unsqueeze(0), logsumexp, (rng_state, unused, rows)
+    mask = _mask(query.shape[2], query.dtype, query.device, rows, window) if marks else None
     output, logsumexp = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-        query, key, value, 0.0, False, attn_mask=rows.mask(query.shape[2], query.dtype), scale=scale)
-    return output, logsumexp, (rows,)
-
-
-def _token_major(*tensors):
-    """(1, heads, tokens, head_dim) as the flash kernel for rows takes them: (tokens, heads, head_dim)."""
-    return [t[0].transpose(0, 1).contiguous() for t in tensors]
-
-
-def _packed_backward(grad, query, key, value, parked: AttentionOutput):
-    rows, output = parked.rows, parked.output.transpose(1, 2)
-    if query.device.type == "cuda":
-        rng_state, unused, _ = parked.extras
-        grads = torch.ops.aten._flash_attention_backward(
-            *_token_major(grad, query, key, value, output), parked.logsumexp, rows.starts, rows.starts, rows.longest,
-            rows.longest, 0.0, True, rng_state, unused, scale=parked.scale)
-        return tuple(g.transpose(0, 1).unsqueeze(0) for g in grads)
-    return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
-        grad, query, key, value, output, parked.logsumexp, 0.0, False, attn_mask=rows.mask(query.shape[2], query.dtype),
-        scale=parked.scale)
+        query, key, value, 0.0, mask is None, attn_mask=mask, scale=scale)
+    return output, logsumexp, marks
 
 
 def _backward(grad, query, key, value, parked: AttentionOutput):
-    if parked.rows is not None:
-        return _packed_backward(grad, query, key, value, parked)
-    output = parked.output.transpose(1, 2)
+    rows, window, output = parked.rows, parked.window, parked.output.transpose(1, 2)
+    marked = rows is not None or window is not None
     if query.device.type == "cuda":
+        if marked:
+            state = parked.extras[:2]
+            return flash_backward(grad, query, key, value, output, parked.logsumexp, state, parked.scale, window,
+                                  *((rows.starts, rows.longest) if rows is not None else ()))
         cum_seq_q, cum_seq_k, max_q, max_k, seed, offset = parked.extras
         return torch.ops.aten._scaled_dot_product_cudnn_attention_backward(
             grad, query, key, value, output, parked.logsumexp, seed, offset, None, cum_seq_q, cum_seq_k,
             max_q, max_k, 0.0, True, scale=parked.scale)
+    mask = _mask(query.shape[2], query.dtype, query.device, rows, window) if marked else None
     return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
-        grad, query, key, value, output, parked.logsumexp, 0.0, True, scale=parked.scale)
+        grad, query, key, value, output, parked.logsumexp, 0.0, mask is None, attn_mask=mask, scale=parked.scale)
 
 
 class _ReplayedAttention(torch.autograd.Function):
@@ -277,13 +301,15 @@ class _ReplayedAttention(torch.autograd.Function):
         except torch.OutOfMemoryError:
             raise
         except RuntimeError as error:  # a backward that refuses what its forward took: recompute
-            _refused.add(_kind(query))
-            logger.warning("attention of %s recomputed in the backward: %s", _kind(query), str(error).splitlines()[0])
+            rows, window = parked.rows, parked.window
+            kind = _kind(query, rows, window)
+            _refused.add(kind)
+            logger.warning("attention of %s recomputed in the backward: %s", kind, str(error).splitlines()[0])
             inputs = [t.detach().requires_grad_() for t in (query, key, value)]
-            rows = parked.rows
-            mask = rows.mask(query.shape[2], query.dtype) if rows is not None else None
+            marked = rows is not None or window is not None
+            mask = _mask(query.shape[2], query.dtype, query.device, rows, window) if marked else None
             with torch.enable_grad():
-                output = F.scaled_dot_product_attention(*inputs, attn_mask=mask, is_causal=rows is None,
+                output = F.scaled_dot_product_attention(*inputs, attn_mask=mask, is_causal=not marked,
                                                         scale=parked.scale, enable_gqa=query.shape[1] != key.shape[1])
             grads = torch.autograd.grad(output, inputs, grad_output.transpose(1, 2))
         grad_query, grad_key, grad_value = grads

@@ -128,8 +128,10 @@ def hf_peft_model(path: Path, recipe: Recipe, *, dtype: torch.dtype, device: tor
     from peft import get_peft_model, prepare_model_for_kbit_training
     from transformers import AutoModelForCausalLM
 
+    from ftune.integrations.transformers import register_attention
     from ftune.model import lora_config, quantization_compute_dtype, quantization_config
 
+    register_attention(attn_implementation)  # the plan's may be one of ftune's (ftune_softcap, ftune_window)
     quantization = quantization_config(recipe, quantization_compute_dtype(recipe, dtype))
     model = AutoModelForCausalLM.from_pretrained(path, quantization_config=quantization, dtype=dtype,
                                                  device_map={"": device}, attn_implementation=attn_implementation)

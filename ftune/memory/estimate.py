@@ -127,6 +127,15 @@ PAGED_BATCH_TOKENS = 2048
 TRL_HEAD_TILE = (4096, 4096)
 # (model_type, hidden, layers) of the shapes the grid measured: Llama-3.1-8B and Qwen2.5-7B
 MEASURED_SHAPES = {("llama", 4096, 32), ("qwen2", 3584, 28)}
+# Where a config names no layer_types, transformers slides the window on all layers but one in
+# every `sliding_window_pattern` (Gemma-2: 2, Gemma-3: 6), on every layer elsewhere (Phi-3, Mistral)
+SLIDING_WINDOW_PATTERNS = {"gemma2": 2, "gemma3": 6, "gemma3_text": 6}
+# Families whose config names a window that counts only with use_sliding_window: true (its default: false)
+OPT_IN_SLIDING_WINDOW = {"qwen2", "qwen2_moe", "qwen3", "qwen3_moe"}
+# The attention implementations whose offloaded layers park their attention half
+# (ftune/engine/attention.py): transformers' sdpa, and ftune's sliding-window attention
+# (ftune/kernels/window_attention.py), which builds sdpa's masks where it builds any
+PARKING_ATTENTION = ("sdpa", "ftune_window")
 
 # Largest MLP intermediate (one tensor) that a recomputed layer's chunk creates (ftune/engine/halves.py);
 # 128 MiB is 4608 tokens of an 8B Llama's 14336-wide MLP in bf16, large enough that the chunk's
@@ -162,6 +171,9 @@ class Shape:
     experts: int = 0
     experts_per_token: int = 0
     expert_intermediate: int = 0
+    # Layers that see only the last `sliding_window` keys (Gemma-3: 5 in 6, Phi-3: all); 0: none
+    sliding_window: int = 0
+    sliding_layers: int = 0
 
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> "Shape":
@@ -177,7 +189,13 @@ class Shape:
             qkv_bias=text.get("model_type") == "qwen2" or bool(text.get("attention_bias", False)),
             experts=experts, experts_per_token=text.get("num_experts_per_tok", 0) if experts else 0,
             expert_intermediate=(text.get("moe_intermediate_size") or text["intermediate_size"]) if experts else 0,
+            **_sliding_window(text),
         )
+
+    @property
+    def mask_kinds(self) -> int:
+        """The masks transformers builds per forward: one per kind of layer (full, sliding)."""
+        return 1 + (0 < self.sliding_layers < self.layers)
 
     def projections(self) -> dict[str, tuple[int, int]]:
         """(in, out) features of each linear layer of one decoder layer (a mixture of experts has
@@ -210,6 +228,20 @@ class Shape:
         return {"qkv_proj": (self.hidden, q + 2 * kv), "gate_up_proj": (self.hidden, 2 * self.intermediate)}
 
 
+def _sliding_window(text: dict[str, Any]) -> dict[str, int]:
+    """Shape's sliding_window and sliding_layers from a config, as transformers reads it."""
+    window = text.get("sliding_window")
+    if not window or not text.get("use_sliding_window", text.get("model_type") not in OPT_IN_SLIDING_WINDOW):
+        return {}
+    layers = text["num_hidden_layers"]
+    if text.get("layer_types"):
+        sliding = sum(kind == "sliding_attention" for kind in text["layer_types"])
+    else:
+        pattern = text.get("sliding_window_pattern") or SLIDING_WINDOW_PATTERNS.get(text.get("model_type"))
+        sliding = layers - layers // pattern if pattern else layers
+    return {"sliding_window": int(window), "sliding_layers": sliding} if sliding else {}
+
+
 @dataclass
 class Setting:
     """The choices that memory depends on (ftune.plan.RunPlan.setting: a resolved recipe's)."""
@@ -229,7 +261,8 @@ class Setting:
     # and the loss, not for the layers' backward (ftune.engine.host_memory.HostLMHead)
     host_lm_head: bool = True
     # Offloaded layers park their attention half beside their input, where the engine's rule allows
-    # (`parks`: tokens and a share of host memory; only attention through sdpa parks) ...
+    # (`parks`: tokens and a share of host memory; attention through sdpa or ftune_window:
+    # PARKING_ATTENTION) ...
     parked_attention: bool = True
     # ... of this much host memory (None: this machine's)
     host_memory: int | None = None
@@ -250,10 +283,17 @@ class Setting:
     reference_pass: bool = False
     # Tokens of an evaluation forward (data.eval: eval batch x rows per example x max_length); 0: none
     eval_tokens: int = 0
-    # The batch's rows end to end in one sequence (padding-free or packed) under sdpa: transformers
-    # builds a dense boolean mask of tokens x tokens from the position ids (block-diagonal causal),
-    # which the layers' recompute keeps to the end of the step. 16k tokens: 256 MiB; 64k: 4 GiB.
+    # transformers' boolean masks under sdpa (and ftune_window where it falls back to sdpa's), one
+    # byte per query and key, which the layers' recompute keeps to the end of the step (mask_bytes).
+    # The batch's rows end to end in one sequence (padding-free or packed): a dense mask of tokens x
+    # tokens from the position ids (block-diagonal causal) per kind of layer. 16k tokens: 256 MiB;
+    # 64k: 4 GiB.
     dense_packed_mask: bool = False
+    # Several padded rows: padding puts every row's mask in full, row x tokens x tokens per kind
+    padded_masks: bool = False
+    # Sliding-window layers under sdpa: a dense mask of tokens x tokens where a row is longer than
+    # the window (ftune_window builds none)
+    dense_window_mask: bool = False
 
     @property
     def training_tokens(self) -> int:
@@ -368,7 +408,8 @@ def estimate(shape: Shape, setting: Setting) -> Estimate:
     if shape.experts:  # the MoE block's backward, beside what the block saved (which mode none keeps for every layer)
         result.working_set += moe_backward_bytes(shape, tokens, setting.lora_parameters) + \
             (0 if mode == "none" else moe_saved_bytes(shape, tokens, setting.lora_parameters))
-    result.checkpoints_gpu = aux_loss_bytes(shape, tokens) + packed_mask_bytes(setting, setting.training_tokens)
+    result.checkpoints_gpu = aux_loss_bytes(shape, tokens) + \
+        mask_bytes(shape, setting, setting.batch * setting.rows_per_example, setting.seq + setting.completion)
     if mode == "true":
         result.checkpoints_gpu += shape.layers * hidden_tensor
     elif mode == "unsloth":
@@ -446,7 +487,7 @@ def settle_phases(shape: Shape, setting: Setting, result: Estimate) -> None:
     evaluation = 0
     if setting.eval_tokens:
         evaluation = head + no_grad_forward_bytes(shape, setting.eval_tokens, setting.quantized, chunked_mlp=True) + \
-            packed_mask_bytes(setting, setting.eval_tokens)
+            mask_bytes(shape, setting, max(1, setting.eval_tokens // setting.seq), setting.seq)
     result.kv_cache = kv_cache_on_gpu(shape, setting) if setting.generations else 0
     result.generation = max(0, generation - training)
     result.reference = max(0, reference - training - result.generation)
@@ -513,9 +554,18 @@ def no_grad_forward_bytes(shape: Shape, tokens: int, quantized: bool, chunked_ml
     return BF16 * (2 * tokens * shape.hidden + max(mlp, attention) + dequantized)
 
 
-def packed_mask_bytes(setting: Setting, tokens: int) -> int:
-    """The dense mask of a padding-free or packed batch of `tokens` under sdpa (Setting.dense_packed_mask)."""
-    return tokens * tokens if setting.dense_packed_mask else 0
+def mask_bytes(shape: Shape, setting: Setting, rows: int, length: int) -> int:
+    """The dense boolean masks of a forward over `rows` rows of `length` tokens (Setting's
+    dense_packed_mask, padded_masks, dense_window_mask): the rows end to end, one mask over all
+    their tokens per kind of layer; several padded rows, one per row and kind; else, under sdpa,
+    the sliding layers' where a row is longer than their window."""
+    if setting.dense_packed_mask:
+        return shape.mask_kinds * (rows * length) ** 2
+    if setting.padded_masks and rows > 1:
+        return shape.mask_kinds * rows * length ** 2
+    if setting.dense_window_mask and shape.sliding_layers and length > shape.sliding_window:
+        return length ** 2
+    return 0
 
 
 def trl_head_bytes(tokens: int) -> int:
