@@ -7,7 +7,9 @@ causal triangle and throws most of them away, and the engine's parked attention,
 mask, recomputes those layers' attention in the backward. On an H200 that left gemma-3-4b at 1.47x
 and phi-3-mini at 1.23x of transformers + peft at 16384 tokens, where Llama gets 1.75x. The flash
 kernel takes the window as two bounds and visits only the tiles inside it: at 16384 tokens a
-1024-token window is an eighth of the causal triangle.
+1024-token window is an eighth of the causal triangle. One layer's attention, forward and backward,
+bf16, 16384 tokens, on an H200 (torch 2.11): gemma-3-4b's heads 35.0 ms under SDPA with the dense
+mask (8.9 causal, without the window), 2.6 ms with the window; phi-3-mini's 49.2 (13.6) and 5.8 ms.
 
 transformers' window (masking_utils `sliding_window_overlay` on the causal mask): query i sees key
 j when j <= i and i - j < sliding_window. The flash kernel's: i - window_size_left <= j <= i +
@@ -25,10 +27,11 @@ and otherwise exactly the mask transformers' sdpa gets. The attention function r
   transformers' sdpa, with the window's dense mask where the mask function built none.
 So it computes what transformers' sdpa computes, by another kernel or by that very function.
 
-The private ops, checked in torch 2.11 and 2.13: `aten::_flash_attention_forward(query, key, value,
-cum_seq_q, cum_seq_k, max_q, max_k, dropout_p, is_causal, return_debug_mask, *, scale,
-window_size_left, window_size_right, ...)`, its derivative (FlashAttentionBackward0) passes the
-window on, and `aten::_flash_attention_backward(grad_out, query, key, value, out, logsumexp,
+The private ops, checked in torch 2.11 (on the H200) and 2.13:
+`aten::_flash_attention_forward(query, key, value, cum_seq_q, cum_seq_k, max_q, max_k, dropout_p,
+is_causal, return_debug_mask, *, scale, window_size_left, window_size_right, ...)`, whose
+derivative (FlashAttentionBackward0) passes the window on, and
+`aten::_flash_attention_backward(grad_out, query, key, value, out, logsumexp,
 cum_seq_q, cum_seq_k, max_q, max_k, dropout_p, is_causal, rng_state, unused, *, scale,
 window_size_left, window_size_right)`. They take (batch, tokens, heads, head_dim), or a padding-free
 batch's rows end to end, (tokens, heads, head_dim) with the rows' starts (cum_seq). The engine's

@@ -145,10 +145,10 @@ def test_generation_decodes_as_on_sdpa(model_type, padded):
         torch.testing.assert_close(logits, reference_logits, **FP32)
 
 
-def _truth_and_sdpa(query, key, value, grad, mask, scale):
-    """SDPA with the dense mask in fp32 (the truth) and in the inputs' dtype: output and gradients."""
+def _truth_and_sdpa(query, key, value, grad, mask, scale, dtype):
+    """SDPA with the dense mask in fp32 (the truth) and in `dtype`: output and gradients."""
     results = []
-    for dtype in (torch.float32, query.dtype):
+    for dtype in (torch.float32, dtype):
         inputs = [t.detach().to(dtype).requires_grad_() for t in (query, key, value)]
         output = F.scaled_dot_product_attention(*inputs, attn_mask=mask, scale=scale,
                                                 enable_gqa=query.shape[1] != key.shape[1])
@@ -184,7 +184,7 @@ def test_gpu_flash_window_matches_sdpa_with_the_dense_mask(heads, kv_heads, head
                          for h in (heads, kv_heads, kv_heads))
     grad = torch.randn(2, heads, tokens, head_dim, device="cuda", generator=generator)
     scale = head_dim ** -0.5
-    truth, sdpa = _truth_and_sdpa(query, key, value, grad, visible_keys(tokens, window, device="cuda"), scale)
+    truth, sdpa = _truth_and_sdpa(query, key, value, grad, visible_keys(tokens, window, device="cuda"), scale, dtype)
 
     module = types.SimpleNamespace(is_causal=True, num_key_value_groups=heads // kv_heads)
     inputs = [t.to(dtype).requires_grad_() for t in (query, key, value)]
@@ -213,7 +213,7 @@ def test_gpu_flash_window_over_packed_rows_matches_sdpa(heads, kv_heads, head_di
     grad = torch.randn(1, heads, tokens, head_dim, device="cuda", generator=generator)
     scale = head_dim ** -0.5
     mask = visible_keys(tokens, window, starts, device="cuda")
-    truth, sdpa = _truth_and_sdpa(query, key, value, grad, mask, scale)
+    truth, sdpa = _truth_and_sdpa(query, key, value, grad, mask, scale, dtype)
     inputs = [t.to(dtype) for t in (query, key, value)]
     output, logsumexp, state = flash_forward(*inputs, scale, window, starts, max(lengths))
     grads = flash_backward(grad.to(dtype), *inputs, output, logsumexp, state, scale, window, starts, max(lengths))
