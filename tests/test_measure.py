@@ -10,7 +10,9 @@ import pytest
 import torch
 
 from ftune.measure.results import RESULTS, card_name, result_path
-from ftune.measure.stacks import PROJECTIONS, RunSpec, build_stack, preset_recipe
+from ftune.families import family_of
+from ftune.measure.stacks import RunSpec, build_stack, preset_recipe
+from ftune.plan import lora_targets
 from ftune.measure.step import train_steps
 from tests.conftest import REPO
 from tests.helpers import tiny_lora_model
@@ -77,7 +79,10 @@ def test_preset_recipe_is_the_benchmarks_setup():
     recipe = preset_recipe("llama-3.1-8b", "smart", kernels=True, budget_gib=16, seq=8192, batch=2)
     assert recipe.model.preset == "llama-3.1-8b" and recipe.quantization.method == "nf4"
     assert recipe.quantization.double_quant and recipe.lora.r == recipe.lora.alpha == 16
-    assert list(recipe.lora.target_modules) == PROJECTIONS
+    assert list(lora_targets(recipe, family_of("llama"))) == ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
+                                                              "up_proj", "down_proj"]
+    phi = preset_recipe("phi-3-mini", "unsloth")
+    assert list(lora_targets(phi, family_of("phi3"))) == ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]
     assert set(recipe.kernels.model_dump().values()) == {True}
     assert (recipe.checkpointing.mode, recipe.checkpointing.budget) == ("smart", "16GiB")
     assert (recipe.data.max_length, recipe.training.batch_size) == (8192, 2)

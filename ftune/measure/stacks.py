@@ -25,7 +25,6 @@ from ftune.recipe import KernelsSection, Recipe, validate_recipe
 REPO = Path(__file__).resolve().parents[2]
 # the recipes' default seed: every benchmark (and `ftune train` on a preset) shares one cached preset
 PRESET_SEED = 42
-PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 STACKS = ("hf", "ftune", "ftune+k")
 HF_MODES = ("none", "true")
 
@@ -67,7 +66,9 @@ def preset_recipe(preset: str, mode: str = "true", *, kernels: bool = False, bud
     raw = {
         "model": {"preset": preset, "tokenizer": "(none: random token ids)", "dtype": "bfloat16"},
         "quantization": {"method": "nf4", "double_quant": True, "compute_dtype": "bfloat16"},
-        "lora": {"r": 16, "alpha": 16, "dropout": 0.0, "target_modules": PROJECTIONS},
+        # every linear projection of the family (Llama's seven; Phi-3's fused four): a list of Llama's
+        # names would leave Phi-3 with o_proj and down_proj alone, as the 2026-12-02 Phi-3 rows had
+        "lora": {"r": 16, "alpha": 16, "dropout": 0.0, "target_modules": "auto"},
         "checkpointing": checkpointing,
         "kernels": dict.fromkeys(KernelsSection.model_fields, kernels),
         "data": {"source": "(none: random token ids)"},
