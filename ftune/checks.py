@@ -35,7 +35,7 @@ from ftune.formats import FORMAT_COLUMNS, LARGEST_SCANNED_DATA, detect_format, r
 from ftune.memory.estimate import estimate
 from ftune.memory.units import format_bytes
 from ftune.model_config import local_model_config
-from ftune.plan import assumed_device, resolve
+from ftune.plan import assumed_device, attention_implementation, resolve
 from ftune.recipe import BUILTIN_REWARDS, Problem, Recipe, expand_user, load_recipe
 
 # What TRL's GRPOTrainer passes to every reward function by keyword (trl/trainer/grpo_trainer.py,
@@ -67,7 +67,29 @@ def environment_problems(recipe: Recipe) -> list[Problem]:
     if recipe.workflow == "grpo":
         problems += reward_problems(recipe.grpo.rewards)
     problems += lora_target_problems(recipe)
+    problems += paged_generation_problems(recipe)
     return problems
+
+
+# The attention implementations transformers' paged engine has a paged twin of (its
+# continuous_batching switch_to_cb_friendly_attn sets paged|<implementation>; transformers 5.17)
+PAGED_ATTENTION = ("sdpa", "eager", "flash_attention_2", "flash_attention_3")
+
+
+def paged_generation_problems(recipe: Recipe) -> list[Problem]:
+    """grpo.paged_generation with an attention the paged engine cannot run: Gemma-2's soft-capped
+    attention (ftune_softcap) has no paged twin, and sdpa's would drop the cap. Without a local
+    config the family is unknown and loading says what it finds."""
+    if recipe.workflow != "grpo" or not recipe.grpo.paged_generation:
+        return []
+    config = local_model_config(recipe)
+    family = family_of(config.model_type) if config is not None else None
+    attention = attention_implementation(recipe, family).removeprefix("paged|")
+    if attention in PAGED_ATTENTION:
+        return []
+    return [("grpo.paged_generation", f"transformers' paged generation runs {', '.join(PAGED_ATTENTION)}, not "
+             f"this model's {attention} attention ({config.model_type if config else 'model.attn_implementation'}); "
+             "set grpo.paged_generation: false (generation then runs on the model's own attention)")]
 
 
 # --------------------------------------------------------------------------------------------

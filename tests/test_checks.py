@@ -13,6 +13,7 @@ from ftune.checks import (environment_problems, model_modules, output_dir_proble
                           reward_signature_problem)
 from ftune.known_models import KNOWN_HUB_PRESETS, preset_for
 from ftune.presets import PRESETS
+from ftune.errors import RecipeError
 from ftune.recipe import Recipe, validate_recipe
 from tests.conftest import REPO
 from tests.test_cli import run_cli
@@ -125,6 +126,20 @@ def test_lora_targets_are_checked_against_the_models_modules(tmp_path, monkeypat
     code, output = validate(tmp_path, monkeypatch, capsys, data)
     assert code == 2 and "lora.target_modules" in output and named in output
     assert "q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj" in output  # what the model has
+
+
+def test_paged_generation_with_an_attention_it_has_no_paged_twin_of_is_named(tmp_path):
+    """transformers' paged engine switches the model to paged|<attention>: Gemma-2's soft-capped
+    attention has none (set_attn_implementation refuses it mid-run), so the recipe is refused first."""
+    data = grpo_dict()
+    del data["model"]["preset"]
+    data["model"]["name_or_path"] = "google/gemma-2-9b"  # a well-known id: its preset's config, offline
+    data["grpo"] = {**data.get("grpo", {}), "paged_generation": True}
+    with pytest.raises(RecipeError, match="grpo.paged_generation") as caught:
+        checked(data, tmp_path)
+    assert "ftune_softcap" in str(caught.value) and "paged_generation: false" in str(caught.value)
+    data["model"]["name_or_path"] = "meta-llama/Llama-3.1-8B"  # sdpa has its paged twin
+    checked(data, tmp_path)
 
 
 def test_lora_targets_match_as_peft_matches(tmp_path):
