@@ -102,6 +102,11 @@ def family_of(model_type: str | None) -> Family | None:
     return _BY_MODEL_TYPE.get(model_type or "")
 
 
+def expert_model_types() -> tuple[str, ...]:
+    """The model types whose experts are 3D parameters (quantized to 4 bits with the model)."""
+    return tuple(model_type for family in FAMILIES if family.experts for model_type in family.model_types)
+
+
 def known_model_types() -> list[str]:
     return sorted(_BY_MODEL_TYPE)
 
@@ -121,9 +126,10 @@ def models_table() -> str:
         if family.activation != "silu":
             notes.append(f"{family.activation} MLP (GeGLU)")
         if family.experts:
-            notes.append("experts (3D parameters) adapted through peft's target_parameters, in 16 bits under 4-bit "
-                         "loading (bitsandbytes quantizes linear layers only); router loss with its gradient in every "
-                         "mode, logged as aux_loss")
+            notes.append("experts (3D parameters) adapted through peft's target_parameters; under 4-bit loading "
+                         "quantized as they load (ftune, through bitsandbytes) and dequantized a layer at a time, "
+                         "the adapter's delta added (16-bit under FSDP); router loss with its gradient in every mode, "
+                         "logged as aux_loss")
         targets = ", ".join(family.lora_targets)
         if family.expert_parameters:
             targets += f"; parameters {', '.join(family.expert_parameters)}"

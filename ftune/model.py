@@ -5,6 +5,7 @@ install the checkpointing engine, each as the recipe's RunPlan (ftune.plan) deci
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -23,13 +24,14 @@ from ftune.engine import CheckpointingEngine, install_checkpointing
 from ftune.engine.host_memory import move_tables_to_host
 from ftune.engine.planner import measure_host_link
 from ftune.errors import ModelError, first_line
-from ftune.families import family_of
+from ftune.families import expert_model_types, family_of
 from ftune.integrations.bitsandbytes import keep_4bit_layout
+from ftune.integrations.experts import experts_in_4bit, keep_placeholders_out_of_ddp
 from ftune.integrations.transformers import apply_kernels, kernel_support, register_attention
 from ftune.memory.policy import NoPlanFits
 from ftune.model_config import ModelConfig, local_model_config, model_config
 from ftune.plan import (Device, KernelChoice, RunPlan, choose_dtype, expert_notes, lora_parameters, lora_targets,
-                        resolve, sharded_by_fsdp)
+                        quantizes_experts, resolve, sharded_by_fsdp)
 from ftune.presets import PRESETS, preset_config
 from ftune.recipe import Recipe
 
@@ -210,16 +212,20 @@ def load_base_model(recipe: Recipe, device: torch.device | None = None, plan: Ru
         torch.set_num_threads(max(threads, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
     attention = plan.attention
     register_attention(attention)
+    # a mixture of experts' 3D experts quantized as they load, beside the linear layers (ftune/integrations/experts.py)
+    ranks = int(os.environ.get("WORLD_SIZE", "1"))
+    experts = experts_in_4bit(expert_model_types()) if quantizes_experts(recipe, ranks) else contextlib.nullcontext()
     try:
-        model = AutoModelForCausalLM.from_pretrained(
-            source,
-            revision=recipe.model.revision,
-            trust_remote_code=recipe.model.trust_remote_code,
-            dtype=dtype,
-            quantization_config=quantization_config(recipe, compute_dtype),
-            device_map={"": "cpu" if on_host else device},
-            attn_implementation=attention,
-        )
+        with experts:
+            model = AutoModelForCausalLM.from_pretrained(
+                source,
+                revision=recipe.model.revision,
+                trust_remote_code=recipe.model.trust_remote_code,
+                dtype=dtype,
+                quantization_config=quantization_config(recipe, compute_dtype),
+                device_map={"": "cpu" if on_host else device},
+                attn_implementation=attention,
+            )
     except (OSError, ValueError) as error:
         if (Path(source) / "config.json").is_file():  # the folder is there: name what refused it
             key = "model.attn_implementation" if "attn" in str(error).lower() else "model.name_or_path"
@@ -327,10 +333,11 @@ def build_model(recipe: Recipe, device: torch.device | None = None, *, tokenizer
         logger.warning("ftune has no entry for model type %r: it trains on the generic path (no kernels, layers "
                        "recomputed whole, LoRA on all-linear by default); ftune/families.py lists the families",
                        base.config.model_type)
-    for note in expert_notes(recipe, plan.family, plan.lora_parameters, plan.dtype):
+    for note in expert_notes(recipe, plan.family, plan.lora_parameters, plan.dtype, plan.device.ranks):
         logger.warning("%s", note)
     transformers.set_seed(recipe.training.seed)  # the adapter's initialization depends on the seed alone
     model = add_lora(base, recipe, plan.lora_targets, plan.lora_parameters)
+    keep_placeholders_out_of_ddp(model)  # the 4-bit experts' placeholders, which DDP's start cannot copy into
     plan = patch_kernels(model, plan, device)
     host_embedding_bytes = 0
     if plan.host_embeddings:  # and the head with the fused loss, which leaves the layers' backward without it

@@ -167,6 +167,7 @@ def resolve(recipe: Recipe, device: Device, *, mode: str | None = None, config: 
     setting = Setting(
         mode=mode, seq=recipe.data.max_length, batch=recipe.training.batch_size,
         quantized=recipe.quantization.method != "none", double_quant=recipe.quantization.double_quant,
+        quantized_experts=quantizes_experts(recipe, device.ranks),
         lora_r=recipe.lora.r, lora_targets=_projections(targets), lora_parameters=tuple(parameters),
         fused_loss=fused_loss,
         host_embeddings=host_embeddings, host_lm_head=not sharded_by_fsdp(recipe, device.ranks),
@@ -175,7 +176,7 @@ def resolve(recipe: Recipe, device: Device, *, mode: str | None = None, config: 
         dense_packed_mask=sdpa_masks and layout in ("padding-free", "packed"),
         padded_masks=sdpa_masks and layout == "padded", dense_window_mask=attention == "sdpa", **phases,
     )
-    budget, layers, notes = None, None, expert_notes(recipe, family, parameters, dtype)
+    budget, layers, notes = None, None, expert_notes(recipe, family, parameters, dtype, device.ranks)
     if mode == "smart":
         budget = smart_budget(recipe, device)
         if config is None or budget is None:
@@ -281,8 +282,17 @@ def lora_parameters(recipe: Recipe, family: Family | None) -> list[str]:
     return list(family.expert_parameters)
 
 
-def expert_notes(recipe: Recipe, family: Family | None, parameters: list[str], dtype: str) -> list[str]:
-    """What `validate` and `train` say of a mixture of experts: the experts left unadapted or in 16 bits."""
+def quantizes_experts(recipe: Recipe, ranks: int | None) -> bool:
+    """Whether 4-bit loading quantizes a mixture of experts' 3D experts too, as they load
+    (ftune/integrations/experts.py): yes, except under FSDP, which would shard (and so build whole)
+    the zero-size placeholders that stand in for the 16-bit stacks."""
+    return recipe.quantization.method != "none" and not sharded_by_fsdp(recipe, ranks)
+
+
+def expert_notes(recipe: Recipe, family: Family | None, parameters: list[str], dtype: str,
+                 ranks: int | None = None) -> list[str]:
+    """What `validate` and `train` say of a mixture of experts: how its experts are stored, and
+    whether they are adapted."""
     if family is None or not family.experts:
         return []
     notes = []
@@ -290,10 +300,14 @@ def expert_notes(recipe: Recipe, family: Family | None, parameters: list[str], d
     if recipe.lora.target_parameters == "auto" and not parameters and whole_layers:
         notes.append("the experts are not adapted: peft's parameter adapters take no dropout (lora.dropout is "
                      f"{recipe.lora.dropout}); LoRA adapts the attention only")
-    if recipe.quantization.method != "none":
-        notes.append(f"the experts' weights stay {dtype} under 4-bit loading "
-                     "(bitsandbytes quantizes linear layers only; the experts and the router are parameters): "
+    if quantizes_experts(recipe, ranks):
+        adapted = "their LoRA delta added to the dequantized weights" if parameters else "not adapted"
+        notes.append(f"the experts' weights load in 4 bits ({recipe.quantization.method}, one layer's 16-bit experts "
+                     f"at a time while loading) and each layer's are dequantized to {dtype} as it runs, {adapted}: "
                      "`ftune estimate-vram` counts them so")
+    elif recipe.quantization.method != "none":
+        notes.append(f"the experts' weights stay {dtype} under 4-bit loading with FSDP (ftune quantizes them on one "
+                     "GPU or under DDP): `ftune estimate-vram` counts them so")
     return notes
 
 

@@ -102,6 +102,33 @@ def test_estimate_vram_json(monkeypatch, capsys):
     assert data["smart"]["peak"] <= 24 * GiB and sum(data["smart"]["plan"].values()) == 32
 
 
+def test_estimate_vram_counts_4bit_experts(monkeypatch, capsys):
+    """Qwen3-30B-A3B under 4-bit loading: its experts (29 of its 30.5B parameters) in NF4 blocks, so
+    every weight is under 17 GiB (54 GiB of 16-bit experts before); the router alone stays 16-bit,
+    and the layer's dequantized experts (16-bit, with their update) are in its working set."""
+    from ftune.memory.estimate import moe_saved_bytes
+
+    recipe = REPO / "recipes" / "qlora-llama3-8b.yaml"
+    code, out, _ = run_cli(monkeypatch, capsys, "estimate-vram", str(recipe), "--set", "model.preset=qwen3-30b-a3b",
+                           "--set", "model.name_or_path=null", "--set", "model.tokenizer=x", "--seq", "8192",
+                           "--batch", "1", "--json")
+    assert code in (0, None)
+    unsloth = {m["mode"]: m for m in json.loads(out)["modes"]}["unsloth"]
+    weights = unsloth["quantized_weights"] + unsloth["quant_constants"] + unsloth["weights_16bit"]
+    assert 14 * GiB < weights < 17 * GiB, weights / GiB
+    shape = Shape.from_config(PRESETS["qwen3-30b-a3b"])
+    stacks = sum(e * i * o for e, i, o in shape.expert_parameters().values())
+    assert unsloth["quantized_weights"] * 2 > stacks * shape.layers  # the experts are among the 4-bit weights
+    adapted = ("mlp.experts.gate_up_proj", "mlp.experts.down_proj")
+    assert moe_saved_bytes(shape, 8192, adapted, dequantized=True) - moe_saved_bytes(shape, 8192, adapted) == 0
+    assert moe_saved_bytes(shape, 8192, (), dequantized=True) - moe_saved_bytes(shape, 8192, ()) == stacks * 2
+    four = estimate(shape, Setting(mode="unsloth", seq=8192))
+    sixteen = estimate(shape, Setting(mode="unsloth", seq=8192, quantized_experts=False))  # as under FSDP
+    assert sixteen.weights_16bit - four.weights_16bit == stacks * shape.layers * 2
+    assert four.quantized_weights - sixteen.quantized_weights == stacks * shape.layers // 2
+    assert any("stay 16-bit" in note for note in sixteen.notes)
+
+
 def test_estimate_vram_table_and_bad_budget(monkeypatch, capsys):
     code, _, err = run_cli(monkeypatch, capsys, "estimate-vram", str(QUICKSTART), "--vram", "lots")
     assert code == 2 and "--vram" in err and "24GiB" in err
@@ -159,12 +186,14 @@ def test_well_known_hub_id_offline_needs_no_hub_and_no_tokenizer(monkeypatch, ca
     assert json.loads(out)["modes"] == by_id["modes"] and by_id["shape"]["hidden"] == 4096
 
 
+@pytest.mark.parametrize("quantized", [False, True], ids=["16bit", "4bit"])
 @pytest.mark.parametrize("adapted", [(), ("mlp.experts.gate_up_proj", "mlp.experts.down_proj"),
                                      ("mlp.experts.down_proj",)], ids=["frozen", "adapted", "down-only"])
-def test_moe_block_saves_what_the_model_counts(adapted):
+def test_moe_block_saves_what_the_model_counts(adapted, quantized):
     """What a Mixtral MoE block saves for its backward (bf16, transformers' grouped_mm experts, LoRA
-    on the experts through peft), counted with saved-tensor hooks, against moe_saved_bytes: the
-    routed rows' intermediates, the router and the routing, the adapted experts' merged weights.
+    on the experts through peft; 16-bit experts, or 4-bit ones as ftune loads them), counted with
+    saved-tensor hooks, against moe_saved_bytes: the routed rows' intermediates, the router and the
+    routing, the adapted experts' merged weights (with 4-bit experts: every stack, dequantized).
     Odd sizes, so that no two kinds of tensor share a size; within 2% (the rest: peft's 16-bit
     casts of the adapters, which grow with the rank, not with the tokens)."""
     import torch
@@ -180,6 +209,12 @@ def test_moe_block_saves_what_the_model_counts(adapted):
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
     assert model.config._experts_implementation == "grouped_mm"
+    if quantized:
+        from ftune.integrations.experts import quantize_experts
+
+        experts_module = model.model.layers[0].mlp.experts
+        for name in ("gate_up_proj", "down_proj"):
+            setattr(experts_module, name, quantize_experts(experts_module, name, getattr(experts_module, name).data))
     model = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj"], target_parameters=list(adapted) or None))
     block = model.base_model.model.model.layers[0].mlp
     x = torch.randn(1, tokens, hidden, dtype=torch.bfloat16, requires_grad=True)
@@ -195,7 +230,7 @@ def test_moe_block_saves_what_the_model_counts(adapted):
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
         block(x)
     shape = Shape.from_config(config.to_dict())
-    counted = moe_saved_bytes(shape, tokens, adapted)
+    counted = moe_saved_bytes(shape, tokens, adapted, dequantized=quantized)
     assert abs(counted / sum(saved.values()) - 1) <= 0.02, (counted, sum(saved.values()))
 
 

@@ -28,6 +28,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from ftune.families import family_of
 from ftune.engine import attention
+from ftune.integrations.experts import dequantized_copy, has_4bit_experts, quantized_stacks
 from ftune.integrations.transformers import KERNELS, WINDOW_ATTENTION
 from ftune.model import build_model, quantization_config
 from ftune.plan import lora_parameters, lora_targets
@@ -91,6 +92,8 @@ def _reference(path: str, recipe, built) -> torch.nn.Module:
     base = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32,
                                                 quantization_config=quantization_config(recipe, torch.float32),
                                                 device_map={"": "cpu"}, attn_implementation=attention)
+    if has_4bit_experts(built.model):  # transformers + peft over 16-bit experts that hold the dequantized weights
+        dequantized_copy(built.model, base)
     transformers.set_seed(0)
     family = family_of(base.config.model_type)
     reference = get_peft_model(base, LoraConfig(r=16, lora_alpha=16, target_modules=lora_targets(recipe, family),
@@ -171,6 +174,13 @@ def test_every_family_gives_the_reference_loss_and_gradients(folders, name, mode
         adapted = [module.parameter_name for module in built.model.modules() if isinstance(module, ParamWrapper)]
         expected = [name.rpartition(".")[2] for name in family.expert_parameters] * TINY["num_hidden_layers"]
         assert sorted(adapted) == sorted(expected)
+        # in 4 bits the experts hold 4-bit data alone: no 3D parameter keeps more than one element
+        stacks = [name for module in built.model.modules() for name in quantized_stacks(module)]
+        assert sorted(stacks) == (sorted(expected) if quant == "nf4" else [])
+        sizes = {p.untyped_storage().nbytes() // p.element_size() for p in built.model.parameters() if p.dim() == 3}
+        assert sizes == ({1} if quant == "nf4" else sizes) and sizes
+        # DDP's start, which copies rank 0's parameters into each rank's, leaves those placeholders alone
+        assert len(getattr(built.model, "_ddp_params_and_buffers_to_ignore", ())) == len(stacks)
     if family is None:
         assert built.engine.residual_halves is None and not any(built.kernels.values())
     elif family.residual_halves and mode != "none":  # every recomputed layer runs as two halves
@@ -196,7 +206,7 @@ def test_target_parameters_the_model_lacks_are_an_error_naming_what_it_has(folde
     assert has in raised.value.hint
 
 
-def test_a_mixture_of_experts_adapts_its_experts_and_says_they_stay_16_bit(folders):
+def test_a_mixture_of_experts_adapts_its_experts_and_says_they_load_in_4_bits(folders):
     from ftune.errors import RecipeError
     from ftune.families import MOE_EXPERTS
     from ftune.plan import Device, resolve
@@ -204,12 +214,20 @@ def test_a_mixture_of_experts_adapts_its_experts_and_says_they_stay_16_bit(folde
     recipe = recipe_for(folders("mixtral"), "true", "nf4")
     lines = resolve(recipe, Device()).describe_lines()
     assert "LoRA on parameters: mlp.experts.gate_up_proj, mlp.experts.down_proj" in lines
-    assert "note: the experts' weights stay bfloat16 under 4-bit loading (bitsandbytes quantizes linear layers " \
-           "only; the experts and the router are parameters): `ftune estimate-vram` counts them so" in lines
+    assert "note: the experts' weights load in 4 bits (nf4, one layer's 16-bit experts at a time while loading) and " \
+           "each layer's are dequantized to bfloat16 as it runs, their LoRA delta added to the dequantized weights: " \
+           "`ftune estimate-vram` counts them so" in lines
     assert resolve(recipe, Device()).setting.lora_parameters == MOE_EXPERTS
+    assert resolve(recipe, Device()).setting.quantized_experts
+    recipe.distributed.strategy = "fsdp"  # FSDP would shard the placeholders whole: the experts stay 16-bit, as it says
+    plan = resolve(recipe, Device())
+    assert not plan.setting.quantized_experts and any("stay bfloat16 under 4-bit loading with FSDP" in note
+                                                      for note in plan.notes)
+    recipe.distributed.strategy = "ddp"
     recipe.lora.dropout = 0.1  # peft's parameter adapters take no dropout: auto leaves the experts, and says so
     plan = resolve(recipe, Device())
     assert plan.lora_parameters == [] and any("experts are not adapted" in note for note in plan.notes)
+    assert any("dequantized to bfloat16 as it runs, not adapted" in note for note in plan.notes)
     recipe.lora.target_parameters = []
     assert not any("experts are not adapted" in note for note in resolve(recipe, Device()).notes)
     recipe.lora.dropout, recipe.lora.target_parameters = 0.0, "auto"
@@ -219,6 +237,35 @@ def test_a_mixture_of_experts_adapts_its_experts_and_says_they_stay_16_bit(folde
         validate_recipe({"model": {"preset": "mixtral-8x7b", "tokenizer": "x"}, "data": {"source": "x.jsonl"},
                          "lora": {"dropout": 0.1, "target_parameters": list(MOE_EXPERTS)}}, base_dir=REPO,
                         check_paths=False)
+
+
+@pytest.mark.parametrize("name", ["mixtral", "qwen3_moe"])
+def test_4bit_experts_give_the_logits_of_their_dequantized_weights(folders, name):
+    """Loaded in 4 bits, the experts hold NF4 data with the recipe's settings and no 16-bit copy;
+    the model's logits and router loss are those of the 16-bit model whose experts hold the
+    dequantized weights (and not those of the original weights: the experts are quantized)."""
+    from ftune.model import load_base_model
+
+    path = folders(name)
+    recipe = recipe_for(path, "none", "nf4")
+    model, _, _ = load_base_model(recipe, torch.device("cpu"))
+    stacks = [(module, stack) for module in model.modules() for stack in quantized_stacks(module)]
+    assert len(stacks) == 2 * TINY["num_hidden_layers"]
+    for module, stack in stacks:
+        weight = module._parameters[stack + "_4bit"]
+        assert weight.dtype == torch.uint8 and weight.quant_state.quant_type == "nf4"
+        assert weight.quant_state.nested == recipe.quantization.double_quant
+        assert weight.numel() * 2 == module._parameters[stack].numel()  # two weights a byte
+    assert {p.untyped_storage().nbytes() for p in model.parameters() if p.dim() == 3} == {4}  # one fp32 zero each
+    reference = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, device_map={"": "cpu"},
+                                                     quantization_config=quantization_config(recipe, torch.float32))
+    with torch.no_grad():
+        original = reference(input_ids=IDS)
+        assert dequantized_copy(model, reference) == len(stacks)
+        out, expected = model(input_ids=IDS), reference(input_ids=IDS)
+    torch.testing.assert_close(out.logits, expected.logits)
+    torch.testing.assert_close(out.aux_loss, expected.aux_loss)
+    assert (original.logits - expected.logits).abs().max() > 1e-3
 
 
 @pytest.mark.parametrize("name", list(CONFIGS))
@@ -235,6 +282,18 @@ def test_ftune_train_runs_on_every_family(folders, name, tmp_path):
     family = family_of(CONFIGS[name]["model_type"])
     # a mixture of experts' load-balancing loss is logged beside the loss it is part of
     assert ("aux_loss" in record) == (family is not None and family.experts), record
+    if family is not None and family.experts:  # trained over 4-bit experts, its adapter loads with PEFT on the base
+        from peft import PeftModel
+        from peft.utils import get_peft_model_state_dict
+        from safetensors.torch import load_file
+
+        saved = load_file(tmp_path / "run" / "adapter_model.safetensors")
+        assert any(".mlp.experts." in key for key in saved)
+        base = AutoModelForCausalLM.from_pretrained(folders(name), dtype=torch.float32)
+        loaded = get_peft_model_state_dict(PeftModel.from_pretrained(base, tmp_path / "run"))
+        assert loaded.keys() == saved.keys()
+        for key, value in saved.items():
+            torch.testing.assert_close(loaded[key], value.to(loaded[key].dtype), rtol=0, atol=0)
 
 
 def test_the_panel_shows_the_router_aux_loss(tmp_path):

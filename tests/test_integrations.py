@@ -220,3 +220,93 @@ def test_gpu_cuda_parses_the_pinning_options():
     from ftune.integrations.torch import return_pinned_memory
 
     return_pinned_memory()
+
+
+# ----------------------------------------------------------------------------------------------
+# transformers + bitsandbytes + peft: 4-bit experts (ftune/integrations/experts.py)
+
+
+def _tiny_moe(model_type: str, tmp_path=None):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    extra = dict(num_experts=4, moe_intermediate_size=64, head_dim=16) if model_type == "qwen3_moe" else \
+        dict(num_local_experts=4)
+    config = AutoConfig.for_model(model_type, vocab_size=64, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                  num_attention_heads=4, num_key_value_heads=2, num_experts_per_tok=2, **extra)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    if tmp_path is not None:
+        model.save_pretrained(tmp_path)  # the hub's layout: one linear layer per expert
+    return model
+
+
+def test_transformers_bnb_quantizer_hands_ftune_one_layers_merged_experts(tmp_path, monkeypatch):
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+    from transformers.quantizers.quantizer_bnb_4bit import Bnb4BitHfQuantizer
+
+    from ftune.integrations import experts
+
+    moved = ("transformers' bitsandbytes quantizer or its loading changed (param_needs_quantization, "
+             "get_quantize_ops, the op run after the experts are merged); check ftune/integrations/experts.py")
+    reference = _tiny_moe("qwen3_moe", tmp_path)
+    seen = []
+    quantize = experts.quantize_experts
+
+    def spy(module, name, stack, **kwargs):
+        seen.append((name, tuple(stack.shape), kwargs))
+        return quantize(module, name, stack, **kwargs)
+
+    monkeypatch.setattr(experts, "quantize_experts", spy)
+    config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                bnb_4bit_compute_dtype=torch.float32)
+    with experts.experts_in_4bit(("qwen3_moe",)):
+        model = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32, quantization_config=config,
+                                                     device_map={"": "cpu"})
+    assert Bnb4BitHfQuantizer.param_needs_quantization.__name__ == "param_needs_quantization"  # restored
+    # quantizing on the fly, transformers loads one tensor at a time (no thread pool reading ahead), so
+    # one layer's 16-bit experts exist at a time
+    import inspect
+
+    from transformers import core_model_loading
+
+    source = inspect.getsource(core_model_loading.convert_and_load_state_dict_in_model)
+    assert "has_on_the_fly_quantization" in source and "thread_pool = None" in source, moved
+    # one call per layer and stack, each with that layer's merged experts, with the recipe's settings
+    assert sorted(seen, key=str) == sorted([(name, shape, dict(quant_type="nf4", double_quant=True,
+                                                                compute_dtype=torch.float32, quant_storage=torch.uint8))
+                                            for name, shape in (("gate_up_proj", (4, 128, 64)),
+                                                                ("down_proj", (4, 64, 64)))] * 2, key=str), moved
+    layer, original = model.model.layers[1].mlp.experts, reference.model.layers[1].mlp.experts
+    assert experts.quantized_stacks(layer) == ["gate_up_proj", "down_proj"], moved
+    assert layer.gate_up_proj_4bit.dtype == torch.uint8 and layer.gate_up_proj.untyped_storage().nbytes() == 4, moved
+    with torch.no_grad():  # NF4 of the very weights of the checkpoint (NF4's error: about a tenth of the norm)
+        error = (experts.dequantize(layer, "gate_up_proj") - original.gate_up_proj).norm() / \
+            original.gate_up_proj.norm()
+    assert 0 < error < 0.15, (error, moved)
+    assert isinstance(model.model.layers[0].mlp.gate.weight, torch.nn.Parameter) and \
+        model.model.layers[0].mlp.gate.weight.dtype == torch.float32  # the router is no expert
+    assert isinstance(model.model.layers[0].self_attn.q_proj, bnb.nn.Linear4bit), moved  # linear layers as before
+
+
+@pytest.mark.parametrize("implementation", ["eager", "grouped_mm"])
+@pytest.mark.parametrize("model_type", ["mixtral", "qwen3_moe"])
+def test_transformers_experts_forward_reads_its_weights_through_self(model_type, implementation):
+    """ftune's 4-bit forward calls the experts class's own forward on a view of the module whose
+    weights are the dequantized ones: that forward must read them as `self.gate_up_proj` and
+    `self.down_proj` and nothing else of them."""
+    from ftune.integrations.experts import _ExpertsView
+
+    model = _tiny_moe(model_type)
+    model.set_experts_implementation(implementation)
+    module = model.model.layers[0].mlp.experts
+    x = torch.randn(10, 64)
+    index = torch.randint(0, 4, (10, 2), generator=torch.Generator().manual_seed(0))
+    weights = torch.rand(10, 2)
+    other = {name: torch.randn_like(getattr(module, name)) for name in ("gate_up_proj", "down_proj")}
+    through_view = type(module).forward(_ExpertsView(module, other), x, index, weights)
+    with torch.no_grad():
+        for name, value in other.items():
+            getattr(module, name).copy_(value)
+    torch.testing.assert_close(through_view, module(x, index, weights), msg=(
+        f"transformers' {type(module).__name__} ({implementation}) reads its weights otherwise; "
+        "check ftune/integrations/experts.py"))

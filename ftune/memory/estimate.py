@@ -20,13 +20,16 @@ measurement (worst 4.0%; tests/test_estimate.py). Host memory counts what must f
 embedding tables) apart from what offloaded layers park where there is room (`parked_host`).
 Shapes and settings outside that grid are extrapolated by their sizes, and `calibrated` says so.
 
-A mixture of experts (Mixtral, Qwen3-MoE) is counted from its shape: every expert's weights, in 16
-bits even under 4-bit loading (bitsandbytes quantizes nn.Linear only; the experts and the router
-are parameters), their adapters where LoRA adapts them, and the MoE block's activations, which are
-those of the routed rows (tokens x experts per token). What the block saves for its backward is
-counted on CPU with saved-tensor hooks (transformers 5.17's grouped_mm experts): moe_saved_bytes
-is within 1% of it, experts adapted or not (tests/test_estimate.py). What its backward adds, and
-the peaks of these shapes, are not measured on a GPU yet.
+A mixture of experts (Mixtral, Qwen3-MoE) is counted from its shape: every expert's weights, in 4
+bits under 4-bit loading (ftune quantizes the 3D experts as they load, ftune/integrations/experts.py;
+in 16 bits under FSDP, which ftune leaves them in; the router stays 16-bit), their adapters where
+LoRA adapts them, and the MoE block's activations, which are those of the routed rows (tokens x
+experts per token). What the block saves for its backward is counted on CPU with saved-tensor
+hooks (transformers 5.17's grouped_mm experts, 16-bit and 4-bit): moe_saved_bytes is within 2% of
+it, experts adapted or not (tests/test_estimate.py). 4-bit experts are dequantized one layer at a
+time: the layer's 16-bit experts (with their update where adapted) are what its GEMMs save, so they
+are in the working set of the layer that recomputes (and in every layer's kept activations in mode
+none). What its backward adds, and the peaks of these shapes, are not measured on a GPU yet.
 
 DPO and GRPO train on more rows than their examples (DPO: chosen and rejected, concatenated; GRPO:
 each prompt with its completion) and add phases of their own to a step, each counted as the loss's
@@ -251,6 +254,8 @@ class Setting:
     batch: int = 1
     quantized: bool = True
     double_quant: bool = True
+    # Under 4-bit loading, a mixture of experts' 3D experts in 4 bits too (all but FSDP: ftune.plan.quantizes_experts)
+    quantized_experts: bool = True
     lora_r: int = 16
     lora_targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
     # Parameters adapted through peft's target_parameters (a mixture of experts' weights)
@@ -365,16 +370,19 @@ def estimate(shape: Shape, setting: Setting) -> Estimate:
     tokens = setting.training_tokens
     hidden_tensor = tokens * shape.hidden * BF16
     linear = sum(i * o for i, o in shape.projections().values()) * shape.layers
-    # a mixture of experts' experts and router: parameters, which 4-bit loading leaves in 16 bits
-    experts = (sum(e * i * o for e, i, o in shape.expert_parameters().values()) + shape.experts * shape.hidden) * \
-        shape.layers * BF16
-    result.weights_16bit += experts
-    if experts and setting.quantized:
-        result.notes.append(f"the experts' weights ({experts / GiB:.1f} GiB) stay 16-bit under 4-bit loading: "
-                            "bitsandbytes quantizes linear layers only")
+    # a mixture of experts' experts (3D parameters, 4-bit where ftune quantizes them) and router (16-bit)
+    stacks = sum(e * i * o for e, i, o in shape.expert_parameters().values()) * shape.layers
+    result.weights_16bit += shape.experts * shape.hidden * shape.layers * BF16
+    if stacks and setting.quantized and not dequantized_experts(setting):
+        result.weights_16bit += stacks * BF16
+        result.notes.append(f"the experts' weights ({stacks * BF16 / GiB:.1f} GiB) stay 16-bit under 4-bit loading "
+                            "with FSDP")
+    elif stacks and not setting.quantized:
+        result.weights_16bit += stacks * BF16
     if setting.quantized:
-        result.quantized_weights = linear // 2
-        absmax = linear // QUANT_BLOCK
+        quantized = linear + (stacks if dequantized_experts(setting) else 0)
+        result.quantized_weights = quantized // 2
+        absmax = quantized // QUANT_BLOCK
         result.quant_constants = absmax + absmax // DOUBLE_QUANT_BLOCK * 4 if setting.double_quant else absmax * 4
     else:
         result.weights_16bit += linear * BF16
@@ -406,8 +414,9 @@ def estimate(shape: Shape, setting: Setting) -> Estimate:
         count += PARKED_EXTRA_HIDDEN["working_set"]
     result.working_set = int(count * hidden_tensor + constant)
     if shape.experts:  # the MoE block's backward, beside what the block saved (which mode none keeps for every layer)
-        result.working_set += moe_backward_bytes(shape, tokens, setting.lora_parameters) + \
-            (0 if mode == "none" else moe_saved_bytes(shape, tokens, setting.lora_parameters))
+        dequantized = dequantized_experts(setting)
+        result.working_set += moe_backward_bytes(shape, tokens, setting.lora_parameters, dequantized) + \
+            (0 if mode == "none" else moe_saved_bytes(shape, tokens, setting.lora_parameters, dequantized))
     result.checkpoints_gpu = aux_loss_bytes(shape, tokens) + \
         mask_bytes(shape, setting, setting.batch * setting.rows_per_example, setting.seq + setting.completion)
     if mode == "true":
@@ -416,7 +425,8 @@ def estimate(shape: Shape, setting: Setting) -> Estimate:
         result.checkpoints_host = shape.layers * hidden_tensor
         result.parked_host = shape.layers * parked_bytes_per_layer(shape, tokens) if parked else 0
     else:  # none: every activation of every layer stays
-        result.checkpoints_gpu += shape.layers * keep_bytes_per_layer(shape, tokens, setting.lora_parameters)
+        result.checkpoints_gpu += shape.layers * keep_bytes_per_layer(shape, tokens, setting.lora_parameters,
+                                                                      dequantized_experts(setting))
     if not setting.fused_loss:
         result.loss = int(UNFUSED_LOSS_BYTES_PER_LOGIT * tokens * shape.vocab)
     elif host_head:
@@ -595,7 +605,8 @@ def parked_bytes_per_layer(shape: Shape, tokens: int) -> int:
     return tokens * (BF16 * (shape.hidden + shape.heads * shape.head_dim) + 4 * shape.heads)
 
 
-def keep_bytes_per_layer(shape: Shape, tokens: int, lora_parameters: tuple[str, ...] = ()) -> int:
+def keep_bytes_per_layer(shape: Shape, tokens: int, lora_parameters: tuple[str, ...] = (),
+                         dequantized: bool = False) -> int:
     """Activations one decoder layer keeps for backward when nothing is recomputed (bf16, kernels on).
 
     Per token: the layer input, both norm outputs and the residual sum (4 x hidden), the rotated
@@ -606,31 +617,42 @@ def keep_bytes_per_layer(shape: Shape, tokens: int, lora_parameters: tuple[str, 
     q, kv = shape.heads * shape.head_dim, shape.kv_heads * shape.head_dim
     attention = tokens * BF16 * (4 * shape.hidden + 2 * q + 2 * kv)
     if shape.experts:
-        return attention + moe_saved_bytes(shape, tokens, lora_parameters)
+        return attention + moe_saved_bytes(shape, tokens, lora_parameters, dequantized)
     return attention + tokens * BF16 * 3 * shape.intermediate
 
 
-def moe_saved_bytes(shape: Shape, tokens: int, lora_parameters: tuple[str, ...] = ()) -> int:
+def dequantized_experts(setting: Setting) -> bool:
+    """Whether a mixture of experts' experts are 4-bit, dequantized a layer at a time as it runs."""
+    return setting.quantized and setting.quantized_experts
+
+
+def moe_saved_bytes(shape: Shape, tokens: int, lora_parameters: tuple[str, ...] = (), dequantized: bool = False) -> int:
     """What one MoE block saves for its backward: its routed rows' intermediates
-    (MOE_SAVED_PER_ROUTED_ROW), the router's softmax and the routing, and the adapted experts' weights
-    with their update, which peft builds as a new 16-bit tensor each forward and the experts' GEMMs
-    save."""
+    (MOE_SAVED_PER_ROUTED_ROW), the router's softmax and the routing, and the experts' weights that
+    its GEMMs save: the adapted ones with their update, which peft builds as a new 16-bit tensor each
+    forward; with 4-bit experts (`dequantized`) every stack, dequantized (with its update where
+    adapted)."""
     adapted = shape.adapted_expert_parameters(lora_parameters)
     inner, hidden = MOE_SAVED_PER_ROUTED_ROW
     per_row = BF16 * (inner * shape.expert_intermediate + hidden * shape.hidden + sum(i for _, i, _ in adapted))
     rows = tokens * shape.experts_per_token
+    weights = shape.expert_parameters().values() if dequantized else adapted
     return (rows * (per_row + ROUTING_BYTES_PER_ROUTED_ROW) + tokens * shape.experts * ROUTER_SAVED_BYTES_PER_EXPERT
-            + sum(e * i * o for e, i, o in adapted) * BF16)
+            + sum(e * i * o for e, i, o in weights) * BF16)
 
 
-def moe_backward_bytes(shape: Shape, tokens: int, lora_parameters: tuple[str, ...] = ()) -> int:
+def moe_backward_bytes(shape: Shape, tokens: int, lora_parameters: tuple[str, ...] = (),
+                       dequantized: bool = False) -> int:
     """What a MoE block's backward adds at its busiest, counted from its operations (not measured):
     the gradients of the gate and up projections' output and of their input rows, and with adapted
-    experts the gradient of the largest expert weight, through which peft's adapters get theirs."""
+    experts the gradient of the largest expert weight, through which peft's adapters get theirs.
+    With 4-bit adapted experts, the recompute's forward also holds, beside a stack's sum, its
+    dequantized base and the adapter's delta (16-bit, the largest stack)."""
     rows = tokens * shape.experts_per_token
     adapted = shape.adapted_expert_parameters(lora_parameters)
     weight_gradient = max((e * i * o for e, i, o in adapted), default=0)
-    return BF16 * (rows * (2 * shape.expert_intermediate + shape.hidden) + weight_gradient)
+    building = 2 * weight_gradient if dequantized else 0
+    return BF16 * (rows * (2 * shape.expert_intermediate + shape.hidden) + max(weight_gradient, building))
 
 
 def aux_loss_bytes(shape: Shape, tokens: int) -> int:

@@ -27,8 +27,8 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from enum import Enum
 
-from ftune.memory.estimate import (Estimate, Setting, Shape, aux_loss_bytes, estimate, keep_bytes_per_layer,
-                                   longest_sequence, settle_phases)
+from ftune.memory.estimate import (Estimate, Setting, Shape, aux_loss_bytes, dequantized_experts, estimate,
+                                   keep_bytes_per_layer, longest_sequence, settle_phases)
 from ftune.memory.units import format_bytes
 
 
@@ -84,7 +84,8 @@ def plan_peak(shape: Shape, setting: Setting, keep: int, recompute: int) -> Esti
     hidden_tensor = tokens * shape.hidden * 2
     # keep_bytes_per_layer is fitted to mode none's grid (within 1%); a plan's predicted peak came out
     # 1-5% above the measured one at budgets 16-80 GiB, so it needs no further margin
-    base.checkpoints_gpu = keep * keep_bytes_per_layer(shape, tokens, setting.lora_parameters) + \
+    base.checkpoints_gpu = keep * keep_bytes_per_layer(shape, tokens, setting.lora_parameters,
+                                                         dequantized_experts(setting)) + \
         recompute * hidden_tensor + aux_loss_bytes(shape, tokens)
     base.checkpoints_host = offload * hidden_tensor
     base.parked_host = base.parked_host * offload // shape.layers  # where the step parks at all
