@@ -310,3 +310,42 @@ def test_transformers_experts_forward_reads_its_weights_through_self(model_type,
     torch.testing.assert_close(through_view, module(x, index, weights), msg=(
         f"transformers' {type(module).__name__} ({implementation}) reads its weights otherwise; "
         "check ftune/integrations/experts.py"))
+
+
+def test_peft_adapts_a_3d_parameter_through_the_factors_ftune_reads(monkeypatch):
+    """With one adapter, peft's parametrization of a 3D expert parameter is `_LoraFactorsProxy`:
+    `baddbmm(W, lhs, rhs, alpha=scaling)`, which ftune's 4-bit forward runs on the dequantized
+    stack itself (and runs again in the backward)."""
+    from peft import LoraConfig, get_peft_model
+    from peft.tuners.lora.layer import _LoraFactorsProxy
+
+    from ftune.integrations import experts
+
+    moved = "peft changed how it adapts 3D parameters; check ftune/integrations/experts.py (_weight)"
+    model = _tiny_moe("mixtral")
+    module = model.model.layers[0].mlp.experts
+    for name in ("gate_up_proj", "down_proj"):
+        setattr(module, name, experts.quantize_experts(module, name, getattr(module, name).data))
+    model = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj"],
+                                             target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]))
+    for parameter in model.parameters():
+        if parameter.requires_grad:
+            torch.nn.init.normal_(parameter, std=0.05)
+    seen = []
+    weight = experts._weight
+
+    def spy(module, name):
+        proxies = module.parametrizations[name]
+        seen.append([type(proxy) for proxy in proxies])
+        built, rebuild = weight(module, name)
+        proxy = proxies[0]
+        expected = experts.dequantize(module, name) + getattr(module, name)  # zeros + peft's delta
+        torch.testing.assert_close(built, expected, msg=moved)
+        torch.testing.assert_close(torch.baddbmm(torch.zeros_like(expected), proxy.lhs, proxy.rhs, alpha=proxy.scaling),
+                                   getattr(module, name), msg=moved)
+        assert rebuild is not None
+        return built, rebuild
+
+    monkeypatch.setattr(experts, "_weight", spy)
+    model(input_ids=torch.randint(0, 64, (1, 8))).logits.sum().backward()
+    assert seen == [[_LoraFactorsProxy]] * 2, moved

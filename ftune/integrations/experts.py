@@ -30,12 +30,16 @@ which would shard them whole, keeps the experts 16-bit: ftune.plan.quantizes_exp
 
 Forward. The experts module gets a forward of its own (per instance) that dequantizes the
 layer's stacks (one layer at a time, in the compute dtype, without a graph: the base is frozen),
-adds the parameter (the delta while an adapter is active, with its graph, else nothing) and calls
-the experts class's own forward (transformers' routing weights and implementation, eager or
-grouped_mm) on a view of the module that holds those weights. The gradients of the hidden states,
-the router and the adapter are those of the 16-bit model whose experts hold the dequantized
-weights (tests/test_families.py). What a layer's forward holds: its dequantized stacks, the delta
-and their sum (16-bit, one layer's experts), which grouped_mm keeps for the backward.
+adds the adapter's update where one is active (peft's one adapter: `baddbmm(base, lhs, rhs,
+alpha=scaling)` from its parametrization's factors, the very operation it runs on a 16-bit stack;
+several: the parametrization's value, the delta over the zeros) and calls the experts class's own
+forward (transformers' routing weights and implementation, eager or grouped_mm) on a view of the
+module that holds those weights. The gradients of the hidden states, the router and the adapter
+are those of the 16-bit model whose experts hold the dequantized weights (tests/test_families.py).
+What the experts' GEMMs save of those weights for the backward, a saved-tensor hook replaces by a
+way to build them again (dequantize, and the same baddbmm with the factors): no layer keeps its
+16-bit experts from its forward to its backward, not even in mode none, where every layer keeps
+its graph. The price: each stack dequantized once more in the backward.
 
 tests/test_integrations.py holds the contract tests of the quantizer's hooks and of the experts
 forward reading its weights through `self.<name>` alone.
@@ -44,7 +48,9 @@ forward reading its weights through `self.<name>` alone.
 from __future__ import annotations
 
 import contextlib
+import functools
 import types
+import weakref
 
 import torch
 from torch import nn
@@ -198,14 +204,70 @@ class _ExpertsView:
 
 def _forward_4bit(self: nn.Module, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     """The experts' forward over their 4-bit stacks (see the module docstring)."""
-    weights = {}
+    weights, rebuild = {}, {}
     for name in quantized_stacks(self):
-        base = dequantize(self, name)
-        # peft's parametrization (while an adapter is active) gives the delta; else it is the zeros
-        weights[name] = base + getattr(self, name) if parametrize.is_parametrized(self, name) else base
+        weights[name], rebuild_one = _weight(self, name)
+        if rebuild_one is not None:
+            rebuild[weights[name].untyped_storage().data_ptr()] = rebuild_one
     dtype = hidden_states.dtype
-    out = type(self).forward(_ExpertsView(self, weights), hidden_states.to(self.ftune_compute_dtype), *args, **kwargs)
+    view = _ExpertsView(self, weights)
+    # what the experts' GEMMs save of these weights, they get back rebuilt in the backward
+    with torch.autograd.graph.saved_tensors_hooks(functools.partial(_pack, rebuild), _unpack):
+        out = type(self).forward(view, hidden_states.to(self.ftune_compute_dtype), *args, **kwargs)
     return out.to(dtype)
+
+
+def _weight(module: nn.Module, name: str):
+    """One stack's weight for this forward, and how to build it again without a graph (None: it
+    cannot be, and is saved as it is)."""
+    from peft.tuners.lora.layer import _LoraFactorsProxy
+
+    if not parametrize.is_parametrized(module, name):  # no adapter active: the frozen base alone
+        return dequantize(module, name), _memoized(lambda: dequantize(module, name))
+    proxies = module.parametrizations[name]
+    if len(proxies) == 1 and isinstance(proxies[0], _LoraFactorsProxy):
+        # peft's one adapter: base + scaling * lhs @ rhs in one baddbmm, the very operation peft's
+        # parametrization runs on a 16-bit stack; lhs and rhs carry the adapter's graph
+        lhs, rhs, scaling = proxies[0].lhs, proxies[0].rhs, proxies[0].scaling
+        weight = torch.baddbmm(dequantize(module, name), lhs, rhs, alpha=scaling)
+        lhs, rhs = lhs.detach(), rhs.detach()
+        return weight, _memoized(lambda: torch.baddbmm(dequantize(module, name), lhs, rhs, alpha=scaling))
+    # any other parametrization (several adapters at once): its value is the delta over the zeros
+    return dequantize(module, name) + getattr(module, name), None
+
+
+def _memoized(build):
+    """`build`, its result shared while it lives (eager experts save one slice per expert)."""
+    held = [None]
+
+    def rebuilt():
+        weight = held[0]() if held[0] is not None else None
+        if weight is None:
+            with torch.no_grad():
+                weight = build()
+            held[0] = weakref.ref(weight)
+        return weight
+
+    return rebuilt
+
+
+_REBUILT = object()
+
+
+def _pack(rebuild: dict, tensor: torch.Tensor):
+    if tensor.layout != torch.strided or not rebuild:
+        return tensor
+    rebuilt = rebuild.get(tensor.untyped_storage().data_ptr())
+    if rebuilt is None:
+        return tensor
+    return _REBUILT, rebuilt, tensor.size(), tensor.stride(), tensor.storage_offset()
+
+
+def _unpack(packed):
+    if type(packed) is tuple and packed and packed[0] is _REBUILT:
+        _, rebuilt, size, stride, offset = packed
+        return rebuilt().as_strided(size, stride, offset)
+    return packed
 
 
 def dequantized_copy(model: nn.Module, into: nn.Module) -> int:

@@ -27,9 +27,9 @@ LoRA adapts them, and the MoE block's activations, which are those of the routed
 experts per token). What the block saves for its backward is counted on CPU with saved-tensor
 hooks (transformers 5.17's grouped_mm experts, 16-bit and 4-bit): moe_saved_bytes is within 2% of
 it, experts adapted or not (tests/test_estimate.py). 4-bit experts are dequantized one layer at a
-time: the layer's 16-bit experts (with their update where adapted) are what its GEMMs save, so they
-are in the working set of the layer that recomputes (and in every layer's kept activations in mode
-none). What its backward adds, and the peaks of these shapes, are not measured on a GPU yet.
+time and built again in its backward rather than saved: one layer's 16-bit experts (with their
+update where adapted) are in the working set of the layer that runs, in no layer's saved
+activations. What its backward adds, and the peaks of these shapes, are not measured on a GPU yet.
 
 DPO and GRPO train on more rows than their examples (DPO: chosen and rejected, concatenated; GRPO:
 each prompt with its completion) and add phases of their own to a step, each counted as the loss's
@@ -628,17 +628,15 @@ def dequantized_experts(setting: Setting) -> bool:
 
 def moe_saved_bytes(shape: Shape, tokens: int, lora_parameters: tuple[str, ...] = (), dequantized: bool = False) -> int:
     """What one MoE block saves for its backward: its routed rows' intermediates
-    (MOE_SAVED_PER_ROUTED_ROW), the router's softmax and the routing, and the experts' weights that
-    its GEMMs save: the adapted ones with their update, which peft builds as a new 16-bit tensor each
-    forward; with 4-bit experts (`dequantized`) every stack, dequantized (with its update where
-    adapted)."""
+    (MOE_SAVED_PER_ROUTED_ROW), the router's softmax and the routing, and the adapted experts'
+    weights with their update, which peft builds as a new 16-bit tensor each forward and the experts'
+    GEMMs save. 4-bit experts (`dequantized`) save no weight: their backward builds them again."""
     adapted = shape.adapted_expert_parameters(lora_parameters)
     inner, hidden = MOE_SAVED_PER_ROUTED_ROW
     per_row = BF16 * (inner * shape.expert_intermediate + hidden * shape.hidden + sum(i for _, i, _ in adapted))
     rows = tokens * shape.experts_per_token
-    weights = shape.expert_parameters().values() if dequantized else adapted
     return (rows * (per_row + ROUTING_BYTES_PER_ROUTED_ROW) + tokens * shape.experts * ROUTER_SAVED_BYTES_PER_EXPERT
-            + sum(e * i * o for e, i, o in weights) * BF16)
+            + (0 if dequantized else sum(e * i * o for e, i, o in adapted) * BF16))
 
 
 def moe_backward_bytes(shape: Shape, tokens: int, lora_parameters: tuple[str, ...] = (),
@@ -646,13 +644,18 @@ def moe_backward_bytes(shape: Shape, tokens: int, lora_parameters: tuple[str, ..
     """What a MoE block's backward adds at its busiest, counted from its operations (not measured):
     the gradients of the gate and up projections' output and of their input rows, and with adapted
     experts the gradient of the largest expert weight, through which peft's adapters get theirs.
-    With 4-bit adapted experts, the recompute's forward also holds, beside a stack's sum, its
-    dequantized base and the adapter's delta (16-bit, the largest stack)."""
+    With 4-bit experts, the larger of the forward's 16-bit weights (every stack, with its update,
+    and a stack's dequantized base beside its sum where adapted) and the backward's (a stack built
+    again, its base beside it where adapted, and its gradient)."""
     rows = tokens * shape.experts_per_token
     adapted = shape.adapted_expert_parameters(lora_parameters)
     weight_gradient = max((e * i * o for e, i, o in adapted), default=0)
-    building = 2 * weight_gradient if dequantized else 0
-    return BF16 * (rows * (2 * shape.expert_intermediate + shape.hidden) + max(weight_gradient, building))
+    weights = weight_gradient
+    if dequantized:
+        stacks = [e * i * o for e, i, o in shape.expert_parameters().values()]
+        base = max(stacks) if adapted else 0
+        weights = max(sum(stacks) + base, max(stacks) + base + weight_gradient)
+    return BF16 * (rows * (2 * shape.expert_intermediate + shape.hidden) + weights)
 
 
 def aux_loss_bytes(shape: Shape, tokens: int) -> int:
