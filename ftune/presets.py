@@ -95,6 +95,11 @@ PRESETS: dict[str, dict[str, Any]] = {
     "tiny-qwen2": _tiny("qwen2"),
     "tiny-qwen3": _tiny("qwen3", head_dim=32),
     "tiny-mistral": _tiny("mistral", sliding_window=None),
+    # Tiny mixtures of experts (4 experts, 2 a token, the router's loss on): 4-bit experts on a CPU
+    "tiny-mixtral": _tiny("mixtral", sliding_window=None, num_local_experts=4, num_experts_per_tok=2,
+                          output_router_logits=True, router_aux_loss_coef=0.02),
+    "tiny-qwen3-moe": _tiny("qwen3_moe", head_dim=32, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=128,
+                            output_router_logits=True, router_aux_loss_coef=0.001, norm_topk_prob=True),
     # Llama 3.x
     "llama-3.2-1b": _llama3(2048, 8192, 16, 32, tie=True, factor=32.0, head_dim=64),
     "llama-3.2-3b": _llama3(3072, 8192, 28, 24, tie=True, factor=32.0, head_dim=128),

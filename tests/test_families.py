@@ -322,3 +322,34 @@ def test_docs_models_page_holds_the_registry():
 
     assert models_table() in (REPO / "docs" / "models.md").read_text(), \
         "docs/models.md is out of date: rebuild its table with `python -m ftune.families`"
+
+
+@pytest.mark.parametrize("preset", ["tiny-mixtral", "tiny-qwen3-moe"])
+def test_ftune_train_of_a_tiny_moe_preset_in_4_bits(preset, tmp_path):
+    """The quickstart on a tiny mixture of experts: its experts load in 4 bits, it trains (the
+    router's loss logged beside the loss), and the adapter, experts included, loads with PEFT on
+    the preset's 16-bit weights."""
+    from peft import PeftModel
+    from peft.utils import get_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    from ftune.recipe import load_recipe
+    from ftune.runner import train
+    from tests.conftest import QUICKSTART
+
+    out = tmp_path / "run"
+    run = train(load_recipe(QUICKSTART, [f"model.preset={preset}", f"training.output_dir={out}", "training.max_steps=2",
+                                         "training.batch_size=2", "data.max_length=32", "training.logging_steps=1",
+                                         "training.save_minutes=0", "lora.target_modules=auto"]))
+    assert run.built.plan.setting.quantized_experts and run.summary["steps"] == 2
+    stacks = [name for module in run.built.model.modules() for name in quantized_stacks(module)]
+    assert len(stacks) == 2 * 4  # both stacks of the 4 layers
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert all("aux_loss" in record for record in records if "loss" in record)
+    saved = load_file(out / "adapter_model.safetensors")
+    assert sum(".mlp.experts." in key for key in saved) == 2 * 2 * 4  # A and B of both stacks, every layer
+    base = AutoModelForCausalLM.from_pretrained(run.built.source, dtype=torch.float32)
+    loaded = get_peft_model_state_dict(PeftModel.from_pretrained(base, out))
+    assert loaded.keys() == saved.keys()
+    assert all(torch.equal(loaded[key], value.to(loaded[key].dtype)) for key, value in saved.items())
+    assert any(value.abs().sum() > 0 for key, value in saved.items() if "experts.lora_B" in key)  # trained

@@ -86,6 +86,8 @@ def test_preset_recipe_is_the_benchmarks_setup():
     assert set(recipe.kernels.model_dump().values()) == {True}
     assert (recipe.checkpointing.mode, recipe.checkpointing.budget) == ("smart", "16GiB")
     assert (recipe.data.max_length, recipe.training.batch_size) == (8192, 2)
+    moe = preset_recipe("qwen3-30b-a3b", "unsloth", kernels=True)  # the family's kernels: none it would refuse
+    assert {name for name, on in moe.kernels.model_dump().items() if on} == family_of("qwen3_moe").kernels
 
 
 @pytest.mark.slow

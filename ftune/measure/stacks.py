@@ -4,7 +4,8 @@
             (norms, embeddings and LM head upcast to fp32), peft's LoRA, and transformers' own
             non-reentrant activation checkpointing for mode `true`: the baseline of ../shared/GPU.md
   ftune     ftune's model building (ftune.model.build_model) in an activation-checkpointing mode, kernels off
-  ftune+k   the same with ftune's Triton kernels on
+  ftune+k   the same with the family's kernels on (ftune/families.py: a MoE family takes no SwiGLU nor
+            fused loss, which a recipe asking for them is refused)
 
 A run names a stack and a mode, `stack:mode`, or `ftune[+k]:smart@GIB` for the smart mode planning
 to a budget of GIB GiB (`RunSpec.parse`). The shapes are the presets' (random weights saved once
@@ -60,6 +61,10 @@ class RunSpec:
 def preset_recipe(preset: str, mode: str = "true", *, kernels: bool = False, budget_gib: float | None = None,
                   host_embeddings: bool | str = "auto", seq: int | None = None, batch: int = 1) -> Recipe:
     """The benchmarks' recipe: a preset shape with random weights, trained on random token ids."""
+    from ftune.families import family_of
+    from ftune.presets import PRESETS
+
+    family = family_of(PRESETS[preset]["model_type"])
     checkpointing: dict[str, Any] = {"mode": mode, "host_embeddings": host_embeddings}
     if budget_gib is not None:
         checkpointing["budget"] = f"{budget_gib}GiB"
@@ -70,7 +75,7 @@ def preset_recipe(preset: str, mode: str = "true", *, kernels: bool = False, bud
         # names would leave Phi-3 with o_proj and down_proj alone, as the 2026-12-02 Phi-3 rows had
         "lora": {"r": 16, "alpha": 16, "dropout": 0.0, "target_modules": "auto"},
         "checkpointing": checkpointing,
-        "kernels": dict.fromkeys(KernelsSection.model_fields, kernels),
+        "kernels": {name: kernels and name in family.kernels for name in KernelsSection.model_fields},
         "data": {"source": "(none: random token ids)"},
         "training": {"seed": PRESET_SEED, "batch_size": batch},
     }
