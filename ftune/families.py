@@ -87,12 +87,12 @@ FAMILIES: tuple[Family, ...] = (
     Family("phi3", ("phi3",), attention="ftune_window", attention_projections=("qkv_proj", "o_proj"),
            mlp_projections=("gate_up_proj", "down_proj"), residual_halves="pre_norm", kernels=_ALL_KERNELS),
     # No linear layer in the MLP: LoRA adapts the attention's projections and the experts'
-    # parameters; the MoE block recomputes whole. The loss stays transformers' (and TRL's), which
-    # adds the router's load-balancing loss
+    # parameters; the MoE block recomputes whole. The fused loss adds the router's load-balancing
+    # loss as the class's forward does
     Family("mixtral", ("mixtral",), mlp_projections=(), expert_parameters=MOE_EXPERTS,
-           kernels=frozenset({"rms_norm", "rope", "fused_lora"})),
+           kernels=frozenset({"rms_norm", "rope", "fused_cross_entropy", "fused_lora"})),
     Family("qwen3_moe", ("qwen3_moe",), mlp_projections=(), expert_parameters=MOE_EXPERTS,
-           kernels=frozenset({"rms_norm", "rope", "fused_lora"})),
+           kernels=frozenset({"rms_norm", "rope", "fused_cross_entropy", "fused_lora"})),
 )
 _BY_MODEL_TYPE = {model_type: family for family in FAMILIES for model_type in family.model_types}
 

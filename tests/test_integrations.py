@@ -349,3 +349,24 @@ def test_peft_adapts_a_3d_parameter_through_the_factors_ftune_reads(monkeypatch)
     monkeypatch.setattr(experts, "_weight", spy)
     model(input_ids=torch.randint(0, 64, (1, 8))).logits.sum().backward()
     assert seen == [[_LoraFactorsProxy]] * 2, moved
+
+
+@pytest.mark.parametrize("model_type", ["mixtral", "qwen3_moe"])
+def test_transformers_moe_adds_the_load_balancing_loss_the_fused_loss_adds(model_type):
+    """ftune's fused-loss forward adds the load-balancing loss as the class's forward does: the
+    function `load_balancing_loss_func` of the model's module, on the backbone's router logits, with
+    the model's num_experts, num_experts_per_tok and router_aux_loss_coef."""
+    import sys
+
+    model = _tiny_moe(model_type)
+    model.config.output_router_logits = True
+    ids = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(0))
+    out = model(input_ids=ids, labels=ids)
+    backbone = model.model(input_ids=ids, output_router_logits=True)
+    aux = sys.modules[type(model).__module__].load_balancing_loss_func(
+        backbone.router_logits, model.num_experts, model.num_experts_per_tok, None)
+    moved = (f"transformers' {type(model).__name__} computes its load-balancing loss otherwise; check "
+             "_causal_lm_forward in ftune/integrations/transformers.py")
+    torch.testing.assert_close(out.aux_loss, aux, msg=moved)
+    plain = torch.nn.functional.cross_entropy(out.logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
+    torch.testing.assert_close(out.loss, plain + model.router_aux_loss_coef * aux, msg=moved)

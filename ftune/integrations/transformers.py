@@ -25,7 +25,10 @@ variable set by the model's forward) and computes the load-balancing loss from t
 that the engine recomputes runs its forward without a graph, so the recorded logits would carry
 no gradient and the auxiliary loss would train nothing. The engine therefore records a layer's
 router logits into a collector of its own, returns them from its autograd Function (which gives
-them the layer's backward) and hands those to the model's collector.
+them the layer's backward) and hands those to the model's collector. The fused loss's forward
+asks the backbone for them as the class's forward does (`output_router_logits`, else the config's)
+and adds the load-balancing loss of the model's module (`load_balancing_loss_func`, times
+`router_aux_loss_coef`), which it returns as `aux_loss`.
 
 tests/test_integrations.py holds a contract test for each of these.
 """
@@ -35,6 +38,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import inspect
+import sys
 import types
 from dataclasses import dataclass
 
@@ -66,11 +70,14 @@ GROUPED_PROJECTIONS = ("q_proj", "k_proj", "v_proj")
 @dataclass
 class CausalLMOutputWithStats(CausalLMOutputWithPast):
     """The patched forward's output when labels are given: `logits` is None, and the fused loss's
-    per-batch statistics (no gradient) are there for the trainer to log."""
+    per-batch statistics (no gradient) are there for the trainer to log; a mixture of experts'
+    load-balancing loss (part of `loss`) and router logits, as its own output has them."""
 
     entropy_sum: torch.FloatTensor | None = None
     num_correct: torch.FloatTensor | None = None
     num_tokens: torch.FloatTensor | None = None
+    aux_loss: torch.FloatTensor | None = None
+    router_logits: tuple[torch.FloatTensor, ...] | None = None
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:
@@ -321,6 +328,9 @@ def _causal_lm_forward(model_class: type) -> types.FunctionType:
         extra.pop("fused_lm_head", None)
         del arguments["self"]
         logits_to_keep = arguments.pop("logits_to_keep", 0)
+        router = "output_router_logits" in signature.parameters  # a mixture of experts (Mixtral, Qwen3-MoE)
+        if router and arguments.get("output_router_logits") is None:
+            arguments["output_router_logits"] = getattr(self.config, "output_router_logits", False)
         # The backbone gets what the original forward gives it, loss kwargs included
         outputs = getattr(self, self.base_model_prefix)(**arguments, **extra)
         hidden_states = outputs.last_hidden_state
@@ -348,7 +358,14 @@ def _causal_lm_forward(model_class: type) -> types.FunctionType:
         )
         if releases and torch.is_grad_enabled():
             lm_head.release()  # the loss's backward does not read the head: the layers' backward runs without it
+        aux_loss = None
+        if router and arguments["output_router_logits"]:  # the load-balancing loss, as the class's forward adds it
+            aux_loss = sys.modules[model_class.__module__].load_balancing_loss_func(
+                outputs.router_logits, self.num_experts, self.num_experts_per_tok, arguments.get("attention_mask"))
+            loss = loss + self.router_aux_loss_coef * aux_loss.to(loss.device)
         return CausalLMOutputWithStats(
+            aux_loss=aux_loss,
+            router_logits=outputs.router_logits if aux_loss is not None else None,
             loss=loss,
             logits=None,
             past_key_values=outputs.past_key_values,
