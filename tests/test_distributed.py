@@ -260,3 +260,26 @@ def test_fsdp_train_on_two_gpus_matches_ddp_and_resumes(tmp_path):
 
     resumed = train(tmp_path / "fsdp", "fsdp", 12)  # continues from checkpoint-8
     assert [r["step"] for r in resumed] == list(range(1, 13))
+
+
+def test_a_mixture_of_experts_in_4_bits_trains_under_ddp(tmp_path):
+    """ftune train of a mixture of experts in 4 bits on two gloo ranks: two ranks of batch 2 train
+    tiny-qwen3-moe as one process of batch 4 does, to the router's loss: transformers computes that over each rank's tokens, and
+    its mean over two halves of the batch is not its value over the whole (1.5e-5 of the loss here,
+    with tiny-qwen3-moe's coefficient of 0.001)."""
+    from ftune.recipe import load_recipe
+    from ftune.runner import train
+
+    steps = ("model.preset=tiny-qwen3-moe", "lora.target_modules=auto", "training.max_steps=2", "training.logging_steps=1",
+             "training.lr_scheduler=constant", "data.limit=16", "checkpointing.mode=unsloth", "training.save_minutes=0")
+    args = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "ftune", "train",
+            QUICKSTART]
+    for item in (f"training.output_dir={tmp_path / 'two'}", "training.batch_size=2", *steps):
+        args += ["--set", item]
+    result = subprocess.run(args, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    run = train(load_recipe(QUICKSTART, [f"training.output_dir={tmp_path / 'one'}", "training.batch_size=4", *steps]))
+    assert run.built.plan.setting.quantized_experts
+    losses = {name: [json.loads(line)["loss"] for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+              for name in ("one", "two")}
+    assert len(losses["one"]) == 2 and losses["two"] == pytest.approx(losses["one"], abs=1e-4)

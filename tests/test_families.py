@@ -353,3 +353,22 @@ def test_ftune_train_of_a_tiny_moe_preset_in_4_bits(preset, tmp_path):
     assert loaded.keys() == saved.keys()
     assert all(torch.equal(loaded[key], value.to(loaded[key].dtype)) for key, value in saved.items())
     assert any(value.abs().sum() > 0 for key, value in saved.items() if "experts.lora_B" in key)  # trained
+
+
+def test_ddp_leaves_the_4bit_experts_placeholders_alone(folders, tmp_path):
+    """DDP's start copies rank 0's parameters into every rank's, which the 4-bit experts'
+    placeholders (one element expanded to a stack's shape) refuse ("more than one element of the
+    written-to tensor refers to a single memory location") unless ftune names them to it."""
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    if dist.is_initialized():
+        pytest.skip("a process group is already set up in this process")
+    built = build_model(recipe_for(folders("qwen3_moe"), "true", "nf4"), torch.device("cpu"), with_tokenizer=False)
+    dist.init_process_group("gloo", rank=0, world_size=1, init_method=f"file://{tmp_path / 'rendezvous'}")
+    try:
+        model = DistributedDataParallel(built.model)
+        model(input_ids=IDS, labels=IDS).loss.backward()
+    finally:
+        dist.destroy_process_group()
+    assert all(p.grad is not None for p in built.model.parameters() if p.requires_grad)
