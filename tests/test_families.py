@@ -372,3 +372,20 @@ def test_ddp_leaves_the_4bit_experts_placeholders_alone(folders, tmp_path):
     finally:
         dist.destroy_process_group()
     assert all(p.grad is not None for p in built.model.parameters() if p.requires_grad)
+
+
+def test_a_checkpoint_quantized_before_keeps_its_experts_16_bit_and_says_so(folders, tmp_path, caplog):
+    """A bitsandbytes 4-bit checkpoint (saved quantized, its experts 16-bit) loads as it was saved:
+    transformers deserializes it, nothing quantizes on the fly, and ftune says the experts stay 16-bit."""
+    from ftune.model import load_base_model
+
+    path = folders("qwen3_moe")
+    recipe = recipe_for(path, "none", "nf4")
+    AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, device_map={"": "cpu"},
+                                         quantization_config=quantization_config(recipe, torch.float32)
+                                         ).save_pretrained(tmp_path / "prequantized")
+    recipe.model.name_or_path = str(tmp_path / "prequantized")
+    with caplog.at_level("WARNING", logger="ftune.model"):
+        model, _, _ = load_base_model(recipe, torch.device("cpu"))
+    assert not has_4bit_experts(model)
+    assert any("stay torch.float32: the checkpoint comes quantized" in record.message for record in caplog.records)
