@@ -27,7 +27,8 @@ from ftune.errors import ModelError, first_line
 from ftune.families import expert_model_types, family_of
 from ftune.integrations.bitsandbytes import keep_4bit_layout
 from ftune.integrations.experts import experts_in_4bit, has_4bit_experts, keep_placeholders_out_of_ddp
-from ftune.integrations.transformers import apply_kernels, kernel_support, register_attention
+from ftune.integrations.transformers import (apply_kernels, generate_without_router_logits, kernel_support,
+                                             register_attention)
 from ftune.memory.policy import NoPlanFits
 from ftune.model_config import ModelConfig, local_model_config, model_config
 from ftune.plan import (Device, KernelChoice, RunPlan, choose_dtype, expert_notes, lora_parameters, lora_targets,
@@ -242,6 +243,7 @@ def load_base_model(recipe: Recipe, device: torch.device | None = None, plan: Ru
     finally:
         torch.set_num_threads(threads)
     keep_4bit_layout(model)  # one layout and one kernel in train and eval mode, on every CPU
+    generate_without_router_logits(model)  # a mixture of experts' load-balancing loss fails in generation
     if quantizes_experts(recipe, ranks) and model.config.model_type in expert_model_types() \
             and not has_4bit_experts(model):  # a checkpoint quantized before (bitsandbytes left its experts 16-bit)
         logger.warning("the experts of %s stay %s: the checkpoint comes quantized, and ftune quantizes experts only "

@@ -353,6 +353,16 @@ def test_ftune_train_of_a_tiny_moe_preset_in_4_bits(preset, tmp_path):
     assert loaded.keys() == saved.keys()
     assert all(torch.equal(loaded[key], value.to(loaded[key].dtype)) for key, value in saved.items())
     assert any(value.abs().sum() > 0 for key, value in saved.items() if "experts.lora_B" in key)  # trained
+    # generation over a padded batch (GRPO's, ftune generate's) asks for no router logits, whose
+    # load-balancing loss transformers 5.17 cannot compute on a decoding step
+    prompts = torch.randint(3, 100, (2, 6), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(prompts)
+    mask[0, :2] = 0
+    run.built.model.eval()
+    with torch.no_grad():
+        generated = run.built.model.generate(input_ids=prompts, attention_mask=mask, max_new_tokens=2, do_sample=False,
+                                             pad_token_id=0)
+    assert generated.shape == (2, 8)
 
 
 def test_ddp_leaves_the_4bit_experts_placeholders_alone(folders, tmp_path):

@@ -185,6 +185,50 @@ def test_transformers_records_router_logits_through_a_context_variable():
         assert ftune_transformers.router_logits_being_recorded() is logits
 
 
+def _tiny_moe_asking_for_router_logits():
+    from transformers import AutoModelForCausalLM, Qwen3MoeConfig
+
+    from ftune.presets import PRESETS
+
+    config = {key: value for key, value in PRESETS["tiny-qwen3-moe"].items() if key != "model_type"}
+    assert config.get("output_router_logits")
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(Qwen3MoeConfig(**config))
+
+
+def _padded_prompts() -> dict:
+    ids = torch.randint(3, 100, (2, 8), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    mask[0, :2] = 0
+    return {"input_ids": ids, "attention_mask": mask, "max_new_tokens": 3, "do_sample": False, "pad_token_id": 0}
+
+
+def test_transformers_moe_generation_fails_when_its_config_asks_for_router_logits():
+    """transformers 5.17 computes the load-balancing loss in every decoding step, from that step's
+    router logits and the whole sequence's mask, and fails. Passing, upstream mended it: ftune's
+    generate_without_router_logits (ftune/integrations/transformers.py) can go."""
+    import transformers
+
+    model = _tiny_moe_asking_for_router_logits()
+    with pytest.raises(RuntimeError, match="must match"):
+        model.generate(**_padded_prompts())
+    assert transformers.__version__.startswith("5.")
+
+
+def test_moe_generation_through_peft_asks_its_forwards_for_no_router_logits():
+    from peft import LoraConfig, get_peft_model
+
+    from ftune.integrations.transformers import generate_without_router_logits
+
+    model = _tiny_moe_asking_for_router_logits()
+    expected = model.generate(**_padded_prompts(), output_router_logits=False)
+    generate_without_router_logits(model)
+    adapted = get_peft_model(model, LoraConfig(r=2, target_modules=["q_proj"], task_type="CAUSAL_LM"))
+    assert torch.equal(adapted.generate(**_padded_prompts()), expected)  # LoRA's B starts at zero
+    with pytest.raises(RuntimeError, match="must match"):  # a caller that asks still gets them
+        model.generate(**_padded_prompts(), output_router_logits=True)
+
+
 def test_torch_takes_the_pinned_allocation_settings_ftune_makes(monkeypatch):
     """The allocator-settings entry point exists and takes ftune's pinning options, the call that
     empties the pinned cache exists, and a user's own pinning setting is left alone. (A CPU build of torch accepts any

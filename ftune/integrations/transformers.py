@@ -30,6 +30,13 @@ asks the backbone for them as the class's forward does (`output_router_logits`, 
 and adds the load-balancing loss of the model's module (`load_balancing_loss_func`, times
 `router_aux_loss_coef`), which it returns as `aux_loss`.
 
+Generating with router logits. A model whose config asks for `output_router_logits` computes the
+load-balancing loss in every forward, generation's included, where transformers 5.17 reshapes
+the router logits of the tokens decoded in that step by the attention mask of the whole sequence
+and fails ("The size of tensor a ... must match"). `generate_without_router_logits` makes a
+model's `generate` pass `output_router_logits=False` (the forward then records none) unless the
+caller asks otherwise: ftune's own generation and TRL's (GRPO) call it.
+
 tests/test_integrations.py holds a contract test for each of these.
 """
 
@@ -445,3 +452,18 @@ def register_attention(name: str) -> None:
     if name not in ALL_ATTENTION_FUNCTIONS:
         AttentionInterface.register(name, attention)
         AttentionMaskInterface.register(name, mask)
+
+
+def generate_without_router_logits(model: nn.Module) -> None:
+    """Make `model.generate` (a mixture of experts whose config asks for router logits) ask its
+    forwards for none: transformers 5.17's load-balancing loss fails on a decoding step's logits."""
+    if not getattr(model.config, "output_router_logits", False) or "generate" in model.__dict__:
+        return
+    generate = model.generate
+
+    @functools.wraps(generate)
+    def generate_without(*args, **kwargs):
+        kwargs.setdefault("output_router_logits", False)
+        return generate(*args, **kwargs)
+
+    model.generate = generate_without
