@@ -77,9 +77,10 @@ def _agreed_signal(received: int | None) -> int | None:
 
 class EvaluationCacheReturned(TrainerCallback):
     """Empty PyTorch's CUDA cache after each evaluation. The evaluation's forward (no graph, the
-    MLP in chunks) asks for other sizes than a training step, and the next steps split the blocks
-    it left cached: on an H200, 8B shape at 8192 tokens, reserved memory went from 6.29 GiB to 8.71
-    GiB after the first evaluation (bench_eval.py, 2026-12-02), memory a 24 GB card cannot spare."""
+    MLP in chunks) asks for other sizes than a training step, and the blocks it leaves cached are
+    split by the next steps' tensors: reserved memory that a 24 GB card cannot spare, while the
+    allocated peak stays the training step's (docs/benchmarks.md, "Evaluation's peak", has the
+    H200's reserved figures with and without it)."""
 
     def on_evaluate(self, args, state, control, **kwargs):
         if torch.cuda.is_available():

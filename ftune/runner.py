@@ -255,7 +255,7 @@ def _summary(recipe: Recipe, built: BuiltModel, trainer: Trainer, train_loss: fl
         "batches": built.plan.batches,  # padded, padding-free or packed
         "host_offload_bytes": built.engine.host_bytes(),
         "peak_memory_gib": _peak_gib(built, history),
-        "peak_memory_bytes": torch.cuda.max_memory_allocated(built.device) if built.device.type == "cuda" else None,
+        "peak_memory_bytes": snapshot(built.device).peak,  # allocated VRAM's exact peak; None on CPU
         "output_dir": str(output_dir),
         "files": {"adapter": "adapter_model.safetensors", "recipe": RECIPE_FILE, "metrics": METRICS_FILE,
                   "model_card": "README.md"},
