@@ -218,7 +218,7 @@ def _parked_attention(name: str, module, query, key, value, attention_mask, drop
     return output, None
 
 
-def _kind(query, rows: PackedRows | None = None, window: int | None = None) -> tuple:
+def _kind(query, rows: PackedRows | None, window: int | None) -> tuple:
     """What a kernel's refusal is remembered by: the device, the dtype, the head size and, on CUDA,
     the kernel (flash for rows and windows, cuDNN's otherwise)."""
     kernel = "flash" if rows is not None or window is not None else "cudnn"

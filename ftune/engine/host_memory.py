@@ -66,8 +66,13 @@ def buffer_size(nbytes: int) -> int:
     within one power of two share a buffer; the pieces' blocks are powers of two too.
     """
     if nbytes > PIECE:
-        return -(-nbytes // PIECE) * PIECE
+        return pieces_for(nbytes) * PIECE
     return max(_GRANULE, 1 << (nbytes - 1).bit_length())
+
+
+def pieces_for(nbytes: int) -> int:
+    """The pieces a tensor of nbytes (above a piece) takes."""
+    return -(-nbytes // PIECE)
 
 
 @dataclass
@@ -103,7 +108,7 @@ class HostBufferPool:
         short (with `keep_free` bytes more left available, when new memory is needed); an optional
         request that does not fit is refused without a warning."""
         if nbytes > PIECE:
-            buffers = self._take_pieces(-(-nbytes // PIECE), keep_free, optional)
+            buffers = self._take_pieces(pieces_for(nbytes), keep_free, optional)
         else:
             buffer = self._take_small(nbytes, keep_free, optional)
             buffers = None if buffer is None else [buffer]
@@ -130,7 +135,7 @@ class HostBufferPool:
         pinned now, in blocks as large as their number allows (PyTorch pins a large block faster
         per byte than many small ones). Short host memory pins fewer; `acquire` then decides
         tensor by tensor."""
-        wanted = sum(-(-nbytes // PIECE) for nbytes in sizes if nbytes > PIECE)
+        wanted = sum(pieces_for(nbytes) for nbytes in sizes if nbytes > PIECE)
         self._add_pieces(wanted - len(self._free_pieces), keep_free)
 
     def trim(self) -> int:

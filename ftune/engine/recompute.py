@@ -280,7 +280,9 @@ class _LayerUnit:
     def park(self, residual: torch.Tensor, attended: AttentionOutput) -> bool:
         """Park the residual after attention and the attention's output in host memory, if the step
         parks (ftune/memory/estimate.py `parks`) and that leaves room for this layer's input, stashed after its
-        forward, and every later one's; whether it did."""
+        forward, and every later one's; whether it did. The room is counted whole, though the step's
+        first layer has already pinned those inputs (`reserve`): only new pinning checks it, and on a
+        host short of memory a layer may recompute attention that would have fit."""
         tensors = (residual, attended.output, attended.logsumexp)
         input_bytes = residual.numel() * residual.element_size()
         parked_bytes = sum(t.numel() * t.element_size() for t in tensors)
