@@ -189,7 +189,7 @@ def resolve(recipe: Recipe, device: Device, *, mode: str | None = None, config: 
             host_embeddings = setting.host_embeddings = layers.host_embeddings
     host_lm_head = host_embeddings and fused_loss and setting.host_lm_head
     setting.host_lm_head = host_lm_head
-    if host_embeddings and not host_lm_head and config is not None and Shape.from_config(config.values).tied:
+    if host_embeddings and not host_lm_head and config is not None and _tied(config.values):
         host_embeddings = False  # a tied table is the head too: it stays on the GPU with it
     return RunPlan(device=device, config=config, family=family, dtype=dtype,
                    compute_dtype=dtype if compute == "auto" else compute,
@@ -197,6 +197,12 @@ def resolve(recipe: Recipe, device: Device, *, mode: str | None = None, config: 
                    lora_parameters=parameters, kernels=kernels,
                    checkpointing=mode, host_embeddings=host_embeddings, host_lm_head=host_lm_head, setting=setting,
                    batches=layout, budget=budget, layers=layers, notes=notes)
+
+
+def _tied(values: dict) -> bool:
+    """Whether a config ties its input embedding to its LM head (read as Shape reads it, without
+    the sizes a family ftune has no entry for may name otherwise)."""
+    return bool(values.get("text_config", values).get("tie_word_embeddings", False))
 
 
 def choose_dtype(setting: str, device: Device) -> str:

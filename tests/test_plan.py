@@ -158,3 +158,14 @@ def test_a_kernel_auto_turned_on_that_the_loaded_model_cannot_take_goes_off_with
     with pytest.raises(ModelError, match="kernels.swiglu: gemma2's MLP activation is relu"):
         patch_kernels(get_peft_model(AutoModelForCausalLM.from_config(base.config), LoraConfig(r=4)), asked,
                       torch.device("cpu"))
+
+
+def test_a_family_without_an_entry_plans_on_cuda_without_llama_sized_keys():
+    """gpt2 names its sizes n_embd, n_head: the plan reads whether its table is tied without them
+    (it built the memory model's Shape, a KeyError, where embeddings move and the head does not)."""
+    from ftune.model_config import ModelConfig
+
+    config = ModelConfig("gpt2", {"model_type": "gpt2", "n_embd": 64, "n_head": 4, "n_layer": 2, "vocab_size": 128,
+                                  "tie_word_embeddings": True})
+    plan = resolve(recipe("checkpointing.mode=unsloth"), CUDA, config=config)
+    assert plan.family is None and not plan.host_lm_head and not plan.host_embeddings  # the tied table stays
