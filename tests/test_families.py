@@ -178,7 +178,7 @@ def test_every_family_gives_the_reference_loss_and_gradients(folders, name, mode
         stacks = [name for module in built.model.modules() for name in quantized_stacks(module)]
         assert sorted(stacks) == (sorted(expected) if quant == "nf4" else [])
         sizes = {p.untyped_storage().nbytes() // p.element_size() for p in built.model.parameters() if p.dim() == 3}
-        assert sizes == ({1} if quant == "nf4" else sizes) and sizes
+        assert sizes and (sizes == {1} if quant == "nf4" else 1 not in sizes)
         # DDP's start, which copies rank 0's parameters into each rank's, leaves those placeholders alone
         assert len(getattr(built.model, "_ddp_params_and_buffers_to_ignore", ())) == len(stacks)
     if family is None:
@@ -345,6 +345,7 @@ def test_ftune_train_of_a_tiny_moe_preset_in_4_bits(preset, tmp_path):
     stacks = [name for module in run.built.model.modules() for name in quantized_stacks(module)]
     assert len(stacks) == 2 * 4  # both stacks of the 4 layers
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert any("loss" in record for record in records)
     assert all("aux_loss" in record for record in records if "loss" in record)
     saved = load_file(out / "adapter_model.safetensors")
     assert sum(".mlp.experts." in key for key in saved) == 2 * 2 * 4  # A and B of both stacks, every layer

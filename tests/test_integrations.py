@@ -303,10 +303,11 @@ def test_transformers_bnb_quantizer_hands_ftune_one_layers_merged_experts(tmp_pa
     monkeypatch.setattr(experts, "quantize_experts", spy)
     config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                                 bnb_4bit_compute_dtype=torch.float32)
+    originals = {name: Bnb4BitHfQuantizer.__dict__[name] for name in ("param_needs_quantization", "get_quantize_ops")}
     with experts.experts_in_4bit(("qwen3_moe",)):
         model = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32, quantization_config=config,
                                                      device_map={"": "cpu"})
-    assert Bnb4BitHfQuantizer.param_needs_quantization.__name__ == "param_needs_quantization"  # restored
+    assert all(Bnb4BitHfQuantizer.__dict__[name] is original for name, original in originals.items())  # restored
     # quantizing on the fly, transformers loads one tensor at a time (no thread pool reading ahead), so
     # one layer's 16-bit experts exist at a time
     import inspect
