@@ -9,7 +9,7 @@ OOM ends only that row):
   ftune+k   ftune with its Triton kernels on
 
 Setup as GPU.md: a preset shape with random weights, NF4 double-quant 4-bit, bf16 compute, LoRA
-r=16 alpha=16 on the seven projections, batch 1, AdamW, labels = inputs, random token ids, bf16
+r=16 alpha=16 on the family's linear projections, batch 1, AdamW, labels = inputs, random token ids, bf16
 autocast; the steps are ftune/measure/step.py's: peak = torch.cuda.max_memory_allocated over the
 timed steps (reset after the warm-up), the median of the timed steps. "held" is what the forward
 leaves allocated for the backward (checkpoints and saved activations), measured right after the

@@ -40,6 +40,9 @@ def split_rows(out: Path, fraction: float) -> None:
     rows = (DATA / "sft.jsonl").read_text().splitlines()
     random.Random(0).shuffle(rows)
     held = int(len(rows) * fraction)
+    if not 0 < held < len(rows):
+        raise SystemExit(f"--eval {fraction} holds out {held} of {len(rows)} rows; give a fraction that leaves "
+                         "rows on both sides, e.g. 0.2")
     (out / "eval.jsonl").write_text("\n".join(rows[:held]) + "\n")
     (out / "train.jsonl").write_text("\n".join(rows[held:]) + "\n")
 

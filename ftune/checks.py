@@ -73,7 +73,7 @@ def environment_problems(recipe: Recipe) -> list[Problem]:
 
 # The attention implementations transformers' paged engine has a paged twin of (its
 # continuous_batching switch_to_cb_friendly_attn sets paged|<implementation>; transformers 5.17)
-PAGED_ATTENTION = ("sdpa", "eager", "flash_attention_2", "flash_attention_3")
+PAGED_ATTENTION = ("sdpa", "eager", "flash_attention_2")
 
 
 def paged_generation_problems(recipe: Recipe) -> list[Problem]:
@@ -84,12 +84,12 @@ def paged_generation_problems(recipe: Recipe) -> list[Problem]:
         return []
     config = local_model_config(recipe)
     family = family_of(config.model_type) if config is not None else None
-    attention = attention_implementation(recipe, family).removeprefix("paged|")
+    attention = attention_implementation(recipe, family)
     if attention in PAGED_ATTENTION:
         return []
     return [("grpo.paged_generation", f"transformers' paged generation runs {', '.join(PAGED_ATTENTION)}, not "
-             f"this model's {attention} attention ({config.model_type if config else 'model.attn_implementation'}); "
-             "set grpo.paged_generation: false (generation then runs on the model's own attention)")]
+             f"{config.model_type}'s {attention} attention; set grpo.paged_generation: false (generation then "
+             "runs on the model's own attention)")]
 
 
 # --------------------------------------------------------------------------------------------

@@ -108,8 +108,8 @@ class LoraSection(_Section):
         "through peft's target_parameters (one adapter per expert). auto: the family's experts (Mixtral, Qwen3-MoE: "
         "mlp.experts.gate_up_proj, mlp.experts.down_proj) when target_modules is auto or all-linear and dropout is 0 "
         "(peft's parameter adapters take no dropout), else none; [] adapts no parameter. Adapting the experts costs "
-        "memory: each layer's forward builds its experts' weights plus update (16-bit; under 4-bit loading from the "
-        "dequantized experts), which its backward keeps.",
+        "memory: each layer's forward builds its experts' weights plus update (16-bit), which its backward keeps; "
+        "under 4-bit loading it builds them from the dequantized experts and its backward builds them again.",
     )
     bias: Literal["none", "all", "lora_only"] = Field("none", description="Which biases to train.")
     use_rslora: bool = Field(False, description="Scale by alpha / sqrt(r) (rank-stabilized LoRA).")

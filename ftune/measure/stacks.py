@@ -4,13 +4,14 @@
             (norms, embeddings and LM head upcast to fp32), peft's LoRA, and transformers' own
             non-reentrant activation checkpointing for mode `true`: the baseline of ../shared/GPU.md
   ftune     ftune's model building (ftune.model.build_model) in an activation-checkpointing mode, kernels off
-  ftune+k   the same with the family's kernels on (ftune/families.py: a MoE family takes no SwiGLU nor
-            fused loss, which a recipe asking for them is refused)
+  ftune+k   the same with the family's kernels on (ftune/families.py: a MoE family takes no SwiGLU,
+            which a recipe asking for it is refused)
 
 A run names a stack and a mode, `stack:mode`, or `ftune[+k]:smart@GIB` for the smart mode planning
 to a budget of GIB GiB (`RunSpec.parse`). The shapes are the presets' (random weights saved once
 and loaded through the same 4-bit path a user's model takes); the recipe of a run is
-`preset_recipe`: NF4 double-quant, bf16, LoRA r=16 alpha=16 on the seven projections.
+`preset_recipe`: NF4 double-quant, bf16, LoRA r=16 alpha=16 on the family's linear projections
+(Llama's seven; Phi-3's fused four).
 """
 
 from __future__ import annotations
@@ -64,7 +65,7 @@ def preset_recipe(preset: str, mode: str = "true", *, kernels: bool = False, bud
     from ftune.families import family_of
     from ftune.presets import PRESETS
 
-    family = family_of(PRESETS[preset]["model_type"])
+    family = family_of(PRESETS.get(preset, {}).get("model_type"))  # an unknown preset: the recipe names it
     checkpointing: dict[str, Any] = {"mode": mode, "host_embeddings": host_embeddings}
     if budget_gib is not None:
         checkpointing["budget"] = f"{budget_gib}GiB"
