@@ -16,7 +16,8 @@ CPU), summed per optimizer step:
   train            training_step less prepare: the policy's forward and backward
   step             the optimizer step's wall time
 The first step is not timed (warm-up, Triton compiles). Peak: torch.cuda.max_memory_allocated
-after the model is built.
+after the model is built, over the run, and per step within generation (`generation_peak_gib`) and
+within the training step outside it (`training_step_peak_gib`).
 
   python benchmarks/profile_grpo.py --preset llama-3.1-8b --steps 3 --completion-length 256
   python benchmarks/profile_grpo.py --preset tiny-llama --steps 3 --num-generations 4 --completion-length 8
@@ -47,28 +48,40 @@ PHASES = ("generation", "no_grad_logps", "prepare", "train", "step")
 
 
 class PhaseTimer:
-    """Time spent inside methods of one trainer, per phase, on the device's clock."""
+    """Time spent inside methods of one trainer, per phase, on the device's clock; on the GPU also
+    each phase's peak allocation where asked (phases that do not nest: the peak is reset as one
+    begins, after the step's peak so far is kept)."""
 
     def __init__(self, cuda: bool):
         import torch
 
         self.torch, self.cuda = torch, cuda
         self.pending: list[tuple[str, object, object]] = []
-        self.totals: dict[str, float] = defaultdict(float)
+        self.peaks: dict[str, float] = defaultdict(float)
+        self.step_peak = 0
 
-    def wrap(self, owner, name: str, phase, *, grad: bool | None = None) -> None:
-        """Time owner.name under `phase` (a name, or a function of whether gradients are on)."""
+    def wrap(self, owner, name: str, phase, *, peak: bool = False) -> None:
+        """Time owner.name under `phase` (a name, or a function of whether gradients are on); with
+        `peak`, also its peak allocation."""
         method = getattr(owner, name)
+        peak = peak and self.cuda
 
         def timed(*args, **kwargs):
             label = phase(self.torch.is_grad_enabled()) if callable(phase) else phase
             if label is None:
                 return method(*args, **kwargs)
+            if peak:
+                self.step_peak = max(self.step_peak, self.torch.cuda.max_memory_allocated())
+                self.torch.cuda.reset_peak_memory_stats()
             start = self._mark()
             try:
                 return method(*args, **kwargs)
             finally:
                 self.pending.append((label, start, self._mark()))
+                if peak:
+                    phase_peak = self.torch.cuda.max_memory_allocated()
+                    self.peaks[f"{label}_peak_gib"] = max(self.peaks[f"{label}_peak_gib"], phase_peak / GiB)
+                    self.step_peak = max(self.step_peak, phase_peak)
 
         setattr(owner, name, timed)
 
@@ -87,6 +100,12 @@ class PhaseTimer:
         for label, start, end in self.pending:
             seconds[label] += (start.elapsed_time(end) / 1000) if self.cuda else end - start
         self.pending.clear()
+        if self.cuda:
+            seconds.update(self.peaks)
+            seconds["peak_gib"] = max(self.step_peak, self.torch.cuda.max_memory_allocated()) / GiB
+            self.peaks.clear()
+            self.step_peak = 0
+            self.torch.cuda.reset_peak_memory_stats()
         return dict(seconds)
 
 
@@ -124,7 +143,7 @@ def build_trainer(stack: str, recipe, cuda: bool, callbacks: list):
                        processing_class=tokenizer, callbacks=callbacks)
 
 
-def worker(stack: str, overrides: list[str]) -> dict:
+def worker(stack: str, overrides: list[str], trace: bool = False) -> dict:
     import torch
     from transformers import TrainerCallback
 
@@ -133,28 +152,43 @@ def worker(stack: str, overrides: list[str]) -> dict:
     timer = PhaseTimer(cuda)
     steps: list[dict] = []
 
+    tables: dict[str, str] = {}
+
     class StepTimes(TrainerCallback):
+        profiler = None
+
         def on_train_begin(self, args, state, control, **kwargs):
             if cuda:
                 torch.cuda.reset_peak_memory_stats()
             self.started = time.perf_counter()
 
+        def on_step_begin(self, args, state, control, **kwargs):
+            if trace and state.global_step == state.max_steps - 1:  # the last step, warm
+                activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if cuda else [])
+                self.profiler = torch.profiler.profile(activities=activities)
+                self.profiler.__enter__()
+
         def on_step_end(self, args, state, control, **kwargs):
+            if self.profiler is not None:
+                self.profiler.__exit__(None, None, None)
+                averages = self.profiler.key_averages()
+                device_key = "self_cuda_time_total" if cuda else "self_cpu_time_total"
+                tables["by_device_time"] = averages.table(sort_by=device_key, row_limit=30)
+                tables["by_calls"] = averages.table(sort_by="count", row_limit=20)
+                self.profiler = None
             seconds = timer.collect()
             now = time.perf_counter()
             seconds["step"], self.started = now - self.started, now
             seconds["train"] = seconds.pop("training_step", 0.0) - seconds.get("prepare", 0.0)
-            if cuda:
-                seconds["peak_gib"] = torch.cuda.max_memory_allocated() / GiB
             steps.append(seconds)
 
     trainer = build_trainer(stack, recipe, cuda, [StepTimes()])
-    timer.wrap(trainer, "_generate_single_turn", "generation")
+    timer.wrap(trainer, "_generate_single_turn", "generation", peak=True)
     timer.wrap(trainer, "_get_per_token_logps_and_entropies", lambda grad: None if grad else "no_grad_logps")
     timer.wrap(trainer, "_prepare_inputs", "prepare")
-    timer.wrap(trainer, "training_step", "training_step")
+    timer.wrap(trainer, "training_step", "training_step", peak=True)
     trainer.train()
-    return {"steps": steps}
+    return {"steps": steps, "tables": tables}
 
 
 def summarize(steps: list[dict]) -> dict:
@@ -162,6 +196,9 @@ def summarize(steps: list[dict]) -> dict:
     row = {phase: round(statistics.median(s.get(phase, 0.0) for s in timed), 4) for phase in PHASES}
     peaks = [s["peak_gib"] for s in steps if "peak_gib" in s]
     row["peak_gib"] = round(max(peaks), 3) if peaks else None  # None on CPU
+    for phase in ("generation", "training_step"):
+        phase_peaks = [s[f"{phase}_peak_gib"] for s in steps if f"{phase}_peak_gib" in s]
+        row[f"{phase}_peak_gib"] = round(max(phase_peaks), 3) if phase_peaks else None
     row["generation_share"] = round(row["generation"] / row["step"], 3) if row["step"] else None
     return row
 
@@ -176,11 +213,13 @@ def main() -> None:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="recipe override (both stacks)")
     parser.add_argument("--timeout", type=int, default=600)
     parser.add_argument("--out", type=Path, default=None, help="append rows here (default benchmarks/results/<card>/)")
+    parser.add_argument("--trace", action="store_true",
+                        help="profile the last step with torch.profiler and print its busiest ops and most frequent calls")
     parser.add_argument("--worker", choices=["ftune", "trl"], help=argparse.SUPPRESS)
     parser.add_argument("--overrides", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        print("RESULT " + json.dumps(worker(args.worker, json.loads(args.overrides))), flush=True)
+        print("RESULT " + json.dumps(worker(args.worker, json.loads(args.overrides), args.trace)), flush=True)
         return
 
     import torch
@@ -193,6 +232,7 @@ def main() -> None:
     for stack in [s.strip() for s in args.stacks.split(",") if s.strip()]:
         overrides = recipe_overrides("grpo", options, workdir, cuda, workdir / stack)
         command = [sys.executable, __file__, "--worker", stack, "--overrides", json.dumps(overrides)]
+        command += ["--trace"] if args.trace else []
         process = subprocess.run(command, capture_output=True, text=True, env=child_env(), cwd=REPO,
                                  timeout=args.timeout)
         result = worker_result(process.stdout)
@@ -200,13 +240,16 @@ def main() -> None:
             print(process.stderr[-3000:], file=sys.stderr)
             rows.append({"stack": stack, "status": "error", "error": process.stderr.strip().splitlines()[-1:]})
             continue
+        for name, table in result.get("tables", {}).items():
+            print(f"--- {stack}, last step, {name.replace('_', ' ')}\n{table}", flush=True)
         row = {"stack": stack, "status": "ok", **summarize(result["steps"]), "steps": result["steps"],
                "preset": args.preset, "num_generations": args.num_generations,
                "completion_length": args.completion_length, "device": "cuda" if cuda else "cpu",
                "gpu": torch.cuda.get_device_name(0) if cuda else None, "date": time.strftime("%Y-%m-%d")}
         rows.append(row)
         print(f"{stack:5s} " + "  ".join(f"{p} {row[p]:.3f} s" for p in PHASES) +
-              f"  peak {row['peak_gib']} GiB  generation {row['generation_share']:.0%} of the step", flush=True)
+              f"  peak {row['peak_gib']} GiB (generation {row['generation_peak_gib']}, training step"
+              f" {row['training_step_peak_gib']})  generation {row['generation_share']:.0%} of the step", flush=True)
     out = args.out or result_path("profile-grpo", card=card_name(rows[0].get("gpu") or "cpu") if rows else "cpu")
     existing = json.loads(out.read_text()) if out.exists() else []
     out.parent.mkdir(parents=True, exist_ok=True)
