@@ -86,6 +86,7 @@ class RunPlan:
     host_lm_head: bool  # and the LM head, fetched for each forward (with the fused loss)
     setting: Setting  # the memory model's view of all of the above
     batches: str = "padded"  # one of BATCH_LAYOUTS
+    decode_graphs: bool = False  # GRPO's decode steps replayed as CUDA graphs (generation_plan)
     budget: int | None = None  # smart: the peak the plan must fit, in bytes
     layers: LayerPlan | None = None  # smart: each decoder layer's policy
     notes: list[str] = field(default_factory=list)
@@ -126,6 +127,9 @@ class RunPlan:
         if self.lora_parameters:
             lines.append(f"LoRA on parameters: {', '.join(self.lora_parameters)}")
         lines.append(f"checkpointing {self.checkpointing}; embeddings {tables}")
+        if self.setting.completion:
+            graphs = ", decode steps replayed as CUDA graphs" if self.decode_graphs else ""
+            lines.append(f"generation: {self.setting.generation_cache} KV cache{graphs}")
         if self.layers is not None:
             lines.append(self.layers.describe())
         lines += [f"kernel {name}: {'on' if choice.on else 'off'} ({choice.reason})"
@@ -162,6 +166,9 @@ def resolve(recipe: Recipe, device: Device, *, mode: str | None = None, config: 
     # (dense_window_mask, which ftune_window builds none of).
     attention = attention_implementation(recipe, family)
     phases = workflow_phases(recipe)
+    decode_graphs = False
+    if recipe.workflow == "grpo":
+        phases["generation_cache"], decode_graphs = generation_plan(recipe, device, family, config)
     layout = batch_layout(recipe)
     sdpa_masks = attention in PARKING_ATTENTION
     setting = Setting(
@@ -196,7 +203,7 @@ def resolve(recipe: Recipe, device: Device, *, mode: str | None = None, config: 
                    attention=attention, lora_targets=targets,
                    lora_parameters=parameters, kernels=kernels,
                    checkpointing=mode, host_embeddings=host_embeddings, host_lm_head=host_lm_head, setting=setting,
-                   batches=layout, budget=budget, layers=layers, notes=notes)
+                   batches=layout, decode_graphs=decode_graphs, budget=budget, layers=layers, notes=notes)
 
 
 def _tied(values: dict) -> bool:
@@ -263,8 +270,30 @@ def workflow_phases(recipe: Recipe) -> dict:
     grpo, training = recipe.grpo, recipe.training
     steps = grpo.steps_per_generation or training.grad_accum
     return {"completion": grpo.max_completion_length, "generation_steps": steps,
-            "generation_cache": "paged" if grpo.paged_generation else grpo.cache_implementation,
+            "generation_cache": "paged" if grpo.paged_generation else
+            "dynamic" if grpo.cache_implementation == "auto" else grpo.cache_implementation,
             "top_p": grpo.top_p, "reference_pass": grpo.beta > 0 or training.grad_accum % steps != 0}
+
+
+def generation_plan(recipe: Recipe, device: Device, family: Family | None,
+                    config: ModelConfig | None) -> tuple[str, bool]:
+    """GRPO's KV cache (the memory model's generation_cache) and whether its decode steps replay as
+    CUDA graphs (ftune/engine/decode_graphs.py). They do with grpo.cuda_graphs on a GPU, over the
+    static cache, for a dense family ftune has an entry for whose layers slide no window (a sliding
+    layer of the static cache counts its length in Python, which a graph would freeze; a mixture
+    of experts routes its tokens with data-dependent shapes). auto: the static cache where they do
+    (it holds its full size from the start, as the dynamic one does by the last token), else the
+    dynamic one; the paged engine keeps its own."""
+    grpo = recipe.grpo
+    if grpo.paged_generation:
+        return "paged", False
+    shape = Shape.from_config(config.values) if config is not None else None
+    replayable = (device.kind == "cuda" and grpo.cuda_graphs and family is not None
+                  and not family.expert_parameters and shape is not None and not shape.sliding_layers)
+    cache = grpo.cache_implementation
+    if cache == "auto":
+        cache = "static" if replayable else "dynamic"
+    return cache, replayable and cache == "static"
 
 
 def lora_targets(recipe: Recipe, family: Family | None) -> list[str] | str:

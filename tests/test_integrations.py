@@ -415,3 +415,47 @@ def test_transformers_moe_adds_the_load_balancing_loss_the_fused_loss_adds(model
     torch.testing.assert_close(out.aux_loss, aux, msg=moved)
     plain = torch.nn.functional.cross_entropy(out.logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
     torch.testing.assert_close(out.loss, plain + model.router_aux_loss_coef * aux, msg=moved)
+
+
+# ----------------------------------------------------------------------------------------------
+# transformers: decode steps routed to ftune's CUDA-graph replay (route_decode_steps)
+
+
+def test_transformers_generate_asks_the_instance_for_its_decode_step():
+    """transformers 5.17's sampling loop asks `_valid_auto_compile_criteria` once per call and
+    decodes through what `get_compiled_call` returns; the static cache's layers keep their length
+    in a tensor, which a replayed graph advances (ftune/engine/decode_graphs.py relies on both)."""
+    import inspect
+
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.cache_utils import StaticLayer
+    from transformers.generation.utils import GenerationMixin
+
+    from ftune.integrations.transformers import route_decode_steps
+
+    source = inspect.getsource(GenerationMixin._sample)
+    assert "self._valid_auto_compile_criteria(model_kwargs, generation_config)" in source, \
+        "transformers' _sample no longer asks _valid_auto_compile_criteria: check route_decode_steps"
+    assert "self.get_compiled_call(generation_config.compile_config)" in source
+    assert isinstance(StaticLayer(max_cache_len=4).cumulative_length, torch.Tensor), \
+        "StaticLayer's length is no longer a tensor: a replayed graph would freeze it"
+
+    config = AutoConfig.for_model("llama", vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                  num_attention_heads=2, num_key_value_heads=2)
+    torch.manual_seed(0)
+    routed, plain = AutoModelForCausalLM.from_config(config), AutoModelForCausalLM.from_config(config)
+    plain.load_state_dict(routed.state_dict())
+    steps = []
+
+    def step():
+        def forward(**inputs):
+            steps.append(inputs["input_ids"].shape)
+            return routed(**inputs)
+        return forward
+
+    route_decode_steps(routed, accepts=lambda model_kwargs: True, step=step)
+    ids = torch.tensor([[1, 2, 3]])
+    tokens = routed.generate(ids, max_new_tokens=4, do_sample=False, cache_implementation="static")
+    assert torch.equal(tokens, plain.generate(ids, max_new_tokens=4, do_sample=False, cache_implementation="static"))
+    assert steps == [torch.Size([1, 1])] * 3  # every step after the prefill, one token each
+    assert "_valid_auto_compile_criteria" not in vars(plain)  # per instance: the other model is untouched

@@ -169,3 +169,22 @@ def test_a_family_without_an_entry_plans_on_cuda_without_llama_sized_keys():
                                   "tie_word_embeddings": True})
     plan = resolve(recipe("checkpointing.mode=unsloth"), CUDA, config=config)
     assert plan.family is None and not plan.host_lm_head and not plan.host_embeddings  # the tied table stays
+
+
+def test_grpo_decodes_through_cuda_graphs_on_a_gpu_for_dense_families_without_windows():
+    """generation_plan: graphs over the static cache on CUDA for a dense family whose layers slide
+    no window; auto's cache follows them; a cache or device that cannot replay decodes eagerly."""
+    grpo = ("workflow=grpo", "data.format=prompt")
+    plan = resolve(recipe(*grpo), CUDA)
+    assert plan.decode_graphs and plan.setting.generation_cache == "static"
+    assert "static KV cache, decode steps replayed as CUDA graphs" in "\n".join(plan.describe_lines())
+    for overrides, device in [((), CPU), (("model.preset=gemma-3-4b",), CUDA), (("model.preset=tiny-mixtral",), CUDA),
+                              (("grpo.cuda_graphs=false",), CUDA)]:
+        eager = resolve(recipe(*grpo, *overrides), device)
+        assert not eager.decode_graphs and eager.setting.generation_cache == "dynamic", overrides
+    assert resolve(recipe(*grpo, "grpo.cache_implementation=dynamic"), CUDA).decode_graphs is False
+    offloaded = resolve(recipe(*grpo, "grpo.cache_implementation=offloaded"), CUDA)
+    assert not offloaded.decode_graphs and offloaded.setting.generation_cache == "offloaded"
+    paged = resolve(recipe(*grpo, "grpo.paged_generation=true"), CUDA)
+    assert not paged.decode_graphs and paged.setting.generation_cache == "paged"
+    assert not resolve(recipe(), CUDA).decode_graphs  # SFT generates nothing

@@ -37,6 +37,14 @@ and fails ("The size of tensor a ... must match"). `generate_without_router_logi
 model's `generate` pass `output_router_logits=False` (the forward then records none) unless the
 caller asks otherwise: ftune's own generation and TRL's (GRPO) call it.
 
+Decode steps. `GenerationMixin._sample` (and the beam search) asks the model once per `generate`
+call whether to decode through a compiled forward (`_valid_auto_compile_criteria(model_kwargs,
+generation_config)`) and, if so, takes it from `get_compiled_call(compile_config)`; the prefill
+runs the plain forward either way. `route_decode_steps` answers both on one model instance (its
+own attributes, found before the class's methods): the engine's CUDA-graph replay of a decode
+step (ftune/engine/decode_graphs.py) takes the place of the compiled forward, where transformers
+would compile none over bitsandbytes' 4-bit layers.
+
 tests/test_integrations.py holds a contract test for each of these.
 """
 
@@ -467,3 +475,21 @@ def generate_without_router_logits(model: nn.Module) -> None:
         return generate(*args, **kwargs)
 
     model.generate = generate_without
+
+
+def route_decode_steps(model: nn.Module, *, accepts, step) -> None:
+    """Make `model.generate` run its decode steps through `step()` (a new callable for each call,
+    given the forward's keyword arguments) where `accepts(model_kwargs)` holds for the call's
+    prepared inputs (its cache among them); elsewhere as transformers decides. Per instance: other
+    models are untouched."""
+    routed = [False]
+
+    def valid_auto_compile_criteria(model_kwargs, generation_config):
+        routed[0] = bool(accepts(model_kwargs))
+        return routed[0] or type(model)._valid_auto_compile_criteria(model, model_kwargs, generation_config)
+
+    def get_compiled_call(compile_config):
+        return step() if routed[0] else type(model).get_compiled_call(model, compile_config)
+
+    model._valid_auto_compile_criteria = valid_auto_compile_criteria
+    model.get_compiled_call = get_compiled_call

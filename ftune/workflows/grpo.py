@@ -1,7 +1,9 @@
 """Group relative policy optimization on TRL's GRPOTrainer.
 
 Generation runs under no_grad, so the activation-checkpointing engine stands aside and the KV cache works;
-the policy's training forward goes through the engine as in SFT. TRL generates a generation batch
+the policy's training forward goes through the engine as in SFT. On a GPU, the decode steps of a
+dense family replay as CUDA graphs over a static cache (the plan's decode_graphs,
+ftune/engine/decode_graphs.py). TRL generates a generation batch
 (training.batch_size x grpo.steps_per_generation completions) in one call, whose KV cache
 `ftune estimate-vram` counts as a phase of the step (ftune.memory.estimate.generation_bytes).
 
@@ -22,6 +24,7 @@ from transformers import TrainerCallback
 from trl import GRPOConfig, GRPOTrainer
 
 from ftune.checkpoints import AtomicCheckpoints
+from ftune.engine.decode_graphs import replay_decode_steps
 from ftune.errors import RecipeError
 from ftune.memory.estimate import PAGED_BATCH_TOKENS, PAGED_BLOCK_TOKENS
 from ftune.model import BuiltModel
@@ -34,17 +37,18 @@ class FtuneGRPOTrainer(AtomicCheckpoints, GRPOTrainer):
     """TRL's GRPOTrainer whose checkpoints are written aside and renamed into place."""
 
 
-def grpo_config(recipe: Recipe, arguments: dict[str, Any]) -> tuple[GRPOConfig, list[Callable]]:
-    """TRL's GRPOConfig (the TrainingArguments `arguments` and the recipe's grpo options) and the
-    recipe's reward functions."""
+def grpo_config(recipe: Recipe, arguments: dict[str, Any], cache: str = "dynamic") -> tuple[GRPOConfig, list[Callable]]:
+    """TRL's GRPOConfig (the TrainingArguments `arguments`, the recipe's grpo options and the plan's
+    KV `cache`, which settles cache_implementation's auto) and the recipe's reward functions."""
     options = recipe.grpo
+    cache = cache if options.cache_implementation == "auto" else options.cache_implementation
     config = GRPOConfig(**arguments, num_generations=options.num_generations,
                         max_completion_length=options.max_completion_length, temperature=options.temperature,
                         top_p=options.top_p, beta=options.beta, reward_weights=options.reward_weights,
                         steps_per_generation=options.steps_per_generation,
                         mask_truncated_completions=options.mask_truncated_completions,
-                        cache_implementation=None if options.cache_implementation == "dynamic" else
-                        options.cache_implementation, **paged_generation(recipe))
+                        cache_implementation=None if cache in ("dynamic", "paged") else cache,
+                        **paged_generation(recipe))
     rewards = reward_functions(options.rewards, format_pattern=options.format_pattern,
                                max_length=options.max_completion_length)
     return config, rewards
@@ -76,7 +80,9 @@ def make_trainer(recipe: Recipe, built: BuiltModel, dataset: Dataset, callbacks:
     if "exact_answer" in options.rewards and "answer" not in dataset.column_names:
         raise RecipeError("grpo.rewards: exact_answer needs an 'answer' column in the data.",
                           hint=f"Its columns are {dataset.column_names}; map yours with data.fields: {{answer: ...}}.")
-    config, rewards = grpo_config(recipe, trainer_arguments(recipe, built))
+    config, rewards = grpo_config(recipe, trainer_arguments(recipe, built), cache=built.plan.setting.generation_cache)
     trainer = FtuneGRPOTrainer(model=built.model, reward_funcs=rewards, args=config, train_dataset=dataset,
                                eval_dataset=eval_dataset, processing_class=built.tokenizer, callbacks=callbacks)
+    if built.plan.decode_graphs:
+        replay_decode_steps(built.model)
     return finish_trainer(trainer)
