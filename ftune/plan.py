@@ -281,19 +281,30 @@ def generation_plan(recipe: Recipe, device: Device, family: Family | None,
     CUDA graphs (ftune/engine/decode_graphs.py). They do with grpo.cuda_graphs on a GPU, over the
     static cache, for a dense family ftune has an entry for whose layers slide no window (a sliding
     layer of the static cache counts its length in Python, which a graph would freeze; a mixture
-    of experts routes its tokens with data-dependent shapes). auto: the static cache where they do
-    (it holds its full size from the start, as the dynamic one does by the last token), else the
-    dynamic one; the paged engine keeps its own."""
+    of experts routes its tokens with data-dependent shapes) and whose rotary frequencies stay
+    fixed (dynamic and longrope scaling pick them in Python from the longest position so far).
+    auto: the static cache where they do (it holds its full size from the start, as the dynamic
+    one does by the last token), else the dynamic one; the paged engine keeps its own."""
     grpo = recipe.grpo
     if grpo.paged_generation:
         return "paged", False
     shape = Shape.from_config(config.values) if config is not None else None
     replayable = (device.kind == "cuda" and grpo.cuda_graphs and family is not None
-                  and not family.expert_parameters and shape is not None and not shape.sliding_layers)
+                  and not family.expert_parameters and shape is not None and not shape.sliding_layers
+                  and not rope_follows_length(config.values))
     cache = grpo.cache_implementation
     if cache == "auto":
         cache = "static" if replayable else "dynamic"
     return cache, replayable and cache == "static"
+
+
+def rope_follows_length(values: dict) -> bool:
+    """Whether a config's rotary scaling changes its frequencies with the sequence's length
+    (transformers' `dynamic_rope_update`: the dynamic types and longrope), in any layer type."""
+    parameters = values.get("rope_parameters") or values.get("rope_scaling") or {}
+    kinds = parameters.values() if all(isinstance(v, dict) for v in parameters.values()) and parameters else [parameters]
+    types = [str(kind.get("rope_type") or kind.get("type") or "") for kind in kinds if isinstance(kind, dict)]
+    return any("dynamic" in name or name == "longrope" for name in types)
 
 
 def lora_targets(recipe: Recipe, family: Family | None) -> list[str] | str:

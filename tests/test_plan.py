@@ -8,7 +8,9 @@ import pytest
 from ftune.families import KERNEL_NAMES
 from ftune.memory.estimate import allocatable, estimate
 from ftune.memory.policy import NoPlanFits
+from ftune.model_config import ModelConfig
 from ftune.plan import Device, assumed_device, resolve
+from ftune.presets import PRESETS
 from ftune.recipe import load_recipe, parse_bytes
 from tests.conftest import QUICKSTART
 from tests.test_cli import run_cli
@@ -163,8 +165,6 @@ def test_a_kernel_auto_turned_on_that_the_loaded_model_cannot_take_goes_off_with
 def test_a_family_without_an_entry_plans_on_cuda_without_llama_sized_keys():
     """gpt2 names its sizes n_embd, n_head: the plan reads whether its table is tied without them
     (it built the memory model's Shape, a KeyError, where embeddings move and the head does not)."""
-    from ftune.model_config import ModelConfig
-
     config = ModelConfig("gpt2", {"model_type": "gpt2", "n_embd": 64, "n_head": 4, "n_layer": 2, "vocab_size": 128,
                                   "tie_word_embeddings": True})
     plan = resolve(recipe("checkpointing.mode=unsloth"), CUDA, config=config)
@@ -188,3 +188,18 @@ def test_grpo_decodes_through_cuda_graphs_on_a_gpu_for_dense_families_without_wi
     paged = resolve(recipe(*grpo, "grpo.paged_generation=true"), CUDA)
     assert not paged.decode_graphs and paged.setting.generation_cache == "paged"
     assert not resolve(recipe(), CUDA).decode_graphs  # SFT generates nothing
+
+
+def test_grpo_decodes_eagerly_where_rotary_frequencies_follow_the_length():
+    """Dynamic and longrope scaling choose the rotary frequencies in Python from the longest
+    position so far (per layer type too), which a replayed graph would freeze."""
+    grpo = recipe("workflow=grpo", "data.format=prompt")
+    llama = PRESETS["tiny-llama"]
+    for scaling in [{"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0},
+                    {"rope_type": "longrope", "short_factor": [1.0], "long_factor": [2.0], "rope_theta": 10000.0},
+                    {"full_attention": {"rope_type": "default"}, "sliding_attention": {"rope_type": "dynamic"}}]:
+        config = ModelConfig("tiny-llama", {**llama, "rope_parameters": scaling})
+        plan = resolve(grpo, CUDA, config=config)
+        assert not plan.decode_graphs and plan.setting.generation_cache == "dynamic", scaling
+    for scaling in [{"rope_type": "llama3", "factor": 8.0, "rope_theta": 500000.0}, {"rope_type": "default"}]:
+        assert resolve(grpo, CUDA, config=ModelConfig("tiny-llama", {**llama, "rope_parameters": scaling})).decode_graphs
