@@ -46,8 +46,11 @@ def made(monkeypatch) -> list[DecodeGraph]:
     return graphs
 
 
-def test_decoding_through_static_inputs_gives_transformers_tokens(made):
-    built = built_quickstart()
+@pytest.mark.parametrize("preset", ["tiny-llama", "tiny-qwen2", "tiny-qwen3"])
+def test_decoding_through_static_inputs_gives_transformers_tokens(made, preset):
+    """Qwen2's and Qwen3's configs name their layers' types: their masks come as a dict, one per
+    kind of layer, which the static inputs hold too."""
+    built = built_quickstart(f"model.preset={preset}")
     model, tokenizer = built.model, built.tokenizer
     model.train()  # as TRL generates: the policy in training mode (no dropout in this recipe)
     eager = greedy(model, tokenizer, cache_implementation="static")
@@ -55,11 +58,27 @@ def test_decoding_through_static_inputs_gives_transformers_tokens(made):
     replay_decode_steps(model, capture=False)
     routed = greedy(model, tokenizer, cache_implementation="static")
     assert torch.equal(routed, eager)
-    assert len(made) == 1 and made[0].captures == 1  # one recording, every later step a replay of it
+    assert len(made) == 1 and made[0].recordings == 1  # one recording, every later step a replay of it
     assert made[0].static["inputs_embeds"].shape[:2] == (2, 1)  # the embedding ran before the graph
+    masks = made[0].static["attention_mask"]
+    assert isinstance(masks, dict) == (preset != "tiny-llama") and not made[0].failures
     assert torch.equal(greedy(model, tokenizer, cache_implementation="static"), eager)
     assert len(made) == 2  # a graph per generate call: its cache is that call's
     assert torch.equal(greedy(model, tokenizer), eager) and len(made) == 2  # a dynamic cache decodes as before
+
+
+def test_steps_asked_for_hidden_states_or_attentions_decode_eagerly(made):
+    """A replay's outputs are overwritten by the next one: only the logits, which transformers
+    copies, may come out of a graph."""
+    built = built_quickstart()
+    model, tokenizer = built.model, built.tokenizer
+    expected = greedy(model, tokenizer, cache_implementation="static", output_hidden_states=True,
+                      return_dict_in_generate=True)
+    replay_decode_steps(model, capture=False)
+    routed = greedy(model, tokenizer, cache_implementation="static", output_hidden_states=True,
+                    return_dict_in_generate=True)
+    assert torch.equal(routed.sequences, expected.sequences)
+    assert len(made) == 1 and made[0].recordings == 0
 
 
 def test_only_a_static_cache_of_full_layers_is_replayable():
@@ -105,14 +124,16 @@ def test_a_capture_that_fails_decodes_eagerly_and_says_why(monkeypatch, made, ca
         assert torch.equal(greedy(model, tokenizer, cache_implementation="static"), expected)
         assert torch.equal(greedy(model, tokenizer, cache_implementation="static"), expected)
     assert "operation not permitted" in caplog.text and caplog.text.count("decoding without CUDA graphs") == 1
-    assert [graph.capture for graph in made] == [False, False] and made[0].captures == 1
+    # the failed call decodes eagerly; later calls are not routed to a DecodeGraph at all
+    assert len(made) == 1 and not made[0].capture and made[0].recordings == 1
 
 
 @pytest.mark.gpu
-def test_gpu_replayed_decode_steps_give_eager_tokens(made):
+@pytest.mark.parametrize("preset", ["tiny-llama", "tiny-qwen3"])
+def test_gpu_replayed_decode_steps_give_eager_tokens(made, preset):
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")
-    built = built_quickstart("model.dtype=bfloat16", "quantization.compute_dtype=bfloat16")
+    built = built_quickstart(f"model.preset={preset}", "model.dtype=bfloat16", "quantization.compute_dtype=bfloat16")
     model, tokenizer = built.model, built.tokenizer
     model.train()
     eager = greedy(model, tokenizer, cache_implementation="static")

@@ -427,7 +427,7 @@ def test_transformers_generate_asks_the_instance_for_its_decode_step():
     in a tensor, which a replayed graph advances (ftune/engine/decode_graphs.py relies on both)."""
     import inspect
 
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
     from transformers.cache_utils import StaticLayer
     from transformers.generation.utils import GenerationMixin
 
@@ -458,4 +458,7 @@ def test_transformers_generate_asks_the_instance_for_its_decode_step():
     tokens = routed.generate(ids, max_new_tokens=4, do_sample=False, cache_implementation="static")
     assert torch.equal(tokens, plain.generate(ids, max_new_tokens=4, do_sample=False, cache_implementation="static"))
     assert steps == [torch.Size([1, 1])] * 3  # every step after the prefill, one token each
-    assert "_valid_auto_compile_criteria" not in vars(plain)  # per instance: the other model is untouched
+    # per instance: the class, and so every other model, keeps transformers' own methods
+    assert "_valid_auto_compile_criteria" in vars(routed) and "get_compiled_call" in vars(routed)
+    assert type(routed)._valid_auto_compile_criteria is GenerationMixin._valid_auto_compile_criteria
+    assert type(routed).get_compiled_call is PreTrainedModel.get_compiled_call

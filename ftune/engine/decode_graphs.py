@@ -1,23 +1,24 @@
 """Decoding one token at a time as a replayed CUDA graph.
 
-A decode step of a 4-bit 8B model with LoRA launches about 1,900 small kernels. Launched one by one
-from Python they cost about 140 ms of CPU for about 15 ms of GPU work: an H200 sat idle through 88%
-of a GRPO step (benchmarks/profile_grpo.py --trace, `2026-12-02-profile-grpo-traced-before-graphs.json`). transformers
-would compile such steps for a static cache, but not over bitsandbytes' 4-bit layers (its quantizer
-says they are not compileable). `DecodeGraph` captures the step as it is, in a CUDA graph, on the
-first decode step of each `generate` call, and replays it for every later token: the step then
-costs its GPU time.
+A decode step of a 4-bit 8B model with LoRA launches about 1,900 small kernels. Launched one by
+one from Python they cost about 140 ms of CPU for about 15 ms of GPU work: an H200 sat idle
+through 88% of a GRPO step (benchmarks/profile_grpo.py --trace,
+`2026-12-02-profile-grpo-traced-before-graphs.json`). transformers would compile such steps for a
+static cache, but not over bitsandbytes' 4-bit layers (its quantizer says they are not
+compileable). `DecodeGraph` captures the step as it is, in a CUDA graph, on the first decode step
+of each `generate` call, and replays it for every later token: the step then costs its GPU time.
 
-What the graph holds is static: its inputs are copied into fixed tensors before each replay, and
-the KV cache must be transformers' StaticCache of full-size layers, which keeps its length on the
-GPU (`StaticLayer.cumulative_length`) and so advances inside the graph. Sliding-window layers
-count their length in Python, so their caches decode eagerly, as does any step the graph was not
-captured for (a prefill, a changed shape).
+What the graph holds is static: its inputs (the masks of each kind of layer among them) are
+copied into fixed tensors before each replay, and the KV cache must be transformers' StaticCache
+of full-size layers, which keeps its length on the GPU (`StaticLayer.cumulative_length`) and so
+advances inside the graph. Sliding-window layers count their length in Python, so their caches
+decode eagerly, as does any step the graph was not captured for (a prefill, a changed shape) and
+a step asked for its attentions or hidden states (a replay's outputs are overwritten by the
+next; transformers copies the logits it keeps).
 
 The embedding lookup runs before the graph, eagerly: ftune's input embedding may live in host
 memory, where a graph cannot read it (the rows of B tokens cross to the GPU, then the graph runs
-from the embeddings).
-"""
+from the embeddings)."""
 
 from __future__ import annotations
 
@@ -46,8 +47,8 @@ class DecodeGraph:
     has no graphs; tests check the inputs' handling there)."""
 
     def __init__(self, model: nn.Module, *, capture: bool = True, failures: list[str] | None = None):
-        """failures: where a capture that fails says why; the step then runs eagerly, as do the
-        DecodeGraphs made after it (replay_decode_steps shares the list)."""
+        """failures: where a step that cannot replay says why; it then runs eagerly, and
+        replay_decode_steps, which shares the list, routes no later call here."""
         self.model = model
         self.failures = failures if failures is not None else []
         self.embedding = model.get_input_embeddings()
@@ -56,36 +57,44 @@ class DecodeGraph:
         self.static: dict[str, Any] = {}
         self.graph: torch.cuda.CUDAGraph | None = None
         self.output: Any = None
-        self.captures = 0  # graphs recorded (a test's and a benchmark's figure)
+        self.recordings = 0  # inputs recorded into static ones: graphs captured, where capture is on
 
     def __call__(self, **inputs: Any) -> Any:
         input_ids = inputs.get("input_ids")
         if (input_ids is None or input_ids.shape[-1] != 1 or inputs.get("inputs_embeds") is not None
-                or not replayable(inputs.get("past_key_values"))):
+                or not replayable(inputs.get("past_key_values"))
+                # what a replay returns is overwritten by the next one: only the logits, which
+                # transformers copies at every step, may come out of it
+                or inputs.get("output_attentions") or inputs.get("output_hidden_states")):
             return self.model(**inputs)
         inputs = dict(inputs)
         inputs["inputs_embeds"] = self.embedding(inputs.pop("input_ids"))
         signature = _signature(inputs)
-        if signature is None:  # an input a graph cannot take as it is (a dict of masks, say)
+        if signature is None:
+            self._fail("a decode step's inputs hold a list or a tuple, which a graph cannot take as it is")
             return self.model(**inputs)
         if signature != self.signature:
             self._record(inputs, signature)
         else:
-            for name, value in inputs.items():
-                if isinstance(value, torch.Tensor):
-                    self.static[name].copy_(value)
+            _copy_into(self.static, inputs)
         if self.graph is not None:
             self.graph.replay()
         else:
             self.output = self.model(**self.static)
         return self.output
 
+    def _fail(self, reason: str) -> None:
+        """Decode eagerly from now on, in this call and later ones, and say why once."""
+        if not self.failures:
+            logger.warning("decoding without CUDA graphs: %s", reason)
+        self.failures.append(reason)
+        self.capture = False
+
     def _record(self, inputs: dict[str, Any], signature: tuple) -> None:
         self.graph, self.output = None, None
-        self.static = {name: value.clone() if isinstance(value, torch.Tensor) else value
-                       for name, value in inputs.items()}
+        self.static = _clone(inputs)
         self.signature = signature
-        self.captures += 1
+        self.recordings += 1
         if not self.capture:
             return
         cache = inputs["past_key_values"]
@@ -106,9 +115,8 @@ class DecodeGraph:
             with torch.cuda.graph(graph, stream=side, capture_error_mode="thread_local"):
                 self.output = self.model(**self.static)
         except RuntimeError as error:  # an op that cannot be captured: this model decodes eagerly
-            logger.warning("decoding without CUDA graphs: capturing a decode step failed (%s)", error)
-            self.failures.append(str(error))
-            self.capture, self.output = False, None
+            self._fail(f"capturing a decode step failed ({error})")
+            self.output = None
             for layer, length in zip(cache.layers, lengths):
                 layer.cumulative_length.copy_(length)
             return
@@ -123,20 +131,39 @@ def side_stream(device: torch.device) -> torch.cuda.Stream:
     return torch.cuda.Stream(device)
 
 
-def _signature(inputs: dict[str, Any]) -> tuple | None:
-    """What a graph captured for `inputs` is fixed to: tensors' shapes, dtypes and devices; other
-    objects by identity (the cache); plain values as they are. None where an input is a container."""
-    parts = []
-    for name, value in sorted(inputs.items()):
-        if isinstance(value, torch.Tensor):
-            parts.append((name, tuple(value.shape), value.dtype, value.device, value.stride()))
-        elif value is None or isinstance(value, (bool, int, float, str)):
-            parts.append((name, value))
-        elif isinstance(value, (dict, list, tuple)):
-            return None
-        else:
-            parts.append((name, id(value)))
-    return tuple(parts)
+def _signature(value: Any) -> tuple | None:
+    """What a graph captured for `value` (the step's inputs) is fixed to: tensors' shapes, dtypes,
+    devices and strides; a dict's items (the masks of each kind of layer, where a config names
+    its layers' types); other objects by identity (the cache); plain values as they are. None
+    where a list or a tuple holds an input."""
+    if isinstance(value, torch.Tensor):
+        return ("tensor", tuple(value.shape), value.dtype, value.device, value.stride())
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return ("value", value)
+    if isinstance(value, dict):
+        items = [(key, _signature(item)) for key, item in sorted(value.items())]
+        return None if any(part is None for _, part in items) else ("dict", tuple(items))
+    if isinstance(value, (list, tuple)):
+        return None
+    return ("object", id(value))
+
+
+def _clone(value: Any) -> Any:
+    """Static copies of the tensors in `value` (in a dict too); other objects as they are."""
+    if isinstance(value, torch.Tensor):
+        return value.clone()
+    if isinstance(value, dict):
+        return {key: _clone(item) for key, item in value.items()}
+    return value
+
+
+def _copy_into(static: Any, value: Any) -> None:
+    """Copy the tensors of `value` into their static copies (same structure: same signature)."""
+    if isinstance(value, torch.Tensor):
+        static.copy_(value)
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            _copy_into(static[key], item)
 
 
 def captures_on(model: nn.Module) -> bool:
@@ -150,8 +177,8 @@ def replay_decode_steps(model: nn.Module, *, capture: bool = True) -> None:
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
 
     def accepts(model_kwargs: dict) -> bool:
-        return (not capture or captures_on(base)) and replayable(model_kwargs.get("past_key_values"))
+        return ((not capture or captures_on(base)) and not failures
+                and replayable(model_kwargs.get("past_key_values")))
 
     failures: list[str] = []
-    route_decode_steps(base, accepts=accepts,
-                       step=lambda: DecodeGraph(base, capture=capture and not failures, failures=failures))
+    route_decode_steps(base, accepts=accepts, step=lambda: DecodeGraph(base, capture=capture, failures=failures))

@@ -37,13 +37,15 @@ and fails ("The size of tensor a ... must match"). `generate_without_router_logi
 model's `generate` pass `output_router_logits=False` (the forward then records none) unless the
 caller asks otherwise: ftune's own generation and TRL's (GRPO) call it.
 
-Decode steps. `GenerationMixin._sample` (and the beam search) asks the model once per `generate`
-call whether to decode through a compiled forward (`_valid_auto_compile_criteria(model_kwargs,
-generation_config)`) and, if so, takes it from `get_compiled_call(compile_config)`; the prefill
-runs the plain forward either way. `route_decode_steps` answers both on one model instance (its
-own attributes, found before the class's methods): the engine's CUDA-graph replay of a decode
-step (ftune/engine/decode_graphs.py) takes the place of the compiled forward, where transformers
-would compile none over bitsandbytes' 4-bit layers.
+Decode steps. `GenerationMixin._sample` asks the model once per `generate` call whether to decode
+through a compiled forward (`_valid_auto_compile_criteria(model_kwargs, generation_config)`) and,
+if so, takes it from `get_compiled_call(compile_config)`; the prefill runs the plain forward
+either way (beam search and assisted decoding never ask). `route_decode_steps` answers both on
+one model instance (its own attributes, found before the class's methods): the engine's
+CUDA-graph replay of a decode step (ftune/engine/decode_graphs.py) takes the place of the
+compiled forward, where transformers would compile none over bitsandbytes' 4-bit layers. It
+does not read `generation_config.disable_compile`, which TRL's GRPOTrainer always sets: the
+recipe's grpo.cuda_graphs is the switch.
 
 tests/test_integrations.py holds a contract test for each of these.
 """
@@ -482,14 +484,15 @@ def route_decode_steps(model: nn.Module, *, accepts, step) -> None:
     given the forward's keyword arguments) where `accepts(model_kwargs)` holds for the call's
     prepared inputs (its cache among them); elsewhere as transformers decides. Per instance: other
     models are untouched."""
-    routed = [False]
+    routed = False
 
     def valid_auto_compile_criteria(model_kwargs, generation_config):
-        routed[0] = bool(accepts(model_kwargs))
-        return routed[0] or type(model)._valid_auto_compile_criteria(model, model_kwargs, generation_config)
+        nonlocal routed
+        routed = bool(accepts(model_kwargs))
+        return routed or type(model)._valid_auto_compile_criteria(model, model_kwargs, generation_config)
 
     def get_compiled_call(compile_config):
-        return step() if routed[0] else type(model).get_compiled_call(model, compile_config)
+        return step() if routed else type(model).get_compiled_call(model, compile_config)
 
     model._valid_auto_compile_criteria = valid_auto_compile_criteria
     model.get_compiled_call = get_compiled_call
