@@ -288,9 +288,9 @@ def generation_plan(recipe: Recipe, device: Device, family: Family | None,
     grpo = recipe.grpo
     if grpo.paged_generation:
         return "paged", False
-    shape = Shape.from_config(config.values) if config is not None else None
-    replayable = (device.kind == "cuda" and grpo.cuda_graphs and family is not None
-                  and not family.expert_parameters and shape is not None and not shape.sliding_layers
+    # a family with an entry has Llama-sized keys for its Shape (gpt2's n_embd has none)
+    replayable = (device.kind == "cuda" and grpo.cuda_graphs and family is not None and config is not None
+                  and not family.expert_parameters and not Shape.from_config(config.values).sliding_layers
                   and not rope_follows_length(config.values))
     cache = grpo.cache_implementation
     if cache == "auto":
@@ -302,8 +302,10 @@ def rope_follows_length(values: dict) -> bool:
     """Whether a config's rotary scaling changes its frequencies with the sequence's length
     (transformers' `dynamic_rope_update`: the dynamic types and longrope), in any layer type."""
     parameters = values.get("rope_parameters") or values.get("rope_scaling") or {}
-    kinds = parameters.values() if all(isinstance(v, dict) for v in parameters.values()) and parameters else [parameters]
-    types = [str(kind.get("rope_type") or kind.get("type") or "") for kind in kinds if isinstance(kind, dict)]
+    # one scaling ({"rope_type": ...}), or one per layer type ({"sliding_attention": {...}, ...})
+    per_layer_type = bool(parameters) and all(isinstance(item, dict) for item in parameters.values())
+    scalings = list(parameters.values()) if per_layer_type else [parameters]
+    types = [str(scaling.get("rope_type") or scaling.get("type") or "") for scaling in scalings]
     return any("dynamic" in name or name == "longrope" for name in types)
 
 

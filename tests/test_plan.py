@@ -169,6 +169,8 @@ def test_a_family_without_an_entry_plans_on_cuda_without_llama_sized_keys():
                                   "tie_word_embeddings": True})
     plan = resolve(recipe("checkpointing.mode=unsloth"), CUDA, config=config)
     assert plan.family is None and not plan.host_lm_head and not plan.host_embeddings  # the tied table stays
+    grpo = resolve(recipe("workflow=grpo", "data.format=prompt"), CUDA, config=config)
+    assert not grpo.decode_graphs and grpo.setting.generation_cache == "dynamic"  # no entry: decoded eagerly
 
 
 def test_grpo_decodes_through_cuda_graphs_on_a_gpu_for_dense_families_without_windows():
