@@ -17,7 +17,7 @@ CPU), summed per optimizer step:
   step             the optimizer step's wall time
 The first step is not timed (warm-up, Triton compiles). Peak: torch.cuda.max_memory_allocated
 after the model is built, over the run, and per step within generation (`generation_peak_gib`) and
-within the training step outside it (`training_step_peak_gib`).
+within the training step outside generation (`training_step_peak_gib`).
 
   python benchmarks/profile_grpo.py --preset llama-3.1-8b --steps 3 --completion-length 256
   python benchmarks/profile_grpo.py --preset tiny-llama --steps 3 --num-generations 4 --completion-length 8
@@ -49,8 +49,9 @@ PHASES = ("generation", "no_grad_logps", "prepare", "train", "step")
 
 class PhaseTimer:
     """Time spent inside methods of one trainer, per phase, on the device's clock; on the GPU also
-    each phase's peak allocation where asked (phases that do not nest: the peak is reset as one
-    begins, after the step's peak so far is kept)."""
+    each phase's peak allocation where asked. The peak is reset as such a phase begins and ends,
+    after the step's peak so far is kept: a phase nested in another (generation inside TRL's
+    training_step) is taken out of the outer one's peak."""
 
     def __init__(self, cuda: bool):
         import torch
@@ -82,6 +83,7 @@ class PhaseTimer:
                     phase_peak = self.torch.cuda.max_memory_allocated()
                     self.peaks[f"{label}_peak_gib"] = max(self.peaks[f"{label}_peak_gib"], phase_peak / GiB)
                     self.step_peak = max(self.step_peak, phase_peak)
+                    self.torch.cuda.reset_peak_memory_stats()
 
         setattr(owner, name, timed)
 
