@@ -262,7 +262,8 @@ def workflow_phases(recipe: Recipe) -> dict:
     training.batch_size x steps_per_generation completions at once (its generation batch), trains on
     rows of prompt (data.max_length) and completion, and runs a forward without gradients first
     with beta > 0 (the reference) or when a generation serves steps of another optimizer step (the
-    old log-probabilities: grad_accum not a multiple of steps_per_generation)."""
+    old log-probabilities: grad_accum not a multiple of steps_per_generation). Its KV cache depends
+    on the device and the model: generation_plan."""
     if recipe.workflow == "dpo":
         return {"rows_per_example": 2, "reference_pass": True}
     if recipe.workflow != "grpo":
@@ -270,8 +271,6 @@ def workflow_phases(recipe: Recipe) -> dict:
     grpo, training = recipe.grpo, recipe.training
     steps = grpo.steps_per_generation or training.grad_accum
     return {"completion": grpo.max_completion_length, "generation_steps": steps,
-            "generation_cache": "paged" if grpo.paged_generation else
-            "dynamic" if grpo.cache_implementation == "auto" else grpo.cache_implementation,
             "top_p": grpo.top_p, "reference_pass": grpo.beta > 0 or training.grad_accum % steps != 0}
 
 

@@ -71,7 +71,8 @@ class DecodeGraph:
         inputs["inputs_embeds"] = self.embedding(inputs.pop("input_ids"))
         signature = _signature(inputs)
         if signature is None:
-            self._fail("a decode step's inputs hold a list or a tuple, which a graph cannot take as it is")
+            if self.capture:
+                self._fail("a decode step's inputs hold a list or a tuple, which a graph cannot take as it is")
             return self.model(**inputs)
         if signature != self.signature:
             self._record(inputs, signature)
