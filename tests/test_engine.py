@@ -7,6 +7,7 @@ import gc
 
 import pytest
 import torch
+from peft import LoraConfig
 
 from ftune.engine import Policy, decoder_layers, install_checkpointing
 from ftune.presets import preset_config
@@ -122,6 +123,30 @@ def test_frozen_layers_still_train_the_adapted_ones(mode):
     assert expected and all("layers.2." in n for n in expected)
     for name in expected:
         torch.testing.assert_close(got[name], expected[name], atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_an_adapter_added_after_a_step_trains(mode):
+    """The engine lists each layer's parameters once (the walk is a short step's Python), so a
+    second adapter added between steps must be found: its gradients are those of `none`."""
+    grads = {}
+    for name in ("none", mode):
+        model, _ = tiny_lora_model("tiny-llama", name)
+        ids = _batch(4, 2, 10)
+        model(input_ids=ids, labels=ids).loss.backward()
+        model.zero_grad(set_to_none=True)
+        torch.manual_seed(2)
+        model.add_adapter("second", LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "down_proj"]))
+        model.set_adapter("second")
+        for parameter_name, parameter in model.named_parameters():
+            if "lora_B.second" in parameter_name:
+                torch.nn.init.normal_(parameter, std=0.05)
+        model(input_ids=ids, labels=ids).loss.backward()
+        grads[name] = lora_grads(model)
+    assert grads["none"] and all(".second." in name for name in grads["none"])
+    assert grads[mode].keys() == grads["none"].keys()
+    for name in grads["none"]:
+        torch.testing.assert_close(grads[mode][name], grads["none"][name], atol=1e-6, rtol=0)
 
 
 def test_mixed_policies_per_layer():
