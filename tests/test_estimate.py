@@ -298,3 +298,28 @@ def test_the_masks_counted_are_the_masks_transformers_builds(attention):
     packed = Setting(dense_packed_mask=True)  # two rows of 32, end to end, positions restarting
     assert built(1, 64, position_ids=torch.arange(32).repeat(2)[None]) == mask_bytes(shape, packed, 2, 32) == \
         2 * 64 * 64
+
+
+FAMILY_PEAKS = json.loads((Path(__file__).parent / "fixtures" / "family_peaks.json").read_text())["cells"]
+
+
+@pytest.mark.parametrize("cell", FAMILY_PEAKS, ids=lambda c: f"{c['preset']}-{c['seq']}")
+def test_estimate_of_each_familys_run_within_5_percent_of_its_gpu_peak(cell):
+    """The setting is the one `ftune train` plans for the benchmark's recipe (its attention, parking,
+    LoRA targets and tables in host memory), on the machine that measured it."""
+    from ftune.measure.stacks import preset_recipe
+    from ftune.model_config import model_config
+    from ftune.plan import assumed_device, resolve
+
+    recipe = preset_recipe(cell["preset"], cell["mode"], kernels=True, seq=cell["seq"], batch=cell["batch"])
+    config = model_config(recipe)
+    setting = resolve(recipe, assumed_device(), mode=cell["mode"], config=config).setting
+    setting.host_memory = int(cell["host_gib"] * GiB)
+    parts = estimate(Shape.from_config(config.values), setting)
+    assert abs(parts.peak / GiB / cell["measured_peak_gib"] - 1) <= 0.05, (parts.peak / GiB, cell)
+    assert parts.calibrated, parts.notes  # a shape measured in this setting says so
+
+
+def test_family_peaks_cover_the_families_issue_22_names():
+    assert {c["preset"] for c in FAMILY_PEAKS} >= {"llama-3.1-8b", "gemma-2-9b", "gemma-3-4b", "phi-3-mini"}
+    assert {c["seq"] for c in FAMILY_PEAKS} == {8192, 16384}

@@ -81,6 +81,14 @@ FORWARD_WITH_HEAD = (5.1, 0.184 * GiB)
 # Fitted on an H200 (2026-11-26, h200/2026-11-26-grid-parked-residual-freed.json; the 8B and Qwen2.5-7B
 # shapes, batch 1, 2048-32768 tokens): every cell within 2.7%.
 PARKED_EXTRA_HIDDEN = {"working_set": 0.0, "forward_with_head": 2.0}
+# The attention half's backward holds the projections' queries, keys and values and the rotated
+# queries and keys: 576 of the 3.94 GiB peak of Phi-3-mini at 16384 tokens (H200, 2026-12-03,
+# h200/2026-12-03-phi3-peak-16384.json). WORKING_SET was fitted on the Llama shape, whose keys and
+# values are each a quarter of the hidden width (8 of 32 heads); a shape with wider ones holds three
+# tensors of that extra width more (keys and values projected, keys rotated). Phi-3-mini (32 of 32
+# heads) measured 5.1% and 4.5% over the estimate without this at 8192 and 16384 tokens.
+FITTED_KV_WIDTH = 0.25
+KV_SIZED_TENSORS_IN_ATTENTION_BACKWARD = 3
 # With the adapters inside the 4-bit base GEMMs (ftune/kernels/lora.py), the forward dequantizes
 # gate and up together into one matrix: one MLP weight more (112 MiB for the 8B shape) beside the
 # fetched LM head. It sets the 8B shape's peak at 8192 tokens (5.80 GiB on an H100 and an H200);
@@ -130,6 +138,9 @@ PAGED_BATCH_TOKENS = 2048
 TRL_HEAD_TILE = (4096, 4096)
 # (model_type, hidden, layers) of the shapes the grid measured: Llama-3.1-8B and Qwen2.5-7B
 MEASURED_SHAPES = {("llama", 4096, 32), ("qwen2", 3584, 28)}
+# ... and of other families' shapes measured on an H200 in mode unsloth with kernels, batch 1, at
+# 8192 and 16384 tokens (tests/fixtures/family_peaks.json): Gemma-2-9B, Gemma-3-4B, Phi-3-mini
+UNSLOTH_MEASURED_SHAPES = {("gemma2", 3584, 42), ("gemma3_text", 2560, 34), ("phi3", 3072, 32)}
 # Where a config names no layer_types, transformers slides the window on all layers but one in
 # every `sliding_window_pattern` (Gemma-2: 2, Gemma-3: 6), on every layer elsewhere (Phi-3, Mistral)
 SLIDING_WINDOW_PATTERNS = {"gemma2": 2, "gemma3": 6, "gemma3_text": 6}
@@ -412,7 +423,7 @@ def estimate(shape: Shape, setting: Setting) -> Estimate:
     parked = mode == "unsloth" and setting.parked_attention and parks_attention(shape, tokens, setting.host_memory)
     if parked:
         count += PARKED_EXTRA_HIDDEN["working_set"]
-    result.working_set = int(count * hidden_tensor + constant)
+    result.working_set = int(count * hidden_tensor + constant) + wider_attention_bytes(shape, tokens)
     if shape.experts:  # the MoE block's backward, beside what the block saved (which mode none keeps for every layer)
         dequantized = dequantized_experts(setting)
         result.working_set += moe_backward_bytes(shape, tokens, setting.lora_parameters, dequantized) + \
@@ -444,11 +455,14 @@ def estimate(shape: Shape, setting: Setting) -> Estimate:
         result.calibrated = False
         result.notes.append("the generation and the reference pass are counted from the shape and TRL's code, "
                             "not yet measured on a GPU")
-    measured_shape = (shape.model_type, shape.hidden, shape.layers) in MEASURED_SHAPES
-    if not measured_shape or setting.batch > 4 or tokens > 4 * 32768 or not setting.fused_loss:
+    key = (shape.model_type, shape.hidden, shape.layers)
+    measured = (key in MEASURED_SHAPES and setting.batch <= 4 and tokens <= 4 * 32768) or \
+        (key in UNSLOTH_MEASURED_SHAPES and mode == "unsloth" and setting.batch == 1 and tokens <= 16384)
+    if not measured or not setting.fused_loss:
         result.calibrated = False
         result.notes.append("measured on the Llama-3.1-8B and Qwen2.5-7B shapes (batch 1-4, up to 32768 tokens, "
-                            "kernels on); this setting is extrapolated by its sizes")
+                            "kernels on) and on Gemma-2-9B, Gemma-3-4B and Phi-3-mini (unsloth, batch 1, up to "
+                            "16384 tokens); this setting is extrapolated by its sizes")
     if shape.experts:
         result.notes.append("a mixture of experts: its MoE block's activations and its experts are counted from the "
                             "shape, not yet measured on a GPU")
@@ -582,6 +596,14 @@ def trl_head_bytes(tokens: int) -> int:
     """TRL's fused LM head (fused_lm_head=True): one fp32 tile of logits and the per-token log-probs."""
     rows, columns = TRL_HEAD_TILE
     return min(tokens, rows) * columns * 4 + tokens * 4
+
+
+def wider_attention_bytes(shape: Shape, tokens: int) -> int:
+    """What the attention half's backward holds beyond WORKING_SET's fit, for keys and values wider
+    than the Llama shape's (FITTED_KV_WIDTH of the hidden width each)."""
+    kv_width = shape.kv_heads * shape.head_dim / shape.hidden
+    extra = max(0.0, kv_width - FITTED_KV_WIDTH) * KV_SIZED_TENSORS_IN_ATTENTION_BACKWARD
+    return int(extra * tokens * shape.hidden * BF16)
 
 
 def parks(tokens: int, step_bytes: int, host_memory: int | None = None) -> bool:
