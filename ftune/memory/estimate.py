@@ -29,7 +29,9 @@ hooks (transformers 5.17's grouped_mm experts, 16-bit and 4-bit): moe_saved_byte
 it, experts adapted or not (tests/test_estimate.py). 4-bit experts are dequantized one layer at a
 time and built again in its backward rather than saved: one layer's 16-bit experts (with their
 update where adapted) are in the working set of the layer that runs, in no layer's saved
-activations. What its backward adds, and the peaks of these shapes, are not measured on a GPU yet.
+activations. The block's peak over its forward and backward (moe_block_peak_bytes) was measured on
+CPU at the Qwen3-30B-A3B block's size, and the whole shape's step on an H200 (within 4% at 1024 to
+16384 tokens).
 
 DPO and GRPO train on more rows than their examples (DPO: chosen and rejected, concatenated; GRPO:
 each prompt with its completion) and add phases of their own to a step, each counted as the loss's
@@ -37,7 +39,8 @@ phase is, by what it needs beyond the training's busiest moment: GRPO's generati
 its generation batch, the prefill, the sampling's logits) and a forward without gradients over the
 training rows (DPO's reference pass; GRPO's with beta > 0, the adapter off). Both are counted from
 the shape and TRL 1.16's and transformers 5.17's code (GRPOTrainer._generate_single_turn, DynamicCache),
-not yet measured on a GPU.
+and checked against bench_workflows' runs of the 8B shape on an H200: GRPO +3.7% and -6.8% (64- and
+2048-token completions), DPO +1.4% (docs/benchmarks.md, 2026-12-02).
 """
 
 from __future__ import annotations
@@ -139,8 +142,10 @@ TRL_HEAD_TILE = (4096, 4096)
 # (model_type, hidden, layers) of the shapes the grid measured: Llama-3.1-8B and Qwen2.5-7B
 MEASURED_SHAPES = {("llama", 4096, 32), ("qwen2", 3584, 28)}
 # ... and of other families' shapes measured on an H200 in mode unsloth with kernels, batch 1, at
-# 8192 and 16384 tokens (tests/fixtures/family_peaks.json): Gemma-2-9B, Gemma-3-4B, Phi-3-mini
-UNSLOTH_MEASURED_SHAPES = {("gemma2", 3584, 42), ("gemma3_text", 2560, 34), ("phi3", 3072, 32)}
+# 8192 and 16384 tokens (tests/fixtures/family_peaks.json): Gemma-2-9B, Gemma-3-4B, Phi-3-mini and
+# Qwen3-30B-A3B (4-bit experts, adapted)
+UNSLOTH_MEASURED_SHAPES = {("gemma2", 3584, 42), ("gemma3_text", 2560, 34), ("phi3", 3072, 32),
+                           ("qwen3_moe", 2048, 48)}
 # Where a config names no layer_types, transformers slides the window on all layers but one in
 # every `sliding_window_pattern` (Gemma-2: 2, Gemma-3: 6), on every layer elsewhere (Phi-3, Mistral)
 SLIDING_WINDOW_PATTERNS = {"gemma2": 2, "gemma3": 6, "gemma3_text": 6}
@@ -426,8 +431,12 @@ def estimate(shape: Shape, setting: Setting) -> Estimate:
     result.working_set = int(count * hidden_tensor + constant) + wider_attention_bytes(shape, tokens)
     if shape.experts:  # the MoE block's backward, beside what the block saved (which mode none keeps for every layer)
         dequantized = dequantized_experts(setting)
-        result.working_set += moe_backward_bytes(shape, tokens, setting.lora_parameters, dequantized) + \
-            (0 if mode == "none" else moe_saved_bytes(shape, tokens, setting.lora_parameters, dequantized))
+        if dequantized:
+            result.working_set += moe_block_peak_bytes(shape, tokens, setting.lora_parameters,
+                                                       with_saved=mode != "none")
+        else:
+            result.working_set += moe_backward_bytes(shape, tokens, setting.lora_parameters) + \
+                (0 if mode == "none" else moe_saved_bytes(shape, tokens, setting.lora_parameters))
     result.checkpoints_gpu = aux_loss_bytes(shape, tokens) + \
         mask_bytes(shape, setting, setting.batch * setting.rows_per_example, setting.seq + setting.completion)
     if mode == "true":
@@ -453,19 +462,16 @@ def estimate(shape: Shape, setting: Setting) -> Estimate:
     settle_phases(shape, setting, result)
     if setting.generations or setting.reference_pass:
         result.calibrated = False
-        result.notes.append("the generation and the reference pass are counted from the shape and TRL's code, "
-                            "not yet measured on a GPU")
+        result.notes.append("the generation and the reference pass are counted from the shape and TRL's code "
+                            "(within 7% of the 8B shape's GPU peaks)")
     key = (shape.model_type, shape.hidden, shape.layers)
     measured = (key in MEASURED_SHAPES and setting.batch <= 4 and tokens <= 4 * 32768) or \
         (key in UNSLOTH_MEASURED_SHAPES and mode == "unsloth" and setting.batch == 1 and tokens <= 16384)
     if not measured or not setting.fused_loss:
         result.calibrated = False
         result.notes.append("measured on the Llama-3.1-8B and Qwen2.5-7B shapes (batch 1-4, up to 32768 tokens, "
-                            "kernels on) and on Gemma-2-9B, Gemma-3-4B and Phi-3-mini (unsloth, batch 1, up to "
-                            "16384 tokens); this setting is extrapolated by its sizes")
-    if shape.experts:
-        result.notes.append("a mixture of experts: its MoE block's activations and its experts are counted from the "
-                            "shape, not yet measured on a GPU")
+                            "kernels on) and on Gemma-2-9B, Gemma-3-4B, Phi-3-mini and Qwen3-30B-A3B (unsloth, "
+                            "batch 1, up to 16384 tokens); this setting is extrapolated by its sizes")
     return result
 
 
@@ -661,23 +667,41 @@ def moe_saved_bytes(shape: Shape, tokens: int, lora_parameters: tuple[str, ...] 
             + (0 if dequantized else sum(e * i * o for e, i, o in adapted) * BF16))
 
 
-def moe_backward_bytes(shape: Shape, tokens: int, lora_parameters: tuple[str, ...] = (),
-                       dequantized: bool = False) -> int:
-    """What a MoE block's backward adds at its busiest, counted from its operations (not measured):
-    the gradients of the gate and up projections' output and of their input rows, and with adapted
-    experts the gradient of the largest expert weight, through which peft's adapters get theirs.
-    With 4-bit experts, the larger of the forward's 16-bit weights (every stack, with its update,
-    and a stack's dequantized base beside its sum where adapted) and the backward's (a stack built
-    again, its base beside it where adapted, and its gradient)."""
+def moe_backward_bytes(shape: Shape, tokens: int, lora_parameters: tuple[str, ...] = ()) -> int:
+    """What a MoE block of 16-bit experts adds at its backward's busiest, counted from its operations
+    (not measured): the gradients of the gate and up projections' output and of their input rows,
+    and with adapted experts the gradient of the largest expert weight, through which peft's
+    adapters get theirs."""
     rows = tokens * shape.experts_per_token
-    adapted = shape.adapted_expert_parameters(lora_parameters)
-    weight_gradient = max((e * i * o for e, i, o in adapted), default=0)
-    weights = weight_gradient
-    if dequantized:
-        stacks = [e * i * o for e, i, o in shape.expert_parameters().values()]
-        base = max(stacks) if adapted else 0
-        weights = max(sum(stacks) + base, max(stacks) + base + weight_gradient)
-    return BF16 * (rows * (2 * shape.expert_intermediate + shape.hidden) + weights)
+    weight_gradient = max((e * i * o for e, i, o in shape.adapted_expert_parameters(lora_parameters)), default=0)
+    return BF16 * (rows * (2 * shape.expert_intermediate + shape.hidden) + weight_gradient)
+
+
+def moe_block_peak_bytes(shape: Shape, tokens: int, lora_parameters: tuple[str, ...] = (),
+                         with_saved: bool = True) -> int:
+    """The peak of a MoE block of 4-bit experts over its forward and backward (ftune's path: each
+    stack dequantized, with its update where adapted, and built again in the backward), beyond its
+    input: the largest of three moments, each holding every stack in 16 bits
+      the forward's end: what the block saves, and per routed row the gate and up projections'
+        output and two hidden-wide rows (the experts' output and its weighted copy);
+      down_proj's backward: its gradient where adapted, and per row the gate and up output (saved)
+        and the gradient of the rows' output;
+      gate_up_proj's backward: its gradient where adapted, and per row the gradient of its output,
+        its input rows and their gradient.
+    Measured on CPU for one block of the Qwen3-30B-A3B shape (bf16, transformers 5.17's grouped_mm,
+    peft's LoRA r=16 on both stacks, on down_proj alone, or on neither; 256 to 8192 tokens, the
+    profiler's allocations): every case within 2.6%. `with_saved`: the block's saved tensors are
+    its own (a recomputed layer), else they are counted among the checkpoints (mode none)."""
+    rows = tokens * shape.experts_per_token
+    inner, hidden = shape.expert_intermediate, shape.hidden
+    stacks = {name: BF16 * e * i * o for name, (e, i, o) in shape.expert_parameters().items()}
+    adapted = {name.rsplit(".", 1)[-1] for name in lora_parameters}
+    gradient = {name: size if name in adapted else 0 for name, size in stacks.items()}
+    saved = moe_saved_bytes(shape, tokens, lora_parameters, dequantized=True) if with_saved else 0
+    forward_end = saved + BF16 * rows * (2 * inner + 2 * hidden)
+    down_backward = gradient.get("down_proj", 0) + BF16 * rows * (2 * inner + hidden)
+    gate_up_backward = gradient.get("gate_up_proj", 0) + BF16 * rows * (2 * inner + 2 * hidden)
+    return sum(stacks.values()) + max(forward_end, down_backward, gate_up_backward)
 
 
 def aux_loss_bytes(shape: Shape, tokens: int) -> int:
