@@ -127,8 +127,8 @@ def test_frozen_layers_still_train_the_adapted_ones(mode):
 
 @pytest.mark.parametrize("mode", MODES)
 def test_an_adapter_added_after_a_step_trains(mode):
-    """The engine lists each layer's parameters once (the walk is a short step's Python), so a
-    second adapter added between steps must be found: its gradients are those of `none`."""
+    """A second adapter added between steps (and made the active one) trains: the engine passes each
+    layer's trainable parameters as they are at that forward, and their gradients are those of `none`."""
     grads = {}
     for name in ("none", mode):
         model, _ = tiny_lora_model("tiny-llama", name)

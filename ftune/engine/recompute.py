@@ -42,41 +42,6 @@ logger = logging.getLogger(__name__)
 MODE_POLICIES = {"none": Policy.KEEP, "true": Policy.RECOMPUTE, "unsloth": Policy.OFFLOAD}
 
 
-class _LayerParameters:
-    """A decoder layer's trainable parameters, read without walking its module tree at every call.
-
-    `layer.parameters()` walks the tree with names and a memo set: about 0.75 ms of Python per layer
-    of a tiny peft model on a CPU, twice per layer and step, and at the few tokens of a DPO step the
-    Python is the step's time. The layer's modules are listed once and their parameters read live
-    (FSDP swaps a module's parameters in and out of `_parameters`); a submodule registered into any
-    of them (peft adding an adapter) lists them again, through torch's global registration hook.
-    Registrations elsewhere (Llama's forward slices its ModuleList of layers into a new one at every
-    step) leave the list alone."""
-
-    _owners: "weakref.WeakKeyDictionary[nn.Module, _LayerParameters]" = weakref.WeakKeyDictionary()
-
-    def __init__(self, layer: nn.Module):
-        self.layer = layer
-        self.modules: list[nn.Module] | None = None
-
-    def trainable(self) -> list[nn.Parameter]:
-        if self.modules is None:
-            self.modules = list(self.layer.modules())
-            for module in self.modules:
-                self._owners[module] = self
-        return [p for module in self.modules for p in module._parameters.values()
-                if p is not None and p.requires_grad]
-
-    @classmethod
-    def _on_registration(cls, parent: nn.Module, name: str, child: Any) -> None:
-        owner = cls._owners.get(parent)
-        if owner is not None:
-            owner.modules = None
-
-
-nn.modules.module.register_module_module_registration_hook(_LayerParameters._on_registration)
-
-
 def decoder_layers(model: nn.Module) -> list[nn.Module]:
     """The model's decoder layers in forward order (through peft wrappers too)."""
     return [module for module in model.modules() if isinstance(module, GradientCheckpointingLayer)]
@@ -197,7 +162,6 @@ class _WrappedForward:
         self.uses_randomness = any(isinstance(m, nn.Dropout) and m.p > 0 for m in layer.modules())
         self.halves = (ResidualHalves(layer, engine.mlp_chunk_bytes, engine.residual_halves)
                        if ResidualHalves.supports(layer, self.uses_randomness, engine.residual_halves) else None)
-        self.parameters = _LayerParameters(layer)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         engine = self.engine_ref()
@@ -214,7 +178,9 @@ class _WrappedForward:
         leaves, spec = tree_flatten((args, kwargs))
         tensor_slots = [i for i, leaf in enumerate(leaves) if isinstance(leaf, torch.Tensor)]
         tensors = [leaves[i] for i in tensor_slots]
-        params = self.parameters.trainable()
+        # read at every call: peft may add, switch or delete adapters between steps (one walk of a
+        # peft-wrapped layer's modules costs about 0.2 ms of CPU)
+        params = [p for p in self.layer.parameters() if p.requires_grad]
         if not params and not any(t.requires_grad for t in tensors):
             return self.forward(*args, **kwargs)  # nothing below needs gradients: no graph at all
 
@@ -279,7 +245,6 @@ class _LayerUnit:
         self.stash: HostStash | None = None
         self.parked: _ParkedHalf | None = None
         self.previous: weakref.ref[_LayerUnit] | None = None
-        self.parks_answer: tuple[tuple[int, int], bool] | None = None  # step_parks'
         self.autocast = {
             kind: (torch.is_autocast_enabled(kind), torch.get_autocast_dtype(kind))
             for kind in {device.type, "cpu"}
@@ -323,7 +288,7 @@ class _LayerUnit:
         input_bytes = residual.numel() * residual.element_size()
         parked_bytes = sum(t.numel() * t.element_size() for t in tensors)
         tokens = residual.numel() // residual.shape[-1]
-        if not self.step_parks(tokens, self.offloaded_layers * (input_bytes + parked_bytes)):
+        if not parks(tokens, self.offloaded_layers * (input_bytes + parked_bytes)):
             return False
         keep_free = (self.layers_after + 1) * buffer_size(input_bytes)
         if self.previous is None:  # the step's first offloaded layer: every other one parks the same
@@ -337,16 +302,6 @@ class _LayerUnit:
             stashes.append(stash)
         self.parked = _ParkedHalf(*stashes, extras=attended.extras, scale=attended.scale)
         return True
-
-    def step_parks(self, tokens: int, step_bytes: int) -> bool:
-        """`parks` for this step, asked once: the layer below's answer when it asked the same
-        (reading the host's memory costs about 0.3 ms, a noticeable share of a short step's layer)."""
-        previous = self.previous() if self.previous is not None else None
-        if previous is not None and previous.parks_answer is not None and previous.parks_answer[0] == (tokens, step_bytes):
-            self.parks_answer = previous.parks_answer
-        else:
-            self.parks_answer = ((tokens, step_bytes), parks(tokens, step_bytes))
-        return self.parks_answer[1]
 
     def backward(self, inputs: list[torch.Tensor], wrt: list[torch.Tensor],
                  grad_outputs: tuple[torch.Tensor, ...]) -> list[torch.Tensor | None]:

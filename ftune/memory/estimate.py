@@ -141,9 +141,9 @@ PAGED_BATCH_TOKENS = 2048
 TRL_HEAD_TILE = (4096, 4096)
 # (model_type, hidden, layers) of the shapes the grid measured: Llama-3.1-8B and Qwen2.5-7B
 MEASURED_SHAPES = {("llama", 4096, 32), ("qwen2", 3584, 28)}
-# ... and of other families' shapes measured on an H200 in mode unsloth with kernels, batch 1, at
-# 8192 and 16384 tokens (tests/fixtures/family_peaks.json): Gemma-2-9B, Gemma-3-4B, Phi-3-mini and
-# Qwen3-30B-A3B (4-bit experts, adapted)
+# ... and of other families' shapes measured on an H200 in 4 bits (the MoE's experts too), mode
+# unsloth with kernels, batch 1, at 8192 and 16384 tokens (tests/fixtures/family_peaks.json):
+# Gemma-2-9B, Gemma-3-4B, Phi-3-mini and Qwen3-30B-A3B
 UNSLOTH_MEASURED_SHAPES = {("gemma2", 3584, 42), ("gemma3_text", 2560, 34), ("phi3", 3072, 32),
                            ("qwen3_moe", 2048, 48)}
 # Where a config names no layer_types, transformers slides the window on all layers but one in
@@ -429,7 +429,7 @@ def estimate(shape: Shape, setting: Setting) -> Estimate:
     if parked:
         count += PARKED_EXTRA_HIDDEN["working_set"]
     result.working_set = int(count * hidden_tensor + constant) + wider_attention_bytes(shape, tokens)
-    if shape.experts:  # the MoE block's backward, beside what the block saved (which mode none keeps for every layer)
+    if shape.experts:  # the MoE block at its busiest (what it saved is among the checkpoints in mode none)
         dequantized = dequantized_experts(setting)
         if dequantized:
             result.working_set += moe_block_peak_bytes(shape, tokens, setting.lora_parameters,
@@ -466,12 +466,13 @@ def estimate(shape: Shape, setting: Setting) -> Estimate:
                             "(within 7% of the 8B shape's GPU peaks)")
     key = (shape.model_type, shape.hidden, shape.layers)
     measured = (key in MEASURED_SHAPES and setting.batch <= 4 and tokens <= 4 * 32768) or \
-        (key in UNSLOTH_MEASURED_SHAPES and mode == "unsloth" and setting.batch == 1 and tokens <= 16384)
+        (key in UNSLOTH_MEASURED_SHAPES and mode == "unsloth" and setting.batch == 1 and 8192 <= tokens <= 16384
+         and setting.quantized and (not shape.experts or dequantized_experts(setting)))
     if not measured or not setting.fused_loss:
         result.calibrated = False
         result.notes.append("measured on the Llama-3.1-8B and Qwen2.5-7B shapes (batch 1-4, up to 32768 tokens, "
-                            "kernels on) and on Gemma-2-9B, Gemma-3-4B, Phi-3-mini and Qwen3-30B-A3B (unsloth, "
-                            "batch 1, up to 16384 tokens); this setting is extrapolated by its sizes")
+                            "kernels on) and on Gemma-2-9B, Gemma-3-4B, Phi-3-mini and Qwen3-30B-A3B (4-bit, unsloth, "
+                            "batch 1, 8192 to 16384 tokens); this setting is extrapolated by its sizes")
     return result
 
 
