@@ -91,7 +91,8 @@ def worker(args) -> None:
     if args.longest:
         seqs = _growing(seqs[0], args.longest_limit)
     stack = build_stack(run, args.preset, seq=seqs[0], batch=batches[0],
-                        host_embeddings=HOST_EMBEDDINGS[args.host_embeddings])
+                        host_embeddings=HOST_EMBEDDINGS[args.host_embeddings],
+                        expert_adapters=args.expert_adapters == "on")
     if stack.layer_plan is not None:
         print(stack.layer_plan.describe(), flush=True)
     for batch in batches:
@@ -104,7 +105,8 @@ def worker(args) -> None:
             except torch.OutOfMemoryError:
                 row = {"seq": seq, "batch": batch, "status": "oom"}
             row.update(stack=run.stack, mode=run.label, preset=args.preset, cap_gib=args.cap_gib,
-                       budget_gib=run.budget_gib, host_embeddings=args.host_embeddings)
+                       budget_gib=run.budget_gib, host_embeddings=args.host_embeddings,
+                       expert_adapters=args.expert_adapters)
             if run.budget_gib is not None and row["status"] == "ok":
                 row["plan"] = stack.layer_plan.counts()
                 row["plan_peak_gib"] = round(stack.layer_plan.peak / GiB, 3)
@@ -149,6 +151,8 @@ def main() -> None:
                         help="append JSON results here (default benchmarks/results/<card>/<date>-engine.json)")
     parser.add_argument("--host-embeddings", choices=sorted(HOST_EMBEDDINGS), default="auto",
                         help="ftune stacks: the input embedding table in host RAM (auto: as the mode decides)")
+    parser.add_argument("--expert-adapters", choices=["on", "off"], default="on",
+                        help="a mixture of experts: LoRA on its expert stacks too (on), or on the attention only")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -163,7 +167,7 @@ def main() -> None:
     for run in args.runs.split(","):
         command = [sys.executable, __file__, "--worker", run, "--preset", args.preset, "--seqs", args.seqs,
                    "--batches", args.batches, "--steps", str(args.steps), "--longest-limit", str(args.longest_limit),
-                   "--host-embeddings", args.host_embeddings]
+                   "--host-embeddings", args.host_embeddings, "--expert-adapters", args.expert_adapters]
         if args.longest:
             command.append("--longest")
         if args.cap_gib:

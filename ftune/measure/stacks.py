@@ -60,8 +60,10 @@ class RunSpec:
 
 
 def preset_recipe(preset: str, mode: str = "true", *, kernels: bool = False, budget_gib: float | None = None,
-                  host_embeddings: bool | str = "auto", seq: int | None = None, batch: int = 1) -> Recipe:
-    """The benchmarks' recipe: a preset shape with random weights, trained on random token ids."""
+                  host_embeddings: bool | str = "auto", seq: int | None = None, batch: int = 1,
+                  expert_adapters: bool = True) -> Recipe:
+    """The benchmarks' recipe: a preset shape with random weights, trained on random token ids;
+    `expert_adapters`: LoRA on a mixture of experts' expert stacks too (lora.target_parameters auto)."""
     from ftune.families import family_of
     from ftune.presets import PRESETS
 
@@ -74,7 +76,8 @@ def preset_recipe(preset: str, mode: str = "true", *, kernels: bool = False, bud
         "quantization": {"method": "nf4", "double_quant": True, "compute_dtype": "bfloat16"},
         # every linear projection of the family (Llama's seven; Phi-3's fused four): a list of Llama's
         # names would leave Phi-3 with o_proj and down_proj alone, as the 2026-12-02 Phi-3 rows had
-        "lora": {"r": 16, "alpha": 16, "dropout": 0.0, "target_modules": "auto"},
+        "lora": {"r": 16, "alpha": 16, "dropout": 0.0, "target_modules": "auto",
+                 "target_parameters": "auto" if expert_adapters else []},
         "checkpointing": checkpointing,
         "kernels": {name: kernels and name in family.kernels for name in KernelsSection.model_fields},
         "data": {"source": "(none: random token ids)"},
@@ -108,12 +111,12 @@ class HFStack:
 
     layer_plan = None
 
-    def __init__(self, preset: str, mode: str):
+    def __init__(self, preset: str, mode: str, *, expert_adapters: bool = True):
         from ftune.model import materialize_preset
 
         if mode not in HF_MODES:
             raise ValueError(f"the hf stack has modes {' and '.join(HF_MODES)}, not {mode}")
-        recipe = preset_recipe(preset, mode)
+        recipe = preset_recipe(preset, mode, expert_adapters=expert_adapters)
         path = materialize_preset(preset, seed=PRESET_SEED, dtype=torch.bfloat16, device=torch.device("cuda"))
         self.model = hf_peft_model(path, recipe, dtype=torch.bfloat16, device=torch.device("cuda", 0),
                                    attn_implementation="sdpa", prepare_for_checkpointing=False)
@@ -148,10 +151,10 @@ def hf_peft_model(path: Path, recipe: Recipe, *, dtype: torch.dtype, device: tor
 
 
 def build_stack(run: RunSpec, preset: str, *, seq: int, batch: int = 1,
-                host_embeddings: bool | str = "auto") -> FtuneStack | HFStack:
+                host_embeddings: bool | str = "auto", expert_adapters: bool = True) -> FtuneStack | HFStack:
     """A run's stack on a preset's shape; ftune's smart mode plans for `seq` x `batch`."""
     if run.stack == "hf":
-        return HFStack(preset, run.mode)
+        return HFStack(preset, run.mode, expert_adapters=expert_adapters)
     recipe = preset_recipe(preset, run.mode, kernels=run.kernels, budget_gib=run.budget_gib,
-                           host_embeddings=host_embeddings, seq=seq, batch=batch)
+                           host_embeddings=host_embeddings, seq=seq, batch=batch, expert_adapters=expert_adapters)
     return FtuneStack(recipe)
