@@ -179,9 +179,10 @@ def resolve(recipe: Recipe, device: Device, *, mode: str | None = None, config: 
         fused_loss=fused_loss,
         host_embeddings=host_embeddings, host_lm_head=not sharded_by_fsdp(recipe, device.ranks),
         optimizer=recipe.training.optimizer, eval_tokens=eval_tokens(recipe, phases.get("rows_per_example", 1)),
-        # only layers that run as halves park attention's output (engine/recompute.py); the MoE
-        # families' layers recompute whole
-        parked_attention=attention in PARKING_ATTENTION and family is not None and family.residual_halves is not None,
+        # only layers that run as halves park attention's output (engine/recompute.py): not the MoE
+        # families', which recompute whole, nor a layer with a dropout (LoRA's), which would draw anew
+        parked_attention=(attention in PARKING_ATTENTION and family is not None and family.residual_halves is not None
+                          and not recipe.lora.dropout),
         dense_packed_mask=sdpa_masks and layout in ("padding-free", "packed"),
         padded_masks=sdpa_masks and layout == "padded", dense_window_mask=attention == "sdpa", **phases,
     )

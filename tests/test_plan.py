@@ -31,6 +31,9 @@ def test_auto_kernels_are_on_with_cuda_for_the_familys_kernels_only():
     assert gemma.kernels["swiglu"].on and gemma.attention == "ftune_softcap"  # GeGLU; soft-capping on FlexAttention
     # only attention through sdpa or ftune_window parks its output (ftune/engine/attention.py): the memory model knows
     assert not gemma.setting.parked_attention and plan.setting.parked_attention
+    # nor layers that recompute whole: a mixture of experts', or any under LoRA dropout
+    assert not resolve(recipe("model.preset=tiny-qwen3-moe"), CUDA).setting.parked_attention
+    assert not resolve(recipe("lora.dropout=0.05"), CUDA).setting.parked_attention
     # Gemma's tied table leaves the GPU with the head, under the fused loss only
     assert gemma.host_embeddings and gemma.host_lm_head
     unfused = resolve(recipe("model.preset=gemma-2-2b", "kernels.fused_cross_entropy=false"), CUDA)
