@@ -253,8 +253,9 @@ def test_moe_block_of_4bit_experts_peaks_where_the_model_counts(adapted):
     torch's profiler), beyond its input, against moe_block_peak_bytes. Measured: +8.2% (adapted),
     -1.2% (down-only), -0.3% (frozen) at this size, where peft's casts of the adapters (which grow
     with the rank, not the tokens) weigh; within 2.6% in every case at the Qwen3-30B-A3B block's
-    size, 256 to 8192 tokens (too slow for this suite), where the formula it replaced counted the block
-    28% over (adapted), 32% over (down-only) and 9% under (frozen) at 4096 tokens."""
+    size (256 to 8192 tokens adapted, 1024 and 4096 otherwise; too slow for this suite), where the
+    formula it replaced counted the block 28% over (adapted), 32% over (down-only) and 9% under
+    (frozen) at 4096 tokens."""
     import torch
     from peft import LoraConfig, get_peft_model
     from torch.profiler import ProfilerActivity, profile
