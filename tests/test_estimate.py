@@ -186,6 +186,26 @@ def test_well_known_hub_id_offline_needs_no_hub_and_no_tokenizer(monkeypatch, ca
     assert json.loads(out)["modes"] == by_id["modes"] and by_id["shape"]["hidden"] == 4096
 
 
+def _lora_moe_block(config, adapted: tuple[str, ...], quantized: bool, rank: int):
+    """A one-layer bf16 model of `config` with LoRA on q_proj and on the `adapted` expert stacks (4-bit
+    experts as ftune loads them where `quantized`): the peft model and its layer's MoE block."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    if quantized:
+        from ftune.integrations.experts import quantize_experts
+
+        experts_module = model.model.layers[0].mlp.experts
+        for name in ("gate_up_proj", "down_proj"):
+            setattr(experts_module, name, quantize_experts(experts_module, name, getattr(experts_module, name).data))
+    model = get_peft_model(model, LoraConfig(r=rank, target_modules=["q_proj"],
+                                             target_parameters=list(adapted) or None))
+    return model, model.base_model.model.model.layers[0].mlp
+
+
 @pytest.mark.parametrize("quantized", [False, True], ids=["16bit", "4bit"])
 @pytest.mark.parametrize("adapted", [(), ("mlp.experts.gate_up_proj", "mlp.experts.down_proj"),
                                      ("mlp.experts.down_proj",)], ids=["frozen", "adapted", "down-only"])
@@ -199,8 +219,7 @@ def test_moe_block_saves_what_the_model_counts(adapted, quantized, monkeypatch):
     Odd sizes, so that no two kinds of tensor share a size; within 2% (the rest: peft's 16-bit
     casts of the adapters, which grow with the rank, not with the tokens)."""
     import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig
 
     from ftune.memory.estimate import moe_saved_bytes
 
@@ -208,17 +227,8 @@ def test_moe_block_saves_what_the_model_counts(adapted, quantized, monkeypatch):
     config = AutoConfig.for_model("mixtral", vocab_size=64, hidden_size=hidden, intermediate_size=inner,
                                   num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
                                   num_local_experts=experts, num_experts_per_tok=2)
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    model, block = _lora_moe_block(config, adapted, quantized, rank=4)
     assert model.config._experts_implementation == "grouped_mm"
-    if quantized:
-        from ftune.integrations.experts import quantize_experts
-
-        experts_module = model.model.layers[0].mlp.experts
-        for name in ("gate_up_proj", "down_proj"):
-            setattr(experts_module, name, quantize_experts(experts_module, name, getattr(experts_module, name).data))
-    model = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj"], target_parameters=list(adapted) or None))
-    block = model.base_model.model.model.layers[0].mlp
     x = torch.randn(1, tokens, hidden, dtype=torch.bfloat16, requires_grad=True)
     known = {p.untyped_storage().data_ptr() for p in model.parameters()} | {x.untyped_storage().data_ptr()}
     saved: dict[int, int] = {}
@@ -257,11 +267,9 @@ def test_moe_block_of_4bit_experts_peaks_where_the_model_counts(adapted):
     formula it replaced counted the block 28% over (adapted), 32% over (down-only) and 9% under
     (frozen) at 4096 tokens."""
     import torch
-    from peft import LoraConfig, get_peft_model
     from torch.profiler import ProfilerActivity, profile
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig
 
-    from ftune.integrations.experts import quantize_experts
     from ftune.memory.estimate import moe_block_peak_bytes
 
     hidden, inner, experts, tokens = 512, 256, 32, 2048
@@ -269,13 +277,7 @@ def test_moe_block_of_4bit_experts_peaks_where_the_model_counts(adapted):
                                   moe_intermediate_size=inner, num_hidden_layers=1, num_attention_heads=4,
                                   num_key_value_heads=2, head_dim=32, num_experts=experts, num_experts_per_tok=4,
                                   norm_topk_prob=True)
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
-    experts_module = model.model.layers[0].mlp.experts
-    for name in ("gate_up_proj", "down_proj"):
-        setattr(experts_module, name, quantize_experts(experts_module, name, getattr(experts_module, name).data))
-    model = get_peft_model(model, LoraConfig(r=16, target_modules=["q_proj"], target_parameters=list(adapted) or None))
-    block = model.base_model.model.model.layers[0].mlp
+    _, block = _lora_moe_block(config, adapted, quantized=True, rank=16)
     x = torch.randn(1, tokens, hidden, dtype=torch.bfloat16, requires_grad=True)
 
     def step():

@@ -691,8 +691,8 @@ def moe_block_peak_bytes(shape: Shape, tokens: int, lora_parameters: tuple[str, 
         its input rows and their gradient.
     Measured on CPU for one block of the Qwen3-30B-A3B shape (bf16, transformers 5.17's grouped_mm,
     peft's LoRA r=16 on both stacks at 256 to 8192 tokens, on down_proj alone or on neither at 1024
-    and 4096; the profiler's allocations): every case within 2.6%. `with_saved`: the block's saved tensors are
-    its own (a recomputed layer), else they are counted among the checkpoints (mode none)."""
+    and 4096; the profiler's allocations): every case within 2.6%. `with_saved`: the block's saved
+    tensors are its own (a recomputed layer), else they are counted among the checkpoints (mode none)."""
     rows = tokens * shape.experts_per_token
     inner, hidden = shape.expert_intermediate, shape.hidden
     stacks = {name: BF16 * e * i * o for name, (e, i, o) in shape.expert_parameters().items()}
