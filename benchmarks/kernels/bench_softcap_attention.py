@@ -10,6 +10,11 @@ key heads, 256 wide, cap 50, query scale 256^-0.5), batch 1, for a full layer an
 - sdpa-nocap: transformers' sdpa_attention_forward without the cap (wrong for Gemma-2): the speed of
               the attention every other family gets; causal via is_causal, the window as a
               boolean mask (as transformers passes it)
+- flex:NAME:  ftune's FlexAttention call with the kernel options KERNEL_OPTIONS[NAME] (tile sizes,
+              warps, pipeline stages of its forward and backward kernels), `--kernel-options`
+- autotune:   FlexAttention compiled with mode="max-autotune-no-cudagraphs" (`--autotune`): Inductor
+              times its candidate tilings and prints the winners
+- ftune/fwd, sdpa-nocap/fwd: the forward alone, what a recomputed layer pays again in backward
 
     python benchmarks/kernels/bench_softcap_attention.py --out results/softcap_attention.json
     python benchmarks/kernels/bench_softcap_attention.py --out results/softcap_attention.json --tokens 8192
@@ -17,6 +22,7 @@ key heads, 256 wide, cap 50, query scale 256^-0.5), batch 1, for a full layer an
 Peak memory is `working MiB` above the inputs (q, k, v, the output gradient, the masks).
 """
 
+import functools
 import types
 
 import torch
@@ -26,14 +32,42 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import eager_mask, sdpa_mask, sliding_window_causal_mask_function
 from transformers.models.gemma2.modeling_gemma2 import eager_attention_forward
 
-from ftune.kernels.softcap_attention import causal_block_mask, softcap_attention
+from torch.nn.attention.flex_attention import flex_attention
+
+from ftune.kernels.softcap_attention import causal_block_mask, softcap_attention, softcap_score_mod
 from ftune.presets import PRESETS
 
 SOFTCAP_PRESETS = [name for name, config in PRESETS.items() if config.get("attn_logit_softcapping")]
+# Tilings of FlexAttention's forward (fwd_) and backward (bwd_) kernels to try at head_dim 256,
+# within an H100/H200 SM's 227 KiB of shared memory. Inductor's default there: forward 64 x 32
+# tiles, 4 warps, 3 stages; backward 64 x 64, 4 warps, 2 stages.
+KERNEL_OPTIONS = {
+    "f128x64w8s2": dict(fwd_BLOCK_M=128, fwd_BLOCK_N=64, fwd_num_warps=8, fwd_num_stages=2),
+    "f128x32w8s3": dict(fwd_BLOCK_M=128, fwd_BLOCK_N=32, fwd_num_warps=8, fwd_num_stages=3),
+    "f64x64w4s2": dict(fwd_BLOCK_M=64, fwd_BLOCK_N=64, fwd_num_warps=4, fwd_num_stages=2),
+    "b64x64w8s2": dict(bwd_BLOCK_M1=64, bwd_BLOCK_N1=64, bwd_BLOCK_M2=64, bwd_BLOCK_N2=64, bwd_num_warps=8,
+                       bwd_num_stages=2),
+    "b32x64w4s2": dict(bwd_BLOCK_M1=32, bwd_BLOCK_N1=64, bwd_BLOCK_M2=64, bwd_BLOCK_N2=32, bwd_num_warps=4,
+                       bwd_num_stages=2),
+    "b64x128w8s1": dict(bwd_BLOCK_M1=64, bwd_BLOCK_N1=128, bwd_BLOCK_M2=128, bwd_BLOCK_N2=64, bwd_num_warps=8,
+                        bwd_num_stages=1),
+    "tma": dict(USE_TMA=True),
+}
+
+
+@functools.cache
+def autotuned_flex_attention():
+    return torch.compile(flex_attention, mode="max-autotune-no-cudagraphs")
+
+
+def extra_arguments(parser) -> None:
+    parser.add_argument("--kernel-options", nargs="*", choices=list(KERNEL_OPTIONS), default=[],
+                        help="FlexAttention tilings to time beside the default one")
+    parser.add_argument("--autotune", action="store_true", help="also time FlexAttention autotuned by Inductor")
 
 
 def main() -> None:
-    args = parse_args(__doc__, [8192, 16384], SOFTCAP_PRESETS, ["gemma-2-9b"])
+    args = parse_args(__doc__, [8192, 16384], SOFTCAP_PRESETS, ["gemma-2-9b"], extra_arguments)
     dtype = DTYPES[args.dtype]
     rows = []
     for preset in args.models:
@@ -69,22 +103,44 @@ def main() -> None:
                                                               softcap=softcap),
                     "sdpa-nocap": lambda: sdpa_attention_forward(module, *inputs, boolean, scaling=scaling),
                 }
-                for impl, attend in impls.items():
 
-                    def step(attend=attend):
-                        output, _ = attend()
-                        output.backward(grad)
+                def flex_call(options=None, compiled=None):
+                    attention = compiled or torch.compile(flex_attention)
+                    # [batch, heads, tokens, head_dim] -> [batch, tokens, heads, head_dim], as the others
+                    return lambda: (attention(*inputs, score_mod=softcap_score_mod(softcap), block_mask=block_mask,
+                                              scale=scaling, enable_gqa=True,
+                                              kernel_options=options).transpose(1, 2), None)
+
+                for name in args.kernel_options:
+                    impls[f"flex:{name}"] = flex_call(KERNEL_OPTIONS[name])
+                if args.autotune:
+                    impls["autotune"] = flex_call(compiled=autotuned_flex_attention())
+                forward_only = {f"{impl}/fwd": impls[impl] for impl in ("ftune", "sdpa-nocap")}
+                for impl, attend in {**impls, **forward_only}.items():
+
+                    def step(attend=attend, backward=not impl.endswith("/fwd")):
+                        if backward:
+                            output, _ = attend()
+                            output.backward(grad)
+                        else:
+                            with torch.no_grad():
+                                attend()
 
                     try:
                         measured = measure(step, inputs, graph=False)
                     except torch.OutOfMemoryError:
                         print(f"{preset} {case} {tokens} tokens: {impl} ran out of memory")
                         continue
+                    except Exception as error:  # a tiling that does not compile (shared memory) is a result too
+                        print(f"{preset} {case} {tokens} tokens: {impl} failed: {str(error)[:200]}")
+                        continue
                     finally:
                         for tensor in inputs:
                             tensor.grad = None
                         torch.cuda.empty_cache()
                     rows.append({"model": preset, "case": case, "tokens": tokens, "impl": impl, **measured})
+                    print(f"{preset} {case} {tokens} tokens: {impl} {measured['ms']:.3f} ms, "
+                          f"{measured['working_mib']:.0f} MiB", flush=True)
                 del additive, boolean
             del query, key, value, inputs, grad
     report("softcap_attention", args, rows)

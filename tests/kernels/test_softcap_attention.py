@@ -11,7 +11,7 @@ from transformers.masking_utils import (AttentionMaskInterface, causal_mask_func
                                         sliding_window_causal_mask_function)
 from transformers.models.gemma2.modeling_gemma2 import eager_attention_forward
 
-from ftune.kernels.softcap_attention import attend_flex, causal_block_mask, softcap_attention
+from ftune.kernels.softcap_attention import (attend_flex, causal_block_mask, flex_kernel_options, softcap_attention)
 from tests.kernels.common import gpu
 
 # fp32 on CPU: the dense path is eager's arithmetic in another order (grouped heads instead of
@@ -106,6 +106,17 @@ def test_flex_path_matches_eager(sliding_window):
     torch.testing.assert_close(ours, expected, **FP32)
 
 
+def test_flex_tiling_only_where_measured():
+    """The tiling ftune gives FlexAttention is for 256-wide heads on Hopper only, where it was
+    timed; its tiles divide FlexAttention's 128-token mask blocks, which FlexAttention requires."""
+    options = flex_kernel_options(256, (9, 0))
+    for name in ("fwd_BLOCK_M", "fwd_BLOCK_N", "bwd_BLOCK_M1", "bwd_BLOCK_N1", "bwd_BLOCK_M2", "bwd_BLOCK_N2"):
+        assert 128 % options[name] == 0, name
+    assert flex_kernel_options(128, (9, 0)) is None
+    assert flex_kernel_options(256, (8, 0)) is None
+    assert flex_kernel_options(256, None) is None
+
+
 @pytest.fixture
 def registered():
     """softcap_attention registered in transformers under test names: alone (the model passes no
@@ -182,7 +193,7 @@ def test_compiled_flex_on_gemma2_9b_heads(sliding_window):
     kwargs = dict(scaling=256 ** -0.5, softcap=50.0)
 
     def run(fn, dtype, attention_mask, **extra):
-        tensors = [t.to(dtype).requires_grad_() for t in inputs]
+        tensors = [t.detach().to(dtype).requires_grad_() for t in inputs]
         return _run(fn, (module, *tensors), grad.to(dtype), attention_mask=attention_mask, **kwargs, **extra)
 
     truth = run(eager_attention_forward, torch.float32, mask)
