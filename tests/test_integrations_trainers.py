@@ -22,8 +22,8 @@ from transformers.trainer_utils import rotate_checkpoints
 
 from ftune.integrations import transformers_trainer as trainer_patches
 from ftune.integrations.transformers_trainer import (STAGING, BestCheckpoint, ContinueWithNewLearningRate,
-                                                     StagedCheckpoints, run_trackers_last)
-from ftune.integrations.trl import LossFromModel
+                                                     ParameterCountOnce, StagedCheckpoints, run_trackers_last)
+from ftune.integrations.trl import LossFromModel, ReferenceAdapterSwitch
 from tests.conftest import REPO
 
 TRAINER_MOVED = (f"transformers {transformers.__version__} changed what ftune/integrations/transformers_trainer.py "
@@ -51,6 +51,25 @@ def _staged_trainer(output_dir, **arguments) -> _Staged:
     trainer = _Staged(model=_tiny_model(), args=_arguments(output_dir, **arguments))
     trainer.create_optimizer_and_scheduler(num_training_steps=10)
     return trainer
+
+
+class _Counted(ParameterCountOnce, Trainer):
+    pass
+
+
+def test_floating_point_ops_as_transformers_counts_them_with_one_parameter_count(tmp_path, monkeypatch):
+    """The training loop still adds floating_point_ops(inputs) per step into total_flos, and ours is
+    transformers' own figure, from one count of the parameters however many steps ask."""
+    assert "self.floating_point_ops(inputs)" in inspect.getsource(Trainer._run_epoch), TRAINER_MOVED
+    trainer = _Counted(model=_tiny_model(), args=_arguments(tmp_path))
+    counts = []
+    count_parameters = trainer.model.num_parameters
+    monkeypatch.setattr(trainer.model, "num_parameters", lambda **kw: counts.append(kw) or count_parameters(**kw))
+    for tokens in (5, 9, 9):
+        inputs = {"input_ids": torch.zeros(2, tokens, dtype=torch.long)}
+        assert trainer.floating_point_ops(inputs) == Trainer.floating_point_ops(trainer, inputs), TRAINER_MOVED
+    assert len(counts) == 1 + 3  # ours once, transformers' at every call
+    assert trainer.floating_point_ops({"labels": torch.zeros(2, 3)}) == 0  # no main input: no count, as upstream
 
 
 def test_save_checkpoint_writes_into_output_dir_as_read_at_the_call(tmp_path):
@@ -199,3 +218,58 @@ def test_sft_metrics_come_from_the_model_computed_loss(tmp_path):
                                     "position_ids": torch.tensor([[0, 1, 2, 0, 1, 0, 1]])}, num_items_in_batch=4)
     trainer.log({"loss": 2.0})
     assert trainer.state.log_history[-1].get("num_tokens") == 12
+
+
+class _DPO(ReferenceAdapterSwitch, trl.DPOTrainer):
+    pass
+
+
+def test_dpo_reference_pass_switches_adapters_without_peft_walks(tmp_path, monkeypatch):
+    """The loss with the quick switch is TRL's own, with a trained adapter unlike its frozen `ref`
+    copy (a switch that missed a layer would mix the two); no tuner layer's set_adapter runs (peft's
+    requires_grad walk); afterwards the trained adapter is active and trainable, `ref` frozen."""
+    from peft import LoraConfig, get_peft_model
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    assert list(inspect.signature(trl.DPOTrainer._compute_loss).parameters) == \
+        ["self", "model", "inputs", "return_outputs"], TRL_MOVED
+    assert "use_adapter(" in inspect.getsource(trl.DPOTrainer._compute_loss), TRL_MOVED
+    tokenizer = AutoTokenizer.from_pretrained(REPO / "data" / "quickstart" / "tokenizer")
+    model = _tiny_model()
+    model.resize_token_embeddings(len(tokenizer))
+    model = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj", "down_proj"]))
+    rows = [{"prompt": "one two", "chosen": " three four", "rejected": " five"},
+            {"prompt": "six", "chosen": " seven", "rejected": " eight nine"}]
+    trainer = _DPO(model=model, ref_model=None, processing_class=tokenizer, train_dataset=Dataset.from_list(rows),
+                   args=trl.DPOConfig(output_dir=str(tmp_path), use_cpu=True, report_to="none", max_length=32,
+                                      per_device_train_batch_size=2))
+    assert "ref" in model.peft_config, TRL_MOVED  # TRL's frozen copy of the adapter being trained
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if ".default." in name:
+                parameter.add_(torch.randn_like(parameter) * 0.5)
+    inputs = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
+    expected = trl.DPOTrainer._compute_loss(trainer, model, dict(inputs), False)
+
+    switches = []
+    peft_switch = BaseTunerLayer.set_adapter
+    monkeypatch.setattr(BaseTunerLayer, "set_adapter", lambda *a, **kw: switches.append(a) or peft_switch(*a, **kw))
+    loss = trainer._compute_loss(model, dict(inputs), False)
+    torch.testing.assert_close(loss, expected, rtol=0, atol=1e-6)
+    assert switches == []
+    assert model.active_adapter == "default" and "set_adapter" not in model.__dict__
+    layers = [module for module in model.modules() if isinstance(module, BaseTunerLayer)]
+    assert layers and all(layer.active_adapters == ["default"] for layer in layers)
+    for name, parameter in model.named_parameters():
+        if "lora_" in name:
+            assert parameter.requires_grad == (".default." in name), name
+    # with gradients on, peft's own switch runs
+    trainer_model_switch = []
+    with torch.enable_grad():
+        from ftune.integrations.trl import switch_without_grad_flags, switchable_layers
+
+        with switch_without_grad_flags(model, switchable_layers(model)):
+            model.set_adapter("ref")
+            trainer_model_switch.extend(switches)
+            model.set_adapter("default")
+    assert trainer_model_switch, "with gradients on, peft's set_adapter should have run"

@@ -18,13 +18,16 @@ from transformers import TrainerCallback
 from trl import DPOConfig, DPOTrainer
 
 from ftune.checkpoints import AtomicCheckpoints
+from ftune.integrations.transformers_trainer import ParameterCountOnce
+from ftune.integrations.trl import ReferenceAdapterSwitch
 from ftune.model import BuiltModel
 from ftune.recipe import Recipe
 from ftune.workflows.common import finish_trainer, trainer_arguments
 
 
-class FtuneDPOTrainer(AtomicCheckpoints, DPOTrainer):
-    """TRL's DPOTrainer whose checkpoints are written aside and renamed into place."""
+class FtuneDPOTrainer(AtomicCheckpoints, ParameterCountOnce, ReferenceAdapterSwitch, DPOTrainer):
+    """TRL's DPOTrainer whose checkpoints are written aside and renamed into place, and whose
+    reference pass switches adapters without re-marking their parameters (integrations.trl)."""
 
 
 def dpo_config(recipe: Recipe, arguments: dict[str, Any]) -> DPOConfig:

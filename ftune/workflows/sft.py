@@ -8,13 +8,14 @@ from trl import SFTConfig, SFTTrainer
 
 from ftune.checkpoints import AtomicCheckpoints
 from ftune.data import truncate_tokenized
+from ftune.integrations.transformers_trainer import ParameterCountOnce
 from ftune.integrations.trl import LossFromModel
 from ftune.model import BuiltModel
 from ftune.recipe import Recipe
 from ftune.workflows.common import finish_trainer, trainer_arguments
 
 
-class FtuneSFTTrainer(AtomicCheckpoints, LossFromModel, SFTTrainer):
+class FtuneSFTTrainer(AtomicCheckpoints, ParameterCountOnce, LossFromModel, SFTTrainer):
     """TRL's SFTTrainer with atomic checkpoints and, with ftune's fused cross-entropy kernel on, the
     loss computed by the model's forward (integrations.trl.LossFromModel)."""
 
