@@ -89,10 +89,11 @@ HOPPER_HEAD_DIM_256 = dict(fwd_BLOCK_M=128, fwd_BLOCK_N=64, fwd_num_warps=8, fwd
                            bwd_num_stages=2)
 
 
-def flex_kernel_options(head_dim: int, capability: tuple[int, int] | None) -> dict | None:
-    """The kernel options ftune gives FlexAttention for heads `head_dim` wide on a GPU of this
-    compute capability (None: not CUDA); None leaves Inductor's choice."""
-    if capability == (9, 0) and head_dim == 256:
+def flex_kernel_options(head_dim: int, capability: tuple[int, int] | None, dtype: torch.dtype) -> dict | None:
+    """The kernel options ftune gives FlexAttention for heads `head_dim` wide in `dtype` on a GPU of
+    this compute capability (None: not CUDA); None leaves Inductor's choice. The tiles were timed
+    in bf16: fp32 tiles of that size would not fit in shared memory."""
+    if capability == (9, 0) and head_dim == 256 and dtype in (torch.bfloat16, torch.float16):
         return HOPPER_HEAD_DIM_256
     return None
 
@@ -104,7 +105,8 @@ def attend_flex(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, blo
     its own. Returns [batch, heads, tokens, head_dim]."""
     attention = _compiled_flex_attention() if query.is_cuda else flex_attention
     if kernel_options is None and query.is_cuda:
-        kernel_options = flex_kernel_options(query.shape[-1], torch.cuda.get_device_capability(query.device))
+        kernel_options = flex_kernel_options(query.shape[-1], torch.cuda.get_device_capability(query.device),
+                                             query.dtype)
     return attention(query, key, value, score_mod=softcap_score_mod(softcap), block_mask=block_mask, scale=scaling,
                      enable_gqa=query.shape[1] != key.shape[1], kernel_options=kernel_options)
 

@@ -107,14 +107,16 @@ def test_flex_path_matches_eager(sliding_window):
 
 
 def test_flex_tiling_only_where_measured():
-    """The tiling ftune gives FlexAttention is for 256-wide heads on Hopper only, where it was
+    """The tiling ftune gives FlexAttention is for 256-wide 16-bit heads on Hopper only, where it was
     timed; its tiles divide FlexAttention's 128-token mask blocks, which FlexAttention requires."""
-    options = flex_kernel_options(256, (9, 0))
+    options = flex_kernel_options(256, (9, 0), torch.bfloat16)
     for name in ("fwd_BLOCK_M", "fwd_BLOCK_N", "bwd_BLOCK_M1", "bwd_BLOCK_N1", "bwd_BLOCK_M2", "bwd_BLOCK_N2"):
         assert 128 % options[name] == 0, name
-    assert flex_kernel_options(128, (9, 0)) is None
-    assert flex_kernel_options(256, (8, 0)) is None
-    assert flex_kernel_options(256, None) is None
+    assert flex_kernel_options(256, (9, 0), torch.float16) == options
+    assert flex_kernel_options(256, (9, 0), torch.float32) is None  # twice the shared memory per tile
+    assert flex_kernel_options(128, (9, 0), torch.bfloat16) is None
+    assert flex_kernel_options(256, (8, 0), torch.bfloat16) is None
+    assert flex_kernel_options(256, None, torch.bfloat16) is None
 
 
 @pytest.fixture
