@@ -42,6 +42,7 @@ SOFTCAP_PRESETS = [name for name, config in PRESETS.items() if config.get("attn_
 # within an H100/H200 SM's 227 KiB of shared memory. Inductor's default there: forward 64 x 32
 # tiles, 4 warps, 3 stages; backward 64 x 64, 4 warps, 2 stages.
 KERNEL_OPTIONS = {
+    "inductor": {},  # Inductor's default tiling (the `ftune` row has ftune's on Hopper)
     "f128x64w8s2": dict(fwd_BLOCK_M=128, fwd_BLOCK_N=64, fwd_num_warps=8, fwd_num_stages=2),
     "f128x32w8s3": dict(fwd_BLOCK_M=128, fwd_BLOCK_N=32, fwd_num_warps=8, fwd_num_stages=3),
     "f64x64w4s2": dict(fwd_BLOCK_M=64, fwd_BLOCK_N=64, fwd_num_warps=4, fwd_num_stages=2),
@@ -67,6 +68,9 @@ def extra_arguments(parser) -> None:
 
 
 def main() -> None:
+    # Every tiling is one more compile of flex_attention; past dynamo's recompile limit (8) a call
+    # would run FlexAttention's dense reference instead of a kernel, and its row would time that
+    torch._dynamo.config.recompile_limit = 64
     args = parse_args(__doc__, [8192, 16384], SOFTCAP_PRESETS, ["gemma-2-9b"], extra_arguments)
     dtype = DTYPES[args.dtype]
     rows = []
@@ -130,9 +134,13 @@ def main() -> None:
                         measured = measure(step, inputs, graph=False)
                     except torch.OutOfMemoryError:
                         print(f"{preset} {case} {tokens} tokens: {impl} ran out of memory")
+                        rows.append({"model": preset, "case": case, "tokens": tokens, "impl": impl,
+                                     "error": "out of memory"})
                         continue
                     except Exception as error:  # a tiling that does not compile (shared memory) is a result too
                         print(f"{preset} {case} {tokens} tokens: {impl} failed: {str(error)[:200]}")
+                        rows.append({"model": preset, "case": case, "tokens": tokens, "impl": impl,
+                                     "error": str(error)[:300]})
                         continue
                     finally:
                         for tensor in inputs:

@@ -101,12 +101,14 @@ def environment() -> dict[str, str]:
 
 def report(kernel: str, args: argparse.Namespace, rows: list[dict]) -> None:
     """Write the JSON and print a table: one row per (model, tokens, implementation)."""
-    ours = {(r["model"], r["tokens"], r.get("case", "")): r for r in rows if r["impl"] == "ftune"}
+    # each row against ftune's row of its shape and pass: "x/fwd" (the forward alone) against "ftune/fwd"
+    ours = {(r["model"], r["tokens"], r.get("case", ""), r["impl"].partition("/")[2]): r for r in rows
+            if r["impl"].partition("/")[0] == "ftune" and "ms" in r}
     for row in rows:
-        # a shape where ftune's own run failed (out of memory) is compared with nothing
-        base = ours.get((row["model"], row["tokens"], row.get("case", "")), row)
-        row["ftune_speedup"] = row["ms"] / base["ms"]
-        if "graph_ms" in row:
+        base = ours.get((row["model"], row["tokens"], row.get("case", ""), row["impl"].partition("/")[2]))
+        # a row that failed, or whose ftune row did (out of memory), has no speed-up
+        row["ftune_speedup"] = row["ms"] / base["ms"] if base and "ms" in row else None
+        if base and "graph_ms" in row and "graph_ms" in base:
             row["ftune_graph_speedup"] = row["graph_ms"] / base["graph_ms"]
     payload = {"kernel": kernel, "dtype": args.dtype, **environment(), "results": rows}
     args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -115,8 +117,12 @@ def report(kernel: str, args: argparse.Namespace, rows: list[dict]) -> None:
     header = f"{'model':<14}{'case':<11}{'tokens':>7}  {'impl':<20}{'ms':>9}{'speedup':>9}"
     print(header + f"{'graph ms':>10}{'speedup':>9}{'working MiB':>13}")
     for r in rows:
-        graph = f"{r['graph_ms']:>10.3f}{r['ftune_graph_speedup']:>9.2f}" if "graph_ms" in r else " " * 19
+        if "ms" not in r:
+            print(f"{r['model']:<14}{r.get('case', ''):<11}{r['tokens']:>7}  {r['impl']:<20}  {r.get('error', 'failed')}")
+            continue
+        speedup = f"{r['ftune_speedup']:>9.2f}" if r["ftune_speedup"] is not None else f"{'-':>9}"
+        graph = f"{r['graph_ms']:>10.3f}{r['ftune_graph_speedup']:>9.2f}" if "ftune_graph_speedup" in r else " " * 19
         print(
             f"{r['model']:<14}{r.get('case', ''):<11}{r['tokens']:>7}  {r['impl']:<20}{r['ms']:>9.3f}"
-            f"{r['ftune_speedup']:>9.2f}{graph}{r['working_mib']:>13.1f}"
+            f"{speedup}{graph}{r['working_mib']:>13.1f}"
         )

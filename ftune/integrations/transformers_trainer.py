@@ -14,7 +14,8 @@
   `TensorBoardCallback.logging_dir`, which its `on_train_begin` keeps when set.
 - `ParameterCountOnce` overrides the public `Trainer.floating_point_ops(inputs)`, which
   transformers calls at every step for `total_flos`: 6 x the main input's numel x
-  `model.num_parameters(exclude_embeddings=True)`, the last counted once instead of per step.
+  `model.num_parameters(exclude_embeddings=True)`, the last counted once instead of per step
+  (SFT and DPO; GRPO's inputs hold no `input_ids`, so transformers counts nothing there).
 
 tests/test_integrations_trainers.py holds a contract test for each.
 """

@@ -15,7 +15,7 @@
   `PeftModel.set_adapter` walks every module and sets `requires_grad` on every adapter's
   parameters twice a step; for a pass without gradients ftune sets the active adapter alone
   (`PeftModel.active_adapter`, the tuner's `active_adapter`, each tuner layer's `_active_adapter`,
-  checked against peft 0.21.2).
+  checked against peft 0.21.2, run with 0.21.0 on the H200).
 
 tests/test_integrations_trainers.py holds a contract test for each.
 """
@@ -71,27 +71,31 @@ class ReferenceAdapterSwitch:
     switch, in a DPO step bound by its Python (0.87 s on an H200, docs/benchmarks.md). Without
     gradients no flag is read, so while `_compute_loss` runs, a switch made under `torch.no_grad()`
     changes the active adapter alone; the trained adapter's parameters keep `requires_grad`
-    throughout, as after peft's switch back. The tuner layers are listed once, at the first step.
+    throughout, as after peft's switch back.
     """
 
-    _tuner_layers: list | None = None
+    # (the model, its tuner layers), listed at the first step and again if the trainer's model changes
+    _tuner_layers: tuple[object, list] | None = None
 
     def _compute_loss(self, model, inputs, return_outputs):
-        if self._tuner_layers is None:
-            self._tuner_layers = switchable_layers(self.model)
-        with switch_without_grad_flags(self.model, self._tuner_layers):
+        # TRL switches the adapters of accelerator.unwrap_model(self.model): self.model itself for
+        # one process and under DDP (transformers' Trainer keeps the wrapper in model_wrapped); a
+        # model that is not a peft model (FSDP's wrapper) gets peft's own switch
+        if self._tuner_layers is None or self._tuner_layers[0] is not self.model:
+            self._tuner_layers = (self.model, switchable_layers(self.model))
+        with switch_without_grad_flags(self.model, self._tuner_layers[1]):
             return super()._compute_loss(model, inputs, return_outputs)
 
 
 def switchable_layers(model) -> list:
     """The tuner layers of `model` whose active adapter `switch_without_grad_flags` sets, or [] for a
-    model it does not cover: not a peft model, prompt learning, auxiliary trainable modules
-    (modules_to_save, trainable tokens), which peft's switch also handles."""
-    from peft import PeftModel
+    model it does not cover: not a peft model, an adapter other than LoRA, auxiliary trainable
+    modules (modules_to_save, trainable tokens), which peft's switch also handles."""
+    from peft import PeftModel, PeftType
     from peft.tuners.tuners_utils import BaseTunerLayer
     from peft.utils.other import AuxiliaryTrainingWrapper
 
-    if not isinstance(model, PeftModel) or any(config.is_prompt_learning for config in model.peft_config.values()):
+    if not isinstance(model, PeftModel) or any(config.peft_type != PeftType.LORA for config in model.peft_config.values()):
         return []
     modules = list(model.modules())
     if any(isinstance(module, AuxiliaryTrainingWrapper) for module in modules):

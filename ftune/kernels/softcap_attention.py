@@ -79,21 +79,28 @@ def _compiled_flex_attention() -> Callable:
     return torch.compile(flex_attention)
 
 
-# FlexAttention's tiling for 256-wide heads (Gemma-2) on Hopper, where Inductor's default (forward
-# 64 x 32 tiles with 4 warps, backward 64 x 64 with 4 warps) leaves the tensor cores idle: one
-# full Gemma-2-9B layer at 8192 tokens, forward + backward, took 17.2 ms on an H200 by default,
-# 15.7 ms with these forward tiles and 14.3 ms with this backward
-# (benchmarks/kernels/bench_softcap_attention.py --kernel-options).
+# FlexAttention's tiling for 256-wide heads (Gemma-2) on Hopper, queries of at least 128 tokens.
+# One full Gemma-2-9B layer at 8192 tokens, forward + backward, takes 17.2 ms on an H200 with
+# Inductor's default (forward 64 x 32 tiles, 4 warps; backward 64 x 64, 4 warps), 15.7 ms with
+# these forward tiles and 14.3 ms with this backward
+# (benchmarks/kernels/bench_softcap_attention.py --kernel-options); both together take the
+# 8192-token Gemma-2-9B training step from 5,079-5,147 to 5,884 tok/s (docs/benchmarks.md).
 HOPPER_HEAD_DIM_256 = dict(fwd_BLOCK_M=128, fwd_BLOCK_N=64, fwd_num_warps=8, fwd_num_stages=2,
                            bwd_BLOCK_M1=64, bwd_BLOCK_N1=64, bwd_BLOCK_M2=64, bwd_BLOCK_N2=64, bwd_num_warps=8,
                            bwd_num_stages=2)
+# Below this many queries Inductor runs FlexAttention's decoding kernel, which sizes its row blocks
+# (and whether it checks their bounds) from the query length before it reads fwd_BLOCK_M.
+FLEX_DECODING_QUERIES = 128
 
 
-def flex_kernel_options(head_dim: int, capability: tuple[int, int] | None, dtype: torch.dtype) -> dict | None:
-    """The kernel options ftune gives FlexAttention for heads `head_dim` wide in `dtype` on a GPU of
-    this compute capability (None: not CUDA); None leaves Inductor's choice. The tiles were timed
-    in bf16: fp32 tiles of that size would not fit in shared memory."""
-    if capability == (9, 0) and head_dim == 256 and dtype in (torch.bfloat16, torch.float16):
+def flex_kernel_options(head_dim: int, capability: tuple[int, int] | None, dtype: torch.dtype,
+                        queries: int) -> dict | None:
+    """The kernel options ftune gives FlexAttention for `queries` queries with heads `head_dim` wide
+    in `dtype` on a GPU of this compute capability (None: not CUDA); None leaves Inductor's choice.
+    The tiles were timed in bf16 on long sequences: fp32 tiles of that size would not fit in shared
+    memory, and short queries run another kernel."""
+    if capability == (9, 0) and head_dim == 256 and dtype in (torch.bfloat16, torch.float16) and \
+            queries >= FLEX_DECODING_QUERIES:
         return HOPPER_HEAD_DIM_256
     return None
 
@@ -106,7 +113,7 @@ def attend_flex(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, blo
     attention = _compiled_flex_attention() if query.is_cuda else flex_attention
     if kernel_options is None and query.is_cuda:
         kernel_options = flex_kernel_options(query.shape[-1], torch.cuda.get_device_capability(query.device),
-                                             query.dtype)
+                                             query.dtype, query.shape[-2])
     return attention(query, key, value, score_mod=softcap_score_mod(softcap), block_mask=block_mask, scale=scaling,
                      enable_gqa=query.shape[1] != key.shape[1], kernel_options=kernel_options)
 

@@ -26,7 +26,6 @@ from trl import GRPOConfig, GRPOTrainer
 from ftune.checkpoints import AtomicCheckpoints
 from ftune.engine.decode_graphs import replay_decode_steps
 from ftune.errors import RecipeError
-from ftune.integrations.transformers_trainer import ParameterCountOnce
 from ftune.memory.estimate import PAGED_BATCH_TOKENS, PAGED_BLOCK_TOKENS
 from ftune.model import BuiltModel
 from ftune.recipe import Recipe
@@ -34,7 +33,7 @@ from ftune.workflows.common import finish_trainer, trainer_arguments
 from ftune.workflows.rewards import reward_functions
 
 
-class FtuneGRPOTrainer(AtomicCheckpoints, ParameterCountOnce, GRPOTrainer):
+class FtuneGRPOTrainer(AtomicCheckpoints, GRPOTrainer):
     """TRL's GRPOTrainer whose checkpoints are written aside and renamed into place."""
 
 

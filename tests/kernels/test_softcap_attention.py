@@ -107,16 +107,19 @@ def test_flex_path_matches_eager(sliding_window):
 
 
 def test_flex_tiling_only_where_measured():
-    """The tiling ftune gives FlexAttention is for 256-wide 16-bit heads on Hopper only, where it was
-    timed; its tiles divide FlexAttention's 128-token mask blocks, which FlexAttention requires."""
-    options = flex_kernel_options(256, (9, 0), torch.bfloat16)
+    """The tiling ftune gives FlexAttention is for 256-wide 16-bit heads on Hopper and queries long
+    enough for FlexAttention's main kernel, where it was timed (bf16, 8192 tokens); its tiles divide
+    FlexAttention's 128-token mask blocks, which FlexAttention requires."""
+    options = flex_kernel_options(256, (9, 0), torch.bfloat16, 8192)
     for name in ("fwd_BLOCK_M", "fwd_BLOCK_N", "bwd_BLOCK_M1", "bwd_BLOCK_N1", "bwd_BLOCK_M2", "bwd_BLOCK_N2"):
         assert 128 % options[name] == 0, name
-    assert flex_kernel_options(256, (9, 0), torch.float16) == options
-    assert flex_kernel_options(256, (9, 0), torch.float32) is None  # twice the shared memory per tile
-    assert flex_kernel_options(128, (9, 0), torch.bfloat16) is None
-    assert flex_kernel_options(256, (8, 0), torch.bfloat16) is None
-    assert flex_kernel_options(256, None, torch.bfloat16) is None
+    assert flex_kernel_options(256, (9, 0), torch.bfloat16, 128) == options
+    assert flex_kernel_options(256, (9, 0), torch.bfloat16, 127) is None  # the decoding kernel's sizes
+    assert flex_kernel_options(256, (9, 0), torch.bfloat16, 1) is None
+    assert flex_kernel_options(256, (9, 0), torch.float32, 8192) is None  # twice the shared memory per tile
+    assert flex_kernel_options(128, (9, 0), torch.bfloat16, 8192) is None
+    assert flex_kernel_options(256, (8, 0), torch.bfloat16, 8192) is None
+    assert flex_kernel_options(256, None, torch.bfloat16, 8192) is None
 
 
 @pytest.fixture
@@ -181,17 +184,19 @@ def test_refuses_what_it_does_not_compute():
 
 
 @gpu
+@pytest.mark.parametrize("tokens", [1536, 32, 16])
 @pytest.mark.parametrize("sliding_window", [None, 512])
-def test_compiled_flex_on_gemma2_9b_heads(sliding_window):
-    """Compiled FlexAttention at Gemma-2-9B's heads (16 query, 8 key, 256 wide, cap 50) over 1536
-    tokens in bf16: output and gradients no further from the fp32 eager result than bf16 eager is
-    (each measured as the largest error relative to the largest reference value)."""
+def test_compiled_flex_on_gemma2_9b_heads(sliding_window, tokens):
+    """Compiled FlexAttention at Gemma-2-9B's heads (16 query, 8 key, 256 wide, cap 50) in bf16, over
+    a sequence long enough for ftune's Hopper tiling and over short ones that FlexAttention's decoding
+    kernel runs: output and gradients no further from the fp32 eager result than bf16 eager is (each
+    measured as the largest error relative to the largest reference value)."""
     generator = torch.Generator(device="cuda").manual_seed(0)
     module = types.SimpleNamespace(num_key_value_groups=2, training=False, head_dim=256)
-    shapes = [(1, 16, 1536, 256), (1, 8, 1536, 256), (1, 8, 1536, 256)]
+    shapes = [(1, 16, tokens, 256), (1, 8, tokens, 256), (1, 8, tokens, 256)]
     inputs = [torch.randn(shape, device="cuda", generator=generator) * 3 for shape in shapes]
-    grad = torch.randn(1, 1536, 16, 256, device="cuda", generator=generator)
-    mask = _eager_mask(1536, 1536, sliding_window, batch=1).cuda()
+    grad = torch.randn(1, tokens, 16, 256, device="cuda", generator=generator)
+    mask = _eager_mask(tokens, tokens, sliding_window, batch=1).cuda()
     kwargs = dict(scaling=256 ** -0.5, softcap=50.0)
 
     def run(fn, dtype, attention_mask, **extra):
