@@ -215,3 +215,14 @@ def test_compare_table_on_cpu_sets_no_vram_estimate_beside_rss():
         text = console.file.getvalue()
         assert ("VRAM estimate" in text) is shown and ("512.00 MiB" in text) is shown
         assert ("not comparable" in text) is not shown
+
+
+def test_estimate_vram_names_the_modes_a_note_holds_for(monkeypatch, capsys):
+    """The shipped MoE recipe's unsloth column is a measured setting (tests/fixtures/family_peaks.json);
+    the note that the other modes are extrapolated names them, not the measured one."""
+    recipe = Path(__file__).resolve().parents[1] / "recipes" / "qlora-qwen3-30b-a3b.yaml"
+    monkeypatch.setenv("COLUMNS", "400")  # one line per note
+    code, output = run_cli(monkeypatch, capsys, "estimate-vram", str(recipe))
+    assert code in (0, None)
+    notes = [line for line in output.splitlines() if line.startswith("note")]
+    assert notes and all(line.startswith("note (none, true): ") for line in notes), notes

@@ -138,7 +138,10 @@ def _print_table(report: dict, results: list[tuple[dict, Estimate]], budget: int
                       f"{format_bytes(budget)}:[/] a smaller model or a larger card is needed.")
     notes = sorted({note for _, parts in results for note in parts.notes})
     for note in notes:
-        console.print(f"[dim]note: {note}[/]")
+        # a note that holds for some columns only names them (a measured mode beside extrapolated ones)
+        modes = [row["mode"] for row, parts in results if note in parts.notes]
+        which = "" if len(modes) == len(results) else f" ({', '.join(modes)})"
+        console.print(f"[dim]note{which}: {note}[/]")
     reserve = 1 - 1 / RESERVED_OVER_ALLOCATED
     fit = f" What fits --vram leaves {reserve:.0%} of it to the allocator's reserve." if budget is not None else ""
     console.print("[dim]GiB = 2^30 bytes; peak is allocated memory (the allocator reserves "
