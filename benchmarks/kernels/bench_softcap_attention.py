@@ -27,12 +27,11 @@ import types
 
 import torch
 from harness import DTYPES, measure, parse_args, report  # first: puts the repository on sys.path
+from torch.nn.attention.flex_attention import flex_attention
 from transformers.integrations.flex_attention import flex_attention_forward
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import eager_mask, sdpa_mask, sliding_window_causal_mask_function
 from transformers.models.gemma2.modeling_gemma2 import eager_attention_forward
-
-from torch.nn.attention.flex_attention import flex_attention
 
 from ftune.kernels.softcap_attention import causal_block_mask, softcap_attention, softcap_score_mod
 from ftune.presets import PRESETS
