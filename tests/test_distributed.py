@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
+import warnings
 
 import pytest
 import torch
@@ -24,15 +26,41 @@ PAUSING = pausing_train.SCRIPT
 MODES = ["none", "true", "unsloth"]
 
 
+def _root_cause_signal(stderr: str) -> int | None:
+    """The signal that killed the rank torchrun names as the root cause of a failed launch, if one did."""
+    root_cause = stderr.rpartition("Root Cause")[2]
+    match = re.search(r"exitcode\s*:\s*-(\d+)", root_cause)
+    return int(match.group(1)) if match else None
+
+
+def _crash_report(stderr: str) -> str:
+    """What a failed launch's stderr says: the stack faulthandler printed for a rank that crashed,
+    then the end, where torchrun names the rank that failed first."""
+    fatal = stderr.find("Fatal Python error")
+    stack = stderr[fatal:fatal + 4000] + "\n...\n" if fatal >= 0 else ""
+    return stack + stderr[-3000:]
+
+
 @pytest.fixture(scope="module")
 def distributed_grads(tmp_path_factory) -> dict[str, dict[str, dict[str, torch.Tensor]]]:
     """tests/distributed_grads.py on two gloo processes under torchrun, every mode of MODES under
     ddp and fsdp in the one launch: {strategy: {mode: gradients}}."""
     out = tmp_path_factory.mktemp("grads") / "grads.pt"
-    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                             os.path.join(os.path.dirname(__file__), "distributed_grads.py"), ",".join(MODES),
-                             str(out)], capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
+
+    def launch() -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                               os.path.join(os.path.dirname(__file__), "distributed_grads.py"), ",".join(MODES),
+                               str(out)], capture_output=True, text=True, timeout=300)
+
+    result = launch()
+    # CI (2026-12-03) saw rank 1 of this launch die of SIGSEGV once, below Python, while rank 0
+    # gathered gradients over gloo; 30 launches on two other CPUs did not repeat it. A launch
+    # whose rank a signal killed is made once more, the crash's stack (faulthandler's) kept in a
+    # warning; a second crash fails the test.
+    if result.returncode != 0 and _root_cause_signal(result.stderr) not in (None, signal.SIGTERM):
+        warnings.warn(f"a rank of the torchrun launch crashed; launched again. Its report:\n{_crash_report(result.stderr)}")
+        result = launch()
+    assert result.returncode == 0, _crash_report(result.stderr)
     grads = torch.load(out)
     assert {strategy: list(by_mode) for strategy, by_mode in grads.items()} == {"ddp": MODES, "fsdp": MODES}
     return grads
