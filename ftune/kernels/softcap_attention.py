@@ -29,6 +29,8 @@ from collections.abc import Callable
 import torch
 from torch.nn.attention.flex_attention import BlockMask, create_block_mask, create_mask, flex_attention
 
+from ftune.integrations.torch import compiled_with_variants
+
 MaskMod = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
@@ -72,11 +74,21 @@ def _compile_masks(device: torch.device) -> bool:
     return torch.device(device).type == "cuda"
 
 
+# Compiled variants of FlexAttention one process may need. A variant serves one grad mode, layer
+# kind (full or sliding window: the mask's closure), set of kernel options (long queries' tiling,
+# short queries' decoding kernel) and static or dynamic shapes: up to 2 x 2 x 2 x 2 in a Gemma-2
+# run that trains, evaluates and generates, past dynamo's default limit of 8. A call beyond the
+# limit runs flex_attention uncompiled, its dense reference: 147 ms and 33 GiB for one sliding
+# Gemma-2-9B layer at 8192 tokens, where the compiled kernel takes 17 ms (H200, 2026-12-03,
+# docs/benchmarks.md).
+FLEX_VARIANTS = 64
+
+
 @functools.cache
 def _compiled_flex_attention() -> Callable:
     # Uncompiled, flex_attention runs a dense reference implementation; compiled, the fused kernel.
     # Shapes are dynamic after the first recompile, so varying sequence lengths share one kernel.
-    return torch.compile(flex_attention)
+    return compiled_with_variants(flex_attention, FLEX_VARIANTS)
 
 
 # FlexAttention's tiling for 256-wide heads (Gemma-2) on Hopper, queries of at least 128 tokens.

@@ -211,3 +211,29 @@ def test_compiled_flex_on_gemma2_9b_heads(sliding_window, tokens):
         ours_error = (actual.float() - reference).abs().max() / scale
         eager_error = (eager_bf16.float() - reference).abs().max() / scale
         assert ours_error <= 1.5 * eager_error + 1e-3, (ours_error, eager_error)
+
+
+@gpu
+def test_a_run_s_kinds_of_flex_call_all_run_compiled():
+    """The kinds of FlexAttention call one Gemma-2 run makes (with and without gradients, full and
+    sliding layers, long queries with ftune's tiling and decoding-sized ones, in bf16 and fp32)
+    compile more variants than dynamo's default limit, and none of them runs uncompiled (which
+    would be FlexAttention's dense reference; ftune.kernels.softcap_attention.FLEX_VARIANTS)."""
+    from torch._dynamo.utils import counters
+
+    module = types.SimpleNamespace(num_key_value_groups=2, training=False, head_dim=256)
+    torch._dynamo.reset()
+    counters.clear()
+    with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True):  # a call past the limit raises
+        for dtype in (torch.bfloat16, torch.float32):
+            for tokens in (256, 16):
+                for sliding_window in (None, 64):
+                    for grad in (False, True):
+                        query, key, value = (torch.randn(1, heads, tokens, 256, device="cuda", dtype=dtype,
+                                                         requires_grad=grad) for heads in (16, 8, 8))
+                        with torch.set_grad_enabled(grad):
+                            output, _ = softcap_attention(module, query, key, value, None, scaling=256 ** -0.5,
+                                                          softcap=50.0, sliding_window=sliding_window)
+                        if grad:
+                            output.sum().backward()
+    assert counters["stats"]["unique_graphs"] > torch._dynamo.config.recompile_limit
