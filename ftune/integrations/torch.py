@@ -1,5 +1,5 @@
-"""PyTorch's pinned-memory allocator as ftune's offload uses it, and dynamo's recompile limit as
-ftune's compiled kernels need it. Checked against torch 2.11 (CUDA) and 2.13.
+"""PyTorch's pinned-memory allocator as ftune's offload uses it. Checked against torch 2.11 (CUDA)
+and 2.13.
 
 The engine's host buffers (ftune/engine/host_memory.py) are pinned so their copies run on a side
 stream. PyTorch pins a new block with one cudaHostAlloc on the calling thread: on an H200 host
@@ -18,20 +18,12 @@ that refuses the options pins the usual way.
 Freed pinned blocks stay in PyTorch's cache for reuse; `torch._C._accelerator_emptyHostCache`
 (torch 2.13; `_host_emptyCache` in 2.11, private too) gives those that no copy still uses back
 to the system.
-
-Dynamo compiles one variant of a function per set of guards (grad mode, dtypes, ranks, constants
-it reads) and, past `torch._dynamo.config.recompile_limit` variants (8), runs every new kind of
-call uncompiled. `compiled_with_variants` raises that limit during one function's calls alone:
-dynamo reads it when a call misses every compiled variant. (torch 2.13's torch.compile takes a
-`recompile_limit` of its own; this serves 2.11 too.)
 """
 
 from __future__ import annotations
 
-import functools
 import logging
 import os
-from collections.abc import Callable
 
 import torch
 
@@ -64,22 +56,3 @@ def return_pinned_memory() -> None:
     empty = getattr(torch._C, "_accelerator_emptyHostCache", None) or getattr(torch._C, "_host_emptyCache", None)
     if empty is not None:
         empty()
-
-
-def compiled_with_variants(function: Callable, variants: int, **compile_options) -> Callable:
-    """`torch.compile(function, **compile_options)` that may hold `variants` compiled variants (or
-    the process's limit, if higher) before a new kind of call runs uncompiled."""
-    compiled = torch.compile(function, **compile_options)
-    config = torch._dynamo.config
-
-    @functools.wraps(function)
-    def call(*args, **kwargs):
-        # set and restored by hand: 11 us a call on a 2-core CPU, where config.patch takes 43
-        limit = config.recompile_limit
-        config.recompile_limit = max(variants, limit)
-        try:
-            return compiled(*args, **kwargs)
-        finally:
-            config.recompile_limit = limit
-
-    return call
