@@ -253,31 +253,6 @@ def test_torch_takes_the_pinned_allocation_settings_ftune_makes(monkeypatch):
     assert not torch_integration.fast_pinned_allocation()  # pinned the usual way, no traceback
 
 
-def test_compiled_with_variants_compiles_past_dynamos_recompile_limit():
-    """Dynamo reads the recompile limit that `compiled_with_variants` patches in when a call misses:
-    12 kinds of call (tensors of 12 ranks, a guard dynamo never relaxes) get 12 compiled variants,
-    where a plain torch.compile stops at the process's limit and runs the rest uncompiled."""
-    from torch._dynamo.utils import counters
-
-    from ftune.integrations.torch import compiled_with_variants
-
-    def doubled(x):
-        return x * 2
-
-    def compiled_variants(function) -> int:
-        torch._dynamo.reset()
-        counters.clear()
-        for rank in range(1, 13):
-            assert torch.equal(function(torch.ones([1] * rank)), torch.full([1] * rank, 2.0))
-        return counters["stats"]["unique_graphs"]
-
-    limit = torch._dynamo.config.recompile_limit
-    assert limit < 12
-    assert compiled_variants(compiled_with_variants(doubled, 16, backend="eager")) == 12
-    assert compiled_variants(torch.compile(doubled, backend="eager")) == limit
-    assert torch._dynamo.config.recompile_limit == limit  # patched for the calls alone
-
-
 @pytest.mark.gpu
 def test_gpu_cuda_parses_the_pinning_options():
     if not torch.cuda.is_available():

@@ -29,7 +29,7 @@ from collections.abc import Callable
 import torch
 from torch.nn.attention.flex_attention import BlockMask, create_block_mask, create_mask, flex_attention
 
-from ftune.integrations.torch import compiled_with_variants
+from ftune.kernels.utils import compiled_with_variants
 
 MaskMod = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -77,10 +77,12 @@ def _compile_masks(device: torch.device) -> bool:
 # Compiled variants of FlexAttention one process may need. A variant serves one grad mode, layer
 # kind (full or sliding window: the mask's closure), set of kernel options (long queries' tiling,
 # short queries' decoding kernel) and static or dynamic shapes: up to 2 x 2 x 2 x 2 in a Gemma-2
-# run that trains, evaluates and generates, past dynamo's default limit of 8. A call beyond the
-# limit runs flex_attention uncompiled, its dense reference: 147 ms and 33 GiB for one sliding
-# Gemma-2-9B layer at 8192 tokens, where the compiled kernel takes 17 ms (H200, 2026-12-03,
-# docs/benchmarks.md).
+# run that trains, evaluates and generates, past dynamo's default limit of 8; padded batches,
+# whose masks are closures over mask tensors, add more. A call beyond the limit runs
+# flex_attention uncompiled, its dense reference: 147 ms and 33 GiB for one sliding Gemma-2-9B
+# layer at 8192 tokens, where the compiled kernel takes 17 ms (H200, 2026-12-03,
+# docs/benchmarks.md). The limit is a ceiling, not a count: a variant costs its compile once, when
+# a new kind of call first comes, so it is set at four times what the kinds above need.
 FLEX_VARIANTS = 64
 
 
@@ -95,8 +97,9 @@ def _compiled_flex_attention() -> Callable:
 # One full Gemma-2-9B layer at 8192 tokens, forward + backward, takes 17.2 ms on an H200 with
 # Inductor's default (forward 64 x 32 tiles, 4 warps; backward 64 x 64, 4 warps), 15.7 ms with
 # these forward tiles and 14.3 ms with this backward
-# (benchmarks/kernels/bench_softcap_attention.py --kernel-options); both together take the
-# 8192-token Gemma-2-9B training step from 5,079-5,147 to 5,884 tok/s (docs/benchmarks.md).
+# (benchmarks/kernels/bench_softcap_attention.py --kernel-options). With both, the 8192-token
+# Gemma-2-9B training step ran 5,884 tok/s, the baseline 3,671 in the same call; calls before the
+# tiling read 5,079-5,147 (docs/benchmarks.md).
 HOPPER_HEAD_DIM_256 = dict(fwd_BLOCK_M=128, fwd_BLOCK_N=64, fwd_num_warps=8, fwd_num_stages=2,
                            bwd_BLOCK_M1=64, bwd_BLOCK_N1=64, bwd_BLOCK_M2=64, bwd_BLOCK_N2=64, bwd_num_warps=8,
                            bwd_num_stages=2)
@@ -109,8 +112,9 @@ def flex_kernel_options(head_dim: int, capability: tuple[int, int] | None, dtype
                         queries: int) -> dict | None:
     """The kernel options ftune gives FlexAttention for `queries` queries with heads `head_dim` wide
     in `dtype` on a GPU of this compute capability (None: not CUDA); None leaves Inductor's choice.
-    The tiles were timed in bf16 on long sequences: fp32 tiles of that size would not fit in shared
-    memory, and short queries run another kernel."""
+    The tiles were timed in bf16 on long sequences; fp16 takes them untimed (elements of the same
+    size, so the same shared memory); fp32 tiles of that size would not fit in shared memory, and
+    short queries run another kernel."""
     if capability == (9, 0) and head_dim == 256 and dtype in (torch.bfloat16, torch.float16) and \
             queries >= FLEX_DECODING_QUERIES:
         return HOPPER_HEAD_DIM_256

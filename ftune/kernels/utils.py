@@ -1,6 +1,11 @@
-"""What the kernels share: where Triton can run, and how wide a block to launch."""
+"""What the kernels share: where Triton can run, how wide a block to launch, and how many variants
+of a compiled op dynamo keeps."""
 
 from __future__ import annotations
+
+import functools
+import types
+from collections.abc import Callable
 
 import torch
 import triton
@@ -86,3 +91,33 @@ def num_programs(device: torch.device) -> int:
     # The interpreter runs programs one after the other; a few are enough to exercise the
     # cross-program reduction in tests.
     return 4
+
+
+def compiled_with_variants(function: Callable, variants: int, **compile_options) -> Callable:
+    """`torch.compile(function, **compile_options)` that keeps up to `variants` compiled variants
+    (or the process's limit, if higher) before a new kind of call would run uncompiled.
+
+    Dynamo compiles one variant per set of guards a call meets (grad mode, dtypes, ranks, the
+    constants it reads), keeps them on the function's code object, and past
+    `torch._dynamo.config.recompile_limit` (8) runs every new kind of call uncompiled, for good:
+    once hit, the code object runs uncompiled whatever the limit later reads. So this compiles a
+    copy of `function` with a code object of its own (what other compiles of `function` in the
+    process do leaves its count alone) and raises the limit during its calls, where dynamo reads
+    it. Checked against torch 2.11 and 2.13 (whose torch.compile also takes a recompile_limit)."""
+    copy = types.FunctionType(function.__code__.replace(), function.__globals__, function.__name__,
+                              function.__defaults__, function.__closure__)
+    copy.__kwdefaults__, copy.__qualname__, copy.__doc__ = function.__kwdefaults__, function.__qualname__, function.__doc__
+    compiled = torch.compile(copy, **compile_options)
+    config = torch._dynamo.config
+
+    @functools.wraps(function)
+    def call(*args, **kwargs):
+        # set and restored by hand: 11 us a call on a 2-core CPU, where config.patch takes 43
+        limit = config.recompile_limit
+        config.recompile_limit = max(variants, limit)
+        try:
+            return compiled(*args, **kwargs)
+        finally:
+            config.recompile_limit = limit
+
+    return call
