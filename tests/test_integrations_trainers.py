@@ -23,8 +23,8 @@ from transformers.trainer_utils import rotate_checkpoints
 from ftune.integrations import transformers_trainer as trainer_patches
 from ftune.integrations.transformers_trainer import (STAGING, BestCheckpoint, ContinueWithNewLearningRate,
                                                      ParameterCountOnce, StagedCheckpoints, run_trackers_last)
-from ftune.integrations.trl import (LossFromModel, ReferenceAdapterSwitch, switch_without_grad_flags,
-                                    switchable_layers)
+from ftune.integrations.peft import switch_without_grad_flags, switchable_layers
+from ftune.integrations.trl import LossFromModel, ReferenceAdapterSwitch
 from tests.conftest import REPO
 
 TRAINER_MOVED = (f"transformers {transformers.__version__} changed what ftune/integrations/transformers_trainer.py "
@@ -71,6 +71,13 @@ def test_floating_point_ops_as_transformers_counts_them_with_one_parameter_count
         assert trainer.floating_point_ops(inputs) == Trainer.floating_point_ops(trainer, inputs), TRAINER_MOVED
     assert len(counts) == 1 + 3  # ours once, transformers' at every call
     assert trainer.floating_point_ops({"labels": torch.zeros(2, 3)}) == 0  # no main input: no count, as upstream
+
+    from peft import LoraConfig, get_peft_model  # a model whose adapters change: counted again
+
+    trainer.model = get_peft_model(_tiny_model(), LoraConfig(r=4, target_modules=["q_proj"]))
+    for model in (trainer.model, trainer.model.add_adapter("other", LoraConfig(r=8, target_modules=["v_proj"]))):
+        inputs = {"input_ids": torch.zeros(2, 5, dtype=torch.long)}
+        assert trainer.floating_point_ops(inputs) == Trainer.floating_point_ops(trainer, inputs)
 
 
 def test_save_checkpoint_writes_into_output_dir_as_read_at_the_call(tmp_path):
@@ -271,6 +278,19 @@ def test_dpo_reference_pass_switches_adapters_without_peft_walks(tmp_path, monke
         model.set_adapter("ref")  # with gradients on: peft's own switch
         model.set_adapter("default")
     assert switches
+    switches.clear()
+    with torch.no_grad(), switch_without_grad_flags(model, switchable_layers(model)):
+        model.set_adapter("ref", inference_mode=True)  # it freezes the adapter: peft's own switch,
+        model.set_adapter("default")  # which froze "default" too: peft's switch back marks it again
+    assert len(switches) == 2 * len(layers)
+    assert all(p.requires_grad for n, p in model.named_parameters() if ".default." in n)
+
+    # an adapter added between steps targets other modules: the switch lists its layers too
+    model.add_adapter("extra", LoraConfig(r=4, target_modules=["k_proj"]))
+    model.set_adapter("default")
+    trainer._compute_loss(model, dict(inputs), False)
+    assert set(trainer._switchable[2]) == set(m for m in model.modules() if isinstance(m, BaseTunerLayer))
+    assert len(trainer._switchable[2]) > len(layers)
 
 
 def test_quick_adapter_switch_leaves_auxiliary_modules_to_peft():

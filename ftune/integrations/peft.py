@@ -17,6 +17,11 @@ How the fused paths run is read from `LoRAExecution`, a context variable the che
 sets around a layer's recompute (ftune/engine/halves.py) and nothing else changes: the matrices
 it holds through the layer's chunks and backward, and the projections whose output only the
 backward reads. Outside the engine the defaults hold: nothing held, every output read.
+
+`switch_without_grad_flags` switches the active adapter of a LoRA model under `torch.no_grad()`
+without `PeftModel.set_adapter`'s walk of every module, which also re-marks `requires_grad` (for
+DPO's reference pass, integrations/trl.py): it sets `PeftModel.active_adapter`, the tuner's
+`active_adapter` and each tuner layer's `_active_adapter`.
 """
 
 from __future__ import annotations
@@ -254,3 +259,50 @@ def install_lora_forward(model: nn.Module) -> int:
             layer._ftune_peft_forward = layer.forward
             layer.forward = types.MethodType(lora_forward, layer)
     return len(layers)
+
+
+def switchable_layers(model) -> list:
+    """The tuner layers of `model` whose active adapter `switch_without_grad_flags` sets, or [] for a
+    model it does not cover: not a peft model, an adapter other than LoRA, auxiliary trainable
+    modules (modules_to_save, trainable tokens), which peft's switch also handles."""
+    from peft import PeftModel, PeftType
+    from peft.tuners.tuners_utils import BaseTunerLayer
+    from peft.utils.other import AuxiliaryTrainingWrapper
+
+    if not isinstance(model, PeftModel) or any(config.peft_type != PeftType.LORA for config in model.peft_config.values()):
+        return []
+    modules = list(model.modules())
+    if any(isinstance(module, AuxiliaryTrainingWrapper) for module in modules):
+        return []
+    return [module for module in modules if isinstance(module, BaseTunerLayer)]
+
+
+@contextlib.contextmanager
+def switch_without_grad_flags(model, layers: list) -> Iterator[None]:
+    """Within the context, `model.set_adapter(name)` under `torch.no_grad()` makes `name` the active
+    adapter of `model` (a peft model) and of its tuner `layers` (`switchable_layers`) without
+    touching any parameter. With gradients on, with `inference_mode` (which freezes the adapter),
+    without layers, or with a merged layer, peft's own `set_adapter` runs, and once it has run,
+    every later switch in the context too: peft's switch re-marks which adapter trains, and only
+    its switch back marks the trained one again."""
+    if not layers or "set_adapter" in model.__dict__ or any(layer.merged for layer in layers):
+        yield
+        return
+    peft_set_adapter = model.set_adapter
+    flags_changed = False
+
+    def set_adapter(adapter_name: str, inference_mode: bool = False) -> None:
+        nonlocal flags_changed
+        if flags_changed or torch.is_grad_enabled() or inference_mode or adapter_name not in model.peft_config:
+            flags_changed = True
+            return peft_set_adapter(adapter_name, inference_mode=inference_mode)
+        model.active_adapter = adapter_name
+        model.base_model.active_adapter = adapter_name
+        for layer in layers:
+            layer._active_adapter = [adapter_name]
+
+    model.set_adapter = set_adapter
+    try:
+        yield
+    finally:
+        del model.set_adapter

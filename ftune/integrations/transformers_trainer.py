@@ -14,8 +14,9 @@
   `TensorBoardCallback.logging_dir`, which its `on_train_begin` keeps when set.
 - `ParameterCountOnce` overrides the public `Trainer.floating_point_ops(inputs)`, which
   transformers calls at every step for `total_flos`: 6 x the main input's numel x
-  `model.num_parameters(exclude_embeddings=True)`, the last counted once instead of per step
-  (SFT and DPO; GRPO's inputs hold no `input_ids`, so transformers counts nothing there).
+  `model.num_parameters(exclude_embeddings=True)`, the last counted once per model and set of
+  adapters instead of per step (SFT and DPO; GRPO's inputs hold no `input_ids`, so transformers
+  counts nothing there).
 
 tests/test_integrations_trainers.py holds a contract test for each.
 """
@@ -83,19 +84,23 @@ class StagedCheckpoints:
 
 class ParameterCountOnce:
     """Trainer mixin: the FLOPs transformers adds up per step (`total_flos` in trainer_state.json)
-    from a parameter count taken once. transformers recounts every parameter at every step: a
-    walk of every module, 15-19 ms of CPU for a 32-layer peft model on a 2-core CPU, in a DPO step
-    bound by its Python (0.87 s on an H200, docs/benchmarks.md)."""
+    from a parameter count taken once per model and set of adapters. transformers recounts every
+    parameter at every step: a walk of every module, 15-19 ms of CPU for a 32-layer peft model on a
+    2-core CPU, in a DPO step whose CPU time is eight times its GPU time (a traced 8B step on an
+    H200, docs/benchmarks.md)."""
 
-    _parameters_without_embeddings: int | None = None
+    # (the model, its adapters' names, its parameters without the embeddings)
+    _parameter_count: tuple[object, tuple[str, ...], int] | None = None
 
     def floating_point_ops(self, inputs) -> int:
         main_input = getattr(self.model, "main_input_name", "input_ids")
         if main_input not in inputs or not hasattr(self.model, "num_parameters"):
             return 0
-        if self._parameters_without_embeddings is None:
-            self._parameters_without_embeddings = self.model.num_parameters(exclude_embeddings=True)
-        return 6 * inputs[main_input].numel() * self._parameters_without_embeddings
+        adapters = tuple(getattr(self.model, "peft_config", ()))
+        count = self._parameter_count
+        if count is None or count[0] is not self.model or count[1] != adapters:
+            count = self._parameter_count = (self.model, adapters, self.model.num_parameters(exclude_embeddings=True))
+        return 6 * inputs[main_input].numel() * count[2]
 
 
 class BestCheckpoint(TrainerCallback):

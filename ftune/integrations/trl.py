@@ -11,21 +11,17 @@
 
 - `ReferenceAdapterSwitch` wraps `DPOTrainer._compute_loss(model, inputs, return_outputs)`, whose
   reference pass (no ref_model, a peft model) runs inside `trl.trainer.utils.use_adapter`: under
-  `torch.no_grad()`, `model.set_adapter("ref")`, then `model.set_adapter(previous)`. peft's
-  `PeftModel.set_adapter` walks every module and sets `requires_grad` on every adapter's
-  parameters twice a step; for a pass without gradients ftune sets the active adapter alone
-  (`PeftModel.active_adapter`, the tuner's `active_adapter`, each tuner layer's `_active_adapter`,
-  checked against peft 0.21.2, run with 0.21.0 on the H200).
+  `torch.no_grad()`, `model.set_adapter("ref")`, then `model.set_adapter(previous)`. Within it,
+  peft's switch is `integrations.peft.switch_without_grad_flags`.
 
 tests/test_integrations_trainers.py holds a contract test for each.
 """
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
-
 import torch
+
+from ftune.integrations.peft import switch_without_grad_flags, switchable_layers
 
 
 class LossFromModel:
@@ -68,62 +64,22 @@ class ReferenceAdapterSwitch:
     TRL's reference pass sets the frozen copy `ref` active and the trained adapter back, each time
     through peft's `set_adapter`, which also re-marks which adapter trains: two walks of every
     module a step, 61-63 ms of CPU for a 32-layer model on a 2-core CPU against 2.6 ms with this
-    switch, in a DPO step bound by its Python (0.87 s on an H200, docs/benchmarks.md). Without
-    gradients no flag is read, so while `_compute_loss` runs, a switch made under `torch.no_grad()`
-    changes the active adapter alone; the trained adapter's parameters keep `requires_grad`
-    throughout, as after peft's switch back.
+    switch, in a DPO step whose CPU time is eight times its GPU time (a traced 8B step on an H200,
+    docs/benchmarks.md). Without gradients no flag is read, so while `_compute_loss` runs, a switch
+    made under `torch.no_grad()` changes the active adapter alone (integrations/peft.py,
+    `switch_without_grad_flags`); the trained adapter's parameters keep `requires_grad` throughout,
+    as after peft's switch back.
     """
 
-    # (the model, its tuner layers), listed at the first step and again if the trainer's model changes
-    _tuner_layers: tuple[object, list] | None = None
+    # (the model, its adapters' names, its tuner layers): listed again when the model or its adapters change
+    _switchable: tuple[object, tuple[str, ...], list] | None = None
 
     def _compute_loss(self, model, inputs, return_outputs):
         # TRL switches the adapters of accelerator.unwrap_model(self.model): self.model itself for
-        # one process and under DDP (transformers' Trainer keeps the wrapper in model_wrapped); a
-        # model that is not a peft model (FSDP's wrapper) gets peft's own switch
-        if self._tuner_layers is None or self._tuner_layers[0] is not self.model:
-            self._tuner_layers = (self.model, switchable_layers(self.model))
-        with switch_without_grad_flags(self.model, self._tuner_layers[1]):
+        # one process and under DDP (transformers' Trainer keeps the wrapper in model_wrapped); the
+        # recipe refuses DPO under fsdp
+        adapters = tuple(getattr(self.model, "peft_config", ()))
+        if self._switchable is None or self._switchable[0] is not self.model or self._switchable[1] != adapters:
+            self._switchable = (self.model, adapters, switchable_layers(self.model))
+        with switch_without_grad_flags(self.model, self._switchable[2]):
             return super()._compute_loss(model, inputs, return_outputs)
-
-
-def switchable_layers(model) -> list:
-    """The tuner layers of `model` whose active adapter `switch_without_grad_flags` sets, or [] for a
-    model it does not cover: not a peft model, an adapter other than LoRA, auxiliary trainable
-    modules (modules_to_save, trainable tokens), which peft's switch also handles."""
-    from peft import PeftModel, PeftType
-    from peft.tuners.tuners_utils import BaseTunerLayer
-    from peft.utils.other import AuxiliaryTrainingWrapper
-
-    if not isinstance(model, PeftModel) or any(config.peft_type != PeftType.LORA for config in model.peft_config.values()):
-        return []
-    modules = list(model.modules())
-    if any(isinstance(module, AuxiliaryTrainingWrapper) for module in modules):
-        return []
-    return [module for module in modules if isinstance(module, BaseTunerLayer)]
-
-
-@contextlib.contextmanager
-def switch_without_grad_flags(model, layers: list) -> Iterator[None]:
-    """Within the context, `model.set_adapter(name)` under `torch.no_grad()` makes `name` the active
-    adapter of `model` (a peft model) and of its tuner `layers` (`switchable_layers`) without
-    touching any parameter. With gradients on, without layers, or with a merged layer, peft's own
-    `set_adapter` runs."""
-    if not layers or "set_adapter" in model.__dict__ or any(layer.merged for layer in layers):
-        yield
-        return
-    peft_set_adapter = model.set_adapter
-
-    def set_adapter(adapter_name: str, inference_mode: bool = False) -> None:
-        if torch.is_grad_enabled() or adapter_name not in model.peft_config:
-            return peft_set_adapter(adapter_name, inference_mode=inference_mode)
-        model.active_adapter = adapter_name
-        model.base_model.active_adapter = adapter_name
-        for layer in layers:
-            layer._active_adapter = [adapter_name]
-
-    model.set_adapter = set_adapter
-    try:
-        yield
-    finally:
-        del model.set_adapter
