@@ -56,9 +56,9 @@ def distributed_grads(tmp_path_factory) -> dict[str, dict[str, dict[str, torch.T
 
     result = launch()
     # CI (2026-12-03) saw rank 1 of this launch die of SIGSEGV once, below Python, while rank 0
-    # gathered gradients over gloo; 30 launches on two other CPUs did not repeat it. A launch
-    # whose rank a signal killed is made once more, the crash's stack (faulthandler's) kept in a
-    # warning; a second crash fails the test.
+    # gathered gradients over gloo; 24 launches on a development machine (AVX-512 and AVX2
+    # kernels) did not repeat it. A launch whose rank a signal killed is made once more, the
+    # crash's stack (faulthandler's) kept in a warning; a second crash fails the test.
     if result.returncode != 0 and _crash_signals(result.stderr):
         warnings.warn(f"a rank of the torchrun launch crashed; launched again. Its report:\n{_crash_report(result.stderr)}")
         result = launch()
