@@ -13,7 +13,6 @@ gradients of each. One launch for all of them: starting the processes costs more
 
 from __future__ import annotations
 
-import faulthandler
 import os
 import sys
 from pathlib import Path
@@ -89,7 +88,6 @@ def fsdp_gradients(model, mesh, half: torch.Tensor) -> dict[str, torch.Tensor]:
 
 def main(modes: str, out: str) -> None:
     """OUT holds {"ddp": {mode: gradients}, "fsdp": {mode: gradients}}."""
-    faulthandler.enable()  # a rank that crashes below Python prints where (tests/test_distributed.py shows it)
     torch.set_num_threads(1)
     modes = modes.split(",")
     # Before the process group: with one initialized, transformers' save_pretrained (building the

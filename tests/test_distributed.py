@@ -28,10 +28,10 @@ MODES = ["none", "true", "unsloth"]
 
 def _crash_signals(stderr: str) -> set[int]:
     """The signals that ended ranks of a failed launch, as torchrun reports each rank's exit code,
-    without the SIGTERM it sends the ranks still running. All ranks', not only the one it names the
-    root cause: a rank whose collective a crashed peer broke exits in the same second, and torchrun
-    may name it first."""
-    return {int(code) for code in re.findall(r"exitcode\s*:\s*-(\d+)", stderr)} - {signal.SIGTERM}
+    without the SIGTERM it sends the ranks still running and the SIGKILL that follows for one that
+    hangs. All ranks', not only the one it names the root cause: a rank whose collective a crashed
+    peer broke exits in the same second, and torchrun may name it first."""
+    return {int(code) for code in re.findall(r"exitcode\s*:\s*-(\d+)", stderr)} - {signal.SIGTERM, signal.SIGKILL}
 
 
 def _crash_report(stderr: str) -> str:
@@ -52,7 +52,8 @@ def distributed_grads(tmp_path_factory) -> dict[str, dict[str, dict[str, torch.T
     def launch() -> subprocess.CompletedProcess:
         return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                                os.path.join(os.path.dirname(__file__), "distributed_grads.py"), ",".join(MODES),
-                               str(out)], capture_output=True, text=True, timeout=300)
+                               str(out)], capture_output=True, text=True, timeout=300,
+                              env={**os.environ, "PYTHONFAULTHANDLER": "1"})  # a crash prints its stack
 
     result = launch()
     # CI (2026-12-03) saw rank 1 of this launch die of SIGSEGV once, below Python, while rank 0
@@ -96,6 +97,7 @@ def test_a_crashed_rank_is_found_wherever_torchrun_lists_it():
     ranks still running, and a rank's plain exit code, are no crash."""
     assert _crash_signals(CRASH_NAMED_SECOND) == {signal.SIGSEGV}
     assert _crash_signals(CRASH_NAMED_SECOND.replace("-11", "-15")) == set()
+    assert _crash_signals(CRASH_NAMED_SECOND.replace("-11", "-9")) == set()
     report = _crash_report(CRASH_NAMED_SECOND + "x" * 5000)
     assert report.startswith("Fatal Python error: Segmentation fault") and report.endswith("x" * 3000)
     assert _crash_report(CRASH_NAMED_SECOND).count("Fatal Python error") == 1

@@ -75,9 +75,15 @@ def test_floating_point_ops_as_transformers_counts_them_with_one_parameter_count
     from peft import LoraConfig, get_peft_model  # a model whose adapters change: counted again
 
     trainer.model = get_peft_model(_tiny_model(), LoraConfig(r=4, target_modules=["q_proj"]))
-    for model in (trainer.model, trainer.model.add_adapter("other", LoraConfig(r=8, target_modules=["v_proj"]))):
-        inputs = {"input_ids": torch.zeros(2, 5, dtype=torch.long)}
-        assert trainer.floating_point_ops(inputs) == Trainer.floating_point_ops(trainer, inputs)
+    inputs = {"input_ids": torch.zeros(2, 5, dtype=torch.long)}
+    counted = []
+    for change in (lambda: None, lambda: trainer.model.add_adapter("other", LoraConfig(r=8, target_modules=["v_proj"])),
+                   lambda: trainer.model.delete_adapter("other"),  # and added again, with other targets
+                   lambda: trainer.model.add_adapter("other", LoraConfig(r=8, target_modules=["k_proj", "o_proj"]))):
+        change()
+        counted.append(trainer.floating_point_ops(inputs))
+        assert counted[-1] == Trainer.floating_point_ops(trainer, inputs)
+    assert counted[0] < counted[1] and counted[2] == counted[0] < counted[3]
 
 
 def test_save_checkpoint_writes_into_output_dir_as_read_at_the_call(tmp_path):

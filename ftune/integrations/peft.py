@@ -261,6 +261,13 @@ def install_lora_forward(model: nn.Module) -> int:
     return len(layers)
 
 
+def adapters_of(model) -> tuple[tuple[str, int], ...]:
+    """What tells one set of a model's adapters from another: each adapter's name and the identity
+    of its config (peft keeps the object `add_adapter` was given); () without peft. An adapter
+    deleted and added again with the same config object reads as unchanged."""
+    return tuple((name, id(config)) for name, config in getattr(model, "peft_config", {}).items())
+
+
 def switchable_layers(model) -> list:
     """The tuner layers of `model` whose active adapter `switch_without_grad_flags` sets, or [] for a
     model it does not cover: not a peft model, an adapter other than LoRA, auxiliary trainable

@@ -31,6 +31,8 @@ import torch
 from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import rotate_checkpoints
 
+from ftune.integrations.peft import adapters_of
+
 STAGING = ".staging"
 
 
@@ -89,14 +91,14 @@ class ParameterCountOnce:
     2-core CPU, in a DPO step whose CPU time is eight times its GPU time (a traced 8B step on an
     H200, docs/benchmarks.md)."""
 
-    # (the model, its adapters' names, its parameters without the embeddings)
-    _parameter_count: tuple[object, tuple[str, ...], int] | None = None
+    # (the model, its adapters (peft.adapters_of), its parameters without the embeddings)
+    _parameter_count: tuple[object, tuple, int] | None = None
 
     def floating_point_ops(self, inputs) -> int:
         main_input = getattr(self.model, "main_input_name", "input_ids")
         if main_input not in inputs or not hasattr(self.model, "num_parameters"):
             return 0
-        adapters = tuple(getattr(self.model, "peft_config", ()))
+        adapters = adapters_of(self.model)
         count = self._parameter_count
         if count is None or count[0] is not self.model or count[1] != adapters:
             count = self._parameter_count = (self.model, adapters, self.model.num_parameters(exclude_embeddings=True))

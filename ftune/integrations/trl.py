@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import torch
 
-from ftune.integrations.peft import switch_without_grad_flags, switchable_layers
+from ftune.integrations.peft import adapters_of, switch_without_grad_flags, switchable_layers
 
 
 class LossFromModel:
@@ -71,14 +71,14 @@ class ReferenceAdapterSwitch:
     as after peft's switch back.
     """
 
-    # (the model, its adapters' names, its tuner layers): listed again when the model or its adapters change
-    _switchable: tuple[object, tuple[str, ...], list] | None = None
+    # (the model, its adapters (peft.adapters_of), its tuner layers): listed again when either changes
+    _switchable: tuple[object, tuple, list] | None = None
 
     def _compute_loss(self, model, inputs, return_outputs):
         # TRL switches the adapters of accelerator.unwrap_model(self.model): self.model itself for
         # one process and under DDP (transformers' Trainer keeps the wrapper in model_wrapped); the
         # recipe refuses DPO under fsdp
-        adapters = tuple(getattr(self.model, "peft_config", ()))
+        adapters = adapters_of(self.model)
         if self._switchable is None or self._switchable[0] is not self.model or self._switchable[1] != adapters:
             self._switchable = (self.model, adapters, switchable_layers(self.model))
         with switch_without_grad_flags(self.model, self._switchable[2]):

@@ -80,7 +80,7 @@ def _compile_masks(device: torch.device) -> bool:
 # run that trains, evaluates and generates, past dynamo's default limit of 8; padded batches,
 # whose masks are closures over mask tensors, add more. A call beyond the limit runs
 # flex_attention uncompiled, its dense reference: 147 ms and 33 GiB for one sliding Gemma-2-9B
-# layer at 8192 tokens, where the compiled kernel takes 17 ms (H200, 2026-12-03,
+# layer at 8192 tokens, where the compiled kernel takes 17 ms for a full one (H200, 2026-12-03,
 # docs/benchmarks.md). The limit is a ceiling, not a count: a variant costs its compile once, when
 # a new kind of call first comes, so it is set at four times what the kinds above need.
 FLEX_VARIANTS = 64

@@ -217,13 +217,14 @@ def test_compiled_flex_on_gemma2_9b_heads(sliding_window, tokens):
 def test_a_run_s_kinds_of_flex_call_all_run_compiled():
     """The kinds of FlexAttention call one Gemma-2 run makes (with and without gradients, full and
     sliding layers, long queries with ftune's tiling and decoding-sized ones, in bf16 and fp32)
-    compile more variants than dynamo's default limit, and none of them runs uncompiled (which
-    would be FlexAttention's dense reference; ftune.kernels.softcap_attention.FLEX_VARIANTS)."""
-    from torch._dynamo.utils import counters
+    compile more variants of FlexAttention than dynamo's default limit, and none of them runs
+    uncompiled (which would be FlexAttention's dense reference; softcap_attention.FLEX_VARIANTS)."""
+    from torch._dynamo.eval_frame import _debug_get_cache_entry_list
+
+    from ftune.kernels.softcap_attention import _compiled_flex_attention
 
     module = types.SimpleNamespace(num_key_value_groups=2, training=False, head_dim=256)
     torch._dynamo.reset()
-    counters.clear()
     with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True):  # a call past the limit raises
         for dtype in (torch.bfloat16, torch.float32):
             for tokens in (256, 16):
@@ -236,4 +237,5 @@ def test_a_run_s_kinds_of_flex_call_all_run_compiled():
                                                           softcap=50.0, sliding_window=sliding_window)
                         if grad:
                             output.sum().backward()
-    assert counters["stats"]["unique_graphs"] > torch._dynamo.config.recompile_limit
+    variants = _debug_get_cache_entry_list(_compiled_flex_attention().compiled_code)
+    assert len(variants) > torch._dynamo.config.recompile_limit

@@ -1,6 +1,7 @@
 """ftune/kernels/utils.py: compiled_with_variants against dynamo's recompile limit."""
 
 import torch
+from torch._dynamo.eval_frame import _debug_get_cache_entry_list
 from torch._dynamo.utils import counters
 
 from ftune.kernels.utils import compiled_with_variants
@@ -27,7 +28,9 @@ def test_compiles_past_dynamos_recompile_limit():
     torch._dynamo.reset()
     limit = torch._dynamo.config.recompile_limit
     assert limit < KINDS
-    assert _compiled_kinds(compiled_with_variants(doubled, 16, backend="eager")) == KINDS
+    ours = compiled_with_variants(doubled, 16, backend="eager")
+    assert _compiled_kinds(ours) == KINDS
+    assert len(_debug_get_cache_entry_list(ours.compiled_code)) == KINDS  # kept on the copy's code
     assert torch._dynamo.config.recompile_limit == limit
     assert _compiled_kinds(torch.compile(doubled, backend="eager")) == limit
 
