@@ -241,7 +241,10 @@ class _DPO(ReferenceAdapterSwitch, trl.DPOTrainer):
 def test_dpo_reference_pass_switches_adapters_without_peft_walks(tmp_path, monkeypatch):
     """The loss with the quick switch is TRL's own, with a trained adapter unlike its frozen `ref`
     copy (a switch that missed a layer would mix the two); no tuner layer's set_adapter runs (peft's
-    requires_grad walk); afterwards the trained adapter is active and trainable, `ref` frozen."""
+    requires_grad walk); afterwards the trained adapter is active and trainable, `ref` frozen. With
+    gradients on or inference_mode, peft's switch runs, and after it every later one in the context
+    (so the trained adapter is marked trainable again); an adapter added between steps has its
+    layers listed too."""
     from peft import LoraConfig, get_peft_model
     from peft.tuners.tuners_utils import BaseTunerLayer
 

@@ -33,7 +33,8 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import eager_mask, sdpa_mask, sliding_window_causal_mask_function
 from transformers.models.gemma2.modeling_gemma2 import eager_attention_forward
 
-from ftune.kernels.softcap_attention import causal_block_mask, softcap_attention, softcap_score_mod
+from ftune.kernels.softcap_attention import FLEX_VARIANTS, causal_block_mask, softcap_attention, softcap_score_mod
+from ftune.kernels.utils import compiled_with_variants
 from ftune.presets import PRESETS
 
 SOFTCAP_PRESETS = [name for name, config in PRESETS.items() if config.get("attn_logit_softcapping")]
@@ -56,8 +57,10 @@ KERNEL_OPTIONS = {
 
 
 @functools.cache
-def autotuned_flex_attention():
-    return torch.compile(flex_attention, mode="max-autotune-no-cudagraphs")
+def compiled_flex_attention(**compile_options):
+    # Every tiling is one more compiled variant of flex_attention; past dynamo's recompile limit (8)
+    # a call would run FlexAttention's dense reference instead of a kernel, and its row would time that
+    return compiled_with_variants(flex_attention, FLEX_VARIANTS, **compile_options)
 
 
 def extra_arguments(parser) -> None:
@@ -67,9 +70,6 @@ def extra_arguments(parser) -> None:
 
 
 def main() -> None:
-    # Every tiling is one more compile of flex_attention; past dynamo's recompile limit (8) a call
-    # would run FlexAttention's dense reference instead of a kernel, and its row would time that
-    torch._dynamo.config.recompile_limit = 64
     args = parse_args(__doc__, [8192, 16384], SOFTCAP_PRESETS, ["gemma-2-9b"], extra_arguments)
     dtype = DTYPES[args.dtype]
     rows = []
@@ -108,7 +108,7 @@ def main() -> None:
                 }
 
                 def flex_call(options=None, compiled=None):
-                    attention = compiled or torch.compile(flex_attention)
+                    attention = compiled or compiled_flex_attention()
                     # [batch, heads, tokens, head_dim] -> [batch, tokens, heads, head_dim], as the others
                     return lambda: (attention(*inputs, score_mod=softcap_score_mod(softcap), block_mask=block_mask,
                                               scale=scaling, enable_gqa=True,
@@ -117,7 +117,7 @@ def main() -> None:
                 for name in args.kernel_options:
                     impls[f"flex:{name}"] = flex_call(KERNEL_OPTIONS[name])
                 if args.autotune:
-                    impls["autotune"] = flex_call(compiled=autotuned_flex_attention())
+                    impls["autotune"] = flex_call(compiled=compiled_flex_attention(mode="max-autotune-no-cudagraphs"))
                 forward_only = {f"{impl}/fwd": impls[impl] for impl in ("ftune", "sdpa-nocap")}
                 for impl, attend in {**impls, **forward_only}.items():
 
