@@ -106,7 +106,7 @@ def main(modes: str, out: str) -> None:
 
 if __name__ == "__main__":
     main(sys.argv[1], sys.argv[2])
-    # Now and then gloo's teardown (destroy_process_group, or the interpreter's exit) hangs on this
-    # 2-core machine, plain DDP with no ftune code included, after the results are written and
-    # every rank passed the barrier: leave without it.
+    # Gloo's teardown (destroy_process_group, or the interpreter's exit) can deadlock after the
+    # results are written, plain DDP with no ftune code included: see ftune.cli's
+    # _leave_process_group. Leave without it.
     os._exit(0)

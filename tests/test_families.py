@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import functools
 import json
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -366,23 +368,36 @@ def test_ftune_train_of_a_tiny_moe_preset_in_4_bits(preset, tmp_path):
     assert generated.shape == (2, 8)
 
 
+# One DDP step on one gloo rank, in a process of its own that leaves without gloo's teardown. In
+# torch 2.13 a backward stashes a copy of its contextvars in thread-local state, and every gloo work
+# it launches keeps that state; gloo's worker thread drops a finished work under its queue's lock and
+# needs the GIL to free the copy, while the process group's destructor, run from Python with the GIL
+# held, joins that thread. When the group dies within a few milliseconds of the backward, both wait
+# for ever (seen here in 1 run of 2, and as a CI run that hung).
+_DDP_STEP = """
+import os, sys
+import torch, torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+from ftune.model import build_model
+from tests.test_families import IDS, recipe_for
+
+built = build_model(recipe_for(sys.argv[1], "true", "nf4"), torch.device("cpu"), with_tokenizer=False)
+dist.init_process_group("gloo", rank=0, world_size=1, init_method="file://" + sys.argv[2])
+DistributedDataParallel(built.model)(input_ids=IDS, labels=IDS).loss.backward()
+print("without gradients:", [n for n, p in built.model.named_parameters() if p.requires_grad and p.grad is None])
+sys.stdout.flush()
+os._exit(0)
+"""
+
+
 def test_ddp_leaves_the_4bit_experts_placeholders_alone(folders, tmp_path):
     """DDP's start copies rank 0's parameters into every rank's, which the 4-bit experts'
     placeholders (one element expanded to a stack's shape) refuse ("more than one element of the
     written-to tensor refers to a single memory location") unless ftune names them to it."""
-    import torch.distributed as dist
-    from torch.nn.parallel import DistributedDataParallel
-
-    if dist.is_initialized():
-        pytest.skip("a process group is already set up in this process")
-    built = build_model(recipe_for(folders("qwen3_moe"), "true", "nf4"), torch.device("cpu"), with_tokenizer=False)
-    dist.init_process_group("gloo", rank=0, world_size=1, init_method=f"file://{tmp_path / 'rendezvous'}")
-    try:
-        model = DistributedDataParallel(built.model)
-        model(input_ids=IDS, labels=IDS).loss.backward()
-    finally:
-        dist.destroy_process_group()
-    assert all(p.grad is not None for p in built.model.parameters() if p.requires_grad)
+    step = subprocess.run([sys.executable, "-c", _DDP_STEP, folders("qwen3_moe"), str(tmp_path / "rendezvous")],
+                          capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert step.returncode == 0, step.stderr[-3000:]
+    assert "without gradients: []" in step.stdout, step.stdout
 
 
 def test_a_checkpoint_quantized_before_keeps_its_experts_16_bit_and_says_so(folders, tmp_path, caplog):

@@ -54,8 +54,10 @@ class _NoKernelsPackageWarning(logging.Filter):
 
 
 def _leave_process_group(code) -> None:
-    """Under torchrun: wait for every rank, then exit without gloo's teardown, which now and then
-    hangs a CPU run after its work is done (NCCL runs leave the usual way)."""
+    """Under torchrun: wait for every rank, then exit without gloo's teardown (NCCL runs leave the
+    usual way). That teardown can deadlock in torch 2.13: the process group's destructor joins
+    gloo's worker thread with the GIL held, while that thread waits for the GIL to free a finished
+    work launched in a backward (each keeps the backward's stashed contextvars)."""
     dist = sys.modules.get("torch.distributed")  # a command that never imported torch has no process group
     if dist is None or not (dist.is_available() and dist.is_initialized()):
         return
