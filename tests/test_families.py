@@ -368,12 +368,9 @@ def test_ftune_train_of_a_tiny_moe_preset_in_4_bits(preset, tmp_path):
     assert generated.shape == (2, 8)
 
 
-# One DDP step on one gloo rank, in a process of its own that leaves without gloo's teardown. In
-# torch 2.13 a backward stashes a copy of its contextvars in thread-local state, and every gloo work
-# it launches keeps that state; gloo's worker thread drops a finished work under its queue's lock and
-# needs the GIL to free the copy, while the process group's destructor, run from Python with the GIL
-# held, joins that thread. When the group dies within a few milliseconds of the backward, both wait
-# for ever (seen here in 1 run of 2, and as a CI run that hung).
+# One DDP step on one gloo rank, in a process of its own that leaves without gloo's teardown, which
+# can deadlock right after a backward (ftune.cli's _leave_process_group says why): in the test's own
+# process it hung 1 run of 2 here, and a CI run.
 _DDP_STEP = """
 import os, sys
 import torch, torch.distributed as dist

