@@ -266,3 +266,51 @@ def test_host_embeddings_move_the_lm_head_only_under_the_fused_loss(tmp_path, fu
     assert type(head) is (HostLMHead if fused_loss else nn.Linear)
     table = embedding.host_weight.numel() * 4
     assert built.engine.host_embedding_bytes == (2 if fused_loss else 1) * table
+
+
+def test_a_long_input_streams_the_host_lm_head_through_the_loss(tmp_path, monkeypatch):
+    """From STREAM_HEAD_MIN_TOKENS on, the fused loss reads the host head in blocks and the first
+    layer does not fetch it whole; the loss and the adapters' gradients are those of the whole head."""
+    import ftune.kernels.fused_linear_cross_entropy as flce
+    from ftune.engine import host_memory
+    from ftune.model import build_model
+
+    data = quickstart_dict()
+    data["model"]["dtype"] = "float32"
+    data["checkpointing"] = {"mode": "unsloth", "host_embeddings": True}
+    data["kernels"] = {"fused_cross_entropy": True}
+    built = build_model(load_recipe(write(tmp_path, data)), torch.device("cpu"))
+    model, head = built.model, built.model.get_output_embeddings()
+    vocab = head.shape[0]
+    monkeypatch.setattr(flce, "stream_block_rows", lambda hidden_size, dtype: vocab // 3 + 1)  # 3 blocks, 1 partial
+    reads = []
+    fetch_whole, read_blocks = host_memory.HostLMHead.prefetch, host_memory.HostLMHead.chunks
+
+    def counted_fetch(self):
+        if self._on_device is None:
+            reads.append("whole")
+        fetch_whole(self)
+
+    def counted_blocks(self, rows):
+        reads.append("blocks")
+        yield from read_blocks(self, rows)
+
+    monkeypatch.setattr(host_memory.HostLMHead, "prefetch", counted_fetch)
+    monkeypatch.setattr(host_memory.HostLMHead, "chunks", counted_blocks)
+    ids = torch.randint(0, vocab, (1, 48), generator=torch.Generator().manual_seed(0))
+    trainable = [p for p in model.parameters() if p.requires_grad]
+
+    def step(min_tokens):
+        monkeypatch.setattr(host_memory, "STREAM_HEAD_MIN_TOKENS", min_tokens)
+        reads.clear()
+        model.zero_grad()
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        return loss.detach(), [p.grad.clone() for p in trainable], list(reads)
+
+    whole_loss, whole_grads, whole_reads = step(49)
+    streamed_loss, streamed_grads, streamed_reads = step(48)
+    assert whole_reads == ["whole"] and streamed_reads == ["blocks"]
+    torch.testing.assert_close(streamed_loss, whole_loss)
+    for streamed, whole in zip(streamed_grads, whole_grads, strict=True):
+        torch.testing.assert_close(streamed, whole)

@@ -18,18 +18,22 @@ is, in a LoRA run, a frozen row lookup. `HostEmbedding` keeps the table in pinne
 gathers the batch's rows on the CPU and copies them to the GPU (64 MiB at 8192 tokens: about 1 ms
 on a 55 GB/s link). The LM head is the same size and, with the fused cross-entropy, needed only
 once per training step: the loss computes the hidden states' gradient in the forward pass, so the
-backward never reads the head. `HostLMHead` keeps it in pinned host memory, copies it to the GPU
-on a side stream of its own when the first decoder layer starts (1 GiB, about 20 ms, beside the
-layers' compute) and drops the copy once the loss is done with it: the layers' backward, where
-the step's peak is, runs without it. A tied table (Gemma, the small Llamas and Qwens) is both:
+backward never reads the head. `HostLMHead` keeps it in pinned host memory. A long input's loss
+reads it a block of rows at a time (`chunks`), each block's copy on a side stream behind the
+loss's matmuls on the block before, so the whole head is never on the GPU. A short input's loss is
+too short to hide the copies: the head is copied whole as the first decoder layer starts (1 GiB,
+about 20 ms, beside the layers' compute) and dropped once the loss is done with it, so the layers'
+backward runs without it. A tied table (Gemma, the small Llamas and Qwens) is both:
 one pinned copy serves the lookups and the head's fetches, and leaves the GPU only when both
 can (frozen, the fused loss on): Gemma-2-9B's 256000 x 3584 table is 1.7 GiB.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import weakref
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Callable
 
@@ -55,6 +59,10 @@ PIECE = 16 * 1024 * 1024
 # Host memory left free for the rest of the system when deciding whether an offload fits.
 _HOST_RESERVE_MIN = 2 * 1024**3
 _HOST_RESERVE_FRACTION = 0.05
+# Training inputs of at least this many tokens stream the LM head through the loss in blocks;
+# shorter ones fetch it whole beside the forward's layers. At 8192 tokens the loss's two matmuls
+# on a block of Gemma-2-9B's head outlast the block's copy; at 2048 they would take a quarter of it.
+STREAM_HEAD_MIN_TOKENS = 4096
 
 
 def buffer_size(nbytes: int) -> int:
@@ -433,7 +441,9 @@ class HostLMHead(nn.Module):
     needs), by ftune's fused loss once it has its gradient, and otherwise when the backward
     reaches the decoder's output, past whatever loss read the head (TRL's own chunked heads for
     DPO and GRPO read `weight` directly). A forward without gradients (evaluation, generation)
-    keeps it, so decoding does not copy the head for every token.
+    keeps it, so decoding does not copy the head for every token. Within `read_by_the_loss`, the
+    training forward of a long input skips that copy and its fused loss reads `chunks` instead
+    (fused_linear_cross_entropy's WeightInChunks).
     """
 
     def __init__(self, head: nn.Linear, device: torch.device, host_weight: torch.Tensor | None = None):
@@ -454,6 +464,67 @@ class HostLMHead(nn.Module):
             self._stream = torch.cuda.Stream(device)
         self._on_device: torch.Tensor | None = None
         self._ready: torch.cuda.Event | None = None
+        self._loss_streams = False
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.host_weight.shape
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.host_weight.dtype
+
+    @contextlib.contextmanager
+    def read_by_the_loss(self, tokens: int):
+        """Within: a training forward of `tokens` tokens whose fused loss reads the head through
+        `for_the_loss`. From STREAM_HEAD_MIN_TOKENS on, the loss streams it and the first layer does
+        not fetch it whole."""
+        self._loss_streams = torch.is_grad_enabled() and tokens >= STREAM_HEAD_MIN_TOKENS
+        try:
+            yield
+        finally:
+            self._loss_streams = False
+
+    def prefetch_for_the_forward(self) -> None:
+        """The first decoder layer's start: fetch the head whole unless the loss streams it."""
+        if not self._loss_streams:
+            self.prefetch()
+
+    def for_the_loss(self) -> torch.Tensor | HostLMHead:
+        """What the fused loss reads: this module's `chunks` when it streams, else `weight`. A head
+        already on the device (fetched for generation) is read whole."""
+        return self if self._loss_streams and self._on_device is None else self.weight
+
+    def chunks(self, rows: int) -> Iterator[tuple[int, torch.Tensor]]:
+        """The weight `rows` rows at a time on the device, in order (WeightInChunks). Each block's
+        copy runs on the side stream while the caller works on the block before it: two blocks are
+        on the device at once, when the caller drops each block before asking for the next."""
+        vocab = self.out_features
+        if self._on_device is not None or self._stream is None:
+            whole = self.weight if self._on_device is not None else self.host_weight
+            for first in range(0, vocab, rows):
+                yield first, whole[first : first + rows]
+            return
+        compute = torch.cuda.current_stream(self.device)
+
+        def fetch(first: int) -> tuple[torch.Tensor, torch.cuda.Event]:
+            block = torch.empty((min(rows, vocab - first), self.in_features), dtype=self.dtype, device=self.device)
+            # the block may take the memory of the one before the last, which queued work still reads
+            self._stream.wait_stream(compute)
+            with torch.cuda.stream(self._stream):
+                block.copy_(self.host_weight[first : first + rows], non_blocking=True)
+                ready = torch.cuda.Event()
+                ready.record(self._stream)
+            block.record_stream(self._stream)
+            return block, ready
+
+        pending = fetch(0)
+        for first in range(0, vocab, rows):
+            block, ready = pending
+            compute.wait_event(ready)
+            pending = fetch(first + rows) if first + rows < vocab else None
+            yield first, block
+            del block
 
     def prefetch(self) -> None:
         """Start copying the weight to the device on the side stream (no wait)."""
@@ -540,7 +611,8 @@ def _host_lm_head(base: nn.Module, host_head: HostLMHead) -> None:
     # ahead of the input embedding's rows (a host-to-device copy too), the rows would wait for it.
     backbone = getattr(base, base.base_model_prefix)
     layers = [m for m in backbone.modules() if isinstance(m, GradientCheckpointingLayer)]
-    (layers[0] if layers else backbone).register_forward_pre_hook(lambda module, args: host_head.prefetch())
+    (layers[0] if layers else backbone).register_forward_pre_hook(
+        lambda module, args: host_head.prefetch_for_the_forward())
 
     def release_when_the_layers_backward_starts(module, args, output):
         hidden = output[0] if isinstance(output, tuple) else output.last_hidden_state

@@ -14,11 +14,22 @@ nothing. The semantics are those of transformers' `ForCausalLMLoss`: labels shif
 else a mean over the labelled tokens. A batch without any labelled token gives a loss of 0 and
 zero gradients (the eager mean gives NaN). Optional: Gemma 2's `final_logit_softcapping`, a
 logit scale, and per-batch statistics (entropy, top-1 accuracy) from the same kernel.
+
+A frozen head kept off the device (`WeightInChunks`: ftune.engine.host_memory.HostLMHead) is read
+once, a block of vocabulary rows at a time, each block's copy overlapping the matmuls on the one
+before, so only two blocks are ever on the device. Each row's softmax is then online across the
+blocks, as flash attention's is across keys: the running maximum and sum per row, and the
+gradient of the hidden states accumulated in fp32 as `sum_v exp(z_v - max) dz_v/dlogit_v W_v`,
+rescaled whenever the maximum moves, and divided by the sum at the end; the label's row of the
+head (the one-hot part of the gradient) is gathered from the block that holds it. Two matmuls per
+block and token, as on the token-chunked path.
 """
 
 from __future__ import annotations
 
-from typing import NamedTuple
+import itertools
+from collections.abc import Iterator
+from typing import NamedTuple, Protocol, runtime_checkable
 
 import torch
 import triton
@@ -33,6 +44,26 @@ MAX_CHUNK_LOGITS_BYTES = 256 * 2**20
 # The widest slice of a row a program holds at once (Liger-Kernel's choice for H100-class GPUs,
 # with 32 warps); rows wider than this are walked block by block.
 MAX_BLOCK_SIZE = 32768
+# The block of a streamed head's rows on the device at a time (two: the one in use and the next,
+# in flight): 9344 rows of Gemma-2's 3584-wide head, 8192 of Llama-3's. At 8192 tokens the two
+# matmuls on one block (about 1.8 ms on an H200) outlast its copy from pinned host memory (about
+# 1.3 ms), so the copies hide behind the matmuls.
+STREAM_BLOCK_BYTES = 64 * 2**20
+# Block rows are a multiple of this (whole tiles for the matmuls).
+STREAM_BLOCK_ROW_MULTIPLE = 128
+
+
+@runtime_checkable
+class WeightInChunks(Protocol):
+    """A frozen [vocab, hidden] weight kept off the device, read a block of rows at a time."""
+
+    shape: torch.Size
+    dtype: torch.dtype
+
+    def chunks(self, rows: int) -> Iterator[tuple[int, torch.Tensor]]:
+        """(first row, the block of `rows` rows on the device) in order, the last block partial;
+        the caller drops each block before asking for the next."""
+        ...
 
 
 class LossStats(NamedTuple):
@@ -122,6 +153,98 @@ def _cross_entropy_forward_kernel(
             tl.store(row_ptr + cols, grad.to(LOGITS_ptr.dtype.element_ty), mask=mask)
 
 
+@triton.jit
+def _online_block_kernel(
+    LOGITS_ptr,
+    logits_row_stride,
+    TARGETS_ptr,
+    first_col,
+    n_cols,
+    MAX_ptr,
+    SUM_ptr,
+    ALPHA_ptr,
+    TARGET_LOGIT_ptr,
+    TARGET_SLOPE_ptr,
+    SUM_EZ_ptr,
+    BEST_ptr,
+    BEST_COL_ptr,
+    logit_scale,
+    softcap,
+    HAS_SOFTCAP: tl.constexpr,
+    WITH_GRAD: tl.constexpr,
+    WITH_STATS: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+):
+    """One row of one block of the vocabulary (columns first_col .. first_col + n_cols): folds the
+    block into the row's running maximum and sum (and the entropy's sum of p * z, and the argmax),
+    stores the factor `alpha` that rescales what was accumulated under the old maximum, and, with
+    WITH_GRAD, overwrites the row with exp(z - max) * dz/dlogit for the next matmul."""
+    row = tl.program_id(0).to(tl.int64)
+    row_ptr = LOGITS_ptr + row * logits_row_stride
+    local_target = tl.load(TARGETS_ptr + row) - first_col
+    m_old = tl.load(MAX_ptr + row)
+
+    # The label's logit, read before the row is overwritten
+    in_block = (local_target >= 0) & (local_target < n_cols)
+    z_target = tl.load(row_ptr + tl.where(in_block, local_target, 0)).to(tl.float32) * logit_scale
+    slope_target = logit_scale
+    if HAS_SOFTCAP:
+        t_target = 2.0 * tl.sigmoid(2.0 * z_target / softcap) - 1.0
+        z_target = softcap * t_target
+        slope_target = logit_scale * (1.0 - t_target * t_target)
+    tl.store(TARGET_LOGIT_ptr + row, tl.where(in_block, z_target, tl.load(TARGET_LOGIT_ptr + row)))
+    tl.store(TARGET_SLOPE_ptr + row, tl.where(in_block, slope_target, tl.load(TARGET_SLOPE_ptr + row)))
+
+    # Pass 1: the block's maximum (and argmax)
+    block_max = float("-inf")
+    block_best_col = 0
+    for start in range(0, n_cols, BLOCK_SIZE):
+        cols = start + tl.arange(0, BLOCK_SIZE)
+        mask = cols < n_cols
+        z = tl.load(row_ptr + cols, mask=mask, other=0.0).to(tl.float32) * logit_scale
+        if HAS_SOFTCAP:
+            z = softcap * (2.0 * tl.sigmoid(2.0 * z / softcap) - 1.0)
+        z = tl.where(mask, z, float("-inf"))
+        if WITH_STATS:
+            part_max, part_arg = tl.max(z, axis=0, return_indices=True)
+            # Strictly greater: an earlier column wins a tie, as in torch.argmax
+            block_best_col = tl.where(part_max > block_max, start + part_arg, block_best_col)
+        else:
+            part_max = tl.max(z, axis=0)
+        block_max = tl.maximum(block_max, part_max)
+    m_new = tl.maximum(m_old, block_max)
+    alpha = tl.exp(m_old - m_new)
+
+    # Pass 2: the block's sum of exp(z - m_new); with WITH_GRAD the row becomes its gradient's numerator
+    total = 0.0
+    total_ez = 0.0
+    for start in range(0, n_cols, BLOCK_SIZE):
+        cols = start + tl.arange(0, BLOCK_SIZE)
+        mask = cols < n_cols
+        z = tl.load(row_ptr + cols, mask=mask, other=0.0).to(tl.float32) * logit_scale
+        slope = logit_scale
+        if HAS_SOFTCAP:
+            t = 2.0 * tl.sigmoid(2.0 * z / softcap) - 1.0
+            z = softcap * t
+            slope = logit_scale * (1.0 - t * t)
+        e = tl.where(mask, tl.exp(z - m_new), 0.0)
+        total += tl.sum(e, axis=0)
+        if WITH_STATS:
+            total_ez += tl.sum(e * tl.where(mask, z, 0.0), axis=0)
+        if WITH_GRAD:
+            tl.store(row_ptr + cols, (e * slope).to(LOGITS_ptr.dtype.element_ty), mask=mask)
+
+    tl.store(MAX_ptr + row, m_new)
+    tl.store(SUM_ptr + row, tl.load(SUM_ptr + row) * alpha + total)
+    tl.store(ALPHA_ptr + row, alpha)
+    if WITH_STATS:
+        tl.store(SUM_EZ_ptr + row, tl.load(SUM_EZ_ptr + row) * alpha + total_ez)
+        # Strictly greater: an earlier block wins a tie
+        best = tl.load(BEST_ptr + row)
+        tl.store(BEST_COL_ptr + row, tl.where(block_max > best, first_col + block_best_col, tl.load(BEST_COL_ptr + row)))
+        tl.store(BEST_ptr + row, tl.maximum(best, block_max))
+
+
 def _accumulate_fp32(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
     """`acc += a @ b` into an fp32 `acc` without rounding each chunk's product to 16 bits first."""
     if acc.device.type == "cuda" and a.dtype != torch.float32:
@@ -135,12 +258,204 @@ def chunk_tokens(vocab_size: int, dtype: torch.dtype) -> int:
     return max(1, MAX_CHUNK_LOGITS_BYTES // (vocab_size * dtype.itemsize))
 
 
+def stream_block_rows(hidden_size: int, dtype: torch.dtype) -> int:
+    """Rows of a streamed head per block: within STREAM_BLOCK_BYTES, a multiple of STREAM_BLOCK_ROW_MULTIPLE."""
+    rows = STREAM_BLOCK_BYTES // (hidden_size * dtype.itemsize)
+    return max(STREAM_BLOCK_ROW_MULTIPLE, rows // STREAM_BLOCK_ROW_MULTIPLE * STREAM_BLOCK_ROW_MULTIPLE)
+
+
+class _Rows(NamedTuple):
+    """The labelled rows, found with the loss's one host sync."""
+
+    count: int
+    index: torch.Tensor | None  # their positions among the rows, None when every row is labelled
+    targets: torch.Tensor  # their labels
+    scale: torch.Tensor  # 1/num_items_in_batch, or 1/count: what each row's loss is multiplied by
+    per_block: list[int] | None  # a streamed head's: how many labels fall in each block of its rows
+
+
+def _labelled_rows(targets, vocab_size, ignore_index, num_items_in_batch, block_rows) -> _Rows:
+    device = targets.device
+    n_rows = targets.shape[0]
+    # The one host sync: dropping the ignored tokens before the matmuls needs their count, and
+    # the kernel reads each target's logit by index, so an out-of-range label must stop here
+    labelled = targets != ignore_index
+    in_range = torch.where(labelled, targets, 0)
+    summary = torch.stack([labelled.sum(), in_range.min(), in_range.max()])
+    if block_rows is not None:
+        blocks = triton.cdiv(vocab_size, block_rows)
+        # the ignored rows and out-of-range labels counted in a last bucket, never read
+        block_of = torch.where(labelled & (targets >= 0) & (targets < vocab_size), targets // block_rows, blocks)
+        summary = torch.cat([summary, torch.bincount(block_of, minlength=blocks + 1)[:blocks]])
+    n_valid, low, high, *per_block = summary.tolist()
+    if low < 0 or high >= vocab_size:
+        raise ValueError(f"labels must be in [0, {vocab_size}) or {ignore_index}, got values in [{low}, {high}]")
+    index = None if n_valid == n_rows else torch.nonzero_static(labelled, size=n_valid).squeeze(1)
+    if num_items_in_batch is None:
+        scale = torch.full((), 1.0 / max(n_valid, 1), dtype=torch.float32, device=device)
+    else:
+        # A tensor stays on the device: no sync
+        scale = 1.0 / torch.as_tensor(num_items_in_batch, device=device).float()
+    return _Rows(n_valid, index, targets if index is None else targets[index], scale,
+                 per_block if block_rows is not None else None)
+
+
+def _token_chunked(hidden, weight, bias, rows: _Rows, softcap, logit_scale, compute_dtype, chunk_size, with_stats,
+                   needs_grad):
+    """The head on the device: chunks of tokens, each against the whole vocabulary."""
+    device = hidden.device
+    n_valid, all_valid = rows.count, rows.index is None
+    vocab_size = weight.shape[0]
+    grad_h, grad_w, grad_b = needs_grad
+    loss_rows = torch.empty(n_valid, dtype=torch.float32, device=device)
+    entropy_rows = torch.empty(n_valid if with_stats else 0, dtype=torch.float32, device=device)
+    correct_rows = torch.empty(n_valid if with_stats else 0, dtype=torch.float32, device=device)
+    grad_hidden = None
+    if grad_h:
+        # Ignored rows keep a zero gradient
+        grad_hidden = torch.empty_like(hidden) if all_valid else torch.zeros_like(hidden)
+    grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=device) if grad_w else None
+    grad_bias = torch.zeros(vocab_size, dtype=torch.float32, device=device) if grad_b else None
+
+    weight_c = weight.to(compute_dtype)
+    bias_c = bias.to(compute_dtype) if bias is not None else None
+    block_size = min(triton.next_power_of_2(vocab_size), MAX_BLOCK_SIZE)
+    chunk_size = min(chunk_size, max(n_valid, 1))
+    logits_buffer = torch.empty((chunk_size, vocab_size), dtype=compute_dtype, device=device)
+    for start in range(0, n_valid, chunk_size):
+        end = min(start + chunk_size, n_valid)
+        index = None if all_valid else rows.index[start:end]
+        h = (hidden[start:end] if all_valid else hidden.index_select(0, index)).to(compute_dtype)
+        logits = logits_buffer[: end - start]
+        if bias_c is None:
+            torch.mm(h, weight_c.t(), out=logits)
+        else:
+            torch.addmm(bias_c, h, weight_c.t(), out=logits)
+        _cross_entropy_forward_kernel[(end - start,)](
+            logits,
+            logits.stride(0),
+            rows.targets[start:end],
+            loss_rows[start:end],
+            entropy_rows[start:end] if with_stats else loss_rows,
+            correct_rows[start:end] if with_stats else loss_rows,
+            rows.scale,
+            vocab_size,
+            logit_scale,
+            softcap if softcap is not None else 1.0,
+            HAS_SOFTCAP=softcap is not None,
+            WITH_GRAD=any(needs_grad),
+            WITH_STATS=with_stats,
+            BLOCK_SIZE=block_size,
+            num_warps=num_warps_for(block_size),
+        )
+        # `logits` now holds d(loss)/d(logits)
+        if grad_h:
+            if all_valid and grad_hidden.dtype == compute_dtype:
+                torch.mm(logits, weight_c, out=grad_hidden[start:end])
+            elif all_valid:
+                grad_hidden[start:end] = logits @ weight_c
+            else:
+                grad_hidden.index_copy_(0, index, (logits @ weight_c).to(grad_hidden.dtype))
+        if grad_w:
+            _accumulate_fp32(grad_weight, logits.t(), h)
+        if grad_b:
+            grad_bias += logits.sum(dim=0, dtype=torch.float32)
+    return loss_rows, entropy_rows, correct_rows, (grad_hidden, grad_weight, grad_bias)
+
+
+def _vocab_streamed(hidden, weight: WeightInChunks, bias, rows: _Rows, softcap, logit_scale, compute_dtype,
+                    block_rows, chunk_size, with_stats, grad_h):
+    """The head off the device: blocks of its rows, each against every labelled token, with the
+    softmax online across blocks (the module's docstring)."""
+    device = hidden.device
+    n_valid, all_valid = rows.count, rows.index is None
+    f32 = dict(dtype=torch.float32, device=device)
+    h_all = (hidden if all_valid else hidden.index_select(0, rows.index)).to(compute_dtype)
+    row_max = torch.full((n_valid,), float("-inf"), **f32)
+    row_sum = torch.zeros(n_valid, **f32)
+    alpha = torch.empty(n_valid, **f32)
+    target_logit = torch.zeros(n_valid, **f32)
+    target_slope = torch.zeros(n_valid, **f32)
+    sum_ez = torch.zeros(n_valid if with_stats else 0, **f32)
+    best = torch.full((n_valid if with_stats else 0,), float("-inf"), **f32)
+    best_col = torch.zeros(n_valid if with_stats else 0, dtype=torch.int64, device=device)
+    if grad_h:
+        # sum_v exp(z_v - max) dz_v/dlogit_v W_v, and the label's row of the head
+        accumulated = torch.zeros((n_valid, hidden.shape[1]), **f32)
+        label_rows = torch.empty((n_valid, hidden.shape[1]), dtype=compute_dtype, device=device)
+        # the rows in the order of the block their label falls in
+        by_block = torch.sort(rows.targets // block_rows, stable=True).indices
+        block_ends = list(itertools.accumulate(rows.per_block))
+    bias_c = bias.to(compute_dtype) if bias is not None else None
+    block_size = min(triton.next_power_of_2(block_rows), MAX_BLOCK_SIZE)
+    chunk_size = min(chunk_size, max(n_valid, 1))
+    logits_buffer = torch.empty(chunk_size * block_rows, dtype=compute_dtype, device=device)
+    for block, (first, w) in enumerate(weight.chunks(block_rows) if n_valid else ()):
+        w_c = w.to(compute_dtype)
+        cols = w_c.shape[0]
+        for start in range(0, n_valid, chunk_size):
+            end = min(start + chunk_size, n_valid)
+            logits = logits_buffer[: (end - start) * cols].view(end - start, cols)
+            if bias_c is None:
+                torch.mm(h_all[start:end], w_c.t(), out=logits)
+            else:
+                torch.addmm(bias_c[first : first + cols], h_all[start:end], w_c.t(), out=logits)
+            _online_block_kernel[(end - start,)](
+                logits,
+                logits.stride(0),
+                rows.targets[start:end],
+                first,
+                cols,
+                row_max[start:end],
+                row_sum[start:end],
+                alpha[start:end],
+                target_logit[start:end],
+                target_slope[start:end],
+                sum_ez[start:end] if with_stats else row_sum,
+                best[start:end] if with_stats else row_sum,
+                best_col[start:end] if with_stats else row_sum,
+                logit_scale,
+                softcap if softcap is not None else 1.0,
+                HAS_SOFTCAP=softcap is not None,
+                WITH_GRAD=grad_h,
+                WITH_STATS=with_stats,
+                BLOCK_SIZE=block_size,
+                num_warps=num_warps_for(block_size),
+            )
+            if grad_h:
+                accumulated[start:end].mul_(alpha[start:end, None])
+                _accumulate_fp32(accumulated[start:end], logits, w_c)
+        if grad_h:
+            begin = block_ends[block - 1] if block else 0
+            if block_ends[block] > begin:
+                in_block = by_block[begin : block_ends[block]]
+                label_rows.index_copy_(0, in_block, w_c.index_select(0, rows.targets[in_block] - first))
+        del w, w_c  # the block's memory goes back before the next block is fetched
+
+    lse = row_max + row_sum.log()
+    loss_rows = lse - target_logit
+    entropy_rows = lse - sum_ez / row_sum if with_stats else sum_ez
+    correct_rows = (best_col == rows.targets).float() if with_stats else sum_ez
+    grad_hidden = None
+    if grad_h:
+        # d(loss)/d(hidden) = scale * (softmax-weighted rows - the label's row), each through dz/dlogit
+        accumulated.div_(row_sum[:, None])
+        accumulated.sub_(label_rows * target_slope[:, None])
+        accumulated.mul_(rows.scale)
+        if all_valid:
+            grad_hidden = accumulated.to(hidden.dtype)
+        else:
+            grad_hidden = torch.zeros_like(hidden)
+            grad_hidden.index_copy_(0, rows.index, accumulated.to(hidden.dtype))
+    return loss_rows, entropy_rows, correct_rows, (grad_hidden, None, None)
+
+
 class FusedLinearCrossEntropyFunction(torch.autograd.Function):
     @staticmethod
     def forward(
         ctx,
         hidden,  # [N, H]
-        weight,  # [V, H]
+        weight,  # [V, H], or a WeightInChunks
         bias,  # [V] or None
         targets,  # [N], already shifted
         num_items_in_batch,
@@ -153,93 +468,32 @@ class FusedLinearCrossEntropyFunction(torch.autograd.Function):
         needs_grad,  # (hidden, weight, bias)
     ):
         device = hidden.device
-        n_rows = hidden.shape[0]
-        vocab_size = weight.shape[0]
-        grad_h, grad_w, grad_b = needs_grad
-        with_grad = grad_h or grad_w or grad_b
-
-        # The one host sync: dropping the ignored tokens before the matmuls needs their count, and
-        # the kernel reads each target's logit by index, so an out-of-range label must stop here
-        labelled = targets != ignore_index
-        in_range = torch.where(labelled, targets, 0)
-        n_valid, low, high = torch.stack([labelled.sum(), in_range.min(), in_range.max()]).tolist()
-        if low < 0 or high >= vocab_size:
-            raise ValueError(f"labels must be in [0, {vocab_size}) or {ignore_index}, got values in [{low}, {high}]")
-        all_valid = n_valid == n_rows
-        valid = None if all_valid else torch.nonzero_static(labelled, size=n_valid).squeeze(1)
-        valid_targets = targets if all_valid else targets[valid]
-        if num_items_in_batch is None:
-            scale = torch.full((), 1.0 / max(n_valid, 1), dtype=torch.float32, device=device)
-        else:
-            # A tensor stays on the device: no sync
-            scale = 1.0 / torch.as_tensor(num_items_in_batch, device=device).float()
-
-        loss_rows = torch.empty(n_valid, dtype=torch.float32, device=device)
-        entropy_rows = torch.empty(n_valid if with_stats else 0, dtype=torch.float32, device=device)
-        correct_rows = torch.empty(n_valid if with_stats else 0, dtype=torch.float32, device=device)
-        grad_hidden = None
-        if grad_h:
-            # Ignored rows keep a zero gradient
-            grad_hidden = torch.empty_like(hidden) if all_valid else torch.zeros_like(hidden)
-        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=device) if grad_w else None
-        grad_bias = torch.zeros(vocab_size, dtype=torch.float32, device=device) if grad_b else None
-
-        weight_c = weight.to(compute_dtype)
-        bias_c = bias.to(compute_dtype) if bias is not None else None
-        block_size = min(triton.next_power_of_2(vocab_size), MAX_BLOCK_SIZE)
-        chunk_size = min(chunk_size, max(n_valid, 1))
-        logits_buffer = torch.empty((chunk_size, vocab_size), dtype=compute_dtype, device=device)
+        streamed = isinstance(weight, WeightInChunks)
+        block_rows = stream_block_rows(weight.shape[1], compute_dtype) if streamed else None
+        rows = _labelled_rows(targets, weight.shape[0], ignore_index, num_items_in_batch, block_rows)
         # The casts are explicit; an enclosing autocast must not re-cast the matmuls' operands
         with torch.autocast(device.type, enabled=False):
-            for start in range(0, n_valid, chunk_size):
-                end = min(start + chunk_size, n_valid)
-                rows = None if all_valid else valid[start:end]
-                h = (hidden[start:end] if all_valid else hidden.index_select(0, rows)).to(compute_dtype)
-                logits = logits_buffer[: end - start]
-                if bias_c is None:
-                    torch.mm(h, weight_c.t(), out=logits)
-                else:
-                    torch.addmm(bias_c, h, weight_c.t(), out=logits)
-                _cross_entropy_forward_kernel[(end - start,)](
-                    logits,
-                    logits.stride(0),
-                    valid_targets[start:end],
-                    loss_rows[start:end],
-                    entropy_rows[start:end] if with_stats else loss_rows,
-                    correct_rows[start:end] if with_stats else loss_rows,
-                    scale,
-                    vocab_size,
-                    logit_scale,
-                    softcap if softcap is not None else 1.0,
-                    HAS_SOFTCAP=softcap is not None,
-                    WITH_GRAD=with_grad,
-                    WITH_STATS=with_stats,
-                    BLOCK_SIZE=block_size,
-                    num_warps=num_warps_for(block_size),
-                )
-                # `logits` now holds d(loss)/d(logits)
-                if grad_h:
-                    if all_valid and grad_hidden.dtype == compute_dtype:
-                        torch.mm(logits, weight_c, out=grad_hidden[start:end])
-                    elif all_valid:
-                        grad_hidden[start:end] = logits @ weight_c
-                    else:
-                        grad_hidden.index_copy_(0, rows, (logits @ weight_c).to(grad_hidden.dtype))
-                if grad_w:
-                    _accumulate_fp32(grad_weight, logits.t(), h)
-                if grad_b:
-                    grad_bias += logits.sum(dim=0, dtype=torch.float32)
+            if streamed:
+                chunk_size = chunk_size or chunk_tokens(block_rows, compute_dtype)
+                loss_rows, entropy_rows, correct_rows, grads = _vocab_streamed(
+                    hidden, weight, bias, rows, softcap, logit_scale, compute_dtype, block_rows, chunk_size,
+                    with_stats, needs_grad[0])
+            else:
+                chunk_size = chunk_size or chunk_tokens(weight.shape[0], compute_dtype)
+                loss_rows, entropy_rows, correct_rows, grads = _token_chunked(
+                    hidden, weight, bias, rows, softcap, logit_scale, compute_dtype, chunk_size, with_stats,
+                    needs_grad)
 
-        if n_valid == 0:
+        if rows.count == 0:
             # Not 0 * scale: with num_items_in_batch == 0 that would be NaN
             loss = torch.zeros((), dtype=torch.float32, device=device)
         else:
-            loss = loss_rows.sum() * scale
-        num_tokens = torch.full((), float(n_valid), dtype=torch.float32, device=device)
+            loss = loss_rows.sum() * rows.scale
+        num_tokens = torch.full((), float(rows.count), dtype=torch.float32, device=device)
         entropy_sum = entropy_rows.sum()
         num_correct = correct_rows.sum()
 
-        ctx.grads = (grad_hidden, grad_weight, grad_bias)
+        ctx.grads = grads
         ctx.dtypes = (hidden.dtype, weight.dtype, bias.dtype if bias is not None else None)
         ctx.mark_non_differentiable(entropy_sum, num_correct, num_tokens)
         return loss, entropy_sum, num_correct, num_tokens
@@ -263,7 +517,7 @@ class FusedLinearCrossEntropyFunction(torch.autograd.Function):
 
 def fused_linear_cross_entropy(
     hidden: torch.Tensor,
-    weight: torch.Tensor,
+    weight: torch.Tensor | WeightInChunks,
     labels: torch.Tensor | None = None,
     *,
     bias: torch.Tensor | None = None,
@@ -278,11 +532,11 @@ def fused_linear_cross_entropy(
     """Causal-LM loss of `hidden @ weight.T (+ bias)` against `labels`, as transformers'
     `ForCausalLMLoss` computes it on full logits, without the full logits.
 
-    hidden: [..., seq, hidden_size]; weight: [vocab, hidden_size]; labels: [..., seq], shifted by
-    one here (the last position gets `ignore_index`); `shift_labels`, already shifted, take
-    precedence over them as in transformers. Returns the fp32 loss, and with `return_stats` a
-    `LossStats`. `chunk_size` (tokens per chunk) defaults to what keeps the chunk's logits within
-    MAX_CHUNK_LOGITS_BYTES.
+    hidden: [..., seq, hidden_size]; weight: [vocab, hidden_size], or a frozen `WeightInChunks`
+    (read a block of rows at a time); labels: [..., seq], shifted by one here (the last position
+    gets `ignore_index`); `shift_labels`, already shifted, take precedence over them as in
+    transformers. Returns the fp32 loss, and with `return_stats` a `LossStats`. `chunk_size` (tokens
+    per chunk) defaults to what keeps the chunk's logits within MAX_CHUNK_LOGITS_BYTES.
     """
     if labels is None and shift_labels is None:
         raise ValueError("pass labels (shifted here) or shift_labels (already shifted)")
@@ -290,7 +544,8 @@ def fused_linear_cross_entropy(
         shift_labels = torch.nn.functional.pad(labels, (0, 1), value=ignore_index)[..., 1:]
     if shift_labels.shape != hidden.shape[:-1]:
         raise ValueError(f"labels {tuple(shift_labels.shape)} do not match hidden states {tuple(hidden.shape)}")
-    if weight.dim() != 2 or weight.shape[1] != hidden.shape[-1]:
+    streamed = isinstance(weight, WeightInChunks)
+    if len(weight.shape) != 2 or weight.shape[1] != hidden.shape[-1]:
         raise ValueError(f"weight {tuple(weight.shape)} does not match hidden size {hidden.shape[-1]}")
     device_type = hidden.device.type
     if torch.is_autocast_enabled(device_type):
@@ -299,13 +554,15 @@ def fused_linear_cross_entropy(
         raise ValueError(f"hidden states ({hidden.dtype}) and LM head ({weight.dtype}) differ, outside autocast")
     else:
         compute_dtype = weight.dtype
-    check_device(hidden, weight)
+    check_device(hidden, *([] if streamed else [weight]))
     grad_enabled = torch.is_grad_enabled()
     needs_grad = (
         grad_enabled and hidden.requires_grad,
-        grad_enabled and weight.requires_grad,
+        grad_enabled and not streamed and weight.requires_grad,
         grad_enabled and bias is not None and bias.requires_grad,
     )
+    if streamed and needs_grad[2]:
+        raise ValueError("a head read in chunks is frozen; its bias must be too (requires_grad=False)")
     loss, entropy_sum, num_correct, num_tokens = FusedLinearCrossEntropyFunction.apply(
         hidden.reshape(-1, hidden.shape[-1]),
         weight,
@@ -316,7 +573,7 @@ def fused_linear_cross_entropy(
         final_logit_softcapping,
         logit_scale,
         compute_dtype,
-        chunk_size or chunk_tokens(weight.shape[0], compute_dtype),
+        chunk_size,
         return_stats,
         needs_grad,
     )
