@@ -266,14 +266,15 @@ def workflow_phases(recipe: Recipe) -> dict:
     rows of prompt (data.max_length) and completion, and runs a forward without gradients first
     with beta > 0 (the reference) or when a generation serves steps of another optimizer step (the
     old log-probabilities: grad_accum not a multiple of steps_per_generation). Its KV cache depends
-    on the device and the model: generation_plan."""
+    on the device and the model: generation_plan. Both losses are TRL's fused heads, which read the
+    LM head whole: it does not stream."""
     if recipe.workflow == "dpo":
-        return {"rows_per_example": 2, "reference_pass": True}
+        return {"rows_per_example": 2, "reference_pass": True, "streamed_head": False}
     if recipe.workflow != "grpo":
         return {}
     grpo, training = recipe.grpo, recipe.training
     steps = grpo.steps_per_generation or training.grad_accum
-    return {"completion": grpo.max_completion_length, "generation_steps": steps,
+    return {"completion": grpo.max_completion_length, "generation_steps": steps, "streamed_head": False,
             "top_p": grpo.top_p, "reference_pass": grpo.beta > 0 or training.grad_accum % steps != 0}
 
 

@@ -24,6 +24,7 @@ def test_estimate_within_5_percent_of_measured(cell):
     setting = Setting(mode=cell["mode"], seq=cell["seq"], batch=cell["batch"], fused_loss=cell["kernels"],
                       host_embeddings=cell["host_embeddings"], host_lm_head=cell["host_lm_head"],
                       parked_attention=cell.get("parked_attention", False),
+                      streamed_head=cell.get("streamed_head", True),
                       host_memory=int(cell["host_gib"] * GiB) if "host_gib" in cell else None)
     predicted = estimate(shape, setting).peak / GiB
     assert abs(predicted / cell["measured_peak_gib"] - 1) <= 0.05, (predicted, cell)
@@ -368,6 +369,24 @@ def test_estimate_of_each_familys_run_within_5_percent_of_its_gpu_peak(cell):
     config = model_config(recipe)
     setting = resolve(recipe, assumed_device(), mode=cell["mode"], config=config).setting
     setting.host_memory = int(cell["host_gib"] * GiB)
+    setting.streamed_head = cell.get("streamed_head", True)
     parts = estimate(Shape.from_config(config.values), setting)
     assert abs(parts.peak / GiB / cell["measured_peak_gib"] - 1) <= 0.05, (parts.peak / GiB, cell)
     assert parts.calibrated, parts.notes  # a shape measured in this setting says so
+
+
+def test_the_streamed_heads_sizes_are_the_codes():
+    """The memory model counts the fused loss's chunk of logits and a streamed head's blocks as the
+    kernel and HostLMHead size them (the kernel imports nothing of ftune, so the figure is in both)."""
+    import torch
+    from torch import nn
+
+    import ftune.kernels.fused_linear_cross_entropy as flce
+    from ftune.engine.host_memory import HostLMHead
+    from ftune.memory.estimate import LOSS_LOGITS_BYTES, STREAM_HEAD_BLOCK_BYTES
+
+    assert LOSS_LOGITS_BYTES == flce.MAX_CHUNK_LOGITS_BYTES
+    for hidden, rows in ((4096, 8192), (3584, 9344)):  # Llama-3's head and Gemma-2's
+        head = HostLMHead(nn.Linear(hidden, 256, bias=False, dtype=torch.bfloat16).requires_grad_(False),
+                          torch.device("cpu"))
+        assert head.rows_per_chunk == rows and rows * hidden * 2 <= STREAM_HEAD_BLOCK_BYTES

@@ -11,7 +11,7 @@ import pytest
 
 from ftune.errors import RecipeError
 from ftune.memory.estimate import (BF16, GiB, Setting, Shape, estimate, generation_bytes, kv_cache_bytes,
-                                   no_grad_forward_bytes, trl_head_bytes)
+                                   no_grad_forward_bytes, streamed_loss_bytes, trl_head_bytes)
 from ftune.memory.policy import NoPlanFits, plan_smart
 from ftune.presets import PRESETS
 from ftune.recipe import load_recipe
@@ -50,7 +50,8 @@ def test_generation_bytes_by_hand():
 def test_generation_is_a_phase_beside_training():
     """The peak is the larger of the generation and the training, never their sum."""
     shape = Shape.from_config(PRESETS["llama-3.1-8b"])
-    sft = Setting(seq=512, batch=8, completion=2048, host_memory=125 * GiB)
+    # GRPO's rows, read by TRL's fused head, which reads the LM head whole
+    sft = Setting(seq=512, batch=8, completion=2048, host_memory=125 * GiB, streamed_head=False)
     grpo = replace(sft, generation_steps=4)
     training, with_generation = estimate(shape, sft), estimate(shape, grpo)
     assert with_generation.kv_cache == 32 * 2560 * 32 * 2 * 8 * 128 * BF16 == 10 * GiB
@@ -68,7 +69,7 @@ def test_generation_is_a_phase_beside_training():
 def test_dpo_trains_two_rows_after_a_reference_pass():
     shape = Shape.from_config(PRESETS["llama-3.1-8b"])
     one = Setting(seq=2048, batch=1, host_memory=125 * GiB)
-    dpo = estimate(shape, replace(one, rows_per_example=2, reference_pass=True))
+    dpo = estimate(shape, replace(one, rows_per_example=2, reference_pass=True, streamed_head=False))
     assert dpo.checkpoints_host == 2 * estimate(shape, one).checkpoints_host
     # the reference pass over the 4096 tokens of both rows, beside the fetched LM head and TRL's
     # fused head's tile, counts as far as it exceeds the training's busiest moment
@@ -80,7 +81,8 @@ def test_dpo_trains_two_rows_after_a_reference_pass():
 
 def test_smart_budget_includes_the_generation():
     shape = Shape.from_config(PRESETS["llama-3.1-8b"])
-    grpo = Setting(seq=512, batch=8, completion=2048, generation_steps=4, host_memory=125 * GiB)
+    grpo = Setting(seq=512, batch=8, completion=2048, generation_steps=4, host_memory=125 * GiB,
+                   streamed_head=False)
     plan = plan_smart(shape, grpo, 20 * GiB)
     assert plan.peak <= 20 * GiB
     generation_phase = estimate(shape, replace(grpo, mode="unsloth"))
@@ -162,9 +164,10 @@ def test_evaluation_is_a_phase_beside_training():
     from ftune.memory.estimate import MLP_CHUNK_BYTES
 
     shape = Shape.from_config(PRESETS["llama-3.1-8b"])
-    training = Setting(seq=8192, batch=1, host_memory=125 * GiB)
-    # measured on an H200 (docs/benchmarks.md, 2026-12-02): evaluation rows like the training's left
-    # the 8B shape's peak at 8192 tokens where it was (5.570 GiB with, 5.565 without)
+    training = Setting(seq=8192, batch=1, host_memory=125 * GiB, streamed_head=False)
+    # measured on an H200 (docs/benchmarks.md, 2026-12-02), the head fetched whole for both: evaluation
+    # rows like the training's left the 8B shape's peak at 8192 tokens where it was (5.570 GiB with,
+    # 5.565 without)
     assert estimate(shape, replace(training, eval_tokens=8192)).evaluation == 0
     assert estimate(shape, replace(training, eval_tokens=8192)).peak == estimate(shape, training).peak
     # eight evaluation rows at once: their forward outgrows the training step's backward
@@ -175,6 +178,12 @@ def test_evaluation_is_a_phase_beside_training():
     training_phase = wide.lora_gradients + wide.checkpoints_gpu + wide.working_set + wide.loss
     head = 128256 * 4096 * BF16
     assert wide.evaluation == head + no_grad_forward_bytes(shape, 8 * 8192, True, chunked_mlp=True) - training_phase
+    # with the head streamed through the loss, the evaluation's forward holds no head, its loss two blocks
+    streamed = estimate(shape, replace(training, eval_tokens=8 * 8192, streamed_head=True))
+    streamed_training = streamed.lora_gradients + streamed.checkpoints_gpu + streamed.working_set + streamed.loss
+    assert streamed.evaluation == max(no_grad_forward_bytes(shape, 8 * 8192, True, chunked_mlp=True),
+                                      streamed_loss_bytes(shape, 8 * 8192)) - streamed_training
+    assert streamed.peak < wide.peak - GiB // 2
     # by hand, in bf16 elements: the residual and normed input, then the larger of attention's q, k,
     # v and output and the MLP chunk's gate, up and product (4681 tokens: 3 x 128 MiB), then gate and
     # up dequantized

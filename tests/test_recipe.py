@@ -271,7 +271,6 @@ def test_host_embeddings_move_the_lm_head_only_under_the_fused_loss(tmp_path, fu
 def test_a_long_input_streams_the_host_lm_head_through_the_loss(tmp_path, monkeypatch):
     """From STREAM_HEAD_MIN_TOKENS on, the fused loss reads the host head in blocks and the first
     layer does not fetch it whole; the loss and the adapters' gradients are those of the whole head."""
-    import ftune.kernels.fused_linear_cross_entropy as flce
     from ftune.engine import host_memory
     from ftune.model import build_model
 
@@ -282,7 +281,7 @@ def test_a_long_input_streams_the_host_lm_head_through_the_loss(tmp_path, monkey
     built = build_model(load_recipe(write(tmp_path, data)), torch.device("cpu"))
     model, head = built.model, built.model.get_output_embeddings()
     vocab = head.shape[0]
-    monkeypatch.setattr(flce, "stream_block_rows", lambda hidden_size, dtype: vocab // 3 + 1)  # 3 blocks, 1 partial
+    head.rows_per_chunk = vocab // 3 + 1  # 3 blocks, the last partial
     reads = []
     fetch_whole, read_blocks = host_memory.HostLMHead.prefetch, host_memory.HostLMHead.chunks
 
@@ -291,9 +290,9 @@ def test_a_long_input_streams_the_host_lm_head_through_the_loss(tmp_path, monkey
             reads.append("whole")
         fetch_whole(self)
 
-    def counted_blocks(self, rows):
+    def counted_blocks(self):
         reads.append("blocks")
-        yield from read_blocks(self, rows)
+        yield from read_blocks(self)
 
     monkeypatch.setattr(host_memory.HostLMHead, "prefetch", counted_fetch)
     monkeypatch.setattr(host_memory.HostLMHead, "chunks", counted_blocks)

@@ -44,6 +44,7 @@ from torch import nn
 from transformers.modeling_layers import GradientCheckpointingLayer
 
 from ftune.integrations.torch import fast_pinned_allocation, return_pinned_memory
+from ftune.memory.estimate import STREAM_HEAD_BLOCK_BYTES, STREAM_HEAD_MIN_TOKENS
 
 logger = logging.getLogger(__name__)
 
@@ -59,10 +60,6 @@ PIECE = 16 * 1024 * 1024
 # Host memory left free for the rest of the system when deciding whether an offload fits.
 _HOST_RESERVE_MIN = 2 * 1024**3
 _HOST_RESERVE_FRACTION = 0.05
-# Training inputs of at least this many tokens stream the LM head through the loss in blocks;
-# shorter ones fetch it whole beside the forward's layers. At 8192 tokens the loss's two matmuls
-# on a block of Gemma-2-9B's head outlast the block's copy; at 2048 they would take a quarter of it.
-STREAM_HEAD_MIN_TOKENS = 4096
 
 
 def buffer_size(nbytes: int) -> int:
@@ -442,7 +439,7 @@ class HostLMHead(nn.Module):
     reaches the decoder's output, past whatever loss read the head (TRL's own chunked heads for
     DPO and GRPO read `weight` directly). A forward without gradients (evaluation, generation)
     keeps it, so decoding does not copy the head for every token. Within `read_by_the_loss`, the
-    training forward of a long input skips that copy and its fused loss reads `chunks` instead
+    forward of a long input skips that copy and its fused loss reads `chunks` instead
     (fused_linear_cross_entropy's WeightInChunks).
     """
 
@@ -465,6 +462,9 @@ class HostLMHead(nn.Module):
         self._on_device: torch.Tensor | None = None
         self._ready: torch.cuda.Event | None = None
         self._loss_streams = False
+        # the loss's blocks: within STREAM_HEAD_BLOCK_BYTES, whole 128-row tiles for its matmuls
+        row_bytes = self.in_features * self.dtype.itemsize
+        self.rows_per_chunk = max(128, STREAM_HEAD_BLOCK_BYTES // row_bytes // 128 * 128)
 
     @property
     def shape(self) -> torch.Size:
@@ -476,10 +476,10 @@ class HostLMHead(nn.Module):
 
     @contextlib.contextmanager
     def read_by_the_loss(self, tokens: int):
-        """Within: a training forward of `tokens` tokens whose fused loss reads the head through
-        `for_the_loss`. From STREAM_HEAD_MIN_TOKENS on, the loss streams it and the first layer does
-        not fetch it whole."""
-        self._loss_streams = torch.is_grad_enabled() and tokens >= STREAM_HEAD_MIN_TOKENS
+        """Within: a forward of `tokens` tokens (training or evaluation) whose fused loss reads the
+        head through `for_the_loss`. From STREAM_HEAD_MIN_TOKENS on, the loss streams it and the
+        first layer does not fetch it whole."""
+        self._loss_streams = tokens >= STREAM_HEAD_MIN_TOKENS
         try:
             yield
         finally:
@@ -495,11 +495,11 @@ class HostLMHead(nn.Module):
         already on the device (fetched for generation) is read whole."""
         return self if self._loss_streams and self._on_device is None else self.weight
 
-    def chunks(self, rows: int) -> Iterator[tuple[int, torch.Tensor]]:
-        """The weight `rows` rows at a time on the device, in order (WeightInChunks). Each block's
-        copy runs on the side stream while the caller works on the block before it: two blocks are
-        on the device at once, when the caller drops each block before asking for the next."""
-        vocab = self.out_features
+    def chunks(self) -> Iterator[tuple[int, torch.Tensor]]:
+        """The weight `rows_per_chunk` rows at a time on the device, in order (WeightInChunks). Each
+        block's copy runs on the side stream while the caller works on the block before it: two
+        blocks are on the device at once, when the caller drops each block before asking for the next."""
+        vocab, rows = self.out_features, self.rows_per_chunk
         if self._on_device is not None or self._stream is None:
             whole = self.weight if self._on_device is not None else self.host_weight
             for first in range(0, vocab, rows):

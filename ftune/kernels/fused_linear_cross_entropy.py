@@ -39,18 +39,12 @@ from ftune.kernels.utils import check_device, num_warps_for
 
 # The chunk's logits, in the compute dtype, stay within this bound: 256 MiB holds 1046 tokens of a
 # 128256-token vocabulary in bf16, enough rows for the matmuls to run at full speed, where the
-# whole logits of 16k tokens would take 4 GiB (8 GiB once upcast to fp32).
+# whole logits of 16k tokens would take 4 GiB (8 GiB once upcast to fp32). The memory model counts
+# the same figure (ftune/memory/estimate.py LOSS_LOGITS_BYTES).
 MAX_CHUNK_LOGITS_BYTES = 256 * 2**20
 # The widest slice of a row a program holds at once (Liger-Kernel's choice for H100-class GPUs,
 # with 32 warps); rows wider than this are walked block by block.
 MAX_BLOCK_SIZE = 32768
-# The block of a streamed head's rows on the device at a time (two: the one in use and the next,
-# in flight): 9344 rows of Gemma-2's 3584-wide head, 8192 of Llama-3's. At 8192 tokens the two
-# matmuls on one block (about 1.8 ms on an H200) outlast its copy from pinned host memory (about
-# 1.3 ms), so the copies hide behind the matmuls.
-STREAM_BLOCK_BYTES = 64 * 2**20
-# Block rows are a multiple of this (whole tiles for the matmuls).
-STREAM_BLOCK_ROW_MULTIPLE = 128
 
 
 @runtime_checkable
@@ -59,10 +53,11 @@ class WeightInChunks(Protocol):
 
     shape: torch.Size
     dtype: torch.dtype
+    rows_per_chunk: int
 
-    def chunks(self, rows: int) -> Iterator[tuple[int, torch.Tensor]]:
-        """(first row, the block of `rows` rows on the device) in order, the last block partial;
-        the caller drops each block before asking for the next."""
+    def chunks(self) -> Iterator[tuple[int, torch.Tensor]]:
+        """(first row, the block of `rows_per_chunk` rows on the device) in order, the last block
+        partial; the caller drops each block before asking for the next."""
         ...
 
 
@@ -258,12 +253,6 @@ def chunk_tokens(vocab_size: int, dtype: torch.dtype) -> int:
     return max(1, MAX_CHUNK_LOGITS_BYTES // (vocab_size * dtype.itemsize))
 
 
-def stream_block_rows(hidden_size: int, dtype: torch.dtype) -> int:
-    """Rows of a streamed head per block: within STREAM_BLOCK_BYTES, a multiple of STREAM_BLOCK_ROW_MULTIPLE."""
-    rows = STREAM_BLOCK_BYTES // (hidden_size * dtype.itemsize)
-    return max(STREAM_BLOCK_ROW_MULTIPLE, rows // STREAM_BLOCK_ROW_MULTIPLE * STREAM_BLOCK_ROW_MULTIPLE)
-
-
 class _Rows(NamedTuple):
     """The labelled rows, found with the loss's one host sync."""
 
@@ -390,7 +379,7 @@ def _vocab_streamed(hidden, weight: WeightInChunks, bias, rows: _Rows, softcap, 
     block_size = min(triton.next_power_of_2(block_rows), MAX_BLOCK_SIZE)
     chunk_size = min(chunk_size, max(n_valid, 1))
     logits_buffer = torch.empty(chunk_size * block_rows, dtype=compute_dtype, device=device)
-    for block, (first, w) in enumerate(weight.chunks(block_rows) if n_valid else ()):
+    for block, (first, w) in enumerate(weight.chunks() if n_valid else ()):
         w_c = w.to(compute_dtype)
         cols = w_c.shape[0]
         for start in range(0, n_valid, chunk_size):
@@ -469,7 +458,7 @@ class FusedLinearCrossEntropyFunction(torch.autograd.Function):
     ):
         device = hidden.device
         streamed = isinstance(weight, WeightInChunks)
-        block_rows = stream_block_rows(weight.shape[1], compute_dtype) if streamed else None
+        block_rows = weight.rows_per_chunk if streamed else None
         rows = _labelled_rows(targets, weight.shape[0], ignore_index, num_items_in_batch, block_rows)
         # The casts are explicit; an enclosing autocast must not re-cast the matmuls' operands
         with torch.autocast(device.type, enabled=False):

@@ -160,6 +160,18 @@ PARKING_ATTENTION = ("sdpa", "ftune_window")
 # 128 MiB is 4608 tokens of an 8B Llama's 14336-wide MLP in bf16, large enough that the chunk's
 # matmuls run at full speed.
 MLP_CHUNK_BYTES = 128 * 1024**2
+# The fused loss's logits per chunk: MAX_CHUNK_LOGITS_BYTES of ftune/kernels/fused_linear_cross_entropy.py,
+# which imports nothing of ftune (tests/test_estimate.py checks that the two agree)
+LOSS_LOGITS_BYTES = 256 * 1024**2
+# A host LM head (ftune/engine/host_memory.py's HostLMHead) streams through the loss, a block of
+# rows at a time, for training inputs from this many tokens; shorter ones fetch it whole beside the
+# forward's layers. At 8192 tokens the loss's two matmuls on a block of Gemma-2-9B's head outlast
+# the block's copy; at 2048 they would take a quarter of it.
+STREAM_HEAD_MIN_TOKENS = 4096
+# The block (HostLMHead.rows_per_chunk): 9344 rows of Gemma-2's 3584-wide head, 8192 of Llama-3's; two are on the GPU at once
+# (the one in use and the next, in flight). At 8192 tokens the two matmuls on one block (about 1.8
+# ms on an H200) outlast its copy from pinned host memory (about 1.3 ms).
+STREAM_HEAD_BLOCK_BYTES = 64 * 1024**2
 
 # When a step parks (ftune/engine/attention.py). Parking is a speed-up that takes twice the layer
 # inputs' host memory: a step parks only while its inputs and parked halves take at most this share
@@ -279,8 +291,12 @@ class Setting:
     fused_loss: bool = True
     host_embeddings: bool = True
     # With the tables in host memory and the fused loss, the LM head too: on the GPU for the forward
-    # and the loss, not for the layers' backward (ftune.engine.host_memory.HostLMHead)
+    # and the loss, not for the layers' backward (ftune.engine.host_memory.HostLMHead) ...
     host_lm_head: bool = True
+    # ... or, from STREAM_HEAD_MIN_TOKENS training tokens, only two blocks of it at a time, in
+    # ftune's loss (False: TRL's fused heads for DPO and GRPO, which read it whole; measurements
+    # made before the loss could stream it)
+    streamed_head: bool = True
     # Offloaded layers park their attention half beside their input, where the engine's rule allows
     # (`parks`: tokens and a share of host memory; attention through sdpa or ftune_window:
     # PARKING_ATTENTION) ...
@@ -451,13 +467,18 @@ def estimate(shape: Shape, setting: Setting) -> Estimate:
         result.loss = int(UNFUSED_LOSS_BYTES_PER_LOGIT * tokens * shape.vocab)
     elif host_head:
         # The head is on the GPU for the forward and the loss only: the step peaks there when the
-        # head outweighs what the busiest layer's backward adds over its forward (shorter sequences)
+        # head outweighs what the busiest layer's backward adds over its forward (shorter sequences).
+        # A streamed head is not beside the forward's layers, only two blocks of it beside the loss.
         count, constant = FORWARD_WITH_HEAD
         if parked:
             count += PARKED_EXTRA_HIDDEN["forward_with_head"]
-        forward_with_head = embedding + int(count * hidden_tensor + constant)
+        forward = int(count * hidden_tensor + constant)
         if setting.quantized and AUGMENTED_MLP_TARGETS <= set(setting.lora_targets):
-            forward_with_head += shape.intermediate * shape.hidden * BF16
+            forward += shape.intermediate * shape.hidden * BF16
+        if head_streams(shape, setting, tokens):
+            forward_with_head = max(forward, streamed_loss_bytes(shape, tokens))
+        else:
+            forward_with_head = embedding + forward
         result.loss = max(0, forward_with_head - result.working_set)
     settle_phases(shape, setting, result)
     if setting.generations or setting.reference_pass:
@@ -499,12 +520,28 @@ def lm_head_fetched(shape: Shape, setting: Setting) -> bool:
     return setting.host_embeddings and setting.host_lm_head and setting.fused_loss
 
 
+def head_streams(shape: Shape, setting: Setting, tokens: int) -> bool:
+    """Whether ftune's loss over `tokens` tokens (a training or an evaluation forward) reads the
+    host LM head in blocks (HostLMHead.read_by_the_loss)."""
+    return lm_head_fetched(shape, setting) and setting.streamed_head and tokens >= STREAM_HEAD_MIN_TOKENS
+
+
+def streamed_loss_bytes(shape: Shape, tokens: int) -> int:
+    """The fused loss reading a streamed head (ftune/kernels/fused_linear_cross_entropy.py): two
+    blocks of the head, a chunk of logits against one block, and per token and hidden unit the
+    fp32 gradient being accumulated, the labels' rows of the head, the hidden states and their
+    gradient (bf16)."""
+    block_rows = STREAM_HEAD_BLOCK_BYTES // (shape.hidden * BF16)
+    logits = min(tokens * block_rows * BF16, LOSS_LOGITS_BYTES)
+    return 2 * STREAM_HEAD_BLOCK_BYTES + logits + tokens * shape.hidden * (4 + 3 * BF16)
+
+
 def settle_phases(shape: Shape, setting: Setting, result: Estimate) -> None:
     """Generation and the forward without gradients as phases of the step: what each needs beyond
     the training's busiest moment (its gradients, checkpoints, working set and loss), zero when less.
     Both see the weights and optimizer states; the LoRA gradients do not exist yet (the optimizer
-    sets them to None) and the fetched LM head stays on the GPU from generation to the training's
-    backward. Called again when the checkpoints change (ftune.memory.policy.plan_peak)."""
+    sets them to None) and the fetched LM head stays on the GPU from generation (and TRL's
+    reference pass) to the training's backward. Called again when the checkpoints change (ftune.memory.policy.plan_peak)."""
     training = result.lora_gradients + result.checkpoints_gpu + result.working_set + result.loss
     head = shape.vocab * shape.hidden * BF16 if lm_head_fetched(shape, setting) else 0
     generation = head + generation_bytes(shape, setting) if setting.generations else 0
@@ -515,10 +552,15 @@ def settle_phases(shape: Shape, setting: Setting, result: Estimate) -> None:
     # An evaluation's forward runs between optimizer steps, as the generation does: beside the
     # weights and optimizer states only (no LoRA gradients, no checkpoints), its MLP in chunks as
     # the training's recompute
+    # the training's, of the head too: streamed through the loss from STREAM_HEAD_MIN_TOKENS
     evaluation = 0
     if setting.eval_tokens:
-        evaluation = head + no_grad_forward_bytes(shape, setting.eval_tokens, setting.quantized, chunked_mlp=True) + \
-            mask_bytes(shape, setting, max(1, setting.eval_tokens // setting.seq), setting.seq)
+        forward = no_grad_forward_bytes(shape, setting.eval_tokens, setting.quantized, chunked_mlp=True)
+        if head_streams(shape, setting, setting.eval_tokens):
+            evaluation = max(forward, streamed_loss_bytes(shape, setting.eval_tokens))
+        else:
+            evaluation = head + forward
+        evaluation += mask_bytes(shape, setting, max(1, setting.eval_tokens // setting.seq), setting.seq)
     result.kv_cache = kv_cache_on_gpu(shape, setting) if setting.generations else 0
     result.generation = max(0, generation - training)
     result.reference = max(0, reference - training - result.generation)

@@ -54,11 +54,15 @@ class InChunks:
     """A frozen weight served a block of rows at a time, as HostLMHead serves its pinned copy:
     each block a new tensor, as a copy to the device is."""
 
+    # 32 rows a block: a 100-token vocabulary in three full blocks and a partial one
+    rows_per_chunk = 32
+
     def __init__(self, weight):
         self.weight, self.shape, self.dtype = weight, weight.shape, weight.dtype
         self.blocks = []
 
-    def chunks(self, rows):
+    def chunks(self):
+        rows = self.rows_per_chunk
         for first in range(0, self.shape[0], rows):
             self.blocks.append((first, min(rows, self.shape[0] - first)))
             yield first, self.weight[first : first + rows].clone()
@@ -207,9 +211,8 @@ def test_rejects_bad_arguments():
 
 @pytest.fixture
 def streamed_blocks(monkeypatch):
-    """A streamed head in blocks of 32 rows (a 100-token vocabulary: three full blocks and a
-    partial one), each row of a block in kernel blocks of 16: the online softmax crosses both."""
-    monkeypatch.setattr(flce, "stream_block_rows", lambda hidden_size, dtype: 32)
+    """Each row of a block of the head (32 rows) in kernel blocks of 16: the online softmax
+    crosses both."""
     monkeypatch.setattr(flce, "MAX_BLOCK_SIZE", 16)
 
 
