@@ -147,11 +147,15 @@ def test_no_config_reachable_is_a_clear_error(monkeypatch, capsys):
 def test_calibrated_inside_the_measured_grid_only():
     llama, qwen3 = (Shape.from_config(PRESETS[name]) for name in ("llama-3.1-8b", "qwen3-8b"))
     for mode in ("none", "true", "unsloth"):
-        assert estimate(llama, Setting(mode=mode, seq=32768, batch=4)).calibrated
+        assert estimate(llama, Setting(mode=mode, seq=32768, batch=4, streamed_head=False)).calibrated
     outside = [estimate(llama, Setting(mode="true", seq=8192, batch=8)), estimate(qwen3, Setting(mode="true", seq=8192)),
                estimate(llama, Setting(mode="true", seq=8192, fused_loss=False))]
     for parts in outside:
         assert not parts.calibrated and "extrapolated" in parts.notes[0]
+    # the streamed head only where it was measured
+    assert estimate(llama, Setting(seq=8192)).calibrated and estimate(qwen3, Setting(seq=8192)).calibrated
+    streamed_16k = estimate(llama, Setting(seq=16384))
+    assert not streamed_16k.calibrated and "streamed" in streamed_16k.notes[0]
 
 
 @pytest.mark.parametrize("option, value", [("--batch", "-3"), ("--batch", "0"), ("--seq", "0"), ("--seq", "-1"),

@@ -7,8 +7,9 @@ Peak = weights (4-bit blocks + quantization constants + the modules kept in 16 b
      + the working set of the step's busiest moment (a layer's recompute and backward, or the loss)
 
 The busiest moment is usually a layer's backward. With the embedding tables in host memory and the
-fused loss, the LM head is on the GPU only for the forward and the loss; that phase is counted on
-its own (`loss`: what it needs beyond the layers' working set, zero when less).
+fused loss, the LM head is on the GPU only for the forward and the loss, or, from
+STREAM_HEAD_MIN_TOKENS, only two blocks of it in the loss; that phase is counted on its own
+(`loss`: what it needs beyond the layers' working set, zero when less).
 
 The first three are counted exactly from the shape. The working set is measured: it is a number
 of hidden-state-sized tensors (batch x tokens x hidden, 2 bytes) plus a constant, fitted per mode
@@ -51,6 +52,7 @@ from typing import Any
 
 import psutil
 
+from ftune.families import family_of
 from ftune.memory.units import GiB
 from ftune.model_config import model_config
 from ftune.recipe import Recipe
@@ -92,6 +94,14 @@ PARKED_EXTRA_HIDDEN = {"working_set": 0.0, "forward_with_head": 2.0}
 # heads) measured 5.1% and 4.5% over the estimate without this at 8192 and 16384 tokens.
 FITTED_KV_WIDTH = 0.25
 KV_SIZED_TENSORS_IN_ATTENTION_BACKWARD = 3
+# A sandwich-norm layer (Gemma 2 and 3) whose recompute reruns attention (it does not park: Gemma-2's
+# soft-capped attention) holds the rerun attention half's graph, with its two extra norms' outputs,
+# through the MLP's backward: this many hidden-state tensors and bytes beyond WORKING_SET's fit.
+# Fitted on one shape, Gemma-2-9B on an H200: 6.365 GiB at 8192 tokens with the LM head streamed,
+# where the Llama fit says 5.937, and at most 7.36 GiB at 16384 (the whole-head run's peak, which
+# its backward stays under). h200/2026-12-03-streamed-head-probe.json: the peak is in a layer's MLP
+# backward, beside the attention half's q, k, v, rotated q and k, attention output and norm outputs.
+SANDWICH_UNPARKED_EXTRA = (2.0, 0.319 * GiB)
 # With the adapters inside the 4-bit base GEMMs (ftune/kernels/lora.py), the forward dequantizes
 # gate and up together into one matrix: one MLP weight more (112 MiB for the 8B shape) beside the
 # fetched LM head. It sets the 8B shape's peak at 8192 tokens (5.80 GiB on an H100 and an H200);
@@ -141,6 +151,11 @@ PAGED_BATCH_TOKENS = 2048
 TRL_HEAD_TILE = (4096, 4096)
 # (model_type, hidden, layers) of the shapes the grid measured: Llama-3.1-8B and Qwen2.5-7B
 MEASURED_SHAPES = {("llama", 4096, 32), ("qwen2", 3584, 28)}
+# ... those measured with the LM head streamed through the loss (4-bit, unsloth with kernels, batch
+# 1, 8192 tokens, on an H200: tests/fixtures/family_peaks.json): Llama-3.1-8B, Qwen3-8B, Mistral-7B
+# and Gemma-2-9B
+STREAMED_HEAD_MEASURED_SHAPES = {("llama", 4096, 32), ("qwen3", 4096, 36), ("mistral", 4096, 32),
+                                 ("gemma2", 3584, 42)}
 # ... and of other families' shapes measured on an H200 in 4 bits (the MoE's experts too), mode
 # unsloth with kernels, batch 1, at 8192 and 16384 tokens (tests/fixtures/family_peaks.json):
 # Gemma-2-9B, Gemma-3-4B, Phi-3-mini and Qwen3-30B-A3B
@@ -164,13 +179,14 @@ MLP_CHUNK_BYTES = 128 * 1024**2
 # which imports nothing of ftune (tests/test_estimate.py checks that the two agree)
 LOSS_LOGITS_BYTES = 256 * 1024**2
 # A host LM head (ftune/engine/host_memory.py's HostLMHead) streams through the loss, a block of
-# rows at a time, for training inputs from this many tokens; shorter ones fetch it whole beside the
-# forward's layers. At 8192 tokens the loss's two matmuls on a block of Gemma-2-9B's head outlast
-# the block's copy; at 2048 they would take a quarter of it.
+# rows at a time, for inputs from this many tokens; shorter ones fetch it whole beside the forward's
+# layers, where the copy hides. A block's copy from pinned memory takes about 1.3 ms at the H200's
+# 50 GB/s; its two matmuls take about 1.8 ms at 8192 tokens, 0.9 ms at 4096 and 0.45 ms at 2048
+# (computed from the card's bf16 rate, not timed). At 8192 tokens the streamed head measured within
+# 2% of the whole head's speed on four shapes (docs/benchmarks.md, 2026-12-03); 4096 was not timed.
 STREAM_HEAD_MIN_TOKENS = 4096
-# The block (HostLMHead.rows_per_chunk): 9344 rows of Gemma-2's 3584-wide head, 8192 of Llama-3's; two are on the GPU at once
-# (the one in use and the next, in flight). At 8192 tokens the two matmuls on one block (about 1.8
-# ms on an H200) outlast its copy from pinned host memory (about 1.3 ms).
+# The block (HostLMHead.rows_per_chunk): 9344 rows of Gemma-2's 3584-wide head, 8192 of Llama-3's;
+# two are on the GPU at once (the one in use and the next, in flight).
 STREAM_HEAD_BLOCK_BYTES = 64 * 1024**2
 
 # When a step parks (ftune/engine/attention.py). Parking is a speed-up that takes twice the layer
@@ -222,6 +238,12 @@ class Shape:
             expert_intermediate=(text.get("moe_intermediate_size") or text["intermediate_size"]) if experts else 0,
             **_sliding_window(text),
         )
+
+    @property
+    def sandwich_norms(self) -> bool:
+        """Each branch's output normed again before its residual add (Gemma 2 and 3: ftune.families)."""
+        family = family_of(self.model_type)
+        return family is not None and family.residual_halves == "sandwich_norm"
 
     @property
     def mask_kinds(self) -> int:
@@ -444,6 +466,8 @@ def estimate(shape: Shape, setting: Setting) -> Estimate:
     parked = mode == "unsloth" and setting.parked_attention and parks_attention(shape, tokens, setting.host_memory)
     if parked:
         count += PARKED_EXTRA_HIDDEN["working_set"]
+    if shape.sandwich_norms and mode != "none" and not parked:
+        count, constant = count + SANDWICH_UNPARKED_EXTRA[0], constant + SANDWICH_UNPARKED_EXTRA[1]
     result.working_set = int(count * hidden_tensor + constant) + wider_attention_bytes(shape, tokens)
     if shape.experts:  # the MoE block at its busiest (what it saved is among the checkpoints in mode none)
         dequantized = dequantized_experts(setting)
@@ -489,7 +513,14 @@ def estimate(shape: Shape, setting: Setting) -> Estimate:
     measured = (key in MEASURED_SHAPES and setting.batch <= 4 and tokens <= 4 * 32768) or \
         (key in UNSLOTH_MEASURED_SHAPES and mode == "unsloth" and setting.batch == 1 and 8192 <= tokens <= 16384
          and setting.quantized and (not shape.experts or dequantized_experts(setting)))
-    if not measured or not setting.fused_loss:
+    if head_streams(shape, setting, tokens):
+        if not (key in STREAMED_HEAD_MEASURED_SHAPES and mode == "unsloth" and setting.batch == 1 and tokens == 8192
+                and setting.quantized):
+            result.calibrated = False
+            result.notes.append("with the LM head streamed through the loss, measured on the Llama-3.1-8B, Qwen3-8B, "
+                                "Mistral-7B and Gemma-2-9B shapes only (4-bit, unsloth, batch 1, 8192 tokens); this "
+                                "setting is extrapolated by its sizes")
+    elif not measured or not setting.fused_loss:
         result.calibrated = False
         result.notes.append("measured on the Llama-3.1-8B and Qwen2.5-7B shapes (batch 1-4, up to 32768 tokens, "
                             "kernels on) and on Gemma-2-9B, Gemma-3-4B, Phi-3-mini and Qwen3-30B-A3B (4-bit, unsloth, "
