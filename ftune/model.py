@@ -29,6 +29,7 @@ from ftune.integrations.bitsandbytes import keep_4bit_layout
 from ftune.integrations.experts import experts_in_4bit, has_4bit_experts, keep_placeholders_out_of_ddp
 from ftune.integrations.transformers import (apply_kernels, generate_without_router_logits, kernel_support,
                                              register_attention)
+from ftune.memory.estimate import head_streams
 from ftune.memory.policy import NoPlanFits
 from ftune.model_config import ModelConfig, local_model_config, model_config
 from ftune.plan import (Device, KernelChoice, RunPlan, choose_dtype, expert_notes, lora_parameters, lora_targets,
@@ -347,7 +348,8 @@ def build_model(recipe: Recipe, device: torch.device | None = None, *, tokenizer
     plan = patch_kernels(model, plan, device)
     host_embedding_bytes = 0
     if plan.host_embeddings:  # and the head with the fused loss, which leaves the layers' backward without it
-        host_embedding_bytes = move_tables_to_host(model, device, lm_head=plan.host_lm_head)
+        host_embedding_bytes = move_tables_to_host(model, device, lm_head=plan.host_lm_head,
+                                                   stream_head=head_streams(plan.setting))
     # the device it will train on: under fsdp the model is still in host memory here
     engine = install_checkpointing(model, plan.checkpointing, plan.layers.policies if plan.layers is not None else None,
                                    device=device, host_embedding_bytes=host_embedding_bytes)

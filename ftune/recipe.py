@@ -147,9 +147,9 @@ class CheckpointingSection(_Section):
         "auto",
         description="Keep the frozen embedding tables in host memory (1 GiB each for an 8B Llama): the "
         "input embedding (the batch's rows are copied to the GPU) and, with the fused cross-entropy kernel, the "
-        "LM head (copied to the GPU for each forward and dropped before the backward; from 4096 tokens a batch, the "
-        "loss streams it in 64 MiB blocks instead); a tied table moves only with the head. auto: on with CUDA in "
-        "modes unsloth and smart.",
+        "LM head (copied to the GPU for each forward and dropped before the backward; in runs whose batches reach "
+        "4096 tokens, the loss streams it in 64 MiB blocks instead); a tied table moves only with the head. auto: on "
+        "with CUDA in modes unsloth and smart.",
     )
 
     @field_validator("mode", mode="before")

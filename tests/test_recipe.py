@@ -268,18 +268,26 @@ def test_host_embeddings_move_the_lm_head_only_under_the_fused_loss(tmp_path, fu
     assert built.engine.host_embedding_bytes == (2 if fused_loss else 1) * table
 
 
-def test_a_long_input_streams_the_host_lm_head_through_the_loss(tmp_path, monkeypatch):
-    """From STREAM_HEAD_MIN_TOKENS on, the fused loss reads the host head in blocks and the first
-    layer does not fetch it whole; the loss and the adapters' gradients are those of the whole head."""
+def test_a_run_planned_for_long_inputs_streams_the_host_lm_head_through_the_loss(tmp_path, monkeypatch):
+    """From STREAM_HEAD_MIN_TOKENS of max_length on, the run's fused loss reads the host head in
+    blocks, for short batches and evaluation too, and the first layer never fetches it whole; the
+    loss and the adapters' gradients are those of the whole head. A shorter run fetches it whole."""
     from ftune.engine import host_memory
+    from ftune.memory.estimate import STREAM_HEAD_MIN_TOKENS
     from ftune.model import build_model
 
     data = quickstart_dict()
     data["model"]["dtype"] = "float32"
     data["checkpointing"] = {"mode": "unsloth", "host_embeddings": True}
     data["kernels"] = {"fused_cross_entropy": True}
+    rows = data["training"].get("batch_size", 1)
+    data["data"]["max_length"] = STREAM_HEAD_MIN_TOKENS // rows  # a batch of training rows reaches it
     built = build_model(load_recipe(write(tmp_path, data)), torch.device("cpu"))
     model, head = built.model, built.model.get_output_embeddings()
+    assert head.streams_the_loss
+    short = {**data, "data": {**data["data"], "max_length": STREAM_HEAD_MIN_TOKENS // rows - 1}}
+    assert not build_model(load_recipe(write(tmp_path, short, "short.yaml")), torch.device("cpu")).model \
+        .get_output_embeddings().streams_the_loss
     vocab = head.shape[0]
     head.rows_per_chunk = vocab // 3 + 1  # 3 blocks, the last partial
     reads = []
@@ -296,20 +304,25 @@ def test_a_long_input_streams_the_host_lm_head_through_the_loss(tmp_path, monkey
 
     monkeypatch.setattr(host_memory.HostLMHead, "prefetch", counted_fetch)
     monkeypatch.setattr(host_memory.HostLMHead, "chunks", counted_blocks)
-    ids = torch.randint(0, vocab, (1, 48), generator=torch.Generator().manual_seed(0))
+    ids = torch.randint(0, vocab, (1, 48), generator=torch.Generator().manual_seed(0))  # a short batch
     trainable = [p for p in model.parameters() if p.requires_grad]
 
-    def step(min_tokens):
-        monkeypatch.setattr(host_memory, "STREAM_HEAD_MIN_TOKENS", min_tokens)
+    def step(streams):
+        head.streams_the_loss = streams
         reads.clear()
         model.zero_grad()
         loss = model(input_ids=ids, labels=ids).loss
         loss.backward()
         return loss.detach(), [p.grad.clone() for p in trainable], list(reads)
 
-    whole_loss, whole_grads, whole_reads = step(49)
-    streamed_loss, streamed_grads, streamed_reads = step(48)
+    whole_loss, whole_grads, whole_reads = step(False)
+    streamed_loss, streamed_grads, streamed_reads = step(True)
     assert whole_reads == ["whole"] and streamed_reads == ["blocks"]
     torch.testing.assert_close(streamed_loss, whole_loss)
     for streamed, whole in zip(streamed_grads, whole_grads, strict=True):
         torch.testing.assert_close(streamed, whole)
+    # an evaluation forward streams too, and leaves no whole head behind for the next step
+    reads.clear()
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids, labels=ids).loss, whole_loss)
+    assert reads == ["blocks"] and head._on_device is None

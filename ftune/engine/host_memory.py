@@ -18,19 +18,19 @@ is, in a LoRA run, a frozen row lookup. `HostEmbedding` keeps the table in pinne
 gathers the batch's rows on the CPU and copies them to the GPU (64 MiB at 8192 tokens: about 1 ms
 on a 55 GB/s link). The LM head is the same size and, with the fused cross-entropy, needed only
 once per training step: the loss computes the hidden states' gradient in the forward pass, so the
-backward never reads the head. `HostLMHead` keeps it in pinned host memory. A long input's loss
-reads it a block of rows at a time (`chunks`), each block's copy on a side stream behind the
-loss's matmuls on the block before, so the whole head is never on the GPU. A short input's loss is
-too short to hide the copies: the head is copied whole as the first decoder layer starts (1 GiB,
-about 20 ms, beside the layers' compute) and dropped once the loss is done with it, so the layers'
-backward runs without it. A tied table (Gemma, the small Llamas and Qwens) is both:
+backward never reads the head. `HostLMHead` keeps it in pinned host memory. In a run planned for
+long inputs (ftune.memory.estimate.head_streams), the loss reads it a block of rows at a time
+(`chunks`), each block's copy on a side stream behind the loss's matmuls on the block before, so
+the whole head is never on the GPU. In a run of short inputs, whose loss is too short to hide the
+copies, the head is copied whole as the first decoder layer starts (1 GiB, about 20 ms, beside the
+layers' compute) and dropped once the loss is done with it, so the layers' backward runs without
+it. A tied table (Gemma, the small Llamas and Qwens) is both:
 one pinned copy serves the lookups and the head's fetches, and leaves the GPU only when both
 can (frozen, the fused loss on): Gemma-2-9B's 256000 x 3584 table is 1.7 GiB.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import weakref
 from collections.abc import Iterator
@@ -44,7 +44,7 @@ from torch import nn
 from transformers.modeling_layers import GradientCheckpointingLayer
 
 from ftune.integrations.torch import fast_pinned_allocation, return_pinned_memory
-from ftune.memory.estimate import STREAM_HEAD_BLOCK_BYTES, STREAM_HEAD_MIN_TOKENS
+from ftune.memory.estimate import STREAM_HEAD_BLOCK_BYTES
 
 logger = logging.getLogger(__name__)
 
@@ -438,12 +438,15 @@ class HostLMHead(nn.Module):
     needs), by ftune's fused loss once it has its gradient, and otherwise when the backward
     reaches the decoder's output, past whatever loss read the head (TRL's own chunked heads for
     DPO and GRPO read `weight` directly). A forward without gradients (evaluation, generation)
-    keeps it, so decoding does not copy the head for every token. Within `read_by_the_loss`, the
-    forward of a long input skips that copy and its fused loss reads `chunks` instead
-    (fused_linear_cross_entropy's WeightInChunks).
+    keeps it, so decoding does not copy the head for every token. With `streams_the_loss`, the
+    first layer does not fetch it and the fused loss reads `chunks` instead
+    (fused_linear_cross_entropy's WeightInChunks), whatever the batch's length: the run's memory
+    plan counted it so, and a shorter batch holding the whole head beside its forward could peak
+    above a longer one.
     """
 
-    def __init__(self, head: nn.Linear, device: torch.device, host_weight: torch.Tensor | None = None):
+    def __init__(self, head: nn.Linear, device: torch.device, host_weight: torch.Tensor | None = None,
+                 streams_the_loss: bool = False):
         """`host_weight`: the table already in host memory (a tied head shares its input embedding's)."""
         super().__init__()
         if head.weight.requires_grad:
@@ -461,7 +464,7 @@ class HostLMHead(nn.Module):
             self._stream = torch.cuda.Stream(device)
         self._on_device: torch.Tensor | None = None
         self._ready: torch.cuda.Event | None = None
-        self._loss_streams = False
+        self.streams_the_loss = streams_the_loss
         # the loss's blocks: within STREAM_HEAD_BLOCK_BYTES, whole 128-row tiles for its matmuls
         row_bytes = self.in_features * self.dtype.itemsize
         self.rows_per_chunk = max(128, STREAM_HEAD_BLOCK_BYTES // row_bytes // 128 * 128)
@@ -474,29 +477,18 @@ class HostLMHead(nn.Module):
     def dtype(self) -> torch.dtype:
         return self.host_weight.dtype
 
-    @contextlib.contextmanager
-    def read_by_the_loss(self, tokens: int):
-        """Within: a forward of `tokens` tokens (training or evaluation) whose fused loss reads the
-        head through `for_the_loss`. From STREAM_HEAD_MIN_TOKENS on, the loss streams it and the
-        first layer does not fetch it whole. All tokens count, labelled or not, as the memory model
-        counts them: a long input with few labelled tokens streams too, and its short matmuls leave
-        the copies exposed (about 35 ms for Gemma-2-9B's 1.75 GiB head), where a fetch by the
-        labels' count would put the whole head back beside the forward, past what was planned."""
-        self._loss_streams = tokens >= STREAM_HEAD_MIN_TOKENS
-        try:
-            yield
-        finally:
-            self._loss_streams = False
-
     def prefetch_for_the_forward(self) -> None:
-        """The first decoder layer's start: fetch the head whole unless the loss streams it."""
-        if not self._loss_streams:
+        """The first decoder layer's start (a recompute's too): fetch the head whole unless the loss
+        streams it."""
+        if not self.streams_the_loss:
             self.prefetch()
 
     def for_the_loss(self) -> torch.Tensor | HostLMHead:
-        """What the fused loss reads: this module's `chunks` when it streams, else `weight`. A head
-        already on the device (fetched for generation) is read whole."""
-        return self if self._loss_streams and self._on_device is None else self.weight
+        """What ftune's fused loss reads: this module's `chunks` when it streams, else `weight`. A
+        head already on the device (fetched for generation) is read whole, as is one whose bias
+        trains (the streamed loss computes no bias gradient)."""
+        trains_bias = self.bias is not None and self.bias.requires_grad
+        return self if self.streams_the_loss and self._on_device is None and not trains_bias else self.weight
 
     def chunks(self) -> Iterator[tuple[int, torch.Tensor]]:
         """The weight `rows_per_chunk` rows at a time on the device, in order (WeightInChunks). Each
@@ -575,11 +567,12 @@ class HostLMHead(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, in host memory"
 
 
-def move_tables_to_host(model: nn.Module, device: torch.device, lm_head: bool) -> int:
+def move_tables_to_host(model: nn.Module, device: torch.device, lm_head: bool, stream_head: bool = False) -> int:
     """Put the frozen input embedding in host memory (a HostEmbedding) and, with `lm_head`, the
     frozen LM head (a HostLMHead, fetched as the first decoder layer starts and dropped before the
-    layers' backward); the bytes freed on the device. A tied table moves only when both can: it
-    serves both from one pinned copy, and on the GPU it would stay for the one that could not."""
+    layers' backward, or with `stream_head` read by the loss in blocks); the bytes freed on the
+    device. A tied table moves only when both can: it serves both from one pinned copy, and on the
+    GPU it would stay for the one that could not."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     embedding, head = base.get_input_embeddings(), base.get_output_embeddings()
     # an embedding with a forward of its own that HostEmbedding would not reproduce stays
@@ -598,7 +591,7 @@ def move_tables_to_host(model: nn.Module, device: torch.device, lm_head: bool) -
         shared = host_embedding.host_weight if tied else None
     if head_moves:
         freed += 0 if tied else head.weight.numel() * head.weight.element_size()
-        _host_lm_head(base, HostLMHead(head, device, host_weight=shared))
+        _host_lm_head(base, HostLMHead(head, device, host_weight=shared, streams_the_loss=stream_head))
     return freed
 
 

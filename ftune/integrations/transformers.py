@@ -348,33 +348,32 @@ def _causal_lm_forward(model_class: type) -> types.FunctionType:
         router = "output_router_logits" in signature.parameters  # a mixture of experts (Mixtral, Qwen3-MoE)
         if router and arguments.get("output_router_logits") is None:
             arguments["output_router_logits"] = getattr(self.config, "output_router_logits", False)
+        # The backbone gets what the original forward gives it, loss kwargs included
+        outputs = getattr(self, self.base_model_prefix)(**arguments, **extra)
+        hidden_states = outputs.last_hidden_state
+        slice_indices = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
         lm_head = self.get_output_embeddings()
         # an LM head that keeps its weight elsewhere between steps (ftune/engine/host_memory.py's
-        # HostLMHead) has `release`, for when the loss is done with the weight, and streams it
-        # through the loss of a long training input (`read_by_the_loss`)
-        host_head = callable(getattr(lm_head, "read_by_the_loss", None))
+        # HostLMHead) gives the loss its weight or its blocks (`for_the_loss`), and has `release`,
+        # for when the loss is done with the weight
+        host_head = callable(getattr(lm_head, "for_the_loss", None))
         if _own_class(lm_head) is not nn.Linear and not host_head:
             raise RuntimeError(f"the fused cross-entropy needs an nn.Linear LM head, not a {type(lm_head).__name__}")
-        with lm_head.read_by_the_loss(labels.numel()) if host_head else contextlib.nullcontext():
-            # The backbone gets what the original forward gives it, loss kwargs included
-            outputs = getattr(self, self.base_model_prefix)(**arguments, **extra)
-            hidden_states = outputs.last_hidden_state
-            slice_indices = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
-            if isinstance(lm_head, FSDPModule):
-                # FSDP2 gathers a unit's weights when the unit's forward runs; this path reads the
-                # head's weight without calling it (the gathered head stays until FSDP reshards it)
-                lm_head.unshard()
-            loss, stats = fused_linear_cross_entropy(
-                hidden_states[:, slice_indices, :],
-                lm_head.for_the_loss() if host_head else lm_head.weight,
-                labels,
-                bias=lm_head.bias,
-                shift_labels=extra.get("shift_labels"),
-                ignore_index=extra.get("ignore_index", -100),
-                num_items_in_batch=extra.get("num_items_in_batch"),
-                final_logit_softcapping=getattr(self.config, "final_logit_softcapping", None),
-                return_stats=True,
-            )
+        if isinstance(lm_head, FSDPModule):
+            # FSDP2 gathers a unit's weights when the unit's forward runs; this path reads the
+            # head's weight without calling it (the gathered head stays until FSDP reshards it)
+            lm_head.unshard()
+        loss, stats = fused_linear_cross_entropy(
+            hidden_states[:, slice_indices, :],
+            lm_head.for_the_loss() if host_head else lm_head.weight,
+            labels,
+            bias=lm_head.bias,
+            shift_labels=extra.get("shift_labels"),
+            ignore_index=extra.get("ignore_index", -100),
+            num_items_in_batch=extra.get("num_items_in_batch"),
+            final_logit_softcapping=getattr(self.config, "final_logit_softcapping", None),
+            return_stats=True,
+        )
         if host_head and torch.is_grad_enabled():
             lm_head.release()  # the loss's backward does not read the head: the layers' backward runs without it
         aux_loss = None

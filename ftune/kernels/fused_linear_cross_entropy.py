@@ -275,7 +275,10 @@ def _labelled_rows(targets, vocab_size, ignore_index, num_items_in_batch, block_
         blocks = triton.cdiv(vocab_size, block_rows)
         # the ignored rows and out-of-range labels counted in a last bucket, never read
         block_of = torch.where(labelled & (targets >= 0) & (targets < vocab_size), targets // block_rows, blocks)
-        summary = torch.cat([summary, torch.bincount(block_of, minlength=blocks + 1)[:blocks]])
+        # scatter_add, not bincount: on CUDA bincount reads its input's range on the host
+        per_block = torch.zeros(blocks + 1, dtype=summary.dtype, device=device)
+        per_block.scatter_add_(0, block_of, torch.ones_like(block_of))
+        summary = torch.cat([summary, per_block[:blocks]])
     n_valid, low, high, *per_block = summary.tolist()
     if low < 0 or high >= vocab_size:
         raise ValueError(f"labels must be in [0, {vocab_size}) or {ignore_index}, got values in [{low}, {high}]")
@@ -379,7 +382,9 @@ def _vocab_streamed(hidden, weight: WeightInChunks, bias, rows: _Rows, softcap, 
     block_size = min(triton.next_power_of_2(block_rows), MAX_BLOCK_SIZE)
     chunk_size = min(chunk_size, max(n_valid, 1))
     logits_buffer = torch.empty(chunk_size * block_rows, dtype=compute_dtype, device=device)
-    for block, (first, w) in enumerate(weight.chunks() if n_valid else ()):
+    block = 0
+    # not `enumerate`: its pending result would hold the previous block while the next is fetched
+    for first, w in weight.chunks() if n_valid else ():
         w_c = w.to(compute_dtype)
         cols = w_c.shape[0]
         for start in range(0, n_valid, chunk_size):
@@ -420,6 +425,7 @@ def _vocab_streamed(hidden, weight: WeightInChunks, bias, rows: _Rows, softcap, 
                 in_block = by_block[begin : block_ends[block]]
                 label_rows.index_copy_(0, in_block, w_c.index_select(0, rows.targets[in_block] - first))
         del w, w_c  # the block's memory goes back before the next block is fetched
+        block += 1
 
     lse = row_max + row_sum.log()
     loss_rows = lse - target_logit
@@ -429,7 +435,7 @@ def _vocab_streamed(hidden, weight: WeightInChunks, bias, rows: _Rows, softcap, 
     if grad_h:
         # d(loss)/d(hidden) = scale * (softmax-weighted rows - the label's row), each through dz/dlogit
         accumulated.div_(row_sum[:, None])
-        accumulated.sub_(label_rows * target_slope[:, None])
+        accumulated.addcmul_(label_rows, target_slope[:, None], value=-1)
         accumulated.mul_(rows.scale)
         if all_valid:
             grad_hidden = accumulated.to(hidden.dtype)

@@ -179,8 +179,8 @@ MLP_CHUNK_BYTES = 128 * 1024**2
 # which imports nothing of ftune (tests/test_estimate.py checks that the two agree)
 LOSS_LOGITS_BYTES = 256 * 1024**2
 # A host LM head (ftune/engine/host_memory.py's HostLMHead) streams through the loss, a block of
-# rows at a time, for inputs from this many tokens; shorter ones fetch it whole beside the forward's
-# layers, where the copy hides. A block's copy from pinned memory takes about 1.3 ms at the H200's
+# rows at a time, in runs whose training rows reach this many tokens (head_streams); runs of shorter
+# ones fetch it whole beside the forward's layers, where the copy hides. A block's copy from pinned memory takes about 1.3 ms at the H200's
 # 50 GB/s; its two matmuls take about 1.8 ms at 8192 tokens, 0.9 ms at 4096 and 0.45 ms at 2048
 # (computed from the card's bf16 rate, not timed). At 8192 tokens the streamed head measured within
 # 2% of the whole head's speed on four shapes (docs/benchmarks.md, 2026-12-03); 4096 was not timed.
@@ -315,9 +315,9 @@ class Setting:
     # With the tables in host memory and the fused loss, the LM head too: on the GPU for the forward
     # and the loss, not for the layers' backward (ftune.engine.host_memory.HostLMHead) ...
     host_lm_head: bool = True
-    # ... or, from STREAM_HEAD_MIN_TOKENS training tokens, only two blocks of it at a time, in
-    # ftune's loss (False: TRL's fused heads for DPO and GRPO, which read it whole; measurements
-    # made before the loss could stream it)
+    # ... or, in a run whose training rows reach STREAM_HEAD_MIN_TOKENS tokens, only two blocks of
+    # it at a time, in ftune's loss (head_streams; False: TRL's fused heads for DPO and GRPO, which
+    # read it whole; measurements made before the loss could stream it)
     streamed_head: bool = True
     # Offloaded layers park their attention half beside their input, where the engine's rule allows
     # (`parks`: tokens and a share of host memory; attention through sdpa or ftune_window:
@@ -499,7 +499,7 @@ def estimate(shape: Shape, setting: Setting) -> Estimate:
         forward = int(count * hidden_tensor + constant)
         if setting.quantized and AUGMENTED_MLP_TARGETS <= set(setting.lora_targets):
             forward += shape.intermediate * shape.hidden * BF16
-        if head_streams(shape, setting, tokens):
+        if head_streams(setting):
             forward_with_head = max(forward, streamed_loss_bytes(shape, tokens))
         else:
             forward_with_head = embedding + forward
@@ -513,7 +513,7 @@ def estimate(shape: Shape, setting: Setting) -> Estimate:
     measured = (key in MEASURED_SHAPES and setting.batch <= 4 and tokens <= 4 * 32768) or \
         (key in UNSLOTH_MEASURED_SHAPES and mode == "unsloth" and setting.batch == 1 and 8192 <= tokens <= 16384
          and setting.quantized and (not shape.experts or dequantized_experts(setting)))
-    if head_streams(shape, setting, tokens):
+    if head_streams(setting):
         if not (key in STREAMED_HEAD_MEASURED_SHAPES and mode == "unsloth" and setting.batch == 1 and tokens == 8192
                 and setting.quantized):
             result.calibrated = False
@@ -545,16 +545,21 @@ def check_setting(setting: Setting) -> None:
 GENERATION_CACHES = ("dynamic", "static", "offloaded", "paged")
 
 
-def lm_head_fetched(shape: Shape, setting: Setting) -> bool:
+def lm_head_fetched(shape: Shape | None, setting: Setting) -> bool:
     """Whether the LM head lives in host memory and is fetched to the GPU for each forward (and kept
     through generation and forwards without gradients: ftune.engine.host_memory.HostLMHead)."""
     return setting.host_embeddings and setting.host_lm_head and setting.fused_loss
 
 
-def head_streams(shape: Shape, setting: Setting, tokens: int) -> bool:
-    """Whether ftune's loss over `tokens` tokens (a training or an evaluation forward) reads the
-    host LM head in blocks (HostLMHead.read_by_the_loss)."""
-    return lm_head_fetched(shape, setting) and setting.streamed_head and tokens >= STREAM_HEAD_MIN_TOKENS
+def head_streams(setting: Setting) -> bool:
+    """Whether the run's loss reads the host LM head in blocks (HostLMHead.streams_the_loss), in
+    its training and its evaluation forwards alike: a run whose training rows reach
+    STREAM_HEAD_MIN_TOKENS tokens. Decided once for the run, not per batch, so that a shorter batch
+    never peaks above the planned one with the whole head beside its forward; a short batch's
+    matmuls then leave the blocks' copies exposed (Gemma-2-9B's 1.75 GiB head: about 35 ms at 50
+    GB/s, computed, not timed)."""
+    return lm_head_fetched(None, setting) and setting.streamed_head and \
+        setting.training_tokens >= STREAM_HEAD_MIN_TOKENS
 
 
 def streamed_loss_bytes(shape: Shape, tokens: int) -> int:
@@ -583,11 +588,11 @@ def settle_phases(shape: Shape, setting: Setting, result: Estimate) -> None:
     # An evaluation's forward runs between optimizer steps, as the generation does: beside the
     # weights and optimizer states only (no LoRA gradients, no checkpoints), its MLP in chunks as
     # the training's recompute
-    # the training's, of the head too: streamed through the loss from STREAM_HEAD_MIN_TOKENS
+    # the training's, of the head too: streamed through the loss where the training's is
     evaluation = 0
     if setting.eval_tokens:
         forward = no_grad_forward_bytes(shape, setting.eval_tokens, setting.quantized, chunked_mlp=True)
-        if head_streams(shape, setting, setting.eval_tokens):
+        if head_streams(setting):
             evaluation = max(forward, streamed_loss_bytes(shape, setting.eval_tokens))
         else:
             evaluation = head + forward
