@@ -236,7 +236,8 @@ def _online_block_kernel(
         tl.store(SUM_EZ_ptr + row, tl.load(SUM_EZ_ptr + row) * alpha + total_ez)
         # Strictly greater: an earlier block wins a tie
         best = tl.load(BEST_ptr + row)
-        tl.store(BEST_COL_ptr + row, tl.where(block_max > best, first_col + block_best_col, tl.load(BEST_COL_ptr + row)))
+        best_col = tl.where(block_max > best, first_col + block_best_col, tl.load(BEST_COL_ptr + row))
+        tl.store(BEST_COL_ptr + row, best_col)
         tl.store(BEST_ptr + row, tl.maximum(best, block_max))
 
 

@@ -180,10 +180,11 @@ MLP_CHUNK_BYTES = 128 * 1024**2
 LOSS_LOGITS_BYTES = 256 * 1024**2
 # A host LM head (ftune/engine/host_memory.py's HostLMHead) streams through the loss, a block of
 # rows at a time, in runs whose training rows reach this many tokens (head_streams); runs of shorter
-# ones fetch it whole beside the forward's layers, where the copy hides. A block's copy from pinned memory takes about 1.3 ms at the H200's
-# 50 GB/s; its two matmuls take about 1.8 ms at 8192 tokens, 0.9 ms at 4096 and 0.45 ms at 2048
-# (computed from the card's bf16 rate, not timed). At 8192 tokens the streamed head measured within
-# 2% of the whole head's speed on four shapes (docs/benchmarks.md, 2026-12-03); 4096 was not timed.
+# ones fetch it whole beside the forward's layers, where the copy hides. A block's copy from pinned
+# memory takes about 1.3 ms at the H200's 50 GB/s; its two matmuls take about 1.8 ms at 8192
+# tokens, 0.9 ms at 4096 and 0.45 ms at 2048 (computed from the card's bf16 rate, not timed). At
+# 8192 tokens the streamed head measured within 2% of the whole head's speed on four shapes
+# (docs/benchmarks.md, 2026-12-03); 4096 was not timed.
 STREAM_HEAD_MIN_TOKENS = 4096
 # The block (HostLMHead.rows_per_chunk): 9344 rows of Gemma-2's 3584-wide head, 8192 of Llama-3's;
 # two are on the GPU at once (the one in use and the next, in flight).
@@ -577,7 +578,8 @@ def settle_phases(shape: Shape, setting: Setting, result: Estimate) -> None:
     the training's busiest moment (its gradients, checkpoints, working set and loss), zero when less.
     Both see the weights and optimizer states; the LoRA gradients do not exist yet (the optimizer
     sets them to None) and the fetched LM head stays on the GPU from generation (and TRL's
-    reference pass) to the training's backward. Called again when the checkpoints change (ftune.memory.policy.plan_peak)."""
+    reference pass) to the training's backward. Called again when the checkpoints change
+    (ftune.memory.policy.plan_peak)."""
     training = result.lora_gradients + result.checkpoints_gpu + result.working_set + result.loss
     head = shape.vocab * shape.hidden * BF16 if lm_head_fetched(shape, setting) else 0
     generation = head + generation_bytes(shape, setting) if setting.generations else 0
