@@ -44,7 +44,7 @@ from torch import nn
 from transformers.modeling_layers import GradientCheckpointingLayer
 
 from ftune.integrations.torch import fast_pinned_allocation, return_pinned_memory
-from ftune.memory.estimate import STREAM_HEAD_BLOCK_BYTES
+from ftune.memory.estimate import stream_block_rows
 
 logger = logging.getLogger(__name__)
 
@@ -465,9 +465,7 @@ class HostLMHead(nn.Module):
         self._on_device: torch.Tensor | None = None
         self._ready: torch.cuda.Event | None = None
         self.streams_the_loss = streams_the_loss
-        # the loss's blocks: within STREAM_HEAD_BLOCK_BYTES, whole 128-row tiles for its matmuls
-        row_bytes = self.in_features * self.dtype.itemsize
-        self.rows_per_chunk = max(128, STREAM_HEAD_BLOCK_BYTES // row_bytes // 128 * 128)
+        self.rows_per_chunk = stream_block_rows(self.in_features, self.dtype.itemsize)
 
     @property
     def shape(self) -> torch.Size:
@@ -501,23 +499,15 @@ class HostLMHead(nn.Module):
                 yield first, whole[first : first + rows]
             return
         compute = torch.cuda.current_stream(self.device)
-
-        def fetch(first: int) -> tuple[torch.Tensor, torch.cuda.Event]:
-            block = torch.empty((min(rows, vocab - first), self.in_features), dtype=self.dtype, device=self.device)
-            # the block may take the memory of the one before the last, which queued work still reads
-            self._stream.wait_stream(compute)
-            with torch.cuda.stream(self._stream):
-                block.copy_(self.host_weight[first : first + rows], non_blocking=True)
-                ready = torch.cuda.Event()
-                ready.record(self._stream)
-            block.record_stream(self._stream)
-            return block, ready
-
-        pending = fetch(0)
+        # a block may take the memory of the one before the last, which queued work still reads:
+        # its copy waits for that work
+        pending = self._copy_on_the_side(self.host_weight[:rows])
         for first in range(0, vocab, rows):
             block, ready = pending
             compute.wait_event(ready)
-            pending = fetch(first + rows) if first + rows < vocab else None
+            following = first + rows
+            pending = self._copy_on_the_side(self.host_weight[following : following + rows]) if following < vocab \
+                else None
             yield first, block
             del block
 
@@ -528,19 +518,23 @@ class HostLMHead(nn.Module):
         if self._stream is None:
             self._on_device = self.host_weight
             return
+        self._on_device, self._ready = self._copy_on_the_side(self.host_weight)
+
+    def _copy_on_the_side(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.cuda.Event]:
+        """A device copy of `rows` (pinned) queued on the side stream, and the event of its end."""
         # Allocated on the compute stream, which frees it: the side stream writes it only after the
         # compute work queued so far, which may still use that memory's previous owner. A normal
         # tensor even when fetched under inference mode (generation): the training forward that
         # reuses it may save it for backward.
         with torch.inference_mode(False):
-            target = torch.empty_like(self.host_weight, device=self.device)
+            target = torch.empty_like(rows, device=self.device)
             self._stream.wait_stream(torch.cuda.current_stream(self.device))
             with torch.cuda.stream(self._stream):
-                target.copy_(self.host_weight, non_blocking=True)
-                self._ready = torch.cuda.Event()
-                self._ready.record(self._stream)
+                target.copy_(rows, non_blocking=True)
+                ready = torch.cuda.Event()
+                ready.record(self._stream)
             target.record_stream(self._stream)  # dropped mid-copy, its memory waits for the copy
-        self._on_device = target
+        return target, ready
 
     @property
     def weight(self) -> torch.Tensor:

@@ -444,7 +444,7 @@ def estimate(shape: Shape, setting: Setting) -> Estimate:
     embedding = shape.vocab * shape.hidden * BF16
     norms = (2 * shape.layers + 1) * shape.hidden * BF16
     biases = (shape.heads + 2 * shape.kv_heads) * shape.head_dim * BF16 * shape.layers if shape.qkv_bias else 0
-    host_head = lm_head_fetched(shape, setting)
+    host_head = lm_head_fetched(setting)
     # a tied table leaves the GPU only with the head (ftune.engine.host_memory.move_tables_to_host)
     host_embedding = setting.host_embeddings and (host_head or not shape.tied)
     result.weights_16bit += norms + biases + (0 if host_head or shape.tied else embedding) + \
@@ -546,7 +546,7 @@ def check_setting(setting: Setting) -> None:
 GENERATION_CACHES = ("dynamic", "static", "offloaded", "paged")
 
 
-def lm_head_fetched(shape: Shape | None, setting: Setting) -> bool:
+def lm_head_fetched(setting: Setting) -> bool:
     """Whether the LM head lives in host memory and is fetched to the GPU for each forward (and kept
     through generation and forwards without gradients: ftune.engine.host_memory.HostLMHead)."""
     return setting.host_embeddings and setting.host_lm_head and setting.fused_loss
@@ -559,8 +559,14 @@ def head_streams(setting: Setting) -> bool:
     never peaks above the planned one with the whole head beside its forward; a short batch's
     matmuls then leave the blocks' copies exposed (Gemma-2-9B's 1.75 GiB head: about 35 ms at 50
     GB/s, computed, not timed)."""
-    return lm_head_fetched(None, setting) and setting.streamed_head and \
+    return lm_head_fetched(setting) and setting.streamed_head and \
         setting.training_tokens >= STREAM_HEAD_MIN_TOKENS
+
+
+def stream_block_rows(hidden: int, itemsize: int = BF16) -> int:
+    """Rows of a streamed head per block (HostLMHead.rows_per_chunk): within STREAM_HEAD_BLOCK_BYTES,
+    whole 128-row tiles for the loss's matmuls."""
+    return max(128, STREAM_HEAD_BLOCK_BYTES // (hidden * itemsize) // 128 * 128)
 
 
 def streamed_loss_bytes(shape: Shape, tokens: int) -> int:
@@ -568,9 +574,9 @@ def streamed_loss_bytes(shape: Shape, tokens: int) -> int:
     blocks of the head, a chunk of logits against one block, and per token and hidden unit the
     fp32 gradient being accumulated, the labels' rows of the head, the hidden states and their
     gradient (bf16)."""
-    block_rows = STREAM_HEAD_BLOCK_BYTES // (shape.hidden * BF16)
+    block_rows = stream_block_rows(shape.hidden)
     logits = min(tokens * block_rows * BF16, LOSS_LOGITS_BYTES)
-    return 2 * STREAM_HEAD_BLOCK_BYTES + logits + tokens * shape.hidden * (4 + 3 * BF16)
+    return 2 * block_rows * shape.hidden * BF16 + logits + tokens * shape.hidden * (4 + 3 * BF16)
 
 
 def settle_phases(shape: Shape, setting: Setting, result: Estimate) -> None:
@@ -581,7 +587,7 @@ def settle_phases(shape: Shape, setting: Setting, result: Estimate) -> None:
     reference pass) to the training's backward. Called again when the checkpoints change
     (ftune.memory.policy.plan_peak)."""
     training = result.lora_gradients + result.checkpoints_gpu + result.working_set + result.loss
-    head = shape.vocab * shape.hidden * BF16 if lm_head_fetched(shape, setting) else 0
+    head = shape.vocab * shape.hidden * BF16 if lm_head_fetched(setting) else 0
     generation = head + generation_bytes(shape, setting) if setting.generations else 0
     reference = 0
     if setting.reference_pass:
