@@ -39,6 +39,9 @@ adamw_torch instead of the 8-bit AdamW, kernels off; peak_gib is then null and r
 resident set size seen.
 
   python benchmarks/bench_workflows.py --preset tiny-llama --workflows dpo,grpo --steps 3 --out /tmp/wf.json
+
+Where the host's time goes: `--python-profile DIR` runs each stack under cProfile (DIR/<workflow>-<stack>.prof,
+for pstats or snakeviz); the profiler slows Python, so those runs' step times are for the profile only.
 """
 
 from __future__ import annotations
@@ -326,9 +329,15 @@ def error_row(code: int | None, stderr: str) -> dict:
     return {"status": "timeout" if code is None else "error", "error": last, "oom": oom, "stderr_tail": lines[-5:]}
 
 
-def run_ftune(workflow: str, overrides: list[str], log_path: Path, timeout: int, output_dir: Path) -> dict:
+def python_command(profile: Path | None) -> list[str]:
+    """The interpreter, under cProfile writing to `profile` if given."""
+    return [sys.executable] + (["-m", "cProfile", "-o", str(profile)] if profile else [])
+
+
+def run_ftune(workflow: str, overrides: list[str], log_path: Path, timeout: int, output_dir: Path,
+              profile: Path | None = None) -> dict:
     # --debug: an error ends in its traceback, whose last line names it (ftune's short form ends in a hint)
-    command = [sys.executable, "-m", "ftune", "--debug", "train", str(RECIPES[workflow]), "--overwrite"]
+    command = python_command(profile) + ["-m", "ftune", "--debug", "train", str(RECIPES[workflow]), "--overwrite"]
     for item in overrides:
         command += ["--set", item]
     metrics = output_dir / "metrics.jsonl"
@@ -340,8 +349,9 @@ def run_ftune(workflow: str, overrides: list[str], log_path: Path, timeout: int,
     return {"status": "ok", **summarize(records), "wall_s": round(wall, 1)}
 
 
-def run_trl(workflow: str, overrides: list[str], log_path: Path, timeout: int) -> dict:
-    command = [sys.executable, __file__, "--worker", "trl", "--workflow", workflow, "--overrides", json.dumps(overrides)]
+def run_trl(workflow: str, overrides: list[str], log_path: Path, timeout: int, profile: Path | None = None) -> dict:
+    command = python_command(profile) + [__file__, "--worker", "trl", "--workflow", workflow,
+                                         "--overrides", json.dumps(overrides)]
     code, stdout, stderr, wall = run_process(command, log_path, timeout)
     result = worker_result(stdout)
     if code != 0 or result is None:
@@ -401,6 +411,9 @@ def main() -> None:
     parser.add_argument("--logs", type=Path, default=None, help="each process's output, one .log per run (default: --workdir)")
     parser.add_argument("--out", type=Path, default=None,
                         help="append JSON rows to this list (default benchmarks/results/<card>/<date>-workflows.json)")
+    parser.add_argument("--python-profile", type=Path, default=None, metavar="DIR",
+                        help="run each stack under cProfile, writing DIR/<workflow>-<stack>.prof (where the host's "
+                             "time goes; the profiler slows Python, so these runs' step times are not comparable)")
     parser.add_argument("--worker", choices=["materialize", "trl"], help=argparse.SUPPRESS)
     parser.add_argument("--workflow", help=argparse.SUPPRESS)
     parser.add_argument("--overrides", help=argparse.SUPPRESS)
@@ -473,14 +486,20 @@ def main() -> None:
         for stack in stacks:
             overrides, recipe, output_dir = plans[workflow, stack]
             log_path = logs / f"{workflow}-{stack}.log"
+            profile = None
+            if args.python_profile:
+                args.python_profile.mkdir(parents=True, exist_ok=True)
+                profile = args.python_profile.resolve() / f"{workflow}-{stack}.prof"
             if stack == "ftune":
-                result = run_ftune(workflow, overrides, log_path, args.timeout, output_dir)
+                result = run_ftune(workflow, overrides, log_path, args.timeout, output_dir, profile)
                 how = {"checkpointing": recipe.checkpointing.mode, "kernels": kernels_used(recipe, cuda)}
             else:
-                result = run_trl(workflow, overrides, log_path, args.timeout)
+                result = run_trl(workflow, overrides, log_path, args.timeout, profile)
                 how = {"checkpointing": "transformers gradient_checkpointing (non-reentrant)", "kernels": "none"}
             row = {"workflow": workflow, "stack": stack, **result, **how, "settings": settings(recipe, cuda),
                    "log": str(log_path), **meta}
+            if profile:
+                row["python_profile"] = str(profile)
             rows.append(row)
             print(line(row), flush=True)
             if row["status"] != "ok":
