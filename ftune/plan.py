@@ -197,6 +197,7 @@ def resolve(recipe: Recipe, device: Device, *, mode: str | None = None, config: 
             layers = plan_smart(Shape.from_config(config.values), setting, budget, host_available=host,
                                 link_gbps=device.link_gbps, embeddings_movable=host_setting == "auto")
             host_embeddings = setting.host_embeddings = layers.host_embeddings
+            setting.stream_head_from = layers.stream_head_from
     host_lm_head = host_embeddings and fused_loss and setting.host_lm_head
     setting.host_lm_head = host_lm_head
     if host_embeddings and not host_lm_head and config is not None and _tied(config.values):

@@ -148,7 +148,8 @@ class CheckpointingSection(_Section):
         description="Keep the frozen embedding tables in host memory (1 GiB each for an 8B Llama): the "
         "input embedding (the batch's rows are copied to the GPU) and, with the fused cross-entropy kernel, the "
         "LM head (copied to the GPU for each forward and dropped before the backward; in runs whose batches reach "
-        "4096 tokens, the loss streams it in 64 MiB blocks instead); a tied table moves only with the head. auto: on "
+        "4096 tokens, or where mode smart needs it to fit the budget, the loss streams it in 64 MiB blocks instead); a "
+        "tied table moves only with the head. auto: on "
         "with CUDA in modes unsloth and smart.",
     )
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -68,6 +69,19 @@ def test_modes_order_and_longest_sequence():
     host = 125 * GiB
     assert parks_attention(shape, 32768, host) and not parks_attention(shape, 150528, host)
     assert longest_sequence(shape, Setting(mode="unsloth", host_memory=host), cap) == head_in_host_memory
+
+
+@pytest.mark.parametrize("batch,rows_per_example,budget_gib", [(3, 1, 5.6), (1, 1, 5.6), (1, 2, 6.0), (5, 1, 7.0)])
+def test_the_longest_sequence_is_the_longest_that_fits_across_the_heads_step(batch, rows_per_example, budget_gib):
+    """The peak drops where the run starts streaming its head; the longest sequence is still the
+    longest length whose estimate fits, as a walk over every length finds it (Gemma-2-9B at batch 3
+    in 5.6 GiB: 1536 tokens, where one search across the step found none)."""
+    shape = Shape.from_config(PRESETS["gemma-2-9b"])
+    setting = Setting(mode="unsloth", batch=batch, rows_per_example=rows_per_example)
+    budget, step = int(budget_gib * GiB), 256
+    fitting = [seq for seq in range(step, 80 * step + 1, step) if estimate(shape, replace(setting, seq=seq)).peak <= budget]
+    longest = longest_sequence(shape, setting, budget, step=step, limit=80 * step)
+    assert fitting and longest == max(fitting)
 
 
 def test_shape_from_a_local_config(tmp_path):
@@ -387,10 +401,14 @@ def test_the_streamed_heads_sizes_are_the_codes():
 
     import ftune.kernels.fused_linear_cross_entropy as flce
     from ftune.engine.host_memory import HostLMHead
-    from ftune.memory.estimate import LOSS_LOGITS_BYTES, STREAM_HEAD_BLOCK_BYTES
+    from ftune.memory.estimate import LOSS_LOGITS_BYTES, STREAM_HEAD_BLOCK_BYTES, streamed_loss_bytes
 
     assert LOSS_LOGITS_BYTES == flce.MAX_CHUNK_LOGITS_BYTES
     for hidden, rows in ((4096, 8192), (3584, 9344)):  # Llama-3's head and Gemma-2's
         head = HostLMHead(nn.Linear(hidden, 256, bias=False, dtype=torch.bfloat16).requires_grad_(False),
                           torch.device("cpu"))
         assert head.rows_per_chunk == rows and rows * hidden * 2 <= STREAM_HEAD_BLOCK_BYTES
+    # a head of fewer rows than a block (a tiny model's) is read as one block of its own size
+    small = replace(Shape.from_config(PRESETS["llama-3.1-8b"]), vocab=256)
+    tokens = 1024
+    assert streamed_loss_bytes(small, tokens) == 2 * 256 * 4096 * 2 + tokens * 256 * 2 + tokens * 4096 * (4 + 3 * 2)

@@ -129,6 +129,50 @@ def test_nothing_fits_names_the_longest_sequence():
     assert 0 < caught.value.longest < 200_000
 
 
+def test_a_budget_the_whole_head_does_not_fit_streams_it_from_the_first_token():
+    """Gemma-2-9B at 2048 tokens fetches its 1.75 GiB host head whole (inputs under
+    STREAM_HEAD_MIN_TOKENS): 6.89 GiB with every layer offloaded. Where that does not fit and the
+    head in blocks does, smart streams it rather than refuse; where it fits, the head stays whole."""
+    shape, setting = Shape.from_config(PRESETS["gemma-2-9b"]), Setting(mode="smart", seq=2048)
+    whole = plan_peak(shape, setting, 0, 0).peak
+    streamed = plan_peak(shape, replace(setting, stream_head_from=0), 0, 0).peak
+    assert streamed < whole - GiB
+    plan = plan_smart(shape, setting, (whole + streamed) // 2)
+    assert plan.streamed_head and plan.stream_head_from == 0 and plan.peak <= (whole + streamed) // 2
+    assert "LM head streamed" in plan.describe()
+    roomy = plan_smart(shape, setting, whole + GiB)
+    assert not roomy.streamed_head and roomy.stream_head_from == setting.stream_head_from
+    with pytest.raises(NoPlanFits):
+        plan_smart(shape, setting, streamed - 1)
+    # a head TRL reads whole (DPO's, GRPO's) is not streamed to fit
+    with pytest.raises(NoPlanFits):
+        plan_smart(shape, replace(setting, streamed_head=False), (whole + streamed) // 2)
+
+
+def test_a_smart_recipe_that_needs_the_head_streamed_plans_it_for_the_run():
+    """The plan's choice is the run's: RunPlan.setting, from which build_model streams the head
+    (ftune.memory.estimate.head_streams; test_recipe.py checks the model that follows)."""
+    from ftune.memory.estimate import RESERVED_OVER_ALLOCATED, head_streams
+    from ftune.model_config import local_model_config
+    from ftune.plan import assumed_device, resolve
+
+    overrides = ["model.preset=gemma-2-9b", "model.name_or_path=null", "checkpointing.mode=smart",
+                 "checkpointing.host_embeddings=true", "data.max_length=2048", "training.batch_size=1"]
+
+    def plan(budget: str):
+        recipe = load_recipe(QUICKSTART, overrides + [f"checkpointing.budget={budget}"])
+        return resolve(recipe, assumed_device(), config=local_model_config(recipe))
+
+    roomy = plan("80GiB")
+    assert not head_streams(roomy.setting)
+    shape = Shape.from_config(roomy.config.values)
+    whole = plan_peak(shape, roomy.setting, 0, 0).peak
+    streamed = plan_peak(shape, replace(roomy.setting, stream_head_from=0), 0, 0).peak
+    budget = int((whole + streamed) / 2 * RESERVED_OVER_ALLOCATED / GiB * 1000) / 1000
+    tight = plan(f"{budget}GiB")
+    assert head_streams(tight.setting) and tight.layers.streamed_head and tight.setting.stream_head_from == 0
+
+
 def test_recipe_budget_below_the_weights_is_a_clear_error():
     recipe = load_recipe(QUICKSTART, ["checkpointing.mode=smart", "checkpointing.budget=10MiB"])
     with pytest.raises(ModelError, match="checkpointing.budget"):

@@ -316,10 +316,12 @@ class Setting:
     # With the tables in host memory and the fused loss, the LM head too: on the GPU for the forward
     # and the loss, not for the layers' backward (ftune.engine.host_memory.HostLMHead) ...
     host_lm_head: bool = True
-    # ... or, in a run whose training rows reach STREAM_HEAD_MIN_TOKENS tokens, only two blocks of
-    # it at a time, in ftune's loss (head_streams; False: TRL's fused heads for DPO and GRPO, which
-    # read it whole; measurements made before the loss could stream it)
+    # ... or, in a run whose training rows reach `stream_head_from` tokens, only two blocks of it at
+    # a time, in ftune's loss (head_streams; False: TRL's fused heads for DPO and GRPO, which read it
+    # whole; measurements made before the loss could stream it). Mode smart streams it from the
+    # first token where nothing fits otherwise (ftune.memory.policy.plan_smart).
     streamed_head: bool = True
+    stream_head_from: int = STREAM_HEAD_MIN_TOKENS
     # Offloaded layers park their attention half beside their input, where the engine's rule allows
     # (`parks`: tokens and a share of host memory; attention through sdpa or ftune_window:
     # PARKING_ATTENTION) ...
@@ -555,12 +557,12 @@ def lm_head_fetched(setting: Setting) -> bool:
 def head_streams(setting: Setting) -> bool:
     """Whether the run's loss reads the host LM head in blocks (HostLMHead.streams_the_loss), in
     its training and its evaluation forwards alike: a run whose training rows reach
-    STREAM_HEAD_MIN_TOKENS tokens. Decided once for the run, not per batch, so that a shorter batch
+    `setting.stream_head_from` tokens. Decided once for the run, not per batch, so that a shorter batch
     never peaks above the planned one with the whole head beside its forward; a short batch's
     matmuls then leave the blocks' copies exposed (Gemma-2-9B's 1.75 GiB head: about 35 ms at 50
     GB/s, computed, not timed)."""
     return lm_head_fetched(setting) and setting.streamed_head and \
-        setting.training_tokens >= STREAM_HEAD_MIN_TOKENS
+        setting.training_tokens >= setting.stream_head_from
 
 
 def stream_block_rows(hidden: int, itemsize: int = BF16) -> int:
@@ -573,8 +575,8 @@ def streamed_loss_bytes(shape: Shape, tokens: int) -> int:
     """The fused loss reading a streamed head (ftune/kernels/fused_linear_cross_entropy.py): two
     blocks of the head, a chunk of logits against one block, and per token and hidden unit the
     fp32 gradient being accumulated, the labels' rows of the head, the hidden states and their
-    gradient (bf16)."""
-    block_rows = stream_block_rows(shape.hidden)
+    gradient (bf16). A head smaller than a block is one block of its own size."""
+    block_rows = min(stream_block_rows(shape.hidden), shape.vocab)
     logits = min(tokens * block_rows * BF16, LOSS_LOGITS_BYTES)
     return 2 * block_rows * shape.hidden * BF16 + logits + tokens * shape.hidden * (4 + 3 * BF16)
 
@@ -803,15 +805,30 @@ def allocatable(card_bytes: int) -> int:
 
 
 def longest_sequence(shape: Shape, setting: Setting, budget: int, *, step: int = 256, limit: int = 1 << 21) -> int:
-    """The longest sequence (a multiple of `step`) whose estimated peak fits the budget; 0 if none."""
-    low, high = 0, limit // step
-    while low < high:
-        middle = (low + high + 1) // 2
-        if estimate(shape, replace(setting, seq=middle * step)).peak <= budget:
-            low = middle
-        else:
-            high = middle - 1
-    return low * step
+    """The longest sequence (a multiple of `step`) whose estimated peak fits the budget; 0 if none.
+
+    The peak drops where the run starts streaming its LM head (head_streams: Gemma-2-9B's, 6.99 GiB
+    at 4095 tokens, 5.51 at 4096), so one search across that step can stop below it and miss every
+    length above (Gemma-2-9B in 5.6 GiB at batch 3: 0, where 1536 fits). Each side is searched on
+    its own, the longer side first."""
+
+    def longest_from(first: int, last: int) -> int:  # the most steps in [first, last] that fit, else first - 1
+        low, high = first - 1, last
+        while low < high:
+            middle = (low + high + 1) // 2
+            if estimate(shape, replace(setting, seq=middle * step)).peak <= budget:
+                low = middle
+            else:
+                high = middle - 1
+        return low
+
+    rows = setting.batch * setting.rows_per_example
+    first_streamed = -(-setting.stream_head_from // rows) - setting.completion  # the shortest sequence that streams
+    split = min(max(1, -(-first_streamed // step)), limit // step + 1)
+    longest = longest_from(split, limit // step)
+    if longest < split:
+        longest = longest_from(1, split - 1)
+    return max(0, longest) * step
 
 
 def largest_batch(shape: Shape, setting: Setting, budget: int, *, limit: int = 1024) -> int:
