@@ -228,3 +228,40 @@ def test_estimate_vram_names_the_modes_a_note_holds_for(monkeypatch, capsys):
     notes = {line.split(": ")[0]: line for line in output.splitlines() if line.startswith("note")}
     assert set(notes) == {"note (none, true)", "note (unsloth)"}, notes
     assert "streamed" in notes["note (unsloth)"] and "streamed" not in notes["note (none, true)"]
+
+
+# A rank of a gloo group (torchrun on CPU) meeting an error: the command's own exit, then the
+# interpreter's, whose atexit hook says whether the teardown ran.
+_GLOO_RANK = """
+import atexit, sys
+import torch.distributed as dist
+if sys.argv[1] != "none":
+    dist.init_process_group("gloo", init_method="file://" + sys.argv[1], rank=0, world_size=1)
+atexit.register(lambda: print("interpreter teardown", flush=True))
+sys.argv = ["ftune", *sys.argv[2:]]
+from ftune.cli import main
+main()
+"""
+
+
+@pytest.mark.parametrize("debug", [False, True])
+def test_an_error_under_a_gloo_group_exits_without_the_groups_teardown(tmp_path, debug):
+    """gloo's teardown at interpreter exit can deadlock right after a backward (ftune.cli's
+    _leave_process_group says why), and a rank that fails gets there as one that finishes does:
+    it exits with the error's code and message (the traceback with --debug) and skips the
+    teardown. Without a group the interpreter exits as usual."""
+    missing = tmp_path / "missing.yaml"
+    command = (["--debug"] if debug else []) + ["train", str(missing)]
+
+    def rank(group: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-c", _GLOO_RANK, group, *command], capture_output=True, text=True,
+                              timeout=300, cwd=tmp_path)
+
+    in_group = rank(str(tmp_path / "rendezvous"))
+    output = in_group.stdout + in_group.stderr
+    assert in_group.returncode == (1 if debug else 2), output
+    assert ("Traceback" if debug else "Recipe file not found") in output and str(missing) in output
+    assert "interpreter teardown" not in output
+    if not debug:  # the hook itself runs where nothing skips the teardown
+        alone = rank("none")
+        assert alone.returncode == 2 and "interpreter teardown" in alone.stdout

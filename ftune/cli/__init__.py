@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import traceback
 
 from rich.markup import escape
 
@@ -53,20 +54,33 @@ class _NoKernelsPackageWarning(logging.Filter):
         return not str(record.msg).startswith("Failed to load CPU gemm_4bit_forward from kernels-community")
 
 
-def _leave_process_group(code) -> None:
-    """Under torchrun: wait for every rank, then exit without gloo's teardown (NCCL runs leave the
-    usual way). That teardown can deadlock in torch 2.13: the process group's destructor joins
-    gloo's worker thread with the GIL held, while that thread waits for the GIL to free a finished
-    work launched in a backward (each keeps the backward's stashed contextvars)."""
-    dist = sys.modules.get("torch.distributed")  # a command that never imported torch has no process group
-    if dist is None or not (dist.is_available() and dist.is_initialized()):
+def _process_group():
+    """torch.distributed while a process group is up (under torchrun), else None; a command that
+    never imported torch has none."""
+    dist = sys.modules.get("torch.distributed")
+    return dist if dist is not None and dist.is_available() and dist.is_initialized() else None
+
+
+def _leave_process_group(code, *, wait: bool = True) -> None:
+    """Under torchrun: with `wait`, wait for every rank (not after an error: the others may never
+    get there), then exit without gloo's teardown (NCCL runs leave the usual way). That teardown can
+    deadlock in torch 2.13: the process group's destructor joins gloo's worker thread with the GIL
+    held, while that thread waits for the GIL to free a finished work launched in a backward (each
+    keeps the backward's stashed contextvars). A rank that fails right after a backward meets the
+    same race on its way out, so an error leaves this way too."""
+    dist = _process_group()
+    if dist is None:
         return
-    dist.barrier()
+    if wait:
+        dist.barrier()
     if dist.get_backend() == "gloo":
+        if code is not None and not isinstance(code, int):  # sys.exit("message"): printed, exit 1
+            print(code, file=sys.stderr)
         sys.stdout.flush()
         sys.stderr.flush()
-        os._exit(code if isinstance(code, int) else 0)
-    dist.destroy_process_group()
+        os._exit(0 if code is None else code if isinstance(code, int) else 1)
+    if wait:
+        dist.destroy_process_group()
 
 
 def main() -> None:
@@ -77,25 +91,38 @@ def main() -> None:
     if command in LIBRARY_COMMANDS:
         _quiet_libraries()
     try:
-        try:
-            app()
-        except SystemExit as finished:
-            _leave_process_group(finished.code)
+        app()
+    except SystemExit as finished:
+        _leave_process_group(finished.code)
+        raise
+    except BaseException as error:
+        code = _report(error, debug)
+        _leave_process_group(code, wait=False)
+        if code is None:  # --debug: the traceback, from the interpreter
             raise
-    except FtuneError as error:
-        if debug:
-            raise
-        report_error(error)
-        sys.exit(error.exit_code)
-    except KeyboardInterrupt:
+        sys.exit(code)
+
+
+def _report(error: BaseException, debug: bool) -> int | None:
+    """Print what went wrong; the exit code, or None where the traceback is to be raised (--debug,
+    printed here already under a gloo group, whose exit skips the interpreter's printing)."""
+    if isinstance(error, KeyboardInterrupt):
         err_console.print("[yellow]interrupted[/]")
-        sys.exit(130)
-    except Exception as error:  # a bug: keep the message short unless asked
-        if debug:
-            raise
-        err_console.print(
-            f"[bold red]ftune failed:[/] {type(error).__name__}: {escape(str(error))}\n"
-            "[dim]This looks like a bug in ftune. Run again with --debug for the traceback, and include it in a report.[/]",
-            highlight=False,
-        )
-        sys.exit(1)
+        return 130
+    if not isinstance(error, Exception):
+        raise error  # GeneratorExit and the like: not ftune's to report
+    if debug:
+        if _process_group() is None:
+            return None
+        traceback.print_exc()
+        return 1
+    if isinstance(error, FtuneError):
+        report_error(error)
+        return error.exit_code
+    # a bug: keep the message short unless asked
+    err_console.print(
+        f"[bold red]ftune failed:[/] {type(error).__name__}: {escape(str(error))}\n"
+        "[dim]This looks like a bug in ftune. Run again with --debug for the traceback, and include it in a report.[/]",
+        highlight=False,
+    )
+    return 1
