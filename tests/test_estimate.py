@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from ftune.cli import main
-from ftune.memory.estimate import (GiB, Setting, Shape, allocatable, estimate, longest_sequence, model_shape,
-                                   parks_attention)
+from ftune.memory.estimate import (GiB, Setting, Shape, allocatable, estimate, largest_batch, longest_sequence,
+                                   model_shape, parks_attention)
 from ftune.presets import PRESETS
 from tests.conftest import QUICKSTART, REPO
 
@@ -82,6 +82,16 @@ def test_the_longest_sequence_is_the_longest_that_fits_across_the_heads_step(bat
     fitting = [seq for seq in range(step, 80 * step + 1, step) if estimate(shape, replace(setting, seq=seq)).peak <= budget]
     longest = longest_sequence(shape, setting, budget, step=step, limit=80 * step)
     assert fitting and longest == max(fitting)
+
+
+@pytest.mark.parametrize("seq,budget_gib", [(2048, 6.0), (1024, 5.9), (512, 7.5)])
+def test_the_largest_batch_is_the_largest_that_fits_across_the_heads_step(seq, budget_gib):
+    """As for the longest sequence: a batch large enough to stream the head can fit where a smaller
+    one does not (Gemma-2-9B at 2048 tokens in 6 GiB: batch 1 does not fit, 2 to 4 do)."""
+    shape, setting = Shape.from_config(PRESETS["gemma-2-9b"]), Setting(mode="unsloth", seq=seq)
+    budget = int(budget_gib * GiB)
+    fitting = [batch for batch in range(1, 33) if estimate(shape, replace(setting, batch=batch)).peak <= budget]
+    assert fitting and largest_batch(shape, setting, budget, limit=32) == max(fitting)
 
 
 def test_shape_from_a_local_config(tmp_path):
@@ -411,4 +421,4 @@ def test_the_streamed_heads_sizes_are_the_codes():
     # a head of fewer rows than a block (a tiny model's) is read as one block of its own size
     small = replace(Shape.from_config(PRESETS["llama-3.1-8b"]), vocab=256)
     tokens = 1024
-    assert streamed_loss_bytes(small, tokens) == 2 * 256 * 4096 * 2 + tokens * 256 * 2 + tokens * 4096 * (4 + 3 * 2)
+    assert streamed_loss_bytes(small, tokens) == 256 * 4096 * 2 + tokens * 256 * 2 + tokens * 4096 * (4 + 3 * 2)

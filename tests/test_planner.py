@@ -151,7 +151,8 @@ def test_a_budget_the_whole_head_does_not_fit_streams_it_from_the_first_token():
 
 def test_a_smart_recipe_that_needs_the_head_streamed_plans_it_for_the_run():
     """The plan's choice is the run's: RunPlan.setting, from which build_model streams the head
-    (ftune.memory.estimate.head_streams; test_recipe.py checks the model that follows)."""
+    (model.py passes head_streams(plan.setting) on; test_recipe.py checks the model that follows
+    for a run that streams by its length)."""
     from ftune.memory.estimate import RESERVED_OVER_ALLOCATED, head_streams
     from ftune.model_config import local_model_config
     from ftune.plan import assumed_device, resolve

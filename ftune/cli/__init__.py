@@ -72,7 +72,10 @@ def _leave_process_group(code, *, wait: bool = True) -> None:
     if dist is None:
         return
     if wait:
-        dist.barrier()
+        try:
+            dist.barrier()
+        except Exception:  # a rank that is gone: this one leaves all the same
+            pass
     if dist.get_backend() == "gloo":
         if code is not None and not isinstance(code, int):  # sys.exit("message"): printed, exit 1
             print(code, file=sys.stderr)
@@ -104,8 +107,9 @@ def main() -> None:
 
 
 def _report(error: BaseException, debug: bool) -> int | None:
-    """Print what went wrong; the exit code, or None where the traceback is to be raised (--debug,
-    printed here already under a gloo group, whose exit skips the interpreter's printing)."""
+    """Print what went wrong; the exit code, or None where the traceback is to be raised (--debug
+    without a process group). Under one, --debug prints the traceback here and exits with 1: a gloo
+    rank leaves without the interpreter's exit, which would have printed it."""
     if isinstance(error, KeyboardInterrupt):
         err_console.print("[yellow]interrupted[/]")
         return 130

@@ -575,10 +575,11 @@ def streamed_loss_bytes(shape: Shape, tokens: int) -> int:
     """The fused loss reading a streamed head (ftune/kernels/fused_linear_cross_entropy.py): two
     blocks of the head, a chunk of logits against one block, and per token and hidden unit the
     fp32 gradient being accumulated, the labels' rows of the head, the hidden states and their
-    gradient (bf16). A head smaller than a block is one block of its own size."""
+    gradient (bf16). A head of at most one block's rows is one block, of its own size."""
     block_rows = min(stream_block_rows(shape.hidden), shape.vocab)
+    blocks = 1 if block_rows == shape.vocab else 2
     logits = min(tokens * block_rows * BF16, LOSS_LOGITS_BYTES)
-    return 2 * block_rows * shape.hidden * BF16 + logits + tokens * shape.hidden * (4 + 3 * BF16)
+    return blocks * block_rows * shape.hidden * BF16 + logits + tokens * shape.hidden * (4 + 3 * BF16)
 
 
 def settle_phases(shape: Shape, setting: Setting, result: Estimate) -> None:
@@ -804,38 +805,43 @@ def allocatable(card_bytes: int) -> int:
     return int(card_bytes / RESERVED_OVER_ALLOCATED)
 
 
-def longest_sequence(shape: Shape, setting: Setting, budget: int, *, step: int = 256, limit: int = 1 << 21) -> int:
-    """The longest sequence (a multiple of `step`) whose estimated peak fits the budget; 0 if none.
+def _most_that_fits(fits, split: int, last: int) -> int:
+    """The largest n in [1, last] with fits(n), where fits holds up to some n on each side of
+    `split` (the first n at which the run streams its LM head, and its peak drops: Gemma-2-9B's,
+    6.99 GiB at 4095 tokens, 5.51 at 4096); 0 if none. One search across the step can stop below
+    it and miss every n above; each side is searched on its own, the upper one first."""
 
-    The peak drops where the run starts streaming its LM head (head_streams: Gemma-2-9B's, 6.99 GiB
-    at 4095 tokens, 5.51 at 4096), so one search across that step can stop below it and miss every
-    length above (Gemma-2-9B in 5.6 GiB at batch 3: 0, where 1536 fits). Each side is searched on
-    its own, the longer side first."""
-
-    def longest_from(first: int, last: int) -> int:  # the most steps in [first, last] that fit, else first - 1
-        low, high = first - 1, last
+    def most_within(first: int, end: int) -> int:  # the largest n in [first, end] that fits, else first - 1
+        low, high = first - 1, end
         while low < high:
             middle = (low + high + 1) // 2
-            if estimate(shape, replace(setting, seq=middle * step)).peak <= budget:
+            if fits(middle):
                 low = middle
             else:
                 high = middle - 1
         return low
 
+    split = min(max(1, split), last + 1)
+    most = most_within(split, last)
+    return max(0, most if most >= split else most_within(1, split - 1))
+
+
+def longest_sequence(shape: Shape, setting: Setting, budget: int, *, step: int = 256, limit: int = 1 << 21) -> int:
+    """The longest sequence (a multiple of `step`) whose estimated peak fits the budget; 0 if none
+    (Gemma-2-9B in 5.6 GiB at batch 3: 1536 tokens, where one search across the head's step found
+    none)."""
     rows = setting.batch * setting.rows_per_example
     first_streamed = -(-setting.stream_head_from // rows) - setting.completion  # the shortest sequence that streams
-    split = min(max(1, -(-first_streamed // step)), limit // step + 1)
-    longest = longest_from(split, limit // step)
-    if longest < split:
-        longest = longest_from(1, split - 1)
-    return max(0, longest) * step
+    return step * _most_that_fits(lambda n: estimate(shape, replace(setting, seq=n * step)).peak <= budget,
+                                  -(-first_streamed // step), limit // step)
 
 
 def largest_batch(shape: Shape, setting: Setting, budget: int, *, limit: int = 1024) -> int:
-    batch = 0
-    while batch < limit and estimate(shape, replace(setting, batch=batch + 1)).peak <= budget:
-        batch += 1
-    return batch
+    """The largest batch whose estimated peak fits the budget; 0 if none (Gemma-2-9B at 2048 tokens
+    in 6 GiB: 4, where batch 1 does not fit and batch 2 streams the head)."""
+    row_tokens = setting.rows_per_example * (setting.seq + setting.completion)
+    return _most_that_fits(lambda n: estimate(shape, replace(setting, batch=n)).peak <= budget,
+                           -(-setting.stream_head_from // row_tokens), limit)
 
 
 def model_shape(recipe: Recipe) -> Shape:

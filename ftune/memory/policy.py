@@ -28,7 +28,7 @@ from dataclasses import dataclass, replace
 from enum import Enum
 
 from ftune.memory.estimate import (STREAM_HEAD_MIN_TOKENS, Estimate, Setting, Shape, aux_loss_bytes,
-                                   dequantized_experts, estimate, head_streams, keep_bytes_per_layer, lm_head_fetched,
+                                   dequantized_experts, estimate, head_streams, keep_bytes_per_layer,
                                    longest_sequence, settle_phases)
 from ftune.memory.units import format_bytes
 
@@ -111,7 +111,9 @@ def plan_smart(shape: Shape, setting: Setting, budget: int, *, host_available: i
     `setting.stream_head_from` tokens), the plan streams it through the loss from the first token
     (Gemma-2-9B: 1.5 GiB less at 2048 tokens). Its block copies then no longer hide behind a short
     batch's matmuls (about 35 ms a step for Gemma-2-9B's head, computed, not timed): the price of a
-    run that fits at all, so it is the last resort.
+    run that fits at all, so it is the last resort. Hence a budget just large enough for the whole
+    head can keep fewer layers than a smaller one that streams it (Gemma-2-9B at 2048 tokens: 4
+    kept in 6.5 GiB, streamed; none in 6.9 GiB, whole); which of the two runs faster is not measured.
     """
     if embeddings_movable and setting.host_embeddings:
         try:
@@ -138,7 +140,7 @@ def plan_smart(shape: Shape, setting: Setting, budget: int, *, host_available: i
     # every one (a tiny Llama at 1024 tokens: 306 MB offloaded, 315 with half kept, 308 all kept)
     fitting = [keep for keep in range(layers + 1) if fits(keep, recompute_needed(keep))]
     if not fitting:
-        if lm_head_fetched(setting) and setting.streamed_head and not head_streams(setting):
+        if not head_streams(setting) and head_streams(replace(setting, stream_head_from=0)):
             return plan_smart(shape, replace(setting, stream_head_from=0), budget, host_available=host_available,
                               link_gbps=link_gbps)
         minimum = min(plan_peak(shape, setting, keep, recompute_needed(keep)).peak for keep in range(layers + 1))
