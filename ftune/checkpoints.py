@@ -28,7 +28,7 @@ import yaml
 from transformers import TrainerCallback
 
 from ftune.errors import OutputDirError
-from ftune.integrations.transformers_trainer import StagedCheckpoints
+from ftune.integrations.transformers_trainer import EveryAdapterResumed, StagedCheckpoints
 from ftune.outputs import RECIPE_FILE, SUMMARY_FILE
 from ftune.recipe import Recipe
 
@@ -61,10 +61,11 @@ def trainable_weights_finite(model: torch.nn.Module) -> bool:
     return all(bool(torch.isfinite(p.detach()).all()) for p in model.parameters() if p.requires_grad)
 
 
-class AtomicCheckpoints(StagedCheckpoints):
+class AtomicCheckpoints(StagedCheckpoints, EveryAdapterResumed):
     """Trainer mixin: `checkpoint-N` is written aside with a manifest and renamed into place
     (integrations.transformers_trainer.StagedCheckpoints); a checkpoint whose trainable weights are
-    not finite is not written at all."""
+    not finite is not written at all; a resumed checkpoint restores every adapter it holds
+    (EveryAdapterResumed)."""
 
     # Training seconds of the run before this process (read from the checkpoint it resumed).
     run_seconds_before = 0.0

@@ -129,11 +129,22 @@ def gather_sharded_adapter(model) -> dict[str, Any]:
 
 def save_adapter(model, tokenizer, output_dir: Path, weights: dict[str, Any] | None = None) -> None:
     """Save the adapter (from `weights` when given: see gather_sharded_adapter) and tokenizer next
-    to the run's files, each file renamed into place."""
+    to the run's files, each file renamed into place: in sub-folders too (peft saves each adapter
+    but `default` in one of its name, DPO's `ref`), which a continued run finds there already."""
     staging = output_dir / f".adapter.tmp{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)
     model.save_pretrained(staging, state_dict=weights)
     tokenizer.save_pretrained(staging)
-    for item in staging.iterdir():
-        os.replace(item, output_dir / item.name)
-    staging.rmdir()
+    _move_into(staging, output_dir)
+
+
+def _move_into(folder: Path, target: Path) -> None:
+    """Rename each file of `folder` to the same place under `target` (folders made as needed), then
+    remove `folder`."""
+    target.mkdir(exist_ok=True)
+    for item in folder.iterdir():
+        if item.is_dir() and not item.is_symlink():
+            _move_into(item, target / item.name)
+        else:
+            os.replace(item, target / item.name)
+    folder.rmdir()

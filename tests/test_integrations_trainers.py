@@ -22,7 +22,8 @@ from transformers.trainer_utils import rotate_checkpoints
 
 from ftune.integrations import transformers_trainer as trainer_patches
 from ftune.integrations.transformers_trainer import (STAGING, BestCheckpoint, ContinueWithNewLearningRate,
-                                                     ParameterCountOnce, StagedCheckpoints, run_trackers_last)
+                                                     EveryAdapterResumed, ParameterCountOnce, StagedCheckpoints,
+                                                     run_trackers_last)
 from ftune.integrations.peft import switch_without_grad_flags, switchable_layers
 from ftune.integrations.trl import LossFromModel, ReferenceAdapterSwitch
 from tests.conftest import REPO
@@ -52,6 +53,45 @@ def _staged_trainer(output_dir, **arguments) -> _Staged:
     trainer = _Staged(model=_tiny_model(), args=_arguments(output_dir, **arguments))
     trainer.create_optimizer_and_scheduler(num_training_steps=10)
     return trainer
+
+
+class _Resumed(EveryAdapterResumed, Trainer):
+    pass
+
+
+def test_a_checkpoint_with_a_second_adapter_resumes_the_trained_one(tmp_path):
+    """peft saves `default` in the folder and `ref` in ref/ (as in every DPO checkpoint); resumed,
+    both hold their saved weights and `default` trains. transformers' own load leaves `default` as
+    the model had it: while it does, EveryAdapterResumed is needed."""
+    from peft import LoraConfig, get_peft_model
+
+    def peft_model():
+        model = get_peft_model(_tiny_model(), LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+        model.add_adapter("ref", model.peft_config["default"])
+        return model
+
+    def weights(model, adapter):
+        return {n: p.detach().clone() for n, p in model.named_parameters() if f".{adapter}." in n}
+
+    trained = peft_model()
+    with torch.no_grad():
+        for name, parameter in trained.named_parameters():
+            if "lora_B" in name:
+                parameter.fill_(0.5 if ".default." in name else -0.25)
+    trained.save_pretrained(tmp_path, selected_adapters=["default", "ref"])
+    assert (tmp_path / "ref").is_dir() and (tmp_path / "adapter_model.safetensors").is_file(), TRAINER_MOVED
+
+    upstream = peft_model()
+    Trainer(model=upstream, args=_arguments(tmp_path / "upstream"))._load_from_checkpoint(str(tmp_path))
+    assert all(p.abs().sum() == 0 for n, p in weights(upstream, "default").items() if "lora_B" in n), \
+        f"{TRAINER_MOVED}: it now resumes the adapter in the checkpoint's own folder; EveryAdapterResumed can go"
+    resumed = peft_model()
+    _Resumed(model=resumed, args=_arguments(tmp_path / "resumed"))._load_from_checkpoint(str(tmp_path))
+    for adapter in ("default", "ref"):
+        for name, value in weights(trained, adapter).items():
+            torch.testing.assert_close(dict(resumed.named_parameters())[name], value, rtol=0, atol=0)
+    assert resumed.active_adapters == ["default"]
+    assert all(p.requires_grad == (".default." in n) for n, p in resumed.named_parameters() if "lora_" in n)
 
 
 class _Counted(ParameterCountOnce, Trainer):

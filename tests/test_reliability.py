@@ -373,3 +373,30 @@ def test_the_saved_recipe_validates_in_its_run_folder(tmp_path, monkeypatch, cap
     monkeypatch.chdir(tmp_path)
     saved = load_recipe(out / "recipe.yaml")  # its input paths checked from there
     assert Path(saved.data.source).is_absolute() and Path(saved.model.tokenizer).is_dir()
+
+
+def test_a_dpo_run_resumes_its_trained_adapter(tmp_path, monkeypatch, capsys):
+    """A DPO checkpoint holds the trained adapter and TRL's frozen copy `ref` (ref/). A run finished
+    after 2 steps and continued to 4 ends as the run of 4 steps in one go: resumed with the trained
+    adapter, not the one it started from."""
+    recipe = REPO / "recipes" / "dpo-quickstart.yaml"
+
+    def dpo(out: Path, steps: int) -> None:
+        args = ["ftune", "train", str(recipe)]
+        for item in ("model.adapter=null", f"training.max_steps={steps}", "training.save_steps=null",
+                     "training.batch_size=4", "training.logging_steps=1", "data.limit=40", "model.dtype=float32",
+                     f"training.output_dir={out}"):
+            args += ["--set", item]
+        monkeypatch.setattr(sys, "argv", args)
+        with pytest.raises(SystemExit) as caught:
+            main()
+        assert caught.value.code in (0, None), capsys.readouterr().err
+
+    straight, continued = tmp_path / "straight", tmp_path / "continued"
+    dpo(straight, 4)
+    dpo(continued, 2)
+    assert (continued / "checkpoint-2" / "ref").is_dir()
+    dpo(continued, 4)
+    assert losses(continued) == losses(straight)
+    expected, got = adapter(straight), adapter(continued)
+    assert expected.keys() == got.keys() and all(torch.equal(got[name], expected[name]) for name in expected)

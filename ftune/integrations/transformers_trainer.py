@@ -12,6 +12,9 @@
   `map_location` transformers loads a checkpoint's optimizer state with under several processes.
 - `run_trackers_last` moves transformers' tracker callbacks after ftune's and sets
   `TensorBoardCallback.logging_dir`, which its `on_train_begin` keeps when set.
+- `EveryAdapterResumed` extends the private `Trainer._load_from_checkpoint(resume_from_checkpoint,
+  model=None)`, which, for a peft model whose checkpoint holds adapters in sub-folders, loads those
+  and not the adapter in the checkpoint's folder itself (where peft saves `default`).
 - `ParameterCountOnce` overrides the public `Trainer.floating_point_ops(inputs)`, which
   transformers calls at every step for `total_flos`: 6 x the main input's numel x
   `model.num_parameters(exclude_embeddings=True)`, the last counted once per model and set of
@@ -82,6 +85,39 @@ class StagedCheckpoints:
         shutil.rmtree(staging, ignore_errors=True)
         if limit:
             rotate_checkpoints(output_dir=run_dir, save_total_limit=limit, use_mtime=False)
+
+
+# peft's adapter weights in a folder (transformers' ADAPTER_SAFE_WEIGHTS_NAME, ADAPTER_WEIGHTS_NAME)
+ADAPTER_WEIGHT_FILES = ("adapter_model.safetensors", "adapter_model.bin")
+
+
+class EveryAdapterResumed:
+    """Trainer mixin: a checkpoint of a peft model with several adapters resumes each of them.
+
+    peft saves the adapter `default` in the checkpoint's folder and every other one in a sub-folder
+    of its name. transformers, finding sub-folders, loads their adapters and not the one in the
+    folder itself, so a DPO run (TRL adds `ref`, a frozen copy of the adapter) resumed its trained
+    adapter as it was when training started, with the optimizer state and step of the checkpoint.
+    After transformers' load, the active adapter is loaded from the folder itself where the folder
+    holds adapter weights and no sub-folder bears its name."""
+
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
+        from peft import PeftModel
+
+        model = self.model if model is None else model
+        folder = Path(resume_from_checkpoint)
+        if not isinstance(model, PeftModel) or not folder.is_dir():
+            return
+
+        def holds_adapter(path: Path) -> bool:
+            return any((path / name).is_file() for name in ADAPTER_WEIGHT_FILES)
+
+        in_sub_folders = {path.name for path in folder.iterdir() if path.is_dir() and holds_adapter(path)}
+        active = model.active_adapters[0]
+        if in_sub_folders and active not in in_sub_folders and holds_adapter(folder):
+            model.load_adapter(str(folder), active, is_trainable=True)
+            model.set_adapter(active)
 
 
 class ParameterCountOnce:
