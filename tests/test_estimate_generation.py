@@ -79,6 +79,23 @@ def test_dpo_trains_two_rows_after_a_reference_pass():
     assert abs(reference / training - 1) < 0.05  # at 2048 tokens a row the two moments are alike
 
 
+@pytest.mark.parametrize("workflow,adapter,beta,copy", [("dpo", "runs/sft", None, True), ("dpo", None, None, False),
+                                                       ("grpo", None, 0.04, True), ("grpo", None, 0.0, False)])
+def test_trls_copy_of_the_adapter_counts_where_the_run_holds_one(workflow, adapter, beta, copy):
+    """TRL keeps the reference as a frozen fp32 copy of the adapter where DPO continues one and
+    where GRPO has beta > 0 (test_reliability.py checks that DPO's checkpoints hold it, ref/, just
+    there): its parameters count twice."""
+    from ftune.plan import assumed_device, resolve
+
+    overrides = [f"model.adapter={adapter or 'null'}"] + ([f"grpo.beta={beta}"] if beta is not None else [])
+    recipe = load_recipe(REPO / "recipes" / f"{workflow}-quickstart.yaml", overrides)
+    setting = resolve(recipe, assumed_device(cpu=True)).setting
+    shape = Shape.from_config(PRESETS["tiny-llama"])
+    adapter_bytes = estimate(shape, replace(setting, reference_adapter=False)).lora_parameters
+    assert setting.reference_adapter == copy
+    assert estimate(shape, setting).lora_parameters == (2 if copy else 1) * adapter_bytes
+
+
 def test_smart_budget_includes_the_generation():
     shape = Shape.from_config(PRESETS["llama-3.1-8b"])
     grpo = Setting(seq=512, batch=8, completion=2048, generation_steps=4, host_memory=125 * GiB,

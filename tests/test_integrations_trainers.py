@@ -342,6 +342,53 @@ def test_dpo_reference_pass_switches_adapters_without_peft_walks(tmp_path, monke
     assert len(trainer._switchable[2]) > len(layers)
 
 
+def test_a_new_adapters_reference_pass_runs_with_the_adapters_off_without_peft_walks(tmp_path, monkeypatch):
+    """A new adapter's frozen copy `ref` computes what the base model does: without it
+    (use_base_as_reference) TRL's loss is the one it computes with it, once the trained adapter has
+    moved. The reference pass turns the adapters off by their flags alone, no peft walk (its model
+    status, its enable and disable of every layer); afterwards every layer's adapter is on and only
+    the trained one trains. With gradients on, peft's own disable runs."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+    from peft.tuners.tuners_utils import BaseTunerLayer, BaseTuner
+
+    from ftune.integrations.trl import use_base_as_reference
+
+    assert "with model.disable_adapter():" in inspect.getsource(trl.trainer.utils.use_adapter), TRL_MOVED
+    tokenizer = AutoTokenizer.from_pretrained(REPO / "data" / "quickstart" / "tokenizer")
+    model = _tiny_model()
+    model.resize_token_embeddings(len(tokenizer))
+    model = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj", "down_proj"]))
+    rows = [{"prompt": "one two", "chosen": " three four", "rejected": " five"},
+            {"prompt": "six", "chosen": " seven", "rejected": " eight nine"}]
+    trainer = _DPO(model=model, ref_model=None, processing_class=tokenizer, train_dataset=Dataset.from_list(rows),
+                   args=trl.DPOConfig(output_dir=str(tmp_path), use_cpu=True, report_to="none", max_length=32,
+                                      per_device_train_batch_size=2))
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if ".default." in name:  # training has moved the adapter away from its copy
+                parameter.add_(torch.randn_like(parameter) * 0.5)
+    inputs = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
+    with_copy = trl.DPOTrainer._compute_loss(trainer, model, dict(inputs), False)
+
+    assert use_base_as_reference(model) and "ref" not in model.peft_config and not use_base_as_reference(model)
+    walks = []
+    for owner, name in ((PeftModel, "get_model_status"), (BaseTuner, "disable_adapter_layers"),
+                        (BaseTuner, "enable_adapter_layers"), (BaseTunerLayer, "enable_adapters")):
+        original = getattr(owner, name)
+        monkeypatch.setattr(owner, name, lambda *a, _original=original, _name=name, **kw:
+                            walks.append(_name) or _original(*a, **kw))
+    loss = trainer._compute_loss(model, dict(inputs), False)
+    assert walks == []
+    torch.testing.assert_close(loss, with_copy, rtol=0, atol=1e-6)
+    layers = [module for module in model.modules() if isinstance(module, BaseTunerLayer)]
+    assert layers and not any(layer.disable_adapters for layer in layers) and not model._adapters_disabled
+    assert all(p.requires_grad for n, p in model.named_parameters() if "lora_" in n)
+    with torch.enable_grad(), switch_without_grad_flags(model, switchable_layers(model)):
+        with model.disable_adapter():
+            assert all(layer.disable_adapters for layer in layers)
+    assert walks and all(p.requires_grad for n, p in model.named_parameters() if "lora_" in n)
+
+
 def test_quick_adapter_switch_leaves_auxiliary_modules_to_peft():
     """A LoRA model that also trains whole modules (modules_to_save) switches through peft: its
     wrappers hold per-adapter copies that peft's switch selects."""

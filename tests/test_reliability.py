@@ -375,28 +375,33 @@ def test_the_saved_recipe_validates_in_its_run_folder(tmp_path, monkeypatch, cap
     assert Path(saved.data.source).is_absolute() and Path(saved.model.tokenizer).is_dir()
 
 
-def test_a_dpo_run_resumes_its_trained_adapter(tmp_path, monkeypatch, capsys):
-    """A DPO checkpoint holds the trained adapter and TRL's frozen copy `ref` (ref/). A run finished
-    after 2 steps and continued to 4 ends as the run of 4 steps in one go: resumed with the trained
-    adapter, not the one it started from."""
-    recipe = REPO / "recipes" / "dpo-quickstart.yaml"
+@pytest.mark.parametrize("continues_an_adapter", [True, False], ids=["sft-adapter", "new-adapter"])
+def test_a_dpo_run_resumes_its_trained_adapter(tmp_path, monkeypatch, capsys, continues_an_adapter):
+    """A DPO run finished after 2 steps and continued to 4 ends as the run of 4 steps in one go:
+    resumed with its trained adapter, not the one it started from. Continuing an adapter, each
+    checkpoint holds TRL's frozen copy of it, `ref` (ref/), beside it; a new adapter's reference is
+    the base model, and its run holds no copy."""
 
-    def dpo(out: Path, steps: int) -> None:
+    def train(recipe: Path, out: Path, *extra: str) -> None:
         args = ["ftune", "train", str(recipe)]
-        for item in ("model.adapter=null", f"training.max_steps={steps}", "training.save_steps=null",
-                     "training.batch_size=4", "training.logging_steps=1", "data.limit=40", "model.dtype=float32",
-                     f"training.output_dir={out}"):
+        for item in (*extra, "training.save_steps=null", "training.batch_size=4", "training.logging_steps=1",
+                     "data.limit=40", "model.dtype=float32", f"training.output_dir={out}"):
             args += ["--set", item]
         monkeypatch.setattr(sys, "argv", args)
         with pytest.raises(SystemExit) as caught:
             main()
         assert caught.value.code in (0, None), capsys.readouterr().err
 
+    start = "null"
+    if continues_an_adapter:
+        start = str(tmp_path / "sft")
+        train(QUICKSTART, tmp_path / "sft", "training.max_steps=2")
+    recipe = REPO / "recipes" / "dpo-quickstart.yaml"
     straight, continued = tmp_path / "straight", tmp_path / "continued"
-    dpo(straight, 4)
-    dpo(continued, 2)
-    assert (continued / "checkpoint-2" / "ref").is_dir()
-    dpo(continued, 4)
+    train(recipe, straight, f"model.adapter={start}", "training.max_steps=4")
+    train(recipe, continued, f"model.adapter={start}", "training.max_steps=2")
+    assert (continued / "checkpoint-2" / "ref").is_dir() == continues_an_adapter
+    train(recipe, continued, f"model.adapter={start}", "training.max_steps=4")
     assert losses(continued) == losses(straight)
     expected, got = adapter(straight), adapter(continued)
     assert expected.keys() == got.keys() and all(torch.equal(got[name], expected[name]) for name in expected)

@@ -21,7 +21,9 @@ backward reads. Outside the engine the defaults hold: nothing held, every output
 `switch_without_grad_flags` switches the active adapter of a LoRA model under `torch.no_grad()`
 without `PeftModel.set_adapter`'s walk of every module, which also re-marks `requires_grad` (for
 DPO's reference pass, integrations/trl.py): it sets `PeftModel.active_adapter`, the tuner's
-`active_adapter` and each tuner layer's `_active_adapter`.
+`active_adapter` and each tuner layer's `_active_adapter`; and turns the adapters off without
+`PeftModel.disable_adapter`'s walks: it sets `PeftModel._adapters_disabled` and each tuner layer's
+`_disable_adapters`, which its forward reads.
 """
 
 from __future__ import annotations
@@ -291,11 +293,16 @@ def switch_without_grad_flags(model, layers: list) -> Iterator[None]:
     touching any parameter. With gradients on, with `inference_mode` (which freezes the adapter),
     without layers, or with a merged layer, peft's own `set_adapter` runs, and once it has run,
     every later switch in the context too: peft's switch re-marks which adapter trains, and only
-    its switch back marks the trained one again."""
-    if not layers or "set_adapter" in model.__dict__ or any(layer.merged for layer in layers):
+    its switch back marks the trained one again.
+
+    `with model.disable_adapter():` under `torch.no_grad()` likewise turns the layers' adapters
+    off and on again by their flag alone, where peft's would take the model's status (a walk of
+    every module), unmark every adapter's parameters and mark the active one's again; with
+    gradients on, after peft's switch, or with an adapter already off, peft's own runs."""
+    if not layers or {"set_adapter", "disable_adapter"} & model.__dict__.keys() or any(layer.merged for layer in layers):
         yield
         return
-    peft_set_adapter = model.set_adapter
+    peft_set_adapter, peft_disable_adapter = model.set_adapter, model.disable_adapter
     flags_changed = False
 
     def set_adapter(adapter_name: str, inference_mode: bool = False) -> None:
@@ -308,8 +315,25 @@ def switch_without_grad_flags(model, layers: list) -> Iterator[None]:
         for layer in layers:
             layer._active_adapter = [adapter_name]
 
-    model.set_adapter = set_adapter
+    @contextlib.contextmanager
+    def disable_adapter() -> Iterator[None]:
+        if flags_changed or torch.is_grad_enabled() or model._adapters_disabled or \
+                any(layer.disable_adapters for layer in layers):
+            with peft_disable_adapter():
+                yield
+            return
+        model._adapters_disabled = True
+        for layer in layers:
+            layer._disable_adapters = True
+        try:
+            yield
+        finally:
+            for layer in layers:
+                layer._disable_adapters = False
+            model._adapters_disabled = False
+
+    model.set_adapter, model.disable_adapter = set_adapter, disable_adapter
     try:
         yield
     finally:
-        del model.set_adapter
+        del model.set_adapter, model.disable_adapter

@@ -11,8 +11,11 @@
 
 - `ReferenceAdapterSwitch` wraps `DPOTrainer._compute_loss(model, inputs, return_outputs)`, whose
   reference pass (no ref_model, a peft model) runs inside `trl.trainer.utils.use_adapter`: under
-  `torch.no_grad()`, `model.set_adapter("ref")`, then `model.set_adapter(previous)`. Within it,
-  peft's switch is `integrations.peft.switch_without_grad_flags`.
+  `torch.no_grad()`, `model.set_adapter("ref")`, then `model.set_adapter(previous)`; or, without a
+  `ref` adapter, `with model.disable_adapter():`. Within it, peft's switch is
+  `integrations.peft.switch_without_grad_flags`.
+- `use_base_as_reference` deletes the `ref` adapter that `DPOTrainer.__init__` adds to a peft model
+  (a copy of `default`), for TRL's reference pass to run with the adapters off.
 
 tests/test_integrations_trainers.py holds a contract test for each.
 """
@@ -56,6 +59,18 @@ class LossFromModel:
                 self._total_train_tokens += gather(torch.tensor(positions.size(1), device=positions.device)).sum().item()
             self._metrics[mode]["num_tokens"] = [self._total_train_tokens]
         return (loss, outputs) if return_outputs else loss
+
+
+def use_base_as_reference(model) -> bool:
+    """Drop TRL's frozen copy `ref` of a new adapter: whether there was one. A new adapter's B
+    matrices are zero, so the copy computes what the base model computes, and TRL's reference pass
+    without it runs with the adapters off (its own path for an adapter it adds itself): the copy's
+    parameters (2 x r x (in + out) per projection in fp32, 168 MB for the 8B recipe's) leave the
+    GPU, and the reference forward runs no adapter matmuls."""
+    if "ref" not in getattr(model, "peft_config", {}):
+        return False
+    model.delete_adapter("ref")
+    return True
 
 
 class ReferenceAdapterSwitch:

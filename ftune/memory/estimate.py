@@ -343,6 +343,9 @@ class Setting:
     # A forward without gradients over the training rows before the training forward: DPO's
     # reference, GRPO's reference (beta > 0) or its old log-probabilities
     reference_pass: bool = False
+    # TRL's frozen fp32 copy of the adapter, `ref`, the reference of a run that continues an adapter
+    # (DPO with model.adapter; GRPO with beta > 0 keeps it for a new adapter too)
+    reference_adapter: bool = False
     # Tokens of an evaluation forward (data.eval: eval batch x rows per example x max_length); 0: none
     eval_tokens: int = 0
     # transformers' boolean masks under sdpa (and ftune_window where it falls back to sdpa's), one
@@ -458,7 +461,7 @@ def estimate(shape: Shape, setting: Setting) -> Estimate:
     # one rank-r adapter per expert (peft's ParamWrapper: A is r x experts by in, B out by r x experts)
     lora += sum(setting.lora_r * e * (i + o) for e, i, o in shape.adapted_expert_parameters(setting.lora_parameters)) \
         * shape.layers
-    result.lora_parameters = lora * 4
+    result.lora_parameters = lora * 4 * (2 if setting.reference_adapter else 1)
     result.lora_gradients = lora * 4
     result.optimizer_states = lora * OPTIMIZER_STATE_BYTES.get(setting.optimizer, 8)
 

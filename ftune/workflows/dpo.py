@@ -1,12 +1,13 @@
 """Direct preference optimization on TRL's DPOTrainer.
 
-The reference is the policy as training starts, without a second copy of the base weights: given
-a PEFT model and no ref_model, TRL adds a frozen copy of the adapter named `ref` (trl's
-dpo_trainer.py) and runs the reference pass through it. That is the adapter of model.adapter
-(the SFT quickstart's, for the DPO quickstart), or a new one, whose zero B matrices make it the
-base model. PEFT saves every adapter a model holds, non-default ones in a folder of their name:
-hence `ref/` in the output folder and its checkpoints, the reference the run measured against.
-The trained adapter is the one in the output folder itself; `ref/` is not needed to use it.
+The reference is the policy as training starts, without a second copy of the base weights. For
+the adapter of model.adapter (the SFT quickstart's, for the DPO quickstart), given a PEFT model
+and no ref_model, TRL adds a frozen copy of it named `ref` (trl's dpo_trainer.py) and runs the
+reference pass through it. PEFT saves every adapter a model holds, non-default ones in a folder of
+their name: hence `ref/` in the output folder and its checkpoints, the reference the run measured
+against. The trained adapter is the one in the output folder itself; `ref/` is not needed to use
+it. A new adapter, whose zero B matrices make it the base model, needs no copy: its reference pass
+runs with the adapters off (integrations.trl.use_base_as_reference), and its run has no `ref/`.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from trl import DPOConfig, DPOTrainer
 
 from ftune.checkpoints import AtomicCheckpoints
 from ftune.integrations.transformers_trainer import ParameterCountOnce
-from ftune.integrations.trl import ReferenceAdapterSwitch
+from ftune.integrations.trl import ReferenceAdapterSwitch, use_base_as_reference
 from ftune.model import BuiltModel
 from ftune.recipe import Recipe
 from ftune.workflows.common import finish_trainer, trainer_arguments
@@ -43,4 +44,6 @@ def make_trainer(recipe: Recipe, built: BuiltModel, dataset: Dataset, callbacks:
     trainer = FtuneDPOTrainer(model=built.model, ref_model=None, args=config, train_dataset=dataset,
                               eval_dataset=eval_dataset,
                               processing_class=built.tokenizer, callbacks=callbacks)
+    if recipe.model.adapter is None:
+        use_base_as_reference(built.model)
     return finish_trainer(trainer)
