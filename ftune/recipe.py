@@ -747,6 +747,12 @@ def combination_problems(recipe: Recipe, *, check_paths: bool = True, needs_toke
     if grpo.paged_generation and grpo.cache_implementation not in ("auto", "dynamic"):
         problems.append(("grpo.paged_generation", f"the paged engine keeps its own cache: leave "
                          f"grpo.cache_implementation at auto (it is {grpo.cache_implementation})"))
+    holds_reference = recipe.workflow == "dpo" or (recipe.workflow == "grpo" and grpo.beta > 0)
+    if holds_reference and recipe.lora.bias != "none":
+        problems.append(("lora.bias", f"{recipe.lora.bias} trains the model's biases, which {recipe.workflow}'s "
+                         "reference (the model as training starts) shares, so it would move with them; and TRL's "
+                         "frozen copy of the adapter fails on an adapter with biases (peft holds one such adapter "
+                         "per model). Set lora.bias to none"))
     if recipe.model.adapter is not None and "lora" in recipe.model_fields_set:
         problems.append(("lora", "model.adapter continues an existing adapter, whose own LoRA settings apply"))
     if recipe.sft.assistant_only_loss and recipe.data.format in ("text", "prompt_completion"):

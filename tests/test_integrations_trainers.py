@@ -383,6 +383,11 @@ def test_a_new_adapters_reference_pass_runs_with_the_adapters_off_without_peft_w
     layers = [module for module in model.modules() if isinstance(module, BaseTunerLayer)]
     assert layers and not any(layer.disable_adapters for layer in layers) and not model._adapters_disabled
     assert all(p.requires_grad for n, p in model.named_parameters() if "lora_" in n)
+    with torch.no_grad(), switch_without_grad_flags(model, switchable_layers(model)):  # an error inside
+        with pytest.raises(RuntimeError), model.disable_adapter():
+            assert all(layer.disable_adapters for layer in layers) and model._adapters_disabled
+            raise RuntimeError
+    assert not any(layer.disable_adapters for layer in layers) and not model._adapters_disabled and walks == []
     with torch.enable_grad(), switch_without_grad_flags(model, switchable_layers(model)):
         with model.disable_adapter():
             assert all(layer.disable_adapters for layer in layers)

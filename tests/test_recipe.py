@@ -326,3 +326,15 @@ def test_a_run_planned_for_long_inputs_streams_the_host_lm_head_through_the_loss
     with torch.no_grad():
         torch.testing.assert_close(model(input_ids=ids, labels=ids).loss, whole_loss)
     assert reads == ["blocks"] and head._on_device is None
+
+
+@pytest.mark.parametrize("workflow,overrides", [("dpo", []), ("grpo", ["grpo.beta=0.04"])])
+def test_trained_biases_with_a_reference_are_refused_by_key(workflow, overrides):
+    """DPO's reference, and GRPO's with beta > 0, is the model as training starts: biases trained
+    with the adapter would move it, and TRL's frozen copy of an adapter with biases fails in peft."""
+    recipe = REPO / "recipes" / f"{workflow}-quickstart.yaml"
+    with pytest.raises(RecipeError, match="lora.bias"):
+        load_recipe(recipe, ["model.adapter=null", "lora.bias=all", *overrides])
+    load_recipe(recipe, ["model.adapter=null", "lora.bias=none", *overrides])
+    if workflow == "grpo":  # without a reference, biases may train
+        load_recipe(recipe, ["model.adapter=null", "lora.bias=all", "grpo.beta=0"])

@@ -65,8 +65,9 @@ def use_base_as_reference(model) -> bool:
     """Drop TRL's frozen copy `ref` of a new adapter: whether there was one. A new adapter's B
     matrices are zero, so the copy computes what the base model computes, and TRL's reference pass
     without it runs with the adapters off (its own path for an adapter it adds itself): the copy's
-    parameters (2 x r x (in + out) per projection in fp32, 168 MB for the 8B recipe's) leave the
-    GPU, and the reference forward runs no adapter matmuls."""
+    parameters (r x (in + out) per projection, in fp32: 168 MB for the 8B recipe's) leave the GPU,
+    and the reference forward runs no adapter matmuls. It also leaves ftune's fused adapter paths,
+    which take an active adapter, for bitsandbytes' own projections; its speed is not measured."""
     if "ref" not in getattr(model, "peft_config", {}):
         return False
     model.delete_adapter("ref")
