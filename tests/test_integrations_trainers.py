@@ -278,19 +278,11 @@ class _DPO(ReferenceAdapterSwitch, trl.DPOTrainer):
     pass
 
 
-def test_dpo_reference_pass_switches_adapters_without_peft_walks(tmp_path, monkeypatch):
-    """The loss with the quick switch is TRL's own, with a trained adapter unlike its frozen `ref`
-    copy (a switch that missed a layer would mix the two); no tuner layer's set_adapter runs (peft's
-    requires_grad walk); afterwards the trained adapter is active and trainable, `ref` frozen. With
-    gradients on or inference_mode, peft's switch runs, and after it every later one in the context
-    (so the trained adapter is marked trainable again); an adapter added between steps has its
-    layers listed too."""
+def _dpo_trainer(output_dir) -> tuple[_DPO, object]:
+    """TRL's DPOTrainer with ftune's reference switch over a new LoRA adapter on the tiny model, two
+    preference rows; and its peft model."""
     from peft import LoraConfig, get_peft_model
-    from peft.tuners.tuners_utils import BaseTunerLayer
 
-    assert list(inspect.signature(trl.DPOTrainer._compute_loss).parameters) == \
-        ["self", "model", "inputs", "return_outputs"], TRL_MOVED
-    assert "use_adapter(" in inspect.getsource(trl.DPOTrainer._compute_loss), TRL_MOVED
     tokenizer = AutoTokenizer.from_pretrained(REPO / "data" / "quickstart" / "tokenizer")
     model = _tiny_model()
     model.resize_token_embeddings(len(tokenizer))
@@ -298,8 +290,25 @@ def test_dpo_reference_pass_switches_adapters_without_peft_walks(tmp_path, monke
     rows = [{"prompt": "one two", "chosen": " three four", "rejected": " five"},
             {"prompt": "six", "chosen": " seven", "rejected": " eight nine"}]
     trainer = _DPO(model=model, ref_model=None, processing_class=tokenizer, train_dataset=Dataset.from_list(rows),
-                   args=trl.DPOConfig(output_dir=str(tmp_path), use_cpu=True, report_to="none", max_length=32,
+                   args=trl.DPOConfig(output_dir=str(output_dir), use_cpu=True, report_to="none", max_length=32,
                                       per_device_train_batch_size=2))
+    return trainer, model
+
+
+def test_dpo_reference_pass_switches_adapters_without_peft_walks(tmp_path, monkeypatch):
+    """The loss with the quick switch is TRL's own, with a trained adapter unlike its frozen `ref`
+    copy (a switch that missed a layer would mix the two); no tuner layer's set_adapter runs (peft's
+    requires_grad walk); afterwards the trained adapter is active and trainable, `ref` frozen. With
+    gradients on or inference_mode, peft's switch runs, and after it every later one in the context
+    (so the trained adapter is marked trainable again); an adapter added between steps has its
+    layers listed too."""
+    from peft import LoraConfig
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    assert list(inspect.signature(trl.DPOTrainer._compute_loss).parameters) == \
+        ["self", "model", "inputs", "return_outputs"], TRL_MOVED
+    assert "use_adapter(" in inspect.getsource(trl.DPOTrainer._compute_loss), TRL_MOVED
+    trainer, model = _dpo_trainer(tmp_path)
     assert "ref" in model.peft_config, TRL_MOVED  # TRL's frozen copy of the adapter being trained
     with torch.no_grad():
         for name, parameter in model.named_parameters():
@@ -348,21 +357,13 @@ def test_a_new_adapters_reference_pass_runs_with_the_adapters_off_without_peft_w
     moved. The reference pass turns the adapters off by their flags alone, no peft walk (its model
     status, its enable and disable of every layer); afterwards every layer's adapter is on and only
     the trained one trains. With gradients on, peft's own disable runs."""
-    from peft import LoraConfig, PeftModel, get_peft_model
-    from peft.tuners.tuners_utils import BaseTunerLayer, BaseTuner
+    from peft import PeftModel
+    from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
 
     from ftune.integrations.trl import use_base_as_reference
 
     assert "with model.disable_adapter():" in inspect.getsource(trl.trainer.utils.use_adapter), TRL_MOVED
-    tokenizer = AutoTokenizer.from_pretrained(REPO / "data" / "quickstart" / "tokenizer")
-    model = _tiny_model()
-    model.resize_token_embeddings(len(tokenizer))
-    model = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj", "down_proj"]))
-    rows = [{"prompt": "one two", "chosen": " three four", "rejected": " five"},
-            {"prompt": "six", "chosen": " seven", "rejected": " eight nine"}]
-    trainer = _DPO(model=model, ref_model=None, processing_class=tokenizer, train_dataset=Dataset.from_list(rows),
-                   args=trl.DPOConfig(output_dir=str(tmp_path), use_cpu=True, report_to="none", max_length=32,
-                                      per_device_train_batch_size=2))
+    trainer, model = _dpo_trainer(tmp_path)
     with torch.no_grad():
         for name, parameter in model.named_parameters():
             if ".default." in name:  # training has moved the adapter away from its copy
