@@ -109,7 +109,7 @@ def plan_smart(shape: Shape, setting: Setting, budget: int, *, host_available: i
 
     Where no plan fits and the run's host LM head would be fetched whole (inputs shorter than
     `setting.stream_head_from` tokens), the plan streams it through the loss from the first token
-    (Gemma-2-9B: 1.5 GiB less at 2048 tokens). Its block copies then no longer hide behind a short
+    (Gemma-2-9B: 1.6 GiB less at 2048 tokens). Its block copies then no longer hide behind a short
     batch's matmuls (about 35 ms a step for Gemma-2-9B's head, computed, not timed): the price of a
     run that fits at all, so it is the last resort. Hence a budget just large enough for the whole
     head can keep fewer layers than a smaller one that streams it (Gemma-2-9B at 2048 tokens: 4
