@@ -33,6 +33,7 @@ from pathlib import Path
 import torch
 from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import rotate_checkpoints
+from transformers.utils import ADAPTER_SAFE_WEIGHTS_NAME, ADAPTER_WEIGHTS_NAME
 
 from ftune.integrations.peft import adapters_of
 
@@ -87,10 +88,6 @@ class StagedCheckpoints:
             rotate_checkpoints(output_dir=run_dir, save_total_limit=limit, use_mtime=False)
 
 
-# peft's adapter weights in a folder (transformers' ADAPTER_SAFE_WEIGHTS_NAME, ADAPTER_WEIGHTS_NAME)
-ADAPTER_WEIGHT_FILES = ("adapter_model.safetensors", "adapter_model.bin")
-
-
 class EveryAdapterResumed:
     """Trainer mixin: a checkpoint of a peft model with several adapters resumes each of them.
 
@@ -111,7 +108,7 @@ class EveryAdapterResumed:
             return
 
         def holds_adapter(path: Path) -> bool:
-            return any((path / name).is_file() for name in ADAPTER_WEIGHT_FILES)
+            return any((path / name).is_file() for name in (ADAPTER_SAFE_WEIGHTS_NAME, ADAPTER_WEIGHTS_NAME))
 
         in_sub_folders = {path.name for path in folder.iterdir() if path.is_dir() and holds_adapter(path)}
         active = model.active_adapters[0]
