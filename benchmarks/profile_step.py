@@ -114,6 +114,25 @@ def print_phase_gaps(model, ids: torch.Tensor) -> None:
         parameter.grad = None
 
 
+def print_copy_sites(step, count: int = 20) -> None:
+    """One step under the profiler with Python stacks: the copies (aten::copy_, which clone,
+    contiguous and dtype casts run) that take the most GPU time, by call site and input shapes, so
+    a copy kernel in the top kernels can be traced to the line that launches it."""
+    torch.cuda.synchronize()
+    # verbose: without it the events carry no Python frames (torch 2.13)
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], record_shapes=True, with_stack=True,
+                 experimental_config=torch._C._profiler._ExperimentalConfig(verbose=True)) as prof:
+        step()
+        torch.cuda.synchronize()
+    sites = [e for e in prof.key_averages(group_by_input_shape=True, group_by_stack_n=6)
+             if e.key == "aten::copy_" and e.self_device_time_total > 0]
+    print("  copies by call site, ms/step and calls/step:")
+    for event in sorted(sites, key=lambda e: -e.self_device_time_total)[:count]:
+        print(f"    {event.self_device_time_total / 1000:8.2f} ms  x{event.count:5d}  shapes {event.input_shapes}")
+        for frame in event.stack:
+            print(f"        {frame}")
+
+
 def print_phase_times(model, optimizer, ids: torch.Tensor, steps: int) -> None:
     """Median forward, backward and optimizer time over a few steps, each fenced by a sync: which
     half of the step a change has to shorten."""
@@ -143,6 +162,7 @@ def main() -> None:
     parser.add_argument("--seq", type=int, default=2048)
     parser.add_argument("--modes", default="true,unsloth", help="activation-checkpointing modes, kernels on")
     parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--copies", action="store_true", help="also name the call sites of the costliest copies")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("profile_step.py profiles CUDA kernels: run it on a CUDA machine")
@@ -187,6 +207,8 @@ def main() -> None:
         print_gpu_time_by_kind(prof, args.steps)
         print(events.table(sort_by="self_cpu_time_total", row_limit=12, max_name_column_width=50))
         print(events.table(sort_by="self_device_time_total", row_limit=8, max_name_column_width=50))
+        if args.copies:
+            print_copy_sites(step)
         del stack, model, optimizer
         torch.cuda.empty_cache()
 

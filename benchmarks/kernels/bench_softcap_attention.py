@@ -18,6 +18,8 @@ key heads, 256 wide, cap 50, query scale 256^-0.5), batch 1, for a full layer an
 
     python benchmarks/kernels/bench_softcap_attention.py --out results/softcap_attention.json
     python benchmarks/kernels/bench_softcap_attention.py --out results/softcap_attention.json --tokens 8192
+    python benchmarks/kernels/bench_softcap_attention.py --out tilings.json --tokens 8192 --impls ftune \
+        --kernel-options f+b64x64w8s1 f+b32x128w8s2
 
 Peak memory is `working MiB` above the inputs (q, k, v, the output gradient, the masks).
 """
@@ -33,11 +35,14 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import eager_mask, sdpa_mask, sliding_window_causal_mask_function
 from transformers.models.gemma2.modeling_gemma2 import eager_attention_forward
 
-from ftune.kernels.softcap_attention import FLEX_VARIANTS, causal_block_mask, softcap_attention, softcap_score_mod
+from ftune.kernels.softcap_attention import (FLEX_VARIANTS, HOPPER_HEAD_DIM_256, causal_block_mask, softcap_attention,
+                                             softcap_score_mod)
 from ftune.kernels.utils import compiled_with_variants
 from ftune.presets import PRESETS
 
 SOFTCAP_PRESETS = [name for name, config in PRESETS.items() if config.get("attn_logit_softcapping")]
+HOPPER_FORWARD = {name: value for name, value in HOPPER_HEAD_DIM_256.items() if name.startswith("fwd_")}
+BASE_IMPLS = ["ftune", "eager", "hf-flex", "sdpa-nocap"]
 # Tilings of FlexAttention's forward (fwd_) and backward (bwd_) kernels to try at head_dim 256,
 # within an H100/H200 SM's 227 KiB of shared memory. Inductor's default there: forward 64 x 32
 # tiles, 4 warps, 3 stages; backward 64 x 64, 4 warps, 2 stages.
@@ -53,6 +58,19 @@ KERNEL_OPTIONS = {
     "b64x128w8s1": dict(bwd_BLOCK_M1=64, bwd_BLOCK_N1=128, bwd_BLOCK_M2=128, bwd_BLOCK_N2=64, bwd_num_warps=8,
                         bwd_num_stages=1),
     "tma": dict(USE_TMA=True),
+    # backward tilings beside ftune's forward tiles, so that their rows differ in the backward alone
+    "f+b32x128w8s2": dict(HOPPER_FORWARD, bwd_BLOCK_M1=32, bwd_BLOCK_N1=128, bwd_BLOCK_M2=128, bwd_BLOCK_N2=32,
+                          bwd_num_warps=8, bwd_num_stages=2),
+    "f+b64x64w8s1": dict(HOPPER_FORWARD, bwd_BLOCK_M1=64, bwd_BLOCK_N1=64, bwd_BLOCK_M2=64, bwd_BLOCK_N2=64,
+                         bwd_num_warps=8, bwd_num_stages=1),
+    "f+b64x64w8s3": dict(HOPPER_FORWARD, bwd_BLOCK_M1=64, bwd_BLOCK_N1=64, bwd_BLOCK_M2=64, bwd_BLOCK_N2=64,
+                         bwd_num_warps=8, bwd_num_stages=3),
+    "f+b64x128w8s2": dict(HOPPER_FORWARD, bwd_BLOCK_M1=64, bwd_BLOCK_N1=128, bwd_BLOCK_M2=128, bwd_BLOCK_N2=64,
+                          bwd_num_warps=8, bwd_num_stages=2),
+    "f+b64x64w16s2": dict(HOPPER_FORWARD, bwd_BLOCK_M1=64, bwd_BLOCK_N1=64, bwd_BLOCK_M2=64, bwd_BLOCK_N2=64,
+                          bwd_num_warps=16, bwd_num_stages=2),
+    "f+b32x64w4s3": dict(HOPPER_FORWARD, bwd_BLOCK_M1=32, bwd_BLOCK_N1=64, bwd_BLOCK_M2=64, bwd_BLOCK_N2=32,
+                         bwd_num_warps=4, bwd_num_stages=3),
 }
 
 
@@ -67,6 +85,8 @@ def extra_arguments(parser) -> None:
     parser.add_argument("--kernel-options", nargs="*", choices=list(KERNEL_OPTIONS), default=[],
                         help="FlexAttention tilings to time beside the default one")
     parser.add_argument("--autotune", action="store_true", help="also time FlexAttention autotuned by Inductor")
+    parser.add_argument("--impls", nargs="*", choices=BASE_IMPLS, default=BASE_IMPLS,
+                        help="which of the implementations above to time (all by default)")
 
 
 def main() -> None:
@@ -114,11 +134,12 @@ def main() -> None:
                                               scale=scaling, enable_gqa=True,
                                               kernel_options=options).transpose(1, 2), None)
 
+                impls = {name: impls[name] for name in args.impls}
                 for name in args.kernel_options:
                     impls[f"flex:{name}"] = flex_call(KERNEL_OPTIONS[name])
                 if args.autotune:
                     impls["autotune"] = flex_call(compiled=compiled_flex_attention(mode="max-autotune-no-cudagraphs"))
-                forward_only = {f"{impl}/fwd": impls[impl] for impl in ("ftune", "sdpa-nocap")}
+                forward_only = {f"{impl}/fwd": impls[impl] for impl in ("ftune", "sdpa-nocap") if impl in impls}
                 for impl, attend in {**impls, **forward_only}.items():
 
                     def step(attend=attend, backward=not impl.endswith("/fwd")):
