@@ -117,9 +117,10 @@ def print_phase_gaps(model, ids: torch.Tensor) -> None:
 def print_copy_sites(step, count: int = 20) -> None:
     """One step under the profiler with Python stacks: the copies (aten::copy_, which clone,
     contiguous and dtype casts run) that take the most GPU time, by call site and input shapes, so
-    a copy kernel in the top kernels can be traced to the line that launches it."""
+    a copy kernel in the top kernels can be traced to the line that launches it. Copies launched on
+    autograd's own thread (a recomputed layer's backward) come without Python frames."""
     torch.cuda.synchronize()
-    # verbose: without it the events carry no Python frames (torch 2.13)
+    # verbose: without it the events carry no Python frames
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], record_shapes=True, with_stack=True,
                  experimental_config=torch._C._profiler._ExperimentalConfig(verbose=True)) as prof:
         step()
