@@ -59,18 +59,10 @@ KERNEL_OPTIONS = {
                         bwd_num_stages=1),
     "tma": dict(USE_TMA=True),
     # backward tilings beside ftune's forward tiles, so that their rows differ in the backward alone
-    "f+b32x128w8s2": dict(HOPPER_FORWARD, bwd_BLOCK_M1=32, bwd_BLOCK_N1=128, bwd_BLOCK_M2=128, bwd_BLOCK_N2=32,
-                          bwd_num_warps=8, bwd_num_stages=2),
-    "f+b64x64w8s1": dict(HOPPER_FORWARD, bwd_BLOCK_M1=64, bwd_BLOCK_N1=64, bwd_BLOCK_M2=64, bwd_BLOCK_N2=64,
-                         bwd_num_warps=8, bwd_num_stages=1),
-    "f+b64x64w8s3": dict(HOPPER_FORWARD, bwd_BLOCK_M1=64, bwd_BLOCK_N1=64, bwd_BLOCK_M2=64, bwd_BLOCK_N2=64,
-                         bwd_num_warps=8, bwd_num_stages=3),
-    "f+b64x128w8s2": dict(HOPPER_FORWARD, bwd_BLOCK_M1=64, bwd_BLOCK_N1=128, bwd_BLOCK_M2=128, bwd_BLOCK_N2=64,
-                          bwd_num_warps=8, bwd_num_stages=2),
-    "f+b64x64w16s2": dict(HOPPER_FORWARD, bwd_BLOCK_M1=64, bwd_BLOCK_N1=64, bwd_BLOCK_M2=64, bwd_BLOCK_N2=64,
-                          bwd_num_warps=16, bwd_num_stages=2),
-    "f+b32x64w4s3": dict(HOPPER_FORWARD, bwd_BLOCK_M1=32, bwd_BLOCK_N1=64, bwd_BLOCK_M2=64, bwd_BLOCK_N2=32,
-                         bwd_num_warps=4, bwd_num_stages=3),
+    **{f"f+b{m1}x{n1}w{warps}s{stages}": dict(HOPPER_FORWARD, bwd_BLOCK_M1=m1, bwd_BLOCK_N1=n1, bwd_BLOCK_M2=n1,
+                                               bwd_BLOCK_N2=m1, bwd_num_warps=warps, bwd_num_stages=stages)
+       for m1, n1, warps, stages in [(32, 128, 8, 2), (64, 64, 8, 1), (64, 64, 8, 3), (64, 128, 8, 2),
+                                     (64, 64, 16, 2), (32, 64, 4, 3)]},
 }
 
 
