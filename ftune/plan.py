@@ -268,8 +268,8 @@ def workflow_phases(recipe: Recipe) -> dict:
     with beta > 0 (the reference) or when a generation serves steps of another optimizer step (the
     old log-probabilities: grad_accum not a multiple of steps_per_generation). Its KV cache depends
     on the device and the model: generation_plan. Both losses are TRL's fused heads, which read the
-    LM head whole: it does not stream. A reference held as TRL's copy of the adapter (DPO continuing
-    model.adapter, GRPO with beta > 0) holds the adapter's parameters twice; DPO's new adapter has
+    LM head whole: it does not stream. A reference held as TRL's copy of the adapter (DPO, and GRPO
+    with beta > 0, continuing model.adapter) holds the adapter's parameters twice; a new adapter has
     none (integrations.trl.use_base_as_reference)."""
     if recipe.workflow == "dpo":
         return {"rows_per_example": 2, "reference_pass": True, "streamed_head": False,
@@ -280,7 +280,7 @@ def workflow_phases(recipe: Recipe) -> dict:
     steps = grpo.steps_per_generation or training.grad_accum
     return {"completion": grpo.max_completion_length, "generation_steps": steps, "streamed_head": False,
             "top_p": grpo.top_p, "reference_pass": grpo.beta > 0 or training.grad_accum % steps != 0,
-            "reference_adapter": grpo.beta > 0}
+            "reference_adapter": grpo.beta > 0 and recipe.model.adapter is not None}
 
 
 def generation_plan(recipe: Recipe, device: Device, family: Family | None,

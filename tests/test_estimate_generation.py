@@ -80,11 +80,12 @@ def test_dpo_trains_two_rows_after_a_reference_pass():
 
 
 @pytest.mark.parametrize("workflow,adapter,beta,copy", [("dpo", "runs/sft", None, True), ("dpo", None, None, False),
-                                                       ("grpo", None, 0.04, True), ("grpo", None, 0.0, False)])
+                                                       ("grpo", "runs/sft", 0.04, True), ("grpo", None, 0.04, False),
+                                                       ("grpo", "runs/sft", 0.0, False)])
 def test_trls_copy_of_the_adapter_counts_where_the_run_holds_one(workflow, adapter, beta, copy):
-    """TRL keeps the reference as a frozen fp32 copy of the adapter where DPO continues one and
-    where GRPO has beta > 0 (test_reliability.py checks that DPO's checkpoints hold it, ref/, just
-    there): its parameters count twice."""
+    """TRL keeps the reference as a frozen fp32 copy of the adapter where DPO, or GRPO with
+    beta > 0, continues one (test_reliability.py checks that DPO's checkpoints hold it, ref/, just
+    there; test_workflows.py that a new adapter's run has none): its parameters count twice."""
     from ftune.plan import assumed_device, resolve
 
     overrides = [f"model.adapter={adapter or 'null'}"] + ([f"grpo.beta={beta}"] if beta is not None else [])

@@ -395,6 +395,50 @@ def test_a_new_adapters_reference_pass_runs_with_the_adapters_off_without_peft_w
     assert walks and all(p.requires_grad for n, p in model.named_parameters() if "lora_" in n)
 
 
+def test_grpos_reference_for_a_new_adapter_is_the_base_model_without_trls_copy(tmp_path):
+    """With beta > 0 GRPOTrainer adds a frozen copy `ref` of the adapter; for a new one, whose zero B
+    matrices make it the base model, TRL's reference log-probabilities without the copy (deleted by
+    use_base_as_reference: the adapters off, TRL's own path where no `ref` exists) are the ones it
+    computes with it, once the trained adapter has moved away from both."""
+    from peft import LoraConfig, get_peft_model
+    from trl.trainer.utils import use_adapter
+
+    from ftune.integrations.trl import use_base_as_reference
+
+    source = inspect.getsource(trl.GRPOTrainer._generate_and_score_completions)
+    assert 'use_adapter(model, adapter_name="ref" if "ref" in model.peft_config else None)' in source, TRL_MOVED
+    tokenizer = AutoTokenizer.from_pretrained(REPO / "data" / "quickstart" / "tokenizer")
+    model = _tiny_model()
+    model.resize_token_embeddings(len(tokenizer))
+    model = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj", "down_proj"]))
+
+    def constant_reward(completions, **kwargs):
+        return [0.0] * len(completions)
+
+    trainer = trl.GRPOTrainer(model=model, reward_funcs=constant_reward, processing_class=tokenizer,
+                              train_dataset=Dataset.from_list([{"prompt": "one two"}, {"prompt": "six"}]),
+                              args=trl.GRPOConfig(output_dir=str(tmp_path), use_cpu=True, report_to="none", beta=0.04,
+                                                  num_generations=2, per_device_train_batch_size=2,
+                                                  max_completion_length=4))
+    assert "ref" in model.peft_config, TRL_MOVED
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if ".default." in name:  # training has moved the adapter away from its copy
+                parameter.add_(torch.randn_like(parameter) * 0.5)
+    ids = tokenizer(["one two three four five"], return_tensors="pt").input_ids
+    mask = torch.ones_like(ids)
+
+    def log_probabilities(adapter):
+        with torch.no_grad(), use_adapter(model, adapter_name=adapter):
+            return trainer._get_per_token_logps_and_entropies(model, ids, mask, logits_to_keep=3)[0]
+
+    with_copy, trained = log_probabilities("ref"), log_probabilities("default")
+    # the adapter has moved (the tiny model's log-probabilities by about 2e-4): the comparison can fail
+    assert (trained - with_copy).abs().max() > 100 * 1e-6
+    assert use_base_as_reference(model) and "ref" not in model.peft_config
+    torch.testing.assert_close(log_probabilities(None), with_copy, rtol=0, atol=1e-6)
+
+
 def test_quick_adapter_switch_leaves_auxiliary_modules_to_peft():
     """A LoRA model that also trains whole modules (modules_to_save) switches through peft: its
     wrappers hold per-adapter copies that peft's switch selects."""

@@ -95,6 +95,8 @@ def test_each_mode_trains_and_the_adapter_loads_with_peft(recipe, mode, tmp_path
                                                 quantization_config=quantization_config(loaded_recipe, torch.float32))
     loaded = PeftModel.from_pretrained(base, out).eval()
     trained = run.built.model.eval()
+    # a new adapter's reference is the base model (GRPO's here with beta > 0): TRL's copy is gone
+    assert "ref" not in trained.peft_config and not (out / "ref").exists()
     ids = torch.tensor([[3, 4, 5, 6]])
     with torch.no_grad():
         torch.testing.assert_close(loaded(input_ids=ids).logits, trained(input_ids=ids).logits, atol=1e-5, rtol=1e-5)

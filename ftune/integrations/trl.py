@@ -14,8 +14,10 @@
   `torch.no_grad()`, `model.set_adapter("ref")`, then `model.set_adapter(previous)`; or, without a
   `ref` adapter, `with model.disable_adapter():`. Within it, peft's switch is
   `integrations.peft.switch_without_grad_flags`.
-- `use_base_as_reference` deletes the `ref` adapter that `DPOTrainer.__init__` adds to a peft model
-  (a copy of `default`), for TRL's reference pass to run with the adapters off.
+- `use_base_as_reference` deletes the `ref` adapter that `DPOTrainer.__init__` (and
+  `GRPOTrainer.__init__`, with beta > 0) adds to a peft model (a copy of `default`), for TRL's
+  reference pass to run with the adapters off: `use_adapter(model, None)`, which GRPO's
+  `_generate_and_score_completions` takes where no `ref` adapter exists.
 
 tests/test_integrations_trainers.py holds a contract test for each.
 """

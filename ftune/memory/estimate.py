@@ -344,7 +344,7 @@ class Setting:
     # reference, GRPO's reference (beta > 0) or its old log-probabilities
     reference_pass: bool = False
     # TRL's frozen fp32 copy of the adapter, `ref`, the reference of a run that continues an adapter
-    # (DPO with model.adapter; GRPO with beta > 0 keeps it for a new adapter too)
+    # (DPO, and GRPO with beta > 0, with model.adapter)
     reference_adapter: bool = False
     # Tokens of an evaluation forward (data.eval: eval batch x rows per example x max_length); 0: none
     eval_tokens: int = 0

@@ -8,9 +8,11 @@ ftune/engine/decode_graphs.py). TRL generates a generation batch
 `ftune estimate-vram` counts as a phase of the step (ftune.memory.estimate.generation_bytes).
 
 With grpo.beta > 0 the KL term's reference is the policy as training starts: given a PEFT model,
-TRL adds a frozen copy of the adapter named `ref` (trl's grpo_trainer.py), the adapter of
-model.adapter or a new one (zero B matrices: the base model). PEFT saves it in `ref/` of the
-output folder and its checkpoints, as for DPO; the trained adapter is the folder's own.
+TRL adds a frozen copy of the adapter named `ref` (trl's grpo_trainer.py). For the adapter of
+model.adapter PEFT saves it in `ref/` of the output folder and its checkpoints, as for DPO; the
+trained adapter is the folder's own. A new adapter, whose zero B matrices make it the base model,
+needs no copy: its reference pass runs with the adapters off (integrations.trl.use_base_as_reference),
+as TRL's own path for a new adapter does, and its run has no `ref/`.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from trl import GRPOConfig, GRPOTrainer
 from ftune.checkpoints import AtomicCheckpoints
 from ftune.engine.decode_graphs import replay_decode_steps
 from ftune.errors import RecipeError
+from ftune.integrations.trl import use_base_as_reference
 from ftune.memory.estimate import PAGED_BATCH_TOKENS, PAGED_BLOCK_TOKENS
 from ftune.model import BuiltModel
 from ftune.recipe import Recipe
@@ -83,6 +86,8 @@ def make_trainer(recipe: Recipe, built: BuiltModel, dataset: Dataset, callbacks:
     config, rewards = grpo_config(recipe, trainer_arguments(recipe, built), cache=built.plan.setting.generation_cache)
     trainer = FtuneGRPOTrainer(model=built.model, reward_funcs=rewards, args=config, train_dataset=dataset,
                                eval_dataset=eval_dataset, processing_class=built.tokenizer, callbacks=callbacks)
+    if options.beta > 0 and recipe.model.adapter is None:
+        use_base_as_reference(built.model)
     if built.plan.decode_graphs:
         replay_decode_steps(built.model)
     return finish_trainer(trainer)
