@@ -44,6 +44,6 @@ def make_trainer(recipe: Recipe, built: BuiltModel, dataset: Dataset, callbacks:
     trainer = FtuneDPOTrainer(model=built.model, ref_model=None, args=config, train_dataset=dataset,
                               eval_dataset=eval_dataset,
                               processing_class=built.tokenizer, callbacks=callbacks)
-    if recipe.model.adapter is None:
+    if not built.plan.setting.reference_adapter:  # the plan's rule (plan.workflow_phases), which memory counts
         use_base_as_reference(built.model)
     return finish_trainer(trainer)

@@ -86,7 +86,7 @@ def make_trainer(recipe: Recipe, built: BuiltModel, dataset: Dataset, callbacks:
     config, rewards = grpo_config(recipe, trainer_arguments(recipe, built), cache=built.plan.setting.generation_cache)
     trainer = FtuneGRPOTrainer(model=built.model, reward_funcs=rewards, args=config, train_dataset=dataset,
                                eval_dataset=eval_dataset, processing_class=built.tokenizer, callbacks=callbacks)
-    if options.beta > 0 and recipe.model.adapter is None:
+    if not built.plan.setting.reference_adapter:  # the plan's rule (plan.workflow_phases), which memory counts
         use_base_as_reference(built.model)
     if built.plan.decode_graphs:
         replay_decode_steps(built.model)
