@@ -10,6 +10,8 @@ key heads, 256 wide, cap 50, query scale 256^-0.5), batch 1, for a full layer an
 - sdpa-nocap: transformers' sdpa_attention_forward without the cap (wrong for Gemma-2): the speed of
               the attention every other family gets; causal via is_causal, the window as a
               boolean mask (as transformers passes it)
+- fa4:        FlashAttention 4's CuTe DSL kernels (`pip install flash-attn-4`, Hopper and Blackwell)
+              with their own soft cap, causal mask and window (`--impls fa4`; not run by default)
 - flex:NAME:  ftune's FlexAttention call with the kernel options KERNEL_OPTIONS[NAME] (tile sizes,
               warps, pipeline stages of its forward and backward kernels), `--kernel-options`
 - autotune:   FlexAttention compiled with mode="max-autotune-no-cudagraphs" (`--autotune`): Inductor
@@ -43,6 +45,7 @@ from ftune.presets import PRESETS
 SOFTCAP_PRESETS = [name for name, config in PRESETS.items() if config.get("attn_logit_softcapping")]
 HOPPER_FORWARD = {name: value for name, value in HOPPER_HEAD_DIM_256.items() if name.startswith("fwd_")}
 BASE_IMPLS = ["ftune", "eager", "hf-flex", "sdpa-nocap"]
+OPTIONAL_IMPLS = ["fa4"]
 # Tilings of FlexAttention's forward (fwd_) and backward (bwd_) kernels to try at head_dim 256,
 # within an H100/H200 SM's 227 KiB of shared memory. Inductor's default there: forward 64 x 32
 # tiles, 4 warps, 3 stages; backward 64 x 64, 4 warps, 2 stages.
@@ -73,11 +76,29 @@ def compiled_flex_attention(**compile_options):
     return compiled_with_variants(flex_attention, FLEX_VARIANTS, **compile_options)
 
 
+def fa4_call(inputs, scaling: float, softcap: float, window: int | None):
+    """FlashAttention 4 over the same [batch, heads, tokens, head_dim] views: its kernels read
+    [batch, tokens, heads, head_dim], which is what the views are transposes of. transformers'
+    window admits keys fewer than `window` positions back, FlashAttention's left window counts the
+    keys before the query's own."""
+    from flash_attn.cute import flash_attn_func
+
+    query, key, value = (t.transpose(1, 2) for t in inputs)
+    window_size = (None, None) if window is None else (window - 1, 0)
+
+    def attend():
+        output = flash_attn_func(query, key, value, softmax_scale=scaling, causal=True, window_size=window_size,
+                                 softcap=softcap)
+        return (output[0] if isinstance(output, tuple) else output), None
+
+    return attend
+
+
 def extra_arguments(parser) -> None:
     parser.add_argument("--kernel-options", nargs="*", choices=list(KERNEL_OPTIONS), default=[],
                         help="FlexAttention tilings to time beside the default one")
     parser.add_argument("--autotune", action="store_true", help="also time FlexAttention autotuned by Inductor")
-    parser.add_argument("--impls", nargs="*", choices=BASE_IMPLS, default=BASE_IMPLS,
+    parser.add_argument("--impls", nargs="*", choices=BASE_IMPLS + OPTIONAL_IMPLS, default=BASE_IMPLS,
                         help="which of the implementations above to time (all by default)")
 
 
@@ -126,12 +147,14 @@ def main() -> None:
                                               scale=scaling, enable_gqa=True,
                                               kernel_options=options).transpose(1, 2), None)
 
+                if "fa4" in args.impls:
+                    impls["fa4"] = fa4_call(inputs, scaling, softcap, layer_window)
                 impls = {name: impls[name] for name in args.impls}
                 for name in args.kernel_options:
                     impls[f"flex:{name}"] = flex_call(KERNEL_OPTIONS[name])
                 if args.autotune:
                     impls["autotune"] = flex_call(compiled=compiled_flex_attention(mode="max-autotune-no-cudagraphs"))
-                forward_only = {f"{impl}/fwd": impls[impl] for impl in ("ftune", "sdpa-nocap") if impl in impls}
+                forward_only = {f"{impl}/fwd": impls[impl] for impl in ("ftune", "sdpa-nocap", "fa4") if impl in impls}
                 for impl, attend in {**impls, **forward_only}.items():
 
                     def step(attend=attend, backward=not impl.endswith("/fwd")):

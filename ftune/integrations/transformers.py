@@ -442,18 +442,19 @@ def wrap_attention(name: str, make_wrapper) -> None:
 def register_attention(name: str) -> None:
     """Make ftune's attention implementation `name` known to transformers (before a model is
     loaded with it), once per process (a wrapper of it, `wrap_attention`, stays in place):
-    - ftune_softcap: soft-capped attention (ftune/kernels/softcap_attention.py) with transformers'
-      FlexAttention masks, built once per forward for every layer, padding and packed rows included;
+    - ftune_softcap: soft-capped attention (ftune/kernels/softcap_attention.py), with no mask where a
+      layer's is causal plus its window, else transformers' FlexAttention masks, built once per
+      forward for every layer, padding and packed rows included;
     - ftune_window: sliding-window attention on the flash kernel's window
       (ftune/kernels/window_attention.py), with no mask where a layer's is causal plus its window,
       else transformers' sdpa masks."""
-    from transformers.masking_utils import AttentionMaskInterface, flex_attention_mask
+    from transformers.masking_utils import AttentionMaskInterface
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface
 
     if name == SOFTCAP_ATTENTION:
-        from ftune.kernels.softcap_attention import softcap_attention
+        from ftune.kernels.softcap_attention import softcap_attention, softcap_attention_mask
 
-        attention, mask = softcap_attention, flex_attention_mask
+        attention, mask = softcap_attention, softcap_attention_mask
     elif name == WINDOW_ATTENTION:
         from ftune.kernels.window_attention import window_attention, window_attention_mask
 

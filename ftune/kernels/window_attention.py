@@ -124,21 +124,28 @@ def visible_keys(tokens: int, window: int | None = None, starts: torch.Tensor | 
     return sees
 
 
-def window_attention_mask(batch_size: int, q_length: int, kv_length: int, q_offset: int = 0, kv_offset: int = 0,
-                          mask_function=causal_mask_function, attention_mask: torch.Tensor | None = None,
-                          allow_is_causal_skip: bool = True, use_vmap: bool = False, **kwargs):
-    """An AttentionMaskInterface function: None where the layer's mask is causal plus its window
-    alone (the attention function knows both), else what transformers' `sdpa_mask` makes.
+def is_plain_causal(q_length: int, kv_length: int, q_offset, kv_offset, attention_mask: torch.Tensor | None,
+                    allow_is_causal_skip: bool, use_vmap: bool) -> bool:
+    """Whether a mask function's call asks for causal self-attention and nothing more (a layer's
+    window aside, which the attention function gets on its own).
 
     transformers clears `allow_is_causal_skip` where it adds to the causal pattern (packed rows,
     blocks, a compiled cache's decoding) and sets `use_vmap` for extra mask functions; a cache
     offsets the queries (q_offset, kv_offset, q_length < kv_length); padding is in the 2D mask."""
     padding = prepare_padding_mask(attention_mask, kv_length, kv_offset)
-    plain = (allow_is_causal_skip and not use_vmap and q_length == kv_length
-             and not isinstance(q_offset, torch.Tensor) and not isinstance(kv_offset, torch.Tensor)
-             and q_offset == 0 and kv_offset == 0
-             and (padding is None or (padding.shape[-1] == kv_length and bool(fast_all(padding)))))
-    if plain:
+    return (allow_is_causal_skip and not use_vmap and q_length == kv_length
+            and not isinstance(q_offset, torch.Tensor) and not isinstance(kv_offset, torch.Tensor)
+            and q_offset == 0 and kv_offset == 0
+            and (padding is None or (padding.shape[-1] == kv_length and bool(fast_all(padding)))))
+
+
+def window_attention_mask(batch_size: int, q_length: int, kv_length: int, q_offset: int = 0, kv_offset: int = 0,
+                          mask_function=causal_mask_function, attention_mask: torch.Tensor | None = None,
+                          allow_is_causal_skip: bool = True, use_vmap: bool = False, **kwargs):
+    """An AttentionMaskInterface function: None where the layer's mask is causal plus its window
+    alone (`is_plain_causal`: the attention function knows both), else what transformers'
+    `sdpa_mask` makes."""
+    if is_plain_causal(q_length, kv_length, q_offset, kv_offset, attention_mask, allow_is_causal_skip, use_vmap):
         return None
     return sdpa_mask(batch_size, q_length, kv_length, q_offset, kv_offset, mask_function=mask_function,
                      attention_mask=attention_mask, allow_is_causal_skip=allow_is_causal_skip, use_vmap=use_vmap,

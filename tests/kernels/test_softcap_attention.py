@@ -11,7 +11,10 @@ from transformers.masking_utils import (AttentionMaskInterface, causal_mask_func
                                         sliding_window_causal_mask_function)
 from transformers.models.gemma2.modeling_gemma2 import eager_attention_forward
 
-from ftune.kernels.softcap_attention import (attend_flex, causal_block_mask, flex_kernel_options, softcap_attention)
+from torch.nn.attention.flex_attention import BlockMask
+
+from ftune.kernels.softcap_attention import (attend_flex, causal_block_mask, flash4_takes, flex_kernel_options,
+                                             softcap_attention, softcap_attention_mask)
 from tests.kernels.common import gpu
 
 # fp32 on CPU: the dense path is eager's arithmetic in another order (grouped heads instead of
@@ -125,8 +128,10 @@ def test_flex_tiling_only_where_measured():
 @pytest.fixture
 def registered():
     """softcap_attention registered in transformers under test names: alone (the model passes no
-    mask) and with sdpa's boolean masks (padding included). Removed afterwards."""
-    names = {"ftune-test-softcap": None, "ftune-test-softcap-sdpa-mask": sdpa_mask}
+    mask), with sdpa's boolean masks and with its own mask function, as ftune registers it (those
+    two: padding included). Removed afterwards."""
+    names = {"ftune-test-softcap": None, "ftune-test-softcap-sdpa-mask": sdpa_mask,
+             "ftune-test-softcap-own-mask": softcap_attention_mask}
     for name, mask_function in names.items():
         AttentionInterface.register(name, softcap_attention)
         if mask_function is not None:
@@ -172,6 +177,24 @@ def test_gemma2_model_trains_as_with_eager(registered, padded):
             torch.testing.assert_close(grad, expected, **FP32)
 
 
+def test_its_mask_function_leaves_plain_causal_layers_to_the_attention():
+    """No mask where a layer's is causal (its window aside) and nothing more: the attention builds
+    it, or hands it to FlashAttention 4; transformers' FlexAttention mask for padding and for a
+    cache's offset queries."""
+    assert softcap_attention_mask(2, 11, 11) is None
+    assert softcap_attention_mask(2, 11, 11, attention_mask=torch.ones(2, 11, dtype=torch.bool)) is None
+    padded = torch.ones(2, 11, dtype=torch.bool)
+    padded[1, 7:] = False
+    assert isinstance(softcap_attention_mask(2, 11, 11, attention_mask=padded), BlockMask)
+    assert isinstance(softcap_attention_mask(2, 1, 11, q_offset=10), BlockMask)
+    assert isinstance(softcap_attention_mask(2, 11, 11, allow_is_causal_skip=False), BlockMask)
+
+
+def test_flash_attention_4_is_for_cuda_alone():
+    query, key, value = (t.detach().to(torch.bfloat16) for t in _qkv(4, 2, 5))
+    assert not flash4_takes(query, key, value)
+
+
 def test_refuses_what_it_does_not_compute():
     module = _module(4, 2)
     query, key, value = (t.detach() for t in _qkv(4, 2, 5))
@@ -184,13 +207,16 @@ def test_refuses_what_it_does_not_compute():
 
 
 @gpu
+@pytest.mark.parametrize("kernel", ["flex", "flash4"])
 @pytest.mark.parametrize("tokens", [1536, 32, 16])
 @pytest.mark.parametrize("sliding_window", [None, 512])
-def test_compiled_flex_on_gemma2_9b_heads(sliding_window, tokens):
-    """Compiled FlexAttention at Gemma-2-9B's heads (16 query, 8 key, 256 wide, cap 50) in bf16, over
-    a sequence long enough for ftune's Hopper tiling and over short ones that FlexAttention's decoding
-    kernel runs: output and gradients no further from the fp32 eager result than bf16 eager is (each
-    measured as the largest error relative to the largest reference value)."""
+def test_compiled_flex_on_gemma2_9b_heads(sliding_window, tokens, kernel):
+    """Compiled FlexAttention (given its block mask) and FlashAttention 4 (given none, where it is
+    installed and runs on this GPU) at Gemma-2-9B's heads (16 query, 8 key, 256 wide, cap 50) in
+    bf16, over a sequence long enough for ftune's Hopper tiling and over short ones that
+    FlexAttention's decoding kernel runs: output and gradients no further from the fp32 eager
+    result than bf16 eager is (each measured as the largest error relative to the largest
+    reference value)."""
     generator = torch.Generator(device="cuda").manual_seed(0)
     module = types.SimpleNamespace(num_key_value_groups=2, training=False, head_dim=256)
     shapes = [(1, 16, tokens, 256), (1, 8, tokens, 256), (1, 8, tokens, 256)]
@@ -203,9 +229,15 @@ def test_compiled_flex_on_gemma2_9b_heads(sliding_window, tokens):
         tensors = [t.detach().to(dtype).requires_grad_() for t in inputs]
         return _run(fn, (module, *tensors), grad.to(dtype), attention_mask=attention_mask, **kwargs, **extra)
 
+    if kernel == "flash4" and not flash4_takes(*(t.to(torch.bfloat16) for t in inputs)):
+        pytest.skip("FlashAttention 4 is not installed, or does not run soft-capped attention on this GPU")
+    window = sliding_window if sliding_window is not None and sliding_window < tokens else None
+    block_mask = causal_block_mask(tokens, tokens, window, torch.device("cuda")) if kernel == "flex" else None
     truth = run(eager_attention_forward, torch.float32, mask)
     eager = run(eager_attention_forward, torch.bfloat16, mask.to(torch.bfloat16))
-    ours = run(softcap_attention, torch.bfloat16, None, sliding_window=sliding_window)
+    ours = run(softcap_attention, torch.bfloat16, block_mask, sliding_window=sliding_window)
+    if kernel == "flash4":
+        assert flash4_takes(*(t.to(torch.bfloat16) for t in inputs))  # it ran, and refused nothing
     for actual, eager_bf16, reference in zip(ours, eager, truth, strict=True):
         scale = reference.abs().max()
         ours_error = (actual.float() - reference).abs().max() / scale
@@ -232,9 +264,13 @@ def test_a_run_s_kinds_of_flex_call_all_run_compiled():
                     for grad in (False, True):
                         query, key, value = (torch.randn(1, heads, tokens, 256, device="cuda", dtype=dtype,
                                                          requires_grad=grad) for heads in (16, 8, 8))
+                        # the block mask its own path builds, so FlashAttention 4 (where installed) runs none
+                        window = sliding_window if sliding_window is not None and sliding_window < tokens else None
+                        block_mask = causal_block_mask(tokens, tokens, window, torch.device("cuda"))
                         with torch.set_grad_enabled(grad):
-                            output, _ = softcap_attention(module, query, key, value, None, scaling=256 ** -0.5,
-                                                          softcap=50.0, sliding_window=sliding_window)
+                            output, _ = softcap_attention(module, query, key, value, block_mask,
+                                                          scaling=256 ** -0.5, softcap=50.0,
+                                                          sliding_window=sliding_window)
                         if grad:
                             output.sum().backward()
     variants = _debug_get_cache_entry_list(_compiled_flex_attention().compiled_code)
