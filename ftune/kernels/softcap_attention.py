@@ -211,7 +211,18 @@ def flash4_takes(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) ->
     if (query.device.index, query.dtype, query.shape[-1]) in _flash4_refused:
         return False
     major, _ = torch.cuda.get_device_capability(query.device)
-    return major in FLASH4_CAPABILITIES and _flash_attention_4() is not None
+    if major not in FLASH4_CAPABILITIES:
+        return False
+    if _flash_attention_4() is None:
+        _suggest_flash4()
+        return False
+    return True
+
+
+@functools.cache
+def _suggest_flash4() -> None:
+    logger.warning("soft-capped attention runs on FlexAttention; FlashAttention 4 runs it on this GPU, 2.5x faster "
+                   "on an H200: pip install 'ftune[fa4]' (flash-attn-4[cu13] with a CUDA 13 build of torch)")
 
 
 def attend_flash4(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scaling: float, softcap: float | None,
