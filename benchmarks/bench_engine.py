@@ -43,7 +43,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from ftune.measure.results import result_path  # noqa: E402
+from ftune.measure.results import installed_version, result_path  # noqa: E402
 from ftune.measure.stacks import RunSpec, build_stack  # noqa: E402
 from ftune.measure.step import GiB, train_steps  # noqa: E402
 
@@ -162,7 +162,7 @@ def main() -> None:
         raise SystemExit("the hf stack runs on a CUDA machine; on a CPU, try ftune's stacks on a tiny preset")
 
     meta = {"gpu": torch.cuda.get_device_name(0) if cuda else "cpu", "torch": torch.__version__, "preset": args.preset,
-            "date": time.strftime("%Y-%m-%d")}
+            "date": time.strftime("%Y-%m-%d"), "flash_attn_4": installed_version("flash-attn-4")}
     out = args.out or result_path("engine")
     for run in args.runs.split(","):
         command = [sys.executable, __file__, "--worker", run, "--preset", args.preset, "--seqs", args.seqs,

@@ -36,7 +36,8 @@ class Family:
     # The attention implementation a recipe's `auto` picks: sdpa, or ftune's own where sdpa would
     # drop part of the family's attention or run it slowly: Gemma-2's logit soft-capping runs on
     # FlashAttention 4 where installed, else FlexAttention (ftune_softcap,
-    # ftune/kernels/softcap_attention.py), instead of eager's tokens x tokens scores; Gemma-3's and Phi-3's sliding windows on the flash kernel's window (ftune_window,
+    # ftune/kernels/softcap_attention.py), instead of eager's tokens x tokens scores; Gemma-3's and
+    # Phi-3's sliding windows on the flash kernel's window (ftune_window,
     # ftune/kernels/window_attention.py) instead of sdpa's dense tokens x tokens mask
     attention: str = "sdpa"
     attention_projections: tuple[str, ...] = LLAMA_ATTENTION

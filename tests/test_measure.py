@@ -9,7 +9,7 @@ import statistics
 import pytest
 import torch
 
-from ftune.measure.results import RESULTS, card_name, result_path
+from ftune.measure.results import RESULTS, card_name, installed_version, result_path
 from ftune.families import family_of
 from ftune.measure.stacks import RunSpec, build_stack, preset_recipe
 from ftune.plan import lora_targets
@@ -113,6 +113,11 @@ def test_bench_engine_rows_from_an_ftune_stack():
 ])
 def test_result_folders_are_named_by_card(name, count, card):
     assert card_name(name, count) == card
+
+
+def test_results_name_the_optional_packages_that_ran():
+    assert installed_version("torch") == torch.__version__
+    assert installed_version("no-such-package-ftune-test") is None
 
 
 def test_result_files_are_named_by_date_and_topic(monkeypatch, tmp_path):

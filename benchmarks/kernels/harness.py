@@ -86,9 +86,11 @@ def measure(fn: Callable[[], None], grad_to_none: list[torch.Tensor], graph: boo
     return result
 
 
-def environment() -> dict[str, str]:
+def environment() -> dict[str, str | None]:
     import transformers
     import triton
+
+    from ftune.measure.results import installed_version
 
     return {
         "gpu": torch.cuda.get_device_name(),
@@ -96,6 +98,7 @@ def environment() -> dict[str, str]:
         "cuda": str(torch.version.cuda),
         "triton": triton.__version__,
         "transformers": transformers.__version__,
+        "flash_attn_4": installed_version("flash-attn-4"),
     }
 
 

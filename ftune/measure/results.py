@@ -3,6 +3,7 @@ of the measurement read from the path (h200/2026-12-02-engine.json; 2xh100/... f
 
 from __future__ import annotations
 
+import importlib.metadata
 import re
 import time
 from pathlib import Path
@@ -28,3 +29,12 @@ def result_path(topic: str, *, card: str | None = None, ext: str = "json") -> Pa
     folder = RESULTS / (card or card_name())
     folder.mkdir(parents=True, exist_ok=True)
     return folder / f"{time.strftime('%Y-%m-%d')}-{topic}.{ext}"
+
+
+def installed_version(distribution: str) -> str | None:
+    """The installed version of an optional package that changes which kernels a result ran
+    (flash-attn-4: Gemma-2's soft-capped attention), or None."""
+    try:
+        return importlib.metadata.version(distribution)
+    except importlib.metadata.PackageNotFoundError:
+        return None
