@@ -412,3 +412,60 @@ def test_a_checkpoint_quantized_before_keeps_its_experts_16_bit_and_says_so(fold
         model, _, _ = load_base_model(recipe, torch.device("cpu"))
     assert not has_4bit_experts(model)
     assert any("stay torch.float32: the checkpoint comes quantized" in record.message for record in caplog.records)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("mode", ["none", "unsloth"])
+def test_gemma2_on_flash_attention_4_trains_as_on_flexattention(mode, tmp_path, monkeypatch):
+    """Gemma-2 built by ftune on a GPU where FlashAttention 4 runs (a Hopper or Blackwell with the
+    `fa4` extra), in bf16 with Gemma-2's 256-wide heads and a window of 16 over rows of 128 tokens:
+    every attention call runs on FlashAttention 4 (the recompute's too), and the loss and LoRA
+    gradients are those of the same build on FlexAttention, within bf16's rounding: the kernels
+    sum in other orders (measured on an H200: the losses within 1e-4, each gradient within 1.0e-2
+    to 1.2e-2 of its norm, in both modes). The kernels' own tests hold each of them to fp32 eager
+    attention, the cap included."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    from ftune.kernels import softcap_attention
+
+    probe = torch.zeros(1, 4, 128, 256, device="cuda", dtype=torch.bfloat16)
+    if not softcap_attention.flash4_takes(probe, probe[:, :2], probe[:, :2]):
+        pytest.skip("FlashAttention 4 is not installed, or does not run soft-capped attention on this GPU")
+    config = AutoConfig.for_model("gemma2", **dict(TINY, head_dim=256, sliding_window=16, tie_word_embeddings=True))
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config, dtype=torch.float32).save_pretrained(tmp_path / "gemma2")
+    raw = {"model": {"name_or_path": str(tmp_path / "gemma2"), "tokenizer": str(REPO / "data/quickstart/tokenizer"),
+                     "dtype": "bfloat16"},
+           "quantization": {"method": "none"}, "checkpointing": {"mode": mode},
+           "data": {"source": str(REPO / "data/quickstart/sft.jsonl")}}
+    ids = torch.randint(3, 500, (2, 128), generator=torch.Generator().manual_seed(1)).cuda()
+    calls = []
+    flash4 = softcap_attention.attend_flash4
+    monkeypatch.setattr(softcap_attention, "attend_flash4", lambda *args: calls.append(args[-1]) or flash4(*args))
+
+    def run(adapter=None):
+        built = build_model(validate_recipe(raw, base_dir=REPO / "recipes"), torch.device("cuda"),
+                            with_tokenizer=False)
+        if adapter is None:  # B non-zero, as in _case
+            for parameter in built.model.parameters():
+                if parameter.requires_grad and parameter.dim() == 2 and not parameter.any():
+                    torch.nn.init.normal_(parameter, std=0.05,
+                                          generator=torch.Generator(device="cuda").manual_seed(parameter.numel()))
+        else:  # the same adapter on both kernels
+            assert not built.model.load_state_dict(adapter, strict=False).unexpected_keys
+        out, grads = _loss_and_grads(built.model, ids)
+        return out, grads, {k: v.detach().clone() for k, v in built.model.state_dict().items() if "lora_" in k}
+
+    out, grads, adapter = run()
+    # two layers, sliding (window 16) then full; with recomputation each runs again in the
+    # backward, the last layer first
+    assert calls == ([16, None] if mode == "none" else [16, None, None, 16])
+    monkeypatch.setattr(softcap_attention, "_flash4_refused", {(0, torch.bfloat16, 256)})  # FlexAttention runs
+    flex_out, flex_grads, _ = run(adapter)
+    assert len(calls) == (2 if mode == "none" else 4)
+    torch.testing.assert_close(out.loss, flex_out.loss, rtol=1e-2, atol=0)
+    assert grads.keys() == flex_grads.keys() and grads
+    errors = {key: ((grads[key].float() - flex_grads[key].float()).norm() / flex_grads[key].float().norm()).item()
+              for key in grads}
+    worst = max(errors, key=errors.get)
+    assert errors[worst] <= 3e-2, f"{worst}: relative difference {errors[worst]:.2e}"
