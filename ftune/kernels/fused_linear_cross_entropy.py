@@ -70,6 +70,38 @@ class LossStats(NamedTuple):
 
 
 @triton.jit
+def _capped_block(row_ptr, cols, mask, logit_scale, softcap, HAS_SOFTCAP: tl.constexpr):
+    """A block of a row's logits as the model's head makes them, scaled then capped
+    (softcap * tanh(z / softcap), with tanh(x) = 2 * sigmoid(2x) - 1), and the slope of that map
+    at each logit: what a gradient with respect to the capped logits is multiplied by."""
+    z = tl.load(row_ptr + cols, mask=mask, other=0.0).to(tl.float32) * logit_scale
+    slope = logit_scale
+    if HAS_SOFTCAP:
+        t = 2.0 * tl.sigmoid(2.0 * z / softcap) - 1.0
+        z = softcap * t
+        slope = logit_scale * (1.0 - t * t)
+    return z, slope
+
+
+@triton.jit
+def _row_block_max(row_ptr, start, n_cols, logit_scale, softcap, HAS_SOFTCAP: tl.constexpr,
+                   WITH_ARGMAX: tl.constexpr, BLOCK_SIZE: tl.constexpr):
+    """Columns start .. start + BLOCK_SIZE of a row: their capped logits (-inf past the row's end),
+    which of them are in the row, their maximum and, WITH_ARGMAX, the first column that holds it."""
+    cols = start + tl.arange(0, BLOCK_SIZE)
+    mask = cols < n_cols
+    z, _ = _capped_block(row_ptr, cols, mask, logit_scale, softcap, HAS_SOFTCAP)
+    z = tl.where(mask, z, float("-inf"))
+    if WITH_ARGMAX:
+        block_max, block_arg = tl.max(z, axis=0, return_indices=True)
+        block_col = start + block_arg
+    else:
+        block_max = tl.max(z, axis=0)
+        block_col = start
+    return z, mask, block_max, block_col
+
+
+@triton.jit
 def _cross_entropy_forward_kernel(
     LOGITS_ptr,
     logits_row_stride,
@@ -97,20 +129,12 @@ def _cross_entropy_forward_kernel(
     best = float("-inf")
     best_idx = 0
     for start in range(0, n_cols, BLOCK_SIZE):
-        cols = start + tl.arange(0, BLOCK_SIZE)
-        mask = cols < n_cols
-        z = tl.load(row_ptr + cols, mask=mask, other=0.0).to(tl.float32) * logit_scale
-        if HAS_SOFTCAP:
-            # softcap * tanh(z / softcap), with tanh(x) = 2 * sigmoid(2x) - 1
-            z = softcap * (2.0 * tl.sigmoid(2.0 * z / softcap) - 1.0)
-        z = tl.where(mask, z, float("-inf"))
+        z, mask, block_max, block_col = _row_block_max(row_ptr, start, n_cols, logit_scale, softcap, HAS_SOFTCAP,
+                                                       WITH_STATS, BLOCK_SIZE)
         if WITH_STATS:
-            block_max, block_arg = tl.max(z, axis=0, return_indices=True)
             # Strictly greater: an earlier block's maximum wins a tie, as in torch.argmax
-            best_idx = tl.where(block_max > best, start + block_arg, best_idx)
+            best_idx = tl.where(block_max > best, block_col, best_idx)
             best = tl.maximum(best, block_max)
-        else:
-            block_max = tl.max(z, axis=0)
         m_new = tl.maximum(m, block_max)
         alpha = tl.exp(m - m_new)
         e = tl.exp(z - m_new)
@@ -136,15 +160,8 @@ def _cross_entropy_forward_kernel(
         for start in range(0, n_cols, BLOCK_SIZE):
             cols = start + tl.arange(0, BLOCK_SIZE)
             mask = cols < n_cols
-            z = tl.load(row_ptr + cols, mask=mask, other=0.0).to(tl.float32) * logit_scale
-            if HAS_SOFTCAP:
-                t = 2.0 * tl.sigmoid(2.0 * z / softcap) - 1.0
-                z = softcap * t
-            grad = tl.exp(z - lse) - tl.where(cols == target, 1.0, 0.0)
-            grad = grad * scale
-            if HAS_SOFTCAP:
-                grad = grad * (1.0 - t * t)
-            grad = grad * logit_scale
+            z, slope = _capped_block(row_ptr, cols, mask, logit_scale, softcap, HAS_SOFTCAP)
+            grad = (tl.exp(z - lse) - tl.where(cols == target, 1.0, 0.0)) * scale * slope
             tl.store(row_ptr + cols, grad.to(LOGITS_ptr.dtype.element_ty), mask=mask)
 
 
@@ -194,18 +211,11 @@ def _online_block_kernel(
     block_max = float("-inf")
     block_best_col = 0
     for start in range(0, n_cols, BLOCK_SIZE):
-        cols = start + tl.arange(0, BLOCK_SIZE)
-        mask = cols < n_cols
-        z = tl.load(row_ptr + cols, mask=mask, other=0.0).to(tl.float32) * logit_scale
-        if HAS_SOFTCAP:
-            z = softcap * (2.0 * tl.sigmoid(2.0 * z / softcap) - 1.0)
-        z = tl.where(mask, z, float("-inf"))
+        _, _, part_max, part_col = _row_block_max(row_ptr, start, n_cols, logit_scale, softcap, HAS_SOFTCAP,
+                                                  WITH_STATS, BLOCK_SIZE)
         if WITH_STATS:
-            part_max, part_arg = tl.max(z, axis=0, return_indices=True)
             # Strictly greater: an earlier column wins a tie, as in torch.argmax
-            block_best_col = tl.where(part_max > block_max, start + part_arg, block_best_col)
-        else:
-            part_max = tl.max(z, axis=0)
+            block_best_col = tl.where(part_max > block_max, part_col, block_best_col)
         block_max = tl.maximum(block_max, part_max)
     m_new = tl.maximum(m_old, block_max)
     alpha = tl.exp(m_old - m_new)
@@ -216,12 +226,7 @@ def _online_block_kernel(
     for start in range(0, n_cols, BLOCK_SIZE):
         cols = start + tl.arange(0, BLOCK_SIZE)
         mask = cols < n_cols
-        z = tl.load(row_ptr + cols, mask=mask, other=0.0).to(tl.float32) * logit_scale
-        slope = logit_scale
-        if HAS_SOFTCAP:
-            t = 2.0 * tl.sigmoid(2.0 * z / softcap) - 1.0
-            z = softcap * t
-            slope = logit_scale * (1.0 - t * t)
+        z, slope = _capped_block(row_ptr, cols, mask, logit_scale, softcap, HAS_SOFTCAP)
         e = tl.where(mask, tl.exp(z - m_new), 0.0)
         total += tl.sum(e, axis=0)
         if WITH_STATS:
