@@ -222,7 +222,8 @@ def flash4_takes(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) ->
 @functools.cache
 def _suggest_flash4() -> None:
     logger.warning("soft-capped attention runs on FlexAttention; FlashAttention 4 runs it on this GPU, 2.5x faster "
-                   "on an H200: pip install 'ftune[fa4]' (flash-attn-4[cu13] with a CUDA 13 build of torch)")
+                   "on an H200: pip install 'ftune[fa4]' (beside a CUDA 13 build of torch; flash-attn-4 alone beside "
+                   "a CUDA 12 one)")
 
 
 def attend_flash4(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scaling: float, softcap: float | None,
