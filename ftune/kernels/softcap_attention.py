@@ -238,7 +238,8 @@ def attend_flash4(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, s
                                       softcap=softcap or 0.0)
     except torch.OutOfMemoryError:
         raise
-    except (RuntimeError, AssertionError, NotImplementedError, ValueError) as error:  # its refusals: asserts too
+    # its refusals, asserts among them; a TypeError: a release whose arguments moved (checked: 4.0.0b40)
+    except (RuntimeError, AssertionError, NotImplementedError, ValueError, TypeError) as error:
         kind = (query.device.index, query.dtype, query.shape[-1])
         _flash4_refused.add(kind)
         logger.warning("soft-capped attention of %s runs on FlexAttention, FlashAttention 4 refused it: %s", kind,
