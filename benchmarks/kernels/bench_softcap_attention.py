@@ -2,7 +2,8 @@
 key heads, 256 wide, cap 50, query scale 256^-0.5), batch 1, for a full layer and a sliding one
 (window 4096):
 
-- ftune:      ftune.kernels.softcap_attention, compiled FlexAttention, its own cached block mask
+- ftune:      ftune.kernels.softcap_attention's FlexAttention path: compiled, given its own cached
+              block mask (which keeps FlashAttention 4 out where it is installed)
 - eager:      transformers' gemma2 eager_attention_forward (what Gemma-2 runs today), with
               transformers' additive mask (bf16, tokens x tokens, made before timing)
 - hf-flex:    transformers' flex_attention_forward (attn_implementation="flex_attention") with the
@@ -10,8 +11,9 @@ key heads, 256 wide, cap 50, query scale 256^-0.5), batch 1, for a full layer an
 - sdpa-nocap: transformers' sdpa_attention_forward without the cap (wrong for Gemma-2): the speed of
               the attention every other family gets; causal via is_causal, the window as a
               boolean mask (as transformers passes it)
-- fa4:        FlashAttention 4's CuTe DSL kernels (`pip install flash-attn-4`, Hopper and Blackwell)
-              with their own soft cap, causal mask and window (`--impls fa4`; not run by default)
+- fa4:        softcap_attention's FlashAttention 4 path (`attend_flash4`: its CuTe DSL kernels with
+              their own soft cap, causal mask and window; `pip install 'ftune[fa4]'`, Hopper and
+              Blackwell), `--impls fa4`, not run by default
 - flex:NAME:  ftune's FlexAttention call with the kernel options KERNEL_OPTIONS[NAME] (tile sizes,
               warps, pipeline stages of its forward and backward kernels), `--kernel-options`
 - autotune:   FlexAttention compiled with mode="max-autotune-no-cudagraphs" (`--autotune`): Inductor
@@ -37,8 +39,8 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import eager_mask, sdpa_mask, sliding_window_causal_mask_function
 from transformers.models.gemma2.modeling_gemma2 import eager_attention_forward
 
-from ftune.kernels.softcap_attention import (FLEX_VARIANTS, HOPPER_HEAD_DIM_256, causal_block_mask, softcap_attention,
-                                             softcap_score_mod)
+from ftune.kernels.softcap_attention import (FLEX_VARIANTS, HOPPER_HEAD_DIM_256, attend_flash4, causal_block_mask,
+                                             flash4_takes, softcap_attention, softcap_score_mod)
 from ftune.kernels.utils import compiled_with_variants
 from ftune.presets import PRESETS
 
@@ -76,22 +78,11 @@ def compiled_flex_attention(**compile_options):
     return compiled_with_variants(flex_attention, FLEX_VARIANTS, **compile_options)
 
 
-def fa4_call(inputs, scaling: float, softcap: float, window: int | None):
-    """FlashAttention 4 over the same [batch, heads, tokens, head_dim] views: its kernels read
-    [batch, tokens, heads, head_dim], which is what the views are transposes of. transformers'
-    window admits keys fewer than `window` positions back, FlashAttention's left window counts the
-    keys before the query's own."""
-    from flash_attn.cute import flash_attn_func
-
-    query, key, value = (t.transpose(1, 2) for t in inputs)
-    window_size = (None, None) if window is None else (window - 1, 0)
-
-    def attend():
-        output = flash_attn_func(query, key, value, softmax_scale=scaling, causal=True, window_size=window_size,
-                                 softcap=softcap)
-        return (output[0] if isinstance(output, tuple) else output), None
-
-    return attend
+def flash4_call(inputs, scaling: float, softcap: float, window: int | None):
+    output = attend_flash4(*inputs, scaling, softcap, window)
+    if output is None:  # refused: the warning says why, the row records it
+        raise RuntimeError("FlashAttention 4 refused the call")
+    return output, None
 
 
 def extra_arguments(parser) -> None:
@@ -131,8 +122,8 @@ def main() -> None:
                 boolean = None if layer_window is None else sdpa_mask(allow_is_causal_skip=False, **mask_kwargs)
                 block_mask = causal_block_mask(tokens, tokens, layer_window, torch.device("cuda"))
                 impls = {
-                    "ftune": lambda: softcap_attention(module, *inputs, None, scaling=scaling, softcap=softcap,
-                                                       sliding_window=layer_window),
+                    "ftune": lambda: softcap_attention(module, *inputs, block_mask, scaling=scaling,
+                                                       softcap=softcap, sliding_window=layer_window),
                     "eager": lambda: eager_attention_forward(module, *inputs, additive, scaling=scaling,
                                                              softcap=softcap),
                     "hf-flex": lambda: flex_attention_forward(module, *inputs, block_mask, scaling=scaling,
@@ -148,7 +139,10 @@ def main() -> None:
                                               kernel_options=options).transpose(1, 2), None)
 
                 if "fa4" in args.impls:
-                    impls["fa4"] = fa4_call(inputs, scaling, softcap, layer_window)
+                    if not flash4_takes(*inputs):
+                        raise SystemExit("--impls fa4: FlashAttention 4 is not installed, or does not run on this "
+                                         "GPU (pip install 'ftune[fa4]'; Hopper or Blackwell)")
+                    impls["fa4"] = functools.partial(flash4_call, inputs, scaling, softcap, layer_window)
                 impls = {name: impls[name] for name in args.impls}
                 for name in args.kernel_options:
                     impls[f"flex:{name}"] = flex_call(KERNEL_OPTIONS[name])

@@ -6,12 +6,11 @@ import types
 
 import pytest
 import torch
+from torch.nn.attention.flex_attention import BlockMask
 from transformers import AttentionInterface, AutoConfig, AutoModelForCausalLM
 from transformers.masking_utils import (AttentionMaskInterface, causal_mask_function, eager_mask, sdpa_mask,
                                         sliding_window_causal_mask_function)
 from transformers.models.gemma2.modeling_gemma2 import eager_attention_forward
-
-from torch.nn.attention.flex_attention import BlockMask
 
 from ftune.kernels.softcap_attention import (attend_flex, causal_block_mask, flash4_takes, flex_kernel_options,
                                              softcap_attention, softcap_attention_mask)
