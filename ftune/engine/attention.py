@@ -52,7 +52,7 @@ import torch
 from torch.nn import functional as F
 
 from ftune.integrations.transformers import WINDOW_ATTENTION, register_attention, wrap_attention
-from ftune.kernels.window_attention import flash_backward, flash_forward, visible_keys
+from ftune.kernels.window_attention import flash_backward, flash_forward, hiding_window, visible_keys
 from ftune.memory.estimate import PARKING_ATTENTION
 
 logger = logging.getLogger(__name__)
@@ -120,8 +120,7 @@ class SlidingWindow:
 def _window(kwargs, rows: PackedRows | None, tokens: int) -> int | None:
     """The window the model passes for the layer where it hides keys: shorter than the sequence
     (than the longest row of a padding-free batch); None where the layer attends to all before."""
-    window = kwargs.get("sliding_window")
-    return window if window is not None and window < (rows.longest if rows is not None else tokens) else None
+    return hiding_window(kwargs.get("sliding_window"), rows.longest if rows is not None else tokens)
 
 
 def _mask(tokens: int, dtype: torch.dtype, device, rows: PackedRows | None, window: int | None) -> torch.Tensor:

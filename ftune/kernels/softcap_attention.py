@@ -40,7 +40,7 @@ from torch.nn.attention.flex_attention import BlockMask, create_block_mask, crea
 from transformers.masking_utils import flex_attention_mask
 
 from ftune.kernels.utils import compiled_with_variants
-from ftune.kernels.window_attention import FLASH_HEAD_DIMS, flash_bounds, is_plain_causal
+from ftune.kernels.window_attention import FLASH_HEAD_DIMS, flash_bounds, hiding_window, is_plain_causal
 
 logger = logging.getLogger(__name__)
 
@@ -277,9 +277,8 @@ def softcap_attention(
     kv_len = key.shape[2]
 
     if query.is_cuda:
-        if attention_mask is None and q_len == kv_len and flash4_takes(query, key, value):
-            window = sliding_window if sliding_window is not None and sliding_window < kv_len else None
-            output = attend_flash4(query, key, value, scaling, softcap, window)
+        if attention_mask is None and flash4_takes(query, key, value):  # self-attention: q_len == kv_len
+            output = attend_flash4(query, key, value, scaling, softcap, hiding_window(sliding_window, kv_len))
             if output is not None:
                 return output, None
         if isinstance(attention_mask, BlockMask):

@@ -54,6 +54,12 @@ FLASH_HEAD_DIMS = range(8, 257, 8)
 _refused: set[tuple] = set()
 
 
+def hiding_window(sliding_window: int | None, tokens: int) -> int | None:
+    """The window a layer passes (transformers' sliding_window) where it hides keys of a sequence
+    of `tokens`; None where every key up to a query is within it (or the layer has none)."""
+    return sliding_window if sliding_window is not None and sliding_window < tokens else None
+
+
 def flash_bounds(window: int | None) -> tuple[int | None, int | None]:
     """The flash kernel's (window_size_left, window_size_right) for transformers' sliding window."""
     return (None, None) if window is None else (window - 1, 0)
@@ -161,7 +167,7 @@ def window_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Te
     window the model passes per layer; None: no window)."""
     causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
     tokens = key.shape[2]
-    window = sliding_window if sliding_window is not None and sliding_window < tokens else None
+    window = hiding_window(sliding_window, tokens)
     if attention_mask is None and causal and window is not None and query.shape[2] == tokens:
         output = _flash_window_attention(query, key, value, dropout, scaling, window, kwargs)
         if output is not None:

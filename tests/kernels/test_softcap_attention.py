@@ -14,6 +14,7 @@ from transformers.models.gemma2.modeling_gemma2 import eager_attention_forward
 
 from ftune.kernels.softcap_attention import (attend_flex, causal_block_mask, flash4_takes, flex_kernel_options,
                                              softcap_attention, softcap_attention_mask)
+from ftune.kernels.window_attention import hiding_window
 from tests.kernels.common import gpu
 
 # fp32 on CPU: the dense path is eager's arithmetic in another order (grouped heads instead of
@@ -230,7 +231,7 @@ def test_compiled_flex_on_gemma2_9b_heads(sliding_window, tokens, kernel):
 
     if kernel == "flash4" and not flash4_takes(*(t.to(torch.bfloat16) for t in inputs)):
         pytest.skip("FlashAttention 4 is not installed, or does not run soft-capped attention on this GPU")
-    window = sliding_window if sliding_window is not None and sliding_window < tokens else None
+    window = hiding_window(sliding_window, tokens)
     block_mask = causal_block_mask(tokens, tokens, window, torch.device("cuda")) if kernel == "flex" else None
     truth = run(eager_attention_forward, torch.float32, mask)
     eager = run(eager_attention_forward, torch.bfloat16, mask.to(torch.bfloat16))
@@ -264,7 +265,7 @@ def test_a_run_s_kinds_of_flex_call_all_run_compiled():
                         query, key, value = (torch.randn(1, heads, tokens, 256, device="cuda", dtype=dtype,
                                                          requires_grad=grad) for heads in (16, 8, 8))
                         # the block mask its own path builds, so FlashAttention 4 (where installed) runs none
-                        window = sliding_window if sliding_window is not None and sliding_window < tokens else None
+                        window = hiding_window(sliding_window, tokens)
                         block_mask = causal_block_mask(tokens, tokens, window, torch.device("cuda"))
                         with torch.set_grad_enabled(grad):
                             output, _ = softcap_attention(module, query, key, value, block_mask,
