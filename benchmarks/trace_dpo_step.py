@@ -12,6 +12,9 @@ the warm-up steps; the summary goes to stdout and to --out:
 - the calls that can block the host (synchronizations, copies), grouped by the Python that made them
 - the attention calls, by the Python that made them
 
+With --python, cProfile replaces torch.profiler over the same steps: the functions by cumulative
+and by own time (pstats), and the raw profile beside --out (.prof, for pstats or snakeviz).
+
   python benchmarks/trace_dpo_step.py --stack ftune --out trace-ftune.txt
   python benchmarks/trace_dpo_step.py --stack trl --out trace-trl.txt
 """
@@ -19,6 +22,9 @@ the warm-up steps; the summary goes to stdout and to --out:
 from __future__ import annotations
 
 import argparse
+import cProfile
+import io
+import pstats
 import sys
 import tempfile
 import types
@@ -53,6 +59,15 @@ def summary(prof, steps: int) -> str:
     return "\n".join(lines)
 
 
+def python_summary(profiler: cProfile.Profile, steps: int) -> str:
+    lines = [f"cProfile over {steps} steps"]
+    for order in ("cumulative", "tottime"):
+        text = io.StringIO()
+        pstats.Stats(profiler, stream=text).sort_stats(order).print_stats(60)
+        lines.append(text.getvalue())
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--stack", choices=bench_workflows.STACKS, required=True)
@@ -60,6 +75,7 @@ def main() -> None:
     parser.add_argument("--first", type=int, default=6, help="first traced step (the ones before warm up)")
     parser.add_argument("--last", type=int, default=8)
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--python", action="store_true", help="cProfile instead of torch.profiler")
     args = parser.parse_args()
     if not 1 <= args.first <= args.last:
         raise SystemExit("--first and --last: 1 <= first <= last")
@@ -75,14 +91,25 @@ def main() -> None:
         state["step"] += 1
         if state["step"] == args.first:
             sync()
-            activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
-            state["profiler"] = profile(activities=activities, with_stack=True)
-            state["profiler"].__enter__()
+            if args.python:
+                state["profiler"] = cProfile.Profile()
+                state["profiler"].enable()
+            else:
+                activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+                state["profiler"] = profile(activities=activities, with_stack=True)
+                state["profiler"].__enter__()
         result = training_step(self, *step_args, **step_kwargs)
         if state["step"] == args.last:
             sync()
-            state["profiler"].__exit__(None, None, None)
-            text = summary(state["profiler"], args.last - args.first + 1)
+            steps = args.last - args.first + 1
+            if args.python:
+                state["profiler"].disable()
+                text = python_summary(state["profiler"], steps)
+                if args.out:
+                    state["profiler"].dump_stats(str(args.out.with_suffix(".prof")))
+            else:
+                state["profiler"].__exit__(None, None, None)
+                text = summary(state["profiler"], steps)
             print(text, flush=True)
             if args.out:
                 args.out.write_text(text + "\n")
