@@ -18,7 +18,9 @@ VOCAB = 512
 
 
 @pytest.fixture(autouse=True)
-def _no_refusals_between_tests():
+def _no_refusals_between_tests(monkeypatch):
+    # the tiny models' short rows park as the long rows of real ones do; the floor has its own test
+    monkeypatch.setattr(estimate, "PARKING_MIN_TOKENS", 0)
     yield
     attention._refused.clear()
 
@@ -362,6 +364,17 @@ def test_steps_longer_than_the_token_cap_recompute_attention(monkeypatch):
     monkeypatch.setattr(estimate, "PARKING_MAX_TOKENS", ids.numel() - 1)
     _assert_same(_step(reference, ids), _counted_step(counts, model, ids))
     assert engine.copier.parking_pool.stats.buffers == 0 and counts["sdpa"] == 3
+
+
+def test_steps_shorter_than_the_token_floor_recompute_attention(monkeypatch):
+    """Below PARKING_MIN_TOKENS a step is bound by the host, where parking's copies cost more than
+    the attention forward they spare: it parks nothing and recomputes attention."""
+    reference, model, engine, counts = _parking_pair(monkeypatch)
+    ids = torch.randint(3, VOCAB, (2, 24), generator=torch.Generator().manual_seed(9))
+    monkeypatch.setattr(estimate, "PARKING_MIN_TOKENS", ids.numel() + 1)
+    _assert_same(_step(reference, ids), _counted_step(counts, model, ids))
+    assert engine.copier.parking_pool.stats.buffers == 0 and counts["sdpa"] == 3
+    assert not estimate.parks(ids.numel(), 0, 64 * 1024**3) and estimate.parks(ids.numel() + 1, 0, 64 * 1024**3)
 
 
 def test_parked_attention_under_cpu_autocast_runs_in_the_autocast_dtype(monkeypatch):

@@ -198,6 +198,12 @@ PARKING_HOST_SHARE = 0.5
 # GPU memory in a 24 GiB cap on an H200 where 159,744 trained without it; 32768 tokens at batch 1
 # are the longest step measured parked (docs/benchmarks.md).
 PARKING_MAX_TOKENS = 32768
+# ... and at least this many. A shorter step is bound by the host, not the GPU (an 8B DPO step took
+# the same time at 60 and at 960 tokens, H200): the attention forward parking spares costs the GPU
+# next to nothing there, while its copies and their bookkeeping cost the host. At about 120 tokens
+# an 8B DPO step's training ran 5% faster without parking (steps alternating in one run, H200,
+# docs/benchmarks.md).
+PARKING_MIN_TOKENS = 1024
 
 
 @dataclass(frozen=True)
@@ -707,11 +713,12 @@ def wider_attention_bytes(shape: Shape, tokens: int) -> int:
 
 def parks(tokens: int, step_bytes: int, host_memory: int | None = None) -> bool:
     """Whether a step of this many tokens, whose layer inputs and parked halves take `step_bytes`,
-    parks its offloaded layers' attention halves (PARKING_MAX_TOKENS, PARKING_HOST_SHARE of
-    `host_memory`, by default this machine's): the rule of the engine and of this model both."""
+    parks its offloaded layers' attention halves (PARKING_MIN_TOKENS to PARKING_MAX_TOKENS,
+    PARKING_HOST_SHARE of `host_memory`, by default this machine's): the rule of the engine and of
+    this model both."""
     if host_memory is None:
         host_memory = psutil.virtual_memory().total
-    return tokens <= PARKING_MAX_TOKENS and step_bytes <= PARKING_HOST_SHARE * host_memory
+    return PARKING_MIN_TOKENS <= tokens <= PARKING_MAX_TOKENS and step_bytes <= PARKING_HOST_SHARE * host_memory
 
 
 def parks_attention(shape: Shape, tokens: int, host_memory: int | None = None) -> bool:
