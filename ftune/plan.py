@@ -270,10 +270,12 @@ def workflow_phases(recipe: Recipe) -> dict:
     on the device and the model: generation_plan. Both losses are TRL's fused heads, which read the
     LM head whole: it does not stream. A reference held as TRL's copy of the adapter (DPO, and GRPO
     with beta > 0, continuing model.adapter) holds the adapter's parameters twice; a new adapter has
-    none (integrations.trl.use_base_as_reference)."""
+    none (integrations.trl.use_base_as_reference), and in DPO's short steps its reference's rows ride
+    the training forward (integrations.trl.ReferenceRidesTraining, which needs no adapter dropout)."""
     if recipe.workflow == "dpo":
         return {"rows_per_example": 2, "reference_pass": True, "streamed_head": False,
-                "reference_adapter": recipe.model.adapter is not None}
+                "reference_adapter": recipe.model.adapter is not None,
+                "reference_may_ride": recipe.model.adapter is None and recipe.lora.dropout == 0}
     if recipe.workflow != "grpo":
         return {}
     grpo, training = recipe.grpo, recipe.training

@@ -79,6 +79,34 @@ def test_dpo_trains_two_rows_after_a_reference_pass():
     assert abs(reference / training - 1) < 0.05  # at 2048 tokens a row the two moments are alike
 
 
+def test_a_short_dpo_steps_reference_rides_its_training_forward():
+    """A new adapter's reference (the base model) rides the training forward in steps of at most
+    REFERENCE_RIDES_MAX_TOKENS: the training counts the rows twice and no reference pass follows;
+    a longer step, or a run continuing an adapter, has its reference pass as before."""
+    from ftune.memory.estimate import REFERENCE_RIDES_MAX_TOKENS
+    from ftune.plan import assumed_device, resolve
+
+    shape = Shape.from_config(PRESETS["llama-3.1-8b"])
+    dpo = Setting(seq=30, batch=1, rows_per_example=2, reference_pass=True, reference_may_ride=True,
+                  streamed_head=False, host_memory=125 * GiB)
+    riding = estimate(shape, dpo)
+    assert dpo.reference_riding and dpo.training_rows == 4 and dpo.training_tokens == 120
+    assert riding.reference == 0
+    doubled = estimate(shape, replace(dpo, batch=2, reference_pass=False))  # the same four rows, no reference
+    assert riding.peak == doubled.peak
+    longest = REFERENCE_RIDES_MAX_TOKENS // 2
+    assert replace(dpo, seq=longest).reference_riding and not replace(dpo, seq=longest + 1).reference_riding
+    assert not replace(dpo, reference_may_ride=False).reference_riding
+    long = replace(dpo, seq=2048)
+    assert long.training_rows == 2 and estimate(shape, long).peak == \
+        estimate(shape, replace(long, reference_may_ride=False)).peak
+    for adapter, rides in (("runs/sft", False), (None, True)):
+        recipe = load_recipe(REPO / "recipes" / "dpo-quickstart.yaml", [f"model.adapter={adapter or 'null'}"])
+        assert resolve(recipe, assumed_device(cpu=True)).setting.reference_may_ride == rides
+    recipe = load_recipe(REPO / "recipes" / "dpo-quickstart.yaml", ["model.adapter=null", "lora.dropout=0.1"])
+    assert not resolve(recipe, assumed_device(cpu=True)).setting.reference_may_ride  # the gate stands in for it
+
+
 @pytest.mark.parametrize("workflow,adapter,beta,copy", [("dpo", "runs/sft", None, True), ("dpo", None, None, False),
                                                        ("grpo", "runs/sft", 0.04, True), ("grpo", None, 0.04, False),
                                                        ("grpo", "runs/sft", 0.0, False)])

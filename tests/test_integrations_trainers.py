@@ -25,7 +25,7 @@ from ftune.integrations.transformers_trainer import (STAGING, BestCheckpoint, Co
                                                      EveryAdapterResumed, ParameterCountOnce, StagedCheckpoints,
                                                      run_trackers_last)
 from ftune.integrations.peft import switch_without_grad_flags, switchable_layers
-from ftune.integrations.trl import LossFromModel, ReferenceAdapterSwitch
+from ftune.integrations.trl import LossFromModel, ReferenceAdapterSwitch, ReferenceRidesTraining
 from tests.conftest import REPO
 
 TRAINER_MOVED = (f"transformers {transformers.__version__} changed what ftune/integrations/transformers_trainer.py "
@@ -393,6 +393,112 @@ def test_a_new_adapters_reference_pass_runs_with_the_adapters_off_without_peft_w
         with model.disable_adapter():
             assert all(layer.disable_adapters for layer in layers)
     assert walks and all(p.requires_grad for n, p in model.named_parameters() if "lora_" in n)
+
+
+class _Riding(ReferenceAdapterSwitch, ReferenceRidesTraining, trl.DPOTrainer):
+    pass
+
+
+def _riding_trainer(output_dir, lora_dropout: float = 0.0, ftune_forward: bool = False) -> tuple[_Riding, object]:
+    """_dpo_trainer's run, with ftune's ride, the base model as reference and a moved adapter."""
+    from peft import LoraConfig, get_peft_model
+
+    from ftune.integrations.peft import install_lora_forward
+    from ftune.integrations.trl import use_base_as_reference
+
+    tokenizer = AutoTokenizer.from_pretrained(REPO / "data" / "quickstart" / "tokenizer")
+    model = _tiny_model()
+    model.resize_token_embeddings(len(tokenizer))
+    model = get_peft_model(model, LoraConfig(r=4, lora_dropout=lora_dropout,
+                                             target_modules=["q_proj", "v_proj", "o_proj", "down_proj"]))
+    if ftune_forward:
+        install_lora_forward(model)
+    rows = [{"prompt": "one two", "chosen": " three four", "rejected": " five"},
+            {"prompt": "six", "chosen": " seven", "rejected": " eight nine"}]
+    trainer = _Riding(model=model, ref_model=None, processing_class=tokenizer, train_dataset=Dataset.from_list(rows),
+                      args=trl.DPOConfig(output_dir=str(output_dir), use_cpu=True, report_to="none", max_length=32,
+                                         per_device_train_batch_size=2))
+    use_base_as_reference(model)
+    trainer.reference_may_ride = True
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if ".default." in name:  # training has moved the adapter: the policy is not the reference
+                parameter.add_(torch.randn_like(parameter) * 0.5)
+    return trainer, model
+
+
+@pytest.mark.parametrize("ftune_forward", [False, True], ids=["peft-forward", "ftune-forward"])
+def test_a_base_references_rows_ride_the_training_forward(tmp_path, ftune_forward):
+    """With the reference's rows in the training forward, one forward runs where TRL runs two, over
+    the batch twice; the loss, TRL's logged metrics and the adapter's gradients are those of TRL's
+    own step, whose reference pass runs with the adapters off. Afterwards the adapters' dropouts,
+    the model's forward and the trainer's reading of precomputed reference log-probabilities are
+    TRL's and peft's again."""
+    from torch import nn
+
+    assert list(inspect.signature(trl.DPOTrainer.training_step).parameters)[:1] == ["self"], TRL_MOVED
+    source = inspect.getsource(trl.DPOTrainer._compute_loss)
+    policy_call = source.index("outputs = model(**model_kwargs, labels=labels, fused_lm_head=True)")
+    assert policy_call < source.index('inputs["ref_chosen_logps"], inputs["ref_rejected_logps"]'), TRL_MOVED
+    results = {}
+    for ride in (True, False):
+        trainer, model = _riding_trainer(tmp_path / str(ride), ftune_forward=ftune_forward)
+        trainer.reference_may_ride = ride
+        base = model.get_base_model()
+        fused, calls = base.forward, []
+        base.forward = lambda *a, _fused=fused, **kw: calls.append(kw["input_ids"].shape) or _fused(*a, **kw)
+        inputs = next(iter(trainer.get_train_dataloader()))
+        model.train()
+        trainer.current_gradient_accumulation_steps = 1  # as the training loop sets it
+        loss = trainer.training_step(model, inputs)
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        metrics = {k: v[-1] for k, v in trainer._metrics["train"].items()}
+        results[ride] = (loss, grads, metrics, calls)
+        rows = inputs["input_ids"].shape[0]
+        dropouts = [d for m in model.modules() if hasattr(m, "lora_dropout") for d in m.lora_dropout.values()]
+        assert dropouts and all(isinstance(d, nn.Identity) for d in dropouts)
+        assert base.forward.__name__ == "<lambda>" and not trainer.precompute_ref_logps
+    (loss, grads, metrics, calls), (expected_loss, expected_grads, expected_metrics, expected_calls) = \
+        results[True], results[False]
+    assert [shape[0] for shape in expected_calls] == [rows, rows]  # TRL's: the policy, then the reference
+    assert [shape[0] for shape in calls] == [2 * rows]
+    torch.testing.assert_close(loss, expected_loss, rtol=0, atol=1e-6)
+    assert grads.keys() == expected_grads.keys() and grads
+    for name in grads:
+        torch.testing.assert_close(grads[name], expected_grads[name], rtol=1e-5, atol=1e-7, msg=name)
+    assert metrics.keys() == expected_metrics.keys()
+    for key in metrics:
+        assert metrics[key] == pytest.approx(expected_metrics[key], rel=1e-5, abs=1e-6), key
+    assert metrics["rewards/margins"] != 0  # the policy is not the reference: the comparison can fail
+
+
+def test_the_reference_rides_only_where_its_rows_are_the_base_models(tmp_path):
+    """No ride with adapter dropout (the gate stands in for it), in a step longer than the rule
+    allows, or without the trainer's leave; an input the gate cannot split into the batch's rows is
+    refused, not gated wrongly."""
+    from ftune.integrations.peft import adapters_on_first_rows, row_gateable_layers
+    from ftune.memory.estimate import REFERENCE_RIDES_MAX_TOKENS, reference_rides
+
+    trainer, model = _riding_trainer(tmp_path / "dropout", lora_dropout=0.1)
+    assert row_gateable_layers(model) == []
+    assert trainer._reference_ride({"input_ids": torch.ones(2, 8, dtype=torch.long)}) is None
+    trainer, model = _riding_trainer(tmp_path / "plain")
+    layers = row_gateable_layers(model)
+    assert layers
+    assert trainer._reference_ride({"input_ids": torch.ones(2, 8, dtype=torch.long)}) is not None
+    long = REFERENCE_RIDES_MAX_TOKENS // 2 + 1
+    assert trainer._reference_ride({"input_ids": torch.ones(2, long, dtype=torch.long)}) is None
+    assert not reference_rides(REFERENCE_RIDES_MAX_TOKENS, intermediate=14336 * 4)  # its MLP would chunk
+    trainer.reference_may_ride = False
+    assert trainer._reference_ride({"input_ids": torch.ones(2, 8, dtype=torch.long)}) is None
+    with adapters_on_first_rows(layers, 2, 4, 8):
+        gate = layers[0].lora_dropout["default"]
+        x = torch.ones(4, 8, 16)
+        assert gate(x)[:2].eq(1).all() and gate(x)[2:].eq(0).all()
+        assert gate(x.view(32, 16)).view(4, 8, 16).equal(gate(x))  # the engine's MLP: the rows' tokens flattened
+        with pytest.raises(RuntimeError, match="rows"):
+            gate(torch.ones(16, 16))  # a chunk of the tokens: which row is which is unknown
 
 
 def test_grpos_reference_for_a_new_adapter_is_the_base_model_without_trls_copy(tmp_path):

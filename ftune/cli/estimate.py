@@ -101,11 +101,13 @@ def _workflow_line(setting: Setting) -> str | None:
     if setting.generations:
         parts.append(f"generation of {setting.generations} sequences x ({setting.seq} prompt + {setting.completion} "
                      f"completion) tokens at once, {setting.generation_cache} cache")
-    if setting.reference_pass:
+    if setting.reference_riding:
+        parts.append("the reference's rows (the base model) in the training forward, beside the chosen and rejected ones")
+    elif setting.reference_pass:
         parts.append("a forward without gradients over the training rows")
     if not parts:
         return None
-    rows = setting.batch * setting.rows_per_example
+    rows = setting.training_rows
     return f"{'; '.join(parts)}; training on {rows} rows x {setting.seq + setting.completion} tokens"
 
 

@@ -337,3 +337,68 @@ def switch_without_grad_flags(model, layers: list) -> Iterator[None]:
         yield
     finally:
         del model.set_adapter, model.disable_adapter
+
+
+# ----------------------------------------------------------------------------------------------
+# Rows without the adapter, in a batch that trains it
+
+
+def row_gateable_layers(model) -> list:
+    """The LoRA layers of `model` (a peft model) when `adapters_on_first_rows` makes its other rows
+    compute the base model exactly, else []: every tuner layer a LoRA layer around a linear
+    projection, each with one active adapter, no dropout (peft's `nn.Identity`), no adapter bias
+    and no variant (DoRA's magnitude rescales the base output itself), none merged."""
+    layers = switchable_layers(model)
+    lora = lora_layers(model)
+    if not layers or len(lora) != len(layers):
+        return []
+    for layer in lora:
+        active = [name for name in layer.active_adapters if name in layer.lora_A]
+        if (layer.merged or layer.disable_adapters or len(active) != 1
+                or not isinstance(layer.lora_dropout[active[0]], nn.Identity)
+                or active[0] in getattr(layer, "lora_variant", {})
+                or layer.lora_B[active[0]].bias is not None or layer.lora_A[active[0]].bias is not None):
+            return []
+    return lora
+
+
+class _RowGate(nn.Module):
+    """Stands in for a LoRA layer's dropout: its input on the batch's first `kept` rows, zeros on
+    the others, so that the adapter's product, lora_B(lora_A(dropout(x))), adds nothing there.
+    It reads every input of the batch's shape: (rows, tokens, ...) or, as the checkpointing
+    engine's MLP takes it, the rows' tokens flattened; an input of any other size is refused."""
+
+    def __init__(self, kept: int, rows: int, tokens: int):
+        super().__init__()
+        self.kept, self.rows, self.tokens = kept, rows, tokens
+        self._masks: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.numel() != self.rows * self.tokens * x.shape[-1]:
+            raise RuntimeError(f"a LoRA input of shape {tuple(x.shape)} does not cover the batch's {self.rows} rows "
+                               f"of {self.tokens} tokens: its rows cannot be told apart")
+        mask = self._masks.get((x.device, x.dtype))
+        if mask is None:
+            mask = torch.zeros(self.rows, 1, dtype=x.dtype, device=x.device)
+            mask[:self.kept] = 1
+            self._masks[(x.device, x.dtype)] = mask
+        return (x.reshape(self.rows, -1) * mask).view(x.shape)
+
+
+@contextlib.contextmanager
+def adapters_on_first_rows(layers: list, kept: int, rows: int, tokens: int) -> Iterator[None]:
+    """Within the block, the LoRA `layers` (`row_gateable_layers`) add their adapter to the first
+    `kept` of a batch's `rows` rows of `tokens` tokens only: the others compute the base model,
+    forward and backward, as with the adapters off. The adapter-in-the-GEMM paths, which take no
+    dropout, step aside for the addmm path (`_augmentable`)."""
+    gate = _RowGate(kept, rows, tokens)
+    replaced = []
+    try:
+        for layer in layers:
+            (name,) = [name for name in layer.active_adapters if name in layer.lora_A]
+            replaced.append((layer.lora_dropout, name, layer.lora_dropout[name]))
+            layer.lora_dropout[name] = gate
+        yield
+    finally:
+        for dropouts, name, original in replaced:
+            dropouts[name] = original

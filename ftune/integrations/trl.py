@@ -14,6 +14,12 @@
   `torch.no_grad()`, `model.set_adapter("ref")`, then `model.set_adapter(previous)`; or, without a
   `ref` adapter, `with model.disable_adapter():`. Within it, peft's switch is
   `integrations.peft.switch_without_grad_flags`.
+- `ReferenceRidesTraining` wraps `DPOTrainer.training_step(model, inputs, num_items_in_batch)` and
+  `_compute_loss`. The latter first calls the model for the policy with `fused_lm_head=True`, which
+  reaches the forward `add_fused_lm_head` puts on the base model (an instance attribute) and returns
+  a `FusedCausalLMOutput` of per-token fields (rows, tokens - 1); only then, with
+  `self.precompute_ref_logps` set, does it read `inputs["ref_chosen_logps"]` and
+  `inputs["ref_rejected_logps"]` in place of its reference pass.
 - `use_base_as_reference` deletes the `ref` adapter that `DPOTrainer.__init__` (and
   `GRPOTrainer.__init__`, with beta > 0) adds to a peft model (a copy of `default`), for TRL's
   reference pass to run with the adapters off: `use_adapter(model, None)`, which GRPO's
@@ -24,9 +30,14 @@ tests/test_integrations_trainers.py holds a contract test for each.
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+
 import torch
 
-from ftune.integrations.peft import adapters_of, switch_without_grad_flags, switchable_layers
+from ftune.integrations.peft import (adapters_of, adapters_on_first_rows, row_gateable_layers,
+                                     switch_without_grad_flags, switchable_layers)
+from ftune.memory.estimate import reference_rides
 
 
 class LossFromModel:
@@ -101,3 +112,133 @@ class ReferenceAdapterSwitch:
             self._switchable = (self.model, adapters, switchable_layers(self.model))
         with switch_without_grad_flags(self.model, self._switchable[2]):
             return super()._compute_loss(model, inputs, return_outputs)
+
+
+class ReferenceRidesTraining:
+    """DPOTrainer mixin: where the reference is the base model (a new adapter: use_base_as_reference),
+    a short step's reference rows ride its training forward instead of running a forward of their own.
+
+    A DPO step of short rows is bound by the host's Python and kernel launches, not by the GPU
+    (docs/benchmarks.md): the reference pass costs about what the training forward costs, however
+    few its rows. So the training forward takes the batch twice, its rows once more at the end, and
+    LoRA adds its adapter to the first copy alone (integrations.peft.adapters_on_first_rows): the
+    second copy computes the base model. Rows do not mix in a decoder, and no loss reads the second
+    copy, so its gradients are zero and the adapter's are those of the policy's rows. The second
+    copy's log-probabilities, detached and summed, go into the step's inputs as TRL's precomputed
+    reference (`ref_chosen_logps`, `ref_rejected_logps`), which `_compute_loss` then reads in place
+    of its reference pass. The gates last the whole training step, so that the checkpointing
+    engine's recompute in the backward sees them too.
+
+    It rides in steps of at most REFERENCE_RIDES_MAX_TOKENS tokens (memory.estimate.reference_rides,
+    which the memory model counts), for peft LoRA models `adapters_on_first_rows` covers, without
+    TRL's `ref` adapter, a reference model, precomputed reference log-probabilities, `ld_alpha` or a
+    router's auxiliary loss; any other step runs as TRL makes it."""
+
+    # make_trainer sets it where the run's reference is the base model
+    reference_may_ride = False
+    # (the model, its adapters (peft.adapters_of), its gateable LoRA layers): listed again when either changes
+    _gateable: tuple[object, tuple, list] | None = None
+    _ride: _ReferenceRide | None = None
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        ride = self._reference_ride(inputs)
+        if ride is None:
+            return super().training_step(model, inputs, num_items_in_batch)
+        self._ride = ride
+        try:
+            with ride:
+                return super().training_step(model, inputs, num_items_in_batch)
+        finally:
+            self._ride = None
+
+    def _compute_loss(self, model, inputs, return_outputs):
+        ride = self._ride
+        if ride is None or ride.inputs is not None or not torch.is_grad_enabled():
+            return super()._compute_loss(model, inputs, return_outputs)
+        ride.inputs = inputs
+        self.precompute_ref_logps = True  # TRL reads the reference from `inputs`, where the ride puts it
+        try:
+            return super()._compute_loss(model, inputs, return_outputs)
+        finally:
+            self.precompute_ref_logps = False
+
+    def _reference_ride(self, inputs) -> _ReferenceRide | None:
+        ids = inputs.get("input_ids")
+        if (not self.reference_may_ride or self.ref_model is not None or self.precompute_ref_logps
+                or self.ld_alpha is not None or self.aux_loss_enabled
+                or not isinstance(ids, torch.Tensor) or ids.dim() != 2
+                or any(isinstance(v, torch.Tensor) and (v.dim() == 0 or v.shape[0] != ids.shape[0])
+                       for v in inputs.values())):
+            return None
+        config = self.model.config.get_text_config()
+        if not reference_rides(ids.numel(), getattr(config, "intermediate_size", None)):
+            return None
+        adapters = adapters_of(self.model)
+        if "ref" in dict(adapters):
+            return None
+        if self._gateable is None or self._gateable[0] is not self.model or self._gateable[1] != adapters:
+            self._gateable = (self.model, adapters, row_gateable_layers(self.model))
+        layers = self._gateable[2]
+        base = self.model.get_base_model() if layers else None
+        if base is None or "forward" not in base.__dict__:  # no fused head of TRL's on the model itself
+            return None
+        return _ReferenceRide(base, layers)
+
+
+class _ReferenceRide:
+    """One training step's ride (ReferenceRidesTraining): the first call of TRL's fused head with
+    gradients, in `_compute_loss`, runs the batch twice."""
+
+    def __init__(self, base, layers: list):
+        self.base, self.layers = base, layers
+        self.fused_forward = base.__dict__["forward"]
+        self.gates = contextlib.ExitStack()
+        self.inputs: dict | None = None  # the step's inputs, as `_compute_loss` reads them
+
+    def __enter__(self):
+        self.base.forward = self._forward
+        return self
+
+    def __exit__(self, *exc):
+        self.base.forward = self.fused_forward
+        self.gates.close()
+        return False
+
+    def _forward(self, *args, fused_lm_head=False, labels=None, **kwargs):
+        if self.inputs is None or not fused_lm_head or args or not torch.is_grad_enabled():
+            return self.fused_forward(*args, fused_lm_head=fused_lm_head, labels=labels, **kwargs)
+        inputs, self.inputs = self.inputs, None  # one ride a step
+        ids = kwargs.get("input_ids")
+        doubled = _twice(ids, labels, kwargs)
+        if doubled is None:  # ReferenceRidesTraining._reference_ride checked the inputs: TRL changed its call
+            raise RuntimeError("the DPO reference's rows cannot ride this forward (its arguments are not the "
+                               f"batch's rows: {sorted(kwargs)}); ftune/integrations/trl.py needs a look")
+        rows, tokens = ids.shape
+        self.gates.enter_context(adapters_on_first_rows(self.layers, rows, 2 * rows, tokens))
+        output = self.fused_forward(fused_lm_head=True, labels=torch.cat([labels, labels]), **doubled)
+        policy = {}
+        for field in dataclasses.fields(output):
+            value = getattr(output, field.name)
+            policy[field.name] = value[:rows] if field.name not in ("loss", "aux_loss") and value is not None else None
+        # TRL's loss of the fused head, over the policy's rows (DPO's calls pass no num_items_in_batch)
+        policy["loss"] = -policy["log_probs"].sum() / policy["label_mask"].sum().clamp(min=1)
+        # as TRL sums its reference pass's log-probabilities (each row's completion; zero elsewhere)
+        inputs["ref_chosen_logps"], inputs["ref_rejected_logps"] = output.log_probs[rows:].detach().sum(dim=1).chunk(2)
+        return type(output)(**policy)
+
+
+def _twice(ids, labels, kwargs: dict) -> dict | None:
+    """The forward's keyword arguments with every per-row tensor repeated after itself, or None where
+    a tensor's rows are not the batch's, or the call shifts its labels itself or weighs the loss by a
+    count of items."""
+    if not isinstance(ids, torch.Tensor) or not isinstance(labels, torch.Tensor) or labels.shape[0] != ids.shape[0] \
+            or kwargs.get("num_items_in_batch") is not None or kwargs.get("shift_labels") is not None:
+        return None
+    doubled = {}
+    for name, value in kwargs.items():
+        if isinstance(value, torch.Tensor):
+            if value.dim() == 0 or value.shape[0] != ids.shape[0]:
+                return None
+            value = torch.cat([value, value])
+        doubled[name] = value
+    return doubled

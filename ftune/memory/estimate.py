@@ -175,6 +175,22 @@ PARKING_ATTENTION = ("sdpa", "ftune_window")
 # 128 MiB is 4608 tokens of an 8B Llama's 14336-wide MLP in bf16, large enough that the chunk's
 # matmuls run at full speed.
 MLP_CHUNK_BYTES = 128 * 1024**2
+# DPO's reference rows ride the training forward (ftune/integrations/trl.py, ReferenceRidesTraining)
+# in steps of at most this many training tokens. There the step is bound by the host's Python, not
+# by the GPU (an 8B step on an H200 took the same time at 60 and at 960 tokens, docs/benchmarks.md),
+# so the extra rows cost GPU time the host leaves idle and spare the reference's own forward.
+REFERENCE_RIDES_MAX_TOKENS = 1024
+
+
+def reference_rides(tokens: int, intermediate: int | None = None) -> bool:
+    """Whether a DPO step of `tokens` training tokens (its chosen and rejected rows), whose
+    reference is the base model, runs the reference's rows in its training forward: at most
+    REFERENCE_RIDES_MAX_TOKENS, and the doubled rows' MLP (`intermediate` wide) in one of the
+    engine's chunks even in fp32 (MLP_CHUNK_BYTES), where LoRA's row gate (integrations/peft.py,
+    `adapters_on_first_rows`) sees whole rows."""
+    return tokens <= REFERENCE_RIDES_MAX_TOKENS and (intermediate is None or 2 * tokens * intermediate * 4 <= MLP_CHUNK_BYTES)
+
+
 # The fused loss's logits per chunk: MAX_CHUNK_LOGITS_BYTES of ftune/kernels/fused_linear_cross_entropy.py,
 # which imports nothing of ftune (tests/test_estimate.py checks that the two agree)
 LOSS_LOGITS_BYTES = 256 * 1024**2
@@ -352,6 +368,10 @@ class Setting:
     # TRL's frozen fp32 copy of the adapter, `ref`, the reference of a run that continues an adapter
     # (DPO, and GRPO with beta > 0, with model.adapter)
     reference_adapter: bool = False
+    # DPO with a new adapter, whose reference is the base model: in short steps (reference_rides)
+    # the reference's rows ride the training forward, beside the chosen and rejected ones, and the
+    # reference pass does not run
+    reference_may_ride: bool = False
     # Tokens of an evaluation forward (data.eval: eval batch x rows per example x max_length); 0: none
     eval_tokens: int = 0
     # transformers' boolean masks under sdpa (and ftune_window where it falls back to sdpa's), one
@@ -367,9 +387,20 @@ class Setting:
     dense_window_mask: bool = False
 
     @property
+    def reference_riding(self) -> bool:
+        """Whether the reference's rows ride the training forward at this length."""
+        return self.reference_may_ride and self.reference_pass and \
+            reference_rides(self.batch * self.rows_per_example * (self.seq + self.completion))
+
+    @property
+    def training_rows(self) -> int:
+        """Rows of the training forward: batch x rows per example, twice over with the reference's riding."""
+        return self.batch * self.rows_per_example * (2 if self.reference_riding else 1)
+
+    @property
     def training_tokens(self) -> int:
-        """Tokens of the training forward: batch x rows per example x (prompt or row + completion)."""
-        return self.batch * self.rows_per_example * (self.seq + self.completion)
+        """Tokens of the training forward: its rows x (prompt or row + completion)."""
+        return self.training_rows * (self.seq + self.completion)
 
     @property
     def generations(self) -> int:
@@ -490,7 +521,7 @@ def estimate(shape: Shape, setting: Setting) -> Estimate:
             result.working_set += moe_backward_bytes(shape, tokens, setting.lora_parameters) + \
                 (0 if mode == "none" else moe_saved_bytes(shape, tokens, setting.lora_parameters))
     result.checkpoints_gpu = aux_loss_bytes(shape, tokens) + \
-        mask_bytes(shape, setting, setting.batch * setting.rows_per_example, setting.seq + setting.completion)
+        mask_bytes(shape, setting, setting.training_rows, setting.seq + setting.completion)
     if mode == "true":
         result.checkpoints_gpu += shape.layers * hidden_tensor
     elif mode == "unsloth":
@@ -602,7 +633,7 @@ def settle_phases(shape: Shape, setting: Setting, result: Estimate) -> None:
     head = shape.vocab * shape.hidden * BF16 if lm_head_fetched(setting) else 0
     generation = head + generation_bytes(shape, setting) if setting.generations else 0
     reference = 0
-    if setting.reference_pass:
+    if setting.reference_pass and not setting.reference_riding:
         reference = head + no_grad_forward_bytes(shape, setting.training_tokens, setting.quantized) + \
             trl_head_bytes(setting.training_tokens)
     # An evaluation's forward runs between optimizer steps, as the generation does: beside the

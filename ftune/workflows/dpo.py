@@ -7,7 +7,9 @@ reference pass through it. PEFT saves every adapter a model holds, non-default o
 their name: hence `ref/` in the output folder and its checkpoints, the reference the run measured
 against. The trained adapter is the one in the output folder itself; `ref/` is not needed to use
 it. A new adapter, whose zero B matrices make it the base model, needs no copy: its reference pass
-runs with the adapters off (integrations.trl.use_base_as_reference), and its run has no `ref/`.
+runs with the adapters off (integrations.trl.use_base_as_reference), and its run has no `ref/`; in
+short steps its reference's rows ride the training forward instead, the adapter gated off them
+(integrations.trl.ReferenceRidesTraining).
 """
 
 from __future__ import annotations
@@ -20,15 +22,17 @@ from trl import DPOConfig, DPOTrainer
 
 from ftune.checkpoints import AtomicCheckpoints
 from ftune.integrations.transformers_trainer import ParameterCountOnce
-from ftune.integrations.trl import ReferenceAdapterSwitch, use_base_as_reference
+from ftune.integrations.trl import ReferenceAdapterSwitch, ReferenceRidesTraining, use_base_as_reference
 from ftune.model import BuiltModel
 from ftune.recipe import Recipe
 from ftune.workflows.common import finish_trainer, trainer_arguments
 
 
-class FtuneDPOTrainer(AtomicCheckpoints, ParameterCountOnce, ReferenceAdapterSwitch, DPOTrainer):
-    """TRL's DPOTrainer whose checkpoints are written aside and renamed into place, and whose
-    reference pass switches adapters without re-marking their parameters (integrations.trl)."""
+class FtuneDPOTrainer(AtomicCheckpoints, ParameterCountOnce, ReferenceAdapterSwitch, ReferenceRidesTraining,
+                      DPOTrainer):
+    """TRL's DPOTrainer whose checkpoints are written aside and renamed into place, whose reference
+    pass switches adapters without re-marking their parameters, and whose short steps run a base
+    reference's rows in the training forward (integrations.trl)."""
 
 
 def dpo_config(recipe: Recipe, arguments: dict[str, Any]) -> DPOConfig:
@@ -44,6 +48,8 @@ def make_trainer(recipe: Recipe, built: BuiltModel, dataset: Dataset, callbacks:
     trainer = FtuneDPOTrainer(model=built.model, ref_model=None, args=config, train_dataset=dataset,
                               eval_dataset=eval_dataset,
                               processing_class=built.tokenizer, callbacks=callbacks)
-    if not built.plan.setting.reference_adapter:  # the plan's rule (plan.workflow_phases), which memory counts
+    setting = built.plan.setting  # the plan's rules (plan.workflow_phases), which memory counts
+    if not setting.reference_adapter:
         use_base_as_reference(built.model)
+    trainer.reference_may_ride = setting.reference_may_ride
     return finish_trainer(trainer)

@@ -1,0 +1,94 @@
+"""A choice of ftune's DPO step, on at odd steps and off at even ones, in one run: paired step times.
+
+On a host whose speed drifts within a run and from one run to the next (the H200 machines' step
+times moved by 25-40% between calls, docs/benchmarks.md), two runs compared by their medians can
+order two settings either way. Alternating the setting step by step within one run, and comparing
+each step with the next, puts both under the same drift. The run is bench_workflows.py's ftune DPO
+run (the shipped 8B recipe on a preset with random weights and the quickstart data); each
+`training_step` (forward and backward, not the optimizer's step) is timed between CUDA
+synchronizations from step 3 on. Choices:
+
+  ride  the reference's rows in the training forward (ftune.integrations.trl.ReferenceRidesTraining)
+  park  offloaded layers parking their attention's output (ftune.engine.attention), for steps of
+        any length (PARKING_MIN_TOKENS does not apply), against no parking
+
+  python benchmarks/bench_dpo_alternating.py --choice ride --steps 34
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+import types
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bench_workflows  # noqa: E402  (puts the repository on sys.path)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--choice", choices=("ride", "park"), required=True)
+    parser.add_argument("--preset", default="llama-3.1-8b")
+    parser.add_argument("--steps", type=int, default=34)
+    args = parser.parse_args()
+    if args.steps < 6:
+        parser.error("--steps: at least 6 (two warm-up steps, then pairs)")
+
+    import ftune.engine.recompute as recompute
+    import ftune.integrations.trl as trl_patches
+    import ftune.memory.estimate as estimate
+
+    parks, ride_limit = recompute.parks, estimate.REFERENCE_RIDES_MAX_TOKENS
+    estimate.PARKING_MIN_TOKENS = 0
+    cuda = torch.cuda.is_available()
+    times: dict[bool, list[float]] = {True: [], False: []}
+    step = {"n": 0}
+    training_step = trl_patches.ReferenceRidesTraining.training_step
+
+    def timed(self, model, inputs, num_items_in_batch=None):
+        step["n"] += 1
+        on = step["n"] % 2 == 1
+        if args.choice == "ride":
+            estimate.REFERENCE_RIDES_MAX_TOKENS = ride_limit if on else 0
+        else:
+            recompute.parks = parks if on else (lambda *a, **k: False)
+        if cuda:
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        result = training_step(self, model, inputs, num_items_in_batch)
+        if cuda:
+            torch.cuda.synchronize()
+        if step["n"] > 2:
+            times[on].append(time.perf_counter() - start)
+        return result
+
+    trl_patches.ReferenceRidesTraining.training_step = timed
+    workdir = Path(tempfile.mkdtemp(prefix="bench_dpo_alternating-"))
+    options = types.SimpleNamespace(preset=args.preset, steps=args.steps, dpo_repeat=1, set=[])
+    overrides = bench_workflows.recipe_overrides("dpo", options, workdir, cuda, workdir / "ftune")
+    bench_workflows.worker_materialize("dpo", overrides)
+    from ftune.cli import main as ftune_main
+
+    sys.argv = ["ftune", "train", str(bench_workflows.RECIPES["dpo"])]
+    sys.argv += [part for item in overrides for part in ("--set", item)]
+    try:
+        ftune_main()
+    except SystemExit as stop:
+        if stop.code:
+            raise
+    for on in (True, False):
+        label = f"{args.choice} {'on' if on else 'off'}"
+        print(f"{label}: median {statistics.median(times[on]):.3f} s, mean {statistics.mean(times[on]):.3f} s, "
+              f"{len(times[on])} steps: {[round(t, 3) for t in times[on]]}")
+    pairs = [off / on for on, off in zip(times[True], times[False])]
+    print(f"off / on, median of {len(pairs)} consecutive pairs: {statistics.median(pairs):.3f}")
+
+
+if __name__ == "__main__":
+    main()
