@@ -73,15 +73,7 @@ def main() -> None:
     options = types.SimpleNamespace(preset=args.preset, steps=args.steps, dpo_repeat=1, set=[])
     overrides = bench_workflows.recipe_overrides("dpo", options, workdir, cuda, workdir / "ftune")
     bench_workflows.worker_materialize("dpo", overrides)
-    from ftune.cli import main as ftune_main
-
-    sys.argv = ["ftune", "train", str(bench_workflows.RECIPES["dpo"])]
-    sys.argv += [part for item in overrides for part in ("--set", item)]
-    try:
-        ftune_main()
-    except SystemExit as stop:
-        if stop.code:
-            raise
+    bench_workflows.train_ftune_here("dpo", overrides)
     for on in (True, False):
         label = f"{args.choice} {'on' if on else 'off'}"
         print(f"{label}: median {statistics.median(times[on]):.3f} s, mean {statistics.mean(times[on]):.3f} s, "

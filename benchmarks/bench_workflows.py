@@ -176,6 +176,20 @@ def worker_materialize(workflow: str, overrides: list[str]) -> dict:
             "gpu": torch.cuda.get_device_name(0) if device.type == "cuda" else None}
 
 
+def train_ftune_here(workflow: str, overrides: list[str]) -> None:
+    """`ftune train` of the workflow's recipe with `overrides`, in this process (for the scripts that
+    time or profile it from inside: trace_dpo_step.py, bench_dpo_alternating.py)."""
+    from ftune.cli import main as ftune_main
+
+    sys.argv = ["ftune", "train", str(RECIPES[workflow]), "--overwrite"]
+    sys.argv += [part for item in overrides for part in ("--set", item)]
+    try:
+        ftune_main()
+    except SystemExit as stop:
+        if stop.code:
+            raise
+
+
 def worker_trl(workflow: str, overrides: list[str]) -> dict:
     """The baseline: the recipe's run as transformers + peft + TRL users set it up."""
     from types import SimpleNamespace

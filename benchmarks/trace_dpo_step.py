@@ -123,15 +123,7 @@ def main() -> None:
     if args.stack == "trl":
         bench_workflows.worker_trl("dpo", overrides)
         return
-    from ftune.cli import main as ftune_main
-
-    sys.argv = ["ftune", "train", str(bench_workflows.RECIPES["dpo"]), "--overwrite"]
-    sys.argv += [part for item in overrides for part in ("--set", item)]
-    try:
-        ftune_main()
-    except SystemExit as stop:
-        if stop.code:
-            raise
+    bench_workflows.train_ftune_here("dpo", overrides)
 
 
 if __name__ == "__main__":
