@@ -102,7 +102,8 @@ def _workflow_line(setting: Setting) -> str | None:
         parts.append(f"generation of {setting.generations} sequences x ({setting.seq} prompt + {setting.completion} "
                      f"completion) tokens at once, {setting.generation_cache} cache")
     if setting.reference_riding:
-        parts.append("the reference's rows (the base model) in the training forward, beside the chosen and rejected ones")
+        parts.append("the reference's rows (the base model) in the training forward, beside the chosen and "
+                     "rejected ones")
     elif setting.reference_pass:
         parts.append("a forward without gradients over the training rows")
     if not parts:

@@ -153,9 +153,9 @@ class ReferenceRidesTraining:
 
     def _compute_loss(self, model, inputs, return_outputs):
         ride = self._ride
-        if ride is None or ride.inputs is not None or not torch.is_grad_enabled():
+        if ride is None or ride.taken or not torch.is_grad_enabled():
             return super()._compute_loss(model, inputs, return_outputs)
-        ride.inputs = inputs
+        ride.taken, ride.inputs = True, inputs
         self.precompute_ref_logps = True  # TRL reads the reference from `inputs`, where the ride puts it
         try:
             return super()._compute_loss(model, inputs, return_outputs)
@@ -193,7 +193,8 @@ class _ReferenceRide:
         self.base, self.layers = base, layers
         self.fused_forward = base.__dict__["forward"]
         self.gates = contextlib.ExitStack()
-        self.inputs: dict | None = None  # the step's inputs, as `_compute_loss` reads them
+        self.taken = False  # one ride a step: the first `_compute_loss` with gradients
+        self.inputs: dict | None = None  # its inputs, as it reads them, until its policy call
 
     def __enter__(self):
         self.base.forward = self._forward
@@ -207,7 +208,7 @@ class _ReferenceRide:
     def _forward(self, *args, fused_lm_head=False, labels=None, **kwargs):
         if self.inputs is None or not fused_lm_head or args or not torch.is_grad_enabled():
             return self.fused_forward(*args, fused_lm_head=fused_lm_head, labels=labels, **kwargs)
-        inputs, self.inputs = self.inputs, None  # one ride a step
+        inputs, self.inputs = self.inputs, None
         ids = kwargs.get("input_ids")
         doubled = _twice(ids, labels, kwargs)
         if doubled is None:  # ReferenceRidesTraining._reference_ride checked the inputs: TRL changed its call

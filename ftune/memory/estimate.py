@@ -188,7 +188,8 @@ def reference_rides(tokens: int, intermediate: int | None = None) -> bool:
     REFERENCE_RIDES_MAX_TOKENS, and the doubled rows' MLP (`intermediate` wide) in one of the
     engine's chunks even in fp32 (MLP_CHUNK_BYTES), where LoRA's row gate (integrations/peft.py,
     `adapters_on_first_rows`) sees whole rows."""
-    return tokens <= REFERENCE_RIDES_MAX_TOKENS and (intermediate is None or 2 * tokens * intermediate * 4 <= MLP_CHUNK_BYTES)
+    one_chunk = intermediate is None or 2 * tokens * intermediate * 4 <= MLP_CHUNK_BYTES
+    return tokens <= REFERENCE_RIDES_MAX_TOKENS and one_chunk
 
 
 # The fused loss's logits per chunk: MAX_CHUNK_LOGITS_BYTES of ftune/kernels/fused_linear_cross_entropy.py,
