@@ -27,6 +27,7 @@ from ftune.integrations.transformers_trainer import (STAGING, BestCheckpoint, Co
 from ftune.integrations.peft import switch_without_grad_flags, switchable_layers
 from ftune.integrations.trl import LossFromModel, ReferenceAdapterSwitch, ReferenceRidesTraining
 from tests.conftest import REPO
+from tests.helpers import assert_relatively_close
 
 TRAINER_MOVED = (f"transformers {transformers.__version__} changed what ftune/integrations/transformers_trainer.py "
                  "relies on (checked against 5.17.0)")
@@ -399,25 +400,38 @@ class _Riding(ReferenceAdapterSwitch, ReferenceRidesTraining, trl.DPOTrainer):
     pass
 
 
-def _riding_trainer(output_dir, lora_dropout: float = 0.0, ftune_forward: bool = False) -> tuple[_Riding, object]:
-    """_dpo_trainer's run, with ftune's ride, the base model as reference and a moved adapter."""
+def _riding_trainer(output_dir, lora_dropout: float = 0.0, ftune_forward: bool = False, engine: str | None = None,
+                    device: str = "cpu") -> tuple[_Riding, object]:
+    """_dpo_trainer's run, with ftune's ride, the base model as reference and a moved adapter; with
+    `engine`, on tests.helpers' tiny Llama whose layers run through ftune's checkpointing engine in
+    that mode (and, on CUDA, ftune's LoRA forward and kernels in bf16)."""
     from peft import LoraConfig, get_peft_model
 
     from ftune.integrations.peft import install_lora_forward
     from ftune.integrations.trl import use_base_as_reference
+    from tests.helpers import tiny_lora_model
 
     tokenizer = AutoTokenizer.from_pretrained(REPO / "data" / "quickstart" / "tokenizer")
-    model = _tiny_model()
-    model.resize_token_embeddings(len(tokenizer))
-    model = get_peft_model(model, LoraConfig(r=4, lora_dropout=lora_dropout,
-                                             target_modules=["q_proj", "v_proj", "o_proj", "down_proj"]))
-    if ftune_forward:
+    if engine is None:
+        model = _tiny_model()
+        model.resize_token_embeddings(len(tokenizer))
+        model = get_peft_model(model, LoraConfig(r=4, lora_dropout=lora_dropout,
+                                                 target_modules=["q_proj", "v_proj", "o_proj", "down_proj"]))
+    else:
+        model, _ = tiny_lora_model("tiny-llama", engine)
+    on_gpu = device == "cuda"
+    if on_gpu:
+        from ftune.integrations.transformers import apply_kernels
+
+        apply_kernels(model.to(device), fused_cross_entropy=False, fused_lora=True)
+    elif ftune_forward:
         install_lora_forward(model)
     rows = [{"prompt": "one two", "chosen": " three four", "rejected": " five"},
             {"prompt": "six", "chosen": " seven", "rejected": " eight nine"}]
-    trainer = _Riding(model=model, ref_model=None, processing_class=tokenizer, train_dataset=Dataset.from_list(rows),
-                      args=trl.DPOConfig(output_dir=str(output_dir), use_cpu=True, report_to="none", max_length=32,
-                                         per_device_train_batch_size=2))
+    trainer = _Riding(model=model, ref_model=None, processing_class=tokenizer,
+                      train_dataset=Dataset.from_list(rows),
+                      args=trl.DPOConfig(output_dir=str(output_dir), use_cpu=not on_gpu, bf16=on_gpu,
+                                         report_to="none", max_length=32, per_device_train_batch_size=2))
     use_base_as_reference(model)
     trainer.reference_may_ride = True
     torch.manual_seed(1)
@@ -428,8 +442,7 @@ def _riding_trainer(output_dir, lora_dropout: float = 0.0, ftune_forward: bool =
     return trainer, model
 
 
-@pytest.mark.parametrize("ftune_forward", [False, True], ids=["peft-forward", "ftune-forward"])
-def test_a_base_references_rows_ride_the_training_forward(tmp_path, ftune_forward):
+def _ride_against_trl(tmp_path, **setting) -> None:
     """With the reference's rows in the training forward, one forward runs where TRL runs two, over
     the batch twice; the loss, TRL's logged metrics and the adapter's gradients are those of TRL's
     own step, whose reference pass runs with the adapters off. Afterwards the adapters' dropouts,
@@ -441,9 +454,10 @@ def test_a_base_references_rows_ride_the_training_forward(tmp_path, ftune_forwar
     source = inspect.getsource(trl.DPOTrainer._compute_loss)
     policy_call = source.index("outputs = model(**model_kwargs, labels=labels, fused_lm_head=True)")
     assert policy_call < source.index('inputs["ref_chosen_logps"], inputs["ref_rejected_logps"]'), TRL_MOVED
+    on_gpu = setting.get("device") == "cuda"
     results = {}
     for ride in (True, False):
-        trainer, model = _riding_trainer(tmp_path / str(ride), ftune_forward=ftune_forward)
+        trainer, model = _riding_trainer(tmp_path / str(ride), **setting)
         trainer.reference_may_ride = ride
         base = model.get_base_model()
         fused, calls = base.forward, []
@@ -463,6 +477,12 @@ def test_a_base_references_rows_ride_the_training_forward(tmp_path, ftune_forwar
         results[True], results[False]
     assert [shape[0] for shape in expected_calls] == [rows, rows]  # TRL's: the policy, then the reference
     assert [shape[0] for shape in calls] == [2 * rows]
+    assert metrics["rewards/margins"] != 0  # the policy is not the reference: the comparison can fail
+    if on_gpu:  # bf16 GEMMs over four rows instead of two: the same sums, other tilings
+        torch.testing.assert_close(loss, expected_loss, rtol=0, atol=2e-3)
+        assert_relatively_close(grads, expected_grads, 2e-2)
+        assert metrics["rewards/margins"] == pytest.approx(expected_metrics["rewards/margins"], rel=5e-2, abs=1e-3)
+        return
     torch.testing.assert_close(loss, expected_loss, rtol=0, atol=1e-6)
     assert grads.keys() == expected_grads.keys() and grads
     for name in grads:
@@ -470,7 +490,19 @@ def test_a_base_references_rows_ride_the_training_forward(tmp_path, ftune_forwar
     assert metrics.keys() == expected_metrics.keys()
     for key in metrics:
         assert metrics[key] == pytest.approx(expected_metrics[key], rel=1e-5, abs=1e-6), key
-    assert metrics["rewards/margins"] != 0  # the policy is not the reference: the comparison can fail
+
+
+@pytest.mark.parametrize("setting", [{}, {"ftune_forward": True}, {"engine": "unsloth"}, {"engine": "true"}],
+                         ids=["peft-forward", "ftune-forward", "engine-unsloth", "engine-true"])
+def test_a_base_references_rows_ride_the_training_forward(tmp_path, setting):
+    _ride_against_trl(tmp_path, **setting)
+
+
+@pytest.mark.gpu
+def test_a_base_references_rows_ride_the_training_forward_on_the_gpu(tmp_path):
+    """The same through ftune's engine (unsloth: offloaded inputs, recomputed layers), its LoRA
+    forward and kernels, in bf16 on CUDA."""
+    _ride_against_trl(tmp_path, engine="unsloth", device="cuda")
 
 
 def test_the_reference_rides_only_where_its_rows_are_the_base_models(tmp_path):
