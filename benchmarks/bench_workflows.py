@@ -40,6 +40,12 @@ resident set size seen.
 
   python benchmarks/bench_workflows.py --preset tiny-llama --workflows dpo,grpo --steps 3 --out /tmp/wf.json
 
+A step that the host's Python bounds (DPO's short rows) reads 25-40% faster or slower from one
+run to the next on the same machine. `--rounds N` runs the stacks N times, taking turns, and prints
+each round's ratio and their median: each ratio is read under the drift of its own round.
+
+  python benchmarks/bench_workflows.py --preset llama-3.1-8b --workflows dpo --steps 12 --rounds 3
+
 Where the host's time goes: `--python-profile DIR` runs each stack under cProfile (DIR/<workflow>-<stack>.prof,
 for pstats or snakeviz); the profiler slows Python, so those runs' step times are for the profile only.
 """
@@ -420,6 +426,9 @@ def main() -> None:
     parser.add_argument("--dpo-repeat", type=int, default=1, help="repeat each DPO answer this many times (longer sequences)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="extra recipe override for both stacks (repeatable); dpo:KEY=VALUE for one workflow")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="run the stacks this many times, taking turns (ftune, trl, ftune, trl, ...): the "
+                             "host's speed drifts from run to run, and each round's ratio is read under one drift")
     parser.add_argument("--timeout", type=int, default=900, help="seconds allowed to each run")
     parser.add_argument("--workdir", type=Path, default=None, help="runs' outputs (default: a new temp folder)")
     parser.add_argument("--logs", type=Path, default=None, help="each process's output, one .log per run (default: --workdir)")
@@ -436,6 +445,8 @@ def main() -> None:
         return worker(args)
     if args.steps < 2:
         raise SystemExit("--steps must be at least 2: the first step is not timed")
+    if args.rounds < 1:
+        raise SystemExit("--rounds must be at least 1")
 
     import torch  # the driver only asks whether there is a GPU; it allocates nothing on it
 
@@ -496,29 +507,47 @@ def main() -> None:
     print(f"results: {args.out}", flush=True)
     existing = json.loads(args.out.read_text()) if args.out.exists() else []
     rows = []
-    for workflow in workflows:
-        for stack in stacks:
-            overrides, recipe, output_dir = plans[workflow, stack]
-            log_path = logs / f"{workflow}-{stack}.log"
-            profile = None
-            if args.python_profile:
-                args.python_profile.mkdir(parents=True, exist_ok=True)
-                profile = args.python_profile.resolve() / f"{workflow}-{stack}.prof"
-            if stack == "ftune":
-                result = run_ftune(workflow, overrides, log_path, args.timeout, output_dir, profile)
-                how = {"checkpointing": recipe.checkpointing.mode, "kernels": kernels_used(recipe, cuda)}
-            else:
-                result = run_trl(workflow, overrides, log_path, args.timeout, profile)
-                how = {"checkpointing": "transformers gradient_checkpointing (non-reentrant)", "kernels": "none"}
-            row = {"workflow": workflow, "stack": stack, **result, **how, "settings": settings(recipe, cuda),
-                   "log": str(log_path), **meta}
-            if profile:
-                row["python_profile"] = str(profile)
-            rows.append(row)
-            print(line(row), flush=True)
-            if row["status"] != "ok":
-                print("\n".join(row["stderr_tail"]), file=sys.stderr, flush=True)
-            write_out(args.out, existing, rows)
+    for workflow, round_, stack in ((w, r, s) for w in workflows for r in range(1, args.rounds + 1) for s in stacks):
+        overrides, recipe, output_dir = plans[workflow, stack]
+        log_path = logs / (f"{workflow}-{stack}.log" if args.rounds == 1 else f"{workflow}-{stack}-{round_}.log")
+        profile = None
+        if args.python_profile:
+            args.python_profile.mkdir(parents=True, exist_ok=True)
+            profile = args.python_profile.resolve() / f"{workflow}-{stack}.prof"
+        if stack == "ftune":
+            result = run_ftune(workflow, overrides, log_path, args.timeout, output_dir, profile)
+            how = {"checkpointing": recipe.checkpointing.mode, "kernels": kernels_used(recipe, cuda)}
+        else:
+            result = run_trl(workflow, overrides, log_path, args.timeout, profile)
+            how = {"checkpointing": "transformers gradient_checkpointing (non-reentrant)", "kernels": "none"}
+        row = {"workflow": workflow, "stack": stack, **result, **how, "settings": settings(recipe, cuda),
+               "log": str(log_path), **meta}
+        if args.rounds > 1:
+            row["round"] = round_
+        if profile:
+            row["python_profile"] = str(profile)
+        rows.append(row)
+        print(line(row), flush=True)
+        if row["status"] != "ok":
+            print("\n".join(row["stderr_tail"]), file=sys.stderr, flush=True)
+        write_out(args.out, existing, rows)
+    for text in round_ratios(rows):
+        print(text, flush=True)
+
+
+def round_ratios(rows: list[dict]) -> list[str]:
+    """Per workflow with rounds: each round's TRL step over ftune's (ftune's speed-up), and their median."""
+    lines = []
+    for workflow in dict.fromkeys(row["workflow"] for row in rows):
+        steps = {}
+        for row in rows:
+            if row["workflow"] == workflow and "round" in row and row["status"] == "ok":
+                steps.setdefault(row["round"], {})[row["stack"]] = row["step_s"]
+        ratios = [pair["trl"] / pair["ftune"] for _, pair in sorted(steps.items()) if {"ftune", "trl"} <= pair.keys()]
+        if ratios:
+            lines.append(f"{workflow}: ftune's speed-up by round {', '.join(f'{r:.2f}x' for r in ratios)}; "
+                         f"median {statistics.median(ratios):.2f}x")
+    return lines
 
 
 if __name__ == "__main__":
