@@ -100,6 +100,10 @@ def test_a_short_dpo_steps_reference_rides_its_training_forward():
     long = replace(dpo, seq=2048)
     assert long.training_rows == 2 and estimate(shape, long).peak == \
         estimate(shape, replace(long, reference_may_ride=False)).peak
+    # an evaluation forward of short rows rides too: its tokens twice over
+    evaluated = replace(dpo, eval_tokens=60)
+    assert evaluated.evaluation_tokens == 120 and replace(dpo, eval_tokens=4096).evaluation_tokens == 4096
+    assert replace(evaluated, reference_may_ride=False).evaluation_tokens == 60
     for adapter, rides in (("runs/sft", False), (None, True)):
         recipe = load_recipe(REPO / "recipes" / "dpo-quickstart.yaml", [f"model.adapter={adapter or 'null'}"])
         assert resolve(recipe, assumed_device(cpu=True)).setting.reference_may_ride == rides

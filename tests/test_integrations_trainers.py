@@ -505,6 +505,29 @@ def test_a_base_references_rows_ride_the_training_forward_on_the_gpu(tmp_path):
     _ride_against_trl(tmp_path, engine="unsloth", device="cuda")
 
 
+def test_a_base_references_rows_ride_the_evaluation_forward(tmp_path):
+    """An evaluation step rides as a training step does: one forward without gradients over the
+    batch twice, TRL's loss and logged metrics."""
+    results = {}
+    for ride in (True, False):
+        trainer, model = _riding_trainer(tmp_path / str(ride), engine="unsloth")
+        trainer.reference_may_ride = ride
+        base = model.get_base_model()
+        fused, calls = base.forward, []
+        base.forward = lambda *a, _fused=fused, **kw: calls.append(kw["input_ids"].shape) or _fused(*a, **kw)
+        inputs = next(iter(trainer.get_train_dataloader()))
+        model.eval()
+        loss, _, _ = trainer.prediction_step(model, inputs, prediction_loss_only=True)
+        results[ride] = (loss, {k: v[-1] for k, v in trainer._metrics["eval"].items()}, calls)
+    (loss, metrics, calls), (expected_loss, expected_metrics, expected_calls) = results[True], results[False]
+    rows = inputs["input_ids"].shape[0]
+    assert [c[0] for c in calls] == [2 * rows] and [c[0] for c in expected_calls] == [rows, rows]
+    torch.testing.assert_close(loss, expected_loss, rtol=0, atol=1e-6)
+    assert metrics.keys() == expected_metrics.keys() and metrics["rewards/margins"] != 0
+    for key in metrics:
+        assert metrics[key] == pytest.approx(expected_metrics[key], rel=1e-5, abs=1e-6), key
+
+
 def test_the_reference_rides_only_where_its_rows_are_the_base_models(tmp_path):
     """No ride with adapter dropout (the gate stands in for it), in a step longer than the rule
     allows, or without the trainer's leave; an input the gate cannot split into the batch's rows is

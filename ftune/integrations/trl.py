@@ -14,8 +14,8 @@
   `torch.no_grad()`, `model.set_adapter("ref")`, then `model.set_adapter(previous)`; or, without a
   `ref` adapter, `with model.disable_adapter():`. Within it, peft's switch is
   `integrations.peft.switch_without_grad_flags`.
-- `ReferenceRidesTraining` wraps `DPOTrainer.training_step(model, inputs, num_items_in_batch)` and
-  `_compute_loss`. The latter first calls the model for the policy with `fused_lm_head=True`, which
+- `ReferenceRidesTraining` wraps `DPOTrainer.training_step(model, inputs, num_items_in_batch)`,
+  `DPOTrainer.prediction_step(model, inputs, prediction_loss_only, ignore_keys)` and `_compute_loss`. The latter first calls the model for the policy with `fused_lm_head=True`, which
   reaches the forward `add_fused_lm_head` puts on the base model (an instance attribute) and returns
   a `FusedCausalLMOutput` of per-token fields (rows, tokens - 1); only then, with
   `self.precompute_ref_logps` set, does it read `inputs["ref_chosen_logps"]` and
@@ -127,7 +127,8 @@ class ReferenceRidesTraining:
     copy's log-probabilities, detached and summed, go into the step's inputs as TRL's precomputed
     reference (`ref_chosen_logps`, `ref_rejected_logps`), which `_compute_loss` then reads in place
     of its reference pass. The gates last the whole training step, so that the checkpointing
-    engine's recompute in the backward sees them too.
+    engine's recompute in the backward sees them too. An evaluation step rides the same way, its
+    forward without gradients.
 
     It rides in steps of at most REFERENCE_RIDES_MAX_TOKENS tokens (memory.estimate.reference_rides,
     which the memory model counts), for peft LoRA models `adapters_on_first_rows` covers, without
@@ -141,19 +142,26 @@ class ReferenceRidesTraining:
     _ride: _ReferenceRide | None = None
 
     def training_step(self, model, inputs, num_items_in_batch=None):
+        return self._riding(inputs, super().training_step, model, inputs, num_items_in_batch)
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        return self._riding(inputs, super().prediction_step, model, inputs, prediction_loss_only, ignore_keys)
+
+    def _riding(self, inputs, step, *args):
+        """`step(*args)` (TRL's training or evaluation step), its reference riding where it can."""
         ride = self._reference_ride(inputs)
         if ride is None:
-            return super().training_step(model, inputs, num_items_in_batch)
+            return step(*args)
         self._ride = ride
         try:
             with ride:
-                return super().training_step(model, inputs, num_items_in_batch)
+                return step(*args)
         finally:
             self._ride = None
 
     def _compute_loss(self, model, inputs, return_outputs):
         ride = self._ride
-        if ride is None or ride.taken or not torch.is_grad_enabled():
+        if ride is None or ride.taken:
             return super()._compute_loss(model, inputs, return_outputs)
         ride.taken, ride.inputs = True, inputs
         self.precompute_ref_logps = True  # TRL reads the reference from `inputs`, where the ride puts it
@@ -186,14 +194,14 @@ class ReferenceRidesTraining:
 
 
 class _ReferenceRide:
-    """One training step's ride (ReferenceRidesTraining): the first call of TRL's fused head with
-    gradients, in `_compute_loss`, runs the batch twice."""
+    """One step's ride (ReferenceRidesTraining): the first call of TRL's fused head in
+    `_compute_loss`, the policy's, runs the batch twice."""
 
     def __init__(self, base, layers: list):
         self.base, self.layers = base, layers
         self.fused_forward = base.__dict__["forward"]
         self.gates = contextlib.ExitStack()
-        self.taken = False  # one ride a step: the first `_compute_loss` with gradients
+        self.taken = False  # one ride a step: its first `_compute_loss`
         self.inputs: dict | None = None  # its inputs, as it reads them, until its policy call
 
     def __enter__(self):
@@ -206,7 +214,7 @@ class _ReferenceRide:
         return False
 
     def _forward(self, *args, fused_lm_head=False, labels=None, **kwargs):
-        if self.inputs is None or not fused_lm_head or args or not torch.is_grad_enabled():
+        if self.inputs is None or not fused_lm_head or args:
             return self.fused_forward(*args, fused_lm_head=fused_lm_head, labels=labels, **kwargs)
         inputs, self.inputs = self.inputs, None
         ids = kwargs.get("input_ids")

@@ -394,6 +394,12 @@ class Setting:
             reference_rides(self.batch * self.rows_per_example * (self.seq + self.completion))
 
     @property
+    def evaluation_tokens(self) -> int:
+        """Tokens of an evaluation forward: eval_tokens, twice over where the reference rides it."""
+        rides = self.reference_may_ride and self.reference_pass and reference_rides(self.eval_tokens)
+        return self.eval_tokens * (2 if rides else 1)
+
+    @property
     def training_rows(self) -> int:
         """Rows of the training forward: batch x rows per example, twice over with the reference's riding."""
         return self.batch * self.rows_per_example * (2 if self.reference_riding else 1)
@@ -639,16 +645,16 @@ def settle_phases(shape: Shape, setting: Setting, result: Estimate) -> None:
             trl_head_bytes(setting.training_tokens)
     # An evaluation's forward runs between optimizer steps, as the generation does: beside the
     # weights and optimizer states only (no LoRA gradients, no checkpoints), its MLP in chunks as
-    # the training's recompute
-    # the training's, of the head too: streamed through the loss where the training's is
+    # the training's recompute, its head streamed through the loss where the training's is
     evaluation = 0
-    if setting.eval_tokens:
-        forward = no_grad_forward_bytes(shape, setting.eval_tokens, setting.quantized, chunked_mlp=True)
+    eval_tokens = setting.evaluation_tokens
+    if eval_tokens:
+        forward = no_grad_forward_bytes(shape, eval_tokens, setting.quantized, chunked_mlp=True)
         if head_streams(setting):
-            evaluation = max(forward, streamed_loss_bytes(shape, setting.eval_tokens))
+            evaluation = max(forward, streamed_loss_bytes(shape, eval_tokens))
         else:
             evaluation = head + forward
-        evaluation += mask_bytes(shape, setting, max(1, setting.eval_tokens // setting.seq), setting.seq)
+        evaluation += mask_bytes(shape, setting, max(1, eval_tokens // setting.seq), setting.seq)
     result.kv_cache = kv_cache_on_gpu(shape, setting) if setting.generations else 0
     result.generation = max(0, generation - training)
     result.reference = max(0, reference - training - result.generation)
