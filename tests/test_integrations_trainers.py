@@ -502,6 +502,8 @@ def test_a_base_references_rows_ride_the_training_forward(tmp_path, setting):
 def test_a_base_references_rows_ride_the_training_forward_on_the_gpu(tmp_path):
     """The same through ftune's engine (unsloth: offloaded inputs, recomputed layers), its LoRA
     forward and kernels, in bf16 on CUDA."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
     _ride_against_trl(tmp_path, engine="unsloth", device="cuda")
 
 
