@@ -442,6 +442,17 @@ def _riding_trainer(output_dir, lora_dropout: float = 0.0, ftune_forward: bool =
     return trainer, model
 
 
+def _counted_riding_trainer(output_dir, ride: bool, **setting):
+    """_riding_trainer's, riding or not, with the shapes of every call of TRL's fused forward
+    counted; and a batch of its data."""
+    trainer, model = _riding_trainer(output_dir, **setting)
+    trainer.reference_may_ride = ride
+    base = model.get_base_model()
+    fused, calls = base.forward, []
+    base.forward = lambda *a, **kw: calls.append(kw["input_ids"].shape) or fused(*a, **kw)
+    return trainer, model, calls, next(iter(trainer.get_train_dataloader()))
+
+
 def _ride_against_trl(tmp_path, **setting) -> None:
     """With the reference's rows in the training forward, one forward runs where TRL runs two, over
     the batch twice; the loss, TRL's logged metrics and the adapter's gradients are those of TRL's
@@ -457,12 +468,7 @@ def _ride_against_trl(tmp_path, **setting) -> None:
     on_gpu = setting.get("device") == "cuda"
     results = {}
     for ride in (True, False):
-        trainer, model = _riding_trainer(tmp_path / str(ride), **setting)
-        trainer.reference_may_ride = ride
-        base = model.get_base_model()
-        fused, calls = base.forward, []
-        base.forward = lambda *a, _fused=fused, **kw: calls.append(kw["input_ids"].shape) or _fused(*a, **kw)
-        inputs = next(iter(trainer.get_train_dataloader()))
+        trainer, model, calls, inputs = _counted_riding_trainer(tmp_path / str(ride), ride, **setting)
         model.train()
         trainer.current_gradient_accumulation_steps = 1  # as the training loop sets it
         loss = trainer.training_step(model, inputs)
@@ -472,7 +478,7 @@ def _ride_against_trl(tmp_path, **setting) -> None:
         rows = inputs["input_ids"].shape[0]
         dropouts = [d for m in model.modules() if hasattr(m, "lora_dropout") for d in m.lora_dropout.values()]
         assert dropouts and all(isinstance(d, nn.Identity) for d in dropouts)
-        assert base.forward.__name__ == "<lambda>" and not trainer.precompute_ref_logps
+        assert model.get_base_model().forward.__name__ == "<lambda>" and not trainer.precompute_ref_logps
     (loss, grads, metrics, calls), (expected_loss, expected_grads, expected_metrics, expected_calls) = \
         results[True], results[False]
     assert [shape[0] for shape in expected_calls] == [rows, rows]  # TRL's: the policy, then the reference
@@ -512,12 +518,7 @@ def test_a_base_references_rows_ride_the_evaluation_forward(tmp_path):
     batch twice, TRL's loss and logged metrics."""
     results = {}
     for ride in (True, False):
-        trainer, model = _riding_trainer(tmp_path / str(ride), engine="unsloth")
-        trainer.reference_may_ride = ride
-        base = model.get_base_model()
-        fused, calls = base.forward, []
-        base.forward = lambda *a, _fused=fused, **kw: calls.append(kw["input_ids"].shape) or _fused(*a, **kw)
-        inputs = next(iter(trainer.get_train_dataloader()))
+        trainer, model, calls, inputs = _counted_riding_trainer(tmp_path / str(ride), ride, engine="unsloth")
         model.eval()
         loss, _, _ = trainer.prediction_step(model, inputs, prediction_loss_only=True)
         results[ride] = (loss, {k: v[-1] for k, v in trainer._metrics["eval"].items()}, calls)
