@@ -174,9 +174,7 @@ class ReferenceRidesTraining:
         ids = inputs.get("input_ids")
         if (not self.reference_may_ride or self.ref_model is not None or self.precompute_ref_logps
                 or self.ld_alpha is not None or self.aux_loss_enabled
-                or not isinstance(ids, torch.Tensor) or ids.dim() != 2
-                or any(isinstance(v, torch.Tensor) and (v.dim() == 0 or v.shape[0] != ids.shape[0])
-                       for v in inputs.values())):
+                or not isinstance(ids, torch.Tensor) or ids.dim() != 2 or not _per_row(inputs, ids.shape[0])):
             return None
         config = self.model.config.get_text_config()
         if not reference_rides(ids.numel(), getattr(config, "intermediate_size", None)):
@@ -240,14 +238,15 @@ def _twice(ids, labels, kwargs: dict) -> dict | None:
     """The forward's keyword arguments with every per-row tensor repeated after itself, or None where
     a tensor's rows are not the batch's, or the call shifts its labels itself or weighs the loss by a
     count of items."""
-    if not isinstance(ids, torch.Tensor) or not isinstance(labels, torch.Tensor) or labels.shape[0] != ids.shape[0] \
+    if not isinstance(ids, torch.Tensor) or not isinstance(labels, torch.Tensor) \
+            or not _per_row({"labels": labels, **kwargs}, ids.shape[0]) \
             or kwargs.get("num_items_in_batch") is not None or kwargs.get("shift_labels") is not None:
         return None
-    doubled = {}
-    for name, value in kwargs.items():
-        if isinstance(value, torch.Tensor):
-            if value.dim() == 0 or value.shape[0] != ids.shape[0]:
-                return None
-            value = torch.cat([value, value])
-        doubled[name] = value
-    return doubled
+    return {name: torch.cat([value, value]) if isinstance(value, torch.Tensor) else value
+            for name, value in kwargs.items()}
+
+
+def _per_row(values: dict, rows: int) -> bool:
+    """Whether every tensor among `values` holds one entry per row of a batch of `rows`."""
+    return all(value.dim() > 0 and value.shape[0] == rows for value in values.values()
+               if isinstance(value, torch.Tensor))
