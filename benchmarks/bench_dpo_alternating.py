@@ -6,11 +6,14 @@ order two settings either way. Alternating the setting step by step within one r
 each step with the next, puts both under the same drift. The run is bench_workflows.py's ftune DPO
 run (the shipped 8B recipe on a preset with random weights and the quickstart data); each
 `training_step` (forward and backward, not the optimizer's step) is timed between CUDA
-synchronizations from step 3 on. Choices:
+synchronizations from step 3 on, with each arm's peak memory over its training steps. Choices:
 
   ride  the reference's rows in the training forward (ftune.integrations.trl.ReferenceRidesTraining)
   park  offloaded layers parking their attention's output (ftune.engine.attention), for steps of
         any length (PARKING_MIN_TOKENS does not apply), against no parking
+  fuse  ftune's fused LoRA paths (adapters inside the base GEMMs, ftune/kernels/lora.py) at any row
+        count, against bitsandbytes' own 4-bit GEMM below FUSED_4BIT_MAX_TOKENS rows; the reference
+        rides in neither (its row gate keeps the fused paths out), so both run TRL's reference pass
 
   python benchmarks/bench_dpo_alternating.py --choice ride --steps 34
 """
@@ -33,7 +36,7 @@ import bench_workflows  # noqa: E402  (puts the repository on sys.path)
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--choice", choices=("ride", "park"), required=True)
+    parser.add_argument("--choice", choices=("ride", "park", "fuse"), required=True)
     parser.add_argument("--preset", default="llama-3.1-8b")
     parser.add_argument("--steps", type=int, default=34)
     args = parser.parse_args()
@@ -41,13 +44,18 @@ def main() -> None:
         parser.error("--steps: at least 6 (two warm-up steps, then pairs)")
 
     import ftune.engine.recompute as recompute
+    import ftune.integrations.peft as lora_patches
     import ftune.integrations.trl as trl_patches
     import ftune.memory.estimate as estimate
 
     parks, ride_limit = recompute.parks, estimate.REFERENCE_RIDES_MAX_TOKENS
+    fused_min = lora_patches.FUSED_4BIT_MAX_TOKENS
     estimate.PARKING_MIN_TOKENS = 0
+    if args.choice == "fuse":
+        estimate.REFERENCE_RIDES_MAX_TOKENS = 0
     cuda = torch.cuda.is_available()
     times: dict[bool, list[float]] = {True: [], False: []}
+    peaks: dict[bool, list[float]] = {True: [], False: []}
     step = {"n": 0}
     training_step = trl_patches.ReferenceRidesTraining.training_step
 
@@ -56,16 +64,21 @@ def main() -> None:
         on = step["n"] % 2 == 1
         if args.choice == "ride":
             estimate.REFERENCE_RIDES_MAX_TOKENS = ride_limit if on else 0
-        else:
+        elif args.choice == "park":
             recompute.parks = parks if on else (lambda *a, **k: False)
+        else:
+            lora_patches.FUSED_4BIT_MAX_TOKENS = 0 if on else fused_min
         if cuda:
             torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
         start = time.perf_counter()
         result = training_step(self, model, inputs, num_items_in_batch)
         if cuda:
             torch.cuda.synchronize()
         if step["n"] > 2:
             times[on].append(time.perf_counter() - start)
+            if cuda:
+                peaks[on].append(torch.cuda.max_memory_allocated() / 1024**3)
         return result
 
     trl_patches.ReferenceRidesTraining.training_step = timed
@@ -76,7 +89,8 @@ def main() -> None:
     bench_workflows.train_ftune_here("dpo", overrides)
     for on in (True, False):
         label = f"{args.choice} {'on' if on else 'off'}"
-        print(f"{label}: median {statistics.median(times[on]):.3f} s, mean {statistics.mean(times[on]):.3f} s, "
+        peak = f", peak {max(peaks[on]):.2f} GiB" if peaks[on] else ""
+        print(f"{label}: median {statistics.median(times[on]):.3f} s, mean {statistics.mean(times[on]):.3f} s{peak}, "
               f"{len(times[on])} steps: {[round(t, 3) for t in times[on]]}")
     pairs = [off / on for on, off in zip(times[True], times[False])]
     print(f"off / on, median of {len(pairs)} consecutive pairs: {statistics.median(pairs):.3f}")

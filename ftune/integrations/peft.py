@@ -132,11 +132,19 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
 
 
+def _long_enough(x: torch.Tensor) -> bool:
+    """Whether bitsandbytes dequantizes a 4-bit weight whole for input `x`, as the fused paths do.
+    On CUDA it multiplies shorter inputs without dequantizing, and the usual path is cheaper. Read
+    first, before any layer's checks: at short rows every projection of a step asks, and the
+    checks cost about 20 us a layer on the development CPU."""
+    return x.device.type != "cuda" or x.numel() // max(1, x.shape[-1]) > FUSED_4BIT_MAX_TOKENS
+
+
 def _augmentable(layer, x: torch.Tensor, dtype: torch.dtype, frozen_bias: bool) -> AdaptedProjection | None:
     """The layer as one member of an augmented group, when the augmented matrix computes what peft
-    would for this input: one plain adapter without dropout over a 4-bit base that bitsandbytes
-    would dequantize whole for it, in the compute dtype, with no hooks its call would run (a bias
-    only where `frozen_bias`, the path adding it in the GEMM)."""
+    would for this input (`_long_enough` already holds): one plain adapter without dropout over a
+    4-bit base, in the compute dtype, with no hooks its call would run (a bias only where
+    `frozen_bias`, the path adding it in the GEMM)."""
     if not _has_ftune_forward(layer) or layer._forward_pre_hooks or layer._forward_hooks:
         return None
     active = _plain_adapters(layer, x)
@@ -152,10 +160,6 @@ def _augmentable(layer, x: torch.Tensor, dtype: torch.dtype, frozen_bias: bool) 
     if base.bias is not None and (base.bias.requires_grad or not frozen_bias):
         return None
     if (base.compute_dtype or x.dtype) != dtype:
-        return None
-    # on CUDA bitsandbytes multiplies short inputs without dequantizing: the usual path is cheaper
-    tokens = x.numel() // max(1, x.shape[-1])
-    if x.device.type == "cuda" and tokens <= FUSED_4BIT_MAX_TOKENS:
         return None
     name = active[0]
     return AdaptedProjection(base, layer.lora_A[name].weight, layer.lora_B[name].weight, layer.scaling[name])
@@ -181,7 +185,7 @@ def _no_global_hooks() -> bool:
 def mlp_groups(mlp: nn.Module, x: torch.Tensor, activation: str = "silu") -> tuple[MLPGroups, torch.dtype] | None:
     """The gated MLP's gate-up and down groups, when the fused MLP computes what peft would for x."""
     layers = [getattr(mlp, name, None) for name in ("gate_proj", "up_proj", "down_proj")]
-    if not _no_global_hooks() or any(layer is None for layer in layers):
+    if not _long_enough(x) or not _no_global_hooks() or any(layer is None for layer in layers):
         return None
     dtype = _compute_dtype(x)
     projections = [_augmentable(layer, x, dtype, frozen_bias=False) for layer in layers]
@@ -213,7 +217,7 @@ def project_together(layers: list[nn.Module], x: torch.Tensor):
 
 
 def _group_outputs(layers: list[nn.Module], x: torch.Tensor) -> tuple[torch.Tensor, ...] | None:
-    if not _no_global_hooks():
+    if not _long_enough(x) or not _no_global_hooks():
         return None
     dtype = _compute_dtype(x)
     projections = [_augmentable(layer, x, dtype, frozen_bias=True) for layer in layers]
