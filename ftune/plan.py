@@ -22,7 +22,7 @@ from typing import Literal
 import psutil
 
 from ftune.families import KERNEL_NAMES, Family, family_of, known_model_types
-from ftune.memory.estimate import PARKING_ATTENTION, GiB, Setting, Shape, allocatable
+from ftune.memory.estimate import PARKING_ATTENTION, GiB, Setting, Shape, allocatable, reference_ride_limit
 from ftune.memory.policy import LayerPlan, plan_smart
 from ftune.memory.units import format_bytes
 from ftune.model_config import ModelConfig, local_model_config
@@ -165,7 +165,7 @@ def resolve(recipe: Recipe, device: Device, *, mode: str | None = None, config: 
     # Nor is that of several padded rows (padded_masks), nor sdpa's for sliding-window layers
     # (dense_window_mask, which ftune_window builds none of).
     attention = attention_implementation(recipe, family)
-    phases = workflow_phases(recipe)
+    phases = workflow_phases(recipe, config)
     decode_graphs = False
     if recipe.workflow == "grpo":
         phases["generation_cache"], decode_graphs = generation_plan(recipe, device, family, config)
@@ -260,7 +260,7 @@ def eval_tokens(recipe: Recipe, rows_per_example: int) -> int:
     return (training.eval_batch_size or training.batch_size) * rows_per_example * recipe.data.max_length
 
 
-def workflow_phases(recipe: Recipe) -> dict:
+def workflow_phases(recipe: Recipe, config: ModelConfig | None = None) -> dict:
     """The memory model's view of what DPO and GRPO add to a step (TRL 1.16's trainers): DPO trains
     each example as two rows (chosen and rejected) after a reference pass over them; GRPO generates
     training.batch_size x steps_per_generation completions at once (its generation batch), trains on
@@ -271,11 +271,18 @@ def workflow_phases(recipe: Recipe) -> dict:
     LM head whole: it does not stream. A reference held as TRL's copy of the adapter (DPO, and GRPO
     with beta > 0, continuing model.adapter) holds the adapter's parameters twice; a new adapter has
     none (integrations.trl.use_base_as_reference), and in DPO's short steps its reference's rows ride
-    the training forward (integrations.trl.ReferenceRidesTraining, which needs no adapter dropout)."""
+    the training forward (integrations.trl.ReferenceRidesTraining, which needs no adapter dropout),
+    up to a length that the model's MLP width (`config`, where known) can bound."""
     if recipe.workflow == "dpo":
+        text = config.values.get("text_config", config.values) if config is not None else {}
+        # TRL adds a mixture of experts' router loss (router_aux_loss_coef, which its configs set
+        # nonzero by default), beside which the reference does not ride
+        router_loss = bool(text.get("num_local_experts") or text.get("num_experts")) and \
+            text.get("router_aux_loss_coef") != 0
+        rides = recipe.model.adapter is None and recipe.lora.dropout == 0 and not router_loss
         return {"rows_per_example": 2, "reference_pass": True, "streamed_head": False,
                 "reference_adapter": recipe.model.adapter is not None,
-                "reference_may_ride": recipe.model.adapter is None and recipe.lora.dropout == 0}
+                "reference_rides_up_to": reference_ride_limit(text.get("intermediate_size")) if rides else 0}
     if recipe.workflow != "grpo":
         return {}
     grpo, training = recipe.grpo, recipe.training

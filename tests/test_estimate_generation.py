@@ -87,7 +87,8 @@ def test_a_short_dpo_steps_reference_rides_its_training_forward():
     from ftune.plan import assumed_device, resolve
 
     shape = Shape.from_config(PRESETS["llama-3.1-8b"])
-    dpo = Setting(seq=30, batch=1, rows_per_example=2, reference_pass=True, reference_may_ride=True,
+    dpo = Setting(seq=30, batch=1, rows_per_example=2, reference_pass=True,
+                  reference_rides_up_to=REFERENCE_RIDES_MAX_TOKENS,
                   streamed_head=False, host_memory=125 * GiB)
     riding = estimate(shape, dpo)
     assert dpo.reference_riding and dpo.training_rows == 4 and dpo.training_tokens == 120
@@ -96,19 +97,40 @@ def test_a_short_dpo_steps_reference_rides_its_training_forward():
     assert riding.peak == doubled.peak
     longest = REFERENCE_RIDES_MAX_TOKENS // 2
     assert replace(dpo, seq=longest).reference_riding and not replace(dpo, seq=longest + 1).reference_riding
-    assert not replace(dpo, reference_may_ride=False).reference_riding
+    assert not replace(dpo, reference_rides_up_to=0).reference_riding
     long = replace(dpo, seq=2048)
     assert long.training_rows == 2 and estimate(shape, long).peak == \
-        estimate(shape, replace(long, reference_may_ride=False)).peak
+        estimate(shape, replace(long, reference_rides_up_to=0)).peak
     # an evaluation forward of short rows rides too: its tokens twice over
     evaluated = replace(dpo, eval_tokens=60)
     assert evaluated.evaluation_tokens == 120 and replace(dpo, eval_tokens=4096).evaluation_tokens == 4096
-    assert replace(evaluated, reference_may_ride=False).evaluation_tokens == 60
+    assert replace(evaluated, reference_rides_up_to=0).evaluation_tokens == 60
     for adapter, rides in (("runs/sft", False), (None, True)):
         recipe = load_recipe(REPO / "recipes" / "dpo-quickstart.yaml", [f"model.adapter={adapter or 'null'}"])
-        assert resolve(recipe, assumed_device(cpu=True)).setting.reference_may_ride == rides
+        assert resolve(recipe, assumed_device(cpu=True)).setting.reference_rides_up_to == \
+            (REFERENCE_RIDES_MAX_TOKENS if rides else 0)
     recipe = load_recipe(REPO / "recipes" / "dpo-quickstart.yaml", ["model.adapter=null", "lora.dropout=0.1"])
-    assert not resolve(recipe, assumed_device(cpu=True)).setting.reference_may_ride  # the gate stands in for it
+    assert not resolve(recipe, assumed_device(cpu=True)).setting.reference_rides_up_to  # the gate stands in for it
+
+
+@pytest.mark.parametrize("preset,rides_up_to", [("llama-3.1-8b", 1024), ("gemma-3-27b", 780), ("qwen3-30b-a3b", 0)])
+def test_the_plan_lets_the_reference_ride_as_far_as_the_run_does(preset, rides_up_to):
+    """The memory model's ride (plan.workflow_phases) stops where the run's does
+    (integrations.trl.ReferenceRidesTraining): where the doubled rows' MLP would be cut into
+    chunks (Gemma-3-27B's, 21,504 wide), and never beside TRL's router loss (a mixture of experts)."""
+    from ftune.memory.estimate import reference_rides
+    from ftune.plan import assumed_device, resolve
+
+    recipe = load_recipe(REPO / "recipes" / "dpo-quickstart.yaml",
+                         ["model.adapter=null", f"model.preset={preset}", "model.name_or_path=null"])
+    setting = resolve(recipe, assumed_device(cpu=True)).setting
+    assert setting.reference_rides_up_to == rides_up_to
+    if rides_up_to:
+        intermediate = PRESETS[preset]["intermediate_size"]
+        assert reference_rides(rides_up_to, intermediate) and not reference_rides(rides_up_to + 1, intermediate)
+        rows = 2 * setting.batch
+        assert replace(setting, seq=rides_up_to // rows).reference_riding
+        assert not replace(setting, seq=rides_up_to // rows + 1).reference_riding
 
 
 @pytest.mark.parametrize("workflow,adapter,beta,copy", [("dpo", "runs/sft", None, True), ("dpo", None, None, False),

@@ -182,14 +182,21 @@ MLP_CHUNK_BYTES = 128 * 1024**2
 REFERENCE_RIDES_MAX_TOKENS = 1024
 
 
+def reference_ride_limit(intermediate: int | None) -> int:
+    """The most training tokens (a DPO step's chosen and rejected rows) at which the rows of a
+    reference that is the base model ride the training forward: REFERENCE_RIDES_MAX_TOKENS, and
+    the doubled rows' MLP (`intermediate` wide; None: not known) in one of the engine's chunks even
+    in fp32 (MLP_CHUNK_BYTES), where LoRA's row gate (integrations/peft.py, `adapters_on_first_rows`)
+    sees whole rows. Gemma-3-27B's 21,504-wide MLP: 780 tokens."""
+    if intermediate is None:
+        return REFERENCE_RIDES_MAX_TOKENS
+    return min(REFERENCE_RIDES_MAX_TOKENS, MLP_CHUNK_BYTES // (2 * 4 * intermediate))
+
+
 def reference_rides(tokens: int, intermediate: int | None = None) -> bool:
-    """Whether a DPO step of `tokens` training tokens (its chosen and rejected rows), whose
-    reference is the base model, runs the reference's rows in its training forward: at most
-    REFERENCE_RIDES_MAX_TOKENS, and the doubled rows' MLP (`intermediate` wide) in one of the
-    engine's chunks even in fp32 (MLP_CHUNK_BYTES), where LoRA's row gate (integrations/peft.py,
-    `adapters_on_first_rows`) sees whole rows."""
-    one_chunk = intermediate is None or 2 * tokens * intermediate * 4 <= MLP_CHUNK_BYTES
-    return tokens <= REFERENCE_RIDES_MAX_TOKENS and one_chunk
+    """Whether a DPO step of `tokens` training tokens runs its reference's rows in its training
+    forward (`reference_ride_limit`)."""
+    return tokens <= reference_ride_limit(intermediate)
 
 
 # The fused loss's logits per chunk: MAX_CHUNK_LOGITS_BYTES of ftune/kernels/fused_linear_cross_entropy.py,
@@ -369,10 +376,11 @@ class Setting:
     # TRL's frozen fp32 copy of the adapter, `ref`, the reference of a run that continues an adapter
     # (DPO, and GRPO with beta > 0, with model.adapter)
     reference_adapter: bool = False
-    # DPO with a new adapter, whose reference is the base model: in short steps (reference_rides)
-    # the reference's rows ride the training forward, beside the chosen and rejected ones, and the
-    # reference pass does not run
-    reference_may_ride: bool = False
+    # DPO with a new adapter, whose reference is the base model: in steps of at most this many
+    # training tokens (reference_ride_limit, for the model's MLP width) the reference's rows ride
+    # the training forward, beside the chosen and rejected ones, and the reference pass does not
+    # run; 0: they never ride
+    reference_rides_up_to: int = 0
     # Tokens of an evaluation forward (data.eval: eval batch x rows per example x max_length); 0: none
     eval_tokens: int = 0
     # transformers' boolean masks under sdpa (and ftune_window where it falls back to sdpa's), one
@@ -390,13 +398,13 @@ class Setting:
     @property
     def reference_riding(self) -> bool:
         """Whether the reference's rows ride the training forward at this length."""
-        return self.reference_may_ride and self.reference_pass and \
-            reference_rides(self.batch * self.rows_per_example * (self.seq + self.completion))
+        return self.reference_pass and \
+            self.batch * self.rows_per_example * (self.seq + self.completion) <= self.reference_rides_up_to
 
     @property
     def evaluation_tokens(self) -> int:
         """Tokens of an evaluation forward: eval_tokens, twice over where the reference rides it."""
-        rides = self.reference_may_ride and self.reference_pass and reference_rides(self.eval_tokens)
+        rides = self.reference_pass and self.eval_tokens <= self.reference_rides_up_to
         return self.eval_tokens * (2 if rides else 1)
 
     @property

@@ -51,5 +51,5 @@ def make_trainer(recipe: Recipe, built: BuiltModel, dataset: Dataset, callbacks:
     setting = built.plan.setting  # the plan's rules (plan.workflow_phases), which memory counts
     if not setting.reference_adapter:
         use_base_as_reference(built.model)
-    trainer.reference_may_ride = setting.reference_may_ride
+    trainer.reference_may_ride = setting.reference_rides_up_to > 0
     return finish_trainer(trainer)
