@@ -14,6 +14,10 @@ synchronizations from step 3 on, with each arm's peak memory over its training s
   fuse  ftune's fused LoRA paths (adapters inside the base GEMMs, ftune/kernels/lora.py) at any row
         count, against bitsandbytes' own 4-bit GEMM below FUSED_4BIT_MAX_TOKENS rows; the reference
         rides in neither (its row gate keeps the fused paths out), so both run TRL's reference pass
+  bnb-gemm  bitsandbytes' fused 4-bit GEMM (one kernel, the nested scales read inside it) for
+        every 4-bit forward below its 1536 rows, against its own choice, which on Hopper takes
+        dequantization and cuBLAS for most of the 8B shape's weights at short rows: three to four
+        launches where the host bounds the step (CUDA only)
 
   python benchmarks/bench_dpo_alternating.py --choice ride --steps 34
 """
@@ -36,12 +40,16 @@ import bench_workflows  # noqa: E402  (puts the repository on sys.path)
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--choice", choices=("ride", "park", "fuse"), required=True)
+    parser.add_argument("--choice", choices=("ride", "park", "fuse", "bnb-gemm"), required=True)
     parser.add_argument("--preset", default="llama-3.1-8b")
     parser.add_argument("--steps", type=int, default=34)
+    parser.add_argument("--dpo-repeat", type=int, default=1, help="repeat each DPO answer this many times (longer rows)")
     args = parser.parse_args()
     if args.steps < 6:
         parser.error("--steps: at least 6 (two warm-up steps, then pairs)")
+    cuda = torch.cuda.is_available()
+    if args.choice == "bnb-gemm" and not cuda:
+        parser.error("--choice bnb-gemm: bitsandbytes' CUDA kernels need a GPU")
 
     import ftune.engine.recompute as recompute
     import ftune.integrations.peft as lora_patches
@@ -53,7 +61,10 @@ def main() -> None:
     estimate.PARKING_MIN_TOKENS = 0
     if args.choice == "fuse":
         estimate.REFERENCE_RIDES_MAX_TOKENS = 0
-    cuda = torch.cuda.is_available()
+    if args.choice == "bnb-gemm":
+        import bitsandbytes.backends.cuda.ops as bnb_cuda  # read at each call of its gemm_4bit kernel
+
+        bnb_choice = bnb_cuda._gemm_4bit_use_custom_fn
     times: dict[bool, list[float]] = {True: [], False: []}
     peaks: dict[bool, list[float]] = {True: [], False: []}
     step = {"n": 0}
@@ -66,8 +77,10 @@ def main() -> None:
             estimate.REFERENCE_RIDES_MAX_TOKENS = ride_limit if on else 0
         elif args.choice == "park":
             recompute.parks = parks if on else (lambda *a, **k: False)
-        else:
+        elif args.choice == "fuse":
             lora_patches.FUSED_4BIT_MAX_TOKENS = 0 if on else fused_min
+        else:
+            bnb_cuda._gemm_4bit_use_custom_fn = (lambda *a: True) if on else bnb_choice
         if cuda:
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
@@ -83,7 +96,7 @@ def main() -> None:
 
     trl_patches.ReferenceRidesTraining.training_step = timed
     workdir = Path(tempfile.mkdtemp(prefix="bench_dpo_alternating-"))
-    options = types.SimpleNamespace(preset=args.preset, steps=args.steps, dpo_repeat=1, set=[])
+    options = types.SimpleNamespace(preset=args.preset, steps=args.steps, dpo_repeat=args.dpo_repeat, set=[])
     overrides = bench_workflows.recipe_overrides("dpo", options, workdir, cuda, workdir / "ftune")
     bench_workflows.worker_materialize("dpo", overrides)
     bench_workflows.train_ftune_here("dpo", overrides)
