@@ -15,9 +15,9 @@ synchronizations from step 3 on, with each arm's peak memory over its training s
         count, against bitsandbytes' own 4-bit GEMM below FUSED_4BIT_MAX_TOKENS rows; the reference
         rides in neither (its row gate keeps the fused paths out), so both run TRL's reference pass
   bnb-gemm  bitsandbytes' fused 4-bit GEMM (one kernel, the nested scales read inside it) for
-        every 4-bit forward below its 1536 rows, against its own choice, which on Hopper takes
-        dequantization and cuBLAS for most of the 8B shape's weights at short rows: three to four
-        launches where the host bounds the step (CUDA only)
+        every 4-bit forward below its 1536 rows, against its own choice, which on an H200 took
+        dequantization and cuBLAS for every weight of the 8B shape at DPO's short rows: three to
+        four launches, in a step the host bounds (CUDA only)
 
   python benchmarks/bench_dpo_alternating.py --choice ride --steps 34
 """

@@ -18,9 +18,11 @@ and eval mode, on every CPU. (bitsandbytes' own dequantizing path is what every 
 CPU runs anyway.)
 
 Two more facts of bitsandbytes that ftune's fused LoRA (ftune/integrations/peft.py) relies on:
-- on CUDA, up to `FUSED_4BIT_MAX_TOKENS` rows of input a 4-bit layer multiplies in its own
-  kernels, without a 16-bit copy of the weight; past it, it dequantizes the whole weight and calls
-  one GEMM, which is what the fused paths do with the adapter beside it;
+- on CUDA, past `FUSED_4BIT_MAX_TOKENS` rows of input a 4-bit layer dequantizes the whole weight
+  and calls one GEMM, which is what the fused paths do with the adapter beside it; up to it, it
+  picks by GPU and shape between its own 4-bit GEMM (one kernel, no 16-bit copy of the weight)
+  and the same dequantizing path (on an H200, the latter for every weight of the 8B shape at the
+  60 to 120 rows of DPO's quickstart steps);
 - a 4-bit weight that FSDP gathers loses its quantization state, which the layer still holds
   (`fix_quant_state`).
 """

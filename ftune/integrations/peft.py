@@ -133,10 +133,10 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
 
 
 def _long_enough(x: torch.Tensor) -> bool:
-    """Whether bitsandbytes dequantizes a 4-bit weight whole for input `x`, as the fused paths do.
-    On CUDA it multiplies shorter inputs without dequantizing, and the usual path is cheaper. Read
-    first, before any layer's checks: at short rows every projection of a step asks, and the
-    checks cost about 20 us a layer on the development CPU."""
+    """Whether the fused paths take input `x`: on CUDA, more than FUSED_4BIT_MAX_TOKENS rows, below
+    which bitsandbytes picks by GPU and shape between its own 4-bit GEMM and dequantizing, and
+    ftune leaves the choice to it. Read first, before any layer's checks: at short rows every
+    projection of a step asks, and the checks cost about 20 us a layer on the development CPU."""
     return x.device.type != "cuda" or x.numel() // max(1, x.shape[-1]) > FUSED_4BIT_MAX_TOKENS
 
 
