@@ -18,6 +18,9 @@ synchronizations from step 3 on, with each arm's peak memory over its training s
         every 4-bit forward below its 1536 rows, against its own choice, which on an H200 took
         dequantization and cuBLAS for every weight of the 8B shape at DPO's short rows: three to
         four launches, in a step the host bounds (CUDA only)
+  keep  every decoder layer keeps its activations, as in mode none (no offload, no recompute in the
+        backward), against the recipe's mode: what recomputing costs a short step, and what keeping
+        would hold (the arms' peaks)
 
   python benchmarks/bench_dpo_alternating.py --choice ride --steps 34
 """
@@ -40,7 +43,7 @@ import bench_workflows  # noqa: E402  (puts the repository on sys.path)
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--choice", choices=("ride", "park", "fuse", "bnb-gemm"), required=True)
+    parser.add_argument("--choice", choices=("ride", "park", "fuse", "bnb-gemm", "keep"), required=True)
     parser.add_argument("--preset", default="llama-3.1-8b")
     parser.add_argument("--steps", type=int, default=34)
     parser.add_argument("--dpo-repeat", type=int, default=1, help="repeat each DPO answer this many times (longer rows)")
@@ -58,6 +61,15 @@ def main() -> None:
 
     parks, ride_limit = recompute.parks, estimate.REFERENCE_RIDES_MAX_TOKENS
     fused_min = lora_patches.FUSED_4BIT_MAX_TOKENS
+    wrapped_call = recompute._WrappedForward.__call__
+    keep = {"on": False}
+
+    def keeping_call(self, *args, **kwargs):
+        # mode none's layer: its own forward, autograd keeping what the backward reads
+        return self.forward(*args, **kwargs) if keep["on"] else wrapped_call(self, *args, **kwargs)
+
+    if args.choice == "keep":
+        recompute._WrappedForward.__call__ = keeping_call
     estimate.PARKING_MIN_TOKENS = 0
     if args.choice == "fuse":
         estimate.REFERENCE_RIDES_MAX_TOKENS = 0
@@ -79,6 +91,8 @@ def main() -> None:
             recompute.parks = parks if on else (lambda *a, **k: False)
         elif args.choice == "fuse":
             lora_patches.FUSED_4BIT_MAX_TOKENS = 0 if on else fused_min
+        elif args.choice == "keep":
+            keep["on"] = on
         else:
             bnb_cuda._gemm_4bit_use_custom_fn = (lambda *a: True) if on else bnb_choice
         if cuda:
