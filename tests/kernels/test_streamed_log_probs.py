@@ -1,0 +1,85 @@
+"""The streamed per-token log-probabilities (ftune/kernels/streamed_log_probs.py) against TRL's
+chunked kernel over the whole head: the same outputs and input gradients, on CPU, with the head
+read in blocks of uneven size."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+import torch
+
+from ftune.kernels.fused_linear_cross_entropy import WeightInChunks
+from ftune.kernels.streamed_log_probs import streamed_token_log_probs
+
+
+class _Blocks:
+    """A head read a block of rows at a time, as HostLMHead reads its host copy; counts its reads."""
+
+    def __init__(self, weight: torch.Tensor, rows_per_chunk: int):
+        self.weight, self.rows_per_chunk = weight, rows_per_chunk
+        self.shape, self.dtype = weight.shape, weight.dtype
+        self.reads = 0
+
+    def chunks(self) -> Iterator[tuple[int, torch.Tensor]]:
+        self.reads += 1
+        for first in range(0, self.shape[0], self.rows_per_chunk):
+            yield first, self.weight[first: first + self.rows_per_chunk]
+
+
+def _trl(hidden, weight, targets, temperature, softcap, scale, outputs):
+    from trl.kernels import ChunkedLogProbFunction
+
+    return ChunkedLogProbFunction.apply(hidden, weight, None, targets, temperature, 128, softcap, scale, outputs)
+
+
+@pytest.mark.parametrize("temperature,softcap,scale", [(1.0, None, 1.0), (0.7, 3.0, 0.5)])
+def test_streamed_log_probs_match_trls_kernel_over_the_whole_head(temperature, softcap, scale):
+    torch.manual_seed(0)
+    vocab, width, tokens = 300, 64, 12
+    weight = torch.randn(vocab, width)
+    weight[200] = weight[5]  # a tie: target 200 is never the first argmax where 5 also wins
+    hidden = torch.randn(tokens, width) * 2
+    hidden[0] = weight[5] * 4  # token 0's largest logits: rows 5 and 200, equal
+    hidden[1] = weight[5] * 4
+    targets = torch.randint(0, vocab, (tokens,))
+    targets[0], targets[1], targets[2] = 5, 200, 299  # the tie both ways, and the last row
+    outputs = ("log_probs", "entropy", "mean_logits", "is_top1")
+    head = _Blocks(weight, rows_per_chunk=128)
+    assert isinstance(head, WeightInChunks)
+
+    ours_hidden = hidden.clone().requires_grad_()
+    ours = streamed_token_log_probs(ours_hidden, head, targets, temperature=temperature,
+                                    final_logit_softcapping=softcap, logit_scale=scale, outputs=outputs)
+    theirs_hidden = hidden.clone().requires_grad_()
+    theirs = _trl(theirs_hidden, weight, targets, temperature, softcap, scale, outputs)
+    log_probs, entropy, mean_logits, is_top1 = ours
+    torch.testing.assert_close(log_probs, theirs[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(entropy, theirs[1], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(mean_logits, theirs[3], rtol=1e-5, atol=1e-5)
+    assert torch.equal(is_top1, theirs[4])
+    assert is_top1[0] and not is_top1[1]
+    assert head.reads == 1
+
+    # a loss of both differentiable outputs, with weights per token, as DPO's and GRPO's are
+    weights = torch.randn(tokens)
+    ((log_probs * weights).sum() + 0.3 * entropy.sum()).backward()
+    ((theirs[0] * weights).sum() + 0.3 * theirs[1].sum()).backward()
+    torch.testing.assert_close(ours_hidden.grad, theirs_hidden.grad, rtol=1e-4, atol=1e-5)
+    assert head.reads == 2  # the backward reads the head once more
+
+
+def test_a_logged_entropy_costs_no_gradient_and_the_bad_output_is_named():
+    torch.manual_seed(1)
+    weight = torch.randn(100, 32)
+    hidden = torch.randn(5, 32, requires_grad=True)
+    targets = torch.randint(0, 100, (5,))
+    log_probs, entropy, mean_logits, is_top1 = streamed_token_log_probs(
+        hidden, _Blocks(weight, 40), targets, outputs=("log_probs", "entropy"))
+    assert mean_logits is None and is_top1 is None
+    log_probs.sum().backward()  # the entropy, logged only, has no gradient to give
+    reference = hidden.detach().clone().requires_grad_()
+    torch.log_softmax(reference @ weight.t(), -1).gather(1, targets[:, None]).sum().backward()
+    torch.testing.assert_close(hidden.grad, reference.grad, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="log_sum_sq_probs"):
+        streamed_token_log_probs(hidden, _Blocks(weight, 40), targets, outputs=("log_probs", "log_sum_sq_probs"))
