@@ -516,6 +516,48 @@ def test_a_base_references_rows_ride_the_training_forward_on_the_gpu(tmp_path):
     _ride_against_trl(tmp_path, engine="unsloth", device="cuda")
 
 
+@pytest.mark.parametrize("ride", [False, True], ids=["reference-pass", "reference-rides"])
+def test_trls_fused_head_reads_a_streaming_host_head_in_blocks(tmp_path, ride):
+    """DPO's step with the LM head in host memory, read by TRL's fused head a block at a time
+    (integrations.trl.stream_the_fused_head): the loss, TRL's logged metrics and the adapter's
+    gradients are those of TRL's own kernel over the whole head; the head is never fetched whole,
+    and the blocks are read once in the forward and once in the backward of each loss."""
+    from ftune.engine.host_memory import HostLMHead, move_tables_to_host
+    from ftune.integrations.trl import FUSED_HEAD_SETTINGS, stream_the_fused_head
+
+    results = {}
+    for streamed in (True, False):
+        trainer, model = _riding_trainer(tmp_path / str(streamed))
+        trainer.reference_may_ride = ride
+        reads = []
+        if streamed:
+            move_tables_to_host(model, torch.device("cpu"), lm_head=True, stream_head=True)
+            head = model.get_base_model().get_output_embeddings()
+            assert isinstance(head, HostLMHead)
+            head.rows_per_chunk = 100  # blocks of uneven size: 512 rows in six
+            chunks = head.chunks
+            head.chunks = lambda: reads.append(head.on_device) or chunks()
+            assert stream_the_fused_head(model), f"TRL's fused head no longer holds {FUSED_HEAD_SETTINGS}"
+        inputs = next(iter(trainer.get_train_dataloader()))
+        model.train()
+        trainer.current_gradient_accumulation_steps = 1
+        loss = trainer.training_step(model, inputs)
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        metrics = {k: v[-1] for k, v in trainer._metrics["train"].items()}
+        results[streamed] = (loss, grads, metrics, reads)
+    (loss, grads, metrics, reads), (expected_loss, expected_grads, expected_metrics, _) = results[True], results[False]
+    # the policy's loss and, without the ride, TRL's reference pass (no backward): one read each, and one more
+    assert reads == [False] * (2 if ride else 3)
+    assert metrics["rewards/margins"] != 0
+    torch.testing.assert_close(loss, expected_loss, rtol=0, atol=1e-6)
+    assert grads.keys() == expected_grads.keys() and grads
+    for name in grads:
+        torch.testing.assert_close(grads[name], expected_grads[name], rtol=1e-5, atol=1e-7, msg=name)
+    assert metrics.keys() == expected_metrics.keys()
+    for key in metrics:
+        assert metrics[key] == pytest.approx(expected_metrics[key], rel=1e-5, abs=1e-6), key
+
+
 def test_a_base_references_rows_ride_the_evaluation_forward(tmp_path):
     """An evaluation step rides as a training step does: one forward without gradients over the
     batch twice, TRL's loss and logged metrics."""

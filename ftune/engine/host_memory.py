@@ -472,6 +472,11 @@ class HostLMHead(nn.Module):
         return self.host_weight.shape
 
     @property
+    def on_device(self) -> bool:
+        """Whether the weight is on the device whole (fetched, or fetching), rather than in blocks."""
+        return self._on_device is not None
+
+    @property
     def dtype(self) -> torch.dtype:
         return self.host_weight.dtype
 

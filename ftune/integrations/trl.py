@@ -20,6 +20,13 @@
   a `FusedCausalLMOutput` of per-token fields (rows, tokens - 1); only then, with
   `self.precompute_ref_logps` set, does it read `inputs["ref_chosen_logps"]` and
   `inputs["ref_rejected_logps"]` in place of its reference pass.
+- `stream_the_fused_head` wraps the forward `add_fused_lm_head` puts on the base model, a closure
+  whose settings it reads by name (`temperature`, `cast_lm_head_to_fp32`, `outputs`,
+  `final_logit_softcapping`, `logit_scale`, `backbone_attr`, `text_config`); with
+  `fused_lm_head=True` that forward runs `getattr(model, backbone_attr)(**kwargs)`, scores the
+  positions whose shifted label is not -100 and returns a `FusedCausalLMOutput` (`loss` the mean
+  of their negative log-probabilities, or the sum over `num_items_in_batch`; the per-token fields
+  zero elsewhere; `label_mask`).
 - `use_base_as_reference` deletes the `ref` adapter that `DPOTrainer.__init__` (and
   `GRPOTrainer.__init__`, with beta > 0) adds to a peft model (a copy of `default`), for TRL's
   reference pass to run with the adapters off: `use_adapter(model, None)`, which GRPO's
@@ -32,12 +39,19 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 
 import torch
 
+from ftune.engine.host_memory import HostLMHead
 from ftune.integrations.peft import (adapters_of, adapters_on_first_rows, row_gateable_layers,
                                      switch_without_grad_flags, switchable_layers)
+from ftune.kernels.streamed_log_probs import SUPPORTED_OUTPUTS, streamed_token_log_probs
 from ftune.memory.estimate import reference_rides
+
+# What stream_the_fused_head reads of TRL's fused head (trl.trainer.utils.add_fused_lm_head's closure)
+FUSED_HEAD_SETTINGS = ("temperature", "cast_lm_head_to_fp32", "outputs", "final_logit_softcapping", "logit_scale",
+                       "backbone_attr", "text_config")
 
 
 class LossFromModel:
@@ -72,6 +86,56 @@ class LossFromModel:
                 self._total_train_tokens += gather(torch.tensor(positions.size(1), device=positions.device)).sum().item()
             self._metrics[mode]["num_tokens"] = [self._total_train_tokens]
         return (loss, outputs) if return_outputs else loss
+
+
+def stream_the_fused_head(model) -> bool:
+    """Let TRL's fused LM head (DPO's and GRPO's losses) read a host LM head in blocks where the
+    head is not on the device when the loss starts (HostLMHead: a step that streams it), through
+    ftune.kernels.streamed_log_probs; TRL's own kernel reads it whole, and the head would be
+    fetched for it. Elsewhere TRL's forward runs as it is. Whether it applies: TRL's settings read
+    from its closure (FUSED_HEAD_SETTINGS), outputs the streamed kernel computes, the head not cast
+    to fp32, no router logits (a mixture of experts' auxiliary loss)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    fused = base.__dict__.get("forward")
+    function = getattr(fused, "__func__", None)
+    if function is None or function.__closure__ is None:
+        return False
+    settings = dict(zip(function.__code__.co_freevars, (cell.cell_contents for cell in function.__closure__)))
+    if not set(FUSED_HEAD_SETTINGS) <= settings.keys():
+        return False
+    if settings["cast_lm_head_to_fp32"] or set(settings["outputs"]) - set(SUPPORTED_OUTPUTS) or \
+            getattr(settings["text_config"], "output_router_logits", False):
+        return False
+
+    @functools.wraps(fused)  # its signature, which `generate` validates model kwargs against
+    def forward(*args, fused_lm_head=False, labels=None, shift_labels=None, num_items_in_batch=None, **kwargs):
+        head = base.get_output_embeddings()
+        if not fused_lm_head or args or not isinstance(head, HostLMHead) or head.on_device or \
+                (head.bias is not None and head.bias.requires_grad):
+            return fused(*args, fused_lm_head=fused_lm_head, labels=labels, shift_labels=shift_labels,
+                         num_items_in_batch=num_items_in_batch, **kwargs)
+        from trl.trainer.utils import FusedCausalLMOutput
+
+        kwargs["use_cache"] = False
+        hidden = getattr(base, settings["backbone_attr"])(**kwargs).last_hidden_state
+        if shift_labels is None:
+            hidden, labels = hidden[:, :-1], labels[:, 1:]
+        else:
+            labels = shift_labels
+        labels = labels.to(hidden.device)
+        mask = labels != -100
+        scored = streamed_token_log_probs(hidden[mask], head, labels[mask], temperature=settings["temperature"],
+                                          final_logit_softcapping=settings["final_logit_softcapping"],
+                                          logit_scale=settings["logit_scale"], outputs=settings["outputs"])
+        # zeros at the unscored positions, as TRL's; masked_scatter keeps an all-masked batch differentiable
+        log_probs, entropy, mean_logits, is_top1 = (None if x is None else x.new_zeros(mask.shape).masked_scatter(mask, x)
+                                                     for x in scored)
+        total = mask.sum().clamp(min=1) if num_items_in_batch is None else num_items_in_batch
+        return FusedCausalLMOutput(loss=-log_probs.sum() / total, log_probs=log_probs, entropy=entropy,
+                                   mean_logits=mean_logits, is_top1=is_top1, label_mask=mask)
+
+    base.forward = forward
+    return True
 
 
 def use_base_as_reference(model) -> bool:
