@@ -18,9 +18,10 @@ synchronizations from step 3 on, with each arm's peak memory over its training s
         every 4-bit forward below its 1536 rows, against its own choice, which on an H200 took
         dequantization and cuBLAS for every weight of the 8B shape at DPO's short rows: three to
         four launches, in a step the host bounds (CUDA only)
-  keep  every decoder layer keeps its activations, as in mode none (no offload, no recompute in the
-        backward), against the recipe's mode: what recomputing costs a short step, and what keeping
-        would hold (the arms' peaks)
+  keep  the plan's short steps keeping every layer's activations with the LM head streamed
+        (CheckpointingEngine.keep_up_to, HostLMHead.stream_up_to), against every step in the
+        recipe's mode with the head fetched whole; on a CPU, where the plan keeps nothing, every
+        step keeps (the arms' peaks are a GPU's only)
 
   python benchmarks/bench_dpo_alternating.py --choice ride --steps 34
 """
@@ -61,15 +62,7 @@ def main() -> None:
 
     parks, ride_limit = recompute.parks, estimate.REFERENCE_RIDES_MAX_TOKENS
     fused_min = lora_patches.FUSED_4BIT_MAX_TOKENS
-    wrapped_call = recompute._WrappedForward.__call__
-    keep = {"on": False}
-
-    def keeping_call(self, *args, **kwargs):
-        # mode none's layer: its own forward, autograd keeping what the backward reads
-        return self.forward(*args, **kwargs) if keep["on"] else wrapped_call(self, *args, **kwargs)
-
-    if args.choice == "keep":
-        recompute._WrappedForward.__call__ = keeping_call
+    keeping: dict[str, int] = {}  # the plan's keep_up_to, read at the first step
     estimate.PARKING_MIN_TOKENS = 0
     if args.choice == "fuse":
         estimate.REFERENCE_RIDES_MAX_TOKENS = 0
@@ -92,7 +85,12 @@ def main() -> None:
         elif args.choice == "fuse":
             lora_patches.FUSED_4BIT_MAX_TOKENS = 0 if on else fused_min
         elif args.choice == "keep":
-            keep["on"] = on
+            engine = model._ftune_engine
+            head = model.get_base_model().get_output_embeddings()
+            tokens = keeping.setdefault("tokens", engine.keep_up_to or (0 if cuda else 1 << 30))
+            engine.keep_up_to = tokens if on else 0
+            if hasattr(head, "stream_up_to"):
+                head.stream_up_to = tokens if on else 0
         else:
             bnb_cuda._gemm_4bit_use_custom_fn = (lambda *a: True) if on else bnb_choice
         if cuda:

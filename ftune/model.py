@@ -21,7 +21,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 from ftune.engine import CheckpointingEngine, install_checkpointing
-from ftune.engine.host_memory import move_tables_to_host
+from ftune.engine.host_memory import HostLMHead, move_tables_to_host
 from ftune.engine.planner import measure_host_link
 from ftune.errors import ModelError, first_line
 from ftune.families import expert_model_types, family_of
@@ -58,6 +58,17 @@ class BuiltModel:
     def kernels(self) -> dict[str, bool]:
         """Each kernel on or off, as the plan decided."""
         return self.plan.kernel_flags()
+
+    def keep_no_short_steps(self) -> None:
+        """Every step runs the checkpointing mode, and a host LM head streams only where the run
+        streams it: where a step's loss cannot stream the head, keeping its layers beside the whole
+        head would pass the planned peak."""
+        self.engine.keep_up_to = 0
+        base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+        head = base.get_output_embeddings()
+        if isinstance(head, HostLMHead):
+            head.stream_up_to = 0
+        self.plan.setting.keep_up_to = 0
 
 
 def pick_device() -> torch.device:
@@ -349,10 +360,12 @@ def build_model(recipe: Recipe, device: torch.device | None = None, *, tokenizer
     host_embedding_bytes = 0
     if plan.host_embeddings:  # and the head with the fused loss, which leaves the layers' backward without it
         host_embedding_bytes = move_tables_to_host(model, device, lm_head=plan.host_lm_head,
-                                                   stream_head=head_streams(plan.setting))
+                                                   stream_head=head_streams(plan.setting),
+                                                   stream_up_to=plan.setting.keep_up_to)
     # the device it will train on: under fsdp the model is still in host memory here
     engine = install_checkpointing(model, plan.checkpointing, plan.layers.policies if plan.layers is not None else None,
-                                   device=device, host_embedding_bytes=host_embedding_bytes)
+                                   device=device, host_embedding_bytes=host_embedding_bytes,
+                                   keep_up_to=plan.setting.keep_up_to)
     return BuiltModel(model=model, tokenizer=tokenizer, device=device, dtype=dtype, engine=engine, plan=plan,
                       source=source)
 

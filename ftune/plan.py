@@ -22,7 +22,8 @@ from typing import Literal
 import psutil
 
 from ftune.families import KERNEL_NAMES, Family, family_of, known_model_types
-from ftune.memory.estimate import PARKING_ATTENTION, GiB, Setting, Shape, allocatable, reference_ride_limit
+from ftune.memory.estimate import (PARKING_ATTENTION, GiB, Setting, Shape, allocatable, reference_ride_limit,
+                                   short_steps_keep_up_to)
 from ftune.memory.policy import LayerPlan, plan_smart
 from ftune.memory.units import format_bytes
 from ftune.model_config import ModelConfig, local_model_config
@@ -126,7 +127,9 @@ class RunPlan:
                  f"LoRA targets: {targets}"]
         if self.lora_parameters:
             lines.append(f"LoRA on parameters: {', '.join(self.lora_parameters)}")
-        lines.append(f"checkpointing {self.checkpointing}; embeddings {tables}")
+        keeping = f" (steps of at most {self.setting.keep_up_to} tokens keep every layer's activations)" \
+            if self.setting.keep_up_to else ""
+        lines.append(f"checkpointing {self.checkpointing}{keeping}; embeddings {tables}")
         if self.setting.completion:
             graphs = ", decode steps replayed as CUDA graphs" if self.decode_graphs else ""
             lines.append(f"generation: {self.setting.generation_cache} KV cache{graphs}")
@@ -200,6 +203,9 @@ def resolve(recipe: Recipe, device: Device, *, mode: str | None = None, config: 
             setting.stream_head_from = layers.stream_head_from
     host_lm_head = host_embeddings and fused_loss and setting.host_lm_head
     setting.host_lm_head = host_lm_head
+    # (a family ftune has an entry for: the memory model's Shape reads its sizes)
+    if device.kind == "cuda" and family is not None and keeps_short_steps(recipe, mode, config, device.ranks):
+        setting.keep_up_to = short_steps_keep_up_to(Shape.from_config(config.values), setting)
     if host_embeddings and not host_lm_head and config is not None and _tied(config.values):
         host_embeddings = False  # a tied table is the head too: it stays on the GPU with it
     return RunPlan(device=device, config=config, family=family, dtype=dtype,
@@ -268,18 +274,15 @@ def workflow_phases(recipe: Recipe, config: ModelConfig | None = None) -> dict:
     with beta > 0 (the reference) or when a generation serves steps of another optimizer step (the
     old log-probabilities: grad_accum not a multiple of steps_per_generation). Its KV cache depends
     on the device and the model: generation_plan. Both losses are TRL's fused heads, which read the
-    LM head whole: it does not stream. A reference held as TRL's copy of the adapter (DPO, and GRPO
+    LM head whole: it streams only in a DPO step that keeps its layers (keeps_short_steps). A reference held as TRL's copy of the adapter (DPO, and GRPO
     with beta > 0, continuing model.adapter) holds the adapter's parameters twice; a new adapter has
     none (integrations.trl.use_base_as_reference), and in DPO's short steps its reference's rows ride
     the training forward (integrations.trl.ReferenceRidesTraining, which needs no adapter dropout),
     up to a length that the model's MLP width (`config`, where known) can bound."""
     if recipe.workflow == "dpo":
         text = config.values.get("text_config", config.values) if config is not None else {}
-        # TRL adds a mixture of experts' router loss (router_aux_loss_coef, which its configs set
-        # nonzero by default), beside which the reference does not ride
-        router_loss = bool(text.get("num_local_experts") or text.get("num_experts")) and \
-            text.get("router_aux_loss_coef") != 0
-        rides = recipe.model.adapter is None and recipe.lora.dropout == 0 and not router_loss
+        # beside TRL's router loss the reference does not ride
+        rides = recipe.model.adapter is None and recipe.lora.dropout == 0 and not trl_router_loss(config)
         return {"rows_per_example": 2, "reference_pass": True, "streamed_head": False,
                 "reference_adapter": recipe.model.adapter is not None,
                 "reference_rides_up_to": reference_ride_limit(text.get("intermediate_size")) if rides else 0}
@@ -290,6 +293,25 @@ def workflow_phases(recipe: Recipe, config: ModelConfig | None = None) -> dict:
     return {"completion": grpo.max_completion_length, "generation_steps": steps, "streamed_head": False,
             "top_p": grpo.top_p, "reference_pass": grpo.beta > 0 or training.grad_accum % steps != 0,
             "reference_adapter": grpo.beta > 0 and recipe.model.adapter is not None}
+
+
+def trl_router_loss(config: ModelConfig | None) -> bool:
+    """Whether TRL's DPO and GRPO trainers add a mixture of experts' router loss: a config with
+    experts, whose router_aux_loss_coef (nonzero by default in transformers' configs) is not 0."""
+    text = config.values.get("text_config", config.values) if config is not None else {}
+    return bool(text.get("num_local_experts") or text.get("num_experts")) and text.get("router_aux_loss_coef") != 0
+
+
+def keeps_short_steps(recipe: Recipe, mode: str, config: ModelConfig, ranks: int) -> bool:
+    """Whether the run's short steps may keep their layers in checkpointing `mode` (true or
+    unsloth; memory.estimate.keeps_layers), which needs a host LM head to stream through the step's
+    loss: ftune's loss (SFT) streams it, and
+    TRL's DPO loss does through integrations.trl.stream_the_fused_head, but not beside a router
+    loss. GRPO's head stays on the GPU from the generation to the backward, and FSDP shards the
+    layers under its own plan: neither keeps."""
+    if mode not in ("true", "unsloth") or sharded_by_fsdp(recipe, ranks):
+        return False
+    return recipe.workflow == "sft" or recipe.workflow == "dpo" and not trl_router_loss(config)
 
 
 def generation_plan(recipe: Recipe, device: Device, family: Family | None,

@@ -416,6 +416,63 @@ def test_host_lm_head_gives_the_same_loss_and_gradients():
     assert_same(run_scenario(reference), run_scenario(model), atol=1e-6)
 
 
+@pytest.mark.parametrize("mode", MODES)
+def test_short_steps_keep_their_layers_and_stream_the_head(mode, monkeypatch):
+    """With keep_up_to, a step of at most that many tokens runs every layer as mode none does (no
+    recompute, nothing offloaded) and reads the host LM head in blocks, never whole; a longer step
+    runs the mode and fetches the head as the first layer starts. Losses, gradients and generations
+    are those of mode none."""
+    import ftune.engine.recompute as recompute
+    from ftune.engine.host_memory import move_tables_to_host
+
+    reference = _with_fused_loss(tiny_lora_model("tiny-llama", "none")[0])
+    move_tables_to_host(reference, torch.device("cpu"), lm_head=True)
+    model = _with_fused_loss(tiny_lora_model("tiny-llama", mode)[0])
+    model._ftune_engine.keep_up_to = 30  # run_scenario's steps: 34 tokens, then 27 and 24 twice
+    move_tables_to_host(model, torch.device("cpu"), lm_head=True, stream_up_to=30)
+    head = model.get_output_embeddings()
+    head.rows_per_chunk = 100  # the streamed loss in six blocks
+    fetched, engine_calls = [], []
+    decoder_layers(model)[0].register_forward_pre_hook(
+        lambda module, args: fetched.append(head.on_device) if torch.is_grad_enabled() else None)
+    apply = recompute._RecomputedLayer.apply
+    monkeypatch.setattr(recompute._RecomputedLayer, "apply",
+                        lambda *args: engine_calls.append(args[0].index) or apply(*args))
+    assert_same(run_scenario(reference), run_scenario(model), atol=1e-6)
+    assert fetched == [True, False, False, False]
+    assert engine_calls == [0, 1, 2]  # the 34-token step's layers alone
+
+
+@pytest.mark.gpu
+def test_gpu_short_steps_keep_their_layers_and_stream_the_head_on_its_side_stream():
+    """On CUDA, in bf16: a short step that keeps its layers copies the host head a block at a time
+    on the head's side stream, never whole, and gives mode none's loss and gradients."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    from ftune.engine.host_memory import move_tables_to_host
+
+    results = {}
+    for name in ("none", "unsloth"):
+        model = _with_fused_loss(tiny_lora_model("tiny-llama", name)[0].to("cuda"))
+        move_tables_to_host(model, torch.device("cuda"), lm_head=True, stream_up_to=256 if name == "unsloth" else 0)
+        model._ftune_engine.keep_up_to = 256 if name == "unsloth" else 0
+        head = model.get_output_embeddings()
+        head.rows_per_chunk = 128  # four blocks
+        model.train()
+        ids = _batch(0, 2, 64).cuda()
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = model(input_ids=ids, labels=ids).loss
+            assert head.on_device == (name == "none")
+        loss.backward()
+        torch.cuda.synchronize()
+        results[name] = (loss.detach(), lora_grads(model))
+    (loss_a, grads_a), (loss_b, grads_b) = results["none"], results["unsloth"]
+    torch.testing.assert_close(loss_b, loss_a, atol=1e-3, rtol=0)
+    for name in grads_a:
+        scale = grads_a[name].abs().max().item()
+        torch.testing.assert_close(grads_b[name], grads_a[name], atol=1e-2 * scale + 1e-6, rtol=0, msg=name)
+
+
 def test_host_lm_head_is_dropped_before_the_backward_and_kept_for_decoding():
     from ftune.engine.host_memory import move_tables_to_host
 

@@ -208,3 +208,37 @@ def test_grpo_decodes_eagerly_where_rotary_frequencies_follow_the_length():
         assert not plan.decode_graphs and plan.setting.generation_cache == "dynamic", scaling
     for scaling in [{"rope_type": "llama3", "factor": 8.0, "rope_theta": 500000.0}, {"rope_type": "default"}]:
         assert resolve(grpo, CUDA, config=ModelConfig("tiny-llama", {**llama, "rope_parameters": scaling})).decode_graphs
+
+
+def test_short_steps_keep_their_layers_within_the_longest_steps_peak():
+    """On a GPU, modes true and unsloth let a step of at most keep_up_to tokens keep every layer's
+    activations with the head streamed (memory.estimate.keeps_layers): the largest such step peaks
+    no higher than the run's longest in its own mode, and a step one row-length longer runs the
+    mode. Not where a step's loss cannot stream the head (GRPO, a router loss beside TRL's DPO
+    loss), in modes none and smart, nor on a CPU."""
+    from dataclasses import replace
+
+    from ftune.memory.estimate import Shape, estimate, keep_bytes_per_layer, keeps_layers
+    from ftune.presets import PRESETS
+
+    shape = Shape.from_config(PRESETS["llama-3.1-8b"])
+    for mode in ("unsloth", "true"):
+        for workflow in (("workflow=sft",), ("workflow=dpo", "data.format=preference", "model.adapter=null")):
+            setting = resolve(recipe("model.preset=llama-3.1-8b", f"checkpointing.mode={mode}", "data.max_length=2048",
+                                     *workflow), CUDA).setting
+            keep = setting.keep_up_to
+            planned = estimate(shape, replace(setting, keep_up_to=0)).peak
+            longest = next(step for step in (replace(setting, seq=seq) for seq in range(setting.seq, 0, -1))
+                           if step.training_tokens <= keep)
+            assert keep > 0 and keeps_layers(longest) and longest.training_tokens == keep, (mode, workflow)
+            kept = estimate(shape, longest)
+            assert kept.peak <= planned
+            assert kept.checkpoints_gpu >= shape.layers * keep_bytes_per_layer(shape, keep)
+            assert not keeps_layers(replace(longest, seq=longest.seq + 1))
+    dpo = ("workflow=dpo", "data.format=preference", "model.adapter=null")
+    assert resolve(recipe(*dpo), CPU).setting.keep_up_to == 0
+    assert resolve(recipe("workflow=grpo", "data.format=prompt"), CUDA).setting.keep_up_to == 0
+    assert resolve(recipe(*dpo, "model.preset=qwen3-30b-a3b"), CUDA).setting.keep_up_to == 0
+    assert resolve(recipe(*dpo, "model.preset=qwen3-30b-a3b", "workflow=sft", "data.format=auto"),
+                   CUDA).setting.keep_up_to > 0  # ftune's own loss streams beside a router loss
+    assert resolve(recipe("checkpointing.mode=none"), CUDA).setting.keep_up_to == 0

@@ -5,6 +5,7 @@ on the shipped task."""
 from __future__ import annotations
 
 import json
+import types
 
 import pytest
 import torch
@@ -170,3 +171,29 @@ def test_workflow_options_for_another_workflow_are_refused():
     with pytest.raises(RecipeError) as caught:
         load_recipe(QUICKSTART, ["dpo.beta=0.2"])
     assert "dpo" in dict(caught.value.problems)
+
+
+@pytest.mark.parametrize("streams", [True, False])
+def test_dpos_short_steps_keep_their_layers_only_where_trls_head_streams(tmp_path, monkeypatch, streams):
+    """Where the plan lets short steps keep their layers, DPO's trainer has TRL's fused head read a
+    host LM head in blocks (integrations.trl.stream_the_fused_head); where that head cannot stream,
+    every step runs the mode and the head is fetched whole, as the plan then counts."""
+    import ftune.workflows.dpo as dpo
+    from ftune.data import load_training_data
+    from ftune.engine.host_memory import move_tables_to_host
+    from ftune.model import build_model
+
+    recipe = load_recipe(REPO / "recipes" / "dpo-quickstart.yaml",
+                         ["model.adapter=null", f"training.output_dir={tmp_path / 'run'}"])
+    built = build_model(recipe, torch.device("cpu"))
+    built.plan.setting.keep_up_to = built.engine.keep_up_to = 4096  # as a GPU's plan sets them
+    move_tables_to_host(built.model, torch.device("cpu"), lm_head=True, stream_up_to=4096)
+    if not streams:
+        monkeypatch.setattr(dpo, "stream_the_fused_head", lambda model: False)
+    dataset, _ = load_training_data(recipe)
+    dpo.make_trainer(recipe, built, dataset, callbacks=[])
+    base = built.model.get_base_model()
+    head = base.get_output_embeddings()
+    trls = base.forward.__wrapped__ if streams else base.forward  # ftune's forward around TRL's bound one
+    assert isinstance(trls, types.MethodType) and trls.__func__.__code__.co_name == "_fused_forward"
+    assert built.engine.keep_up_to == head.stream_up_to == built.plan.setting.keep_up_to == (4096 if streams else 0)

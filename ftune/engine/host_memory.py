@@ -446,8 +446,10 @@ class HostLMHead(nn.Module):
     """
 
     def __init__(self, head: nn.Linear, device: torch.device, host_weight: torch.Tensor | None = None,
-                 streams_the_loss: bool = False):
-        """`host_weight`: the table already in host memory (a tied head shares its input embedding's)."""
+                 streams_the_loss: bool = False, stream_up_to: int = 0):
+        """`host_weight`: the table already in host memory (a tied head shares its input embedding's);
+        `stream_up_to`: the most tokens of a forward that streams the head though the run does not
+        (a step that keeps its layers: CheckpointingEngine.keep_up_to)."""
         super().__init__()
         if head.weight.requires_grad:
             raise ValueError("HostLMHead is for a frozen LM head; this one is trainable")
@@ -465,6 +467,7 @@ class HostLMHead(nn.Module):
         self._on_device: torch.Tensor | None = None
         self._ready: torch.cuda.Event | None = None
         self.streams_the_loss = streams_the_loss
+        self.stream_up_to = stream_up_to
         self.rows_per_chunk = stream_block_rows(self.in_features, self.dtype.itemsize)
 
     @property
@@ -480,18 +483,25 @@ class HostLMHead(nn.Module):
     def dtype(self) -> torch.dtype:
         return self.host_weight.dtype
 
-    def prefetch_for_the_forward(self) -> None:
-        """The first decoder layer's start (a recompute's too): fetch the head whole unless the loss
-        streams it."""
-        if not self.streams_the_loss:
+    def prefetch_for_the_forward(self, tokens: int | None) -> None:
+        """The first decoder layer's start (a recompute's too), in a forward of `tokens` tokens (None:
+        not known): fetch the head whole unless the loss streams it, in the run or in this step. A
+        training step that streams it lets go of a whole head that generation left on the device:
+        beside its kept layers the two would pass the planned peak."""
+        if self.streams_the_loss:
+            return
+        if tokens is None or tokens > self.stream_up_to:
             self.prefetch()
+        elif torch.is_grad_enabled():
+            self.release()
 
     def for_the_loss(self) -> torch.Tensor | HostLMHead:
-        """What ftune's fused loss reads: this module's `chunks` when it streams, else `weight`. A
-        head already on the device (fetched for generation) is read whole, as is one whose bias
-        trains (the streamed loss computes no bias gradient)."""
+        """What ftune's fused loss reads: this module's `chunks` where the head is not on the device
+        (a run or a step that streams it), else `weight`. A head already on the device (fetched for
+        generation) is read whole, as is one whose bias trains (the streamed loss computes no bias
+        gradient)."""
         trains_bias = self.bias is not None and self.bias.requires_grad
-        return self if self.streams_the_loss and self._on_device is None and not trains_bias else self.weight
+        return self if self._on_device is None and not trains_bias else self.weight
 
     def chunks(self) -> Iterator[tuple[int, torch.Tensor]]:
         """The weight `rows_per_chunk` rows at a time on the device, in order (WeightInChunks). Each
@@ -566,10 +576,12 @@ class HostLMHead(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, in host memory"
 
 
-def move_tables_to_host(model: nn.Module, device: torch.device, lm_head: bool, stream_head: bool = False) -> int:
+def move_tables_to_host(model: nn.Module, device: torch.device, lm_head: bool, stream_head: bool = False,
+                        stream_up_to: int = 0) -> int:
     """Put the frozen input embedding in host memory (a HostEmbedding) and, with `lm_head`, the
     frozen LM head (a HostLMHead, fetched as the first decoder layer starts and dropped before the
-    layers' backward, or with `stream_head` read by the loss in blocks); the bytes freed on the
+    layers' backward, or with `stream_head`, and in forwards of at most `stream_up_to` tokens, read
+    by the loss in blocks); the bytes freed on the
     device. A tied table moves only when both can: it serves both from one pinned copy, and on the
     GPU it would stay for the one that could not."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
@@ -590,7 +602,8 @@ def move_tables_to_host(model: nn.Module, device: torch.device, lm_head: bool, s
         shared = host_embedding.host_weight if tied else None
     if head_moves:
         freed += 0 if tied else head.weight.numel() * head.weight.element_size()
-        _host_lm_head(base, HostLMHead(head, device, host_weight=shared, streams_the_loss=stream_head))
+        _host_lm_head(base, HostLMHead(head, device, host_weight=shared, streams_the_loss=stream_head,
+                                       stream_up_to=stream_up_to))
     return freed
 
 
@@ -600,6 +613,15 @@ def _scaled_embedding(embedding: nn.Module) -> bool:
     return type(embedding).__name__.endswith("ScaledWordEmbedding") and hasattr(embedding, "embed_scale")
 
 
+def _tokens(args: tuple, kwargs: dict) -> int | None:
+    """Tokens of a decoder layer's (or the backbone's) input: its hidden states, input ids or
+    embeddings; None where none is a tensor."""
+    for value in (*args[:1], kwargs.get("hidden_states"), kwargs.get("input_ids"), kwargs.get("inputs_embeds")):
+        if isinstance(value, torch.Tensor) and value.numel():
+            return value.numel() // value.shape[-1] if value.dim() > 2 or value.is_floating_point() else value.numel()
+    return None
+
+
 def _host_lm_head(base: nn.Module, host_head: HostLMHead) -> None:
     base.set_output_embeddings(host_head)
     # The copy starts with the first decoder layer and runs beside the layers. Not earlier: queued
@@ -607,7 +629,7 @@ def _host_lm_head(base: nn.Module, host_head: HostLMHead) -> None:
     backbone = getattr(base, base.base_model_prefix)
     layers = [m for m in backbone.modules() if isinstance(m, GradientCheckpointingLayer)]
     (layers[0] if layers else backbone).register_forward_pre_hook(
-        lambda module, args: host_head.prefetch_for_the_forward())
+        lambda module, args, kwargs: host_head.prefetch_for_the_forward(_tokens(args, kwargs)), with_kwargs=True)
 
     def release_when_the_layers_backward_starts(module, args, output):
         hidden = output[0] if isinstance(output, tuple) else output.last_hidden_state

@@ -68,6 +68,9 @@ class CheckpointingEngine:
     host_embedding_bytes: int = 0
     # The layout of the family's layers, if they run as halves (ftune/families.py, engine/halves.py).
     residual_halves: str | None = None
+    # A step of at most this many tokens keeps every layer's activations, as mode none does: the
+    # plan's room for its longest step holds them (memory.estimate.keeps_layers); 0: none does.
+    keep_up_to: int = 0
 
     def counts(self) -> dict[str, int]:
         return {policy.value: self.policies.count(policy) for policy in Policy}
@@ -98,9 +101,11 @@ def install_checkpointing(
     device: torch.device | None = None,
     mlp_chunk_bytes: int = MLP_CHUNK_BYTES,
     host_embedding_bytes: int = 0,
+    keep_up_to: int = 0,
 ) -> CheckpointingEngine:
     """Wrap each decoder layer of `model` with its policy (from the mode, or given per layer);
-    `host_embedding_bytes`: what the embedding tables moved to host memory hold (host_memory.py)."""
+    `host_embedding_bytes`: what the embedding tables moved to host memory hold (host_memory.py);
+    `keep_up_to`: the most tokens of a step whose layers all keep their activations."""
     layers = decoder_layers(model)
     if not layers and mode != "none":
         return _fall_back_to_transformers(model, mode, device)
@@ -123,7 +128,7 @@ def install_checkpointing(
     family = family_of(getattr(getattr(base, "config", None), "model_type", None))
     engine = CheckpointingEngine(mode=mode, policies=list(policies), device=device, copier=copier,
                                  mlp_chunk_bytes=mlp_chunk_bytes, host_embedding_bytes=host_embedding_bytes,
-                                 residual_halves=family.residual_halves if family else None)
+                                 residual_halves=family.residual_halves if family else None, keep_up_to=keep_up_to)
     for index, (layer, policy) in enumerate(zip(layers, policies)):
         engine.layers.append(layer)
         engine._originals.append(layer.__dict__.get("forward"))
@@ -175,6 +180,9 @@ class _WrappedForward:
                 return self.halves.forward(args[0], kwargs)
             return self.forward(*args, **kwargs)
         kwargs = self._without_cache(engine, kwargs)
+        hidden = args[0] if args else kwargs.get("hidden_states")
+        if isinstance(hidden, torch.Tensor) and hidden.numel() // max(1, hidden.shape[-1]) <= engine.keep_up_to:
+            return self.forward(*args, **kwargs)  # a short step: mode none's layer, autograd keeping what it saves
         leaves, spec = tree_flatten((args, kwargs))
         tensor_slots = [i for i, leaf in enumerate(leaves) if isinstance(leaf, torch.Tensor)]
         tensors = [leaves[i] for i in tensor_slots]

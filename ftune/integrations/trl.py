@@ -43,9 +43,9 @@ import functools
 
 import torch
 
-from ftune.engine.host_memory import HostLMHead
 from ftune.integrations.peft import (adapters_of, adapters_on_first_rows, row_gateable_layers,
                                      switch_without_grad_flags, switchable_layers)
+from ftune.kernels.fused_linear_cross_entropy import WeightInChunks
 from ftune.kernels.streamed_log_probs import SUPPORTED_OUTPUTS, streamed_token_log_probs
 from ftune.memory.estimate import reference_rides
 
@@ -94,7 +94,7 @@ def stream_the_fused_head(model) -> bool:
     ftune.kernels.streamed_log_probs; TRL's own kernel reads it whole, and the head would be
     fetched for it. Elsewhere TRL's forward runs as it is. Whether it applies: TRL's settings read
     from its closure (FUSED_HEAD_SETTINGS), outputs the streamed kernel computes, the head not cast
-    to fp32, no router logits (a mixture of experts' auxiliary loss)."""
+    to fp32 and without a bias, no router logits (a mixture of experts' auxiliary loss)."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     fused = base.__dict__.get("forward")
     function = getattr(fused, "__func__", None)
@@ -104,14 +104,16 @@ def stream_the_fused_head(model) -> bool:
     if not set(FUSED_HEAD_SETTINGS) <= settings.keys():
         return False
     if settings["cast_lm_head_to_fp32"] or set(settings["outputs"]) - set(SUPPORTED_OUTPUTS) or \
-            getattr(settings["text_config"], "output_router_logits", False):
+            getattr(settings["text_config"], "output_router_logits", False) or \
+            getattr(base.get_output_embeddings(), "bias", None) is not None:
         return False
 
     @functools.wraps(fused)  # its signature, which `generate` validates model kwargs against
     def forward(*args, fused_lm_head=False, labels=None, shift_labels=None, num_items_in_batch=None, **kwargs):
         head = base.get_output_embeddings()
-        if not fused_lm_head or args or not isinstance(head, HostLMHead) or head.on_device or \
-                (head.bias is not None and head.bias.requires_grad):
+        # a head in host memory (engine.host_memory.HostLMHead) that is not on the device whole
+        if not fused_lm_head or args or not isinstance(head, WeightInChunks) or getattr(head, "on_device", True) or \
+                getattr(head, "bias", None) is not None:
             return fused(*args, fused_lm_head=fused_lm_head, labels=labels, shift_labels=shift_labels,
                          num_items_in_batch=num_items_in_batch, **kwargs)
         from trl.trainer.utils import FusedCausalLMOutput

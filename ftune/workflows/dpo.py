@@ -9,7 +9,9 @@ against. The trained adapter is the one in the output folder itself; `ref/` is n
 it. A new adapter, whose zero B matrices make it the base model, needs no copy: its reference pass
 runs with the adapters off (integrations.trl.use_base_as_reference), and its run has no `ref/`; in
 short steps its reference's rows ride the training forward instead, the adapter gated off them
-(integrations.trl.ReferenceRidesTraining).
+(integrations.trl.ReferenceRidesTraining). Where the plan lets short steps keep their layers
+(memory.estimate.keeps_layers), their loss reads the host LM head in blocks through TRL's fused
+head (integrations.trl.stream_the_fused_head).
 """
 
 from __future__ import annotations
@@ -22,7 +24,8 @@ from trl import DPOConfig, DPOTrainer
 
 from ftune.checkpoints import AtomicCheckpoints
 from ftune.integrations.transformers_trainer import ParameterCountOnce
-from ftune.integrations.trl import ReferenceAdapterSwitch, ReferenceRidesTraining, use_base_as_reference
+from ftune.integrations.trl import (ReferenceAdapterSwitch, ReferenceRidesTraining, stream_the_fused_head,
+                                   use_base_as_reference)
 from ftune.model import BuiltModel
 from ftune.recipe import Recipe
 from ftune.workflows.common import finish_trainer, trainer_arguments
@@ -52,4 +55,6 @@ def make_trainer(recipe: Recipe, built: BuiltModel, dataset: Dataset, callbacks:
     if not setting.reference_adapter:
         use_base_as_reference(built.model)
     trainer.reference_may_ride = setting.reference_rides_up_to > 0
+    if setting.keep_up_to and not stream_the_fused_head(built.model):
+        built.keep_no_short_steps()  # TRL's head would fetch the whole head beside the kept layers
     return finish_trainer(trainer)
