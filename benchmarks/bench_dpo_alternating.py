@@ -24,6 +24,7 @@ synchronizations from step 3 on, with each arm's peak memory over its training s
         step keeps (the arms' peaks are a GPU's only)
 
   python benchmarks/bench_dpo_alternating.py --choice ride --steps 34
+  python benchmarks/bench_dpo_alternating.py --choice keep --preset tiny-llama --layers 32 --steps 14   # CPU proxy
 """
 
 from __future__ import annotations
@@ -48,12 +49,23 @@ def main() -> None:
     parser.add_argument("--preset", default="llama-3.1-8b")
     parser.add_argument("--steps", type=int, default=34)
     parser.add_argument("--dpo-repeat", type=int, default=1, help="repeat each DPO answer this many times (longer rows)")
+    parser.add_argument("--layers", type=int, default=None,
+                        help="the preset with this many decoder layers (on a CPU: tiny-llama with 32, the 8B shape's "
+                             "module count, as a proxy of a step the host bounds)")
     args = parser.parse_args()
     if args.steps < 6:
         parser.error("--steps: at least 6 (two warm-up steps, then pairs)")
     cuda = torch.cuda.is_available()
     if args.choice == "bnb-gemm" and not cuda:
         parser.error("--choice bnb-gemm: bitsandbytes' CUDA kernels need a GPU")
+    if args.layers is not None:
+        from ftune.presets import PRESETS
+
+        if args.preset not in PRESETS or args.layers < 1:
+            parser.error(f"--layers: a known --preset and at least one layer, not {args.preset!r} with {args.layers}")
+        variant = f"{args.preset}-{args.layers}-layers"  # this process's only: ftune trains in it
+        PRESETS[variant] = {**PRESETS[args.preset], "num_hidden_layers": args.layers}
+        args.preset = variant
 
     import ftune.engine.recompute as recompute
     import ftune.integrations.peft as lora_patches
