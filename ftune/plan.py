@@ -274,8 +274,9 @@ def workflow_phases(recipe: Recipe, config: ModelConfig | None = None) -> dict:
     with beta > 0 (the reference) or when a generation serves steps of another optimizer step (the
     old log-probabilities: grad_accum not a multiple of steps_per_generation). Its KV cache depends
     on the device and the model: generation_plan. Both losses are TRL's fused heads, which read the
-    LM head whole: it streams only in a DPO step that keeps its layers (keeps_short_steps). A reference held as TRL's copy of the adapter (DPO, and GRPO
-    with beta > 0, continuing model.adapter) holds the adapter's parameters twice; a new adapter has
+    LM head whole, but in a DPO step that keeps its layers (keeps_short_steps). A reference held as
+    TRL's copy of the adapter (DPO, and GRPO with beta > 0, continuing model.adapter) holds the
+    adapter's parameters twice; a new adapter has
     none (integrations.trl.use_base_as_reference), and in DPO's short steps its reference's rows ride
     the training forward (integrations.trl.ReferenceRidesTraining, which needs no adapter dropout),
     up to a length that the model's MLP width (`config`, where known) can bound."""
@@ -304,11 +305,11 @@ def trl_router_loss(config: ModelConfig | None) -> bool:
 
 def keeps_short_steps(recipe: Recipe, mode: str, config: ModelConfig, ranks: int) -> bool:
     """Whether the run's short steps may keep their layers in checkpointing `mode` (true or
-    unsloth; memory.estimate.keeps_layers), which needs a host LM head to stream through the step's
-    loss: ftune's loss (SFT) streams it, and
-    TRL's DPO loss does through integrations.trl.stream_the_fused_head, but not beside a router
-    loss. GRPO's head stays on the GPU from the generation to the backward, and FSDP shards the
-    layers under its own plan: neither keeps."""
+    unsloth; memory.estimate.keeps_layers), which needs a host LM head to stream through the
+    step's loss: ftune's loss (SFT) streams it, and TRL's DPO loss does through
+    integrations.trl.stream_the_fused_head, but not beside a router loss. GRPO's head stays on the
+    GPU from the generation to the backward, and FSDP shards the layers under its own plan: neither
+    keeps."""
     if mode not in ("true", "unsloth") or sharded_by_fsdp(recipe, ranks):
         return False
     return recipe.workflow == "sft" or recipe.workflow == "dpo" and not trl_router_loss(config)
