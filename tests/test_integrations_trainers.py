@@ -575,6 +575,42 @@ def test_a_base_references_rows_ride_the_evaluation_forward(tmp_path):
         assert metrics[key] == pytest.approx(expected_metrics[key], rel=1e-5, abs=1e-6), key
 
 
+def test_ftunes_lora_forward_gates_the_adapters_product_not_a_copy_of_its_input(tmp_path):
+    """Under the ride's gate, the projections that read one input (q and v here) save that input
+    once for their backward, as without the gate, and r values a token more each: a short step
+    that keeps its layers (memory.estimate's keep_bytes_per_layer) holds no gated copy of it per
+    projection, which peft's own forward, gating the input, saves. The outputs are the same, bit
+    for bit."""
+    from ftune.integrations.peft import adapters_on_first_rows, install_lora_forward, row_gateable_layers
+
+    trainer, model = _riding_trainer(tmp_path)
+    layers = row_gateable_layers(model)
+    attention = model.get_base_model().model.layers[0].self_attn
+    x = torch.randn(4, 8, attention.q_proj.in_features, requires_grad=True)
+
+    def saved_bytes() -> tuple[int, torch.Tensor]:
+        storages = {}
+
+        def pack(tensor):
+            storages[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
+            return tensor
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+            output = torch.cat([attention.q_proj(x), attention.v_proj(x)], dim=-1)
+        return sum(storages.values()), output
+
+    with adapters_on_first_rows(layers, 2, 4, 8):
+        peft_bytes, expected = saved_bytes()
+    install_lora_forward(model)
+    plain, _ = saved_bytes()
+    with adapters_on_first_rows(layers, 2, 4, 8):
+        gated, output = saved_bytes()
+    assert torch.equal(output, expected)
+    rank = attention.q_proj.lora_A["default"].weight.shape[0]
+    assert gated - plain <= 2 * (4 * 8 * rank * 4 + 64)  # each gated product, and the mask
+    assert peft_bytes - plain >= x.numel() * 4  # a second gated copy of the input
+
+
 def test_the_reference_rides_only_where_its_rows_are_the_base_models(tmp_path):
     """No ride with adapter dropout (the gate stands in for it), in a step longer than the rule
     allows, or without the trainer's leave; an input the gate cannot split into the batch's rows is

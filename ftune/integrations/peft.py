@@ -252,7 +252,14 @@ def lora_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     result = result.reshape(-1, out_shape[-1])
     for name in active:
         lora_a, lora_b = self.lora_A[name], self.lora_B[name]
-        down = F.linear(self.lora_dropout[name](x), lora_a.weight).reshape(-1, lora_a.weight.shape[0])
+        dropout = self.lora_dropout[name]
+        if isinstance(dropout, _RowGate):
+            # the same product (a row's scale commutes with A), gated where autograd saves r values
+            # a token for it rather than a gated copy of the whole input
+            down = dropout(F.linear(x, lora_a.weight))
+        else:
+            down = F.linear(dropout(x), lora_a.weight)
+        down = down.reshape(-1, lora_a.weight.shape[0])
         result = torch.addmm(result, down, lora_b.weight.t(), alpha=self.scaling[name])
     return result.reshape(out_shape)
 
@@ -370,7 +377,9 @@ class _RowGate(nn.Module):
     """Stands in for a LoRA layer's dropout: its input on the batch's first `kept` rows, zeros on
     the others, so that the adapter's product, lora_B(lora_A(dropout(x))), adds nothing there.
     It reads every input of the batch's shape: (rows, tokens, ...) or, as the checkpointing
-    engine's MLP takes it, the rows' tokens flattened; an input of any other size is refused."""
+    engine's MLP takes it, the rows' tokens flattened; an input of any other size is refused.
+    ftune's LoRA forward (`lora_forward`) applies it to lora_A's product instead: the same numbers,
+    and what autograd saves for it is r values a token, not a gated copy of the input."""
 
     def __init__(self, kept: int, rows: int, tokens: int):
         super().__init__()
