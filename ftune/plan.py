@@ -24,7 +24,7 @@ import psutil
 from ftune.families import KERNEL_NAMES, Family, family_of, known_model_types
 from ftune.memory.estimate import (PARKING_ATTENTION, GiB, Setting, Shape, allocatable, reference_ride_limit,
                                    short_steps_keep_up_to)
-from ftune.memory.policy import LayerPlan, plan_smart
+from ftune.memory.policy import LayerPlan, Policy, plan_smart
 from ftune.memory.units import format_bytes
 from ftune.model_config import ModelConfig, local_model_config
 from ftune.recipe import Recipe, parse_bytes
@@ -204,8 +204,11 @@ def resolve(recipe: Recipe, device: Device, *, mode: str | None = None, config: 
     host_lm_head = host_embeddings and fused_loss and setting.host_lm_head
     setting.host_lm_head = host_lm_head
     # (a family ftune has an entry for: the memory model's Shape reads its sizes)
-    if device.kind == "cuda" and family is not None and keeps_short_steps(recipe, mode, config, device.ranks):
-        setting.keep_up_to = short_steps_keep_up_to(Shape.from_config(config.values), setting)
+    # (smart: where its plan recomputes or offloads a layer, within its budget)
+    if device.kind == "cuda" and family is not None and keeps_short_steps(recipe, mode, config, device.ranks) \
+            and (mode != "smart" or layers is not None and any(p is not Policy.KEEP for p in layers.policies)):
+        setting.keep_up_to = short_steps_keep_up_to(Shape.from_config(config.values), setting,
+                                                    budget=budget if mode == "smart" else None)
     if host_embeddings and not host_lm_head and config is not None and _tied(config.values):
         host_embeddings = False  # a tied table is the head too: it stays on the GPU with it
     return RunPlan(device=device, config=config, family=family, dtype=dtype,
@@ -304,13 +307,13 @@ def trl_router_loss(config: ModelConfig | None) -> bool:
 
 
 def keeps_short_steps(recipe: Recipe, mode: str, config: ModelConfig, ranks: int) -> bool:
-    """Whether the run's short steps may keep their layers in checkpointing `mode` (true or
-    unsloth; memory.estimate.keeps_layers), which needs a host LM head to stream through the
-    step's loss: ftune's loss (SFT) streams it, and TRL's DPO loss does through
+    """Whether the run's short steps may keep their layers in checkpointing `mode` (true, unsloth,
+    or smart within its budget; memory.estimate.keeps_layers), which needs a host LM head to stream
+    through the step's loss: ftune's loss (SFT) streams it, and TRL's DPO loss does through
     integrations.trl.stream_the_fused_head, but not beside a router loss. GRPO's head stays on the
     GPU from the generation to the backward, and FSDP shards the layers under its own plan: neither
     keeps."""
-    if mode not in ("true", "unsloth") or sharded_by_fsdp(recipe, ranks):
+    if mode not in ("true", "unsloth", "smart") or sharded_by_fsdp(recipe, ranks):
         return False
     return recipe.workflow == "sft" or recipe.workflow == "dpo" and not trl_router_loss(config)
 

@@ -214,8 +214,8 @@ def test_short_steps_keep_their_layers_within_the_longest_steps_peak():
     """On a GPU, modes true and unsloth let a step of at most keep_up_to tokens keep every layer's
     activations with the head streamed (memory.estimate.keeps_layers): the largest such step peaks
     no higher than the run's longest in its own mode, and a step one row-length longer runs the
-    mode. Not where a step's loss cannot stream the head (GRPO, a router loss beside TRL's DPO
-    loss), in modes none and smart, nor on a CPU."""
+    mode (in smart, than its budget). Not where a step's loss cannot stream the head (GRPO, a router
+    loss beside TRL's DPO loss), in mode none, in smart without a budget, nor on a CPU."""
     from dataclasses import replace
 
     from ftune.memory.estimate import Shape, estimate, keep_bytes_per_layer, keeps_layers
@@ -235,6 +235,15 @@ def test_short_steps_keep_their_layers_within_the_longest_steps_peak():
             assert kept.peak <= planned
             assert kept.checkpoints_gpu >= shape.layers * keep_bytes_per_layer(shape, keep)
             assert not keeps_layers(replace(longest, seq=longest.seq + 1))
+    # smart: within its budget, which its plan for the longest step may leave room in
+    smart = resolve(recipe("model.preset=llama-3.1-8b", "checkpointing.mode=smart", "checkpointing.budget=12GiB",
+                           "data.max_length=4096", "training.batch_size=1"), CUDA)
+    keep = smart.setting.keep_up_to
+    assert keep > 0 and smart.layers.peak <= smart.budget
+    longest = replace(smart.setting, seq=keep)
+    assert keeps_layers(longest) and estimate(shape, longest).peak <= smart.budget
+    assert estimate(shape, replace(longest, seq=keep + 1, keep_up_to=keep + 1)).peak > smart.budget
+    assert resolve(recipe("model.preset=llama-3.1-8b", "checkpointing.mode=smart"), CUDA).setting.keep_up_to == 0
     dpo = ("workflow=dpo", "data.format=preference", "model.adapter=null")
     assert resolve(recipe(*dpo), CPU).setting.keep_up_to == 0
     assert resolve(recipe("workflow=grpo", "data.format=prompt"), CUDA).setting.keep_up_to == 0

@@ -383,9 +383,9 @@ class Setting:
     reference_rides_up_to: int = 0
     # Tokens of an evaluation forward (data.eval: eval batch x rows per example x max_length); 0: none
     eval_tokens: int = 0
-    # Modes true and unsloth: a step of at most this many training tokens keeps every layer's
-    # activations, as mode none does, and streams a host LM head through its loss (keeps_layers;
-    # ftune.plan sets it, short_steps_keep_up_to); 0: every step runs the mode
+    # Modes true, unsloth and smart: a step of at most this many training tokens keeps every
+    # layer's activations, as mode none does, and streams a host LM head through its loss
+    # (keeps_layers; ftune.plan sets it, short_steps_keep_up_to); 0: every step runs the mode
     keep_up_to: int = 0
     # transformers' boolean masks under sdpa (and ftune_window where it falls back to sdpa's), one
     # byte per query and key, which the layers' recompute keeps to the end of the step (mask_bytes).
@@ -629,21 +629,21 @@ def head_streams(setting: Setting) -> bool:
 
 
 def keeps_layers(setting: Setting) -> bool:
-    """Whether this step keeps every layer's activations, as mode none does, in mode true or
-    unsloth: at most `setting.keep_up_to` training tokens."""
-    return setting.mode in ("true", "unsloth") and setting.training_tokens <= setting.keep_up_to
+    """Whether this step keeps every layer's activations, as mode none does, in mode true, unsloth
+    or smart: at most `setting.keep_up_to` training tokens."""
+    return setting.mode in ("true", "unsloth", "smart") and setting.training_tokens <= setting.keep_up_to
 
 
-def short_steps_keep_up_to(shape: Shape, setting: Setting) -> int:
+def short_steps_keep_up_to(shape: Shape, setting: Setting, budget: int | None = None) -> int:
     """The most training tokens of a step that keeps every layer's activations (keeps_layers) and
-    still peaks no higher than the run's longest step (`setting.seq`) in its own mode: 0 where no
-    step can. Recomputing a layer costs what its forward costs, and in a short step that is the
+    still peaks no higher than `budget` (mode smart's), or than the run's longest step
+    (`setting.seq`) in its own mode: 0 where no step can. Recomputing a layer costs what its forward costs, and in a short step that is the
     host's Python and launches, not the GPU's arithmetic: a 32-layer model's short DPO step ran
     1.63x faster keeping its layers than in mode unsloth on the development CPU
     (bench_dpo_alternating.py --choice keep --layers 32; not yet measured on a GPU)."""
-    if setting.mode not in ("true", "unsloth"):
+    if setting.mode not in ("true", "unsloth", "smart") or setting.mode == "smart" and budget is None:
         return 0
-    planned = estimate(shape, replace(setting, keep_up_to=0)).peak
+    planned = budget if budget is not None else estimate(shape, replace(setting, keep_up_to=0)).peak
 
     def keeping(seq: int) -> Setting:
         step = replace(setting, seq=seq)
