@@ -27,6 +27,10 @@
   positions whose shifted label is not -100 and returns a `FusedCausalLMOutput` (`loss` the mean
   of their negative log-probabilities, or the sum over `num_items_in_batch`; the per-token fields
   zero elsewhere; `label_mask`).
+- `streamed_token_log_probs` folds each block of a streamed head through the tile kernels of TRL's
+  `ChunkedLogProbFunction` (trl/kernels/chunked_logprob.py): `_forward_kernel` (or `_forward_tile`
+  without Triton) into its running statistics per token, `_backward_kernel` (`_backward_tile`)
+  over a tile in place, `_addmm_fp32`, `_use_triton`, `_BLOCK_SIZE`, `TOKEN_CHUNK_SIZE`.
 - `use_base_as_reference` deletes the `ref` adapter that `DPOTrainer.__init__` (and
   `GRPOTrainer.__init__`, with beta > 0) adds to a peft model (a copy of `default`), for TRL's
   reference pass to run with the adapters off: `use_adapter(model, None)`, which GRPO's
@@ -46,7 +50,6 @@ import torch
 from ftune.integrations.peft import (adapters_of, adapters_on_first_rows, row_gateable_layers,
                                      switch_without_grad_flags, switchable_layers)
 from ftune.kernels.fused_linear_cross_entropy import WeightInChunks
-from ftune.kernels.streamed_log_probs import SUPPORTED_OUTPUTS, streamed_token_log_probs
 from ftune.memory.estimate import reference_rides
 
 # What stream_the_fused_head reads of TRL's fused head (trl.trainer.utils.add_fused_lm_head's closure)
@@ -88,10 +91,112 @@ class LossFromModel:
         return (loss, outputs) if return_outputs else loss
 
 
+# The per-token outputs of TRL's fused head that streamed_token_log_probs computes (not WPO's log_sum_sq_probs)
+SUPPORTED_OUTPUTS = ("log_probs", "entropy", "mean_logits", "is_top1")
+
+
+def streamed_token_log_probs(hidden: torch.Tensor, head: WeightInChunks, targets: torch.Tensor, *,
+                             temperature: float = 1.0, final_logit_softcapping: float | None = None,
+                             logit_scale: float = 1.0, outputs: tuple[str, ...] = ("log_probs",)):
+    """(log_probs, entropy, mean_logits, is_top1) per token of `hidden` ([N, H]) against `targets`
+    ([N]), each None unless in `outputs` (log_probs always), as TRL's ChunkedLogProbFunction
+    computes them, with a frozen head read a block of vocabulary rows at a time (`WeightInChunks`:
+    engine.host_memory.HostLMHead), where TRL's reads it whole.
+
+    Each block's logits are a tile that TRL's own kernels fold into the running statistics per
+    token (online log-sum-exp across blocks, as flash attention's softmax across keys); the
+    backward reads the head again, block by block, and TRL's backward kernel turns each recomputed
+    tile into its logits' gradient, whose product with the block is summed in fp32. Two launches a
+    block and token chunk forward, three backward: the blocks' count (16 for Llama-3's head) adds
+    that many to a step's launches, not a torch op per statistic."""
+    unsupported = set(outputs) - set(SUPPORTED_OUTPUTS)
+    if unsupported:
+        raise ValueError(f"streamed log-probabilities compute {SUPPORTED_OUTPUTS}, not {sorted(unsupported)}")
+    if hidden.dim() != 2 or hidden.shape[1] != head.shape[1] or targets.shape != hidden.shape[:1]:
+        raise ValueError(f"hidden {tuple(hidden.shape)}, head {tuple(head.shape)} and targets "
+                         f"{tuple(targets.shape)} do not match")
+    return _StreamedTokenLogProbs.apply(hidden, head, targets, temperature, final_logit_softcapping, logit_scale,
+                                        tuple(outputs))
+
+
+def _token_chunks(tokens: int):
+    from trl.kernels.chunked_logprob import TOKEN_CHUNK_SIZE
+
+    return [(start, min(start + TOKEN_CHUNK_SIZE, tokens)) for start in range(0, tokens, TOKEN_CHUNK_SIZE)]
+
+
+class _StreamedTokenLogProbs(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, head, targets, temperature, softcap, logit_scale, outputs):
+        from trl.kernels import chunked_logprob as trl_kernels
+
+        ctx.set_materialize_grads(False)  # an entropy read for logging only has no gradient
+        device, tokens = hidden.device, hidden.shape[0]
+        dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else hidden.dtype
+        kernel_args = {"logit_scale": logit_scale, "softcap": softcap or 1.0, "inv_t": 1 / temperature,
+                       "HAS_SOFTCAP": softcap is not None}
+        flags = {f"HAS_{name.upper()}": name in outputs for name in trl_kernels.OPTIONAL_OUTPUTS}
+        stats = {name: torch.zeros(tokens, device=device) for name in ("sum_exp", "x_sum_exp", "sq_sum_exp", "z_sum",
+                                                                       "target_logit")}
+        running_max = torch.full((tokens,), float("-inf"), device=device)
+        max_before_target = torch.full((tokens,), float("-inf"), device=device)
+        h = hidden.to(dtype)
+        targets = targets.contiguous()
+        triton_fold = trl_kernels._use_triton(device)
+        for first, block in head.chunks():
+            block = block.to(dtype)
+            for start, end in _token_chunks(tokens):
+                tile = torch.mm(h[start:end], block.t())
+                fold = trl_kernels._forward_kernel[(end - start,)] if triton_fold else trl_kernels._forward_tile
+                fold(tile, tile.stride(0), targets[start:end], running_max[start:end], stats["sum_exp"][start:end],
+                     stats["x_sum_exp"][start:end], stats["sq_sum_exp"][start:end], stats["z_sum"][start:end],
+                     max_before_target[start:end], stats["target_logit"][start:end], first, block.shape[0],
+                     BLOCK_SIZE=trl_kernels._BLOCK_SIZE, **flags, **kernel_args)
+            del block, tile  # the next block's copy may take its memory
+        log_z = running_max + torch.log(stats["sum_exp"])
+        target_logit = stats["target_logit"]
+        log_probs = target_logit - log_z
+        entropy = log_z - stats["x_sum_exp"] / stats["sum_exp"] if "entropy" in outputs else None
+        mean_logits = stats["z_sum"] / head.shape[0] if "mean_logits" in outputs else None
+        is_top1 = ((target_logit >= running_max) & (target_logit > max_before_target)) if "is_top1" in outputs else None
+        ctx.head, ctx.dtype, ctx.kernel_args = head, dtype, kernel_args
+        ctx.save_for_backward(hidden, targets, log_z, entropy if entropy is not None else log_z)
+        ctx.mark_non_differentiable(*(t for t in (mean_logits, is_top1) if t is not None))
+        return log_probs, entropy, mean_logits, is_top1
+
+    @staticmethod
+    def backward(ctx, grad_log_probs, grad_entropy, *_):
+        from trl.kernels import chunked_logprob as trl_kernels
+
+        hidden, targets, log_z, entropy = ctx.saved_tensors
+        if grad_log_probs is None and grad_entropy is None or not ctx.needs_input_grad[0]:
+            return (None,) * 7
+        grad_log_probs = grad_log_probs.float().contiguous() if grad_log_probs is not None else None
+        grad_entropy = grad_entropy.float().contiguous() if grad_entropy is not None else None
+        h = hidden.to(ctx.dtype)
+        grad_hidden = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device)
+        triton_fold = trl_kernels._use_triton(hidden.device)
+        for first, block in ctx.head.chunks():
+            block = block.to(ctx.dtype)
+            width = block.shape[0]
+            for start, end in _token_chunks(hidden.shape[0]):
+                tile = torch.mm(h[start:end], block.t())
+                fold = trl_kernels._backward_kernel[(end - start, -(-width // trl_kernels._BLOCK_SIZE))] \
+                    if triton_fold else trl_kernels._backward_tile
+                fold(tile, tile.stride(0), targets[start:end], log_z[start:end], entropy[start:end],
+                     (grad_log_probs if grad_log_probs is not None else log_z)[start:end],
+                     (grad_entropy if grad_entropy is not None else log_z)[start:end], first, width,
+                     HAS_LOGPROB_GRAD=grad_log_probs is not None, HAS_ENTROPY_GRAD=grad_entropy is not None,
+                     BLOCK_SIZE=trl_kernels._BLOCK_SIZE, **ctx.kernel_args)
+                trl_kernels._addmm_fp32(grad_hidden[start:end], tile, block)
+            del block, tile
+        return grad_hidden.to(hidden.dtype), None, None, None, None, None, None
+
+
 def stream_the_fused_head(model) -> bool:
     """Let TRL's fused LM head (DPO's and GRPO's losses) read a host LM head in blocks where the
     head is not on the device when the loss starts (HostLMHead: a step that streams it), through
-    ftune.kernels.streamed_log_probs; TRL's own kernel reads it whole, and the head would be
+    streamed_token_log_probs; TRL's own kernel reads it whole, and the head would be
     fetched for it. Elsewhere TRL's forward runs as it is. Whether it applies: TRL's settings read
     from its closure (FUSED_HEAD_SETTINGS), outputs the streamed kernel computes, the head not cast
     to fp32 and without a bias, no router logits (a mixture of experts' auxiliary loss)."""

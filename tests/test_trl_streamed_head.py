@@ -1,6 +1,6 @@
-"""The streamed per-token log-probabilities (ftune/kernels/streamed_log_probs.py) against TRL's
-chunked kernel over the whole head: the same outputs and input gradients, on CPU, with the head
-read in blocks of uneven size."""
+"""The streamed per-token log-probabilities (ftune.integrations.trl.streamed_token_log_probs) against
+TRL's chunked kernel over the whole head: the same outputs and input gradients, with the head read
+in blocks of uneven size."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from ftune.kernels.fused_linear_cross_entropy import WeightInChunks
-from ftune.kernels.streamed_log_probs import streamed_token_log_probs
+from ftune.integrations.trl import streamed_token_log_probs
 
 
 class _Blocks:
@@ -122,3 +122,24 @@ def test_streamed_log_probs_on_the_gpu_match_trls_kernel_in_bf16():
     torch.testing.assert_close(ours[2], theirs[3], rtol=0, atol=1e-2)
     assert (ours[3] == theirs[4]).float().mean() > 0.98  # a bf16 tie may fall either way
     torch.testing.assert_close(grad.float(), expected.float(), rtol=0, atol=2e-2 * expected.abs().max().item())
+
+
+def test_trls_tile_kernels_are_where_the_streamed_head_reads_them():
+    """streamed_token_log_probs folds its blocks through TRL's own tile kernels (private names of
+    trl/kernels/chunked_logprob.py, checked against trl 1.16.0), in their argument order."""
+    import inspect
+
+    from trl.kernels import chunked_logprob
+
+    names = ("_forward_kernel", "_forward_tile", "_backward_kernel", "_backward_tile", "_addmm_fp32", "_use_triton",
+             "_BLOCK_SIZE", "TOKEN_CHUNK_SIZE", "OPTIONAL_OUTPUTS")
+    missing = [name for name in names if not hasattr(chunked_logprob, name)]
+    moved = "trl.kernels.chunked_logprob moved: ftune/integrations/trl.py streamed_token_log_probs needs a look"
+    assert not missing, f"{moved} (missing {missing})"
+    forward = list(inspect.signature(chunked_logprob._forward_tile).parameters)
+    backward = list(inspect.signature(chunked_logprob._backward_tile).parameters)
+    assert forward[:12] == ["tile", "tile_stride", "targets", "running_max", "sum_exp", "x_sum_exp", "sq_sum_exp",
+                            "z_sum", "max_before_target", "target_logit", "vocab_start", "n_cols"], moved
+    assert backward[:9] == ["tile", "tile_stride", "targets", "log_z", "entropy", "grad_logprobs", "grad_entropy",
+                            "vocab_start", "n_cols"], moved
+    assert chunked_logprob.OPTIONAL_OUTPUTS == ("entropy", "log_sum_sq_probs", "mean_logits", "is_top1"), moved
