@@ -81,6 +81,11 @@ def test_a_logged_entropy_costs_no_gradient_and_the_bad_output_is_named():
     reference = hidden.detach().clone().requires_grad_()
     torch.log_softmax(reference @ weight.t(), -1).gather(1, targets[:, None]).sum().backward()
     torch.testing.assert_close(hidden.grad, reference.grad, rtol=1e-5, atol=1e-6)
+    # a batch without a scored token: empty outputs, and a backward that gives zeros
+    empty = torch.zeros(0, 32, requires_grad=True)
+    log_probs, *_ = streamed_token_log_probs(empty, _Blocks(weight, 40), targets[:0])
+    assert log_probs.shape == (0,)
+    (log_probs.sum() + (hidden * 0).sum()).backward()
     with pytest.raises(ValueError, match="log_sum_sq_probs"):
         streamed_token_log_probs(hidden, _Blocks(weight, 40), targets, outputs=("log_probs", "log_sum_sq_probs"))
 

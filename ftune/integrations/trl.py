@@ -152,7 +152,7 @@ class _StreamedTokenLogProbs(torch.autograd.Function):
                      stats["x_sum_exp"][start:end], stats["sq_sum_exp"][start:end], stats["z_sum"][start:end],
                      max_before_target[start:end], stats["target_logit"][start:end], first, block.shape[0],
                      BLOCK_SIZE=trl_kernels._BLOCK_SIZE, **flags, **kernel_args)
-            del block, tile  # the next block's copy may take its memory
+            block = tile = None  # the next block's copy may take their memory
         log_z = running_max + torch.log(stats["sum_exp"])
         target_logit = stats["target_logit"]
         log_probs = target_logit - log_z
@@ -189,7 +189,7 @@ class _StreamedTokenLogProbs(torch.autograd.Function):
                      HAS_LOGPROB_GRAD=grad_log_probs is not None, HAS_ENTROPY_GRAD=grad_entropy is not None,
                      BLOCK_SIZE=trl_kernels._BLOCK_SIZE, **ctx.kernel_args)
                 trl_kernels._addmm_fp32(grad_hidden[start:end], tile, block)
-            del block, tile
+            block = tile = None
         return grad_hidden.to(hidden.dtype), None, None, None, None, None, None
 
 
