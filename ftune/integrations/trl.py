@@ -107,8 +107,8 @@ def streamed_token_log_probs(hidden: torch.Tensor, head: WeightInChunks, targets
     token (online log-sum-exp across blocks, as flash attention's softmax across keys); the
     backward reads the head again, block by block, and TRL's backward kernel turns each recomputed
     tile into its logits' gradient, whose product with the block is summed in fp32. Two launches a
-    block and token chunk forward, three backward: the blocks' count (16 for Llama-3's head) adds
-    that many to a step's launches, not a torch op per statistic."""
+    block (and chunk of tokens) forward and three backward: Llama-3's head, in 16 blocks, costs a
+    step about 80 more launches than TRL's kernel over the whole head."""
     unsupported = set(outputs) - set(SUPPORTED_OUTPUTS)
     if unsupported:
         raise ValueError(f"streamed log-probabilities compute {SUPPORTED_OUTPUTS}, not {sorted(unsupported)}")
