@@ -75,7 +75,8 @@ def main() -> None:
     parks, ride_limit = recompute.parks, estimate.REFERENCE_RIDES_MAX_TOKENS
     fused_min = lora_patches.FUSED_4BIT_MAX_TOKENS
     keeping: dict[str, int] = {}  # the plan's keep_up_to, read at the first step
-    estimate.PARKING_MIN_TOKENS = 0
+    if args.choice == "park":  # parking at every length, against none; the other choices run the shipped floor
+        estimate.PARKING_MIN_TOKENS = 0
     if args.choice == "fuse":
         estimate.REFERENCE_RIDES_MAX_TOKENS = 0
     if args.choice == "bnb-gemm":

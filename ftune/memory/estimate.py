@@ -639,7 +639,7 @@ def short_steps_keep_up_to(shape: Shape, setting: Setting, budget: int | None = 
     still peaks no higher than `budget` (mode smart's), or than the run's longest step
     (`setting.seq`) in its own mode: 0 where no step can. Recomputing a layer costs what its forward costs, and in a short step that is the
     host's Python and launches, not the GPU's arithmetic: a 32-layer model's short DPO step ran
-    1.63x faster keeping its layers than in mode unsloth on the development CPU
+    1.6x faster keeping its layers than in mode unsloth on the development CPU
     (bench_dpo_alternating.py --choice keep --layers 32; not yet measured on a GPU)."""
     if setting.mode not in ("true", "unsloth", "smart") or setting.mode == "smart" and budget is None:
         return 0
