@@ -15,7 +15,8 @@
   `ref` adapter, `with model.disable_adapter():`. Within it, peft's switch is
   `integrations.peft.switch_without_grad_flags`.
 - `ReferenceRidesTraining` wraps `DPOTrainer.training_step(model, inputs, num_items_in_batch)`,
-  `DPOTrainer.prediction_step(model, inputs, prediction_loss_only, ignore_keys)` and `_compute_loss`. The latter first calls the model for the policy with `fused_lm_head=True`, which
+  `DPOTrainer.prediction_step(model, inputs, prediction_loss_only, ignore_keys)` and
+  `_compute_loss`. The latter first calls the model for the policy with `fused_lm_head=True`, which
   reaches the forward `add_fused_lm_head` puts on the base model (an instance attribute) and returns
   a `FusedCausalLMOutput` of per-token fields (rows, tokens - 1); only then, with
   `self.precompute_ref_logps` set, does it read `inputs["ref_chosen_logps"]` and
@@ -194,10 +195,10 @@ class _StreamedTokenLogProbs(torch.autograd.Function):
 
 
 def stream_the_fused_head(model) -> bool:
-    """Let TRL's fused LM head (DPO's and GRPO's losses) read a host LM head in blocks where the
-    head is not on the device when the loss starts (HostLMHead: a step that streams it), through
-    streamed_token_log_probs; TRL's own kernel reads it whole, and the head would be
-    fetched for it. Elsewhere TRL's forward runs as it is. Whether it applies: TRL's settings read
+    """Let TRL's fused LM head (DPO's loss; GRPO's is the same head, not wired) read a host LM head
+    in blocks where the head is not on the device when the loss starts (HostLMHead: a step that
+    streams it), through streamed_token_log_probs; TRL's own kernel reads it whole, and the head
+    would be fetched for it. Elsewhere TRL's forward runs as it is. Whether it applies: TRL's settings read
     from its closure (FUSED_HEAD_SETTINGS), outputs the streamed kernel computes, the head not cast
     to fp32 and without a bias, no router logits (a mixture of experts' auxiliary loss)."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
@@ -237,12 +238,18 @@ def stream_the_fused_head(model) -> bool:
         # zeros at the unscored positions, as TRL's; masked_scatter keeps an all-masked batch differentiable
         log_probs, entropy, mean_logits, is_top1 = (None if x is None else x.new_zeros(mask.shape).masked_scatter(mask, x)
                                                      for x in scored)
-        total = mask.sum().clamp(min=1) if num_items_in_batch is None else num_items_in_batch
-        return FusedCausalLMOutput(loss=-log_probs.sum() / total, log_probs=log_probs, entropy=entropy,
-                                   mean_logits=mean_logits, is_top1=is_top1, label_mask=mask)
+        return FusedCausalLMOutput(loss=_fused_head_loss(log_probs, mask, num_items_in_batch), log_probs=log_probs,
+                                   entropy=entropy, mean_logits=mean_logits, is_top1=is_top1, label_mask=mask)
 
     base.forward = forward
     return True
+
+
+def _fused_head_loss(log_probs: torch.Tensor, label_mask: torch.Tensor, num_items_in_batch=None) -> torch.Tensor:
+    """The `loss` of TRL's fused head: the scored tokens' negative log-probabilities, summed over
+    `num_items_in_batch` where given, else averaged."""
+    total = label_mask.sum().clamp(min=1) if num_items_in_batch is None else num_items_in_batch
+    return -log_probs.sum() / total
 
 
 def use_base_as_reference(model) -> bool:
@@ -399,7 +406,7 @@ class _ReferenceRide:
             value = getattr(output, field.name)
             policy[field.name] = value[:rows] if field.name not in ("loss", "aux_loss") and value is not None else None
         # TRL's loss of the fused head, over the policy's rows (DPO's calls pass no num_items_in_batch)
-        policy["loss"] = -policy["log_probs"].sum() / policy["label_mask"].sum().clamp(min=1)
+        policy["loss"] = _fused_head_loss(policy["log_probs"], policy["label_mask"])
         # as TRL sums its reference pass's log-probabilities (each row's completion; zero elsewhere)
         inputs["ref_chosen_logps"], inputs["ref_rejected_logps"] = output.log_probs[rows:].detach().sum(dim=1).chunk(2)
         return type(output)(**policy)
