@@ -98,12 +98,12 @@ def test_a_logged_entropy_costs_no_gradient_and_the_bad_output_is_named():
         streamed_token_log_probs(hidden, _Blocks(weight, 40), targets, outputs=("log_probs", "log_sum_sq_probs"))
 
 
-@pytest.mark.gpu
-def test_streamed_log_probs_on_the_gpu_match_trls_kernel_in_bf16():
-    """On CUDA under bf16 autocast, a HostLMHead streaming from pinned memory on its side stream:
-    TRL's outputs and input gradient to bf16 rounding (the backward's per-block products summed in
-    fp32, as TRL sums its tiles')."""
-    if not torch.cuda.is_available():
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_streamed_log_probs_match_trls_kernel_in_bf16(device):
+    """Under bf16 autocast, a HostLMHead streaming its blocks (on CUDA from pinned memory on its
+    side stream): TRL's outputs and input gradient to bf16 rounding (the backward's per-block
+    products summed in fp32, as TRL sums its tiles'). On the CPU both fold with TRL's torch tiles."""
+    if device == "cuda" and not torch.cuda.is_available():
         pytest.skip("needs CUDA")
     from torch import nn
 
@@ -112,21 +112,21 @@ def test_streamed_log_probs_on_the_gpu_match_trls_kernel_in_bf16():
     torch.manual_seed(0)
     vocab, width, tokens = 4096, 256, 96
     linear = nn.Linear(width, vocab, bias=False).to(torch.bfloat16).requires_grad_(False)
-    head = HostLMHead(linear, torch.device("cuda"), streams_the_loss=True)
+    head = HostLMHead(linear, torch.device(device), streams_the_loss=True)
     head.rows_per_chunk = 1024
-    hidden = torch.randn(tokens, width, device="cuda", dtype=torch.bfloat16)
-    targets = torch.randint(0, vocab, (tokens,), device="cuda")
+    hidden = torch.randn(tokens, width, device=device, dtype=torch.bfloat16)
+    targets = torch.randint(0, vocab, (tokens,), device=device)
     outputs = ("log_probs", "entropy", "mean_logits", "is_top1")
-    weights = torch.randn(tokens, device="cuda")
+    weights = torch.randn(tokens, device=device)
     results = []
     for ours in (True, False):
         h = hidden.clone().requires_grad_()
-        with torch.autocast("cuda", dtype=torch.bfloat16):
+        with torch.autocast(device, dtype=torch.bfloat16):
             if ours:
                 scored = streamed_token_log_probs(h, head, targets, temperature=0.9, outputs=outputs)
                 assert not head.on_device
             else:
-                scored = _trl(h, linear.weight.cuda(), targets, 0.9, None, 1.0, outputs)
+                scored = _trl(h, linear.weight.to(device), targets, 0.9, None, 1.0, outputs)
         ((scored[0] * weights).sum() + 0.1 * scored[1].sum()).backward()
         results.append((scored, h.grad))
     (ours, grad), (theirs, expected) = results
