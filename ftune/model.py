@@ -64,11 +64,12 @@ class BuiltModel:
         streams it: where a step's loss cannot stream the head, keeping its layers beside the whole
         head would pass the planned peak."""
         self.engine.keep_up_to = 0
+        self.plan.setting.keep_up_to = 0
         base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
         head = base.get_output_embeddings()
         if isinstance(head, HostLMHead):
-            head.stream_up_to = 0
-        self.plan.setting.keep_up_to = 0
+            # a run whose longest step kept its layers streamed the head for that alone
+            head.stream_up_to, head.streams_the_loss = 0, head_streams(self.plan.setting)
 
 
 def pick_device() -> torch.device:

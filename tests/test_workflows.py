@@ -187,7 +187,8 @@ def test_dpos_short_steps_keep_their_layers_only_where_trls_head_streams(tmp_pat
                          ["model.adapter=null", f"training.output_dir={tmp_path / 'run'}"])
     built = build_model(recipe, torch.device("cpu"))
     built.plan.setting.keep_up_to = built.engine.keep_up_to = 4096  # as a GPU's plan sets them
-    move_tables_to_host(built.model, torch.device("cpu"), lm_head=True, stream_up_to=4096)
+    # the run's longest step keeps too: the head streams for every step, not only the short ones
+    move_tables_to_host(built.model, torch.device("cpu"), lm_head=True, stream_head=True, stream_up_to=4096)
     if not streams:
         monkeypatch.setattr(dpo, "stream_the_fused_head", lambda model: False)
     dataset, _ = load_training_data(recipe)
@@ -197,3 +198,4 @@ def test_dpos_short_steps_keep_their_layers_only_where_trls_head_streams(tmp_pat
     trls = base.forward.__wrapped__ if streams else base.forward  # ftune's forward around TRL's bound one
     assert isinstance(trls, types.MethodType) and trls.__func__.__code__.co_name == "_fused_forward"
     assert built.engine.keep_up_to == head.stream_up_to == built.plan.setting.keep_up_to == (4096 if streams else 0)
+    assert head.streams_the_loss == streams  # where TRL's head cannot stream, it is fetched whole for every step
