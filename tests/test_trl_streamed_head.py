@@ -89,11 +89,12 @@ def test_a_logged_entropy_costs_no_gradient_and_the_bad_output_is_named():
     reference = hidden.detach().clone().requires_grad_()
     torch.log_softmax(reference @ weight.t(), -1).gather(1, targets[:, None]).sum().backward()
     torch.testing.assert_close(hidden.grad, reference.grad, rtol=1e-5, atol=1e-6)
-    # a batch without a scored token: empty outputs, and a backward that gives zeros
-    empty = torch.zeros(0, 32, requires_grad=True)
-    log_probs, *_ = streamed_token_log_probs(empty, _Blocks(weight, 40), targets[:0])
+    # a batch without a scored token: empty outputs, and a backward that gives zeros, with no block read
+    empty, blocks = torch.zeros(0, 32, requires_grad=True), _Blocks(weight, 40)
+    log_probs, *_ = streamed_token_log_probs(empty, blocks, targets[:0])
     assert log_probs.shape == (0,)
     (log_probs.sum() + (hidden * 0).sum()).backward()
+    assert blocks.reads == 0
     with pytest.raises(ValueError, match="log_sum_sq_probs"):
         streamed_token_log_probs(hidden, _Blocks(weight, 40), targets, outputs=("log_probs", "log_sum_sq_probs"))
 
@@ -156,3 +157,59 @@ def test_trls_tile_kernels_are_where_the_streamed_head_reads_them():
     assert backward[:9] == ["tile", "tile_stride", "targets", "log_z", "entropy", "grad_logprobs", "grad_entropy",
                             "vocab_start", "n_cols"], moved
     assert chunked_logprob.OPTIONAL_OUTPUTS == ("entropy", "log_sum_sq_probs", "mean_logits", "is_top1"), moved
+    # where the head is whole, TRL's kernel runs as TRL's fused forward runs it, with its token chunk
+    from trl.trainer import utils
+
+    assert isinstance(getattr(utils, "_CHUNKED_LOGPROB_CHUNK_SIZE", None), int), \
+        "trl.trainer.utils._CHUNKED_LOGPROB_CHUNK_SIZE moved: ftune/integrations/trl.py _token_log_probs needs a look"
+
+
+def test_trls_fused_forward_streams_where_the_first_layer_left_the_head_in_host_memory():
+    """stream_the_fused_head reads the head where the first layer's hook has decided how this
+    forward holds it (HostLMHead.prefetch_for_the_forward): a short step with gradients streams it,
+    even after a forward without gradients left it whole on the device (an evaluation); a longer
+    one, or one that finds it whole without gradients, runs TRL's kernel over the whole head. The
+    log-probabilities are those of TRL's own forward in every case."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    from trl.trainer.utils import add_fused_lm_head
+
+    from ftune.engine.host_memory import move_tables_to_host
+    from ftune.integrations.trl import stream_the_fused_head
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)
+    outputs = ("log_probs", "entropy")
+    theirs = LlamaForCausalLM(config).requires_grad_(False)
+    ours = LlamaForCausalLM(config)
+    ours.load_state_dict(theirs.state_dict())
+    ours.requires_grad_(False)
+    for model in (theirs, ours):
+        model.model.layers[0].mlp.up_proj.weight.requires_grad_(True)
+    move_tables_to_host(ours, torch.device("cpu"), lm_head=True, stream_up_to=64)
+    head = ours.get_output_embeddings()
+    head.rows_per_chunk = 128
+    reads = []
+    chunks = head.chunks
+    head.chunks = lambda: reads.append(1) or chunks()
+    for model in (theirs, ours):
+        add_fused_lm_head(model, outputs=outputs)
+    assert stream_the_fused_head(ours)
+
+    def forward(model, ids: torch.Tensor, grad: bool):
+        with torch.set_grad_enabled(grad):
+            result = model(input_ids=ids, attention_mask=torch.ones_like(ids), labels=ids, fused_lm_head=True)
+        if grad:
+            result.log_probs.sum().backward()
+        return result.log_probs.detach()
+
+    # (rows, length, gradients): whether the head streams, and whether it is whole on the device after the forward
+    for rows, length, grad, streams, whole_after in [(2, 16, True, True, False), (4, 100, True, False, False),
+                                                     (4, 100, False, False, True), (2, 16, True, True, False),
+                                                     (2, 16, False, True, False)]:
+        ids = torch.randint(0, config.vocab_size, (rows, length))
+        reads.clear()
+        expected, actual = forward(theirs, ids, grad), forward(ours, ids, grad)
+        assert len(reads) == (1 + grad if streams else 0), (rows, length, grad)
+        assert head.on_device == whole_after, (rows, length, grad)
+        torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5)

@@ -31,7 +31,9 @@
 - `streamed_token_log_probs` folds each block of a streamed head through the tile kernels of TRL's
   `ChunkedLogProbFunction` (trl/kernels/chunked_logprob.py): `_forward_kernel` (or `_forward_tile`
   without Triton) into its running statistics per token, `_backward_kernel` (`_backward_tile`)
-  over a tile in place, `_addmm_fp32`, `_use_triton`, `_BLOCK_SIZE`, `TOKEN_CHUNK_SIZE`.
+  over a tile in place, `_addmm_fp32`, `_use_triton`, `_BLOCK_SIZE`, `TOKEN_CHUNK_SIZE`. Where the
+  head is whole on the device, `ChunkedLogProbFunction` itself runs, with the token chunk of TRL's
+  fused forward, `trl.trainer.utils._CHUNKED_LOGPROB_CHUNK_SIZE`.
 - `use_base_as_reference` deletes the `ref` adapter that `DPOTrainer.__init__` (and
   `GRPOTrainer.__init__`, with beta > 0) adds to a peft model (a copy of `default`), for TRL's
   reference pass to run with the adapters off: `use_adapter(model, None)`, which GRPO's
@@ -137,14 +139,15 @@ class _StreamedTokenLogProbs(torch.autograd.Function):
         kernel_args = {"logit_scale": logit_scale, "softcap": softcap or 1.0, "inv_t": 1 / temperature,
                        "HAS_SOFTCAP": softcap is not None}
         flags = {f"HAS_{name.upper()}": name in outputs for name in trl_kernels.OPTIONAL_OUTPUTS}
-        stats = {name: torch.zeros(tokens, device=device) for name in ("sum_exp", "x_sum_exp", "sq_sum_exp", "z_sum",
-                                                                       "target_logit")}
-        running_max = torch.full((tokens,), float("-inf"), device=device)
-        max_before_target = torch.full((tokens,), float("-inf"), device=device)
+        fp32 = {"device": device, "dtype": torch.float32}  # the kernels' running statistics
+        stats = {name: torch.zeros(tokens, **fp32) for name in ("sum_exp", "x_sum_exp", "sq_sum_exp", "z_sum",
+                                                               "target_logit")}
+        running_max = torch.full((tokens,), float("-inf"), **fp32)
+        max_before_target = torch.full((tokens,), float("-inf"), **fp32)
         h = hidden.to(dtype)
         targets = targets.contiguous()
         triton_fold = trl_kernels._use_triton(device)
-        for first, block in head.chunks():
+        for first, block in head.chunks() if tokens else ():  # a batch without a scored token reads no block
             block = block.to(dtype)
             for start, end in _token_chunks(tokens):
                 tile = torch.mm(h[start:end], block.t())
@@ -177,7 +180,7 @@ class _StreamedTokenLogProbs(torch.autograd.Function):
         h = hidden.to(ctx.dtype)
         grad_hidden = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device)
         triton_fold = trl_kernels._use_triton(hidden.device)
-        for first, block in ctx.head.chunks():
+        for first, block in ctx.head.chunks() if hidden.shape[0] else ():
             block = block.to(ctx.dtype)
             width = block.shape[0]
             for start, end in _token_chunks(hidden.shape[0]):
@@ -196,11 +199,13 @@ class _StreamedTokenLogProbs(torch.autograd.Function):
 
 def stream_the_fused_head(model) -> bool:
     """Let TRL's fused LM head (DPO's loss; GRPO's is the same head, not wired) read a host LM head
-    in blocks where the head is not on the device when the loss starts (HostLMHead: a step that
-    streams it), through streamed_token_log_probs; TRL's own kernel reads it whole, and the head
-    would be fetched for it. Elsewhere TRL's forward runs as it is. Whether it applies: TRL's settings read
-    from its closure (FUSED_HEAD_SETTINGS), outputs the streamed kernel computes, the head not cast
-    to fp32 and without a bias, no router logits (a mixture of experts' auxiliary loss)."""
+    in blocks where the forward does not hold it whole (HostLMHead: a step that streams it),
+    through streamed_token_log_probs; TRL's own kernel reads it whole, and the head would be
+    fetched for it. Elsewhere TRL's own kernel runs, as TRL's forward runs it. Whether it applies:
+    TRL's settings read from its closure (FUSED_HEAD_SETTINGS), outputs the streamed kernel
+    computes, the head not cast to fp32 and without a bias, no router logits (a mixture of experts'
+    auxiliary loss: asked for by the model's config, which TRL's forward follows, or by TRL's
+    trainer in the call, where TRL's own forward runs)."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     fused = base.__dict__.get("forward")
     function = getattr(fused, "__func__", None)
@@ -213,13 +218,15 @@ def stream_the_fused_head(model) -> bool:
             getattr(settings["text_config"], "output_router_logits", False) or \
             getattr(base.get_output_embeddings(), "bias", None) is not None:
         return False
+    kernel_settings = {name: settings[name] for name in ("temperature", "final_logit_softcapping", "logit_scale",
+                                                         "outputs")}
 
     @functools.wraps(fused)  # its signature, which `generate` validates model kwargs against
     def forward(*args, fused_lm_head=False, labels=None, shift_labels=None, num_items_in_batch=None, **kwargs):
         head = base.get_output_embeddings()
-        # a head in host memory (engine.host_memory.HostLMHead) that is not on the device whole
-        if not fused_lm_head or args or not isinstance(head, WeightInChunks) or getattr(head, "on_device", True) or \
-                getattr(head, "bias", None) is not None:
+        # a head in host memory (engine.host_memory.HostLMHead); TRL's own forward for anything else
+        if not fused_lm_head or args or not isinstance(head, WeightInChunks) or not hasattr(head, "on_device") or \
+                getattr(head, "bias", None) is not None or kwargs.get("output_router_logits"):
             return fused(*args, fused_lm_head=fused_lm_head, labels=labels, shift_labels=shift_labels,
                          num_items_in_batch=num_items_in_batch, **kwargs)
         from trl.trainer.utils import FusedCausalLMOutput
@@ -232,9 +239,10 @@ def stream_the_fused_head(model) -> bool:
             labels = shift_labels
         labels = labels.to(hidden.device)
         mask = labels != -100
-        scored = streamed_token_log_probs(hidden[mask], head, labels[mask], temperature=settings["temperature"],
-                                          final_logit_softcapping=settings["final_logit_softcapping"],
-                                          logit_scale=settings["logit_scale"], outputs=settings["outputs"])
+        # Read only now: the first layer's hook has fetched the head whole for this forward, or let
+        # it stream (HostLMHead.prefetch_for_the_forward); a whole head left by an earlier forward
+        # without gradients is gone by now where this one streams.
+        scored = _token_log_probs(hidden[mask], head, labels[mask], **kernel_settings)
         # zeros at the unscored positions, as TRL's; masked_scatter keeps an all-masked batch differentiable
         log_probs, entropy, mean_logits, is_top1 = (None if x is None else x.new_zeros(mask.shape).masked_scatter(mask, x)
                                                      for x in scored)
@@ -243,6 +251,24 @@ def stream_the_fused_head(model) -> bool:
 
     base.forward = forward
     return True
+
+
+def _token_log_probs(hidden: torch.Tensor, head, targets: torch.Tensor, *, temperature: float,
+                     final_logit_softcapping: float | None, logit_scale: float, outputs: tuple[str, ...]):
+    """(log_probs, entropy, mean_logits, is_top1) of the scored tokens: streamed through the head's
+    blocks where it is not on the device whole, else TRL's own kernel over the whole head, with
+    the settings and token chunk TRL's fused forward gives it."""
+    if not head.on_device:
+        return streamed_token_log_probs(hidden, head, targets, temperature=temperature,
+                                        final_logit_softcapping=final_logit_softcapping, logit_scale=logit_scale,
+                                        outputs=outputs)
+    from trl.kernels import ChunkedLogProbFunction
+    from trl.trainer.utils import _CHUNKED_LOGPROB_CHUNK_SIZE
+
+    log_probs, entropy, _, mean_logits, is_top1 = ChunkedLogProbFunction.apply(
+        hidden, head.weight, None, targets, temperature, _CHUNKED_LOGPROB_CHUNK_SIZE, final_logit_softcapping,
+        logit_scale, outputs)
+    return log_probs, entropy, mean_logits, is_top1
 
 
 def _fused_head_loss(log_probs: torch.Tensor, label_mask: torch.Tensor, num_items_in_batch=None) -> torch.Tensor:
