@@ -41,8 +41,9 @@ resident set size seen.
   python benchmarks/bench_workflows.py --preset tiny-llama --workflows dpo,grpo --steps 3 --out /tmp/wf.json
 
 A step that the host's Python bounds (DPO's short rows) reads 25-40% faster or slower from one
-run to the next on the same machine. `--rounds N` runs the stacks N times, taking turns, and prints
-each round's ratio and their median: each ratio is read under the drift of its own round.
+run to the next on the same machine. `--rounds N` runs the stacks N times, taking turns (the order
+reversed every other round), and prints each round's ratio and their median: each ratio is read
+under the drift of its own round.
 
   python benchmarks/bench_workflows.py --preset llama-3.1-8b --workflows dpo --steps 12 --rounds 3
 
@@ -507,7 +508,7 @@ def main() -> None:
     print(f"results: {args.out}", flush=True)
     existing = json.loads(args.out.read_text()) if args.out.exists() else []
     rows = []
-    for workflow, round_, stack in ((w, r, s) for w in workflows for r in range(1, args.rounds + 1) for s in stacks):
+    for workflow, round_, stack in turns(workflows, args.rounds, stacks):
         overrides, recipe, output_dir = plans[workflow, stack]
         log_path = logs / (f"{workflow}-{stack}.log" if args.rounds == 1 else f"{workflow}-{stack}-{round_}.log")
         profile = None
@@ -533,6 +534,14 @@ def main() -> None:
         write_out(args.out, existing, rows)
     for text in round_ratios(rows):
         print(text, flush=True)
+
+
+def turns(workflows: list[str], rounds: int, stacks: list[str]) -> list[tuple[str, int, str]]:
+    """(workflow, round, stack) in the order they run: each round runs the stacks in turn, in the
+    reverse order every other round (ftune, TRL, TRL, ftune, ...), so that a drift across the call
+    slows neither stack more than the other."""
+    return [(workflow, round_, stack) for workflow in workflows for round_ in range(1, rounds + 1)
+            for stack in (stacks if round_ % 2 else stacks[::-1])]
 
 
 def round_ratios(rows: list[dict]) -> list[str]:
