@@ -683,6 +683,46 @@ def test_grpos_reference_for_a_new_adapter_is_the_base_model_without_trls_copy(t
     torch.testing.assert_close(log_probabilities(None), with_copy, rtol=0, atol=1e-6)
 
 
+@pytest.mark.parametrize("guarded", [True, False], ids=["ftune", "trl-alone"])
+def test_paged_grpo_generation_leaves_the_adapter_in_float32(tmp_path, guarded):
+    """TRL's paged GRPO generation casts the whole model to bf16 before each generation, under bf16
+    as on a GPU; ftune's float32 adapter stays float32 through it (ignore_casts_to_the_run_dtype),
+    and trains. Without the guard the step ends with a bf16 adapter: the case the guard is for."""
+    from peft import LoraConfig, get_peft_model
+
+    from ftune.integrations.trl import ignore_casts_to_the_run_dtype
+
+    source = inspect.getsource(trl.GRPOTrainer._generate_single_turn)
+    assert "unwrapped_model.to(torch.bfloat16)" in source, TRL_MOVED
+    tokenizer = AutoTokenizer.from_pretrained(REPO / "data" / "quickstart" / "tokenizer")
+    model = _tiny_model()
+    model.resize_token_embeddings(len(tokenizer))
+    model = get_peft_model(model.to(torch.bfloat16), LoraConfig(r=4, target_modules=["q_proj", "v_proj"],
+                                                                init_lora_weights=False))
+    adapter = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    assert {p.dtype for p in adapter.values()} == {torch.float32}  # peft's own choice beside a bf16 base
+    before = {name: p.detach().clone() for name, p in adapter.items()}
+
+    def length_reward(completions, **kwargs):
+        return [float(len(c)) for c in completions]
+
+    trainer = trl.GRPOTrainer(model=model, reward_funcs=length_reward, processing_class=tokenizer,
+                              train_dataset=Dataset.from_list([{"prompt": "one two"}, {"prompt": "six"}] * 2),
+                              args=trl.GRPOConfig(output_dir=str(tmp_path), use_cpu=True, report_to="none", bf16=True,
+                                                  num_generations=2, per_device_train_batch_size=2, max_steps=1,
+                                                  max_completion_length=4, learning_rate=1e-2,
+                                                  use_transformers_continuous_batching=True,
+                                                  transformers_continuous_batching_config={"block_size": 32,
+                                                                                           "num_blocks": 8}))
+    if guarded:
+        ignore_casts_to_the_run_dtype(model, torch.bfloat16)
+    trainer.train()
+    assert {p.dtype for p in adapter.values()} == ({torch.float32} if guarded else {torch.bfloat16}), TRL_MOVED
+    assert any(not torch.equal(p.detach().float(), before[name]) for name, p in adapter.items())
+    assert model.to("cpu") is model  # a move still runs, and so does a cast to another dtype
+    assert {p.dtype for p in model.to(torch.float16).parameters() if p.is_floating_point()} == {torch.float16}
+
+
 def test_quick_adapter_switch_leaves_auxiliary_modules_to_peft():
     """A LoRA model that also trains whole modules (modules_to_save) switches through peft: its
     wrappers hold per-adapter copies that peft's switch selects."""

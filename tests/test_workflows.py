@@ -199,3 +199,21 @@ def test_dpos_short_steps_keep_their_layers_only_where_trls_head_streams(tmp_pat
     assert isinstance(trls, types.MethodType) and trls.__func__.__code__.co_name == "_fused_forward"
     assert built.engine.keep_up_to == head.stream_up_to == built.plan.setting.keep_up_to == (4096 if streams else 0)
     assert head.streams_the_loss == streams  # where TRL's head cannot stream, it is fetched whole for every step
+
+
+@pytest.mark.parametrize("paged", [True, False], ids=["paged", "graphs-or-eager"])
+def test_grpos_paged_generation_cannot_cast_the_adapter_to_bf16(tmp_path, paged):
+    """With grpo.paged_generation TRL casts the whole model to the run's dtype before every
+    generation; the GRPO trainer's model then ignores a cast to that dtype, which would round the
+    float32 adapter (integrations.trl.ignore_casts_to_the_run_dtype). Without it, nothing changes."""
+    import ftune.workflows.grpo as grpo
+    from ftune.model import build_model
+
+    recipe = load_recipe(GRPO, ["model.adapter=null", "model.dtype=bfloat16", f"grpo.paged_generation={paged}",
+                                f"training.output_dir={tmp_path / 'run'}"])
+    built = build_model(recipe, torch.device("cpu"))
+    dataset, _ = load_training_data(recipe)
+    grpo.make_trainer(recipe, built, dataset, callbacks=[])
+    adapter = [p for p in built.model.parameters() if p.requires_grad]
+    built.model.to(torch.bfloat16)
+    assert {p.dtype for p in adapter} == ({torch.float32} if paged else {torch.bfloat16})

@@ -38,6 +38,10 @@
   `GRPOTrainer.__init__`, with beta > 0) adds to a peft model (a copy of `default`), for TRL's
   reference pass to run with the adapters off: `use_adapter(model, None)`, which GRPO's
   `_generate_and_score_completions` takes where no `ref` adapter exists.
+- `ignore_casts_to_the_run_dtype` stands between ftune's float32 adapter and GRPO's paged
+  generation (`use_transformers_continuous_batching`): before each `generate_batch`,
+  `GRPOTrainer._generate_single_turn` casts the whole unwrapped model with
+  `unwrapped_model.to(torch.bfloat16)` under `bf16` (`torch.float16` under `fp16`).
 
 tests/test_integrations_trainers.py holds a contract test for each.
 """
@@ -289,6 +293,24 @@ def use_base_as_reference(model) -> bool:
         return False
     model.delete_adapter("ref")
     return True
+
+
+def ignore_casts_to_the_run_dtype(model: torch.nn.Module, dtype: torch.dtype) -> None:
+    """Make `model.to(dtype)`, a cast of the whole model to the `dtype` it already computes in,
+    leave the model as it is; any other move or cast runs as usual. TRL's paged GRPO generation
+    makes that cast before every generation, and the one thing it changes is the trainable
+    adapter, which ftune keeps in float32 on purpose (workflows.common.keep_adapter_in_fp32):
+    rounded to bfloat16 at each generation, the optimizer's updates below bfloat16's resolution
+    (about 0.4% of a weight) would be lost for the rest of the run."""
+    cast = model.to
+
+    def to(*args, **kwargs):
+        device, to_dtype, _, _ = torch._C._nn._parse_to(*args, **kwargs)
+        if device is None and to_dtype == dtype:
+            return model
+        return cast(*args, **kwargs)
+
+    model.to = to
 
 
 class ReferenceAdapterSwitch:
