@@ -215,12 +215,17 @@ class SFTSection(_Section):
         return self
 
 
+# The losses TRL's DPOTrainer computes (DPOTrainer._compute_loss, trl 1.16.0)
+DPOLossType = Literal["sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",
+                      "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm"]
+
+
 class DPOSection(_Section):
     """Options of the dpo workflow (TRL's DPOTrainer). The reference model is the base model with
     the adapter disabled: no second copy of the weights."""
 
     beta: float = Field(0.1, gt=0, description="Strength of the pull towards the reference model.")
-    loss_type: str = Field("sigmoid", description="TRL's DPO loss: sigmoid, ipo, hinge, robust, apo_zero, ...")
+    loss_type: DPOLossType = Field("sigmoid", description="TRL's DPO loss (sigmoid: the DPO paper's).")
     label_smoothing: float = Field(0.0, ge=0, lt=0.5, description="Conservative DPO's assumed label noise.")
 
 
@@ -735,6 +740,9 @@ def combination_problems(recipe: Recipe, *, check_paths: bool = True, needs_toke
             problems.append(("training.optimizer", f"{recipe.training.optimizer} (bitsandbytes) cannot update FSDP's "
                              "sharded parameters; under fsdp use adamw_torch (the LoRA adapter's fp32 moments are "
                              "small: about 0.3 GiB for an 8B model at r=16, split across the GPUs)"))
+    if recipe.dpo.loss_type == "exo_pair" and recipe.dpo.label_smoothing == 0:
+        problems.append(("dpo.label_smoothing", "the exo_pair loss needs a label_smoothing above 0 (the EXO paper "
+                         "recommends 1e-3)"))
     weights = recipe.grpo.reward_weights
     if weights is not None and len(weights) != len(recipe.grpo.rewards):
         problems.append(("grpo.reward_weights", f"{len(weights)} weights for {len(recipe.grpo.rewards)} rewards"))
@@ -759,8 +767,6 @@ def combination_problems(recipe: Recipe, *, check_paths: bool = True, needs_toke
         problems.append(("sft.assistant_only_loss", f"needs messages data, but data.format is {recipe.data.format}"))
     if recipe.sft.completion_only_loss and recipe.data.format in ("text", "messages"):
         problems.append(("sft.completion_only_loss", f"needs prompt_completion data, but data.format is {recipe.data.format}"))
-    if recipe.quantization.method == "none" and recipe.training.optimizer.startswith("paged"):
-        pass  # paged optimizers work without quantization too
     if check_paths:
         for key, value in _input_paths(recipe):
             resolved = recipe.resolve_input(value)

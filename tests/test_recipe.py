@@ -338,3 +338,26 @@ def test_trained_biases_with_a_reference_are_refused_by_key(workflow, overrides)
     load_recipe(recipe, ["model.adapter=null", "lora.bias=none", *overrides])
     if workflow == "grpo":  # without a reference, biases may train
         load_recipe(recipe, ["model.adapter=null", "lora.bias=all", "grpo.beta=0"])
+
+
+def test_dpo_loss_types_are_trls_and_a_bad_one_is_named_before_the_model_loads():
+    """dpo.loss_type takes the losses TRL's DPOTrainer computes (checked against its source: a loss
+    TRL adds or drops fails here), and exo_pair's need of a label smoothing is the recipe's error,
+    not TRL's at the trainer's start."""
+    import inspect
+    import re
+    from typing import get_args
+
+    from trl import DPOTrainer
+
+    from ftune.recipe import DPOLossType
+
+    trls = set(re.findall(r'loss_type == "(\w+)"', inspect.getsource(DPOTrainer._compute_loss)))
+    assert trls == set(get_args(DPOLossType)), f"TRL's DPO losses are now {sorted(trls)}: update ftune.recipe.DPOLossType"
+    recipe = REPO / "recipes" / "dpo-quickstart.yaml"
+    with pytest.raises(RecipeError, match="dpo.loss_type: got 'sigmod'") as caught:
+        load_recipe(recipe, ["dpo.loss_type=sigmod"])
+    assert "'sigmoid'" in str(caught.value)
+    with pytest.raises(RecipeError, match="dpo.label_smoothing: the exo_pair loss"):
+        load_recipe(recipe, ["dpo.loss_type=exo_pair"])
+    assert load_recipe(recipe, ["dpo.loss_type=exo_pair", "dpo.label_smoothing=0.001"]).dpo.loss_type == "exo_pair"
