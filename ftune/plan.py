@@ -327,7 +327,9 @@ def generation_plan(recipe: Recipe, device: Device, family: Family | None,
     of experts routes its tokens with data-dependent shapes) and whose rotary frequencies stay
     fixed (dynamic and longrope scaling pick them in Python from the longest position so far).
     auto: the static cache where they do (it holds its full size from the start, as the dynamic
-    one does by the last token), else the dynamic one; the paged engine keeps its own."""
+    one does by the last token), else the dynamic one; the paged engine keeps its own. Without a
+    GPU the offloaded cache is the dynamic one: it is in host memory already, and transformers'
+    offloaded cache needs CUDA's streams."""
     grpo = recipe.grpo
     if grpo.paged_generation:
         return "paged", False
@@ -336,8 +338,8 @@ def generation_plan(recipe: Recipe, device: Device, family: Family | None,
                   and not family.expert_parameters and not Shape.from_config(config.values).sliding_layers
                   and not rope_follows_length(config.values))
     cache = grpo.cache_implementation
-    if cache == "auto":
-        cache = "static" if replayable else "dynamic"
+    if cache == "auto" or cache == "offloaded" and device.kind != "cuda":
+        cache = "static" if cache == "auto" and replayable else "dynamic"
     return cache, replayable and cache == "static"
 
 

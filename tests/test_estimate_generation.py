@@ -187,7 +187,7 @@ def test_grpo_keys_reach_grpo_config(tmp_path):
     from ftune.workflows.common import trainer_arguments
     from ftune.workflows.grpo import grpo_config
 
-    def config(*overrides, cache="dynamic"):
+    def config(*overrides, cache=None):
         recipe = load_recipe(GRPO, [f"training.output_dir={tmp_path}", *overrides], check_paths=False)
         built = SimpleNamespace(device=torch.device("cpu"), dtype=torch.float32)
         return grpo_config(recipe, trainer_arguments(recipe, built), cache=cache)[0]
@@ -199,9 +199,9 @@ def test_grpo_keys_reach_grpo_config(tmp_path):
     assert chosen.max_completion_length == 300 and not chosen.use_transformers_continuous_batching
     default = config()
     assert default.cache_implementation is None and default.steps_per_generation == 1  # training.grad_accum
-    # auto takes the plan's cache (static where decode steps replay as graphs); a named one wins
+    # the plan's cache where there is a plan (plan.generation_plan settles auto and the machine)
     assert config(cache="static").cache_implementation == "static"
-    assert config("grpo.cache_implementation=dynamic", cache="static").cache_implementation is None
+    assert config("grpo.cache_implementation=offloaded", cache="dynamic").cache_implementation is None
     paged = config("grpo.paged_generation=true")
     # 16 sequences of 32 + 16 tokens: one 256-token block each
     assert paged.use_transformers_continuous_batching

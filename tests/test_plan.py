@@ -190,6 +190,8 @@ def test_grpo_decodes_through_cuda_graphs_on_a_gpu_for_dense_families_without_wi
     assert resolve(recipe(*grpo, "grpo.cache_implementation=dynamic"), CUDA).decode_graphs is False
     offloaded = resolve(recipe(*grpo, "grpo.cache_implementation=offloaded"), CUDA)
     assert not offloaded.decode_graphs and offloaded.setting.generation_cache == "offloaded"
+    # without a GPU the cache is in host memory already: transformers' offloaded one needs CUDA
+    assert resolve(recipe(*grpo, "grpo.cache_implementation=offloaded"), CPU).setting.generation_cache == "dynamic"
     paged = resolve(recipe(*grpo, "grpo.paged_generation=true"), CUDA)
     assert not paged.decode_graphs and paged.setting.generation_cache == "paged"
     assert not resolve(recipe(), CUDA).decode_graphs  # SFT generates nothing

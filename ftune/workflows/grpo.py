@@ -40,11 +40,14 @@ class FtuneGRPOTrainer(AtomicCheckpoints, GRPOTrainer):
     """TRL's GRPOTrainer whose checkpoints are written aside and renamed into place."""
 
 
-def grpo_config(recipe: Recipe, arguments: dict[str, Any], cache: str = "dynamic") -> tuple[GRPOConfig, list[Callable]]:
-    """TRL's GRPOConfig (the TrainingArguments `arguments`, the recipe's grpo options and the plan's
-    KV `cache`, which settles cache_implementation's auto) and the recipe's reward functions."""
+def grpo_config(recipe: Recipe, arguments: dict[str, Any], cache: str | None = None) -> tuple[GRPOConfig, list[Callable]]:
+    """TRL's GRPOConfig (the TrainingArguments `arguments`, the recipe's grpo options and the KV
+    `cache`) and the recipe's reward functions. `cache`: the plan's (plan.generation_plan, which
+    settles auto and what the machine can run); without a plan (TRL's own stack in the benchmarks)
+    the recipe's named cache, dynamic for auto."""
     options = recipe.grpo
-    cache = cache if options.cache_implementation == "auto" else options.cache_implementation
+    if cache is None:
+        cache = "dynamic" if options.cache_implementation == "auto" else options.cache_implementation
     config = GRPOConfig(**arguments, num_generations=options.num_generations,
                         max_completion_length=options.max_completion_length, temperature=options.temperature,
                         top_p=options.top_p, beta=options.beta, reward_weights=options.reward_weights,
