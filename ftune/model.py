@@ -240,9 +240,10 @@ def load_base_model(recipe: Recipe, device: torch.device | None = None, plan: Ru
                 device_map={"": "cpu" if on_host else device},
                 attn_implementation=attention,
             )
-    except (OSError, ValueError) as error:
+    except (OSError, ValueError, ImportError) as error:  # ImportError: an attention's or remote code's package missing
         if (Path(source) / "config.json").is_file():  # the folder is there: name what refused it
-            key = "model.attn_implementation" if "attn" in str(error).lower() else "model.name_or_path"
+            refusal = str(error).lower()
+            key = "model.attn_implementation" if "attn" in refusal or "attention" in refusal else "model.name_or_path"
             raise ModelError(
                 f"{key}: transformers could not load '{source}' with attention {attention}: {first_line(error)}",
                 hint="Set model.attn_implementation to auto (the family's own), eager or sdpa; with a model that needs "

@@ -117,6 +117,22 @@ def test_hub_model_without_network_is_a_clear_error(tmp_path, monkeypatch, capsy
     assert "model.name_or_path" in output and "could not load" in output and "Traceback" not in output
 
 
+def test_an_attention_this_machine_cannot_run_is_named(tmp_path, monkeypatch, capsys):
+    """flash_attention_2 without its package (or GPU): transformers' ImportError as a model problem
+    that names the key, not as a bug in ftune."""
+    import importlib.util
+
+    if importlib.util.find_spec("flash_attn") is not None:
+        pytest.skip("flash-attn is installed here")
+    data = quickstart_dict()
+    data["model"]["attn_implementation"] = "flash_attention_2"
+    data["training"]["output_dir"] = str(tmp_path / "out")
+    code, output = run_cli(monkeypatch, capsys, "train", str(write(tmp_path, data)))
+    assert code == 3
+    assert "model.attn_implementation" in output and "FlashAttention2" in output
+    assert "bug in ftune" not in output and "Traceback" not in output
+
+
 def test_live_panel_renders_step_loss_and_memory(tmp_path):
     """On a terminal the reporter runs a rich Live panel; its content is what metrics.jsonl holds."""
     import io
