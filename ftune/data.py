@@ -237,6 +237,10 @@ def _load(recipe: Recipe) -> Dataset:
     source = recipe.resolve_input(data.source)
     path = Path(source)
     try:
+        if path.is_file() and path.stat().st_size < 4096 and not path.read_bytes().strip():  # blank, or nothing
+            raise DataError(f"data.source {path} is empty: it holds no rows.",
+                            hint="Point data.source at the file that holds your data, e.g. one JSON object per "
+                            'line for .jsonl: {"text": "..."}.')
         if path.is_file():
             builder = DATA_FILE_SUFFIXES.get(path.suffix.lower())
             if builder is None:

@@ -76,10 +76,11 @@ def test_malformed_and_unsupported_files(tmp_path):
     bad.write_text('{"text": "ok"}\n{not json\n')
     with pytest.raises(DataError, match="bad.jsonl"):
         load_training_data(recipe_for(tmp_path, bad))
-    empty = tmp_path / "empty.jsonl"
-    empty.write_text("")
-    with pytest.raises(DataError):
-        load_training_data(recipe_for(tmp_path, empty))
+    for text in ("", "\n  \n"):
+        empty = tmp_path / "empty.jsonl"
+        empty.write_text(text)
+        with pytest.raises(DataError, match="empty.jsonl is empty: it holds no rows"):
+            load_training_data(recipe_for(tmp_path, empty))
 
 
 def test_hub_id_offline_is_a_clear_error(tmp_path):
