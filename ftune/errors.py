@@ -120,3 +120,11 @@ class HubError(FtuneError):
 
     exit_code = 6
     title = "Hub push failed"
+
+
+class RewardError(FtuneError):
+    """A reward function of the recipe's grpo.rewards (the user's own code) raised, or returned
+    what TRL cannot take as one reward per completion."""
+
+    exit_code = 3
+    title = "Reward function failed"

@@ -42,3 +42,63 @@ def test_user_reward_module_and_clear_errors(tmp_path, monkeypatch):
     with pytest.raises(RecipeError, match="has no function 'missing'"):
         reward_functions(["my_rewards:missing"], format_pattern="x", max_length=8)
     sys.modules.pop("my_rewards", None)
+
+
+USER_REWARDS = '''\
+import torch
+
+def fine(prompts, completions, **kwargs):
+    return [None if c == "skip" else len(c) for c in completions]
+
+def as_tensor(prompts, completions, **kwargs):
+    return torch.ones(len(completions))
+
+def broken(prompts, completions, **kwargs):
+    scores = {}
+    return [scores["missing"] for c in completions]
+
+def short(prompts, completions, **kwargs):
+    return [1.0]
+
+def words(prompts, completions, **kwargs):
+    return ["good" for c in completions]
+
+async def later(prompts, completions, **kwargs):
+    return [0.5 for c in completions]
+
+async def later_broken(prompts, completions, **kwargs):
+    raise RuntimeError("the judge is down")
+'''
+
+
+def test_a_user_rewards_failure_names_it_and_its_line(tmp_path, monkeypatch):
+    """A user's reward that raises, or returns what TRL cannot use as one reward per completion,
+    is a RewardError naming grpo.rewards, the function and (raised) its file and line: not a bug
+    report for ftune. What TRL takes (numbers, None, a tensor; async functions) passes unchanged."""
+    import asyncio
+
+    from trl.trainer.utils import is_async_callable
+
+    from ftune.errors import RewardError
+
+    (tmp_path / "user_rewards.py").write_text(USER_REWARDS)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    names = ["fine", "as_tensor", "broken", "short", "words", "later", "later_broken"]
+    fine, as_tensor, broken, short, words, later, later_broken = reward_functions(
+        [f"user_rewards:{name}" for name in names], format_pattern="x", max_length=8)
+    call = {"prompts": ["p", "p"], "completions": ["ab", "skip"], "completion_ids": [[1], [2]]}
+    assert fine(**call) == [2, None] and fine.__name__ == "fine"
+    assert as_tensor(**call).tolist() == [1.0, 1.0]
+    with pytest.raises(RewardError, match=r"user_rewards:broken raised KeyError: 'missing', at .*user_rewards.py:11 "
+                                          r"\(<listcomp>\)|user_rewards:broken raised KeyError: 'missing', at "
+                                          r".*user_rewards.py:11 \(broken\)"):
+        broken(**call)
+    with pytest.raises(RewardError, match="user_rewards:short returned 1 rewards for 2 completions"):
+        short(**call)
+    with pytest.raises(RewardError, match="user_rewards:words returned 'good' \\(str\\) among its rewards"):
+        words(**call)
+    assert is_async_callable(later) and is_async_callable(later_broken)  # TRL gathers them as coroutines
+    assert asyncio.run(later(**call)) == [0.5, 0.5]
+    with pytest.raises(RewardError, match="later_broken raised RuntimeError: the judge is down, at .*user_rewards.py:23"):
+        asyncio.run(later_broken(**call))
+    sys.modules.pop("user_rewards", None)

@@ -8,12 +8,19 @@ function takes TRL's keywords (it needs a **kwargs).
 
 from __future__ import annotations
 
+import functools
+import inspect
+import numbers
 import re
+import traceback
 from collections.abc import Callable
 from functools import partial
 
-from ftune.checks import import_reward
-from ftune.errors import RecipeError
+import torch
+from trl.trainer.utils import is_async_callable
+
+from ftune.checks import REWARD_CALL, REWARD_SHAPE, import_reward
+from ftune.errors import RecipeError, RewardError, first_line
 
 _LAST_TOKEN = re.compile(r"(-?\d+(?:\.\d+)?|[^\s.,!?]+)[\s.,!?]*$")
 
@@ -65,9 +72,73 @@ def reward_functions(names: list[str], *, format_pattern: str, max_length: int) 
         elif name == "length_penalty":
             function = partial(length_penalty, max_length=max_length)
         else:
-            function = import_reward(name)  # the check `ftune validate` runs too
+            function = checked_reward(name, import_reward(name))  # the check `ftune validate` runs too
         if isinstance(function, partial):
             function.__name__ = name
         functions.append(function)
     return functions
 
+
+def checked_reward(spec: str, function: Callable) -> Callable:
+    """The user's reward `function` (grpo.rewards' `module:function` `spec`), as TRL calls it
+    (synchronous or async, as the function is), whose failure is a RewardError naming it and the
+    line that raised, and whose result is checked first: one number, or None (no reward for that
+    completion, which TRL leaves out), per completion."""
+
+    def checked(rewards, completions) -> list:
+        count = len(completions)
+        problem = None
+        if not isinstance(rewards, (list, tuple)) and not (isinstance(rewards, torch.Tensor) and rewards.dim() == 1):
+            problem = f"returned a {type(rewards).__name__}, not a list"
+        elif len(rewards) != count:
+            problem = f"returned {len(rewards)} rewards for {count} completions"
+        else:
+            odd = next((r for r in rewards if not _one_reward(r)), None)  # None itself is a reward
+            if odd is not None:
+                problem = f"returned {odd!r} ({type(odd).__name__}) among its rewards"
+        if problem:
+            raise RewardError(f"grpo.rewards: {spec} {problem}.",
+                              hint=f"Return one float (or None) per completion, in their order: {REWARD_SHAPE}.")
+        return rewards
+
+    def failed(error: Exception) -> RewardError:
+        return RewardError(f"grpo.rewards: {spec} raised {type(error).__name__}: {first_line(error)}, at "
+                           f"{_where(error, function)}.",
+                           hint=f"Fix the function; TRL calls it as {REWARD_CALL}.")
+
+    if is_async_callable(function):
+        @functools.wraps(function)
+        async def reward(*args, **kwargs):
+            try:
+                rewards = await function(*args, **kwargs)
+            except Exception as error:
+                raise failed(error) from None
+            return checked(rewards, kwargs.get("completions", args[1] if len(args) > 1 else ()))
+    else:
+        @functools.wraps(function)
+        def reward(*args, **kwargs):
+            try:
+                rewards = function(*args, **kwargs)
+            except Exception as error:
+                raise failed(error) from None
+            return checked(rewards, kwargs.get("completions", args[1] if len(args) > 1 else ()))
+    return reward
+
+
+def _one_reward(value) -> bool:
+    """Whether TRL takes `value` as one completion's reward: a real number, a one-value tensor, or None."""
+    if value is None or isinstance(value, numbers.Real):
+        return True
+    return isinstance(value, torch.Tensor) and value.numel() == 1 and not value.is_complex()
+
+
+def _where(error: Exception, function: Callable) -> str:
+    """file:line (function) where `error` was raised: in the reward's own file where the traceback
+    passes through it, else the deepest frame."""
+    frames = traceback.extract_tb(error.__traceback__)
+    try:
+        own = inspect.getsourcefile(inspect.unwrap(function))
+    except TypeError:  # a builtin, or a callable class whose file is not known
+        own = None
+    frame = next((f for f in reversed(frames) if own and f.filename == own), frames[-1] if frames else None)
+    return f"{frame.filename}:{frame.lineno} ({frame.name})" if frame else "its call"
