@@ -240,10 +240,18 @@ def load_base_model(recipe: Recipe, device: torch.device | None = None, plan: Ru
                 device_map={"": "cpu" if on_host else device},
                 attn_implementation=attention,
             )
-    except (OSError, ValueError, ImportError) as error:  # ImportError: an attention's or remote code's package missing
+    except ImportError as error:  # a package the loading needs: an attention's (flash-attn), remote code's
+        refusal = str(error).lower()
+        attention_package = "attn" in refusal or "attention" in refusal
+        raise ModelError(
+            f"{'model.attn_implementation' if attention_package else 'model.name_or_path'}: loading '{source}' "
+            f"needs a package this environment lacks: {first_line(error)}",
+            hint="Install that package, or set model.attn_implementation to auto (the family's own), eager or sdpa."
+            if attention_package else "Install the package the message names in this environment (pip install ...).",
+        ) from None
+    except (OSError, ValueError) as error:
         if (Path(source) / "config.json").is_file():  # the folder is there: name what refused it
-            refusal = str(error).lower()
-            key = "model.attn_implementation" if "attn" in refusal or "attention" in refusal else "model.name_or_path"
+            key = "model.attn_implementation" if "attn" in str(error).lower() else "model.name_or_path"
             raise ModelError(
                 f"{key}: transformers could not load '{source}' with attention {attention}: {first_line(error)}",
                 hint="Set model.attn_implementation to auto (the family's own), eager or sdpa; with a model that needs "

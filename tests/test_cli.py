@@ -133,6 +133,23 @@ def test_an_attention_this_machine_cannot_run_is_named(tmp_path, monkeypatch, ca
     assert "bug in ftune" not in output and "Traceback" not in output
 
 
+def test_a_package_the_models_loading_lacks_is_named(tmp_path, monkeypatch, capsys):
+    """An ImportError while transformers loads the model (a remote code's or a quantizer's package)
+    is an environment problem: named with the package, not reported as a bug in ftune."""
+    import ftune.model
+
+    def lacking(*args, **kwargs):
+        raise ImportError("This modeling file requires the following packages that were not found: einops")
+
+    monkeypatch.setattr(ftune.model.AutoModelForCausalLM, "from_pretrained", lacking)
+    data = quickstart_dict()
+    data["training"]["output_dir"] = str(tmp_path / "out")
+    code, output = run_cli(monkeypatch, capsys, "train", str(write(tmp_path, data)))
+    assert code == 3
+    assert "model.name_or_path" in output and "needs a package this environment lacks" in output and "einops" in output
+    assert "bug in ftune" not in output and "attn_implementation" not in output
+
+
 def test_live_panel_renders_step_loss_and_memory(tmp_path):
     """On a terminal the reporter runs a rich Live panel; its content is what metrics.jsonl holds."""
     import io
