@@ -201,19 +201,27 @@ def test_dpos_short_steps_keep_their_layers_only_where_trls_head_streams(tmp_pat
     assert head.streams_the_loss == streams  # where TRL's head cannot stream, it is fetched whole for every step
 
 
-@pytest.mark.parametrize("paged", [True, False], ids=["paged", "graphs-or-eager"])
-def test_grpos_paged_generation_cannot_cast_the_adapter_to_bf16(tmp_path, paged):
+@pytest.mark.parametrize("host_embeddings", [True, False], ids=["host-embeddings", "embeddings-on-device"])
+def test_grpos_paged_generation_keeps_the_adapter_in_float32(tmp_path, host_embeddings):
     """With grpo.paged_generation TRL casts the whole model to the run's dtype before every
-    generation; the GRPO trainer's model then ignores a cast to that dtype, which would round the
-    float32 adapter (integrations.trl.ignore_casts_to_the_run_dtype). Without it, nothing changes."""
+    generation (under bf16, as on a GPU); transformers sizes its paged KV cache in the cast model's
+    dtype, which with the embedding in host memory and a 4-bit base is an adapter's. The step
+    generates and trains, and the adapter is float32 again after it
+    (integrations.trl.restore_the_adapter_after_paged_generation)."""
     import ftune.workflows.grpo as grpo
     from ftune.model import build_model
 
-    recipe = load_recipe(GRPO, ["model.adapter=null", "model.dtype=bfloat16", f"grpo.paged_generation={paged}",
-                                f"training.output_dir={tmp_path / 'run'}"])
+    recipe = load_recipe(GRPO, ["model.adapter=null", "model.dtype=bfloat16", "grpo.paged_generation=true",
+                                "grpo.rewards=[length_penalty]", f"checkpointing.host_embeddings={host_embeddings}",
+                                "training.max_steps=1", f"training.output_dir={tmp_path / 'run'}"])
     built = build_model(recipe, torch.device("cpu"))
     dataset, _ = load_training_data(recipe)
-    grpo.make_trainer(recipe, built, dataset, callbacks=[])
-    adapter = [p for p in built.model.parameters() if p.requires_grad]
-    built.model.to(torch.bfloat16)
-    assert {p.dtype for p in adapter} == ({torch.float32} if paged else {torch.bfloat16})
+    trainer = grpo.make_trainer(recipe, built, dataset, callbacks=[])
+    trainer.args.bf16 = True  # as on a GPU in bf16: TRL reads it before each generation
+    adapter = {name: p for name, p in built.model.named_parameters() if p.requires_grad}
+    first = next(p for p in built.model.get_base_model().parameters() if p.is_floating_point())
+    assert (first.requires_grad, first.dtype) == ((True, torch.float32) if host_embeddings else (False, torch.bfloat16))
+    before = {name: p.detach().clone() for name, p in adapter.items()}
+    trainer.train()
+    assert {p.dtype for p in adapter.values()} == {torch.float32}
+    assert any(not torch.equal(p.detach(), before[name]) for name, p in adapter.items())

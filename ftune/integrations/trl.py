@@ -38,10 +38,10 @@
   `GRPOTrainer.__init__`, with beta > 0) adds to a peft model (a copy of `default`), for TRL's
   reference pass to run with the adapters off: `use_adapter(model, None)`, which GRPO's
   `_generate_and_score_completions` takes where no `ref` adapter exists.
-- `ignore_casts_to_the_run_dtype` stands between ftune's float32 adapter and GRPO's paged
-  generation (`use_transformers_continuous_batching`): before each `generate_batch`,
-  `GRPOTrainer._generate_single_turn` casts the whole unwrapped model with
-  `unwrapped_model.to(torch.bfloat16)` under `bf16` (`torch.float16` under `fp16`).
+- `restore_the_adapter_after_paged_generation` gives ftune's float32 adapter back after GRPO's
+  paged generation (`use_transformers_continuous_batching`): `GRPOTrainer._generate_single_turn`
+  casts the whole unwrapped model with `unwrapped_model.to(torch.bfloat16)` under `bf16`
+  (`torch.float16` under `fp16`), then calls `unwrapped_model.generate_batch`.
 
 tests/test_integrations_trainers.py holds a contract test for each.
 """
@@ -295,22 +295,33 @@ def use_base_as_reference(model) -> bool:
     return True
 
 
-def ignore_casts_to_the_run_dtype(model: torch.nn.Module, dtype: torch.dtype) -> None:
-    """Make `model.to(dtype)`, a cast of the whole model to the `dtype` it already computes in,
-    leave the model as it is; any other move or cast runs as usual. TRL's paged GRPO generation
-    makes that cast before every generation, and the one thing it changes is the trainable
-    adapter, which ftune keeps in float32 on purpose (workflows.common.keep_adapter_in_fp32):
-    rounded to bfloat16 at each generation, the optimizer's updates below bfloat16's resolution
-    (about 0.4% of a weight) would be lost for the rest of the run."""
-    cast = model.to
+def restore_the_adapter_after_paged_generation(model: torch.nn.Module, dtype: torch.dtype) -> None:
+    """Let TRL's paged GRPO generation cast `model` to the run's `dtype` as it does before every
+    generation, and give the trainable adapter back its own float32 values once the generation
+    ends. ftune keeps the adapter in float32 on purpose (workflows.common.keep_adapter_in_fp32):
+    left rounded to bfloat16, the optimizer's updates below bfloat16's resolution (about 0.4% of a
+    weight) would be lost for the rest of the run. The cast itself must happen: transformers sizes
+    the paged KV cache in `model.dtype`, its first floating-point parameter's, which is an
+    adapter's where the embedding is in host memory and the base in 4 bits. The float32 values
+    are held beside the cast copy during the generation (the adapter's size again, in bfloat16)."""
+    cast, generate_batch = model.to, model.generate_batch
+    held: dict[torch.nn.Parameter, torch.Tensor] = {}
 
     def to(*args, **kwargs):
-        device, to_dtype, _, _ = torch._C._nn._parse_to(*args, **kwargs)
-        if device is None and to_dtype == dtype:
-            return model
+        _, to_dtype, _, _ = torch._C._nn._parse_to(*args, **kwargs)
+        if to_dtype == dtype and not held:
+            held.update({p: p.data for p in model.parameters() if p.requires_grad and p.dtype != dtype})
         return cast(*args, **kwargs)
 
-    model.to = to
+    def generate_then_restore(*args, **kwargs):
+        try:
+            return generate_batch(*args, **kwargs)
+        finally:
+            for parameter, values in held.items():
+                parameter.data = values
+            held.clear()
+
+    model.to, model.generate_batch = to, generate_then_restore
 
 
 class ReferenceAdapterSwitch:

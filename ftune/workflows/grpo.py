@@ -28,7 +28,7 @@ from trl import GRPOConfig, GRPOTrainer
 from ftune.checkpoints import AtomicCheckpoints
 from ftune.engine.decode_graphs import replay_decode_steps
 from ftune.errors import RecipeError
-from ftune.integrations.trl import ignore_casts_to_the_run_dtype, use_base_as_reference
+from ftune.integrations.trl import restore_the_adapter_after_paged_generation, use_base_as_reference
 from ftune.memory.estimate import PAGED_BATCH_TOKENS, PAGED_BLOCK_TOKENS
 from ftune.model import BuiltModel
 from ftune.recipe import Recipe
@@ -94,5 +94,5 @@ def make_trainer(recipe: Recipe, built: BuiltModel, dataset: Dataset, callbacks:
     if built.plan.decode_graphs:
         replay_decode_steps(built.model)
     if options.paged_generation:  # TRL casts the model to the run's dtype before each paged generation
-        ignore_casts_to_the_run_dtype(built.model, built.dtype)
+        restore_the_adapter_after_paged_generation(built.model, built.dtype)
     return finish_trainer(trainer)
