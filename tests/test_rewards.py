@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 
 import pytest
+import torch
 
 from ftune.errors import RecipeError
 from ftune.workflows.rewards import exact_answer, format_reward, length_penalty, reward_functions
@@ -45,13 +46,24 @@ def test_user_reward_module_and_clear_errors(tmp_path, monkeypatch):
 
 
 USER_REWARDS = '''\
+import decimal
+import functools
+import json
+
+import numpy
 import torch
 
 def fine(prompts, completions, **kwargs):
     return [None if c == "skip" else len(c) for c in completions]
 
-def as_tensor(prompts, completions, **kwargs):
-    return torch.ones(len(completions))
+def as_array(prompts, completions, **kwargs):
+    return numpy.ones(len(completions))
+
+def as_column(prompts, completions, **kwargs):
+    return torch.ones(len(completions), 1)
+
+def as_generator(prompts, completions, **kwargs):
+    return (decimal.Decimal("0.5") if c else numpy.bool_(True) for c in completions)
 
 def broken(prompts, completions, **kwargs):
     scores = {}
@@ -63,18 +75,38 @@ def short(prompts, completions, **kwargs):
 def words(prompts, completions, **kwargs):
     return ["good" for c in completions]
 
+def one(prompts, completions, **kwargs):
+    return torch.tensor(1.0)
+
+def parses(prompts, completions, **kwargs):
+    return [json.loads(c) for c in completions]
+
+class Judge:
+    def __call__(self, prompts, completions, **kwargs):
+        return [0.0 for c in completions]
+
+judge = Judge()
+
+def scaled(prompts, completions, scale=1.0, **kwargs):
+    return [scale for c in completions]
+
+halved = functools.partial(scaled, scale=0.5)
+
 async def later(prompts, completions, **kwargs):
     return [0.5 for c in completions]
 
 async def later_broken(prompts, completions, **kwargs):
     raise RuntimeError("the judge is down")
+
+reward_model = torch.nn.Linear(1, 1)
 '''
 
 
 def test_a_user_rewards_failure_names_it_and_its_line(tmp_path, monkeypatch):
     """A user's reward that raises, or returns what TRL cannot use as one reward per completion,
-    is a RewardError naming grpo.rewards, the function and (raised) its file and line: not a bug
-    report for ftune. What TRL takes (numbers, None, a tensor; async functions) passes unchanged."""
+    is a RewardError naming grpo.rewards, the function and (raised) the line of the user's file it
+    raised from: not a bug report for ftune. What TRL takes (numbers, None, numpy values, tensors,
+    a generator; async functions) passes, under the name TRL logs it by; a reward model is TRL's."""
     import asyncio
 
     from trl.trainer.utils import is_async_callable
@@ -83,22 +115,27 @@ def test_a_user_rewards_failure_names_it_and_its_line(tmp_path, monkeypatch):
 
     (tmp_path / "user_rewards.py").write_text(USER_REWARDS)
     monkeypatch.syspath_prepend(str(tmp_path))
-    names = ["fine", "as_tensor", "broken", "short", "words", "later", "later_broken"]
-    fine, as_tensor, broken, short, words, later, later_broken = reward_functions(
-        [f"user_rewards:{name}" for name in names], format_pattern="x", max_length=8)
+    names = ["fine", "as_array", "as_column", "as_generator", "broken", "short", "words", "one", "parses", "judge",
+             "halved", "later", "later_broken", "reward_model"]
+    rewards = dict(zip(names, reward_functions([f"user_rewards:{name}" for name in names], format_pattern="x",
+                                                max_length=8)))
     call = {"prompts": ["p", "p"], "completions": ["ab", "skip"], "completion_ids": [[1], [2]]}
-    assert fine(**call) == [2, None] and fine.__name__ == "fine"
-    assert as_tensor(**call).tolist() == [1.0, 1.0]
-    with pytest.raises(RewardError, match=r"user_rewards:broken raised KeyError: 'missing', at .*user_rewards.py:11 "
-                                          r"\(<listcomp>\)|user_rewards:broken raised KeyError: 'missing', at "
-                                          r".*user_rewards.py:11 \(broken\)"):
-        broken(**call)
-    with pytest.raises(RewardError, match="user_rewards:short returned 1 rewards for 2 completions"):
-        short(**call)
-    with pytest.raises(RewardError, match="user_rewards:words returned 'good' \\(str\\) among its rewards"):
-        words(**call)
-    assert is_async_callable(later) and is_async_callable(later_broken)  # TRL gathers them as coroutines
-    assert asyncio.run(later(**call)) == [0.5, 0.5]
-    with pytest.raises(RewardError, match="later_broken raised RuntimeError: the judge is down, at .*user_rewards.py:23"):
-        asyncio.run(later_broken(**call))
+    assert rewards["fine"](**call) == [2, None] and rewards["fine"].__name__ == "fine"
+    assert len(rewards["as_array"](**call)) == len(rewards["as_column"](**call)) == 2
+    assert [float(r) for r in rewards["as_generator"](**call)] == [0.5, 0.5]
+    assert (rewards["judge"].__name__, rewards["halved"].__name__) == ("Judge", "scaled")  # TRL's own names
+    assert rewards["halved"](**call) == [0.5, 0.5]
+    assert isinstance(rewards["reward_model"], torch.nn.Module)
+    failures = {"broken": r"raised KeyError: 'missing', at .*user_rewards.py:22 ",
+                "parses": r"raised JSONDecodeError: Expecting value.*, at .*user_rewards.py:34 ",  # not json's line
+                "short": "returned 1 rewards for 2 completions",
+                "words": r"returned 'good' \(str\) among its rewards",
+                "one": "returned a Tensor, not one reward per completion"}
+    for name, message in failures.items():
+        with pytest.raises(RewardError, match=f"grpo.rewards: user_rewards:{name} {message}"):
+            rewards[name](**call)
+    assert is_async_callable(rewards["later"]) and is_async_callable(rewards["later_broken"])  # TRL gathers them
+    assert asyncio.run(rewards["later"](**call)) == [0.5, 0.5]
+    with pytest.raises(RewardError, match="later_broken raised RuntimeError: the judge is down, at .*user_rewards.py:51"):
+        asyncio.run(rewards["later_broken"](**call))
     sys.modules.pop("user_rewards", None)

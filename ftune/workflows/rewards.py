@@ -8,16 +8,14 @@ function takes TRL's keywords (it needs a **kwargs).
 
 from __future__ import annotations
 
-import functools
 import inspect
-import numbers
 import re
 import traceback
 from collections.abc import Callable
 from functools import partial
 
 import torch
-from trl.trainer.utils import is_async_callable
+from trl.trainer.utils import get_callable_name, is_async_callable
 
 from ftune.checks import REWARD_CALL, REWARD_SHAPE, import_reward
 from ftune.errors import RecipeError, RewardError, first_line
@@ -82,20 +80,24 @@ def reward_functions(names: list[str], *, format_pattern: str, max_length: int) 
 def checked_reward(spec: str, function: Callable) -> Callable:
     """The user's reward `function` (grpo.rewards' `module:function` `spec`), as TRL calls it
     (synchronous or async, as the function is), whose failure is a RewardError naming it and the
-    line that raised, and whose result is checked first: one number, or None (no reward for that
-    completion, which TRL leaves out), per completion."""
+    line that raised, and whose result is checked first as TRL reads it: one value per completion,
+    each None (no reward for that completion, which TRL leaves out) or what torch turns into a
+    float. It keeps the name TRL logs it by. A reward model (an nn.Module) is TRL's to call."""
+    if isinstance(function, torch.nn.Module):
+        return function
 
     def checked(rewards, completions) -> list:
         count = len(completions)
-        problem = None
-        if not isinstance(rewards, (list, tuple)) and not (isinstance(rewards, torch.Tensor) and rewards.dim() == 1):
-            problem = f"returned a {type(rewards).__name__}, not a list"
-        elif len(rewards) != count:
-            problem = f"returned {len(rewards)} rewards for {count} completions"
+        try:
+            if isinstance(rewards, (str, bytes, dict)):
+                raise TypeError
+            rewards = list(rewards)  # a generator is read once, here
+        except TypeError:  # not iterable, or a 0-d tensor
+            problem = f"returned a {type(rewards).__name__}, not one reward per completion"
         else:
-            odd = next((r for r in rewards if not _one_reward(r)), None)  # None itself is a reward
-            if odd is not None:
-                problem = f"returned {odd!r} ({type(odd).__name__}) among its rewards"
+            odd = next((r for r in rewards if r is not None and not _a_number(r)), None)
+            problem = f"returned {len(rewards)} rewards for {count} completions" if len(rewards) != count else \
+                f"returned {odd!r} ({type(odd).__name__}) among its rewards" if odd is not None else None
         if problem:
             raise RewardError(f"grpo.rewards: {spec} {problem}.",
                               hint=f"Return one float (or None) per completion, in their order: {REWARD_SHAPE}.")
@@ -107,7 +109,6 @@ def checked_reward(spec: str, function: Callable) -> Callable:
                            hint=f"Fix the function; TRL calls it as {REWARD_CALL}.")
 
     if is_async_callable(function):
-        @functools.wraps(function)
         async def reward(*args, **kwargs):
             try:
                 rewards = await function(*args, **kwargs)
@@ -115,21 +116,25 @@ def checked_reward(spec: str, function: Callable) -> Callable:
                 raise failed(error) from None
             return checked(rewards, kwargs.get("completions", args[1] if len(args) > 1 else ()))
     else:
-        @functools.wraps(function)
         def reward(*args, **kwargs):
             try:
                 rewards = function(*args, **kwargs)
             except Exception as error:
                 raise failed(error) from None
             return checked(rewards, kwargs.get("completions", args[1] if len(args) > 1 else ()))
+    reward.__name__ = reward.__qualname__ = get_callable_name(function)  # TRL's rewards/<name>/... logs
+    reward.__doc__, reward.__wrapped__ = function.__doc__, function
     return reward
 
 
-def _one_reward(value) -> bool:
-    """Whether TRL takes `value` as one completion's reward: a real number, a one-value tensor, or None."""
-    if value is None or isinstance(value, numbers.Real):
-        return True
-    return isinstance(value, torch.Tensor) and value.numel() == 1 and not value.is_complex()
+def _a_number(value) -> bool:
+    """Whether torch turns `value` into one float, as TRL turns each reward (torch.tensor)."""
+    if isinstance(value, torch.Tensor):
+        return value.numel() == 1 and not value.is_complex()
+    try:
+        return torch.tensor(value, dtype=torch.float32).numel() == 1
+    except (TypeError, ValueError, RuntimeError):
+        return False
 
 
 def _where(error: Exception, function: Callable) -> str:
