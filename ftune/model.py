@@ -72,6 +72,32 @@ class BuiltModel:
             head.stream_up_to, head.streams_the_loss = 0, head_streams(self.plan.setting)
 
 
+# What a package missing at the model's loading asks the user to change, by the key it concerns
+MISSING_PACKAGE_HINTS = {
+    "model.attn_implementation": "Install it, or set model.attn_implementation to auto (the family's own), eager or "
+                                 "sdpa.",
+    "quantization.method": "Install it (pip install bitsandbytes), or set quantization.method: none for 16-bit LoRA.",
+    "model.name_or_path": "Install the package the message names in this environment (pip install ...).",
+}
+
+
+def _missing_package_key(error: ImportError) -> str | None:
+    """The recipe key a package missing at the model's loading concerns: an attention's
+    (flash-attn, transformers' "FlashAttention2 ... doesn't seem to be installed"), the 4-bit
+    quantizer's, or else the model's own (remote code's "requires the following packages that were
+    not found"); None where the error says something else, such as a name a module lacks."""
+    text, name = str(error).lower(), (getattr(error, "name", None) or "").lower()
+    missing = isinstance(error, ModuleNotFoundError) or any(
+        phrase in text for phrase in ("installed", "were not found", "requires the", "pip install"))
+    if not missing:
+        return None
+    if "flash" in text or name.startswith("flash_attn"):
+        return "model.attn_implementation"
+    if "bitsandbytes" in text or name.startswith("bitsandbytes"):
+        return "quantization.method"
+    return "model.name_or_path"
+
+
 def pick_device() -> torch.device:
     """This process's device: under torchrun/accelerate each rank takes the GPU of its LOCAL_RANK."""
     if not torch.cuda.is_available():
@@ -240,14 +266,13 @@ def load_base_model(recipe: Recipe, device: torch.device | None = None, plan: Ru
                 device_map={"": "cpu" if on_host else device},
                 attn_implementation=attention,
             )
-    except ImportError as error:  # a package the loading needs: an attention's (flash-attn), remote code's
-        refusal = str(error).lower()
-        attention_package = "attn" in refusal or "attention" in refusal
+    except ImportError as error:
+        key = _missing_package_key(error)
+        if key is None:  # a name a module lacks (versions that do not match), or a bug: its own report
+            raise
         raise ModelError(
-            f"{'model.attn_implementation' if attention_package else 'model.name_or_path'}: loading '{source}' "
-            f"needs a package this environment lacks: {first_line(error)}",
-            hint="Install that package, or set model.attn_implementation to auto (the family's own), eager or sdpa."
-            if attention_package else "Install the package the message names in this environment (pip install ...).",
+            f"{key}: loading '{source}' needs a package this environment lacks: {first_line(error)}",
+            hint=MISSING_PACKAGE_HINTS[key],
         ) from None
     except (OSError, ValueError) as error:
         if (Path(source) / "config.json").is_file():  # the folder is there: name what refused it

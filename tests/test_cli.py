@@ -150,6 +150,23 @@ def test_a_package_the_models_loading_lacks_is_named(tmp_path, monkeypatch, caps
     assert "bug in ftune" not in output and "attn_implementation" not in output
 
 
+def test_a_missing_packages_key_is_the_one_it_concerns():
+    """An attention's package names model.attn_implementation, the 4-bit quantizer's
+    quantization.method, any other the model's; a name a module lacks (versions that do not match)
+    is not a missing package, and keeps its own report."""
+    from ftune.model import _missing_package_key
+
+    assert _missing_package_key(ImportError(
+        "FlashAttention2 has been toggled on, but it cannot be used due to the following error: the package for "
+        "FlashAttention2 doesn't seem to be installed.")) == "model.attn_implementation"
+    assert _missing_package_key(ImportError(
+        "Using `bitsandbytes` 4-bit quantization requires bitsandbytes: `pip install -U bitsandbytes`")) == \
+        "quantization.method"
+    assert _missing_package_key(ModuleNotFoundError("No module named 'einops'", name="einops")) == "model.name_or_path"
+    assert _missing_package_key(ImportError(
+        "cannot import name 'is_flash_attn_greater_or_equal_2_10' from 'transformers.utils'")) is None
+
+
 def test_live_panel_renders_step_loss_and_memory(tmp_path):
     """On a terminal the reporter runs a rich Live panel; its content is what metrics.jsonl holds."""
     import io
