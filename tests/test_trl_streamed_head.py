@@ -27,6 +27,17 @@ class _Blocks:
             yield first, self.weight[first: first + self.rows_per_chunk]
 
 
+class _Counted:
+    """A Triton kernel whose launches (kernel[grid]) are recorded by name."""
+
+    def __init__(self, kernel, name: str, launches: list):
+        self.kernel, self.name, self.launches = kernel, name, launches
+
+    def __getitem__(self, grid):
+        self.launches.append(self.name)
+        return self.kernel[grid]
+
+
 def _trl(hidden, weight, targets, temperature, softcap, scale, outputs):
     from trl.kernels import ChunkedLogProbFunction
 
@@ -41,6 +52,10 @@ def test_streamed_log_probs_match_trls_kernel_over_the_whole_head(temperature, s
     from trl.kernels import chunked_logprob
 
     monkeypatch.setattr(chunked_logprob, "_use_triton", lambda device: triton)
+    launches = []
+    for name in ("_forward_kernel", "_backward_kernel"):  # count the Triton kernels' launches
+        kernel = getattr(chunked_logprob, name)
+        monkeypatch.setattr(chunked_logprob, name, _Counted(kernel, name, launches))
     torch.manual_seed(0)
     # blocks of 1152, 1152 and 296 rows: the first two span two of the Triton kernels' 1024-wide tiles
     vocab, width, tokens = 2600, 64, 12
@@ -58,6 +73,7 @@ def test_streamed_log_probs_match_trls_kernel_over_the_whole_head(temperature, s
     ours_hidden = hidden.clone().requires_grad_()
     ours = streamed_token_log_probs(ours_hidden, head, targets, temperature=temperature,
                                     final_logit_softcapping=softcap, logit_scale=scale, outputs=outputs)
+    assert launches.count("_forward_kernel") == (3 if triton else 0)  # one a block: 1152, 1152 and 296 rows
     theirs_hidden = hidden.clone().requires_grad_()
     theirs = _trl(theirs_hidden, weight, targets, temperature, softcap, scale, outputs)
     log_probs, entropy, mean_logits, is_top1 = ours
@@ -75,6 +91,7 @@ def test_streamed_log_probs_match_trls_kernel_over_the_whole_head(temperature, s
     ((theirs[0] * weights).sum() + 0.3 * theirs[1].sum()).backward()
     torch.testing.assert_close(ours_hidden.grad, theirs_hidden.grad, rtol=1e-4, atol=1e-5)
     assert head.reads == 2  # the backward reads the head once more
+    assert (launches.count("_backward_kernel") > 0) == triton
 
 
 def test_a_logged_entropy_costs_no_gradient_and_the_bad_output_is_named():
@@ -193,7 +210,7 @@ def test_trls_fused_forward_streams_where_the_first_layer_left_the_head_in_host_
     chunks = head.chunks
     head.chunks = lambda: reads.append(1) or chunks()
     for model in (theirs, ours):
-        add_fused_lm_head(model, outputs=outputs)
+        add_fused_lm_head(model, temperature=0.7, outputs=outputs)
     assert stream_the_fused_head(ours)
 
     def forward(model, ids: torch.Tensor, grad: bool):
