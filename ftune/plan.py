@@ -338,8 +338,10 @@ def generation_plan(recipe: Recipe, device: Device, family: Family | None,
                   and not family.expert_parameters and not Shape.from_config(config.values).sliding_layers
                   and not rope_follows_length(config.values))
     cache = grpo.cache_implementation
-    if cache == "auto" or cache == "offloaded" and device.kind != "cuda":
-        cache = "static" if cache == "auto" and replayable else "dynamic"
+    if cache == "auto":
+        cache = "static" if replayable else "dynamic"
+    elif cache == "offloaded" and device.kind != "cuda":
+        cache = "dynamic"
     return cache, replayable and cache == "static"
 
 
