@@ -237,7 +237,8 @@ def _load(recipe: Recipe) -> Dataset:
     source = recipe.resolve_input(data.source)
     path = Path(source)
     try:
-        if path.is_file() and path.stat().st_size < 4096 and not path.read_bytes().strip():  # blank, or nothing
+        # nothing, blanks, or a byte-order mark alone
+        if path.is_file() and path.stat().st_size < 4096 and not path.read_bytes().replace(b"\xef\xbb\xbf", b"").strip():
             raise DataError(f"data.source {path} is empty: it holds no rows.",
                             hint="Point data.source at the file that holds your data, e.g. one JSON object per "
                             'line for .jsonl: {"text": "..."}.')

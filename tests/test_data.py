@@ -76,9 +76,9 @@ def test_malformed_and_unsupported_files(tmp_path):
     bad.write_text('{"text": "ok"}\n{not json\n')
     with pytest.raises(DataError, match="bad.jsonl"):
         load_training_data(recipe_for(tmp_path, bad))
-    for text in ("", "\n  \n"):
+    for text in ("", "\n  \n", "\ufeff\n"):
         empty = tmp_path / "empty.jsonl"
-        empty.write_text(text)
+        empty.write_text(text, encoding="utf-8")
         with pytest.raises(DataError, match="empty.jsonl is empty: it holds no rows"):
             load_training_data(recipe_for(tmp_path, empty))
 
