@@ -446,31 +446,41 @@ def test_short_steps_keep_their_layers_and_stream_the_head(mode, monkeypatch):
 @pytest.mark.gpu
 def test_gpu_short_steps_keep_their_layers_and_stream_the_head_on_its_side_stream():
     """On CUDA, in bf16: a short step that keeps its layers copies the host head a block at a time
-    on the head's side stream, never whole, and gives mode none's loss and gradients."""
+    on the head's side stream, never whole, and its loss and gradients are as close to fp32's as
+    mode none's in bf16. (They are not mode none's to bf16's last bit: the streamed loss sums each
+    block's product in fp32. On the H200, 2026-12-05, each was within 5.0% of fp32's at worst, and
+    1.2% from the other.)"""
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")
     from ftune.engine.host_memory import move_tables_to_host
 
     results = {}
-    for name in ("none", "unsloth"):
-        model = _with_fused_loss(tiny_lora_model("tiny-llama", name)[0].to("cuda"))
-        move_tables_to_host(model, torch.device("cuda"), lm_head=True, stream_up_to=256 if name == "unsloth" else 0)
-        model._ftune_engine.keep_up_to = 256 if name == "unsloth" else 0
+    for name, mode in (("fp32", "none"), ("none", "none"), ("keep", "unsloth")):
+        model = _with_fused_loss(tiny_lora_model("tiny-llama", mode)[0].to("cuda"))
+        move_tables_to_host(model, torch.device("cuda"), lm_head=True, stream_up_to=256 if name == "keep" else 0)
+        model._ftune_engine.keep_up_to = 256 if name == "keep" else 0
         head = model.get_output_embeddings()
         head.rows_per_chunk = 128  # four blocks
+        whole, blocks = [], []
+        prefetch, chunks = head.prefetch, head.chunks
+        head.prefetch = lambda: whole.append(1) or prefetch()
+        head.chunks = lambda: blocks.append(1) or chunks()
         model.train()
         ids = _batch(0, 2, 64).cuda()
-        with torch.autocast("cuda", dtype=torch.bfloat16):
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=name != "fp32"):
             loss = model(input_ids=ids, labels=ids).loss
-            assert head.on_device == (name == "none")
         loss.backward()
-        torch.cuda.synchronize()
-        results[name] = (loss.detach(), lora_grads(model))
-    (loss_a, grads_a), (loss_b, grads_b) = results["none"], results["unsloth"]
-    torch.testing.assert_close(loss_b, loss_a, atol=1e-3, rtol=0)
-    for name in grads_a:
-        scale = grads_a[name].abs().max().item()
-        torch.testing.assert_close(grads_b[name], grads_a[name], atol=1e-2 * scale + 1e-6, rtol=0, msg=name)
+        # (the fused loss lets go of a whole head once it has its gradient: on_device tells nothing here)
+        assert (bool(whole), bool(blocks)) == ((False, True) if name == "keep" else (True, False)), name
+        results[name] = (loss.detach().float(), lora_grads(model))
+    exact_loss, exact = results["fp32"]
+
+    def worst_error(grads) -> float:
+        return max(((grads[k].float() - exact[k]).abs().max() / exact[k].abs().max()).item() for k in exact)
+
+    torch.testing.assert_close(results["keep"][0], results["none"][0], atol=1e-3, rtol=0)
+    torch.testing.assert_close(results["keep"][0], exact_loss, atol=1e-2, rtol=0)
+    assert worst_error(results["keep"][1]) <= 1.25 * worst_error(results["none"][1])
 
 
 def test_host_lm_head_is_dropped_before_the_backward_and_kept_for_decoding():
