@@ -3,7 +3,8 @@ returns one float per completion. Completions are text, or a list of chat messag
 
 Built in: exact_answer, format, length_penalty. A recipe may also name its own as
 `module:function`; ftune imports that module, which runs the user's code, and checks that the
-function takes TRL's keywords (it needs a **kwargs).
+function takes TRL's keywords (it needs a **kwargs). During the run its failures, and what it
+returns that TRL cannot take, are RewardErrors naming it (checked_reward).
 """
 
 from __future__ import annotations
