@@ -99,6 +99,9 @@ async def later_broken(prompts, completions, **kwargs):
     raise RuntimeError("the judge is down")
 
 reward_model = torch.nn.Linear(1, 1)
+
+def lazy_broken(prompts, completions, **kwargs):
+    return (int(c) for c in completions)
 '''
 
 
@@ -116,7 +119,7 @@ def test_a_user_rewards_failure_names_it_and_its_line(tmp_path, monkeypatch):
     (tmp_path / "user_rewards.py").write_text(USER_REWARDS)
     monkeypatch.syspath_prepend(str(tmp_path))
     names = ["fine", "as_array", "as_column", "as_generator", "broken", "short", "words", "one", "parses", "judge",
-             "halved", "later", "later_broken", "reward_model"]
+             "halved", "later", "later_broken", "reward_model", "lazy_broken"]
     rewards = dict(zip(names, reward_functions([f"user_rewards:{name}" for name in names], format_pattern="x",
                                                 max_length=8)))
     call = {"prompts": ["p", "p"], "completions": ["ab", "skip"], "completion_ids": [[1], [2]]}
@@ -130,7 +133,8 @@ def test_a_user_rewards_failure_names_it_and_its_line(tmp_path, monkeypatch):
                 "parses": r"raised JSONDecodeError: Expecting value.*, at .*user_rewards.py:34 ",  # not json's line
                 "short": "returned 1 rewards for 2 completions",
                 "words": r"returned 'good' \(str\) among its rewards",
-                "one": "returned a Tensor, not one reward per completion"}
+                "one": "returned a Tensor, not one reward per completion",
+                "lazy_broken": r"raised ValueError: invalid literal .*, at .*user_rewards.py:56 "}  # in its generator
     for name, message in failures.items():
         with pytest.raises(RewardError, match=f"grpo.rewards: user_rewards:{name} {message}"):
             rewards[name](**call)

@@ -112,20 +112,25 @@ def checked_reward(spec: str, function: Callable) -> Callable:
     if is_async_callable(function):
         async def reward(*args, **kwargs):
             try:
-                rewards = await function(*args, **kwargs)
+                rewards = _read(await function(*args, **kwargs))
             except Exception as error:
                 raise failed(error) from None
             return checked(rewards, kwargs.get("completions", args[1] if len(args) > 1 else ()))
     else:
         def reward(*args, **kwargs):
             try:
-                rewards = function(*args, **kwargs)
+                rewards = _read(function(*args, **kwargs))
             except Exception as error:
                 raise failed(error) from None
             return checked(rewards, kwargs.get("completions", args[1] if len(args) > 1 else ()))
     reward.__name__ = reward.__qualname__ = get_callable_name(function)  # TRL's rewards/<name>/... logs
     reward.__doc__, reward.__wrapped__ = function.__doc__, function
     return reward
+
+
+def _read(rewards):
+    """A generator's rewards read here, where its own code runs and may raise; else as returned."""
+    return list(rewards) if inspect.isgenerator(rewards) else rewards
 
 
 def _a_number(value) -> bool:
